@@ -1,0 +1,22 @@
+"""The model registry: which module builds which `model_type`.
+
+An explicit table, never a name taken from a checkpoint and imported: a
+`config.json` can only choose among these.
+"""
+
+from . import gemma, gemma2, gemma3
+
+# model_type -> module with `ModelArgs.from_dict` and `Model`.
+MODELS = {
+    "gemma": gemma,
+    "gemma2": gemma2,
+    "gemma3_text": gemma3,
+}
+
+# Multimodal configs whose language half we can run as a text model: the text
+# settings live under `text_config`.
+TEXT_PART_OF = {"gemma3": "gemma3_text"}
+
+
+def supported_model_types() -> list[str]:
+    return sorted([*MODELS, *TEXT_PART_OF])

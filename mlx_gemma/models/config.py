@@ -1,0 +1,124 @@
+"""Turn a Hugging Face `config.json` dict into a model's config dataclass, strictly.
+
+Known keys fill the dataclass; keys that only describe the file (versions,
+token ids, dtype) are listed in `FILE_KEYS` and set aside; any other key is kept
+in `extra` (never silently dropped) so a writer can put it back and a reader can
+see what this library did not interpret.  Impossible values are refused before
+anything is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, TypeVar
+
+from ..errors import ConfigError
+
+# Keys of an HF config that say nothing about the network's shape or numerics.
+FILE_KEYS = frozenset(
+    {
+        "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+        "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
+        "attention_dropout", "cache_implementation", "quantization", "quantization_config",
+        "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id",
+        "tokenizer_class", "task_specific_params", "problem_type", "chunk_size_feed_forward",
+        "is_encoder_decoder", "tie_encoder_decoder", "_attn_implementation_autoset",
+    }
+)
+
+# Refused outright rather than trusted: bounds no real Gemma comes near.
+LIMITS = {
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "vocab_size": 1 << 22,
+}
+MAX_PARAMETERS = 2 * 10**12
+
+# Dataclass fields that the parser fills itself, never from the file.
+DERIVED = frozenset({"extra", "rope"})
+
+T = TypeVar("T")
+
+
+def parse_config(cls: type[T], config: dict[str, Any], path=None) -> T:
+    """Build `cls` (a dataclass with an `extra` dict field) from an HF config dict."""
+    if not isinstance(config, dict):
+        raise ConfigError(path, f"config must be a JSON object, got {type(config).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in DERIVED}
+    required = [
+        name for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if config.get(name) is None]
+    if missing:
+        raise ConfigError(path, f"config is missing required keys: {', '.join(missing)}")
+    known = {k: v for k, v in config.items() if k in fields and v is not None}
+    extra = {k: v for k, v in config.items() if k not in fields and k not in FILE_KEYS}
+    _check_values(known, path)
+    try:
+        args = cls(**known, extra=extra)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(path, f"invalid config: {e}") from e
+    return args
+
+
+def _check_values(values: dict[str, Any], path) -> None:
+    for key, limit in LIMITS.items():
+        if key not in values:
+            continue
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
+            raise ConfigError(path, f"{key} must be a positive integer <= {limit}, got {v!r}")
+    heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ConfigError(
+            path, f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+        )
+    for key in ("rms_norm_eps", "query_pre_attn_scalar", "rope_theta", "rope_local_base_freq"):
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ConfigError(path, f"{key} must be a positive number, got {v!r}")
+    for key in ("sliding_window", "max_position_embeddings"):
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(path, f"{key} must be a positive integer, got {v!r}")
+    hidden, layers = values.get("hidden_size", 0), values.get("num_hidden_layers", 0)
+    approx = values.get("vocab_size", 0) * hidden + layers * (
+        4 * hidden * values.get("head_dim", 1) * values.get("num_attention_heads", 1)
+        + 3 * hidden * values.get("intermediate_size", 0)
+    )
+    if approx > MAX_PARAMETERS:
+        raise ConfigError(path, f"config describes ~{approx:.3g} parameters; refusing to build it")
+
+
+def layer_types_from(
+    layer_types: list[str] | None, pattern: int, num_layers: int, path=None
+) -> list[str]:
+    """Per-layer attention kind: the config's `layer_types`, else every
+    `pattern`-th layer global (transformers' legacy `sliding_window_pattern`)."""
+    if layer_types is None:
+        return [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(num_layers)
+        ]
+    allowed = {"full_attention", "sliding_attention"}
+    if len(layer_types) != num_layers or not set(layer_types) <= allowed:
+        raise ConfigError(
+            path,
+            f"layer_types must list {num_layers} entries from {sorted(allowed)}, got {layer_types!r}",
+        )
+    return list(layer_types)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """Soft-cap values: null/absent means none; guard against 0 or NaN."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(None, f"soft-cap must be a positive number, got {value!r}")
+    return float(value)

@@ -1,0 +1,102 @@
+"""The decoder stack and LM head every Gemma text model shares.
+
+A model file supplies its config and its `TransformerBlock`; this module runs
+embeddings -> blocks -> final norm -> tied (or separate) output projection, with
+one attention mask per window size, an optional per-block intercept (used by
+`score(layer_intercept_fn=...)` and for hidden states), and the cache factory.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import RMSNorm, embedding_scale, layer_mask, softcap
+
+
+class DecoderStack(nn.Module):
+    """Token ids (or embeddings) -> normed last hidden state [B, T, hidden]."""
+
+    def __init__(self, args, block_class):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [block_class(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """Scaled token embeddings, as the first block receives them."""
+        h = self.embed_tokens(input_ids)
+        return h * embedding_scale(self.args.hidden_size, h.dtype)
+
+    def __call__(
+        self,
+        input_ids: mx.array | None,  # [B, T]
+        cache=None,  # list of per-layer caches, or None for a full-sequence call
+        padding_mask: mx.array | None = None,  # bool [B, T], True = real token; no cache
+        input_embeddings: mx.array | None = None,  # [B, T, hidden], already scaled
+        prefix_length: mx.array | None = None,  # [B]: leading tokens attending bidirectionally
+        intercept=None,  # fn(h, i) -> h, called with i = -1 after embedding, then 0..L-1
+    ) -> mx.array:
+        h = self.embed(input_ids) if input_embeddings is None else input_embeddings
+        cache = cache or [None] * len(self.layers)
+        masks = {}  # layers with the same window share one mask
+        if intercept is not None:
+            h = intercept(h, -1)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
+            window = layer.self_attn.window
+            if window not in masks:
+                masks[window] = layer_mask(h.shape[1], layer_cache, window, padding_mask, prefix_length)
+            h = layer(h, masks[window], layer_cache)
+            if intercept is not None:
+                h = intercept(h, i)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """A Gemma causal LM: token ids -> logits [B, T, vocab].
+
+    `model.model` is the decoder stack (the weight names start with `model.`,
+    as in Hugging Face and mlx-lm checkpoints); `lm_head` exists only when the
+    output projection is not tied to the embedding.
+    """
+
+    def __init__(self, args, block_class):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DecoderStack(args, block_class)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, input_ids: mx.array, cache=None, **kwargs) -> mx.array:
+        return self.logits(self.model(input_ids, cache, **kwargs))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Output logits for hidden states [..., hidden] (final soft-cap included)."""
+        if self.args.tie_word_embeddings:
+            out = self.model.embed_tokens.as_linear(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return softcap(out, getattr(self.args, "final_logit_softcapping", None))
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's attention window (None for global layers)."""
+        return [layer.self_attn.window for layer in self.layers]
+
+    def make_cache(self, left_padding: mx.array | None = None):
+        from ..cache import make_layer_caches  # cache.py builds on layers.py: import late
+
+        return make_layer_caches(self.windows, left_padding)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop what Hugging Face checkpoints carry but we recompute or share."""
+        out = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+        if self.args.tie_word_embeddings:
+            out.pop("lm_head.weight", None)  # the same tensor as the embedding
+        return out

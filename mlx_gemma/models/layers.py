@@ -1,0 +1,190 @@
+"""What the Gemma architectures truly share: the norm, the MLP, soft-capping,
+attention with masks, and fp16-safe residuals.
+
+Each model file (gemma.py, gemma2.py, gemma3.py) builds its blocks from these
+pieces; nothing here knows which architecture it serves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Largest finite float16; residual sums are clipped to it (see `residual_add`).
+_FP16_MAX = 65504.0
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: the stored weight `w` is an offset, the scale is `1 + w`.
+
+    The product is taken in float32 and rounded once to the input dtype, as the
+    Hugging Face reference does (transformers PR #29402: `(x * w).to(fp16)`,
+    not `x.to(fp16) * w`); adding 1 to a bf16 weight first would round it.
+    """
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scale = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x, scale, self.eps).astype(x.dtype)
+
+
+def gelu_for(name: str):
+    """The activation named by a Hugging Face config (`hidden_activation`)."""
+    activations = {
+        "gelu_pytorch_tanh": nn.gelu_approx,  # tanh approximation, Gemma's default
+        "gelu_new": nn.gelu_approx,
+        "gelu_fast": nn.gelu_approx,
+        "gelu": nn.gelu,  # exact erf GELU (Gemma 2/3 honour it when a config asks)
+    }
+    if name not in activations:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(activations)}")
+    return activations[name]
+
+
+class GeGLU(nn.Module):
+    """Gated GELU MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = gelu_for(activation)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def softcap(x: mx.array, cap: float | None) -> mx.array:
+    """cap * tanh(x / cap): Gemma 2's bound on attention and output logits."""
+    if cap is None:
+        return x
+    return mx.tanh(x / cap) * cap
+
+
+def residual_add(x: mx.array, y: mx.array) -> mx.array:
+    """x + y, kept finite in float16.
+
+    Gemma 2/3 activations outgrow float16's range; summing in float32 and
+    clipping to the largest finite half keeps fp16 inference from turning into
+    inf/NaN (the same remedy mlx-lm's gemma3_text applies).
+    """
+    if x.dtype != mx.float16:
+        return x + y
+    total = x.astype(mx.float32) + y.astype(mx.float32)
+    return mx.clip(total, -_FP16_MAX, _FP16_MAX).astype(mx.float16)
+
+
+def embedding_scale(hidden_size: int, dtype: mx.Dtype) -> mx.array:
+    """sqrt(hidden_size) rounded to the activation dtype, as the references do
+    (transformers: `embed_scale.to(weight.dtype)`; in bf16 sqrt(2304) = 48.0)."""
+    return mx.array(math.sqrt(hidden_size), dtype=mx.float32).astype(dtype)
+
+
+def attention(
+    queries: mx.array,  # [B, n_heads, T, head_dim]
+    keys: mx.array,  # [B, n_kv_heads, S, head_dim]
+    values: mx.array,  # [B, n_kv_heads, S, head_dim]
+    scale: float,
+    mask: mx.array | str | None,  # bool [B|1, 1, T, S], "causal" or None
+    logit_softcap: float | None = None,
+) -> mx.array:  # [B, n_heads, T, head_dim]
+    """Scaled dot-product attention with grouped KV heads.
+
+    Without soft-capping this is MLX's fused kernel.  Soft-capping (Gemma 2)
+    has to act on the scores before the softmax, which the fused kernel cannot
+    do, so that path spells the attention out; its softmax runs in float32 as
+    the reference's eager attention does.
+    """
+    if logit_softcap is None:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    B, n_heads, T, D = queries.shape
+    n_kv = keys.shape[1]
+    q = queries.reshape(B, n_kv, n_heads // n_kv, T, D)  # heads grouped by their KV head
+    scores = (q * scale) @ mx.expand_dims(keys, 2).swapaxes(-1, -2)  # [B, n_kv, rep, T, S]
+    scores = softcap(scores, logit_softcap)
+    if isinstance(mask, str):
+        S = keys.shape[2]
+        mask = causal_mask(T, S)
+    if mask is not None:
+        mask = mx.expand_dims(mask, 2)  # broadcast over the heads sharing a KV head
+        scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(values.dtype)
+    out = weights @ mx.expand_dims(values, 2)  # [B, n_kv, rep, T, D]
+    return out.reshape(B, n_heads, T, D)
+
+
+def causal_mask(T: int, S: int) -> mx.array:
+    """Bool [1, 1, T, S]: the T queries are the last T of S positions."""
+    return build_mask(mx.arange(S - T, S), mx.arange(S))
+
+
+def build_mask(
+    query_positions: mx.array,  # [T] absolute positions of the queries
+    key_positions: mx.array,  # [S] absolute positions of the keys
+    *,
+    window: int | None = None,
+    key_valid: mx.array | None = None,  # bool [B, S]: False for padding
+    prefix_length: mx.array | None = None,  # [B]: tokens that attend bidirectionally
+) -> mx.array:  # bool [B|1, 1, T, S]
+    """Which keys each query may attend to.
+
+    Causal, limited to the last `window` positions when given (a query at p
+    sees keys p - window < k <= p, as transformers' sliding-window overlay),
+    widened to a full prefix for prefix-LM models, narrowed by padding.  Every
+    query always sees itself, so a padding query never has an all-masked row
+    (whose softmax would be NaN and leak into the batch).
+    """
+    q = query_positions[:, None]
+    k = key_positions[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None, None]
+    if prefix_length is not None:
+        p = prefix_length[:, None, None, None]
+        in_prefix = (k < p) & (q < p)
+        if window is not None:
+            in_prefix = in_prefix & (mx.abs(q - k) < window)
+        allowed = allowed | in_prefix
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    return allowed | (k == q)[None, None]
+
+
+def layer_mask(
+    T: int,
+    cache,
+    window: int | None,
+    padding_mask: mx.array | None = None,
+    prefix_length: mx.array | None = None,
+):
+    """The mask for a layer with this `window` (None: global) over T new tokens.
+
+    With a cache, the cache builds it (it knows its key order and padding);
+    without one, keys are the T tokens themselves.  Trivial cases return None or
+    "causal" so MLX's fused attention can take its fast path.
+    """
+    if cache is not None:
+        if padding_mask is not None:
+            raise ValueError(
+                "padding_mask goes with a full-sequence call; with a cache, "
+                "give the cache its left_padding (model.make_cache(left_padding=...))"
+            )
+        return cache.make_mask(T, window=window, prefix_length=prefix_length)
+    if padding_mask is None and prefix_length is None:
+        if T == 1:
+            return None
+        if window is None or window >= T:
+            return "causal"
+    positions = mx.arange(T)
+    return build_mask(
+        positions, positions, window=window, key_valid=padding_mask, prefix_length=prefix_length
+    )

@@ -1,0 +1,198 @@
+"""Gemma, Gemma 2 and Gemma 3 against Hugging Face transformers, in fp32.
+
+The committed fixtures (tests/fixtures/make_tiny_models.py) hold transformers'
+logits and greedy tokens for tiny random-weight models; every test here compares
+mlx_gemma with those numbers.  When transformers is installed, the last tests
+also rebuild the reference live on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from mlx_gemma.loading import load_model
+from mlx_gemma.models import gemma, gemma2, gemma3
+from mlx_gemma.models.layers import build_mask
+
+from conftest import FIXTURES, TINY_MODELS
+
+RTOL = 1e-4
+
+
+def assert_close(ours, reference, rtol=RTOL):
+    """Agreement within rtol of the reference's largest magnitude."""
+    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    scale = np.abs(reference).max()
+    err = np.abs(ours - reference).max()
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} x {scale:.3g}"
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def tiny(request):
+    folder = FIXTURES / f"tiny_{request.param}"
+    return load_model(folder), dict(np.load(folder / "reference.npz"))
+
+
+def test_logits_match_transformers_batch_of_two(tiny):
+    model, ref = tiny
+    logits = model(mx.array(ref["input_ids"]))
+    assert logits.dtype == mx.float32
+    assert_close(logits, ref["logits"])
+
+
+def test_left_padded_batch_matches_transformers(tiny):
+    model, ref = tiny
+    mask = ref["padded_mask"].astype(bool)
+    logits = np.array(model(mx.array(ref["padded_ids"]), padding_mask=mx.array(mask)))
+    assert np.isfinite(logits).all(), "padding rows must stay finite"
+    assert_close(logits[mask], ref["padded_logits"][mask])
+
+
+def test_cached_decoding_equals_full_sequence(tiny):
+    """Chunked prefill then one token at a time, across the window wrap."""
+    model, ref = tiny
+    ids = mx.array(ref["input_ids"])
+    cache = model.make_cache()
+    chunks = [ids[:, :4], ids[:, 4:7]] + [ids[:, i : i + 1] for i in range(7, ids.shape[1])]
+    stepped = mx.concatenate([model(chunk, cache=cache) for chunk in chunks], axis=1)
+    assert_close(stepped, ref["logits"])
+
+
+def test_cached_left_padded_decoding(tiny):
+    """A left-padded batch through the cache equals transformers on the real tokens."""
+    model, ref = tiny
+    mask = ref["padded_mask"].astype(bool)
+    left_padding = mx.array((~mask).sum(axis=1))
+    ids = mx.array(ref["padded_ids"])
+    cache = model.make_cache(left_padding=left_padding)
+    parts = [model(ids[:, :8], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(8, ids.shape[1])]
+    logits = np.array(mx.concatenate(parts, axis=1))
+    assert_close(logits[mask], ref["padded_logits"][mask])
+
+
+def test_greedy_tokens_match_transformers(tiny):
+    model, ref = tiny
+    cache = model.make_cache()
+    logits = model(mx.array(ref["greedy_prompt"])[None], cache=cache)
+    tokens = []
+    for _ in range(len(ref["greedy_ids"])):
+        token = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(token.item())
+        logits = model(token[None], cache=cache)
+    assert tokens == ref["greedy_ids"].tolist()
+
+
+def test_hidden_states_intercept(tiny):
+    """The intercept sees the embedding then each block, and its return value is used."""
+    model, ref = tiny
+    ids = mx.array(ref["input_ids"])
+    seen = []
+    model(ids, intercept=lambda h, i: (seen.append(i), h)[1])
+    assert seen == list(range(-1, len(model.layers)))
+    unchanged = model(ids, intercept=lambda h, i: h)
+    assert_close(unchanged, ref["logits"])
+    zeroed = model(ids, intercept=lambda h, i: mx.zeros_like(h) if i == 0 else h)
+    assert np.abs(np.array(zeroed) - ref["logits"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_precision_stays_close(dtype):
+    folder = FIXTURES / "tiny_gemma3"
+    ref = np.load(folder / "reference.npz")
+    model = load_model(folder, dtype=dtype)
+    assert model.model.embed_tokens.weight.dtype == dtype
+    logits = np.array(model(mx.array(ref["input_ids"])).astype(mx.float32))
+    assert np.isfinite(logits).all()
+    assert_close(logits, ref["logits"], rtol=0.05)
+
+
+def test_float16_residuals_do_not_overflow():
+    """Activations beyond float16's range are clipped, not turned into inf/NaN."""
+    args = gemma3.ModelArgs.from_dict(dict(
+        hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=64, sliding_window=4,
+    ))
+    model = gemma3.Model(args)
+    model.set_dtype(mx.float16)
+    for layer in model.layers:  # a huge MLP output: ~1e5 per element, over fp16's 65504
+        layer.post_feedforward_layernorm.weight = mx.full((32,), 3000.0, dtype=mx.float16)
+    logits = model(mx.array([[1, 2, 3, 4, 5]]))
+    assert np.isfinite(np.array(logits.astype(mx.float32))).all()
+
+
+# --- configs -------------------------------------------------------------------------
+
+
+def test_gemma3_legacy_config_layout_equals_new():
+    """Pre-5.0 transformers configs (rope_theta/rope_local_base_freq/rope_scaling,
+    sliding_window_pattern) describe the same model as the new rope_parameters layout."""
+    shape = dict(hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2)
+    old = gemma3.ModelArgs.from_dict({
+        **shape, "sliding_window_pattern": 3, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+        "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+    })
+    new = gemma3.ModelArgs.from_dict({
+        **shape, "layer_types": ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    })
+    assert old.layer_types == new.layer_types
+    assert old.rope == new.rope == {"full_attention": (1e6, 0.25), "sliding_attention": (1e4, 1.0)}
+
+
+def test_gemma_legacy_gelu_means_tanh_but_explicit_activation_is_honoured():
+    shape = dict(hidden_size=8, num_hidden_layers=1, intermediate_size=16, num_attention_heads=1, num_key_value_heads=1)
+    assert gemma.ModelArgs.from_dict({**shape, "hidden_act": "gelu"}).hidden_activation == "gelu_pytorch_tanh"
+    assert gemma.ModelArgs.from_dict({**shape, "hidden_activation": "gelu"}).hidden_activation == "gelu"
+
+
+def test_gemma2_layers_alternate_local_global():
+    args = gemma2.ModelArgs.from_dict(dict(hidden_size=8, num_hidden_layers=4, intermediate_size=16,
+                                           num_attention_heads=2, num_key_value_heads=1, sliding_window=3))
+    assert gemma2.Model(args).windows == [3, None, 3, None]
+
+
+def test_unknown_config_keys_are_kept_not_dropped():
+    args = gemma.ModelArgs.from_dict(dict(hidden_size=8, num_hidden_layers=1, intermediate_size=16,
+                                          num_attention_heads=1, num_key_value_heads=1, my_new_setting=7))
+    assert args.extra == {"my_new_setting": 7}
+
+
+# --- masks ---------------------------------------------------------------------------
+
+
+def test_sliding_window_mask_semantics():
+    """A query at p sees p - window < k <= p (transformers' sliding-window overlay)."""
+    m = np.array(build_mask(mx.arange(6), mx.arange(6), window=3))[0, 0]
+    expected = np.array([[0 <= q - k < 3 for k in range(6)] for q in range(6)])
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_padding_rows_always_see_themselves():
+    valid = mx.array([[False, False, True, True]])
+    m = np.array(build_mask(mx.arange(4), mx.arange(4), key_valid=valid))[0, 0]
+    assert m.any(axis=-1).all()
+    assert not m[2:, :2].any(), "real tokens never see padding"
+
+
+# --- live oracle: transformers on fresh inputs ----------------------------------------
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_live_transformers_parity_on_fresh_inputs(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = FIXTURES / f"tiny_{name}"
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    model = load_model(folder)
+    ids = np.random.default_rng(123).integers(3, 512, size=(3, 23))
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    assert_close(model(mx.array(ids)), expected)
