@@ -196,7 +196,7 @@ def load(
     folder = resolve_model_path(path_or_repo, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy)
     tokenizer = GemmaTokenizer.from_folder(folder)
-    check_vocab_fits(tokenizer, model.args.vocab_size, folder)
+    check_vocab_fits(tokenizer, model.args.vocab_size, tokenizer.path or folder)
     if adapter_path is not None:
         raise NotImplementedError("LoRA adapters arrive with the fine-tuning module")
     return model, tokenizer

@@ -1,0 +1,435 @@
+"""Gemma's SentencePiece tokenizer: safe loading, special tokens, chat template, streaming decode.
+
+* Files are untrusted: a `tokenizer.model` is size-checked and parsed with protobuf in
+  Python before SentencePiece's C++ loader ever sees it (a malformed proto can crash it).
+* Text a user types is text: "<start_of_turn>" typed in a prompt encodes as ordinary
+  characters unless the caller asks for `parse_special=True`.
+* The chat template is written here, never executed from a checkpoint's Jinja.
+* `StreamingDetokenizer` turns ids into text one token at a time without ever emitting
+  half a UTF-8 character, and its segments join to exactly `decode(all_ids)`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import sentencepiece as spm
+from google.protobuf import unknown_fields
+from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+from .errors import GenerationError, MlxGemmaError, TokenizerError
+
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # Gemma 3's is ~4.5 MiB; anything this big is not a tokenizer
+_MAX_GENERATION_CONFIG_BYTES = 1024 * 1024
+
+_Piece = spm_pb2.ModelProto.SentencePiece
+_VALID_TYPES = frozenset(_Piece.Type.values())
+
+# What a special token looks like.  Used both to pick the pieces to protect and, with
+# parse_special=True, to find candidates in text (then looked up in a dict: a regex of
+# Gemma 3's ~6,400 special strings would be slow).
+_SPECIAL_SHAPE = re.compile(r"<[^<>\s]{1,64}>|\[[^\[\]\s]{1,64}\]")
+# Gemma's vocabulary also holds HTML tags as USER_DEFINED pieces (<table>, </h1>, <b>, ...).
+# They are markup, not control tokens: the reference tokenizers (HF, keras-hub) match
+# them in any text, so we do too, and keep "<b>bold</b>" tokenized like upstream.
+_MARKUP_TAGS = frozenset(
+    "a b i u s em strong sub sup code span div p ul ol li table caption thead tbody tfoot "
+    "tr th td h1 h2 h3 h4 h5 h6 blockquote html body img iframe footer header br hr pre bbox".split()
+)
+
+
+def _read_bounded(path: str, limit: int) -> bytes:
+    if os.path.isdir(path):
+        raise TokenizerError(path, "is a folder, expected a file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(limit + 1) if size <= limit else b""  # +1: it may grow meanwhile
+    except FileNotFoundError:
+        raise TokenizerError(path, "file not found") from None
+    except OSError as e:
+        raise TokenizerError(path, f"cannot read file: {e.strerror}") from None
+    if size > limit or len(data) > limit:
+        raise TokenizerError(path, f"file is {max(size, len(data))} bytes, more than the {limit} allowed")
+    return data
+
+
+def _parse_model_proto(data: bytes, path: str | None) -> spm_pb2.ModelProto:
+    """Check everything we can in Python so that bad bytes never reach the C++ loader."""
+    if not data:
+        raise TokenizerError(path, "tokenizer file is empty")
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise TokenizerError(path, f"tokenizer is more than the {MAX_TOKENIZER_BYTES} bytes allowed")
+    try:
+        proto = spm_pb2.ModelProto.FromString(data)
+    except Exception as e:  # any parse failure of untrusted bytes means "not a model"
+        raise TokenizerError(path, f"not a SentencePiece model (protobuf parse failed: {e})") from None
+    if not proto.pieces:
+        raise TokenizerError(path, "SentencePiece model has no pieces")
+    # Serialized pieces come first: a file cut short at a piece boundary still parses,
+    # but loses the specs that follow (and would silently load as a default unigram model).
+    if not proto.HasField("trainer_spec") or not proto.HasField("normalizer_spec"):
+        raise TokenizerError(path, "SentencePiece model has no trainer/normalizer spec (truncated?)")
+    seen, n_unknown = set(), 0
+    for i, p in enumerate(proto.pieces):
+        # proto2 parks an out-of-range enum value among the unknown fields, so `p.type`
+        # alone would read a bogus type as NORMAL.
+        if p.type not in _VALID_TYPES or len(unknown_fields.UnknownFieldSet(p)):
+            raise TokenizerError(path, f"piece {i} ({p.piece!r}) has a type outside the enum or unknown fields")
+        if not p.piece:
+            raise TokenizerError(path, f"piece {i} is empty")
+        if p.piece in seen:
+            raise TokenizerError(path, f"piece {i} ({p.piece!r}) appears twice")
+        seen.add(p.piece)
+        n_unknown += p.type == _Piece.UNKNOWN
+    if n_unknown != 1:
+        raise TokenizerError(path, f"SentencePiece model must have exactly one <unk> piece, has {n_unknown}")
+    return proto
+
+
+def _load_processor(proto_bytes: bytes, path: str | None) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_proto=proto_bytes)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise TokenizerError(path, f"SentencePiece refused the model: {e}") from None
+
+
+def _is_special_piece(p: _Piece) -> bool:
+    if p.type in (_Piece.CONTROL, _Piece.UNKNOWN):
+        return True
+    if p.type != _Piece.USER_DEFINED or not _SPECIAL_SHAPE.fullmatch(p.piece):
+        return False
+    return p.piece.strip("<>[]/") not in _MARKUP_TAGS
+
+
+class GemmaTokenizer:
+    """A SentencePiece `tokenizer.model` (or a Keras preset's `vocabulary.spm`) for Gemma.
+
+    `proto` is the serialized model: bytes, or a path to read them from.
+    `eos_token_ids` are the stop ids; by default `<eos>` plus `<end_of_turn>` if present.
+    """
+
+    def __init__(self, proto: bytes | str | os.PathLike, eos_token_ids: Iterable[int] | None = None):
+        if isinstance(proto, (bytes, bytearray, memoryview)):
+            self.path, data = None, bytes(proto)
+        else:
+            self.path = os.fspath(proto)
+            data = _read_bounded(self.path, MAX_TOKENIZER_BYTES)
+        model = _parse_model_proto(data, self.path)
+        self._sp = _load_processor(data, self.path)
+        if self.bos_id < 0 or self.eos_id < 0:  # SentencePiece finds them by trainer_spec's piece names
+            raise TokenizerError(self.path, "SentencePiece model has no <bos> or <eos> piece")
+        self._special = {p.piece: i for i, p in enumerate(model.pieces) if _is_special_piece(p)}
+        self._special_ids = frozenset(self._special.values())
+
+        # SentencePiece matches USER_DEFINED pieces anywhere in the input, so plain text
+        # "<start_of_turn>" would become that token.  A second processor in which those
+        # pieces are UNUSED cannot produce them: BPE splits an UNUSED piece back into the
+        # pieces it was merged from.  (CONTROL pieces are never matched in text anyway.)
+        protected = [p for p in model.pieces if p.type == _Piece.USER_DEFINED and _is_special_piece(p)]
+        for p in protected:
+            p.type = _Piece.UNUSED
+        self._plain = _load_processor(model.SerializeToString(), self.path) if protected else self._sp
+
+        if eos_token_ids is None:
+            eos_token_ids = [self.eos_id] + ([self.end_of_turn_id] if self.end_of_turn_id is not None else [])
+        self.eos_token_ids = frozenset(self._check_ids(eos_token_ids))
+        self._start_of_image_id = self._optional_id("<start_of_image>")
+
+    # ----- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, eos_token_ids: Iterable[int] | None = None) -> GemmaTokenizer:
+        return cls(os.fspath(path), eos_token_ids)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> GemmaTokenizer:
+        """Load `tokenizer.model` (HF / mlx layout) or `assets/tokenizer/vocabulary.spm` (Keras
+        preset); stop ids come from `generation_config.json` when there is one."""
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise TokenizerError(folder, "folder not found")
+        for rel in ("tokenizer.model", os.path.join("assets", "tokenizer", "vocabulary.spm")):
+            path = os.path.join(folder, rel)
+            if os.path.isfile(path):
+                break
+        else:
+            raise TokenizerError(folder, "no tokenizer.model or assets/tokenizer/vocabulary.spm in folder")
+        return cls(path, _read_generation_eos(os.path.join(folder, "generation_config.json")))
+
+    # ----- vocabulary ---------------------------------------------------------------
+
+    # None where the vocabulary lacks the piece.  bos/eos/pad/unk come from trainer_spec.
+    vocab_size = property(lambda self: self._sp.get_piece_size())
+    bos_id = property(lambda self: self._sp.bos_id())
+    eos_id = property(lambda self: self._sp.eos_id())
+    pad_id = property(lambda self: self._sp.pad_id())
+    unk_id = property(lambda self: self._sp.unk_id())
+    start_of_turn_id = property(lambda self: self._optional_id("<start_of_turn>"))
+    end_of_turn_id = property(lambda self: self._optional_id("<end_of_turn>"))
+    image_token_id = property(lambda self: self._optional_id("<image>"))  # PaliGemma's placeholder
+
+    # Ids of control-like pieces: those `decode(skip_special_tokens=True)` drops.
+    special_ids = property(lambda self: self._special_ids)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of `piece`, or None if the vocabulary lacks it (SentencePiece would say <unk>)."""
+        return self._optional_id(piece)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(self._check_ids([token_id])[0])
+
+    def loc_token_id(self, i: int) -> int | None:
+        """Id of PaliGemma's `<loc{i:04d}>`, i in 0..1023; None if the vocabulary lacks it."""
+        return self._indexed_id("loc", i, 1024, 4)
+
+    def seg_token_id(self, i: int) -> int | None:
+        """Id of PaliGemma's `<seg{i:03d}>`, i in 0..127; None if the vocabulary lacks it."""
+        return self._indexed_id("seg", i, 128, 3)
+
+    def _indexed_id(self, name: str, i: int, count: int, digits: int) -> int | None:
+        if not 0 <= i < count:  # a caller's bug, not a vocabulary question
+            raise MlxGemmaError(f"<{name}> token index {i} is outside 0..{count - 1}")
+        return self._optional_id(f"<{name}{i:0{digits}d}>")
+
+    def _optional_id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)  # returns unk_id for a missing piece
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        out, n = [int(i) for i in ids], self.vocab_size
+        bad = next((i for i in out if not 0 <= i < n), None)
+        if bad is not None:
+            raise TokenizerError(self.path, f"token id {bad} is outside the vocabulary (0..{n - 1})")
+        return out
+
+    # ----- encode / decode ----------------------------------------------------------
+
+    def encode(self, text: str | Sequence[str], add_bos: bool = True, add_eos: bool = False,
+               parse_special: bool = False) -> list[int] | list[list[int]]:
+        """Token ids of `text` (a list of texts gives a list of id lists).
+
+        Special-token strings in `text` stay ordinary characters unless `parse_special`.
+        """
+        if not isinstance(text, str):
+            return [self.encode(t, add_bos, add_eos, parse_special) for t in text]
+        ids = self._encode_special(text) if parse_special else self._plain.encode(text)
+        if add_bos:
+            ids.insert(0, self.bos_id)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def _encode_special(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for m in _SPECIAL_SHAPE.finditer(text):
+            special = self._special.get(m.group())
+            if special is None:
+                continue
+            ids += self._plain.encode(text[start:m.start()])
+            ids.append(special)
+            start = m.end()
+        return ids + self._plain.encode(text[start:])
+
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, exactly as SentencePiece decodes them (<bos>/<eos>/<pad> give "")."""
+        if isinstance(ids, int) or getattr(ids, "ndim", 1) == 0:
+            ids = [ids]
+        elif hasattr(ids, "tolist"):  # numpy / mlx arrays
+            ids = ids.tolist()
+        ids = self._check_ids(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self._sp.decode(ids)
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self, skip_special_tokens)
+
+    # ----- chat ---------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+                            tokenize: bool = False) -> str | list[int]:
+        """Gemma's turn format (matching the official Gemma 2/3 templates, content trimmed):
+
+            <bos><start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n...
+
+        With `tokenize=True`, message text is encoded as plain text: a user who types
+        "<end_of_turn>" cannot forge a turn.
+        """
+        segments = self._chat_segments(messages, add_generation_prompt)
+        if not tokenize:
+            return "".join(self._sp.id_to_piece(s) if isinstance(s, int) else s for s in segments)
+        ids: list[int] = []
+        # Adjacent text is encoded as one run, as it appears in the rendered string.
+        for is_text, run in itertools.groupby(segments, key=lambda s: isinstance(s, str)):
+            ids += self._plain.encode("".join(run)) if is_text else list(run)
+        return ids
+
+    def _chat_segments(self, messages: Sequence[Mapping], add_generation_prompt: bool) -> list:
+        """The conversation as a list of special-token ids (int) and text (str)."""
+        sot, eot = self.start_of_turn_id, self.end_of_turn_id
+        if sot is None or eot is None:
+            raise TokenizerError(self.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
+        if isinstance(messages, (str, Mapping)) or not messages:
+            raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        messages = list(messages)
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise GenerationError(f"message {i} must be a dict with 'role' and 'content'")
+        system: list | None = None
+        if messages[0]["role"] == "system":
+            # Gemma 3 folds the system prompt into the first user turn (untrimmed, as it does).
+            system = self._content(messages[0]["content"], 0, trim=False, images=False) + ["\n\n"]
+            messages = messages[1:]
+            if not messages:
+                raise GenerationError("a system message must be followed by a user message")
+        offset = 1 if system is not None else 0
+        segments: list = [self.bos_id]
+        for i, m in enumerate(messages):
+            role = {"assistant": "model"}.get(m["role"], m["role"])
+            expected = "user" if i % 2 == 0 else "model"
+            if role != expected:
+                raise GenerationError(
+                    f"message {i + offset} has role {m['role']!r} where {expected!r} was expected: roles must "
+                    "alternate user/model(assistant), starting with user, after an optional first system message")
+            body = self._content(m["content"], i + offset, trim=True, images=True)
+            if i == 0 and system is not None:
+                body = system + body
+            segments += [sot, f"{role}\n", *body, eot, "\n"]
+        if add_generation_prompt:
+            segments += [sot, "model\n"]
+        return segments
+
+    def _content(self, content, index: int, trim: bool, images: bool) -> list:
+        if isinstance(content, str):
+            return [content.strip() if trim else content]
+        if not isinstance(content, Sequence):
+            raise GenerationError(f"message {index}: content must be a string or a list of parts")
+        out: list = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"].strip() if trim else part["text"])
+            elif kind == "image" and images:
+                if self._start_of_image_id is None:
+                    raise TokenizerError(self.path, "vocabulary has no <start_of_image>: this model cannot take images")
+                out.append(self._start_of_image_id)
+            else:
+                raise GenerationError(f"message {index}: unsupported content part {part!r}")
+        return out
+
+
+def _read_generation_eos(path: str) -> list[int] | None:
+    """Stop ids from `generation_config.json` (an int or a list), None if absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        config = json.loads(_read_bounded(path, _MAX_GENERATION_CONFIG_BYTES))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TokenizerError(path, f"not valid JSON: {e}") from None
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    if eos is None:
+        return None
+    eos = [eos] if isinstance(eos, int) else eos
+    if not isinstance(eos, list) or not eos or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise TokenizerError(path, f"eos_token_id must be an int or a non-empty list of ints, got {eos!r}")
+    return eos
+
+
+def check_vocab_fits(tokenizer: GemmaTokenizer, embedding_rows: int, path: str | os.PathLike | None) -> None:
+    """Raise if the tokenizer can produce ids the embedding has no row for.
+
+    (More rows than pieces is normal: Gemma 3 pads its embedding to 262,208 rows.)
+    """
+    if tokenizer.vocab_size > embedding_rows:
+        raise TokenizerError(path, f"tokenizer has {tokenizer.vocab_size} pieces but the model's embedding "
+                                   f"has only {embedding_rows} rows: tokenizer and weights do not match")
+
+
+class StreamingDetokenizer:
+    """Ids in one at a time, text out in segments that never split a UTF-8 character.
+
+    Text is decoded from a short window: the last committed run of ids that produced
+    text (the "anchor") plus the ids pending since.  Decoding the anchor along with the
+    new ids keeps SentencePiece from treating them as the start of the text (where it
+    may drop a leading space), and subtracting the anchor's own text leaves exactly what
+    the new ids add.  So each step costs a decode of a handful of ids, not the history.
+    """
+
+    def __init__(self, tokenizer: GemmaTokenizer, skip_special_tokens: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.tokens: list[int] = []  # every id kept so far
+        self._anchor: list[int] = []
+        self._anchor_text = ""
+        self._pending: list[int] = []
+        self._parts: list[str] = []
+        self._unread: list[str] = []
+
+    def add_token(self, token_id: int) -> None:
+        (token_id,) = self._tok._check_ids([token_id])
+        if self._skip and token_id in self._tok.special_ids:
+            return
+        self.tokens.append(token_id)
+        self._pending.append(token_id)
+        if not self._ends_mid_character():
+            self._commit()
+
+    def finalize(self) -> None:
+        """Flush held-back ids (an unfinished character decodes to U+FFFD, as `decode` does)."""
+        self._commit()
+
+    @property
+    def last_segment(self) -> str:
+        """Text added since the last read (reading clears it)."""
+        text = "".join(self._unread)
+        self._unread.clear()
+        return text
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._parts)
+
+    def _ends_mid_character(self) -> bool:
+        # Byte-fallback pieces (<0xE2> ...) are UTF-8 bytes; hold them back while they end
+        # in a valid but unfinished sequence.  An invalid sequence can never complete, so it
+        # is emitted (as U+FFFD, like `decode`) rather than held forever.
+        tail = bytearray()
+        for i in reversed(self._pending):
+            if not self._tok._sp.is_byte(i):
+                break
+            tail.insert(0, int(self._tok._sp.id_to_piece(i)[3:5], 16))
+        if not tail:
+            return False
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.decode(bytes(tail), final=False)
+        return bool(decoder.getstate()[0])
+
+    def _commit(self) -> None:
+        if not self._pending:
+            return
+        sp = self._tok._sp
+        window = self._anchor + self._pending
+        decoded = sp.decode(window)
+        if decoded.startswith(self._anchor_text):
+            new = decoded[len(self._anchor_text):]
+        else:  # never seen; stay exact by falling back to the whole history
+            done = self.text
+            decoded = window_text = sp.decode(self.tokens)
+            new = window_text[len(done):] if window_text.startswith(done) else ""
+            window = list(self.tokens)
+        if new:
+            self._parts.append(new)
+            self._unread.append(new)
+            # The next anchor must decode to non-empty text on its own (else SentencePiece
+            # would again see "start of text"): the pending ids if they do, else the window.
+            pending_text = sp.decode(self._pending)
+            self._anchor, self._anchor_text = (self._pending, pending_text) if pending_text else (window, decoded)
+        self._pending = []

@@ -1,0 +1,262 @@
+"""Loading model folders: HF layouts, mlx-community quantized folders, hub ids from
+a prepared cache, and every kind of bad folder refused with a typed error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from mlx_gemma.errors import (
+    ConfigError, ModelFileError, TokenizerError, UnsafeCheckpointError, UnsupportedModelError,
+    WeightsMismatchError,
+)
+from mlx_gemma.loading import load, load_model
+from mlx_gemma.tensorfile import load_file, save_file
+
+from conftest import FIXTURES
+
+TINY3 = FIXTURES / "tiny_gemma3"
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A writable copy of the tiny Gemma 3 folder."""
+    dest = tmp_path / "model"
+    shutil.copytree(TINY3, dest)
+    return dest
+
+
+def edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def reference_logits():
+    ref = np.load(TINY3 / "reference.npz")
+    return ref["input_ids"], ref["logits"]
+
+
+def test_load_returns_model_and_tokenizer():
+    model, tokenizer = load(TINY3)
+    assert model.model_type == "gemma3_text"
+    assert tokenizer.vocab_size <= model.args.vocab_size
+    ids = tokenizer.encode("hello world")
+    assert model(mx.array([ids])).shape == (1, len(ids), model.args.vocab_size)
+
+
+def test_nested_text_config_and_multimodal_weight_names(folder):
+    """The language half of a multimodal `gemma3` checkpoint loads as a text model."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+         "text_config": config, "vision_config": {"hidden_size": 8}}
+    ))
+    weights = load_file(folder / "model.safetensors")
+    renamed = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
+               for k, v in weights.items()}
+    renamed["model.vision_tower.patch.weight"] = mx.zeros((2, 2))
+    save_file(folder / "model.safetensors", renamed)
+    ids, expected = reference_logits()
+    np.testing.assert_allclose(load_model(folder)(mx.array(ids)), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_sharded_checkpoint(folder):
+    from mlx_gemma.tensorfile import save_sharded
+
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    files = save_sharded(folder, weights, max_shard_bytes=200_000)
+    assert len(files) > 1 and (folder / "model.safetensors.index.json").exists()
+    ids, expected = reference_logits()
+    np.testing.assert_allclose(load_model(folder)(mx.array(ids)), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_dtype_argument_casts_weights():
+    model = load_model(TINY3, dtype=mx.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
+
+
+# --- hub ids, from a prepared cache, never the network -----------------------------------
+
+
+def prepare_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
+    """Lay out `source` as huggingface_hub's cache stores a downloaded snapshot."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(p for p in source.iterdir() if p.is_file())):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hub_repo_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
+    prepare_hub_cache(tmp_path / "hub", "google/tiny-gemma3", TINY3)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    model, tokenizer = load("google/tiny-gemma3")
+    ids, expected = reference_logits()
+    np.testing.assert_allclose(model(mx.array(ids)), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_uncached_repo_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelFileError, match="google/not-here.*cache"):
+        load_model("google/not-here")
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelFileError, match="no such folder"):
+        load_model(tmp_path / "nothing" / "here")
+
+
+# --- bad configs -------------------------------------------------------------------------
+
+
+def test_missing_config(folder):
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json: missing"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("text,problem", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"), (b"\xff\xfe", "not valid JSON")])
+def test_unreadable_config(folder, text, problem):
+    path = folder / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=problem):
+        load_model(folder)
+
+
+def test_unknown_model_type_lists_supported(folder):
+    edit_config(folder, model_type="llama")
+    with pytest.raises(UnsupportedModelError, match="'llama' is not supported; supported: gemma, gemma2, gemma3, gemma3_text"):
+        load_model(folder)
+
+
+def test_missing_required_key(folder):
+    edit_config(folder, hidden_size=None)
+    with pytest.raises(ConfigError, match="missing required keys: hidden_size"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("key", ["auto_map", "model_file"])
+def test_code_loading_keys_are_refused(folder, key):
+    edit_config(folder, **{key: {"AutoModel": "evil.Model"} if key == "auto_map" else "evil.py"})
+    with pytest.raises(UnsafeCheckpointError, match=key):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("changes,problem", [
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+    ({"num_attention_heads": 3}, "not a multiple of num_key_value_heads"),
+    ({"vocab_size": 10**12}, "vocab_size must be a positive integer"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
+    ({"layer_types": ["full_attention"]}, "layer_types must list 6 entries"),
+    ({"hidden_size": 60000, "intermediate_size": 900000, "num_hidden_layers": 1000}, "parameters; refusing"),
+])
+def test_absurd_values_refused_before_allocating(folder, changes, problem):
+    edit_config(folder, **changes)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=problem):
+        load_model(folder)
+    assert time.perf_counter() - start < 5, "refusal must come before any large allocation"
+
+
+# --- bad weights -------------------------------------------------------------------------
+
+
+def test_wrong_shape_names_the_tensor(folder):
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.2.mlp.up_proj.weight"] = mx.zeros((7, 64))
+    save_file(folder / "model.safetensors", weights)
+    with pytest.raises(WeightsMismatchError, match=r"wrong shape: model.layers.2.mlp.up_proj.weight \(7, 64\) \(expected \(128, 64\)\)"):
+        load_model(folder)
+
+
+def test_missing_and_unexpected_tensors_are_named(folder):
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.norm.weight"]
+    weights["model.layers.0.surprise.weight"] = mx.zeros((2,))
+    save_file(folder / "model.safetensors", weights)
+    with pytest.raises(WeightsMismatchError, match="missing: model.norm.weight; unexpected: model.layers.0.surprise.weight"):
+        load_model(folder)
+
+
+def test_truncated_weights(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ModelFileError, match="model.safetensors"):
+        load_model(folder)
+
+
+def test_pickled_weights_refused(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(UnsafeCheckpointError, match="pickle"):
+        load_model(folder)
+
+
+def test_tokenizer_larger_than_embedding(folder):
+    edit_config(folder, vocab_size=100)
+    weights = load_file(folder / "model.safetensors")
+    weights = {k: (v[:100] if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in weights.items()}
+    save_file(folder / "model.safetensors", weights)
+    with pytest.raises(TokenizerError, match="tokenizer.model"):
+        load(folder)
+
+
+# --- mlx-community folders, written by mlx-lm itself ----------------------------------------
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name,bits", [("gemma3", 4), ("gemma3", 8)])
+def test_mlx_lm_quantized_folder_loads_and_matches_mlx_lm(tmp_path, name, bits):
+    """A folder quantized by mlx-lm's own converter loads as it is, and gives
+    the logits mlx-lm's model gives on the same weights.  (Gemma 3 only: mlx-lm
+    0.32's Gemma 1 uses exact GELU where the reference uses the tanh
+    approximation, and its Gemma 2 ignores the sliding window.)"""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from mlx_lm.convert import convert
+
+    source = tmp_path / "source"
+    shutil.copytree(FIXTURES / f"tiny_{name}", source)
+    if name == "gemma3":
+        # mlx-lm 0.32 reads only the pre-5.0 RoPE keys, not `rope_parameters`.
+        edit_config(source, rope_theta=1e6, rope_local_base_freq=1e4,
+                    rope_scaling={"rope_type": "linear", "factor": 4.0})
+    dest = tmp_path / f"q{bits}"
+    convert(str(source), mlx_path=str(dest), quantize=True, q_bits=bits, q_group_size=32)
+    config = json.loads((dest / "config.json").read_text())
+    assert config["quantization"]["bits"] == bits
+    theirs, _ = mlx_lm.load(str(dest))
+    ours = load_model(dest)
+    assert type(ours.model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    ids = mx.array(np.load(source / "reference.npz")["input_ids"])
+    expected = np.array(theirs(ids))
+    np.testing.assert_allclose(np.array(ours(ids)), expected, atol=1e-4 * np.abs(expected).max())
