@@ -151,6 +151,23 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], path) -> None:
         raise WeightsMismatchError(path, "weights do not fit the config; " + "; ".join(problems))
 
 
+def load_model_from(
+    config: dict[str, Any], weights: dict[str, mx.array], *, path=None, dtype: mx.Dtype | None = None
+) -> nn.Module:
+    """A model built from a config dict and its weights (already in memory)."""
+    model = build_model(config, path)
+    weights = model.sanitize(weights)
+    quantize_like(model, config, weights)
+    check_weights(model, weights, path)
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model
+
+
 def load_model(
     path_or_repo: str | os.PathLike | None = None,
     *,
@@ -158,24 +175,14 @@ def load_model(
     lazy: bool = False,
     revision: str | None = None,
 ) -> nn.Module:
-    """The model of a folder or hub id, weights loaded strictly.
+    """The model of a folder or hub id (None: the packaged default), weights loaded strictly.
 
     `dtype` casts floating-point weights (default: as stored, e.g. bf16 for a
     bf16 checkpoint).  `lazy=True` leaves the weights unevaluated (memory-mapped
     work happens on first use).
     """
     folder = resolve_model_path(path_or_repo, revision)
-    config = load_config(folder)
-    model = build_model(config, folder / "config.json")
-    weights = model.sanitize(load_weights_from_folder(folder))
-    quantize_like(model, config, weights)
-    check_weights(model, weights, folder)
-    if dtype is not None:
-        weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
-        }
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
+    model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype)
     if not lazy:
         mx.eval(model.parameters())
     model.path = folder
@@ -188,7 +195,6 @@ def load(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
-    adapter_path: str | os.PathLike | None = None,
 ):
     """(model, tokenizer) for a folder, a hub repo id, or None for the packaged default model."""
     from .tokenizer import GemmaTokenizer, check_vocab_fits
@@ -197,6 +203,4 @@ def load(
     model = load_model(folder, dtype=dtype, lazy=lazy)
     tokenizer = GemmaTokenizer.from_folder(folder)
     check_vocab_fits(tokenizer, model.args.vocab_size, tokenizer.path or folder)
-    if adapter_path is not None:
-        raise NotImplementedError("LoRA adapters arrive with the fine-tuning module")
     return model, tokenizer
