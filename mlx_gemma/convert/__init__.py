@@ -1,0 +1,168 @@
+"""The converter: Hugging Face, Keras and GGUF checkpoints to MLX folders.
+
+    python -m mlx_gemma.convert --hf-path google/gemma-2-2b-it --mlx-path gemma-2-2b-it-4bit -q
+
+One reader per source format hands over an HF-style config and HF-named
+weights; the model is built and loaded strictly from them (so a bad
+checkpoint fails here, not at the user's first generation), optionally
+quantized, and written atomically in the mlx-community layout, which mlx-lm
+also loads as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..errors import MlxGemmaError
+from ..loading import load_model_from
+from ..progress import Progress
+from .hf import Checkpoint, as_mx, read_hf
+from .quantize import BITS, GROUP_SIZES, RECIPES, dequantize_model, quantize_model
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def _read_gguf(path, progress) -> Checkpoint:
+    from .gguf import read_gguf
+
+    ck = read_gguf(path, progress=progress)
+    return Checkpoint(ck.config, ck.weights, ck.tokenizer_model, ck.generation_config, Path(path))
+
+
+def _read_keras(path) -> Checkpoint:
+    from .keras import read_keras_preset
+
+    ck = read_keras_preset(path)
+    return Checkpoint(ck.config, ck.weights, ck.tokenizer_model, ck.generation_config, Path(path))
+
+
+def _text_only(config: dict) -> dict:
+    """A multimodal `gemma3` config, written as the text model we converted."""
+    if config.get("model_type") != "gemma3":
+        return config
+    kept = {k: v for k, v in config.items() if k in ("quantization", "quantization_config", "torch_dtype")}
+    return {**config["text_config"], **kept, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+
+
+def _mlx_lm_compatible(config: dict) -> dict:
+    """Also spell transformers 5's `rope_parameters` the pre-5.0 way, which is
+    what mlx-lm (0.32) reads; both describe the same RoPE."""
+    rope = config.get("rope_parameters")
+    if config.get("model_type") != "gemma3_text" or not isinstance(rope, dict):
+        return config
+    out = dict(config)
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    if "rope_theta" in full:
+        out["rope_theta"] = full["rope_theta"]
+    if "rope_theta" in local:
+        out["rope_local_base_freq"] = local["rope_theta"]
+    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    out["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    return out
+
+
+def convert(
+    hf_path: str | os.PathLike | None = None,
+    *,
+    keras_path: str | os.PathLike | None = None,
+    gguf_path: str | os.PathLike | None = None,
+    mlx_path: str | os.PathLike = "mlx_model",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    quant_recipe: str | None = None,
+    dtype: str | None = None,
+    dequantize: bool = False,
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Convert one checkpoint into an MLX folder at `mlx_path`; returns its path.
+
+    `dtype` defaults to the checkpoint's own float type (bfloat16 for GGUF,
+    whose 4-8-bit weights gain nothing from float32).  `progress=None` shows
+    bars only on a terminal.
+    """
+    sources = [s for s in (hf_path, keras_path, gguf_path) if s is not None]
+    if len(sources) != 1:
+        raise MlxGemmaError("give exactly one of --hf-path, --keras-path, --gguf-path")
+    if quantize and dequantize:
+        raise MlxGemmaError("--quantize and --dequantize exclude each other")
+    if dtype is not None and dtype not in DTYPES:
+        raise MlxGemmaError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    enabled = None if progress is None else bool(progress)
+
+    if gguf_path is not None:
+        bar = Progress("reading GGUF", 1, " tensors", enabled=enabled)
+        checkpoint = _read_gguf(gguf_path, bar)
+        bar.close()
+        dtype = dtype or "bfloat16"
+    elif keras_path is not None:
+        checkpoint = _read_keras(keras_path)
+    else:
+        checkpoint = read_hf(hf_path, revision)
+
+    config = dict(checkpoint.config)
+    target = DTYPES[dtype] if dtype else None
+    model = load_model_from(config, as_mx(checkpoint.weights), path=checkpoint.source, dtype=target)
+    if dequantize:
+        config = dequantize_model(model, config)
+    if quantize:
+        config = quantize_model(model, config, q_bits, q_group_size, quant_recipe)
+    if dtype:
+        config["torch_dtype"] = dtype
+    config = _mlx_lm_compatible(_text_only(config))
+
+    from .writer import write_model_folder
+
+    weights = dict(tree_flatten(model.parameters()))
+    bar = Progress("writing", 1, " files", enabled=enabled)
+    dest = write_model_folder(
+        mlx_path, config, weights, checkpoint.tokenizer_model, checkpoint.generation_config,
+        overwrite=overwrite, source=checkpoint.source, progress=bar,
+    )
+    bar.close(f"{dest}")
+    return dest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma.convert", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-path", help="Hugging Face model folder or hub repo id")
+    src.add_argument("--keras-path", help="keras-hub / Kaggle preset folder")
+    src.add_argument("--gguf-path", help="llama.cpp GGUF file")
+    p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
+    p.add_argument("--q-bits", type=int, default=4, choices=BITS)
+    p.add_argument("--q-group-size", type=int, default=64, choices=GROUP_SIZES)
+    p.add_argument("--quant-predicate", dest="quant_recipe", choices=sorted(RECIPES),
+                   help="mixed-precision recipe: more bits for the sensitive layers")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="float type of unquantized weights")
+    p.add_argument("-d", "--dequantize", action="store_true", help="turn a quantized MLX folder back into floats")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert(
+            args.hf_path, keras_path=args.keras_path, gguf_path=args.gguf_path, mlx_path=args.mlx_path,
+            quantize=args.quantize or bool(args.quant_recipe), q_bits=args.q_bits,
+            q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, dtype=args.dtype,
+            dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision,
+        )
+    except MlxGemmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,53 @@
+"""Read a Hugging Face (or MLX) model folder or hub id into converter pieces.
+
+The weights stay as MLX arrays (memory-mapped by `mx.load`); the config is the
+folder's own, so every key the source had travels to the output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from ..errors import ConfigError
+from ..loading import load_config, resolve_model_path
+from ..tensorfile import load_weights_from_folder
+
+
+@dataclass
+class Checkpoint:
+    """What every reader hands the converter."""
+
+    config: dict[str, Any]  # Hugging Face-style config.json
+    weights: dict[str, Any]  # HF tensor name -> mx.array or numpy array
+    tokenizer_model: bytes | Path | None  # tokenizer.model bytes or a file to copy
+    generation_config: dict[str, Any] | None
+    source: Path | None = None  # the folder or file read (never a destination)
+
+
+def read_hf(path_or_repo, revision: str | None = None) -> Checkpoint:
+    folder = resolve_model_path(path_or_repo, revision)
+    config = load_config(folder)
+    generation_config = None
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            generation_config = json.loads(gen_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(gen_path, f"not valid JSON: {e}") from e
+    tokenizer = folder / "tokenizer.model"
+    return Checkpoint(
+        config=config,
+        weights=load_weights_from_folder(folder),
+        tokenizer_model=tokenizer if tokenizer.is_file() else None,
+        generation_config=generation_config,
+        source=folder,
+    )
+
+
+def as_mx(weights: dict[str, Any]) -> dict[str, mx.array]:
+    return {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in weights.items()}

