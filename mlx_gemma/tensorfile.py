@@ -485,11 +485,13 @@ def save_file(path, arrays: Mapping[str, mx.array],
 
 def save_sharded(folder, arrays: Mapping[str, mx.array],
                  max_shard_bytes: int = 5 * 2**30,
-                 metadata: dict[str, str] | None = None) -> list[Path]:
+                 metadata: dict[str, str] | None = None,
+                 progress=None) -> list[Path]:
     """Write `arrays` as a Hugging Face style model folder: `model.safetensors`
     if the tensors fit in one shard, else `model-0000i-of-0000N.safetensors`
     plus `model.safetensors.index.json`.  Tensors go in name order, so the
     same weights always give the same files.  Returns the files written.
+    `progress(done, total, file_name)` is called after each weights file.
 
     Weight files from an earlier save that the loader could pick up instead
     (a stale index, `model.safetensors`, old shards) are removed."""
@@ -521,6 +523,8 @@ def save_sharded(folder, arrays: Mapping[str, mx.array],
         path = folder / SINGLE_NAME
         save_file(path, {k: arrays[k] for k in (shards[0] if shards else [])}, metadata)
         written.append(path)
+        if progress is not None:
+            progress(1, 1, path.name)
     else:
         weight_map = {}
         for i, names in enumerate(shards, 1):
@@ -528,6 +532,8 @@ def save_sharded(folder, arrays: Mapping[str, mx.array],
             save_file(path, {k: arrays[k] for k in names}, metadata)
             weight_map.update(dict.fromkeys(names, path.name))
             written.append(path)
+            if progress is not None:
+                progress(i, len(shards), path.name)
         index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
                  "weight_map": weight_map}
         atomic_write_bytes(folder / INDEX_NAME,

@@ -1,0 +1,272 @@
+"""Write a model folder (the mlx-community layout) atomically.
+
+`write_model_folder(dest, config, weights, tokenizer_model, generation_config)`
+produces::
+
+    dest/
+      config.json                   sorted keys, indent 4
+      model.safetensors             or model-0000k-of-0000n.safetensors shards
+      model.safetensors.index.json  (only when sharded; the HF index layout)
+      tokenizer.model               (when given)
+      generation_config.json        (when given)
+      ...extra_files
+
+Everything is written into a temporary folder beside `dest`
+(`.<name>.tmp-XXXX`), flushed to disk, and only then renamed into place, so a
+reader never sees a half-written model and a crash leaves `dest` untouched.  An
+existing `dest` is refused unless `overwrite=True`; then the old folder is moved
+aside, the new one renamed in, and the old one deleted.  On any error the
+temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import ModelFileError
+
+__all__ = ["write_model_folder", "DEFAULT_MAX_SHARD_BYTES"]
+
+DEFAULT_MAX_SHARD_BYTES = 5 << 30  # 5 GiB, as mlx-lm
+
+_RESERVED = {
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "generation_config.json",
+}
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _dump_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=4, sort_keys=True, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _is_within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _to_mx(name: str, value):
+    import mlx.core as mx
+
+    if isinstance(value, mx.array):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == np.float64:
+            value = value.astype(np.float32)
+        return mx.array(value)
+    raise TypeError(f"weight {name!r} is a {type(value).__name__}, expected mx.array or numpy.ndarray")
+
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save_weights(tmp: str, weights: Mapping, max_shard_bytes: int, progress) -> list[str]:
+    from ..tensorfile import save_sharded
+
+    arrays = {}
+    for name, value in weights.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"weight names must be non-empty strings, got {name!r}")
+        arrays[name] = _to_mx(name, value)
+    files = save_sharded(tmp, arrays, max_shard_bytes, metadata={"format": "mlx"}, progress=progress)
+    return [f.name for f in files]
+
+
+def _make_temp_dir(parent: Path, name: str) -> str:
+    """`.<name>.tmp-XXXXXXXX` beside dest, created with the umask's permissions
+    (tempfile.mkdtemp would make it 0700, and the rename would keep that)."""
+    for _ in range(100):
+        tmp = os.path.join(str(parent), f".{name}.tmp-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ModelFileError(str(parent), f"cannot create a temporary folder: {e}") from None
+    raise ModelFileError(str(parent), "cannot find a free temporary folder name")
+
+
+def _check_extra_name(dest: str, name: str) -> None:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or name in _RESERVED
+        or name.startswith("model-")
+    ):
+        raise ModelFileError(
+            dest, f"extra file name {name!r} is not allowed (plain file names only, no reserved names)"
+        )
+
+
+def write_model_folder(
+    dest,
+    config: dict,
+    weights: Mapping[str, Any],
+    tokenizer_model: bytes | str | os.PathLike | None = None,
+    generation_config: dict | None = None,
+    overwrite: bool = False,
+    extra_files: Mapping[str, bytes | str | os.PathLike] | None = None,
+    *,
+    source: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """Write a complete model folder at `dest`, atomically.  Returns `dest` as a Path.
+
+    `tokenizer_model` is the tokenizer.model bytes or a path to copy.  `extra_files`
+    maps plain file names to bytes, text (`str` content) or a `Path` to copy.
+    `source` (a path or several): the input checkpoint(s); `dest` may not be one of
+    them or inside one, and none may lie inside `dest`.  `progress(done, total, file)`
+    is called after each weights file.
+    """
+    dest = Path(os.path.abspath(os.fspath(dest)))
+    dest_s = str(dest)
+    if not dest.name or dest.name in (".", ".."):
+        raise ModelFileError(dest_s, "not a usable destination folder name")
+    if not isinstance(config, dict):
+        raise ModelFileError(dest_s, "config must be a dict")
+    if int(max_shard_bytes) <= 0:
+        raise ModelFileError(dest_s, f"max_shard_bytes must be positive, got {max_shard_bytes}")
+
+    # The destination must not clobber (or sit inside) the input.
+    if source is not None:
+        sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+        real_dest = os.path.realpath(dest_s)
+        for s in sources:
+            real_src = os.path.realpath(os.fspath(s))
+            if _is_within(real_dest, real_src):
+                raise ModelFileError(dest_s, f"destination is the source {os.fspath(s)!r} or inside it")
+            if _is_within(real_src, real_dest):
+                raise ModelFileError(dest_s, f"source {os.fspath(s)!r} lies inside the destination")
+
+    def check_dest() -> None:
+        if os.path.islink(dest_s):
+            raise ModelFileError(dest_s, "destination is a symbolic link; refusing to replace it")
+        if os.path.lexists(dest_s):
+            if not overwrite:
+                raise ModelFileError(dest_s, "destination already exists (pass overwrite=True to replace it)")
+            if not os.path.isdir(dest_s):
+                raise ModelFileError(dest_s, "destination exists and is not a folder; refusing to replace it")
+
+    check_dest()
+    parent = dest.parent
+    if not parent.is_dir():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ModelFileError(str(parent), f"cannot create the parent folder: {e}") from None
+
+    # Serialise the small files first: a bad config fails before any weight is written.
+    try:
+        config_bytes = _dump_json(config)
+        gen_bytes = _dump_json(generation_config) if generation_config is not None else None
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(dest_s, f"config is not JSON serialisable: {e}") from None
+    if tokenizer_model is not None and not isinstance(tokenizer_model, (bytes, bytearray, memoryview)):
+        tok_path = os.fspath(tokenizer_model)
+        try:
+            with open(tok_path, "rb") as f:
+                tokenizer_model = f.read()
+        except OSError as e:
+            raise ModelFileError(tok_path, f"cannot read the tokenizer model: {e}") from None
+    for name in extra_files or {}:
+        _check_extra_name(dest_s, name)
+
+    tmp = _make_temp_dir(parent, dest.name)
+    try:
+        _write_bytes(os.path.join(tmp, "config.json"), config_bytes)
+        try:
+            _save_weights(tmp, weights, int(max_shard_bytes), progress)
+        except TypeError as e:
+            raise ModelFileError(dest_s, str(e)) from None
+        if tokenizer_model is not None:
+            _write_bytes(os.path.join(tmp, "tokenizer.model"), bytes(tokenizer_model))
+        if gen_bytes is not None:
+            _write_bytes(os.path.join(tmp, "generation_config.json"), gen_bytes)
+        for name, content in (extra_files or {}).items():
+            target = os.path.join(tmp, name)
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                _write_bytes(target, bytes(content))
+            elif isinstance(content, str):
+                _write_bytes(target, content.encode("utf-8"))
+            elif isinstance(content, os.PathLike):
+                shutil.copyfile(os.fspath(content), target)
+                _fsync_file(target)
+            else:
+                raise ModelFileError(dest_s, f"extra file {name!r}: unsupported content type {type(content).__name__}")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700
+        _fsync_dir(tmp)
+
+        # Swap into place.
+        check_dest()
+        if os.path.lexists(dest_s):
+            aside = os.path.join(str(parent), f".{dest.name}.old-{secrets.token_hex(4)}")
+            os.rename(dest_s, aside)
+            try:
+                os.rename(tmp, dest_s)
+            except BaseException:
+                os.rename(aside, dest_s)  # put the old folder back
+                raise
+            _fsync_dir(str(parent))
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, dest_s)
+        _fsync_dir(str(parent))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, ModelFileError):
+            raise ModelFileError(dest_s, f"cannot write the model folder: {e}") from e
+        raise
+    return dest
