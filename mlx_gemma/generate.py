@@ -1,0 +1,487 @@
+"""Text generation: the decode loop, streaming and batched generation, and the CLI.
+
+`generate_step` is the one decode loop everything else uses: chunked prefill,
+then one token per step with the KV cache, the next step queued on the device
+(`mx.async_eval`) while the host handles the current token.  `stream_generate`
+turns its ids into `GenerationResponse`s (text segments, stop handling, speed);
+`generate` returns the text; `batch_generate` runs several prompts at once.
+
+    python -m mlx_gemma.generate --model google/gemma-3-270m-it --prompt "Hello"
+"""
+
+from __future__ import annotations
+
+import argparse
+import numbers
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .errors import GenerationError, MlxGemmaError
+from .samplers import apply_processors, greedy, make_logits_processors, make_sampler
+
+DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
+_CLEAR_CACHE_EVERY = 256  # decode steps between returns of freed buffers to the allocator
+
+
+@dataclass
+class GenerationResponse:
+    """One generated token and what it adds.
+
+    `text` may be "" (an unfinished UTF-8 character, or text held back because it
+    could begin a stop string).  `logprobs` is the step's log-softmax [V] after the
+    logits processors.  Speeds are tokens/s: `prompt_tps` over the prefill (up to
+    the first token), `generation_tps` since the first token.  `peak_memory` is in
+    GB.  `finish_reason` is None until the last response: "stop" (a stop id or
+    string) or "length" (max_tokens or the context length).
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+
+
+_streams: dict[str, mx.Stream] = {}
+
+
+def generation_stream() -> mx.Stream:
+    """A stream of its own for generation on the current default device (made once per device)."""
+    device = mx.default_device()
+    if repr(device) not in _streams:
+        _streams[repr(device)] = mx.new_stream(device)
+    return _streams[repr(device)]
+
+
+# ----- the decode loop ------------------------------------------------------------------
+
+
+def _positive_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise GenerationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def token_budget(model, prompt_length: int, max_tokens: int) -> int:
+    """How many tokens may follow a prompt: max_tokens, or fewer at the context length.
+
+    The whole sequence (prompt + generated) must fit the model's
+    `max_position_embeddings`, so that it can be fed back in a later turn.
+    """
+    _positive_int("max_tokens", max_tokens, 0)
+    context = model.args.max_position_embeddings
+    if prompt_length >= context:
+        raise GenerationError(
+            f"the prompt is {prompt_length} tokens, but the model's context length is {context}: "
+            "shorten the prompt")
+    return min(max_tokens, context - prompt_length)
+
+
+def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
+                  prefill_step_size: int = 512, max_tokens: int = 256, *, left_padding=None,
+                  ) -> Iterator[tuple[list[int], mx.array]]:
+    """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
+
+    `cache` is `model.make_cache(...)` (made here, with `left_padding`, when None;
+    a cache already holding tokens continues from them).  `left_padding[b]` counts
+    row b's leading pad slots, which the logits processors then ignore.  Stops
+    after `max_tokens` steps or at the context length.  A NaN in a row's logits
+    raises GenerationError.  Settings are checked when called, not on first `next`.
+    """
+    ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(prompt_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise GenerationError(f"prompt_ids must be a non-empty [B, T] array of token ids, got shape {ids.shape}")
+    _positive_int("prefill_step_size", prefill_step_size, 1)
+    pad = None if left_padding is None else mx.array(left_padding, mx.int32)
+    if cache is None:
+        cache = model.make_cache(left_padding=pad)
+    budget = token_budget(model, cache[0].offset + ids.shape[1], max_tokens)
+    return _decode(model, ids.astype(mx.int32), cache, sampler or greedy, list(logits_processors or []),
+                   prefill_step_size, budget, pad)
+
+
+def _decode(model, ids, cache, sampler, processors, step_size, budget, pad):
+    if budget == 0:
+        return
+    stream = generation_stream()
+    history = None  # what the processors see: prompt then generated ids, pads as -1
+    if processors:
+        history = ids if pad is None else mx.where(mx.arange(ids.shape[1])[None] < pad[:, None], -1, ids)
+
+    def forward(y, fed_back: bool):
+        nonlocal history
+        hidden = model.model(y, cache=cache)
+        logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # the head on the last position only
+        if processors:
+            if fed_back:
+                history = mx.concatenate([history, y], axis=1)
+            logits = apply_processors(processors, history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs).astype(mx.int32)
+        # NaN anywhere in a row reaches its logsumexp, hence every logprob of the row:
+        # checking the chosen token's alone is enough, and rides along in the one
+        # array the host reads (-1 marks a NaN row).
+        chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        return token, mx.where(mx.isnan(chosen), -1, token), logprobs
+
+    with mx.stream(stream):
+        while ids.shape[1] > step_size:
+            model.model(ids[:, :step_size], cache=cache)
+            mx.eval([c.state for c in cache])  # bound the graph: one chunk at a time
+            ids = ids[:, step_size:]
+            mx.clear_cache()
+        pending = forward(ids, fed_back=False)
+    mx.async_eval(*pending)
+
+    n = 0
+    while True:
+        token, checked, logprobs = pending
+        if n + 1 < budget:  # queue step n+1 before waiting for token n
+            with mx.stream(stream):
+                pending = forward(token[:, None], fed_back=True)
+            mx.async_eval(*pending)
+        values = checked.tolist()  # the loop's one host synchronisation
+        if min(values) < 0:
+            rows = [b for b, v in enumerate(values) if v < 0]
+            raise GenerationError(f"the model produced NaN logits at generated token {n + 1} (batch rows {rows}); "
+                                  "the weights or the dtype (try float32 or bfloat16) are at fault")
+        yield values, logprobs
+        n += 1
+        if n == budget:
+            return
+        if n % _CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+
+
+# ----- prompts and stopping ------------------------------------------------------------
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
+
+
+def prompt_ids(tokenizer, prompt, chat: bool | None = None, system: str | None = None,
+               vocab_size: int | None = None) -> list[int]:
+    """The token ids of a prompt: a string (encoded with <bos>), token ids, or chat messages.
+
+    `chat=None` renders messages with the chat template and leaves strings raw;
+    `chat=True` also wraps a string as one user message (after `system`, if any).
+    """
+    if isinstance(prompt, str):
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        else:
+            if system:
+                raise GenerationError("a system prompt needs the chat template (chat=True / --chat)")
+            ids = tokenizer.encode(prompt, add_bos=True)
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        if chat is False:
+            raise GenerationError("chat messages need the chat template, but chat=False was asked for")
+        messages = list(prompt)
+        if system:
+            if messages[0].get("role") == "system":
+                raise GenerationError("system given twice: as an argument and as the first message")
+            messages.insert(0, {"role": "system", "content": system})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        if hasattr(prompt, "tolist"):  # mx / numpy arrays
+            prompt = prompt.tolist()
+        if not isinstance(prompt, Sequence) or not all(_is_id(i) for i in prompt):
+            raise GenerationError("the prompt must be a string, a list of token ids or a list of "
+                                  f"{{'role', 'content'}} messages, got {type(prompt).__name__}")
+        if prompt and (chat or system):
+            raise GenerationError("token-id prompts are used as given: chat/system need text or messages")
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise GenerationError("the prompt is empty")
+    if vocab_size is not None:
+        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise GenerationError(f"prompt token id {bad} is outside the model's vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def _stop_settings(model, tokenizer, stop_strings, stop_token_ids) -> tuple[frozenset, tuple]:
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stop_strings = tuple(stop_strings or ())
+    if not all(isinstance(s, str) and s for s in stop_strings):
+        raise GenerationError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}")
+    if isinstance(stop_token_ids, int):
+        stop_token_ids = [stop_token_ids]
+    extra = list(stop_token_ids or ())
+    V = model.args.vocab_size
+    bad = next((i for i in extra if not _is_id(i) or not 0 <= i < V), None)
+    if bad is not None:
+        raise GenerationError(f"stop token id {bad!r} is not an id in the model's vocabulary (0..{V - 1})")
+    return frozenset(tokenizer.eos_token_ids) | frozenset(int(i) for i in extra), stop_strings
+
+
+class _RowText:
+    """One row's text: detokenize, stop on ids and strings, hold back possible stop-string starts.
+
+    Text that could be the beginning of a stop string is not released until the
+    next tokens show it is not; a stop string itself is never released.
+    """
+
+    def __init__(self, tokenizer, stop_ids, stop_strings, skip_special_tokens):
+        self.detokenizer = tokenizer.detokenizer(skip_special_tokens)
+        self.tokenizer_size = tokenizer.vocab_size
+        self.stop_ids, self.stop_strings = stop_ids, stop_strings
+        self.held = ""
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """(text to release, "stop" or None) after `token`."""
+        if token in self.stop_ids:
+            return self.finish()[0], "stop"
+        # Models may have more embedding rows than the tokenizer has pieces (Gemma 3 pads
+        # 262,144 to 262,208); such an id has no text.
+        if token < self.tokenizer_size:
+            self.detokenizer.add_token(token)
+        return self._release(self.detokenizer.last_segment, final=False)
+
+    def finish(self) -> tuple[str, str | None]:
+        """Everything still held (generation ends), unless it completes a stop string."""
+        self.detokenizer.finalize()
+        return self._release(self.detokenizer.last_segment, final=True)
+
+    def _release(self, segment: str, final: bool) -> tuple[str, str | None]:
+        self.held += segment
+        if not self.stop_strings:
+            out, self.held = self.held, ""
+            return out, None
+        found = [i for i in (self.held.find(s) for s in self.stop_strings) if i >= 0]
+        if found:
+            out, self.held = self.held[:min(found)], ""
+            return out, "stop"
+        # Hold back the longest end of the text that begins some stop string.
+        keep = 0 if final else max((k for s in self.stop_strings for k in range(1, min(len(s), len(self.held) + 1))
+                                    if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, None
+
+
+# ----- streaming, full and batched generation ------------------------------------------
+
+
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=None, logits_processors=None,
+                    stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
+                    chat: bool | None = None, system: str | None = None, prefill_step_size: int = 512,
+                    skip_special_tokens: bool = False) -> Iterator[GenerationResponse]:
+    """Generate from one prompt, yielding a `GenerationResponse` per token.
+
+    `prompt`: a string (encoded with <bos>), token ids, or chat messages (see
+    `prompt_ids` for `chat` and `system`).  Stops at the tokenizer's eos ids
+    (generation_config.json's) and `stop_token_ids` (the stop id itself adds no
+    text), at any of `stop_strings` (never emitted, even across tokens), after
+    `max_tokens`, or when the sequence fills the context.  `max_tokens=0` yields
+    nothing.  Bad settings raise GenerationError here, before iteration.
+    """
+    batch = _start(model, tokenizer, [prompt], max_tokens, sampler, logits_processors, stop_strings,
+                   stop_token_ids, chat, system, prefill_step_size, skip_special_tokens)
+    return (responses[0] for responses in batch)
+
+
+def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
+                          logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
+                          system: str | None = None, prefill_step_size: int = 512, skip_special_tokens: bool = False,
+                          ) -> Iterator[list[GenerationResponse | None]]:
+    """Generate from several prompts at once; yields per step a list with one entry per prompt.
+
+    Arguments as `stream_generate`'s.  Prompts are left-padded to the longest;
+    each row stops on its own (its entry is None in the steps after its last
+    response), and the loop ends when all have.  Under greedy decoding each
+    row's tokens equal that prompt's alone.  The context limit applies to the
+    padded length.  Speeds are batch-wide (all rows' tokens per second).
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise GenerationError("prompts must be a non-empty list of prompts")
+    return _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings,
+                  stop_token_ids, chat, system, prefill_step_size, skip_special_tokens)
+
+
+def _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings, stop_token_ids,
+           chat, system, prefill_step_size, skip_special_tokens):
+    """Check everything, then return the (not yet started) response generator."""
+    rows_ids = [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts]
+    stop_ids, stops = _stop_settings(model, tokenizer, stop_strings, stop_token_ids)
+    T = max(len(r) for r in rows_ids)
+    pads = [T - len(r) for r in rows_ids]
+    filler = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0  # masked out; any valid id would do
+    steps = generate_step(model, mx.array([[filler] * p + r for p, r in zip(pads, rows_ids)]), sampler=sampler,
+                          logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+                          max_tokens=max_tokens, left_padding=pads if any(pads) else None)
+    rows = [_RowText(tokenizer, stop_ids, stops, skip_special_tokens) for _ in rows_ids]
+    return _responses(steps, rows, [len(r) for r in rows_ids], token_budget(model, T, max_tokens))
+
+
+def _responses(steps, rows, n_prompts, budget) -> Iterator[list[GenerationResponse | None]]:
+    tic = time.perf_counter()
+    prompt_tps, produced = 0.0, 0
+    active = [True] * len(rows)
+    try:
+        for n, (tokens, logprobs) in enumerate(steps, start=1):
+            if n == 1:  # the prefill ends when the first token is known
+                now = time.perf_counter()
+                tic, prompt_tps = now, sum(n_prompts) / max(now - tic, 1e-9)
+            produced += sum(active)
+            tps, memory = produced / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9
+            out: list[GenerationResponse | None] = []
+            for b, row in enumerate(rows):
+                if not active[b]:
+                    out.append(None)
+                    continue
+                text, finish = row.add(tokens[b])
+                if finish is None and n == budget:
+                    tail, finish = row.finish()
+                    text, finish = text + tail, finish or "length"
+                active[b] = finish is None
+                out.append(GenerationResponse(text, tokens[b], logprobs[b], n_prompts[b], prompt_tps, n, tps,
+                                              memory, finish))
+            yield out
+            if not any(active):
+                return
+    finally:
+        steps.close()  # stop the decode loop (and its queued step) with us
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """The generated text (see `stream_generate` for the arguments); `verbose` prints it as it comes, then stats."""
+    parts, last = [], None
+    if verbose:
+        print("=" * 10)
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        parts.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose:
+        print("\n" + "=" * 10)
+        print(format_stats(last) if last is not None else "No text generated for this prompt")
+    return "".join(parts)
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
+            f"Peak memory: {r.peak_memory:.3f} GB")
+
+
+def batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, verbose: bool = False,
+                   **kwargs) -> list[str]:
+    """The generated text of each prompt (see `stream_batch_generate`)."""
+    texts = [[] for _ in prompts]
+    last = None
+    for responses in stream_batch_generate(model, tokenizer, prompts, max_tokens, **kwargs):
+        for b, r in enumerate(responses):
+            if r is not None:
+                texts[b].append(r.text)
+                last = r
+    if verbose and last is not None:
+        print(f"[batch_generate] {len(prompts)} prompts; prompt: {last.prompt_tps:.3f} tokens-per-sec, "
+              f"generation: {last.generation_tps:.3f} tokens-per-sec, peak memory: {last.peak_memory:.3f} GB")
+    return ["".join(t) for t in texts]
+
+
+# ----- command line --------------------------------------------------------------------
+
+# "-it" / "instruct" in a folder or repo name marks an instruction-tuned checkpoint.
+_INSTRUCT_NAME = re.compile(r"instruct|(?:^|[-_.])it(?:$|[-_.])", re.IGNORECASE)
+
+
+def looks_instruct(model_arg: str | None, folder, tokenizer=None) -> bool:
+    """Whether to use the chat template when the user did not say (--chat / --no-chat).
+
+    Yes if the --model argument or the folder's last three path parts (a hub
+    snapshot sits in models--org--name/snapshots/<hash>) name an instruct model
+    ("-it", "instruct").  Stop ids cannot tell: Google's Gemma 3 base
+    checkpoints also stop on <end_of_turn>.
+    """
+    names = ([str(model_arg)] if model_arg else []) + (list(Path(folder).parts[-3:]) if folder else [])
+    return any(_INSTRUCT_NAME.search(name) for name in names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma.generate",
+                                description="Generate text with a Gemma model (flags follow mlx_lm.generate).")
+    p.add_argument("--model", default=None, help="model folder or hub repo id (default: the packaged model)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt; '-' reads it from stdin")
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best one's (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty (1 = off)")
+    p.add_argument("--system", "--system-prompt", dest="system", help="system prompt (needs the chat template)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the chat template (default: on for instruct models, "
+                        "i.e. '-it'/'instruct' in the name or a generation config stopping on <end_of_turn>)")
+    p.add_argument("--ignore-chat-template", dest="chat", action="store_false", help="same as --no-chat")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text, not printed (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="also print settings and the finish reason to stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    if hasattr(out, "reconfigure"):  # a terminal that cannot show a character gets "?", not a crash
+        out.reconfigure(errors="replace")
+    last, wrote = None, False
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        sampler = make_sampler(args.temp, args.top_k, args.top_p, args.min_p, args.seed)
+        processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
+        from .loading import load
+
+        model, tokenizer = load(args.model)
+        folder = getattr(model, "path", None)
+        chat = args.chat if args.chat is not None else looks_instruct(args.model, folder, tokenizer)
+        if args.verbose:
+            print(f"model: {folder}\nchat template: {'on' if chat else 'off'}"
+                  f"{' (auto)' if args.chat is None else ''}", file=err)
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+                                    logits_processors=processors, stop_strings=args.stop, chat=chat,
+                                    system=args.system):
+            if last.text:
+                print(last.text, end="", file=out, flush=True)
+                wrote = True
+        print(file=out, flush=True)
+        if last is not None:
+            print("=" * 10 + "\n" + format_stats(last), file=err)
+            if args.verbose:
+                print(f"finish reason: {last.finish_reason}", file=err)
+        return 0
+    except MlxGemmaError as e:
+        print(f"error: {' '.join(str(e).split())}", file=err)  # one line, whatever the message holds
+        return 2
+    except KeyboardInterrupt:
+        print(file=out, end="\n" if wrote else "", flush=True)
+        done = f" after {last.generation_tokens} tokens" if last is not None else ""
+        print(f"interrupted{done}", file=err)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`: nothing left to write to
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
