@@ -18,7 +18,7 @@ import mlx.nn as nn
 from ..errors import ConfigError
 from .config import finite_or_none, layer_types_from, parse_config
 from .decoder import CausalLM
-from .layers import GeGLU, RMSNorm, attention, residual_add
+from .layers import SandwichBlock, attention
 
 
 @dataclass
@@ -90,23 +90,8 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
-class TransformerBlock(nn.Module):
-    """Pre- and post-norm around both attention and MLP ("sandwich" norms)."""
-
-    def __init__(self, args: ModelArgs, layer_idx: int):
-        super().__init__()
-        self.self_attn = Attention(args, layer_idx)
-        self.mlp = GeGLU(args.hidden_size, args.intermediate_size, args.hidden_activation)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
-        x = residual_add(x, h)
-        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return residual_add(x, h)
+def TransformerBlock(args: ModelArgs, layer_idx: int) -> SandwichBlock:
+    return SandwichBlock(args, Attention(args, layer_idx))
 
 
 class Model(CausalLM):

@@ -188,3 +188,22 @@ def layer_mask(
     return build_mask(
         positions, positions, window=window, key_valid=padding_mask, prefix_length=prefix_length
     )
+
+
+class SandwichBlock(nn.Module):
+    """Gemma 2 and 3's block: norms before *and* after both attention and MLP."""
+
+    def __init__(self, args, attention_module: nn.Module):
+        super().__init__()
+        self.self_attn = attention_module
+        self.mlp = GeGLU(args.hidden_size, args.intermediate_size, args.hidden_activation)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
+        x = residual_add(x, h)
+        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return residual_add(x, h)
