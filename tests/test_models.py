@@ -196,3 +196,26 @@ def test_live_transformers_parity_on_fresh_inputs(name):
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()
     assert_close(model(mx.array(ids)), expected)
+
+
+@pytest.mark.oracle
+def test_live_gemma_7b_style_multi_head_attention(tmp_path):
+    """Gemma 7B's shape: as many KV heads as query heads, head_dim != hidden / heads."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GemmaConfig(
+        vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=64,
+    )
+    torch.manual_seed(7)
+    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.2)
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    ids = np.random.default_rng(7).integers(0, 300, size=(2, 11))
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    model = load_model(tmp_path)
+    assert model.layers[0].self_attn.n_kv_heads == 4
+    assert_close(model(mx.array(ids)), expected)
