@@ -197,3 +197,14 @@ def test_gguf_to_float32_folder_generates_transformers_tokens(tmp_path):
         tokens.append(token.item())
         logits = model(token[None], cache=cache)
     assert tokens == ref["generated_ids"]
+
+
+@pytest.mark.parametrize("name", ["keras_gemma", "keras_gemma2"])
+def test_keras_preset_converts_to_keras_hub_logits(tmp_path, name):
+    """Through the converter CLI path: keras-hub's own logits (fixtures/make_keras_presets.py)."""
+    dest = convert(keras_path=FIXTURES / name, mlx_path=tmp_path / "out", dtype="float32", progress=False)
+    ref = np.load(FIXTURES / name / "reference.npz")
+    mask = ref["padding_mask"].astype(bool)
+    model, tokenizer = load(dest)
+    logits = np.array(model(mx.array(ref["token_ids"]), padding_mask=mx.array(mask)))
+    assert rel_err(logits[mask], ref["logits"][mask]) < 1e-4

@@ -219,3 +219,11 @@ def test_live_gemma_7b_style_multi_head_attention(tmp_path):
     model = load_model(tmp_path)
     assert model.layers[0].self_attn.n_kv_heads == 4
     assert_close(model(mx.array(ids)), expected)
+
+
+def test_explicit_null_softcap_means_no_cap():
+    """`attn_logit_softcapping: null` in a Gemma 2 config is no cap, not the default 50."""
+    shape = dict(hidden_size=8, num_hidden_layers=2, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
+    args = gemma2.ModelArgs.from_dict({**shape, "attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert args.attn_logit_softcapping is None and args.final_logit_softcapping is None
+    assert gemma2.ModelArgs.from_dict(shape).attn_logit_softcapping == 50.0

@@ -57,7 +57,13 @@ def parse_config(cls: type[T], config: dict[str, Any], path=None) -> T:
     missing = [name for name in required if config.get(name) is None]
     if missing:
         raise ConfigError(path, f"config is missing required keys: {', '.join(missing)}")
-    known = {k: v for k, v in config.items() if k in fields and v is not None}
+    # An explicit null means "none" for fields that allow it (e.g. Gemma 2's
+    # `attn_logit_softcapping: null` is no cap, not the default of 50); for
+    # the others it means "not given".
+    known = {
+        k: v for k, v in config.items()
+        if k in fields and (v is not None or "None" in str(fields[k].type))
+    }
     extra = {k: v for k, v in config.items() if k not in fields and k not in FILE_KEYS}
     _check_values(known, path)
     try:
