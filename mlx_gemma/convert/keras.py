@@ -353,29 +353,23 @@ def _read_tokenizer(folder: str, vocab_size: int) -> tuple[bytes, dict, int | No
     size = os.path.getsize(path)
     if not 0 < size <= MAX_VOCAB_BYTES:
         raise TokenizerError(path, f"is {size} bytes: not a SentencePiece model")
-    with open(path, "rb") as f:
-        data = f.read()
-    import sentencepiece
+    from ..tokenizer import GemmaTokenizer
 
-    sp = sentencepiece.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(data)
-    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
-        raise TokenizerError(path, f"not a valid SentencePiece model: {e}") from None
-    n = sp.get_piece_size()
+    # Our tokenizer parses the untrusted file in Python before SentencePiece's
+    # C++ loader sees it, and checks <bos>/<eos>/<unk> are there.
+    tokenizer = GemmaTokenizer.from_file(path)
+    n = tokenizer.vocab_size
     if n > vocab_size:
         raise TokenizerError(
             path, f"the vocabulary has {n} pieces but the backbone's embedding only {vocab_size} rows"
         )
+    if tokenizer.pad_id is None or tokenizer.pad_id < 0:
+        raise TokenizerError(path, "the vocabulary has no <pad> piece (keras-hub's GemmaTokenizer needs it)")
     # keras-hub's GemmaTokenizer uses these pieces as start / end / pad tokens.
-    ids = {}
-    for key, piece in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>")):
-        i = sp.piece_to_id(piece)
-        if i == sp.unk_id() and piece != sp.id_to_piece(sp.unk_id()):
-            raise TokenizerError(path, f"the vocabulary has no {piece} piece (keras-hub's GemmaTokenizer needs it)")
-        ids[key] = int(i)
-    eot = sp.piece_to_id("<end_of_turn>")
-    end_of_turn = int(eot) if sp.id_to_piece(eot) == "<end_of_turn>" else None
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    end_of_turn = tokenizer.end_of_turn_id
+    with open(path, "rb") as f:
+        data = f.read()
     return data, ids, end_of_turn
 
 
