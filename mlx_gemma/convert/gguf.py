@@ -784,15 +784,11 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
             if progress is not None:
                 progress(i + 1, len(tensor_list), hf)
 
-    eos_ids = [specials["eos"]]
-    for extra in (specials.get("eot"), _piece_id(pieces, "<end_of_turn>")):
-        if extra is not None and extra not in eos_ids:
-            eos_ids.append(extra)
-    generation_config = {
-        "bos_token_id": specials["bos"],
-        "eos_token_id": eos_ids,
-        "pad_token_id": specials["pad"],
-    }
+    from .hf import generation_config as make_generation_config
+
+    generation_config = make_generation_config(
+        specials["bos"], specials["eos"], specials["pad"], specials.get("eot"), _piece_id(pieces, "<end_of_turn>")
+    )
     scalars = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
                for k, v in meta.items() if not isinstance(v, (list, np.ndarray))}
     return GGUFCheckpoint(cfg, weights, tokenizer_model, generation_config, scalars, path)

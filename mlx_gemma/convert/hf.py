@@ -51,3 +51,13 @@ def read_hf(path_or_repo, revision: str | None = None) -> Checkpoint:
 
 def as_mx(weights: dict[str, Any]) -> dict[str, mx.array]:
     return {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in weights.items()}
+
+
+def generation_config(bos: int, eos: int, pad: int, *extra_stops: int | None) -> dict[str, Any]:
+    """generation_config.json for readers that rebuild it: eos first, then any
+    further stop ids (e.g. `<end_of_turn>`), without repeats."""
+    eos_ids = [eos]
+    for stop in extra_stops:
+        if stop is not None and stop not in eos_ids:
+            eos_ids.append(stop)
+    return {"bos_token_id": bos, "eos_token_id": eos_ids, "pad_token_id": pad}

@@ -641,14 +641,9 @@ def read_keras_preset(
             except Exception:  # noqa: BLE001 - closing a corrupt file must not hide the real error
                 pass
 
-    eos_ids = [specials["eos"]]
-    if end_of_turn is not None and end_of_turn not in eos_ids:
-        eos_ids.append(end_of_turn)
-    generation_config = {
-        "bos_token_id": specials["bos"],
-        "eos_token_id": eos_ids,
-        "pad_token_id": specials["pad"],
-    }
+    from .hf import generation_config as make_generation_config
+
+    generation_config = make_generation_config(specials["bos"], specials["eos"], specials["pad"], end_of_turn)
     source = _dtype_name(keras_cfg)
     if len(dtypes) == 1:
         source = next(iter(dtypes))

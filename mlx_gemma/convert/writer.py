@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..tensorfile import _fsync_dir  # one durable-rename helper for both writers
+
 from ..errors import ModelFileError
 
 __all__ = ["write_model_folder", "DEFAULT_MAX_SHARD_BYTES"]
@@ -58,18 +60,6 @@ def _json_default(o: Any):
 def _dump_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=4, sort_keys=True, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
 
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
