@@ -24,6 +24,14 @@ def _key_valid(left_padding: mx.array | None, key_positions: mx.array) -> mx.arr
     return key_positions[None, :] >= left_padding[:, None]  # [B, S]
 
 
+def _take_rows(cache, rows: mx.array) -> None:
+    # Every row shares the offset and slot layout, so gathering rows is all it takes.
+    if cache.keys is not None:
+        cache.keys, cache.values = cache.keys[rows], cache.values[rows]
+    if cache.left_padding is not None:
+        cache.left_padding = cache.left_padding[rows]
+
+
 class KVCache:
     """Keeps all keys and values, in time order, in buffers grown `step` at a time."""
 
@@ -67,6 +75,10 @@ class KVCache:
         self.values[..., self.offset : end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def take(self, rows: mx.array) -> None:
+        """Keep, reorder or repeat batch rows: row i becomes old row `rows[i]` (beam search)."""
+        _take_rows(self, rows)
 
     @property
     def state(self) -> list[mx.array]:
@@ -149,6 +161,10 @@ class RotatingKVCache:
             kept_v = mx.roll(kept_v, shift, axis=2)
         self.keys, self.values = kept_k, kept_v
         return keys, values
+
+    def take(self, rows: mx.array) -> None:
+        """Keep, reorder or repeat batch rows: row i becomes old row `rows[i]` (beam search)."""
+        _take_rows(self, rows)
 
     @property
     def state(self) -> list[mx.array]:
