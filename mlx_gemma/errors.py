@@ -53,3 +53,15 @@ class ImageError(ModelFileError):
 
 class GenerationError(MlxGemmaError):
     """Generation was asked for something impossible (bad settings, NaN logits, ...)."""
+
+
+class AdapterError(ModelFileError):
+    """An adapter folder is malformed or was trained for another model (shape, rank, layers)."""
+
+
+class DatasetError(ModelFileError):
+    """A training data file is missing, empty or holds a malformed example (the message names file and line)."""
+
+
+class TrainingError(MlxGemmaError):
+    """Training was asked for something impossible (bad settings, an unknown optimizer, ...)."""
