@@ -40,38 +40,29 @@ llama.cpp's `convert_hf_to_gguf.py`, classes `GemmaModel`, `Gemma2Model`,
   1/sqrt(head_dim) except for the 27B models (Gemma 2 with 46 layers, Gemma 3
   with 62), where it is 1/sqrt(hidden / heads) -- HF's `query_pre_attn_scalar`.
   Gemma 2's soft-caps default to 50 (attention) and 30 (final) when absent.
-* Tokenizer (`TextModel._create_vocab_sentencepiece`): SentencePiece pieces keep
-  their text, score and type, except that every HF *added* token is rewritten:
-  a special one becomes CONTROL (type 3), score -1000 -- this is why `<unk>`,
-  `<start_of_turn>` and the `<unusedN>` pieces are CONTROL in a GGUF -- and a
-  non-special one becomes USER_DEFINED (type 4) with its `▁` replaced by spaces.
-  We map back: the bos/eos/pad pieces stay CONTROL, the unk piece is UNKNOWN,
-  every other CONTROL piece becomes USER_DEFINED (so `<start_of_turn>` typed in
-  text encodes to its id, as with the original tokenizer.model and HF), and
-  spaces in USER_DEFINED pieces become `▁` again.
-
-Hostile input: the header, metadata and tensor table are parsed here with
-Python ints and every count, length and offset is checked against the real
-file size before it is trusted (the `gguf` package's reader trusts them, and
-its `np.prod` over uint64 dims can overflow).  Only dequantization is left to
-`gguf.quants.dequantize`, whose exceptions are wrapped.  Every failure is a
-`ModelFileError` (or a subclass) whose message starts with the file's path.
+* The tokenizer: see `gguf_tokenizer.py`.  The container (header, metadata,
+  tensor table, dequantization): see `gguf_file.py`.
 """
 
 from __future__ import annotations
 
 import mmap
-import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from .gguf_file import (
+    SUPPORTED_TENSOR_TYPES,
+    GGUFTensorInfo,
+    dequantize_tensor,
+    open_gguf,
+    read_gguf_metadata,
+)
+from .gguf_tokenizer import build_tokenizer
 from ..errors import (
     ModelFileError,
-    TokenizerError,
     UnsupportedModelError,
     WeightsMismatchError,
 )
@@ -88,34 +79,6 @@ __all__ = [
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 # ggml type name -> we can dequantize it with gguf.quants (numpy).
-SUPPORTED_TENSOR_TYPES = (
-    "F32", "F16", "BF16",
-    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "IQ4_NL", "IQ4_XS",
-)
-
-_GGUF_MAGIC = b"GGUF"
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-_MAX_ARRAY_DEPTH = 3
-_DEFAULT_ALIGNMENT = 32
-
-# GGUF metadata value types (gguf-py constants.GGUFValueType)
-_T_UINT8, _T_INT8, _T_UINT16, _T_INT16, _T_UINT32, _T_INT32 = 0, 1, 2, 3, 4, 5
-_T_FLOAT32, _T_BOOL, _T_STRING, _T_ARRAY, _T_UINT64, _T_INT64, _T_FLOAT64 = 6, 7, 8, 9, 10, 11, 12
-_SCALAR_FORMATS = {
-    _T_UINT8: "B", _T_INT8: "b", _T_UINT16: "H", _T_INT16: "h", _T_UINT32: "I",
-    _T_INT32: "i", _T_FLOAT32: "f", _T_BOOL: "?", _T_UINT64: "Q", _T_INT64: "q",
-    _T_FLOAT64: "d",
-}
-_NUMPY_DTYPES = {
-    _T_UINT8: "<u1", _T_INT8: "<i1", _T_UINT16: "<u2", _T_INT16: "<i2", _T_UINT32: "<u4",
-    _T_INT32: "<i4", _T_FLOAT32: "<f4", _T_BOOL: "<u1", _T_UINT64: "<u8", _T_INT64: "<i8",
-    _T_FLOAT64: "<f8",
-}
-
-# llama.cpp token types (SentencePieceTokenTypes / gguf.TokenType)
-_TOK_NORMAL, _TOK_UNKNOWN, _TOK_CONTROL, _TOK_USER_DEFINED, _TOK_UNUSED, _TOK_BYTE = 1, 2, 3, 4, 5, 6
 
 _MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 _HF_ARCHITECTURES = {
@@ -160,24 +123,6 @@ _TOP_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(0|[1-9][0-9]{0,5})\.([a-z_]+)\.weight$")
 
 
-# --------------------------------------------------------------------------- data types
-
-
-@dataclass
-class GGUFTensorInfo:
-    name: str
-    ne: tuple[int, ...]  # ggml order: ne[0] is the fastest-varying dimension
-    type_code: int
-    type_name: str
-    offset: int  # absolute offset of the data in the file
-    nbytes: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """numpy / HF order (ggml's ne reversed)."""
-        return tuple(reversed(self.ne))
-
-
 @dataclass
 class GGUFCheckpoint:
     config: dict
@@ -186,200 +131,6 @@ class GGUFCheckpoint:
     generation_config: dict
     metadata: dict = field(default_factory=dict)  # scalar GGUF metadata (no big arrays)
     path: str = ""
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-class _Truncated(Exception):
-    pass
-
-
-class _Reader:
-    """Bounds-checked little-endian reader over a read-only mmap."""
-
-    def __init__(self, buf, size: int):
-        self.buf = buf
-        self.size = size
-        self.pos = 0
-
-    def need(self, n: int, what: str) -> None:
-        if n < 0 or self.pos + n > self.size:
-            raise _Truncated(
-                f"{what} at byte {self.pos} needs {n} bytes but the file has only "
-                f"{max(self.size - self.pos, 0)} left (truncated or corrupt)"
-            )
-
-    def unpack(self, fmt: str, what: str):
-        n = struct.calcsize("<" + fmt)
-        self.need(n, what)
-        out = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += n
-        return out[0] if len(out) == 1 else out
-
-    def raw(self, n: int, what: str) -> bytes:
-        self.need(n, what)
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def string(self, what: str) -> bytes:
-        n = self.unpack("Q", what + " length")
-        return self.raw(n, what)
-
-
-def _value(r: _Reader, vtype: int, what: str, depth: int = 0):
-    if vtype == _T_STRING:
-        return r.string(what)
-    if vtype in _SCALAR_FORMATS:
-        return r.unpack(_SCALAR_FORMATS[vtype], what)
-    if vtype == _T_ARRAY:
-        if depth >= _MAX_ARRAY_DEPTH:
-            raise ValueError(f"{what}: arrays nested deeper than {_MAX_ARRAY_DEPTH}")
-        etype = r.unpack("I", what + " element type")
-        count = r.unpack("Q", what + " element count")
-        if etype in _NUMPY_DTYPES:
-            size = np.dtype(_NUMPY_DTYPES[etype]).itemsize
-            data = np.frombuffer(r.raw(count * size, what), dtype=_NUMPY_DTYPES[etype])
-            return data.astype(bool) if etype == _T_BOOL else data
-        if etype == _T_STRING:
-            # each string takes >= 8 bytes: check the claimed count before looping
-            r.need(count * 8, what)
-            out = []
-            for _ in range(count):
-                out.append(r.string(what))
-            return out
-        if etype == _T_ARRAY:
-            r.need(count * 12, what)
-            return [_value(r, _T_ARRAY, what, depth + 1) for _ in range(count)]
-        raise ValueError(f"{what}: unknown array element type {etype}")
-    raise ValueError(f"{what}: unknown metadata value type {vtype}")
-
-
-def _ggml_types():
-    try:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install 'mlx_gemma[gguf]'") from e
-    return GGMLQuantizationType, GGML_QUANT_SIZES
-
-
-def _parse(path: str, buf, size: int) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    GGMLQuantizationType, GGML_QUANT_SIZES = _ggml_types()
-    r = _Reader(buf, size)
-    magic = r.raw(4, "magic")
-    if magic != _GGUF_MAGIC:
-        raise ModelFileError(path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    version = r.unpack("I", "version")
-    if version & 0xFFFF == 0 and version != 0:
-        raise UnsupportedModelError(path, "big-endian GGUF files are not supported")
-    if version not in (2, 3):
-        raise UnsupportedModelError(path, f"GGUF version {version} is not supported (2 or 3)")
-    n_tensors, n_kv = r.unpack("QQ", "tensor/metadata counts")
-    # Smallest possible entries: a metadata pair 8+1+4+1 bytes, a tensor info 8+1+4+8+4+8.
-    if n_kv * 14 + n_tensors * 33 > size - r.pos:
-        raise ModelFileError(
-            path,
-            f"header claims {n_tensors} tensors and {n_kv} metadata entries, which cannot "
-            f"fit in a {size}-byte file (corrupt or truncated)",
-        )
-
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key_raw = r.string("metadata key")
-        try:
-            key = key_raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ModelFileError(path, f"metadata key {key_raw[:64]!r} is not UTF-8") from None
-        vtype = r.unpack("I", f"type of metadata {key!r}")
-        if key in meta:
-            raise ModelFileError(path, f"metadata key {key!r} appears twice")
-        meta[key] = _value(r, vtype, f"metadata {key!r}")
-
-    alignment = meta.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
-        raise ModelFileError(path, f"general.alignment {alignment!r} is not a power of two")
-
-    infos_raw = []
-    seen: set[str] = set()
-    for _ in range(n_tensors):
-        name_raw = r.string("tensor name")
-        try:
-            name = name_raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ModelFileError(path, f"tensor name {name_raw[:64]!r} is not UTF-8") from None
-        if name in seen:
-            raise ModelFileError(path, f"tensor {name!r} appears twice")
-        seen.add(name)
-        n_dims = r.unpack("I", f"tensor {name!r} rank")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            raise ModelFileError(path, f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
-        ne = tuple(int(d) for d in (r.unpack("Q", f"tensor {name!r} dims") for _ in range(n_dims)))
-        type_code = r.unpack("I", f"tensor {name!r} type")
-        offset = r.unpack("Q", f"tensor {name!r} offset")
-        infos_raw.append((name, ne, type_code, offset))
-
-    data_start = -(-r.pos // alignment) * alignment
-    infos = []
-    for name, ne, type_code, offset in infos_raw:
-        try:
-            qtype = GGMLQuantizationType(type_code)
-        except ValueError:
-            raise UnsupportedModelError(path, f"tensor {name!r} has unknown ggml type code {type_code}") from None
-        if qtype.name not in SUPPORTED_TENSOR_TYPES:
-            raise UnsupportedModelError(
-                path,
-                f"tensor {name!r} is stored as {qtype.name}, which mlx_gemma cannot dequantize "
-                f"(supported: {', '.join(SUPPORTED_TENSOR_TYPES)})",
-            )
-        if any(d <= 0 for d in ne):
-            raise ModelFileError(path, f"tensor {name!r} has an empty dimension {ne}")
-        n_elements = 1
-        for d in ne:
-            n_elements *= d  # Python ints: no overflow
-        block_size, type_size = GGML_QUANT_SIZES[qtype]
-        if ne[0] % block_size:
-            raise ModelFileError(
-                path,
-                f"tensor {name!r}: row length {ne[0]} is not a multiple of the {qtype.name} "
-                f"block size {block_size}",
-            )
-        nbytes = n_elements // block_size * type_size
-        if offset % alignment:
-            raise ModelFileError(path, f"tensor {name!r}: data offset {offset} is not {alignment}-aligned")
-        start = data_start + offset
-        if start + nbytes > size:
-            raise ModelFileError(
-                path,
-                f"truncated: tensor {name!r} ({qtype.name} {list(ne)}) needs bytes {start}..{start + nbytes} "
-                f"but the file has {size} bytes",
-            )
-        infos.append(GGUFTensorInfo(name, ne, type_code, qtype.name, start, nbytes))
-    return meta, infos
-
-
-def _open(path) -> tuple[str, int]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelFileError(path, "no such GGUF file")
-    size = os.path.getsize(path)
-    if size < 24:
-        raise ModelFileError(path, f"file is {size} bytes: too small to be a GGUF file (empty or truncated)")
-    return path, size
-
-
-def read_gguf_metadata(path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    """Parse and validate the header: (metadata dict, tensor infos).  No weights are read."""
-    path, size = _open(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        try:
-            return _parse(path, mm, size)
-        except _Truncated as e:
-            raise ModelFileError(path, str(e)) from None
-        except (ValueError, OverflowError, struct.error, MemoryError) as e:
-            if isinstance(e, ModelFileError):
-                raise
-            raise ModelFileError(path, f"corrupt GGUF header: {e}") from None
 
 
 # --------------------------------------------------------------------------- names
@@ -551,145 +302,7 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
     return cfg
 
 
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _special_ids(path: str, meta: dict, n_tokens: int) -> dict:
-    out = {}
-    for key, gguf_key, default in (
-        ("bos", "tokenizer.ggml.bos_token_id", 2),
-        ("eos", "tokenizer.ggml.eos_token_id", 1),
-        ("unk", "tokenizer.ggml.unknown_token_id", 3),
-        ("pad", "tokenizer.ggml.padding_token_id", 0),
-    ):
-        v = meta.get(gguf_key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n_tokens:
-            raise TokenizerError(path, f"{gguf_key} = {v!r} is not a token id (vocabulary has {n_tokens})")
-        out[key] = int(v)
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    if isinstance(eot, (int, np.integer)) and not isinstance(eot, bool) and 0 <= int(eot) < n_tokens:
-        out["eot"] = int(eot)
-    return out
-
-
-def _build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
-    from sentencepiece import sentencepiece_model_pb2 as spm
-
-    model = meta.get("tokenizer.ggml.model")
-    if model != b"llama":
-        raise TokenizerError(
-            path,
-            f"tokenizer.ggml.model is {model!r}: only SentencePiece vocabularies ('llama') can be "
-            "rebuilt into a tokenizer.model",
-        )
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, bytes) for t in tokens):
-        raise TokenizerError(path, "tokenizer.ggml.tokens is missing or not a list of strings")
-    n = len(tokens)
-    scores = meta.get("tokenizer.ggml.scores")
-    if not isinstance(scores, np.ndarray) or scores.shape != (n,) or scores.dtype.kind != "f":
-        raise TokenizerError(path, f"tokenizer.ggml.scores is missing or not {n} floats")
-    if not np.all(np.isfinite(scores)):
-        raise TokenizerError(path, "tokenizer.ggml.scores contains NaN or infinity")
-    types = meta.get("tokenizer.ggml.token_type")
-    if types is None:
-        types = np.full(n, _TOK_NORMAL, dtype=np.int32)
-    if not isinstance(types, np.ndarray) or types.shape != (n,) or types.dtype.kind not in "iu":
-        raise TokenizerError(path, f"tokenizer.ggml.token_type is not {n} integers")
-    specials = _special_ids(path, meta, n)
-
-    try:
-        pieces = [t.decode("utf-8") for t in tokens]
-    except UnicodeDecodeError as e:
-        raise TokenizerError(path, f"a token is not valid UTF-8: {e}") from None
-
-    P = spm.ModelProto.SentencePiece
-    control_ids = {specials["bos"], specials["eos"], specials["pad"]}
-    proto = spm.ModelProto()
-    n_bytes = 0
-    seen: set[str] = set()
-    types_list = types.tolist()
-    scores_list = scores.astype(np.float32).tolist()
-    for i, (piece, ttype, score) in enumerate(zip(pieces, types_list, scores_list)):
-        if i == specials["unk"]:
-            ptype = P.UNKNOWN
-        elif i in control_ids:
-            ptype = P.CONTROL
-        elif ttype in (_TOK_CONTROL, _TOK_USER_DEFINED, _TOK_UNKNOWN):
-            # llama.cpp writes HF added tokens as CONTROL (special) or USER_DEFINED with
-            # '▁' turned into ' '; SentencePiece matches USER_DEFINED pieces in text.
-            ptype = P.USER_DEFINED
-            piece = piece.replace(" ", "\u2581")
-        elif ttype == _TOK_BYTE:
-            ptype = P.BYTE
-            if not re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
-                raise TokenizerError(path, f"byte token {i} is {piece!r}, expected <0xXX>")
-            n_bytes += 1
-        elif ttype == _TOK_UNUSED:
-            ptype = P.UNUSED
-        elif ttype == _TOK_NORMAL:
-            ptype = P.NORMAL
-        else:
-            raise TokenizerError(path, f"token {i} ({piece!r}) has unknown token type {ttype}")
-        if not piece:
-            raise TokenizerError(path, f"token {i} is empty")
-        if piece in seen:
-            raise TokenizerError(path, f"token {piece!r} (id {i}) appears twice")
-        seen.add(piece)
-        sp = proto.pieces.add()
-        sp.piece, sp.score, sp.type = piece, score, ptype
-        pieces[i] = piece
-
-    ts = proto.trainer_spec
-    ts.model_type = ts.BPE
-    ts.vocab_size = n
-    ts.byte_fallback = n_bytes == 256
-    ts.split_digits = True
-    ts.allow_whitespace_only_pieces = True
-    ts.split_by_whitespace = True
-    ts.treat_whitespace_as_suffix = False
-    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = specials["unk"], specials["bos"], specials["eos"], specials["pad"]
-    ts.unk_piece, ts.bos_piece = pieces[specials["unk"]], pieces[specials["bos"]]
-    ts.eos_piece, ts.pad_piece = pieces[specials["eos"]], pieces[specials["pad"]]
-    ns = proto.normalizer_spec
-    ns.name = "identity"
-    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-    ns.remove_extra_whitespaces = False
-    ns.escape_whitespaces = True
-    data = proto.SerializeToString()
-
-    # Make sure SentencePiece accepts what we built.
-    import sentencepiece
-
-    sp_proc = sentencepiece.SentencePieceProcessor()
-    try:
-        sp_proc.LoadFromSerializedProto(data)
-    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
-        raise TokenizerError(path, f"rebuilt tokenizer.model is rejected by sentencepiece: {e}") from None
-    return data, specials, pieces
-
-
 # --------------------------------------------------------------------------- weights
-
-
-def _dequantize(path: str, info: GGUFTensorInfo, raw: bytes) -> np.ndarray:
-    from gguf.quants import dequantize
-
-    GGMLQuantizationType, GGML_QUANT_SIZES = _ggml_types()
-    qtype = GGMLQuantizationType(info.type_code)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    row_bytes = info.ne[0] // block_size * type_size
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, row_bytes)
-    try:
-        out = dequantize(rows, qtype)
-    except Exception as e:  # noqa: BLE001 - wrap whatever the gguf package raises
-        raise ModelFileError(path, f"cannot dequantize tensor {info.name!r} ({info.type_name}): {e}") from None
-    out = np.asarray(out, dtype=np.float32).reshape(info.shape)
-    if not out.flags.writeable:  # F32/F16 paths can return a view of the read-only bytes
-        out = out.copy()
-    if not np.isfinite(out).all():
-        raise ModelFileError(path, f"tensor {info.name!r} contains NaN or infinite values")
-    return out
 
 
 def _expected_shapes(cfg: dict, arch: str) -> dict[str, tuple[int, ...]]:
@@ -725,7 +338,7 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
     `progress(done, total, tensor_name)` is called after each tensor, if given.
     Raises `ModelFileError` (or a subclass) naming the file on any problem.
     """
-    path, size = _open(path)
+    path, size = open_gguf(path)
     meta, tensor_list = read_gguf_metadata(path)
 
     arch = meta.get("general.architecture")
@@ -736,7 +349,7 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
             path, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
 
-    tokenizer_model, specials, pieces = _build_tokenizer(path, meta)
+    tokenizer_model, specials, pieces = build_tokenizer(path, meta)
     infos = {t.name: t for t in tensor_list}
     cfg = _build_config(path, meta, arch, infos, specials)
     if len(pieces) > cfg["vocab_size"]:
@@ -775,7 +388,7 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
             raise ModelFileError(path, "file changed size while being read")
         for i, t in enumerate(tensor_list):
             raw = mm[t.offset : t.offset + t.nbytes]  # a copy: nothing keeps the mmap exported
-            arr = _dequantize(path, t, raw)
+            arr = dequantize_tensor(path, t, raw)
             del raw
             hf = hf_of[t.name]
             if hf.endswith("norm.weight"):

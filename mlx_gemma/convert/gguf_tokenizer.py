@@ -1,0 +1,141 @@
+"""Rebuild a SentencePiece `tokenizer.model` from the vocabulary in a GGUF file's metadata.
+
+llama.cpp keeps SentencePiece's pieces, scores and types in `tokenizer.ggml.*`;
+here they become a `ModelProto` again, which SentencePiece loads as the original.
+
+What llama.cpp does to the pieces (`TextModel._create_vocab_sentencepiece` in
+`convert_hf_to_gguf.py`): text, score and type are kept, except that every HF
+*added* token is rewritten.  A special one becomes CONTROL (type 3) with score
+-1000, which is why `<unk>`, `<start_of_turn>` and the `<unusedN>` pieces are
+CONTROL in a GGUF; a non-special one becomes USER_DEFINED (type 4) with its `▁`
+replaced by spaces.  We map back: the bos/eos/pad pieces stay CONTROL, the unk
+piece is UNKNOWN, every other CONTROL piece becomes USER_DEFINED (so
+`<start_of_turn>` typed in text encodes to its id, as with the original
+tokenizer.model and HF), and spaces in USER_DEFINED pieces become `▁` again.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..errors import TokenizerError
+
+# llama.cpp token types (SentencePieceTokenTypes / gguf.TokenType)
+_TOK_NORMAL, _TOK_UNKNOWN, _TOK_CONTROL, _TOK_USER_DEFINED, _TOK_UNUSED, _TOK_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def special_ids(path: str, meta: dict, n_tokens: int) -> dict:
+    out = {}
+    for key, gguf_key, default in (
+        ("bos", "tokenizer.ggml.bos_token_id", 2),
+        ("eos", "tokenizer.ggml.eos_token_id", 1),
+        ("unk", "tokenizer.ggml.unknown_token_id", 3),
+        ("pad", "tokenizer.ggml.padding_token_id", 0),
+    ):
+        v = meta.get(gguf_key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n_tokens:
+            raise TokenizerError(path, f"{gguf_key} = {v!r} is not a token id (vocabulary has {n_tokens})")
+        out[key] = int(v)
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    if isinstance(eot, (int, np.integer)) and not isinstance(eot, bool) and 0 <= int(eot) < n_tokens:
+        out["eot"] = int(eot)
+    return out
+
+
+def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    model = meta.get("tokenizer.ggml.model")
+    if model != b"llama":
+        raise TokenizerError(
+            path,
+            f"tokenizer.ggml.model is {model!r}: only SentencePiece vocabularies ('llama') can be "
+            "rebuilt into a tokenizer.model",
+        )
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, bytes) for t in tokens):
+        raise TokenizerError(path, "tokenizer.ggml.tokens is missing or not a list of strings")
+    n = len(tokens)
+    scores = meta.get("tokenizer.ggml.scores")
+    if not isinstance(scores, np.ndarray) or scores.shape != (n,) or scores.dtype.kind != "f":
+        raise TokenizerError(path, f"tokenizer.ggml.scores is missing or not {n} floats")
+    if not np.all(np.isfinite(scores)):
+        raise TokenizerError(path, "tokenizer.ggml.scores contains NaN or infinity")
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is None:
+        types = np.full(n, _TOK_NORMAL, dtype=np.int32)
+    if not isinstance(types, np.ndarray) or types.shape != (n,) or types.dtype.kind not in "iu":
+        raise TokenizerError(path, f"tokenizer.ggml.token_type is not {n} integers")
+    specials = special_ids(path, meta, n)
+
+    try:
+        pieces = [t.decode("utf-8") for t in tokens]
+    except UnicodeDecodeError as e:
+        raise TokenizerError(path, f"a token is not valid UTF-8: {e}") from None
+
+    P = spm.ModelProto.SentencePiece
+    control_ids = {specials["bos"], specials["eos"], specials["pad"]}
+    proto = spm.ModelProto()
+    n_bytes = 0
+    seen: set[str] = set()
+    types_list = types.tolist()
+    scores_list = scores.astype(np.float32).tolist()
+    for i, (piece, ttype, score) in enumerate(zip(pieces, types_list, scores_list)):
+        if i == specials["unk"]:
+            ptype = P.UNKNOWN
+        elif i in control_ids:
+            ptype = P.CONTROL
+        elif ttype in (_TOK_CONTROL, _TOK_USER_DEFINED, _TOK_UNKNOWN):
+            # llama.cpp writes HF added tokens as CONTROL (special) or USER_DEFINED with
+            # '▁' turned into ' '; SentencePiece matches USER_DEFINED pieces in text.
+            ptype = P.USER_DEFINED
+            piece = piece.replace(" ", "\u2581")
+        elif ttype == _TOK_BYTE:
+            ptype = P.BYTE
+            if not re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+                raise TokenizerError(path, f"byte token {i} is {piece!r}, expected <0xXX>")
+            n_bytes += 1
+        elif ttype == _TOK_UNUSED:
+            ptype = P.UNUSED
+        elif ttype == _TOK_NORMAL:
+            ptype = P.NORMAL
+        else:
+            raise TokenizerError(path, f"token {i} ({piece!r}) has unknown token type {ttype}")
+        if not piece:
+            raise TokenizerError(path, f"token {i} is empty")
+        if piece in seen:
+            raise TokenizerError(path, f"token {piece!r} (id {i}) appears twice")
+        seen.add(piece)
+        sp = proto.pieces.add()
+        sp.piece, sp.score, sp.type = piece, score, ptype
+        pieces[i] = piece
+
+    ts = proto.trainer_spec
+    ts.model_type = ts.BPE
+    ts.vocab_size = n
+    ts.byte_fallback = n_bytes == 256
+    ts.split_digits = True
+    ts.allow_whitespace_only_pieces = True
+    ts.split_by_whitespace = True
+    ts.treat_whitespace_as_suffix = False
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = specials["unk"], specials["bos"], specials["eos"], specials["pad"]
+    ts.unk_piece, ts.bos_piece = pieces[specials["unk"]], pieces[specials["bos"]]
+    ts.eos_piece, ts.pad_piece = pieces[specials["eos"]], pieces[specials["pad"]]
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    data = proto.SerializeToString()
+
+    # Make sure SentencePiece accepts what we built.
+    import sentencepiece
+
+    sp_proc = sentencepiece.SentencePieceProcessor()
+    try:
+        sp_proc.LoadFromSerializedProto(data)
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
+        raise TokenizerError(path, f"rebuilt tokenizer.model is rejected by sentencepiece: {e}") from None
+    return data, specials, pieces
