@@ -1,0 +1,192 @@
+"""`python -m mlx_gemma.lora`: LoRA / QLoRA / DoRA fine-tuning from the command line.
+
+    python -m mlx_gemma.lora --model PATH --data DIR --train --iters 600 --batch-size 4 \\
+        --learning-rate 1e-5 --rank 8 --num-layers 16 --adapter-path adapters --mask-prompt
+
+Flags follow mlx-lm's `mlx_lm.lora`; `-c config.json` (or `.yaml` when PyYAML
+is installed) supplies any of them, flags on the command line win.  A
+quantized model folder trains as QLoRA (the base stays quantized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+
+from .errors import MlxGemmaError, TrainingError
+from .progress import Progress
+
+DEFAULTS = {
+    "model": None, "data": "data", "train": False, "test": False, "iters": 1000, "batch_size": 4,
+    "learning_rate": 1e-5, "rank": 8, "scale": 20.0, "dropout": 0.0, "num_layers": 16,
+    "lora_keys": ["q_proj", "v_proj"], "fine_tune_type": "lora", "adapter_path": "adapters",
+    "save_every": 100, "resume_adapter_file": None, "grad_checkpoint": False, "mask_prompt": False,
+    "max_seq_length": 2048, "seed": 0, "optimizer": "adamw", "weight_decay": 0.0, "lr_schedule": "constant",
+    "warmup": 0, "min_lr": 0.0, "grad_accumulation_steps": 1, "steps_per_report": 10, "steps_per_eval": 200,
+    "val_batches": 25, "test_batches": -1, "loss_chunk_size": 256,
+}
+
+
+# (flag, type or "flag" for a switch, help); the defaults live in DEFAULTS.
+FLAGS = [
+    ("--model", str, "model folder or hub id (a quantized folder trains as QLoRA)"),
+    ("--data", str, "folder with train.jsonl / valid.jsonl / test.jsonl"),
+    ("--train", "flag", "train"),
+    ("--test", "flag", "report the test-set loss (after training)"),
+    ("--iters", int, "optimizer steps"),
+    ("--batch-size", int, "examples per batch"),
+    ("--learning-rate", float, "peak learning rate"),
+    ("--rank", int, "LoRA rank"),
+    ("--scale", float, "LoRA scale (alpha / rank); mlx-lm's default 20"),
+    ("--dropout", float, "LoRA dropout"),
+    ("--num-layers", int, "adapt the last N blocks (-1: all)"),
+    ("--adapter-path", str, "folder to write adapters.safetensors and adapter_config.json"),
+    ("--save-every", int, "save the adapters every K steps (and at the end)"),
+    ("--resume-adapter-file", str, "start from these adapter weights (a file or an adapter folder)"),
+    ("--grad-checkpoint", "flag", "recompute blocks in the backward pass (less memory)"),
+    ("--mask-prompt", "flag", "loss on completions / the last model turn only"),
+    ("--max-seq-length", int, "truncate longer examples (with a warning)"),
+    ("--seed", int, "random seed"),
+    ("--weight-decay", float, "weight decay (adamw, sgd)"),
+    ("--warmup", int, "linear warm-up steps"),
+    ("--min-lr", float, "final learning rate of the cosine schedule"),
+    ("--grad-accumulation-steps", int, "micro-batches per optimizer step"),
+    ("--steps-per-report", int, "report the training loss every N steps"),
+    ("--steps-per-eval", int, "validate every N steps"),
+    ("--val-batches", int, "validation batches per evaluation (-1: all)"),
+    ("--test-batches", int, "test batches (-1: all)"),
+    ("--loss-chunk-size", int, "tokens per cross-entropy chunk"),
+]
+CHOICES = {"--fine-tune-type": ["lora", "dora"], "--optimizer": ["adamw", "adam", "sgd", "adafactor"],
+           "--lr-schedule": ["constant", "cosine"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma.lora", description="Fine-tune Gemma with LoRA adapters.")
+    p.add_argument("-c", "--config", help="a JSON (or YAML, with PyYAML) file of settings; flags win")
+    for flag, kind, text in FLAGS:
+        if kind == "flag":
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
+    for flag, choices in CHOICES.items():
+        p.add_argument(flag, choices=choices, help=f"default: {DEFAULTS[flag[2:].replace('-', '_')]}")
+    p.add_argument("--lora-keys", nargs="+", help="projections to adapt (default: q_proj v_proj)")
+    return p
+
+
+def read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise TrainingError(f"{file}: no such config file")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise TrainingError(f"{file}: YAML configs need PyYAML (pip install pyyaml); or use JSON") from None
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise TrainingError(f"{file}: not valid YAML: {e}") from None
+    else:
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TrainingError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise TrainingError(f"{file}: must hold a mapping of settings")
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise TrainingError(f"{file}: unknown settings {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    return config
+
+
+def settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Defaults, overridden by the config file, overridden by flags."""
+    args = build_parser().parse_args(argv)
+    merged = dict(DEFAULTS)
+    if args.config:
+        merged.update(read_config_file(args.config))
+    merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return argparse.Namespace(**merged)
+
+
+def _printer(progress: Progress | None):
+    def report(info: dict) -> None:
+        if "val_loss" in info:
+            line = f"Iter {info['step']}: val loss {info['val_loss']:.3f}"
+        else:
+            line = (f"Iter {info['step']}: train loss {info['train_loss']:.3f}, lr {info['learning_rate']:.3e}, "
+                    f"{info['tokens_per_second']:.1f} tok/s, peak mem {info['peak_memory_gb']:.3f} GB")
+        if progress is not None and progress.live:
+            progress.update(info["step"], line)
+        print(line, file=sys.stderr if progress is not None and progress.live else sys.stdout, flush=True)
+    return report
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and/or test as `args` says; returns {"history": [...], "test_loss": ...}."""
+    from . import lora, train
+    from .loading import load
+    from .train_data import load_datasets
+
+    if not (args.train or args.test):
+        raise TrainingError("nothing to do: pass --train and/or --test")
+    mx.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    splits = (("train", "valid") if args.train else ()) + (("test",) if args.test else ())
+    data = load_datasets(args.data, tokenizer, splits, args.mask_prompt, args.max_seq_length)
+    for split in splits:
+        if split != "valid" and split not in data:
+            raise TrainingError(f"{args.data}: no {split}.jsonl")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    config = lora.enable_lora(model, args.rank, tuple(args.lora_keys), args.num_layers, scale=args.scale,
+                              dropout=args.dropout, dora=args.fine_tune_type == "dora")
+    if args.resume_adapter_file:
+        lora.load_adapter_weights(model, args.resume_adapter_file)
+    result: dict = {"history": []}
+    if args.train:
+        out = Path(args.adapter_path)
+        schedule = train.build_schedule(args.learning_rate, args.iters, args.lr_schedule, args.warmup, args.min_lr)
+        optimizer = train.build_optimizer(args.optimizer, schedule, args.weight_decay)
+        targs = train.TrainingArgs(
+            batch_size=args.batch_size, iters=args.iters, val_batches=args.val_batches,
+            steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval, save_every=args.save_every,
+            adapter_path=str(out), grad_accumulation_steps=args.grad_accumulation_steps,
+            grad_checkpoint=args.grad_checkpoint, loss_chunk_size=args.loss_chunk_size, seed=args.seed)
+        progress = Progress("train", args.iters, " steps") if sys.stderr.isatty() else None
+        result["history"] = train.train(
+            model, optimizer, data["train"], data.get("valid"), targs, pad_id=pad_id, report=_printer(progress),
+            save=lambda step: lora.save_adapters(out, model, config))
+        if progress is not None:
+            progress.close(f"adapters saved to {out}")
+        else:
+            print(f"Saved adapters to {out}", flush=True)
+    if args.test:
+        loss = train.evaluate(model, data["test"], args.batch_size, args.test_batches, pad_id, args.loss_chunk_size)
+        result["test_loss"] = loss
+        print(f"Test loss {loss:.3f}, test ppl {math.exp(loss):.3f}", flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(settings(argv))
+        return 0
+    except MlxGemmaError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (adapters saved so far are intact)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The fine-tuning loop: a chunked cross-entropy, per-block gradient
+checkpointing, a compiled optimizer step with gradient accumulation, and
+periodic reports, evaluations and (atomic) adapter saves.
+
+Memory is what limits fine-tuning on a laptop.  Two things keep it down:
+
+* the loss never holds the full [batch, tokens, vocab] float32 logits: the
+  output projection and cross-entropy run over chunks of the sequence, each
+  chunk recomputed in the backward pass (`mx.checkpoint`), so at most one
+  chunk's logits exist at a time, forward or backward;
+* `grad_checkpoint=True` keeps only each block's input and recomputes the
+  block in the backward pass.
+
+The CLI lives in `lora_cli.py` (`python -m mlx_gemma.lora`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from .errors import TrainingError
+from .train_data import iterate_batches
+
+DEFAULT_CHUNK = 256  # tokens per loss chunk: [B, 256, 256k] f32 is 1 GiB per batch row at Gemma's vocab
+
+
+def _output_head(model: nn.Module) -> nn.Module:
+    """The module holding the output projection (the tied embedding or lm_head)."""
+    return model.lm_head if "lm_head" in model else model.model.embed_tokens
+
+
+def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:  # [..., V], [...] -> [...] float32
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return mx.logsumexp(logits, axis=-1) - picked
+
+
+def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array, weights: mx.array,
+                          chunk_size: int = DEFAULT_CHUNK) -> mx.array:
+    """sum_{b,t} weights * CE(logits(hidden), targets), one sequence chunk of logits at a time.
+
+    hidden: [B, T, D] (after the final norm), targets: [B, T] int, weights: [B, T].
+    Each chunk goes through `mx.checkpoint`, so the backward pass recomputes
+    its logits instead of keeping them.  The head's trainable parameters are
+    passed in explicitly: `mx.checkpoint` gives no gradient to captured arrays.
+    """
+    if chunk_size < 1:
+        raise TrainingError(f"loss chunk size must be positive, got {chunk_size}")
+    head = _output_head(model)
+
+    def chunk_loss(params, h, t, w):
+        head.update(params, strict=False)
+        t = mx.stop_gradient(t)  # integer ids: checkpoint's backward would ask for their gradient
+        return (token_cross_entropy(model.logits(h), t) * w).sum()
+
+    step = mx.checkpoint(chunk_loss)
+    params = head.trainable_parameters()
+    T = hidden.shape[1]
+    total = mx.array(0.0, dtype=mx.float32)
+    for s in range(0, T, chunk_size):
+        total = total + step(params, hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size],
+                             weights[:, s:s + chunk_size])
+    return total
+
+
+def full_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array):
+    """The plain loss (all logits at once), as mlx-lm computes it: (mean CE over weighted tokens, tokens)."""
+    ce = token_cross_entropy(model(inputs), targets)
+    ntoks = weights.sum()
+    return (ce * weights).sum() / ntoks, ntoks
+
+
+def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array,
+            chunk_size: int = DEFAULT_CHUNK):
+    """(mean next-token CE over the weighted targets, number of weighted targets).
+
+    Right padding needs no attention mask: causal attention keeps padding out
+    of every real position, and padding targets weigh 0.
+    """
+    hidden = model.model(inputs)  # [B, T, D]
+    ntoks = weights.sum()
+    return chunked_cross_entropy(model, hidden, targets, weights, chunk_size) / ntoks, ntoks
+
+
+@functools.cache
+def _checkpointed(cls: type) -> type:
+    """A subclass of a block class whose call is recomputed in the backward pass."""
+
+    def __call__(self, x, mask, cache=None):
+        def run(params, x):
+            self.update(params, strict=False)  # bind the traced parameters: checkpoint ignores captures
+            return cls.__call__(self, x, mask, cache)
+
+        return mx.checkpoint(run)(self.trainable_parameters(), x)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "_checkpointed_from": cls})
+
+
+def grad_checkpoint(model: nn.Module, enable: bool = True) -> None:
+    """Recompute each block in the backward pass (keeping only its input), or stop doing so.
+
+    Only these block instances change class; other models are untouched.
+    """
+    for layer in model.layers:
+        base = getattr(type(layer), "_checkpointed_from", type(layer))
+        layer.__class__ = _checkpointed(base) if enable else base
+
+
+def build_optimizer(name: str, learning_rate, weight_decay: float = 0.0) -> optim.Optimizer:
+    """AdamW (default), Adam, SGD or Adafactor from `mlx.optimizers`."""
+    name = name.lower()
+    if name == "adamw":
+        return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    if name == "adam":
+        return optim.Adam(learning_rate=learning_rate)
+    if name == "sgd":
+        return optim.SGD(learning_rate=learning_rate, weight_decay=weight_decay)
+    if name == "adafactor":
+        return optim.Adafactor(learning_rate=learning_rate, relative_step=False)
+    raise TrainingError(f"unknown optimizer {name!r}; choose adamw, adam, sgd or adafactor")
+
+
+def build_schedule(learning_rate: float, iters: int, schedule: str = "constant", warmup: int = 0,
+                   min_lr: float = 0.0):
+    """A learning rate or an `mlx.optimizers` schedule: optional linear warm-up, then constant or cosine decay."""
+    if learning_rate <= 0:
+        raise TrainingError(f"learning rate must be positive, got {learning_rate}")
+    if schedule not in ("constant", "cosine"):
+        raise TrainingError(f"unknown lr schedule {schedule!r}; choose constant or cosine")
+    if warmup < 0 or warmup >= max(iters, 1) and warmup:
+        raise TrainingError(f"warmup ({warmup}) must be in [0, iters={iters})")
+    if schedule == "constant" and not warmup:
+        return learning_rate
+    main = (optim.cosine_decay(learning_rate, max(iters - warmup, 1), min_lr) if schedule == "cosine"
+            else (lambda step: mx.array(learning_rate)))
+    if not warmup:
+        return main
+    ramp = optim.linear_schedule(0.0, learning_rate, warmup)
+    return optim.join_schedules([ramp, main], [warmup])
+
+
+@dataclass
+class TrainingArgs:
+    batch_size: int = 4
+    iters: int = 100
+    val_batches: int = 25  # -1: the whole validation set
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    save_every: int = 100
+    adapter_path: str = "adapters"
+    grad_accumulation_steps: int = 1
+    grad_checkpoint: bool = False
+    loss_chunk_size: int = DEFAULT_CHUNK
+    seed: int = 0
+
+
+def evaluate(model, examples, batch_size: int, num_batches: int = -1, pad_id: int = 0,
+             chunk_size: int = DEFAULT_CHUNK) -> float:
+    """Token-weighted mean loss over `num_batches` batches (-1: all), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, ntoks = mx.array(0.0), mx.array(0.0)
+    batches = iterate_batches(examples, min(batch_size, len(examples)), shuffle=False, pad_id=pad_id)
+    for i, batch in enumerate(batches):
+        if i == num_batches:
+            break
+        loss, n = loss_fn(model, *batch, chunk_size=chunk_size)
+        total, ntoks = total + loss * n, ntoks + n
+        mx.eval(total, ntoks)
+    model.train(was_training)
+    return (total / ntoks).item()
+
+
+def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None = None,
+          save: Callable[[int], None] | None = None, report: Callable[[dict], None] | None = None,
+          pad_id: int = 0) -> list[dict]:
+    """Train the model's trainable parameters (the adapters) for `args.iters` optimizer steps.
+
+    `save(step)` is called every `args.save_every` steps and at the end;
+    `report(info)` gets dicts with step, train_loss or val_loss, learning_rate,
+    tokens_per_second and peak_memory_gb.  Returns every report.
+    """
+    args = args or TrainingArgs()
+    if args.iters < 1 or args.grad_accumulation_steps < 1:
+        raise TrainingError("iters and grad_accumulation_steps must be positive")
+    mx.random.seed(args.seed)
+    if args.grad_checkpoint:
+        grad_checkpoint(model)
+    model.train()
+    accum = args.grad_accumulation_steps
+    loss_and_grad = nn.value_and_grad(model, functools.partial(loss_fn, chunk_size=args.loss_chunk_size))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @functools.partial(mx.compile, inputs=state, outputs=state)
+    def micro_step(inputs, targets, weights, grads, do_update: bool):
+        (loss, ntoks), g = loss_and_grad(model, inputs, targets, weights)
+        if grads is not None:
+            g = tree_map(mx.add, g, grads)
+        if do_update:
+            # The mean of the micro-batch means, as mlx-lm accumulates.
+            optimizer.update(model, tree_map(lambda x: x / accum, g) if accum > 1 else g)
+            g = None
+        return loss, ntoks, g
+
+    history: list[dict] = []
+
+    def emit(info):
+        history.append(info)
+        if report:
+            report(info)
+
+    batches = iterate_batches(train_set, args.batch_size, loop=True, seed=args.seed, pad_id=pad_id)
+    losses, count, tokens, grads = 0.0, 0, 0, None
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for it in range(1, args.iters * accum + 1):
+        step, do_update = (it - 1) // accum + 1, it % accum == 0
+        if val_set and do_update and (step == 1 or step % args.steps_per_eval == 0 or step == args.iters):
+            v = evaluate(model, val_set, args.batch_size, args.val_batches, pad_id, args.loss_chunk_size)
+            emit({"step": step, "val_loss": v})
+            tic = time.perf_counter()  # evaluation time is not training time
+        loss, ntoks, grads = micro_step(*next(batches), grads, do_update)
+        mx.eval(loss, ntoks, grads, state)
+        losses, count = losses + loss.item(), count + 1
+        tokens += int(ntoks.item())
+        if do_update and (step % args.steps_per_report == 0 or step == args.iters):
+            elapsed = time.perf_counter() - tic
+            emit({"step": step, "train_loss": losses / count, "learning_rate": optimizer.learning_rate.item(),
+                  "tokens_per_second": tokens / elapsed, "peak_memory_gb": mx.get_peak_memory() / 2**30})
+            losses, count, tokens, tic = 0.0, 0, 0, time.perf_counter()
+        if do_update and save and (step % args.save_every == 0 or step == args.iters):
+            save(step)
+    if args.grad_checkpoint:
+        grad_checkpoint(model, enable=False)
+    if not all(math.isfinite(h.get("train_loss", 0.0)) for h in history):
+        raise TrainingError("the training loss became NaN/inf; lower the learning rate")
+    return history

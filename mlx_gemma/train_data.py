@@ -1,0 +1,147 @@
+"""Fine-tuning data: JSON-lines files -> tokenized examples -> padded batches.
+
+Each line of `train.jsonl` / `valid.jsonl` / `test.jsonl` is one example in
+one of the formats people already have:
+
+    {"text": "..."}                                   loss on every token
+    {"prompt": "...", "completion": "..."}            prompt + completion, concatenated
+    {"messages": [{"role": ..., "content": ...}, ...]} the Gemma chat template
+
+With `mask_prompt` the loss covers only the completion (or the last model
+turn of a conversation).  An example is (token ids, offset): the loss covers
+ids[offset:].  Batches group examples of similar length (sorted), are padded
+on the right, and come with per-target loss weights, so padding and prompts
+cost nothing in the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import DatasetError, MlxGemmaError
+
+SPLITS = ("train", "valid", "test")
+MAX_LINE_BYTES = 64 << 20  # one example; a longer line is surely not a training example
+PAD_TO = 32  # round batch lengths up so a compiled step sees few distinct shapes (as mlx-lm)
+
+
+def _example(tokenizer, record, mask_prompt: bool, where: str) -> tuple[list[int], int]:
+    """(ids, offset) for one parsed JSON line; `where` is "file:line" for errors."""
+    if not isinstance(record, dict):
+        raise DatasetError(where, f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
+            offset = 0
+            if mask_prompt:
+                if messages[-1].get("role") not in ("model", "assistant"):
+                    raise DatasetError(where, "with mask_prompt the last message must be the model's (assistant) turn")
+                offset = len(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
+        except DatasetError:
+            raise
+        except (MlxGemmaError, AttributeError, TypeError, IndexError) as e:
+            raise DatasetError(where, f"bad messages: {e}") from None
+        return ids, offset
+    if "prompt" in record or "completion" in record:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DatasetError(where, "'prompt' and 'completion' must both be strings")
+        # Tokenized separately and concatenated, as keras-hub's preprocessor joins x and y.
+        head = tokenizer.encode(prompt, add_bos=True)
+        ids = head + tokenizer.encode(completion, add_bos=False, add_eos=True)
+        return ids, len(head) if mask_prompt else 0
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise DatasetError(where, "'text' must be a string")
+        return tokenizer.encode(record["text"], add_bos=True, add_eos=True), 0
+    raise DatasetError(where, f"no 'text', 'prompt'/'completion' or 'messages' key (keys: {sorted(record)})")
+
+
+def load_jsonl(path: str | os.PathLike, tokenizer, mask_prompt: bool = False,
+               max_seq_length: int | None = None) -> list[tuple[list[int], int]]:
+    """Tokenized examples of a JSONL file; long ones truncated to `max_seq_length` with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "no such data file")
+    examples, truncated = [], 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DatasetError(f"{path}:{n}", f"line is over {MAX_LINE_BYTES} bytes")
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DatasetError(f"{path}:{n}", f"not valid JSON: {e}") from None
+            ids, offset = _example(tokenizer, record, mask_prompt, f"{path}:{n}")
+            if max_seq_length is not None and len(ids) > max_seq_length:
+                ids, truncated = ids[:max_seq_length], truncated + 1
+            if offset >= len(ids) - 1 and offset > 0:
+                continue  # the prompt fills the whole budget: nothing left to learn from
+            if len(ids) >= 2:
+                examples.append((ids, offset))
+    if truncated:
+        warnings.warn(f"{path}: {truncated} example(s) longer than max_seq_length={max_seq_length} "
+                      "tokens were truncated", stacklevel=2)
+    if not examples:
+        raise DatasetError(path, "holds no usable example (empty, or every example is too short)")
+    return examples
+
+
+def load_datasets(folder: str | os.PathLike, tokenizer, splits=SPLITS, mask_prompt: bool = False,
+                  max_seq_length: int | None = None) -> dict[str, list]:
+    """{split: examples} for the `<split>.jsonl` files of `folder` that exist among `splits`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(folder, "no such data folder (expected train.jsonl, valid.jsonl, test.jsonl)")
+    return {s: load_jsonl(folder / f"{s}.jsonl", tokenizer, mask_prompt, max_seq_length)
+            for s in splits if (folder / f"{s}.jsonl").exists()}
+
+
+def make_batch(examples, pad_id: int = 0, pad_to: int = PAD_TO):
+    """Right-padded (inputs [B, T], targets [B, T], weights [B, T] float32) for next-token loss.
+
+    Target j is token j + 1; its weight is 1 when that token is real and at or
+    past the example's offset, else 0.
+    """
+    longest = max(len(ids) for ids, _ in examples) - 1
+    T = max(pad_to * ((longest + pad_to - 1) // pad_to), 1) if pad_to else longest
+    tokens = np.full((len(examples), T + 1), pad_id, dtype=np.int32)
+    weights = np.zeros((len(examples), T), dtype=np.float32)
+    for row, (ids, offset) in enumerate(examples):
+        tokens[row, :len(ids)] = ids
+        weights[row, max(offset, 1) - 1:len(ids) - 1] = 1.0
+    return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(weights)
+
+
+def iterate_batches(examples, batch_size: int, *, loop: bool = False, seed: int = 0, shuffle: bool = True,
+                    pad_id: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[mx.array, ...]]:
+    """Padded batches of examples of similar length; with `loop`, forever (reshuffled each pass).
+
+    With `world` > 1 each rank takes its own share of every batch (data parallel).
+    """
+    if batch_size < 1:
+        raise MlxGemmaError(f"batch_size must be positive, got {batch_size}")
+    if len(examples) < batch_size:
+        raise DatasetError(None, f"the dataset has {len(examples)} examples, fewer than batch_size={batch_size}")
+    if batch_size % world:
+        raise MlxGemmaError(f"batch_size={batch_size} must be a multiple of the number of processes ({world})")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    rng = np.random.default_rng(seed)
+    share = batch_size // world
+    while True:
+        for b in (rng.permutation(len(batches)) if shuffle else range(len(batches))):
+            rows = batches[b][rank * share:(rank + 1) * share]
+            yield make_batch([examples[i] for i in rows], pad_id)
+        if not loop:
+            return
