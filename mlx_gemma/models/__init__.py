@@ -4,13 +4,14 @@ An explicit table, never a name taken from a checkpoint and imported: a
 `config.json` can only choose among these.
 """
 
-from . import gemma, gemma2, gemma3
+from . import gemma, gemma2, gemma3, paligemma
 
 # model_type -> module with `ModelArgs.from_dict` and `Model`.
 MODELS = {
     "gemma": gemma,
     "gemma2": gemma2,
     "gemma3_text": gemma3,
+    "paligemma": paligemma,  # SigLIP + Gemma / Gemma 2 (PaliGemma 1 / 2)
 }
 
 # Multimodal configs whose language half we can run as a text model: the text

@@ -1,0 +1,240 @@
+"""PaliGemma 1 and 2: SigLIP + a linear projector + a Gemma (1) or Gemma 2 (2) decoder.
+
+The image's patch features, projected to the decoder's width, replace the
+embeddings of the `<image>` placeholder tokens (as many as patches), and the
+decoder runs as a prefix-LM: the prompt (image tokens, `<bos>`, the text and
+its "\\n") attends to itself in both directions, generated tokens causally.
+
+Weight names follow Hugging Face's current layout (`model.vision_tower...`,
+`model.multi_modal_projector.linear`, `model.language_model.layers...`,
+`lm_head`); `sanitize` also takes the original `language_model.model...` layout
+(mlx-vlm's too) and transformers 5's, whose vision tower lacks `vision_model.`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import ConfigError, ImageError
+from . import gemma, gemma2
+from .config import parse_config
+from .decoder import DecoderStack
+from .layers import softcap
+from .siglip import VisionArgs, VisionModel
+
+# text_config.model_type -> the decoder that PaliGemma generation uses.
+TEXT_MODELS = {"gemma": gemma, "gemma2": gemma2}
+
+# transformers' PaliGemmaConfig fills these into a text_config that omits them
+# (PaliGemma 1 3B's Gemma 2B); So400m's vision defaults live in VisionArgs.
+TEXT_DEFAULTS = {
+    "model_type": "gemma", "hidden_size": 2048, "num_hidden_layers": 18, "intermediate_size": 16384,
+    "num_attention_heads": 8, "num_key_value_heads": 1, "vocab_size": 257152,
+}
+
+# Weight-name prefixes of the other layouts -> ours (first match wins).  Original
+# checkpoints and mlx-vlm say `language_model.model.`; transformers 5 writes the
+# vision tower without SigLIP's `vision_model.` level.
+LAYOUT_PREFIXES = (
+    ("model.language_model.", "model.language_model."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.", "model.language_model."),
+    ("model.vision_tower.vision_model.", "model.vision_tower.vision_model."),
+    ("model.vision_tower.", "model.vision_tower.vision_model."),
+    ("vision_tower.vision_model.", "model.vision_tower.vision_model."),
+    ("vision_tower.", "model.vision_tower.vision_model."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def canonical_key(key: str) -> str:
+    """A PaliGemma weight name in any Hugging Face / mlx-vlm layout -> ours."""
+    for old, new in LAYOUT_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+@dataclass
+class ModelArgs:
+    text_config: dict[str, Any] = field(default_factory=dict)
+    vision_config: dict[str, Any] = field(default_factory=dict)
+    model_type: str = "paligemma"
+    image_token_index: int = 256000  # the `<image>` placeholder's id (alias: image_token_id)
+    projection_dim: int | None = None  # must equal the decoder's width
+    tie_word_embeddings: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # keys we keep but do not interpret
+
+    @classmethod
+    def from_dict(cls, config: dict, path=None) -> "ModelArgs":
+        args = parse_config(cls, config, path)
+        if "image_token_id" in args.extra and "image_token_index" not in config:
+            args.image_token_index = args.extra["image_token_id"]  # transformers' attribute_map alias
+        if not isinstance(args.text_config, dict) or not isinstance(args.vision_config, dict):
+            raise ConfigError(path, "a paligemma config needs text_config and vision_config objects")
+        text = {**TEXT_DEFAULTS, **args.text_config, "tie_word_embeddings": args.tie_word_embeddings}
+        if text["model_type"] not in TEXT_MODELS:
+            raise ConfigError(
+                path, f"text_config.model_type {text['model_type']!r} is not a PaliGemma decoder; "
+                f"expected one of {sorted(TEXT_MODELS)}"
+            )
+        # Set after construction, not dataclass fields: parse_config must never fill them.
+        args.text_module = TEXT_MODELS[text["model_type"]]
+        args.text = args.text_module.ModelArgs.from_dict(text, path)
+        args.vision = VisionArgs.from_dict(args.vision_config, path)
+        width = args.projection_dim or args.vision_config.get("projection_dim") or args.text.hidden_size
+        if width != args.text.hidden_size:
+            raise ConfigError(
+                path, f"projection_dim {width} differs from text_config.hidden_size {args.text.hidden_size}: "
+                "image features could not replace token embeddings"
+            )
+        ti = args.image_token_index
+        if isinstance(ti, bool) or not isinstance(ti, int) or not 0 <= ti < 1 << 31:
+            raise ConfigError(path, f"image_token_index must be a non-negative integer, got {ti!r}")
+        return args
+
+    # What generation and loading read from a model's args, delegated to the decoder.
+    vocab_size = property(lambda self: self.text.vocab_size)
+    max_position_embeddings = property(lambda self: self.text.max_position_embeddings)
+    hidden_size = property(lambda self: self.text.hidden_size)
+    final_logit_softcapping = property(lambda self: getattr(self.text, "final_logit_softcapping", None))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """`<image>` placeholders per image: one per SigLIP patch."""
+        return self.vision.num_patches
+
+
+class Projector(nn.Module):
+    """SigLIP width -> decoder width (transformers' PaliGemmaMultiModalProjector)."""
+
+    def __init__(self, vision_width: int, text_width: int):
+        super().__init__()
+        self.linear = nn.Linear(vision_width, text_width)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(x)
+
+
+class PaliGemmaModel(nn.Module):
+    """Token ids (+ pixels) -> the decoder's normed last hidden state [B, T, hidden]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vision_tower = VisionModel(args.vision)
+        self.multi_modal_projector = Projector(args.vision.hidden_size, args.text.hidden_size)
+        self.language_model = DecoderStack(args.text, args.text_module.TransformerBlock)
+
+    def image_features(self, pixel_values: mx.array) -> mx.array:  # [N, H, W, C] -> [N, patches, hidden]
+        # Not multiplied by the text embedding scale: transformers 5 scales inside the
+        # embedding layer (GemmaTextScaledWordEmbedding) and scatters the features in after.
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: mx.array, pixel_values: mx.array | None = None) -> mx.array:
+        """Scaled token embeddings with the image features at the `<image>` positions."""
+        image_id = self.args.image_token_index
+        is_image = input_ids == image_id  # [B, T]
+        ids = input_ids
+        if image_id >= self.args.text.vocab_size:
+            ids = mx.where(is_image, 0, input_ids)  # transformers embeds an out-of-vocabulary placeholder as id 0
+        h = self.language_model.embed(ids)  # [B, T, hidden]
+        if pixel_values is None:
+            return h
+        features = self.image_features(pixel_values).astype(h.dtype)
+        n_images, per_image, D = features.shape
+        n_slots = int(is_image.sum().item())
+        if n_slots != n_images * per_image:
+            raise ImageError(
+                "pixel_values", f"{n_images} image(s) need {n_images * per_image} <image> tokens "
+                f"({per_image} each), but input_ids hold {n_slots}"
+            )
+        # The k-th placeholder (row-major over the batch) takes the k-th feature,
+        # as transformers' `masked_scatter` does.
+        flat = is_image.reshape(-1)
+        index = mx.maximum(mx.cumsum(flat.astype(mx.int32)) - 1, 0)
+        merged = mx.where(flat[:, None], features.reshape(-1, D)[index], h.reshape(-1, D))
+        return merged.reshape(h.shape)
+
+    def __call__(
+        self,
+        input_ids: mx.array,  # [B, T], with `<image>` placeholders where the patches go
+        cache=None,
+        padding_mask: mx.array | None = None,  # bool [B, T], True = real token; no cache
+        pixel_values: mx.array | None = None,  # [N, H, W, C] in [-1, 1]
+        prefix_length: mx.array | int | None = None,  # leading tokens attending bidirectionally
+    ) -> mx.array:
+        B, T = input_ids.shape
+        h = self.embed(input_ids, pixel_values)
+        if prefix_length is None and (cache is None or cache[0].offset == 0):
+            # A call that starts a sequence holds the prompt: all of it is prefix (the
+            # reference processor gives the prompt token_type_ids 0); later calls are suffix.
+            prefix_length = T
+        if isinstance(prefix_length, int):
+            prefix_length = mx.full((B,), prefix_length, dtype=mx.int32)
+        # transformers numbers PaliGemma's positions from 1, we from 0: RoPE scores depend
+        # only on relative positions, so the logits agree.
+        return self.language_model(
+            None, cache, padding_mask=padding_mask, input_embeddings=h, prefix_length=prefix_length
+        )
+
+
+class Model(nn.Module):
+    """PaliGemma: `model(input_ids, pixel_values=None, cache=None, padding_mask=None) -> logits [B, T, V]`.
+
+    `pixel_values` are NHWC in [-1, 1] (see `mlx_gemma.vision`).  Without
+    `prefix_length`, the first call of a sequence is all prefix (the prompt) and
+    later cached calls are causal (generated text); give it to score a prompt and
+    an answer in one call.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = PaliGemmaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.text.hidden_size, args.text.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        pixel_values: mx.array | None = None,
+        cache=None,
+        padding_mask: mx.array | None = None,
+        prefix_length: mx.array | int | None = None,
+    ) -> mx.array:
+        return self.logits(self.model(input_ids, cache, padding_mask, pixel_values, prefix_length))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Output logits for hidden states [..., hidden] (Gemma 2's final soft-cap included)."""
+        if self.args.tie_word_embeddings:
+            out = self.model.language_model.embed_tokens.as_linear(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return softcap(out, self.args.final_logit_softcapping)
+
+    @property
+    def layers(self):
+        return self.model.language_model.layers
+
+    @property
+    def windows(self) -> list[int | None]:
+        return [layer.self_attn.window for layer in self.layers]
+
+    def make_cache(self, left_padding: mx.array | None = None):
+        from ..cache import make_layer_caches  # cache.py builds on models/: import late
+
+        return make_layer_caches(self.windows, left_padding)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Either Hugging Face layout -> ours; drop what we recompute or share."""
+        out = {canonical_key(k): v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+        if self.args.tie_word_embeddings:
+            out.pop("lm_head.weight", None)  # the same tensor as the embedding
+        return self.model.vision_tower.sanitize(out, prefix="model.vision_tower.")

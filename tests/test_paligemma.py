@@ -1,0 +1,179 @@
+"""PaliGemma 1 and 2 against transformers' PaliGemmaForConditionalGeneration.
+
+The references come from tests/fixtures/make_tiny_paligemma.py (transformers
+5.23, fp32, eager): logits for a left-padded batch of two prompts with two
+different images, for one prompt with two images, and greedy ids.  The
+PaliGemma 1 folder uses the new key layout, the PaliGemma 2 folder the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+import mlx_gemma
+from mlx_gemma.errors import ConfigError, ImageError
+from mlx_gemma.models import paligemma
+
+NAMES = ["paligemma", "paligemma2"]
+RTOL = 1e-4  # of the reference logits' largest magnitude
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def loaded(request):
+    folder = FIXTURES / f"tiny_{request.param}"
+    model, tokenizer = mlx_gemma.load(folder)
+    return request.param, model, tokenizer, dict(np.load(folder / "reference.npz"))
+
+
+def nhwc(pixel_values_nchw: np.ndarray) -> mx.array:
+    return mx.array(pixel_values_nchw.transpose(0, 2, 3, 1))
+
+
+def rel_err(ours, ref, where=None) -> float:
+    d = np.abs(np.array(ours, dtype=np.float32) - ref)
+    return float((d if where is None else d[where]).max() / np.abs(ref).max())
+
+
+def test_architecture(loaded):
+    name, model, _, _ = loaded
+    assert model.args.text.model_type == ("gemma" if name == "paligemma" else "gemma2")
+    assert model.args.num_image_tokens == 9
+    # PaliGemma 2's window is a config setting, kept on local layers as the references do.
+    assert model.windows == ([None, None] if name == "paligemma" else [28, None, 28, None])
+
+
+def test_padded_batch_two_images_logits(loaded):
+    _, model, _, ref = loaded
+    real = ref["attention_mask"].astype(bool)
+    logits = model(
+        mx.array(ref["input_ids"]), pixel_values=nhwc(ref["pixel_values"]), padding_mask=mx.array(real)
+    )
+    # Padding positions are garbage in both implementations; real tokens must agree.
+    assert rel_err(logits, ref["logits"], real) < RTOL
+
+
+def test_same_prompt_two_images_logits(loaded):
+    _, model, _, ref = loaded
+    logits = model(mx.array(ref["same_ids"]), pixel_values=nhwc(ref["pixel_values"]))
+    assert rel_err(logits, ref["same_logits"]) < RTOL
+    # The two images really differ in effect.
+    assert np.abs(ref["same_logits"][0, -1] - ref["same_logits"][1, -1]).max() > 1e-2
+
+
+def greedy(model, ids, pixel_values, n):
+    cache = model.make_cache()
+    logits = model(ids, pixel_values=pixel_values, cache=cache)
+    tokens, steps = [], []
+    for _ in range(n):
+        steps.append(logits[:, -1])
+        token = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(token.item())
+        logits = model(token[:, None], cache=cache)
+    return tokens, steps
+
+
+def test_greedy_equals_transformers(loaded):
+    _, model, _, ref = loaded
+    ids, pv = mx.array(ref["input_ids"][1:]), nhwc(ref["pixel_values"][1:])  # the unpadded row
+    tokens, _ = greedy(model, ids, pv, len(ref["greedy_ids"]))
+    assert tokens == ref["greedy_ids"].tolist()
+
+
+def test_cached_decoding_equals_full_recomputation(loaded):
+    _, model, _, ref = loaded
+    ids, pv = mx.array(ref["input_ids"][1:]), nhwc(ref["pixel_values"][1:])
+    tokens, steps = greedy(model, ids, pv, 10)  # 25 + 10 tokens: past PaliGemma 2's window of 28
+    full = model(mx.concatenate([ids, mx.array([tokens])], axis=1), pixel_values=pv, prefix_length=ids.shape[1])
+    P = ids.shape[1]
+    for i, step in enumerate(steps):
+        np.testing.assert_allclose(np.array(step), np.array(full[:, P - 1 + i]), atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_is_bidirectional(loaded):
+    """Scoring the prompt as prefix differs from scoring it causally (the image tokens see the text)."""
+    _, model, _, ref = loaded
+    ids, pv = mx.array(ref["same_ids"][:1]), nhwc(ref["pixel_values"][:1])
+    prefix = model(ids, pixel_values=pv)
+    causal = model(ids, pixel_values=pv, prefix_length=0)
+    assert float(mx.abs(prefix[:, 0] - causal[:, 0]).max()) > 1e-3
+
+
+def test_wrong_image_count_is_an_image_error(loaded):
+    _, model, _, ref = loaded
+    with pytest.raises(ImageError, match="2 image\\(s\\) need 18 <image> tokens.*hold 9"):
+        model(mx.array(ref["input_ids"][1:]), pixel_values=nhwc(ref["pixel_values"]))
+
+
+def test_wrong_pixel_shape_is_an_image_error(loaded):
+    _, model, _, ref = loaded
+    with pytest.raises(ImageError, match="pixel_values.*NHWC"):
+        model(mx.array(ref["input_ids"][1:]), pixel_values=mx.array(ref["pixel_values"][1:]))  # NCHW
+
+
+def test_text_only_call_runs_the_decoder(loaded):
+    """No pixels: `<image>` placeholders embed as ordinary tokens (transformers does the same)."""
+    _, model, tokenizer, _ = loaded
+    ids = mx.array([tokenizer.encode("caption en\n")])
+    assert model(ids).shape == (1, ids.shape[1], 512)
+
+
+def test_every_key_layout_loads(tmp_path):
+    """Original / mlx-vlm (`language_model.model.`, `vision_tower.vision_model.`), transformers
+    >= 4.52 (`model.` prefixes) and transformers 5's vision tower without `vision_model.`."""
+    from mlx_gemma.tensorfile import load_file
+
+    src = FIXTURES / "tiny_paligemma"
+    weights = load_file(src / "model.safetensors")
+    assert any(k.startswith("model.language_model.") for k in weights)
+    variants = {
+        "old": lambda k: k.replace("model.language_model.", "language_model.model.")
+        .replace("model.vision_tower.", "vision_tower.")
+        .replace("model.multi_modal_projector.", "multi_modal_projector."),
+        "tf5": lambda k: k.replace("vision_tower.vision_model.", "vision_tower."),
+    }
+    reference = mlx_gemma.load_model(src)
+    ids = mx.array(np.load(src / "reference.npz")["same_ids"][:1])
+    pv = nhwc(np.load(src / "reference.npz")["pixel_values"][:1])
+    expected = reference(ids, pixel_values=pv)
+    for name, rename in variants.items():
+        folder = tmp_path / name
+        shutil.copytree(src, folder)
+        mx.save_safetensors(str(folder / "model.safetensors"), {rename(k): v for k, v in weights.items()},
+                            metadata={"format": "pt"})
+        model = mlx_gemma.load_model(folder)
+        np.testing.assert_array_equal(np.array(model(ids, pixel_values=pv)), np.array(expected))
+
+
+def config():
+    return json.loads((FIXTURES / "tiny_paligemma2" / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["text_config"].update(model_type="gemma3_text"), "not a PaliGemma decoder"),
+        (lambda c: c.update(projection_dim=32), "projection_dim 32 differs"),
+        (lambda c: c["vision_config"].update(image_size=40), "not a multiple of patch_size"),
+        (lambda c: c["vision_config"].update(hidden_act="relu"), "unsupported activation"),
+        (lambda c: c.update(image_token_index=-1), "image_token_index"),
+        (lambda c: c.update(text_config=[]), "text_config and vision_config"),
+    ],
+)
+def test_bad_configs_are_refused(change, message):
+    c = config()
+    change(c)
+    with pytest.raises(ConfigError, match=message):
+        paligemma.ModelArgs.from_dict(c, "config.json")
+
+
+def test_missing_text_keys_take_transformers_defaults():
+    args = paligemma.ModelArgs.from_dict({"model_type": "paligemma", "text_config": {}, "vision_config": {}})
+    # transformers' PaliGemmaConfig defaults: PaliGemma 1 3B at 224 px.
+    assert (args.text.hidden_size, args.text.num_hidden_layers, args.text.vocab_size) == (2048, 18, 257152)
+    assert (args.vision.hidden_size, args.vision.num_hidden_layers, args.num_image_tokens) == (1152, 27, 256)
