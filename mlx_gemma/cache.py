@@ -5,6 +5,21 @@ keeps only the last `max_size` of them (sliding-window layers of Gemma 2 and 3):
 memory stays bounded however long the text grows, and results stay exact,
 because a windowed layer never looks further back than its window.
 
+Two options bound memory further (`make_layer_caches`):
+- `max_kv_size` caps every layer.  Global layers become rotating caches that
+  keep the first `SINK_TOKENS` tokens (attention sinks, as mlx-lm's
+  `keep=4`) and the last `max_kv_size - SINK_TOKENS`; windowed layers keep
+  min(window, max_kv_size) and no sinks.  Beyond the cap attention is an
+  approximation of the model's; below it, results are exact.
+- `kv_bits` stores keys and values quantized with `mx.quantize` (affine,
+  `kv_group_size` values per scale/bias along head_dim), once the cache holds
+  `quantized_kv_start` tokens (5000 by default, as mlx-lm).  Attention
+  dequantizes and then attends, so every attention path (masks, left padding,
+  Gemma 2's soft-cap, rotating layers) works unchanged; memory at rest
+  shrinks, compute does not (mlx-lm attends with mx.quantized_matmul instead).
+- Windowed layers under `max_kv_size` keep no sinks: they were trained never
+  to see the first tokens once past their window.
+
 Each cache also builds the attention mask for the keys it is about to return,
 since only it knows their order (a ring buffer is not in time order).  Batched
 generation pads prompts on the left; `left_padding[b]` says how many leading
@@ -15,7 +30,19 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .errors import GenerationError
 from .models.layers import build_mask
+
+# Tokens at the start a capped global layer never drops (mlx-lm's RotatingKVCache keep=4):
+# models park attention mass on the first tokens, and losing them derails the text.
+SINK_TOKENS = 4
+KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode accepts
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's default: short texts stay in float
+
+# Keys or values as stored: (array,) in float, or mx.quantize's (w_q, scales, biases).
+# Every part keeps the layout [B, n_kv_heads, time, ...], so time slicing is per part.
+Parts = tuple
 
 
 def _key_valid(left_padding: mx.array | None, key_positions: mx.array) -> mx.array | None:
@@ -24,24 +51,73 @@ def _key_valid(left_padding: mx.array | None, key_positions: mx.array) -> mx.arr
     return key_positions[None, :] >= left_padding[:, None]  # [B, S]
 
 
-def _take_rows(cache, rows: mx.array) -> None:
-    # Every row shares the offset and slot layout, so gathering rows is all it takes.
-    if cache.keys is not None:
-        cache.keys, cache.values = cache.keys[rows], cache.values[rows]
-    if cache.left_padding is not None:
-        cache.left_padding = cache.left_padding[rows]
+def _slice(parts: Parts, start: int | None, stop: int | None) -> Parts:
+    return tuple(p[..., start:stop, :] for p in parts)
 
 
-class KVCache:
+def _concat(*pieces: Parts) -> Parts:
+    return tuple(mx.concatenate(list(ps), axis=2) for ps in zip(*pieces))
+
+
+class _Cache:
+    """What both caches share: storage (float or quantized), batch rows, state."""
+
+    def __init__(self, left_padding, bits, group_size, quantize_from):
+        self.keys: Parts | None = None
+        self.values: Parts | None = None
+        self.offset = 0  # tokens seen so far (= position of the next token)
+        self.left_padding = left_padding
+        self.bits, self.group_size, self.quantize_from = bits, group_size, quantize_from
+        self.quantized = False
+
+    def _encode(self, x: mx.array) -> Parts:
+        if not self.quantized:
+            return (x,)
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _decode(self, parts: Parts) -> mx.array:
+        if len(parts) == 1:
+            return parts[0]
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+    def _store_form(self, keys: mx.array, values: mx.array) -> tuple[Parts, Parts]:
+        """New keys and values in storage form, switching storage to quantized when due.
+
+        mlx-lm converts after the call that brought the cache to
+        `quantized_kv_start` tokens; converting before the next one quantizes the same tokens.
+        """
+        if self.bits is not None and not self.quantized and self.offset >= self.quantize_from:
+            self.quantized = True
+            if self.keys is not None:
+                self.keys, self.values = self._encode(self.keys[0]), self._encode(self.values[0])
+        return self._encode(keys), self._encode(values)
+
+    def take(self, rows: mx.array) -> None:
+        """Keep, reorder or repeat batch rows: row i becomes old row `rows[i]` (beam search)."""
+        # Every row shares the offset and slot layout, so gathering rows is all it takes.
+        if self.keys is not None:
+            self.keys = tuple(p[rows] for p in self.keys)
+            self.values = tuple(p[rows] for p in self.values)
+        if self.left_padding is not None:
+            self.left_padding = self.left_padding[rows]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [*self.keys, *self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+class KVCache(_Cache):
     """Keeps all keys and values, in time order, in buffers grown `step` at a time."""
 
     step = 256
 
-    def __init__(self, left_padding: mx.array | None = None):
-        self.keys: mx.array | None = None  # [B, n_kv_heads, capacity, head_dim]
-        self.values: mx.array | None = None
-        self.offset = 0  # tokens stored so far (= position of the next token)
-        self.left_padding = left_padding
+    def __init__(self, left_padding: mx.array | None = None, bits: int | None = None,
+                 group_size: int = 64, quantize_from: int = 0):
+        super().__init__(left_padding, bits, group_size, quantize_from)
 
     def make_mask(self, T: int, window: int | None = None, prefix_length: mx.array | None = None):
         """Mask for the next `update_and_fetch` of T tokens (None or "causal" when trivial)."""
@@ -61,49 +137,55 @@ class KVCache:
         )
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, n_kv, T, _ = keys.shape
-        end = self.offset + T
-        if self.keys is None or end > self.keys.shape[2]:
+        new_k, new_v = self._store_form(keys, values)  # keys: [B, n_kv_heads, T, head_dim]
+        end = self.offset + keys.shape[2]
+        if self.keys is None or end > self.keys[0].shape[2]:
             capacity = -(-end // self.step) * self.step
-            grown_k = mx.zeros((B, n_kv, capacity, keys.shape[3]), keys.dtype)
-            grown_v = mx.zeros((B, n_kv, capacity, values.shape[3]), values.dtype)
-            if self.keys is not None:
-                grown_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-                grown_v[..., : self.offset, :] = self.values[..., : self.offset, :]
-            self.keys, self.values = grown_k, grown_v
-        self.keys[..., self.offset : end, :] = keys
-        self.values[..., self.offset : end, :] = values
+            self.keys = self._grown(self.keys, new_k, capacity)
+            self.values = self._grown(self.values, new_v, capacity)
+        for stored, new in zip(self.keys + self.values, new_k + new_v):
+            stored[..., self.offset : end, :] = new
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return self._decode(_slice(self.keys, None, end)), self._decode(_slice(self.values, None, end))
 
-    def take(self, rows: mx.array) -> None:
-        """Keep, reorder or repeat batch rows: row i becomes old row `rows[i]` (beam search)."""
-        _take_rows(self, rows)
+    def _grown(self, parts: Parts | None, like: Parts, capacity: int) -> Parts:
+        """Buffers of `capacity` slots shaped like `like`, holding the first `offset` of `parts`."""
+        grown = []
+        for i, new in enumerate(like):
+            buffer = mx.zeros((*new.shape[:2], capacity, new.shape[3]), new.dtype)
+            if parts is not None and self.offset:
+                buffer[..., : self.offset, :] = parts[i][..., : self.offset, :]
+            grown.append(buffer)
+        return tuple(grown)
 
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+    def trim_to(self, length: int) -> bool:
+        """Forget every token from position `length` on (always possible here)."""
+        self.offset = min(self.offset, length)
+        return True
 
 
-class RotatingKVCache:
-    """Keeps the last `max_size` keys and values (a sliding-window layer's memory).
+class RotatingKVCache(_Cache):
+    """Keeps the first `keep` keys and values and the last `max_size - keep` (a ring).
 
-    Invariant once full: the token at position p sits in slot p % max_size, so a
-    one-token decode step overwrites exactly the token that left the window.  A
-    multi-token call (prefill) attends over the kept tokens plus the new ones,
-    then keeps the last `max_size` of them.
+    With keep=0 this is a sliding-window layer's memory.  Invariant once full:
+    slots [0, keep) hold positions 0..keep-1 for good, and position p >= keep
+    sits in slot keep + (p - keep) % (max_size - keep), so a one-token decode
+    step overwrites exactly the token that left the window.  A multi-token call
+    (prefill) attends over the kept tokens plus the new ones, then keeps the
+    first `keep` and the last `max_size - keep` of them.
     """
 
-    def __init__(self, max_size: int, left_padding: mx.array | None = None):
-        self.max_size = max_size
-        self.keys: mx.array | None = None  # [B, n_kv_heads, <= max_size, head_dim]
-        self.values: mx.array | None = None
-        self.offset = 0
-        self.left_padding = left_padding
+    def __init__(self, max_size: int, left_padding: mx.array | None = None, keep: int = 0,
+                 bits: int | None = None, group_size: int = 64, quantize_from: int = 0):
+        if not 0 <= keep < max_size:
+            raise GenerationError(f"a rotating cache of {max_size} tokens cannot keep {keep} first tokens")
+        super().__init__(left_padding, bits, group_size, quantize_from)
+        self.max_size, self.keep = max_size, keep
+        self.ring = max_size - keep  # slots that rotate
 
     @property
     def _stored(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return 0 if self.keys is None else self.keys[0].shape[2]
 
     def _ring_step(self, T: int) -> bool:
         """Whether the next update of T tokens writes in place into a full ring."""
@@ -113,68 +195,110 @@ class RotatingKVCache:
         """Positions of the keys the next update of T tokens will return, in slot order."""
         if self._ring_step(T):
             slots = mx.arange(self.max_size)
-            return self.offset - (self.offset - slots) % self.max_size
-        kept = min(self.offset, self.max_size) if self._stored else 0
-        return mx.arange(self.offset - kept, self.offset + T)
+            in_ring = self.offset - (self.offset - self.keep - (slots - self.keep)) % self.ring
+            return mx.where(slots < self.keep, slots, in_ring)
+        if self.offset <= self.max_size:
+            return mx.arange(self.offset + T)  # nothing dropped yet
+        return mx.concatenate([mx.arange(self.keep), mx.arange(self.offset - self.ring, self.offset + T)])
 
     def make_mask(self, T: int, window: int | None = None, prefix_length: mx.array | None = None):
-        window = self.max_size if window is None else window
+        # Recent keys seen: the layer's window, narrowed to what the ring holds (max_kv_size).
+        window = self.ring if window is None else min(window, self.ring)
         if T == 1 and self.left_padding is None and prefix_length is None:
-            return None  # everything kept is inside the window
+            return None  # everything kept is visible to the next token
         key_positions = self._key_positions(T)
-        return build_mask(
-            mx.arange(self.offset, self.offset + T),
-            key_positions,
-            window=window,
-            key_valid=_key_valid(self.left_padding, key_positions),
-            prefix_length=prefix_length,
-        )
+        query_positions = mx.arange(self.offset, self.offset + T)
+        key_valid = _key_valid(self.left_padding, key_positions)
+        mask = build_mask(query_positions, key_positions, window=window, key_valid=key_valid,
+                          prefix_length=prefix_length)
+        if self.keep:  # the kept first tokens stay visible to every later query
+            sinks = (key_positions[None, :] < self.keep) & (key_positions[None, :] <= query_positions[:, None])
+            sinks = sinks[None, None]  # [1, 1, T, S]
+            if key_valid is not None:
+                sinks = sinks & key_valid[:, None, None, :]
+            mask = mask | sinks
+        return mask
 
-    def _in_time_order(self) -> tuple[mx.array, mx.array]:
-        if self._stored < self.max_size:
-            return self.keys, self.values  # not wrapped yet: slot order is time order
-        start = self.offset % self.max_size  # slot of the oldest token
-        return (
-            mx.concatenate([self.keys[..., start:, :], self.keys[..., :start, :]], axis=2),
-            mx.concatenate([self.values[..., start:, :], self.values[..., :start, :]], axis=2),
-        )
+    def _in_time_order(self, parts: Parts) -> Parts:
+        if self._stored < self.max_size or self.offset == self.max_size:
+            return parts  # not wrapped yet: slot order is time order
+        oldest = self.keep + (self.offset - self.keep) % self.ring  # slot of the oldest ring token
+        return _concat(_slice(parts, None, self.keep), _slice(parts, oldest, None), _slice(parts, self.keep, oldest))
+
+    def _kept(self, parts: Parts) -> Parts:
+        """What to store of `parts` (time order, ending at `offset`), laid out as the invariant says."""
+        if self.offset <= self.max_size:
+            return parts
+        recent = _slice(parts, -self.ring, None)
+        shift = (self.offset - self.ring - self.keep) % self.ring  # oldest kept position's ring slot
+        recent = tuple(mx.roll(p, shift, axis=2) for p in recent)
+        return _concat(_slice(parts, None, self.keep), recent) if self.keep else recent
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        new_k, new_v = self._store_form(keys, values)
         T = keys.shape[2]
         if self._ring_step(T):
-            slot = self.offset % self.max_size
-            self.keys[..., slot : slot + 1, :] = keys
-            self.values[..., slot : slot + 1, :] = values
+            slot = self.keep + (self.offset - self.keep) % self.ring
+            for stored, new in zip(self.keys + self.values, new_k + new_v):
+                stored[..., slot : slot + 1, :] = new
             self.offset += 1
-            return self.keys, self.values
+            return self._decode(self.keys), self._decode(self.values)
 
         if self.keys is not None:
-            old_k, old_v = self._in_time_order()
-            keys = mx.concatenate([old_k, keys], axis=2)
-            values = mx.concatenate([old_v, values], axis=2)
+            new_k = _concat(self._in_time_order(self.keys), new_k)
+            new_v = _concat(self._in_time_order(self.values), new_v)
         self.offset += T
-        kept_k, kept_v = keys[..., -self.max_size :, :], values[..., -self.max_size :, :]
-        if kept_k.shape[2] == self.max_size:
-            # Place position p at slot p % max_size (see the class invariant).
-            shift = (self.offset - self.max_size) % self.max_size
-            kept_k = mx.roll(kept_k, shift, axis=2)
-            kept_v = mx.roll(kept_v, shift, axis=2)
-        self.keys, self.values = kept_k, kept_v
-        return keys, values
+        self.keys, self.values = self._kept(new_k), self._kept(new_v)
+        return self._decode(new_k), self._decode(new_v)
 
-    def take(self, rows: mx.array) -> None:
-        """Keep, reorder or repeat batch rows: row i becomes old row `rows[i]` (beam search)."""
-        _take_rows(self, rows)
+    def trim_to(self, length: int) -> bool:
+        """Forget every token from position `length` on; False (nothing changed) when that
+        needs tokens the ring has already dropped: then the caller must recompute."""
+        if length >= self.offset:
+            return True
+        if self.offset > self.max_size:
+            return False
+        if self.keys is not None:
+            self.keys, self.values = _slice(self.keys, None, length), _slice(self.values, None, length)
+        self.offset = length
+        return True
 
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+
+def check_kv_options(head_dim: int | None = None, max_kv_size: int | None = None, kv_bits: int | None = None,
+                     kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> dict:
+    """Validate the cache options; returns them as keyword arguments for `make_layer_caches`."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if max_kv_size is not None and (not is_int(max_kv_size) or max_kv_size <= SINK_TOKENS):
+        raise GenerationError(f"max_kv_size must be an integer > {SINK_TOKENS} (the first {SINK_TOKENS} "
+                              f"tokens are always kept), got {max_kv_size!r}")
+    if kv_bits is not None and kv_bits not in KV_BITS:
+        raise GenerationError(f"kv_bits must be one of {KV_BITS} (or None: no quantization), got {kv_bits!r}")
+    if kv_group_size not in KV_GROUP_SIZES:
+        raise GenerationError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {kv_group_size!r}")
+    if kv_bits is not None and head_dim is not None and head_dim % kv_group_size:
+        raise GenerationError(f"kv_group_size {kv_group_size} does not divide the model's head_dim {head_dim}: "
+                              "keys are quantized in groups along head_dim")
+    if not is_int(quantized_kv_start) or quantized_kv_start < 0:
+        raise GenerationError(f"quantized_kv_start must be an integer >= 0, got {quantized_kv_start!r}")
+    return dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                quantized_kv_start=quantized_kv_start)
 
 
 def make_layer_caches(
-    windows: list[int | None], left_padding: mx.array | None = None
+    windows: list[int | None], left_padding: mx.array | None = None, *, max_kv_size: int | None = None,
+    kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> list[KVCache | RotatingKVCache]:
-    """One cache per layer: rotating where the layer has a window, growing elsewhere."""
-    return [
-        KVCache(left_padding) if w is None else RotatingKVCache(w, left_padding) for w in windows
-    ]
+    """One cache per layer: rotating where the layer has a window (or under `max_kv_size`), growing elsewhere."""
+    check_kv_options(None, max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
+    quant = dict(bits=kv_bits, group_size=kv_group_size, quantize_from=quantized_kv_start)
+    caches = []
+    for w in windows:
+        if w is None and max_kv_size is None:
+            caches.append(KVCache(left_padding, **quant))
+        elif w is None:
+            caches.append(RotatingKVCache(max_kv_size, left_padding, keep=SINK_TOKENS, **quant))
+        else:
+            caches.append(RotatingKVCache(min(w, max_kv_size or w), left_padding, **quant))
+    return caches

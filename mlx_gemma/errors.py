@@ -65,3 +65,7 @@ class DatasetError(ModelFileError):
 
 class TrainingError(MlxGemmaError):
     """Training was asked for something impossible (bad settings, an unknown optimizer, ...)."""
+
+
+class PromptCacheError(ModelFileError):
+    """A prompt-cache file is not ours, is malformed, or was made for another model."""

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .cache import check_kv_options
 from .errors import GenerationError, MlxGemmaError
+from .prompt_cache import add_cache_flags
 from .prompts import RowText, prompt_ids, stop_settings
 from .samplers import apply_processors, greedy, make_logits_processors, make_sampler
 
@@ -90,14 +92,16 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
                   prefill_step_size: int = 512, max_tokens: int = 256, *, left_padding=None,
-                  ) -> Iterator[tuple[list[int], mx.array]]:
+                  cached_ids=None, **kv_options) -> Iterator[tuple[list[int], mx.array]]:
     """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
 
-    `cache` is `model.make_cache(...)` (made here, with `left_padding`, when None;
-    a cache already holding tokens continues from them).  `left_padding[b]` counts
-    row b's leading pad slots, which the logits processors then ignore.  Stops
-    after `max_tokens` steps or at the context length.  A NaN in a row's logits
-    raises GenerationError.  Settings are checked when called, not on first `next`.
+    `cache` is `model.make_cache(...)` (made here, with `left_padding` and
+    `kv_options` -- max_kv_size, kv_bits, kv_group_size, quantized_kv_start, see
+    `mlx_gemma.cache` -- when None; a cache already holding tokens continues from
+    them, and `cached_ids` [B, offset] tells the logits processors which).
+    `left_padding[b]` counts row b's leading pad slots, which the logits processors
+    then ignore.  Stops after `max_tokens` steps or at the context length.  A NaN
+    in a row's logits raises GenerationError.  Settings are checked when called.
     """
     ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(prompt_ids)
     if ids.ndim == 1:
@@ -107,19 +111,25 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     _positive_int("prefill_step_size", prefill_step_size, 1)
     pad = None if left_padding is None else mx.array(left_padding, mx.int32)
     if cache is None:
-        cache = model.make_cache(left_padding=pad)
+        if kv_options:
+            kv_options = check_kv_options(getattr(model.args, "head_dim", None), **kv_options)
+        cache = model.make_cache(left_padding=pad, **kv_options)
+    elif kv_options:
+        raise GenerationError("cache options (max_kv_size, kv_bits, ...) go to the cache when it is made")
     budget = token_budget(model, cache[0].offset + ids.shape[1], max_tokens)
     return _decode(model, ids.astype(mx.int32), cache, sampler or greedy, list(logits_processors or []),
-                   prefill_step_size, budget, pad)
+                   prefill_step_size, budget, pad, cached_ids)
 
 
-def _decode(model, ids, cache, sampler, processors, step_size, budget, pad):
+def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids):
     if budget == 0:
         return
     stream = generation_stream()
     history = None  # what the processors see: prompt then generated ids, pads as -1
     if processors:
         history = ids if pad is None else mx.where(mx.arange(ids.shape[1])[None] < pad[:, None], -1, ids)
+        if cached_ids is not None:
+            history = mx.concatenate([mx.array(cached_ids, mx.int32).reshape(ids.shape[0], -1), history], axis=1)
 
     def forward(y, fed_back: bool):
         nonlocal history
@@ -172,7 +182,8 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad):
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=None, logits_processors=None,
                     stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
                     chat: bool | None = None, system: str | None = None, prefill_step_size: int = 512,
-                    skip_special_tokens: bool = False) -> Iterator[GenerationResponse]:
+                    skip_special_tokens: bool = False, prompt_cache=None, **kv_options,
+                    ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
 
     `prompt`: a string (encoded with <bos>), token ids, or chat messages (see
@@ -181,16 +192,22 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     text), at any of `stop_strings` (never emitted, even across tokens), after
     `max_tokens`, or when the sequence fills the context.  `max_tokens=0` yields
     nothing.  Bad settings raise GenerationError here, before iteration.
+
+    `prompt_cache` (a `PromptCache`): reuse the longest prefix of the prompt it
+    already holds, feed only the rest (`prompt_tokens` counts those), and leave
+    it holding prompt + generated tokens.  Without one, `kv_options`
+    (max_kv_size, kv_bits, kv_group_size, quantized_kv_start; see
+    `mlx_gemma.cache`) shape the cache made for this call.
     """
     batch = _start(model, tokenizer, [prompt], max_tokens, sampler, logits_processors, stop_strings,
-                   stop_token_ids, chat, system, prefill_step_size, skip_special_tokens)
+                   stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache)
     return (responses[0] for responses in batch)
 
 
 def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
                           system: str | None = None, prefill_step_size: int = 512, skip_special_tokens: bool = False,
-                          ) -> Iterator[list[GenerationResponse | None]]:
+                          **kv_options) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 
     Arguments as `stream_generate`'s.  Prompts are left-padded to the longest;
@@ -202,21 +219,31 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError("prompts must be a non-empty list of prompts")
     return _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings,
-                  stop_token_ids, chat, system, prefill_step_size, skip_special_tokens)
+                  stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options)
 
 
 def _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings, stop_token_ids,
-           chat, system, prefill_step_size, skip_special_tokens):
+           chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache=None):
     """Check everything, then return the (not yet started) response generator."""
     rows_ids = [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts]
     stop_ids, stops = stop_settings(model, tokenizer, stop_strings, stop_token_ids)
+    rows = [RowText(tokenizer, stop_ids, stops, skip_special_tokens) for _ in rows_ids]
+    if prompt_cache is not None:
+        prompt_cache.check(model)
+        ids = rows_ids[0]
+        budget = token_budget(model, len(ids), max_tokens)  # before the cache is touched
+        feed = prompt_cache.prepare(ids)
+        steps = generate_step(model, feed, cache=prompt_cache.caches, sampler=sampler,
+                              logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+                              max_tokens=max_tokens, cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None,
+                              **kv_options)
+        return prompt_cache.recorded(_responses(steps, rows, [len(feed)], budget), ids)
     T = max(len(r) for r in rows_ids)
     pads = [T - len(r) for r in rows_ids]
     filler = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0  # masked out; any valid id would do
     steps = generate_step(model, mx.array([[filler] * p + r for p, r in zip(pads, rows_ids)]), sampler=sampler,
                           logits_processors=logits_processors, prefill_step_size=prefill_step_size,
-                          max_tokens=max_tokens, left_padding=pads if any(pads) else None)
-    rows = [RowText(tokenizer, stop_ids, stops, skip_special_tokens) for _ in rows_ids]
+                          max_tokens=max_tokens, left_padding=pads if any(pads) else None, **kv_options)
     return _responses(steps, rows, [len(r) for r in rows_ids], token_budget(model, T, max_tokens))
 
 
@@ -310,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Generate text with a Gemma model (flags follow mlx_lm.generate).")
     p.add_argument("--model", default=None, help="model folder or hub repo id (default: the packaged model)")
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt; '-' reads it from stdin")
+    add_sampling_flags(p)
+    p.add_argument("--system", "--system-prompt", dest="system", help="system prompt (needs the chat template)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the chat template (default: on for instruct models, "
+                        "i.e. '-it'/'instruct' in the name or a generation config stopping on <end_of_turn>)")
+    p.add_argument("--ignore-chat-template", dest="chat", action="store_false", help="same as --no-chat")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text, not printed (repeatable)")
+    add_cache_flags(p)
+    p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
+                                               "the prompt continues the cached text")
+    p.add_argument("--verbose", action="store_true", help="also print settings and the finish reason to stderr")
+    return p
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--max-tokens and the sampler flags (shared with python -m mlx_gemma.chat); see `sampling_from`."""
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -317,14 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best one's (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty (1 = off)")
-    p.add_argument("--system", "--system-prompt", dest="system", help="system prompt (needs the chat template)")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap the prompt in the chat template (default: on for instruct models, "
-                        "i.e. '-it'/'instruct' in the name or a generation config stopping on <end_of_turn>)")
-    p.add_argument("--ignore-chat-template", dest="chat", action="store_false", help="same as --no-chat")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text, not printed (repeatable)")
-    p.add_argument("--verbose", action="store_true", help="also print settings and the finish reason to stderr")
-    return p
+
+
+def sampling_from(args) -> tuple:
+    """(sampler, logits processors) from the flags of `add_sampling_flags`."""
+    return (make_sampler(args.temp, args.top_k, args.top_p, args.min_p, args.seed),
+            make_logits_processors(repetition_penalty=args.repetition_penalty))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,19 +376,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     last, wrote = None, False
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        sampler = make_sampler(args.temp, args.top_k, args.top_p, args.min_p, args.seed)
-        processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
+        sampler, processors = sampling_from(args)
         from .loading import load
+        from .prompt_cache import continuation_ids, kv_options_from, load_prompt_cache
 
-        model, tokenizer = load(args.model)
+        kv_options, prompt_cache, model_arg = kv_options_from(args), None, args.model
+        if args.prompt_cache_file:
+            if kv_options or args.system:
+                raise GenerationError("--prompt-cache-file: the cache options and the system prompt were fixed "
+                                      "when the cache was made (python -m mlx_gemma.cache_prompt)")
+            prompt_cache = load_prompt_cache(args.prompt_cache_file)
+            model_arg = args.model or prompt_cache.metadata.get("model")
+        model, tokenizer = load(model_arg)
         folder = getattr(model, "path", None)
-        chat = args.chat if args.chat is not None else looks_instruct(args.model, folder, tokenizer)
+        chat = args.chat if args.chat is not None else looks_instruct(model_arg, folder, tokenizer)
+        if prompt_cache is not None:
+            prompt_cache.check(model)
+            chat = args.chat if args.chat is not None else prompt_cache.metadata.get("chat") == "true"
         if args.verbose:
             print(f"model: {folder}\nchat template: {'on' if chat else 'off'}"
                   f"{' (auto)' if args.chat is None else ''}", file=err)
+        if prompt_cache is not None:  # the cached ids, then the prompt (and the turn's end, in chat)
+            prompt, chat = prompt_cache.tokens + continuation_ids(tokenizer, prompt, chat), None
         for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                     logits_processors=processors, stop_strings=args.stop, chat=chat,
-                                    system=args.system):
+                                    system=args.system, prompt_cache=prompt_cache, **kv_options):
             if last.text:
                 print(last.text, end="", file=out, flush=True)
                 wrote = True

@@ -89,10 +89,11 @@ class CausalLM(nn.Module):
         """Each layer's attention window (None for global layers)."""
         return [layer.self_attn.window for layer in self.layers]
 
-    def make_cache(self, left_padding: mx.array | None = None):
+    def make_cache(self, left_padding: mx.array | None = None, **options):
+        """Per-layer KV caches; `options`: max_kv_size, kv_bits, kv_group_size, quantized_kv_start."""
         from ..cache import make_layer_caches  # cache.py builds on layers.py: import late
 
-        return make_layer_caches(self.windows, left_padding)
+        return make_layer_caches(self.windows, left_padding, **options)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop what Hugging Face checkpoints carry but we recompute or share."""

@@ -1,0 +1,245 @@
+"""Prompt caches: one conversation's KV caches plus the token ids they hold.
+
+A `PromptCache` lets later calls skip what earlier ones computed:
+`stream_generate(model, tokenizer, prompt, prompt_cache=pc)` keeps the longest
+common prefix of the new prompt and `pc.tokens`, feeds only the rest, and
+leaves the cache holding prompt + generated tokens (a chat's next turn then
+prefills only itself).  Going back to a shorter prefix trims the caches; a
+sliding-window cache that has wrapped has dropped the tokens it would need,
+so then everything is recomputed from scratch.
+
+`save_prompt_cache` / `load_prompt_cache` store it as safetensors with our
+own metadata (format marker, cache layout, the model's shape), checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+
+from .cache import DEFAULT_QUANTIZED_KV_START, RotatingKVCache, _slice, check_kv_options, make_layer_caches
+from .errors import GenerationError, MlxGemmaError, PromptCacheError
+from .tensorfile import load_file_with_metadata, save_file
+
+FORMAT = "mlx_gemma.prompt_cache"
+VERSION = "1"
+
+
+def model_fingerprint(model) -> dict:
+    """What a cache must agree with to be used by `model`."""
+    a = model.args
+    return {"model_type": a.model_type, "num_layers": len(model.windows), "windows": list(model.windows),
+            "num_key_value_heads": a.num_key_value_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size}
+
+
+class PromptCache:
+    """The per-layer caches of one sequence (batch of one) and the ids they hold.
+
+    `PromptCache(model, max_kv_size=..., kv_bits=..., ...)` makes an empty one;
+    the cache options (see `mlx_gemma.cache`) are fixed from then on.
+    `metadata` (str -> str) travels with it to and from files.
+    """
+
+    def __init__(self, model, max_kv_size: int | None = None, kv_bits: int | None = None,
+                 kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START):
+        self.fingerprint = model_fingerprint(model)
+        self.options = check_kv_options(self.fingerprint["head_dim"], max_kv_size, kv_bits, kv_group_size,
+                                        quantized_kv_start)
+        self.metadata: dict[str, str] = {}
+        self.path: str | None = None  # the file it was loaded from
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new conversation)."""
+        self.caches = make_layer_caches(self.fingerprint["windows"], **self.options)
+        self.tokens: list[int] = []
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset
+
+    def check(self, model) -> None:
+        """PromptCacheError unless this cache was made for a model of `model`'s shape."""
+        theirs = model_fingerprint(model)
+        diff = [f"{k} {self.fingerprint[k]!r} (the model has {theirs[k]!r})"
+                for k in theirs if self.fingerprint.get(k) != theirs[k]]
+        if diff:
+            raise PromptCacheError(self.path, "the prompt cache was made for another model: " + "; ".join(diff))
+
+    def prepare(self, ids: list[int]) -> list[int]:
+        """Keep the longest common prefix of the cached tokens and `ids`; returns the ids to feed.
+
+        At least one id is always fed (its logits start the reply), so a prompt
+        equal to the cached tokens recomputes its last one.
+        """
+        n = 0
+        for cached, new in zip(self.tokens, ids):
+            if cached != new:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        if n < self.offset and not all(c.trim_to(n) for c in self.caches):
+            self.reset()  # a wrapped window cannot go back: start over
+            n = 0
+        self.tokens = list(ids[:n])
+        return list(ids[n:])
+
+    def extend(self, model, ids: list[int], step_size: int = 512) -> None:
+        """Feed `ids` after what the cache holds, generating nothing (the cache_prompt flow)."""
+        self.check(model)
+        context = model.args.max_position_embeddings
+        if len(self.tokens) + len(ids) >= context:
+            raise GenerationError(f"{len(self.tokens) + len(ids)} tokens do not fit the model's context of {context}")
+        for start in range(0, len(ids), step_size):
+            model.model(mx.array([ids[start:start + step_size]]), cache=self.caches)
+            mx.eval([c.state for c in self.caches])  # one chunk's graph at a time
+        self.tokens += list(ids)
+
+    def recorded(self, responses, ids: list[int]):
+        """Pass `responses` (lists of one response) through, then set `tokens` to what the caches hold."""
+        generated: list[int] = []
+        try:
+            for out in responses:
+                generated.append(out[0].token)
+                yield out
+        finally:
+            # The decode loop may have fed the last token already (it runs a step ahead).
+            held = (list(ids) + generated)[: self.offset]
+            if len(held) != self.offset:  # cannot happen; never keep a cache that lies
+                self.reset()
+            else:
+                self.tokens = held
+
+
+def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None = None) -> None:
+    """Write `cache` (and `metadata`, str -> str, merged over its own) to the safetensors file `path`, atomically."""
+    if not isinstance(cache, PromptCache):
+        raise GenerationError(f"save_prompt_cache needs a PromptCache, got {type(cache).__name__}")
+    user = {**cache.metadata, **(metadata or {})}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
+        raise GenerationError("prompt cache metadata must map strings to strings")
+    arrays = {"tokens": mx.array(cache.tokens, dtype=mx.int32)}
+    layers = []
+    for i, c in enumerate(cache.caches):
+        if c.left_padding is not None or (c.keys is not None and c.keys[0].shape[0] != 1):
+            raise GenerationError("only a single-sequence cache without padding can be saved")
+        rotating = isinstance(c, RotatingKVCache)
+        layers.append({"offset": c.offset, "quantized": c.quantized, "rotating": rotating})
+        if c.keys is None:
+            continue
+        stored = (c.keys, c.values) if rotating else (_slice(c.keys, None, c.offset), _slice(c.values, None, c.offset))
+        for name, parts in zip(("keys", "values"), stored):
+            for j, p in enumerate(parts):
+                arrays[f"layers.{i}.{name}.{j}"] = p
+    save_file(path, arrays, {
+        "format": FORMAT, "version": VERSION, "options": json.dumps(cache.options),
+        "model": json.dumps(cache.fingerprint), "layers": json.dumps(layers), "metadata": json.dumps(user)})
+
+
+def load_prompt_cache(path, model=None) -> PromptCache:
+    """Read a file written by `save_prompt_cache`; with `model`, also check that it fits it.
+
+    Anything that is not such a file, or whose arrays do not match its own
+    description, raises PromptCacheError (ModelFileError for unreadable files).
+    """
+    path = os.fspath(path)
+    arrays, meta = load_file_with_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise PromptCacheError(path, "not an mlx_gemma prompt cache (no format marker in its metadata)")
+    if meta.get("version") != VERSION:
+        raise PromptCacheError(path, f"prompt cache version {meta.get('version')!r}; this mlx_gemma reads {VERSION!r}")
+    try:
+        options, fingerprint, layers, user = (json.loads(meta[k]) for k in ("options", "model", "layers", "metadata"))
+        windows = fingerprint["windows"]
+        options = check_kv_options(fingerprint["head_dim"], **options)
+        if len(layers) != len(windows) or not all(isinstance(v, str) for v in user.values()):
+            raise ValueError("the layer list does not match the model description")
+        pc = PromptCache.__new__(PromptCache)
+        pc.fingerprint, pc.options, pc.metadata, pc.path = fingerprint, options, dict(user), path
+        pc.reset()
+        tokens = arrays.pop("tokens")
+        if tokens.ndim != 1 or tokens.dtype != mx.int32:
+            raise ValueError("'tokens' must be a 1-D int32 array")
+        pc.tokens = tokens.tolist()
+        if any(not 0 <= t < fingerprint["vocab_size"] for t in pc.tokens):
+            raise ValueError("a token id is outside the model's vocabulary")
+        for i, (c, entry) in enumerate(zip(pc.caches, layers)):
+            _restore(c, i, entry, arrays, pc, len(pc.tokens))
+        if arrays:
+            raise ValueError(f"unexpected arrays {sorted(arrays)[:3]}")
+    except PromptCacheError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, MlxGemmaError) as e:
+        raise PromptCacheError(path, f"malformed prompt cache: {e}") from e
+    if model is not None:
+        pc.check(model)
+    return pc
+
+
+def _restore(c, i: int, entry: dict, arrays: dict, pc: PromptCache, n_tokens: int) -> None:
+    """Fill layer i's cache `c` from `arrays` (popping what it uses), checking every shape."""
+    if entry["rotating"] != isinstance(c, RotatingKVCache):
+        raise ValueError(f"layer {i}: the cache kind does not match the model's window for it")
+    if entry["offset"] != n_tokens:
+        raise ValueError(f"layer {i} holds {entry['offset']} tokens but the file lists {n_tokens}")
+    if entry["quantized"] and c.bits is None:
+        raise ValueError(f"layer {i} is quantized but the options say kv_bits=None")
+    stored = min(n_tokens, c.max_size) if entry["rotating"] else n_tokens
+    H, D = pc.fingerprint["num_key_value_heads"], pc.fingerprint["head_dim"]
+    if entry["quantized"]:  # (uint32 packed values, scales, biases)
+        shapes = [(1, H, stored, D * c.bits // 32), (1, H, stored, D // c.group_size), (1, H, stored, D // c.group_size)]
+    else:
+        shapes = [(1, H, stored, D)]
+    parts = {}
+    for name in ("keys", "values"):
+        got = [arrays.pop(f"layers.{i}.{name}.{j}", None) for j in range(len(shapes))]
+        if stored == 0 and all(a is None for a in got):
+            continue
+        if any(a is None or tuple(a.shape) != s for a, s in zip(got, shapes)):
+            raise ValueError(f"layer {i} {name}: expected arrays of shapes {shapes}")
+        if entry["quantized"] != (got[0].dtype == mx.uint32) or not all(
+                mx.issubdtype(a.dtype, mx.floating) for a in got[int(entry["quantized"]):]):
+            raise ValueError(f"layer {i} {name}: wrong dtypes")
+        parts[name] = tuple(got)
+    c.offset, c.quantized = n_tokens, bool(entry["quantized"])
+    if parts:
+        c.keys, c.values = parts["keys"], parts["values"]
+
+
+# ----- the cache_prompt / generate --prompt-cache-file flow (as mlx-lm's) ---------------
+
+
+def open_turn_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
+    """A chat opened on a user turn holding `text`, left unfinished: `<bos><start_of_turn>user\\n{text}`."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
+    return ids[: len(ids) - 1 - ids[::-1].index(tokenizer.end_of_turn_id)]  # up to the turn's end
+
+
+def continuation_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    """What follows cached ids: `text`, and in chat the end of the open user turn and the model's turn start."""
+    ids = tokenizer.encode(text, add_bos=False)
+    if chat:
+        closing = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True)
+        ids += closing[closing.index(tokenizer.end_of_turn_id):]  # <end_of_turn>\n<start_of_turn>model\n
+    return ids
+
+
+def add_cache_flags(p) -> None:
+    """The KV-cache flags of the CLIs (generate, chat, cache_prompt); see `kv_options_from`."""
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="cap every layer's KV cache at this many tokens (approximate beyond it)")
+    p.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to this many bits")
+    p.add_argument("--kv-group-size", type=int, default=64, help="values per scale in the quantized KV cache")
+    p.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                   help="quantize the KV cache once it holds this many tokens")
+
+
+def kv_options_from(args) -> dict:
+    """The cache flags the user set (those left at their defaults are not passed on)."""
+    given = dict(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                 quantized_kv_start=args.quantized_kv_start)
+    defaults = dict(max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)
+    return {k: v for k, v in given.items() if v != defaults[k]}
