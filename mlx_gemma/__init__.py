@@ -1,6 +1,8 @@
 """mlx_gemma: Google's Gemma family on Apple's MLX.
 
-The public face: `load` (model + tokenizer), `load_model`, and the typed errors.
+The public face: `load` (model + tokenizer), `load_model`, the typed errors, and
+the keras-hub style tasks (`GemmaCausalLM`, `GemmaBackbone`,
+`GemmaCausalLMPreprocessor`, `GemmaTokenizer`; imported on first use).
 """
 
 from .errors import MlxGemmaError
@@ -8,4 +10,15 @@ from .loading import load, load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "load_model", "MlxGemmaError"]
+_TASKS = ("GemmaCausalLM", "GemmaBackbone", "GemmaCausalLMPreprocessor", "GemmaTokenizer")
+
+__all__ = ["load", "load_model", "MlxGemmaError", *_TASKS]
+
+
+def __getattr__(name: str):
+    # The tasks pull in the tokenizer and the decode loop: load them only when asked for.
+    if name in _TASKS:
+        from . import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module 'mlx_gemma' has no attribute {name!r}")

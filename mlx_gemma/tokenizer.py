@@ -251,6 +251,59 @@ class GemmaTokenizer:
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special_tokens)
 
+    # ----- keras-hub's GemmaTokenizer interface ---------------------------------------
+    # Names and results as keras_hub.models.GemmaTokenizer (SentencePieceTokenizer):
+    # no <bos>/<eos> added (the preprocessor's packer adds them), and text is encoded
+    # exactly as SentencePiece does, so typed "<start_of_turn>" *is* that token, as
+    # keras-hub's instruct prompts expect.  Lists of ids stand in for keras tensors.
+
+    @classmethod
+    def from_preset(cls, preset: str | os.PathLike) -> GemmaTokenizer:
+        """The tokenizer of a preset name, hf:// / kaggle:// handle or folder (see mlx_gemma.tasks)."""
+        from .tasks.presets import tokenizer_file
+
+        path = tokenizer_file(os.fspath(preset))
+        return cls.from_folder(path) if path.is_dir() else cls.from_file(path)
+
+    def tokenize(self, inputs: str | Sequence[str]) -> list[int] | list[list[int]]:
+        """Ids of a string (a list of ids), or of each string of a list."""
+        if isinstance(inputs, str):
+            return self._sp.encode(inputs)
+        if isinstance(inputs, Sequence) and all(isinstance(t, str) for t in inputs):
+            return [self._sp.encode(t) for t in inputs]
+        raise TokenizerError(self.path, f"tokenize() takes a string or a list of strings, got {type(inputs).__name__}")
+
+    __call__ = tokenize
+
+    def detokenize(self, inputs) -> str | list[str]:
+        """Text of an id list (or one id, or a 1-D array); a list of texts for a batch (2-D)."""
+        if hasattr(inputs, "tolist"):  # numpy / mlx arrays
+            inputs = inputs.tolist()
+        if isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], Sequence):
+            return [self.decode(row) for row in inputs]
+        return self.decode(inputs)
+
+    def vocabulary_size(self) -> int:
+        return self.vocab_size
+
+    def get_vocabulary(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.id_to_piece(token_id)
+
+    def token_to_id(self, token: str) -> int:
+        i = self._optional_id(token)
+        if i is None:
+            raise TokenizerError(self.path, f"token {token!r} is not in the vocabulary")
+        return i
+
+    start_token_id = property(lambda self: self.bos_id)
+    end_token_id = property(lambda self: self.eos_id)
+    pad_token_id = property(lambda self: self.pad_id)
+    # What keras-hub's generate_postprocess strips: its start, end and pad tokens.
+    special_token_ids = property(lambda self: sorted({self.bos_id, self.eos_id, self.pad_id} - {-1}))
+
     # ----- chat ---------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,

@@ -1,0 +1,34 @@
+"""keras-hub style tasks: `GemmaCausalLM`, `GemmaBackbone`, `GemmaCausalLMPreprocessor`, presets.
+
+    lm = mlx_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
+    lm.generate("<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n", max_length=64)
+
+Thin layers over the rest of mlx_gemma: presets resolve to model folders
+(`presets.py`), the backbone wraps an mlx_gemma model (`backbone.py`), the
+preprocessor packs ids as keras-hub does (`preprocessor.py`), and generation
+runs mlx_gemma's decode loop with keras-hub's semantics (`generation.py`,
+`samplers.py`, `causal_lm.py`).  The tokenizer is `mlx_gemma.tokenizer.GemmaTokenizer`,
+which also speaks keras-hub's tokenizer interface.
+"""
+
+from ..tokenizer import GemmaTokenizer
+from .backbone import GemmaBackbone
+from .causal_lm import GemmaCausalLM
+from .presets import PRESETS, preset_names
+from .preprocessor import GemmaCausalLMPreprocessor
+from .samplers import (
+    BeamSampler,
+    ContrastiveSampler,
+    GreedySampler,
+    RandomSampler,
+    Sampler,
+    TopKSampler,
+    TopPSampler,
+    get_sampler,
+)
+
+__all__ = [
+    "GemmaBackbone", "GemmaCausalLM", "GemmaCausalLMPreprocessor", "GemmaTokenizer", "PRESETS", "preset_names",
+    "Sampler", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
+    "ContrastiveSampler", "get_sampler",
+]

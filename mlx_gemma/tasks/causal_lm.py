@@ -1,0 +1,150 @@
+"""`GemmaCausalLM`: keras-hub's text-generation task on MLX.
+
+    lm = mlx_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
+    lm.compile(sampler="top_k")
+    lm.generate("I want to say", max_length=30)
+
+`generate` follows keras-hub 0.32 (`CausalLM.generate`): strings are packed by
+the preprocessor to `max_length` (the preprocessor's `sequence_length` when not
+given), prompt included; the output is the detokenized prompt + completion
+(without it when `strip_prompt`); with `preprocessor=None` a dict of `token_ids`
+/ `padding_mask` goes in and comes out.  The decode loop is mlx_gemma's own
+(see generation.py).  It serves Gemma, Gemma 2 and Gemma 3 text models alike.
+
+Stop ids: `"auto"` is the tokenizer's end token (<eos>), as keras-hub's
+GemmaCausalLM, plus <end_of_turn> for instruction-tuned presets and Gemma 3 (as
+keras-hub's Gemma3CausalLM); `None` generates to max_length; or a list of ids.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import GenerationError, MlxGemmaError
+from .backbone import GemmaBackbone, as_dtype
+from .generation import check_packed, fill, output_mask, strip_prompt
+from .preprocessor import GemmaCausalLMPreprocessor, _texts
+from .samplers import get_sampler
+
+_FROM_PRESET = object()  # "build the preset's own preprocessor"
+
+
+class GemmaCausalLM:
+    """A GemmaBackbone and (optionally) a GemmaCausalLMPreprocessor; greedy until compiled otherwise."""
+
+    def __init__(self, backbone: GemmaBackbone, preprocessor: GemmaCausalLMPreprocessor | None = None):
+        if not isinstance(backbone, GemmaBackbone):
+            raise MlxGemmaError(f"backbone must be a GemmaBackbone, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        # Gemma 3 checkpoints end their turns with <end_of_turn> (keras-hub's Gemma3CausalLM
+        # stops there too); from_preset also sets this for instruction-tuned presets.
+        self.stop_on_end_of_turn = backbone.args.model_type not in ("gemma", "gemma2")
+        self.compile()
+
+    @classmethod
+    def from_preset(cls, preset: str | os.PathLike, load_weights: bool = True, dtype=None,
+                    preprocessor=_FROM_PRESET, sequence_length: int = 1024) -> GemmaCausalLM:
+        """A preset name (`gemma2_2b_en`, ...), `hf://org/repo`, `kaggle://...`, or a local folder.
+
+        `load_weights=False`: random weights of the preset's shape (only the tokenizer
+        is fetched).  `dtype`: the weights' float type (default: as stored; float32
+        for random weights).  `preprocessor=None` leaves it off (generate then takes
+        and returns token-id dicts); `sequence_length` is the preprocessor's default
+        max_length, keras-hub's default 1024.
+        """
+        from ..generate import looks_instruct
+        from ..loading import load_model
+        from ..tokenizer import GemmaTokenizer, check_vocab_fits
+        from .presets import preset_of, resolve_preset
+
+        entry = preset_of(preset)
+        folder = None
+        if load_weights:
+            folder = resolve_preset(preset)
+            backbone = GemmaBackbone.from_model(load_model(folder, dtype=as_dtype(dtype)))
+        else:
+            backbone = GemmaBackbone.from_preset(preset, load_weights=False, dtype=dtype)
+        if preprocessor is _FROM_PRESET:
+            tokenizer = GemmaTokenizer.from_folder(folder) if folder is not None else GemmaTokenizer.from_preset(preset)
+            check_vocab_fits(tokenizer, backbone.vocabulary_size, tokenizer.path)
+            preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length)
+        lm = cls(backbone, preprocessor)
+        instruct = entry.instruct if entry is not None else looks_instruct(os.fspath(preset), folder)
+        lm.stop_on_end_of_turn = lm.stop_on_end_of_turn or instruct
+        return lm
+
+    # ----- compile / generate ------------------------------------------------------------
+
+    def compile(self, sampler="greedy", **training_settings) -> None:
+        """Choose generate()'s sampler: a name ("greedy", "top_k", "top_p", "random",
+        "beam", "contrastive") or a sampler object (mlx_gemma.tasks.samplers or keras_hub.samplers).
+
+        `optimizer`, `loss`, ... are kept in `self.training_settings` for `fit` (LoRA issue).
+        """
+        self.sampler = get_sampler(sampler)
+        self.training_settings = training_settings
+
+    @property
+    def model(self):
+        """The MLX model (for mlx_gemma.generate & co.)."""
+        return self.backbone.model
+
+    def _stop_ids(self, stop_token_ids) -> tuple[int, ...] | None:
+        if stop_token_ids is None:
+            return None
+        if isinstance(stop_token_ids, str):
+            if stop_token_ids != "auto":
+                raise GenerationError(f"stop_token_ids must be 'auto', None or a list of ids, got {stop_token_ids!r}")
+            if self.preprocessor is None:
+                raise GenerationError(
+                    "stop_token_ids='auto' needs a preprocessor (its tokenizer's end token); with preprocessor=None "
+                    "pass stop_token_ids=None to generate up to the padded length, or a list of ids")
+            tok = self.preprocessor.tokenizer
+            ids = [tok.end_token_id]
+            if self.stop_on_end_of_turn and tok.end_of_turn_id is not None:
+                ids.append(tok.end_of_turn_id)
+            return tuple(ids)
+        try:
+            ids = tuple(int(i) for i in np.asarray(stop_token_ids).reshape(-1))
+        except (TypeError, ValueError):
+            raise GenerationError(f"stop_token_ids must be 'auto', None or a list of ids, got {stop_token_ids!r}")
+        vocab = self.backbone.vocabulary_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise GenerationError(f"stop_token_ids {list(ids)} must be ids in 0..{vocab - 1}")
+        return ids
+
+    def generate(self, inputs, max_length: int | None = None, stop_token_ids="auto", strip_prompt: bool = False):
+        """Generate from a string, a list of strings, or (preprocessor=None) a token-id dict.
+
+        Returns the same form: a string, a list of strings, or a dict of numpy
+        `token_ids` / `padding_mask`.  max_length counts the prompt (keras-hub);
+        with preprocessor=None the dict's own length is used and max_length ignored.
+        """
+        stops = self._stop_ids(stop_token_ids)
+        if self.preprocessor is None:
+            if not isinstance(inputs, dict) or "token_ids" not in inputs or "padding_mask" not in inputs:
+                raise GenerationError("without a preprocessor, generate() takes a dict of 'token_ids' and "
+                                      "'padding_mask' arrays")
+            ids = np.asarray(inputs["token_ids"])
+            single = ids.ndim == 1
+            mask = np.asarray(inputs["padding_mask"])
+            out = self._generate_packed(ids[None] if single else ids, mask[None] if single else mask, stops,
+                                        strip_prompt)
+            return {k: v[0] for k, v in out.items()} if single else out
+        if isinstance(inputs, dict):
+            raise GenerationError("with a preprocessor, generate() takes strings; set preprocessor=None "
+                                  "(e.g. from_preset(..., preprocessor=None)) to pass token ids")
+        texts, batched = _texts(inputs)
+        packed = self.preprocessor.generate_preprocess(texts, sequence_length=max_length)
+        out = self._generate_packed(packed["token_ids"], packed["padding_mask"], stops, strip_prompt)
+        result = self.preprocessor.generate_postprocess(out)
+        return result if batched else result[0]
+
+    def _generate_packed(self, token_ids, padding_mask, stops, strip: bool) -> dict:
+        ids, prompt_mask, lengths = check_packed(token_ids, padding_mask, self.backbone.vocabulary_size)
+        generated = fill(self.model, ids, lengths, self.sampler, stops)
+        out = {"token_ids": generated, "padding_mask": output_mask(generated, prompt_mask, stops)}
+        return strip_prompt(out, prompt_mask) if strip else out

@@ -1,0 +1,249 @@
+"""keras-hub preset names -> Hugging Face repositories and architectures, and preset handles -> folders.
+
+`PRESETS` lists keras-hub 0.32's Gemma / Gemma 2 presets (`keras_hub/src/models/
+gemma/gemma_presets.py`), each with the Hugging Face repository holding the same
+checkpoint (from the presets' descriptions and the Hugging Face model cards), its
+Kaggle handle, and its backbone's shape in keras-hub's argument names -- enough
+to build random weights (`load_weights=False`) without downloading anything.
+tests/test_tasks.py checks every shape against keras-hub's recorded parameter
+counts.
+
+`resolve_preset(handle)` turns what `from_preset` accepts into a local folder:
+
+    "gemma2_instruct_2b_en"      a preset name: its Hugging Face repository
+    "hf://google/gemma-2-2b-it"  a Hugging Face repository
+    "kaggle://keras/gemma/..."   a Kaggle handle (needs `kagglehub`; else a typed
+                                 error saying how to download it by hand)
+    "path/to/folder"             an MLX / Hugging Face folder, or a keras-hub preset
+                                 folder, converted once into the cache
+
+Hub access goes through `mlx_gemma.loading.resolve_model_path` (which honours
+HF_HUB_OFFLINE and the normal cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ModelFileError
+
+# Backbone shapes, keras-hub's argument names.  Keras' `intermediate_dim` is twice
+# Hugging Face's `intermediate_size` (keras-hub splits it over its two gate kernels).
+_GEMMA_2B = dict(vocabulary_size=256_000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+                 hidden_dim=2048, intermediate_dim=32_768, head_dim=256)
+_GEMMA_7B = dict(vocabulary_size=256_000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                 hidden_dim=3072, intermediate_dim=49_152, head_dim=256)
+_GEMMA2 = dict(use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
+               final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=4096)
+_GEMMA2_2B = dict(_GEMMA2, vocabulary_size=256_000, num_layers=26, num_query_heads=8, num_key_value_heads=4,
+                  hidden_dim=2304, intermediate_dim=18_432, head_dim=256)
+_GEMMA2_9B = dict(_GEMMA2, vocabulary_size=256_000, num_layers=42, num_query_heads=16, num_key_value_heads=8,
+                  hidden_dim=3584, intermediate_dim=28_672, head_dim=256)
+# 46 layers (keras-hub's description says 42; its parameter count, and HF's config, say 46).
+# Queries are scaled by (hidden / heads) ** -0.5 = 144 ** -0.5, not head_dim's 128.
+_GEMMA2_27B = dict(_GEMMA2, vocabulary_size=256_000, num_layers=46, num_query_heads=32, num_key_value_heads=16,
+                   hidden_dim=4608, intermediate_dim=73_728, head_dim=128, query_head_dim_normalize=False)
+
+
+@dataclass(frozen=True)
+class Preset:
+    hf_repo: str | None  # None: no Hugging Face copy we can load (use the Kaggle handle)
+    kaggle: str
+    backbone: dict = field(default_factory=dict)  # GemmaBackbone(**backbone)
+    instruct: bool = False  # chat-tuned: generate() also stops on <end_of_turn>
+
+
+def _p(hf_repo, kaggle, backbone, instruct=False) -> Preset:
+    return Preset(hf_repo, "kaggle://" + kaggle, backbone, instruct)
+
+
+PRESETS: dict[str, Preset] = {
+    "gemma_2b_en": _p("google/gemma-2b", "keras/gemma/keras/gemma_2b_en/3", _GEMMA_2B),
+    "gemma_instruct_2b_en": _p("google/gemma-2b-it", "keras/gemma/keras/gemma_instruct_2b_en/3", _GEMMA_2B, True),
+    "gemma_1.1_instruct_2b_en": _p("google/gemma-1.1-2b-it", "keras/gemma/keras/gemma_1.1_instruct_2b_en/4",
+                                   _GEMMA_2B, True),
+    "code_gemma_1.1_2b_en": _p("google/codegemma-1.1-2b", "keras/codegemma/keras/code_gemma_1.1_2b_en/2", _GEMMA_2B),
+    "code_gemma_2b_en": _p("google/codegemma-2b", "keras/codegemma/keras/code_gemma_2b_en/2", _GEMMA_2B),
+    "gemma_7b_en": _p("google/gemma-7b", "keras/gemma/keras/gemma_7b_en/4", _GEMMA_7B),
+    "gemma_instruct_7b_en": _p("google/gemma-7b-it", "keras/gemma/keras/gemma_instruct_7b_en/4", _GEMMA_7B, True),
+    "gemma_1.1_instruct_7b_en": _p("google/gemma-1.1-7b-it", "keras/gemma/keras/gemma_1.1_instruct_7b_en/5",
+                                   _GEMMA_7B, True),
+    "code_gemma_7b_en": _p("google/codegemma-7b", "keras/codegemma/keras/code_gemma_7b_en/3", _GEMMA_7B),
+    "code_gemma_instruct_7b_en": _p("google/codegemma-7b-it", "keras/codegemma/keras/code_gemma_instruct_7b_en/3",
+                                    _GEMMA_7B, True),
+    "code_gemma_1.1_instruct_7b_en": _p("google/codegemma-1.1-7b-it",
+                                        "keras/codegemma/keras/code_gemma_1.1_instruct_7b_en/3", _GEMMA_7B, True),
+    "gemma2_2b_en": _p("google/gemma-2-2b", "keras/gemma2/keras/gemma2_2b_en/2", _GEMMA2_2B),
+    "gemma2_instruct_2b_en": _p("google/gemma-2-2b-it", "keras/gemma2/keras/gemma2_instruct_2b_en/2",
+                                _GEMMA2_2B, True),
+    "gemma2_9b_en": _p("google/gemma-2-9b", "keras/gemma2/keras/gemma2_9b_en/4", _GEMMA2_9B),
+    "gemma2_instruct_9b_en": _p("google/gemma-2-9b-it", "keras/gemma2/keras/gemma2_instruct_9b_en/4",
+                                _GEMMA2_9B, True),
+    "gemma2_27b_en": _p("google/gemma-2-27b", "keras/gemma2/keras/gemma2_27b_en/3", _GEMMA2_27B),
+    "gemma2_instruct_27b_en": _p("google/gemma-2-27b-it", "keras/gemma2/keras/gemma2_instruct_27b_en/3",
+                                 _GEMMA2_27B, True),
+    # ShieldGemma is a Gemma 2 fine-tune that answers in its own prompt format
+    # (not the chat turns), so <end_of_turn> is not added to its stop ids.
+    "shieldgemma_2b_en": _p("google/shieldgemma-2b", "google/shieldgemma/keras/shieldgemma_2b_en/2", _GEMMA2_2B),
+    "shieldgemma_9b_en": _p("google/shieldgemma-9b", "google/shieldgemma/keras/shieldgemma_9b_en/2", _GEMMA2_9B),
+    "shieldgemma_27b_en": _p("google/shieldgemma-27b", "google/shieldgemma/keras/shieldgemma_27b_en/2", _GEMMA2_27B),
+    # Unsure: the Cell2Sentence authors publish these on Hugging Face under their
+    # lab's organisation; the repository names are taken from their model cards.
+    "c2s_scale_gemma_2_2b_en": _p("vandijklab/C2S-Scale-Gemma-2-2B",
+                                  "keras/cell2sentence/keras/c2s_scale_gemma_2_2b_en/1", _GEMMA2_2B),
+    "c2s_scale_gemma_2_27b_en": _p("vandijklab/C2S-Scale-Gemma-2-27B",
+                                   "keras/cell2sentence/keras/c2s_scale_gemma_2_27b_en/1", _GEMMA2_27B),
+    # VaultGemma's Hugging Face checkpoint is its own architecture ("vaultgemma"),
+    # which mlx_gemma does not build; only the Keras preset (via Kaggle) can work.
+    "vault_gemma_1b_en": _p(None, "keras/vaultgemma/keras/vault_gemma_1b_en/2", {}),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def _unknown(handle: str) -> ModelFileError:
+    close = [n for n in PRESETS if handle.lower().replace("-", "_") in n][:5]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ModelFileError(
+        handle, "not a known preset name, an 'hf://org/repo' or 'kaggle://...' handle, or an existing folder."
+        f"{hint} Known presets: {', '.join(preset_names())}")
+
+
+def preset_of(handle) -> Preset | None:
+    """The table entry for a preset name (None for handles and folders)."""
+    return PRESETS.get(handle) if isinstance(handle, str) else None
+
+
+def hf_repo_of(handle: str) -> str | None:
+    """The Hugging Face repository a preset name or an hf:// handle points at (None otherwise)."""
+    if handle.startswith("hf://"):
+        repo = handle[len("hf://"):].strip("/")
+        if repo.count("/") != 1:
+            raise ModelFileError(handle, "an hf:// handle names one repository: 'hf://org/name'")
+        return repo
+    preset = PRESETS.get(handle)
+    if preset is None:
+        return None
+    if preset.hf_repo is None:
+        raise ModelFileError(handle, f"this preset has no Hugging Face checkpoint mlx_gemma can load; "
+                                     f"use its Keras preset: from_preset({preset.kaggle!r})")
+    return preset.hf_repo
+
+
+def resolve_preset(handle: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local MLX / Hugging Face model folder for any handle `from_preset` accepts."""
+    from ..loading import resolve_model_path
+
+    if isinstance(handle, os.PathLike):
+        handle = os.fspath(handle)
+    if not isinstance(handle, str) or not handle:
+        raise ModelFileError(None, f"a preset must be a name, a handle or a folder, got {handle!r}")
+    if handle.startswith("kaggle://"):
+        return keras_preset_folder(_kaggle_download(handle))
+    repo = hf_repo_of(handle)
+    if repo is not None:
+        return resolve_model_path(repo, revision)
+    if "://" in handle:
+        raise ModelFileError(handle, "unknown scheme: use a preset name, 'hf://org/repo', 'kaggle://...' or a folder")
+    folder = Path(handle).expanduser()
+    if not folder.is_dir():
+        raise _unknown(handle)
+    if is_keras_preset(folder):
+        return keras_preset_folder(folder)
+    return resolve_model_path(folder)
+
+
+def _kaggle_download(handle: str) -> Path:
+    try:
+        import kagglehub
+    except ImportError:
+        raise ModelFileError(
+            handle, "Kaggle presets need the `kagglehub` package, which is not installed. Either "
+            "`pip install kagglehub` (and log in to Kaggle), or download the preset yourself -- "
+            f"`kagglehub.model_download({handle[len('kaggle://'):]!r})` or the Kaggle website -- and pass "
+            "the downloaded folder to from_preset()") from None
+    try:
+        return Path(kagglehub.model_download(handle[len("kaggle://"):]))
+    except Exception as e:  # kagglehub raises many kinds (network, auth, not found)
+        raise ModelFileError(handle, f"kagglehub could not download it: {e}") from e
+
+
+# ----- keras-hub preset folders: converted once into the cache --------------------------
+
+
+def is_keras_preset(folder: Path) -> bool:
+    """A keras-hub preset folder: config.json names a Keras class, not a model_type."""
+    config = folder / "config.json"
+    if not config.is_file() or config.stat().st_size > (4 << 20):
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "class_name" in data and "model_type" not in data
+
+
+def _fingerprint(folder: Path) -> str:
+    """Cheap identity of a preset folder's files (names, sizes, modification times)."""
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _keras_dtype(folder: Path) -> str | None:
+    """The dtype policy the preset was saved with: converting to it loses nothing."""
+    try:
+        dtype = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config", {}).get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(dtype, dict):  # {"class_name": "DTypePolicy", "config": {"name": "bfloat16"}}
+        dtype = (dtype.get("config") or {}).get("name")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
+def keras_preset_folder(folder: Path) -> Path:
+    """An MLX folder converted from a keras-hub preset folder, made once per preset version.
+
+    Lives in `$MLX_GEMMA_CACHE/keras-presets/<name>-<fingerprint>`; a changed preset
+    (any file's size or time) gets a fresh conversion.
+    """
+    from ..convert import convert
+    from ..default_model import cache_dir
+
+    folder = Path(folder)
+    if not is_keras_preset(folder):
+        raise ModelFileError(folder, "not a keras-hub preset folder (its config.json names no Keras class)")
+    dest = cache_dir() / "keras-presets" / f"{folder.resolve().name}-{_fingerprint(folder)}"
+    if (dest / "config.json").is_file():
+        return dest
+    try:
+        convert(keras_path=folder, mlx_path=dest, dtype=_keras_dtype(folder), progress=False)
+    except ModelFileError:
+        if not (dest / "config.json").is_file():  # another process may have converted it meanwhile
+            raise
+    return dest
+
+
+def tokenizer_file(handle: str, revision: str | None = None) -> Path:
+    """Only the tokenizer of a preset (for `load_weights=False`): one small hub file, not the weights."""
+    repo = hf_repo_of(handle)
+    if repo is None:  # a folder or a Kaggle handle: the folder has it
+        return resolve_preset(handle, revision)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, "tokenizer.model", revision=revision))
+    except LocalEntryNotFoundError as e:
+        raise ModelFileError(repo, "tokenizer.model is not in the local Hugging Face cache and the hub cannot "
+                                   "be reached (offline, or HF_HUB_OFFLINE=1)") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelFileError(repo, f"could not download tokenizer.model from the Hugging Face hub: {e}") from e
