@@ -130,7 +130,10 @@ class DoRALinear(LoRALinear):
 
 def _resolve_keys(block: nn.Module, target_names) -> list[str]:
     """Block-relative module paths for short names ("q_proj") or paths ("self_attn.q_proj")."""
-    linears = [p for p, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    modules = dict(block.named_modules())
+    adapted = {p for p, m in modules.items() if isinstance(m, LoRALinear)}
+    linears = [p for p, m in modules.items() if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+               and p.rpartition(".")[0] not in adapted]  # an adapter's own base is not a target
     keys = []
     for name in target_names:
         found = [p for p in linears if p == name or p.endswith("." + name)]

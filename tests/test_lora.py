@@ -1,0 +1,328 @@
+"""LoRA / QLoRA / DoRA layers, enable_lora, fuse, and adapter files.
+
+References: PEFT's LoraLayer (on CPU torch) computes the same layers and a
+whole adapted transformers model from the same arrays; mlx-lm reads the
+adapter folders we write and we read the ones it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_gemma import lora
+from mlx_gemma.errors import AdapterError, ModelFileError
+from mlx_gemma.loading import load_model
+
+from conftest import FIXTURES
+
+TINY = FIXTURES / "tiny_gemma"
+IDS = np.array([[2, 17, 40, 93, 5, 260, 11, 7, 301], [2, 8, 9, 77, 150, 3, 99, 42, 12]])
+
+
+def assert_close(ours, reference, rtol=1e-5):
+    """Agreement within rtol of the reference's largest magnitude."""
+    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    err, scale = np.abs(ours - reference).max(), np.abs(reference).max()
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} x {scale:.3g}"
+
+
+def randomize_adapters(model, seed=0, scale=0.05):
+    """Nonzero A, B (and DoRA magnitudes), so every adapter changes the output."""
+    rng = np.random.default_rng(seed)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_a = mx.array(rng.normal(0, 0.2, layer.lora_a.shape).astype(np.float32))
+        layer.lora_b = mx.array(rng.normal(0, scale, layer.lora_b.shape).astype(np.float32))
+        if "m" in layer:
+            layer.m = layer.m * mx.array(rng.uniform(0.8, 1.2, layer.m.shape).astype(np.float32))
+    mx.eval(model.parameters())
+
+
+# --- single layers against PEFT -----------------------------------------------------------------
+
+
+def peft_linear(weight, bias, a, b, alpha, rank, m=None):
+    """PEFT's LoRA (or DoRA, with magnitudes m) around a torch Linear holding `weight`."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+
+    holder = Holder()
+    with torch.no_grad():
+        holder.proj.weight.copy_(torch.tensor(weight))
+        if bias is not None:
+            holder.proj.bias.copy_(torch.tensor(bias))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0,
+                             use_dora=m is not None)
+    wrapped = peft.get_peft_model(holder, config)
+    layer = wrapped.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.tensor(a.T))  # PEFT stores A as [r, in]
+        layer.lora_B["default"].weight.copy_(torch.tensor(b.T))
+        if m is not None:
+            layer.lora_magnitude_vector["default"].weight.copy_(torch.tensor(m))
+    return layer
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dora", [False, True])
+def test_layer_matches_peft(bias, dora):
+    torch = pytest.importorskip("torch")
+    mx.random.seed(0)
+    base = nn.Linear(48, 40, bias=bias)
+    layer = (lora.DoRALinear if dora else lora.LoRALinear)(base, rank=4, scale=8 / 4)
+    randomize_adapters_layer(layer)
+    x = np.random.default_rng(1).normal(size=(2, 5, 48)).astype(np.float32)
+    ref = peft_linear(np.array(base.weight), np.array(base.bias) if bias else None, np.array(layer.lora_a),
+                      np.array(layer.lora_b), alpha=8, rank=4, m=np.array(layer.m) if dora else None)
+    with torch.no_grad():
+        expected = ref(torch.tensor(x)).numpy()
+    assert_close(layer(mx.array(x)), expected)
+    # Fused into one linear, the layer computes the same.
+    assert_close(layer.fuse()(mx.array(x)), expected)
+
+
+def randomize_adapters_layer(layer, seed=3):
+    holder = nn.Module()
+    holder.layer = layer
+    randomize_adapters(holder, seed, scale=0.3)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_layer_matches_peft_on_the_dequantized_base(bits):
+    """QLoRA: the base stays quantized, the adapters are float; equal to LoRA on the base's dequantized weight."""
+    torch = pytest.importorskip("torch")
+    mx.random.seed(0)
+    base = nn.QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), group_size=32, bits=bits)
+    layer = lora.LoRALinear(base, rank=4, scale=2.0)
+    assert layer.lora_a.shape == (64, 4) and layer.lora_b.shape == (4, 32)
+    randomize_adapters_layer(layer)
+    x = np.random.default_rng(1).normal(size=(3, 64)).astype(np.float32)
+    ref = peft_linear(np.array(lora.dense_weight(base)), None, np.array(layer.lora_a), np.array(layer.lora_b),
+                      alpha=8, rank=4)
+    with torch.no_grad():
+        expected = ref(torch.tensor(x)).numpy()
+    assert_close(layer(mx.array(x)), expected, rtol=1e-4)  # quantized matmul vs dense: float rounding only
+    names = [k for k, _ in tree_flatten(layer.trainable_parameters())]
+    assert sorted(names) == ["lora_a", "lora_b"]
+
+
+# --- a whole model ---------------------------------------------------------------------------
+
+
+@pytest.mark.oracle
+def test_adapted_model_matches_peft_transformers():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = load_model(TINY)
+    lora.enable_lora(model, rank=4, alpha=16, target_names=("q_proj", "v_proj", "down_proj"), num_layers=2)
+    randomize_adapters(model)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(TINY, attn_implementation="eager").eval()
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                             layers_to_transform=[1, 2], lora_dropout=0.0)
+    reference = peft.get_peft_model(reference, config)
+    load_into_peft(reference, model)
+    with torch.no_grad():
+        expected = reference(torch.tensor(IDS)).logits.numpy()
+    assert_close(model(mx.array(IDS)), expected, rtol=1e-4)
+
+
+def load_into_peft(peft_model, model):
+    """Copy our adapters into a PEFT model with the same targets."""
+    import torch
+
+    named = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for path, layer in lora.lora_layers(model):
+            target = named[f"base_model.model.{path}"]
+            target.lora_A["default"].weight.copy_(torch.tensor(np.array(layer.lora_a).T))
+            target.lora_B["default"].weight.copy_(torch.tensor(np.array(layer.lora_b).T))
+
+
+def test_enable_lora_freezes_all_but_the_adapters():
+    model = load_model(TINY)
+    config = lora.enable_lora(model, rank=2, target_names=("q_proj", "gate_proj"), num_layers=2)
+    trainable = sorted(k for k, _ in tree_flatten(model.trainable_parameters()))
+    expected = sorted(f"model.layers.{i}.{key}.{leaf}" for i in (1, 2)
+                      for key in ("self_attn.q_proj", "mlp.gate_proj") for leaf in ("lora_a", "lora_b"))
+    assert trainable == expected
+    assert config["lora_parameters"]["keys"] == ["self_attn.q_proj", "mlp.gate_proj"]
+    assert config["num_layers"] == 2 and config["lora_parameters"]["scale"] == 20.0
+    # B starts at zero: the adapted model is the base model.
+    base = load_model(TINY)
+    assert_close(model(mx.array(IDS)), base(mx.array(IDS)), rtol=0)
+
+
+def test_enable_lora_defaults_to_query_and_value_in_every_block():
+    model = load_model(TINY)
+    config = lora.enable_lora(model)
+    assert config["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert sorted(p for p, _ in lora.lora_layers(model)) == [
+        f"model.layers.{i}.self_attn.{n}" for i in range(3) for n in ("q_proj", "v_proj")]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_names=("qkv",)), "no projection named 'qkv'"),
+    (dict(num_layers=4), "num_layers must be between 1 and 3"),
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(scale=1.0, alpha=2.0), "not both"),
+])
+def test_enable_lora_rejects_bad_settings(kwargs, message):
+    with pytest.raises(AdapterError, match=message):
+        lora.enable_lora(load_model(TINY), **kwargs)
+
+
+def test_enable_twice_is_an_error():
+    model = load_model(TINY)
+    lora.enable_lora(model)
+    with pytest.raises(AdapterError, match="already has an adapter"):
+        lora.enable_lora(model)
+
+
+# --- fusing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_model_equals_base_plus_adapters(dora):
+    model = load_model(TINY)
+    lora.enable_lora(model, rank=4, target_names=lora.TARGETS, dora=dora)
+    randomize_adapters(model)
+    adapted = model(mx.array(IDS))
+    lora.fuse(model)
+    assert not lora.lora_layers(model)
+    assert all(type(m) is nn.Linear for p, m in model.named_modules() if p.endswith("_proj"))
+    assert_close(model(mx.array(IDS)), adapted)
+
+
+def test_fusing_a_quantized_base():
+    """Dequantized: exact.  Re-quantized: what MLX's quantizer makes of the float fused model."""
+    def quantized():
+        m = load_model(TINY)
+        nn.quantize(m, group_size=32, bits=8, class_predicate=lambda p, mod: isinstance(mod, nn.Linear))
+        lora.enable_lora(m, rank=4, scale=2.0, target_names=("q_proj", "v_proj", "down_proj"))
+        randomize_adapters(m)
+        return m
+
+    model = quantized()
+    adapted = model(mx.array(IDS))
+    lora.fuse(model, dequantize=True)
+    assert type(model.layers[0].self_attn.q_proj) is nn.Linear
+    assert_close(model(mx.array(IDS)), adapted, rtol=1e-5)
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, mod: isinstance(mod, nn.Linear))
+    requantized_by_hand = model(mx.array(IDS))
+
+    model = quantized()
+    lora.fuse(model)
+    q = model.layers[0].self_attn.q_proj
+    assert isinstance(q, nn.QuantizedLinear) and q.bits == 8 and q.group_size == 32
+    assert_close(model(mx.array(IDS)), requantized_by_hand, rtol=1e-6)
+
+
+# --- adapter files ---------------------------------------------------------------------------
+
+
+def saved_adapter(tmp_path, **kwargs):
+    model = load_model(TINY)
+    config = lora.enable_lora(model, rank=4, num_layers=2, **kwargs)
+    randomize_adapters(model)
+    lora.save_adapters(tmp_path / "adapter", model, config)
+    return model, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_save_and_load_round_trip(tmp_path, dora):
+    model, folder = saved_adapter(tmp_path, dora=dora)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    loaded = lora.load_adapters(load_model(TINY), folder)
+    assert_close(loaded(mx.array(IDS)), model(mx.array(IDS)), rtol=0)
+    assert json.loads((folder / "adapter_config.json").read_text())["fine_tune_type"] == ("dora" if dora else "lora")
+
+
+def test_adapter_for_another_model_is_refused(tmp_path):
+    _, folder = saved_adapter(tmp_path)
+    with pytest.raises(AdapterError, match="adapter_config.json.*another base model.*num_hidden_layers 3 \\(this model: 4\\)"):
+        lora.load_adapters(load_model(FIXTURES / "tiny_gemma2"), folder)
+
+
+def test_adapter_with_other_rank_is_refused(tmp_path):
+    _, folder = saved_adapter(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = 8
+    del config["base_model"]  # as an mlx-lm adapter config would be: the shapes must catch it
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"adapters.safetensors.*does not fit.*lora_a has shape \(64, 4\)"):
+        lora.load_adapters(load_model(TINY), folder)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json: missing"),
+    (lambda f: (f / "adapters.safetensors").unlink(), "adapters.safetensors: missing"),
+    (lambda f: (f / "adapter_config.json").write_text("{oops"), "not valid JSON"),
+    (lambda f: (f / "adapter_config.json").write_text('{"fine_tune_type": "full", "num_layers": 2, '
+                                                      '"lora_parameters": {"rank": 4, "scale": 1}}'), "'full'"),
+    (lambda f: (f / "adapters.safetensors").write_bytes(b"\x10\x00"), "adapters.safetensors"),
+    (lambda f: shutil.rmtree(f), "no such adapter folder"),
+])
+def test_broken_adapter_folders_name_the_file(tmp_path, damage, message):
+    _, folder = saved_adapter(tmp_path)
+    damage(folder)
+    with pytest.raises(ModelFileError, match=message):  # AdapterError, or tensorfile's for a corrupt file
+        lora.load_adapters(load_model(TINY), folder)
+
+
+# --- mlx-lm interoperability -------------------------------------------------------------------
+
+
+@pytest.mark.oracle
+def test_mlx_lm_loads_our_adapters_and_we_load_its(tmp_path):
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.tuner.utils import load_adapters as lm_load_adapters
+    from mlx_lm.utils import load as lm_load
+
+    ours, folder = saved_adapter(tmp_path, target_names=("q_proj", "v_proj", "up_proj"))
+    theirs, _ = lm_load(str(TINY))
+    lm_load_adapters(theirs, str(folder))
+    ours_params = lora.adapter_weights(ours)
+    theirs_params = {k: v for k, v in tree_flatten(theirs.parameters()) if ".lora_" in k}
+    assert ours_params.keys() == theirs_params.keys()
+    for k, v in ours_params.items():
+        assert mx.array_equal(v, theirs_params[k]), k
+    # mlx-lm's Gemma 1 uses the exact GELU, transformers (and we) the tanh one: ~3e-4 apart.
+    assert_close(theirs(mx.array(IDS)), ours(mx.array(IDS)), rtol=2e-3)
+
+    # And the other way: an adapter mlx-lm made, with its own config spelling.
+    theirs, _ = lm_load(str(TINY))
+    theirs.freeze()
+    linear_to_lora_layers(theirs, 2, {"rank": 2, "scale": 10.0, "dropout": 0.0, "keys": ["mlp.down_proj"]})
+    randomize_adapters_mlx_lm(theirs)
+    out = tmp_path / "from_mlx_lm"
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(theirs.trainable_parameters())))
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 2, "scale": 10.0, "dropout": 0.0,
+                                                                        "keys": ["mlp.down_proj"]}}))
+    loaded = lora.load_adapters(load_model(TINY), out)
+    assert_close(loaded(mx.array(IDS)), theirs(mx.array(IDS)), rtol=2e-3)
+
+
+def randomize_adapters_mlx_lm(model):
+    rng = np.random.default_rng(7)
+    for _, m in model.named_modules():
+        if "lora_b" in m:
+            m.lora_b = mx.array(rng.normal(0, 0.1, m.lora_b.shape).astype(np.float32))
