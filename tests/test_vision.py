@@ -1,0 +1,232 @@
+"""Image preprocessing, PaliGemma prompts, detection parsing and drawing.
+
+References: the pixel values and input ids transformers' PaliGemmaProcessor
+(SiglipImageProcessorPil + GemmaTokenizer over the tiny test tokenizer) produced
+in tests/fixtures/make_tiny_paligemma.py, and, live, the same processor on
+images of every Pillow mode.  Boxes follow big_vision's encoding of a
+coordinate v in [0, 1] as round(v * 1023) (big_vision/pp/proj/paligemma/segmentation.py).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from PIL import Image
+
+import mlx_gemma
+from mlx_gemma import vision
+from mlx_gemma.errors import ImageError
+
+REF = dict(np.load(FIXTURES / "tiny_paligemma" / "reference.npz"))
+SIZE = 42
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return mlx_gemma.load(FIXTURES / "tiny_paligemma")
+
+
+def test_prompt_inputs_equal_the_reference_processor(loaded):
+    model, tokenizer = loaded
+    ids, pixels, padding = vision.prompt_inputs(
+        model, tokenizer, ["caption en", "detect cat ; dog"], [REF["image0"], REF["image1"]]
+    )
+    np.testing.assert_array_equal(np.array(ids), REF["input_ids"])
+    np.testing.assert_array_equal(np.array(padding), (REF["attention_mask"] == 0).sum(1))
+    np.testing.assert_allclose(np.array(pixels), REF["pixel_values"].transpose(0, 2, 3, 1), atol=1e-6)
+
+
+def test_one_image_serves_every_prompt(loaded):
+    model, tokenizer = loaded
+    ids, pixels, _ = vision.prompt_inputs(model, tokenizer, ["caption en"] * 2, REF["image0"])
+    np.testing.assert_array_equal(np.array(ids), REF["same_ids"])
+    assert pixels.shape == (2, SIZE, SIZE, 3)
+
+
+def test_wrong_image_count_is_refused(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(ImageError, match="3 images for 2 prompts"):
+        vision.prompt_inputs(model, tokenizer, ["a", "b"], [REF["image0"]] * 3)
+
+
+def test_float_arrays_in_either_range_equal_uint8():
+    u8 = vision.preprocess_image(REF["image0"], SIZE)
+    np.testing.assert_array_equal(vision.preprocess_image(REF["image0"] / 255.0, SIZE), u8)
+    np.testing.assert_array_equal(vision.preprocess_image(REF["image0"].astype(np.float32), SIZE), u8)
+    # The seed example's input: np.random.rand(224, 224, 3).
+    x = vision.preprocess_image(np.random.default_rng(0).random((224, 224, 3)), 224)
+    assert x.shape == (224, 224, 3) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+
+
+def hf_pixels(image, resample=Image.Resampling.BICUBIC):
+    transformers = pytest.importorskip("transformers")
+    proc = transformers.SiglipImageProcessorPil(
+        size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=resample
+    )
+    return proc(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+
+
+def mode_images():
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8))
+    palette = rgb.convert("P")
+    palette_transparent = palette.copy()
+    palette_transparent.info["transparency"] = 0
+    return {
+        "RGB": rgb, "RGBA": rgba, "L": rgb.convert("L"), "P": palette,
+        "P+transparency": palette_transparent, "CMYK": rgb.convert("CMYK"), "LA": rgba.convert("LA"),
+    }
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("mode", list(mode_images()))
+def test_every_mode_matches_the_reference_processor(mode):
+    image = mode_images()[mode]
+    np.testing.assert_allclose(vision.preprocess_image(image, SIZE), hf_pixels(image), atol=1e-6)
+
+
+@pytest.mark.oracle
+def test_bilinear_option_matches_the_reference_processor():
+    image = mode_images()["RGB"]
+    ours = vision.preprocess_image(image, SIZE, resample="bilinear")
+    np.testing.assert_allclose(ours, hf_pixels(image, Image.Resampling.BILINEAR), atol=1e-6)
+    assert np.abs(ours - vision.preprocess_image(image, SIZE)).max() > 1e-3
+
+
+@pytest.mark.oracle
+def test_exif_orientation_is_applied_like_transformers_load_image(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    image = mode_images()["RGB"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif.tobytes(), quality=95)
+    loaded = vision.load_image(path)
+    assert loaded.size == (40, 30)  # width and height swapped by the rotation
+    reference = transformers.image_utils.load_image(str(path))
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(reference.convert("RGB")))
+
+
+def test_path_and_pil_inputs_agree(tmp_path):
+    image = mode_images()["RGBA"]
+    path = tmp_path / "x.png"
+    image.save(path)
+    np.testing.assert_array_equal(vision.preprocess_image(path, SIZE), vision.preprocess_image(image, SIZE))
+    np.testing.assert_array_equal(vision.preprocess_image(str(path), SIZE), vision.preprocess_image(image, SIZE))
+
+
+def test_corrupt_and_missing_files_are_image_errors(tmp_path):
+    with pytest.raises(ImageError, match="no such image file"):
+        vision.load_image(tmp_path / "missing.png")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image at all")
+    with pytest.raises(ImageError, match="junk.png: not an image"):
+        vision.load_image(junk)
+    buf = io.BytesIO()
+    mode_images()["RGB"].resize((300, 300)).save(buf, format="PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="truncated.png: corrupt or truncated"):
+        vision.load_image(truncated)
+
+
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("L", (100, 100)).save(path)
+    monkeypatch.setattr(vision, "MAX_IMAGE_PIXELS", 5000)
+    with pytest.raises(ImageError, match="big.png: image is 100 x 100 pixels"):
+        vision.load_image(path)
+    with pytest.raises(ImageError, match="image is 100 x 100 pixels"):
+        vision.load_image(Image.new("L", (100, 100)))
+    # Pillow's own guard (a header claiming over twice its limit) is reported the same way.
+    monkeypatch.setattr(vision, "MAX_IMAGE_PIXELS", 1 << 30)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="big.png: too large to decode safely"):
+        vision.load_image(path)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((4, 4, 2), np.uint8), "must be \\[H, W\\]"),
+        (np.zeros((0, 4, 3), np.uint8), "empty or too large"),
+        (np.full((4, 4, 3), -0.5), "expected \\[0, 1\\] or \\[0, 255\\]"),
+        (np.full((4, 4, 3), 300.0), "expected \\[0, 1\\] or \\[0, 255\\]"),
+        (np.full((4, 4, 3), np.nan), "NaN"),
+        (np.zeros((4, 4, 3), bool), "dtype bool"),
+    ],
+)
+def test_bad_arrays_are_image_errors(array, message):
+    with pytest.raises(ImageError, match=message):
+        vision.preprocess_image(array, SIZE)
+
+
+def test_bad_resample_and_type():
+    with pytest.raises(ImageError, match="resample"):
+        vision.preprocess_image(REF["image0"], SIZE, resample="lanczos")
+    with pytest.raises(ImageError, match="expected a path, a PIL image or a numpy array"):
+        vision.load_image(12)
+
+
+# ----- detection and segmentation ----------------------------------------------------
+
+
+def loc(v: float) -> str:
+    """big_vision's token for a coordinate v in [0, 1]: <loc{round(v * 1023)}>."""
+    return f"<loc{int(round(v * 1023)):04d}>"
+
+
+def test_boxes_in_original_pixels():
+    W, H = 640, 480
+    text = (
+        "<loc0000><loc0000><loc1023><loc1023> cat ; "
+        "<loc0100><loc0200><loc0300><loc0400> dog ; <loc0512><loc0256><loc0768><loc1000> traffic light"
+    )
+    dets = vision.parse_detections(text, (W, H))
+    assert [d.label for d in dets] == ["cat", "dog", "traffic light"]
+    assert dets[0].box == (0.0, 0.0, W, H)
+    # (y_min, x_min, y_max, x_max) bins -> x = bin / 1023 * W, y = bin / 1023 * H.
+    np.testing.assert_allclose(dets[1].box, (200 / 1023 * W, 100 / 1023 * H, 400 / 1023 * W, 300 / 1023 * H))
+    np.testing.assert_allclose(dets[2].box, (256 / 1023 * W, 512 / 1023 * H, 1000 / 1023 * W, 768 / 1023 * H))
+    assert all(d.segmentation is None for d in dets)
+
+
+def test_encoding_round_trips_within_half_a_bin():
+    W, H = 300, 200
+    box = (0.25, 0.1, 0.75, 0.9)  # y_min, x_min, y_max, x_max as fractions
+    (det,) = vision.parse_detections("".join(loc(v) for v in box) + " person", (W, H))
+    expected = (0.1 * W, 0.25 * H, 0.9 * W, 0.75 * H)
+    np.testing.assert_allclose(det.box, expected, atol=0.5 / 1023 * max(W, H))
+
+
+def test_segmentation_codes():
+    seg = "".join(f"<seg{i * 7:03d}>" for i in range(16))
+    text = f"<loc0010><loc0020><loc0030><loc0040>{seg} cat ; <loc0001><loc0002><loc0003><loc0004> cat"
+    dets = vision.parse_detections(text, (1023, 1023))
+    assert dets[0].segmentation == tuple(i * 7 for i in range(16))
+    assert dets[0].box == (20.0, 10.0, 40.0, 30.0)
+    assert dets[1].segmentation is None and dets[1].label == "cat"
+
+
+def test_malformed_pieces_are_skipped():
+    text = "<loc0010><loc0020><loc0030> half ; <loc1024><loc0000><loc0001><loc0002> out ; no boxes here"
+    assert vision.parse_detections(text, (10, 10)) == []
+
+
+def test_draw_detections_writes_a_png_of_the_image_size(tmp_path):
+    image = Image.new("RGB", (120, 80), (0, 0, 0))
+    dets = vision.parse_detections("<loc0256><loc0256><loc0768><loc0768> cat", image.size)
+    path = tmp_path / "out.png"
+    drawn = vision.draw_detections(image, dets, path)
+    with Image.open(path) as saved:
+        assert saved.format == "PNG" and saved.size == (120, 80)
+        x0, y0, x1, y1 = (int(round(v)) for v in dets[0].box)
+        assert saved.convert("RGB").getpixel((x0 + (x1 - x0) // 2, y1)) != (0, 0, 0)  # bottom edge drawn
+        assert saved.convert("RGB").getpixel((x0 + (x1 - x0) // 2, (y0 + y1) // 2)) == (0, 0, 0)  # inside untouched
+    assert drawn.size == image.size
+    assert image.getpixel((60, 60)) == (0, 0, 0)  # the input is not modified
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
