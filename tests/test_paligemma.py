@@ -177,3 +177,53 @@ def test_missing_text_keys_take_transformers_defaults():
     # transformers' PaliGemmaConfig defaults: PaliGemma 1 3B at 224 px.
     assert (args.text.hidden_size, args.text.num_hidden_layers, args.text.vocab_size) == (2048, 18, 257152)
     assert (args.vision.hidden_size, args.vision.num_hidden_layers, args.num_image_tokens) == (1152, 27, 256)
+
+
+# ----- conversion --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_convert_float_loads_back_equal(name, tmp_path):
+    from mlx_gemma.convert import convert
+
+    src = FIXTURES / f"tiny_{name}"
+    ref = np.load(src / "reference.npz")
+    out = convert(src, mlx_path=tmp_path / "out", progress=False)
+    model, tokenizer = mlx_gemma.load(out)
+    assert tokenizer.image_token_id == 6
+    ids, pv = mx.array(ref["same_ids"]), nhwc(ref["pixel_values"])
+    np.testing.assert_array_equal(
+        np.array(model(ids, pixel_values=pv)), np.array(mlx_gemma.load_model(src)(ids, pixel_values=pv))
+    )
+    # Either source layout is written in ours.
+    from mlx_gemma.tensorfile import load_file
+
+    keys = load_file(out / "model.safetensors").keys()
+    assert all(k.startswith(("model.language_model.", "model.vision_tower.vision_model.",
+                             "model.multi_modal_projector.")) for k in keys)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_convert_quantizes_the_language_model_only(name, tmp_path):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma.convert import convert
+
+    src = FIXTURES / f"tiny_{name}"
+    out = convert(src, mlx_path=tmp_path / "q", quantize=True, q_bits=4, q_group_size=32, progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    model = mlx_gemma.load_model(out)
+    source = mlx_gemma.load_model(src)
+    params, float_params = dict(tree_flatten(model.parameters())), dict(tree_flatten(source.parameters()))
+    for k, v in params.items():
+        if k.startswith(paligemma.Model.float_prefixes):
+            assert mx.array_equal(v, float_params[k]), k  # vision tower and projector stay float, untouched
+    assert "model.language_model.layers.0.mlp.down_proj.scales" in params
+    assert not any(k.endswith(".scales") for k in params if "vision" in k or "projector" in k)
+    # The folder holds exactly what quantizing the source in memory gives.
+    nn.quantize(source, group_size=32, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in params)
+    ref = np.load(src / "reference.npz")
+    ids, pv = mx.array(ref["same_ids"]), nhwc(ref["pixel_values"])
+    np.testing.assert_array_equal(np.array(model(ids, pixel_values=pv)), np.array(source(ids, pixel_values=pv)))

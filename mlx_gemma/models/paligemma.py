@@ -193,6 +193,11 @@ class Model(nn.Module):
     an answer in one call.
     """
 
+    # The converter quantizes the language model only: the vision tower is a small
+    # part (0.4B of 3B-28B weights), its MLP width 4304 is no multiple of 64-wide
+    # groups, and its rounding error would reach all 256-4096 image tokens of every prompt.
+    float_prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
