@@ -87,6 +87,9 @@ class GemmaCausalLMPreprocessor:
         if ids.shape != keep.shape or ids.ndim not in (1, 2):
             raise MlxGemmaError(f"token_ids {ids.shape} and padding_mask {keep.shape} must be the same 1-D or 2-D shape")
         keep &= ~np.isin(ids, self.tokenizer.special_token_ids)
+        # Gemma 3 pads its embedding past the tokenizer's pieces (262,208 rows for 262,144
+        # pieces); those ids have no text, so an untrained model's picks of them are dropped.
+        keep &= ids < self.tokenizer.vocabulary_size()
         if ids.ndim == 1:
             return self.tokenizer.detokenize(ids[keep].tolist())
         return [self.tokenizer.detokenize(row[k].tolist()) for row, k in zip(ids, keep)]

@@ -1,0 +1,350 @@
+"""keras-hub style tasks (mlx_gemma.tasks): GemmaCausalLM, GemmaBackbone, the preprocessor, presets.
+
+References:
+* keras-hub 0.32 itself: tests/fixtures/keras_generate.json holds its GemmaCausalLM /
+  preprocessor / tokenizer outputs on the tiny presets tests/fixtures/keras_gemma{,2}
+  (written by tests/fixtures/make_keras_generate.py), and its logits in their
+  reference.npz; the `oracle` tests run keras-hub live from /tmp/kvenv (skipped
+  when that venv is absent).
+* transformers: greedy ids of the tiny HF fixtures (tests/fixtures/tiny_gemma*/reference.npz).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import FIXTURES, TINY_MODELS
+from test_loading import prepare_hub_cache
+
+import mlx_gemma
+from mlx_gemma.errors import GenerationError, MlxGemmaError, ModelFileError
+from mlx_gemma.tasks import (
+    PRESETS,
+    BeamSampler,
+    ContrastiveSampler,
+    GemmaBackbone,
+    GemmaCausalLM,
+    GemmaCausalLMPreprocessor,
+    GemmaTokenizer,
+    RandomSampler,
+    TopKSampler,
+    TopPSampler,
+)
+
+KERAS = json.loads((FIXTURES / "keras_generate.json").read_text(encoding="utf-8"))
+KVENV_PYTHON = Path("/tmp/kvenv/bin/python")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Keras presets are converted into the cache: keep it out of the user's home."""
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path_factory.getbasetemp() / "mlx_gemma_cache"))
+
+
+@pytest.fixture(scope="module")
+def keras_lms(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLX_GEMMA_CACHE", str(tmp_path_factory.getbasetemp() / "mlx_gemma_cache"))
+        return {name: GemmaCausalLM.from_preset(FIXTURES / name, dtype="float32") for name in KERAS}
+
+
+def plain(x):
+    return {k: np.asarray(v).tolist() for k, v in x.items()} if isinstance(x, dict) else x
+
+
+# ----- against keras-hub's recorded outputs ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(KERAS))
+def test_generate_matches_keras_hub(keras_lms, name):
+    """Strings, lists of prompts of different lengths, strip_prompt, stop ids, and the
+    dict form (stop ids that end every row early included): keras-hub's exact outputs."""
+    lm, pre = keras_lms[name], keras_lms[name].preprocessor
+    assert lm.sampler.__class__.__name__ == "GreedySampler"  # keras-hub's GemmaCausalLM default
+    try:
+        for case in KERAS[name]["generate"]:
+            inputs = case["inputs"]
+            lm.preprocessor = None if isinstance(inputs, dict) else pre
+            if isinstance(inputs, dict):
+                inputs = {k: np.array(v) for k, v in inputs.items()}
+            assert plain(lm.generate(inputs, **case["kwargs"])) == case["output"], case["kwargs"]
+    finally:
+        lm.preprocessor = pre
+
+
+@pytest.mark.parametrize("name", list(KERAS))
+def test_tokenizer_and_preprocessor_match_keras_hub(keras_lms, name):
+    ref, pre = KERAS[name], keras_lms[name].preprocessor
+    tok = pre.tokenizer
+    assert pre.sequence_length == ref["sequence_length"]
+    assert tok(ref["tokenize"]["inputs"]) == ref["tokenize"]["outputs"]  # "<start_of_turn>" typed is the token
+    assert tok.detokenize(ref["detokenize"]["inputs"]) == ref["detokenize"]["outputs"]
+    gp = ref["generate_preprocess"]
+    assert plain(pre.generate_preprocess(gp["inputs"], sequence_length=gp["sequence_length"])) == gp["outputs"]
+    first, second = ref["call"]
+    x, y, sw = pre(first["inputs"], sequence_length=first["sequence_length"])
+    assert (plain(x), y.tolist(), sw.tolist()) == (first["x"], first["y"], first["sample_weight"])
+    other = GemmaCausalLMPreprocessor(tok, second["preprocessor_sequence_length"], add_start_token=False,
+                                      add_end_token=False)
+    x, y, sw = other(second["inputs"])
+    assert (plain(x), y.tolist(), sw.tolist()) == (second["x"], second["y"], second["sample_weight"])
+    assert x["token_ids"].dtype == np.int32 and x["padding_mask"].dtype == bool
+
+
+def test_single_string_gives_unbatched_arrays(keras_lms):
+    pre = keras_lms["keras_gemma"].preprocessor
+    batch = pre.generate_preprocess(["The fox"], sequence_length=10)
+    one = pre.generate_preprocess("The fox", sequence_length=10)
+    assert one["token_ids"].tolist() == batch["token_ids"][0].tolist()
+    assert pre.generate_postprocess(one) == "The fox"
+
+
+@pytest.mark.parametrize("name", list(KERAS))
+def test_backbone_from_keras_arguments_is_keras_hubs_network(name):
+    """GemmaBackbone(**the preset's keras-hub config) takes that preset's weights strictly
+    and computes keras-hub's logits."""
+    config = json.loads((FIXTURES / name / "config.json").read_text())["config"]
+    args = {k: v for k, v in config.items() if k not in ("name", "trainable", "dtype")}
+    backbone = GemmaBackbone(**args)
+    lm = GemmaCausalLM.from_preset(FIXTURES / name, dtype="float32", preprocessor=None)
+    backbone.model.load_weights(_flat(lm.model), strict=True)
+    ref = np.load(FIXTURES / name / "reference.npz")
+    hidden = backbone({"token_ids": ref["token_ids"], "padding_mask": ref["padding_mask"]})
+    logits = np.array(backbone.model.logits(hidden))
+    keep = ref["padding_mask"].astype(bool)
+    scale = np.abs(ref["logits"][keep]).max()
+    assert np.abs(logits[keep] - ref["logits"][keep]).max() < 1e-4 * scale
+    assert backbone.get_config()["intermediate_dim"] == config["intermediate_dim"]
+
+
+def _flat(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+# ----- against transformers' greedy ids ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TINY_MODELS)
+def test_greedy_equals_transformers(kind):
+    """The dict form, batched with a shorter prompt: row 0 is transformers' greedy continuation."""
+    ref = np.load(FIXTURES / f"tiny_{kind}" / "reference.npz")
+    prompt, want = ref["greedy_prompt"].tolist(), ref["greedy_ids"].tolist()
+    lm = GemmaCausalLM.from_preset(FIXTURES / f"tiny_{kind}", dtype="float32", preprocessor=None)
+    L = len(prompt) + len(want)
+    ids = np.zeros((2, L), np.int32)
+    mask = np.zeros((2, L), bool)
+    ids[0, :8], mask[0, :8] = prompt, True
+    ids[1, :5], mask[1, :5] = prompt[:5], True
+    out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+    assert out["token_ids"][0, 8:].tolist() == want
+    assert out["padding_mask"].all()
+    alone = lm.generate({"token_ids": ids[1], "padding_mask": mask[1]}, stop_token_ids=None)
+    assert alone["token_ids"].tolist() == out["token_ids"][1].tolist()  # batched row == that prompt alone
+
+
+@pytest.mark.oracle
+def test_string_generate_equals_transformers_greedy():
+    """Strings through the preprocessor, batched: each row's text is transformers' greedy
+    continuation of that prompt's ids."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = FIXTURES / "tiny_gemma3"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lm = GemmaCausalLM.from_preset(folder, dtype="float32")
+    tok = lm.preprocessor.tokenizer
+    prompts, L = ["The quick brown", "Hi"], 16
+    want = []
+    for p in prompts:
+        ids = [tok.start_token_id] + tok.tokenize(p)
+        n = L - len(ids)
+        with torch.no_grad():
+            new = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        want.append(tok.detokenize([i for i in new if i < tok.vocabulary_size() and i not in tok.special_token_ids]))
+    assert lm.generate(prompts, max_length=L, stop_token_ids=None, strip_prompt=True) == want
+
+
+# ----- samplers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny3():
+    return GemmaCausalLM.from_preset(FIXTURES / "tiny_gemma3", dtype="float32")
+
+
+PROMPTS = ["The fox", "Hi"]
+
+
+def test_samplers_reduce_to_greedy_where_they_must(tiny3):
+    tiny3.compile(sampler="greedy")
+    greedy = tiny3.generate(PROMPTS, max_length=14)
+    for sampler in (TopKSampler(k=1, seed=0), TopPSampler(p=1e-6, seed=0), BeamSampler(num_beams=1),
+                    ContrastiveSampler(k=3, alpha=0.0)):
+        tiny3.compile(sampler=sampler)
+        assert tiny3.generate(PROMPTS, max_length=14) == greedy, type(sampler).__name__
+    tiny3.compile()
+
+
+def test_seeded_samplers_repeat_and_strings_name_keras_defaults(tiny3):
+    outs = []
+    for _ in range(2):
+        tiny3.compile(sampler=RandomSampler(seed=7))
+        outs.append(tiny3.generate(PROMPTS, max_length=14))
+    assert outs[0] == outs[1]
+    for name, cls in (("top_k", TopKSampler), ("top_p", TopPSampler), ("random", RandomSampler),
+                      ("beam", BeamSampler), ("contrastive", ContrastiveSampler)):
+        tiny3.compile(sampler=name)
+        assert type(tiny3.sampler) is cls
+    assert (tiny3.sampler.k, tiny3.sampler.alpha) == (5, 0.6)
+    tiny3.compile(sampler="top_p")
+    assert (tiny3.sampler.p, tiny3.sampler.k) == (0.1, None)
+    tiny3.compile()
+
+
+def test_top_p_keeps_keras_hubs_nucleus_of_the_full_distribution():
+    """keras-hub's TopPSampler(p, k) cuts the nucleus on the full softmax, then keeps at
+    most k; renormalising after top-k first (Hugging Face's order) would keep fewer."""
+    probs = mx.array([[0.5, 0.3, 0.1, 0.1]])
+    kept = TopPSampler(p=0.55, k=2).step_sampler().filter(mx.log(probs))
+    assert np.isfinite(np.array(kept)).tolist() == [[True, True, False, False]]
+
+
+def test_keras_hub_sampler_objects_are_read_by_class():
+    class TopKSamplerStandIn:
+        k, seed, temperature = 3, 11, 0.5
+
+    TopKSamplerStandIn.__name__ = "TopKSampler"
+    TopKSamplerStandIn.__module__ = "keras_hub.src.samplers.top_k_sampler"
+    sampler = mlx_gemma.tasks.get_sampler(TopKSamplerStandIn())
+    assert (type(sampler), sampler.k, sampler.seed, sampler.temperature) == (TopKSampler, 3, 11, 0.5)
+
+
+# ----- stop ids ---------------------------------------------------------------------------
+
+
+def test_auto_stop_ids(keras_lms, tiny3):
+    tok = keras_lms["keras_gemma"].preprocessor.tokenizer
+    assert keras_lms["keras_gemma"]._stop_ids("auto") == (tok.end_token_id,)  # keras-hub's GemmaCausalLM
+    tok3 = tiny3.preprocessor.tokenizer
+    if tok3.end_of_turn_id is not None:  # Gemma 3: as keras-hub's Gemma3CausalLM
+        assert tiny3._stop_ids("auto") == (tok3.end_token_id, tok3.end_of_turn_id)
+
+
+# ----- presets -----------------------------------------------------------------------------
+
+
+def test_every_preset_maps_to_a_repo_and_a_kaggle_handle():
+    for name, p in PRESETS.items():
+        assert p.kaggle.startswith("kaggle://") and name in p.kaggle
+        assert p.hf_repo is None or p.hf_repo.count("/") == 1
+        assert p.instruct == ("instruct" in name)
+
+
+@pytest.mark.oracle
+@pytest.mark.skipif(not KVENV_PYTHON.exists(), reason="keras-hub venv /tmp/kvenv is absent")
+def test_preset_shapes_have_keras_hubs_parameter_counts():
+    code = ("import json; from keras_hub.src.models.gemma.gemma_presets import backbone_presets as p; "
+            "print(json.dumps({k: v['metadata']['params'] for k, v in p.items()}))")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    run = subprocess.run([str(KVENV_PYTHON), "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    params = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(params) == set(PRESETS)
+    for name, p in PRESETS.items():
+        if p.backbone:  # lazily built: counting shapes allocates nothing
+            assert GemmaBackbone(**p.backbone, dtype="bfloat16").count_params() == params[name], name
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_preset_name_and_hf_handle_resolve_through_the_hub_cache(fake_hub):
+    prepare_hub_cache(fake_hub, "google/gemma-2-2b-it", FIXTURES / "tiny_gemma2")
+    by_name = GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
+    by_handle = GemmaCausalLM.from_preset("hf://google/gemma-2-2b-it")
+    assert by_name.generate("Hi", max_length=8) == by_handle.generate("Hi", max_length=8)
+    tok = by_name.preprocessor.tokenizer
+    if tok.end_of_turn_id is not None:  # an instruct preset also stops at the end of its turn
+        assert by_name._stop_ids("auto") == (tok.end_token_id, tok.end_of_turn_id)
+
+
+def test_load_weights_false_fetches_only_the_tokenizer(fake_hub, tmp_path):
+    only_tokenizer = tmp_path / "tok"
+    only_tokenizer.mkdir()
+    (only_tokenizer / "tokenizer.model").write_bytes((FIXTURES / "tiny_gemma" / "tokenizer.model").read_bytes())
+    prepare_hub_cache(fake_hub, "google/gemma-2b", only_tokenizer)
+    lm = GemmaCausalLM.from_preset("gemma_2b_en", load_weights=False)
+    assert lm.backbone.count_params() == 2_506_172_416  # keras-hub's figure for gemma_2b_en
+    assert lm.backbone.num_key_value_heads == 1 and lm.backbone.intermediate_dim == 32_768
+    assert lm.preprocessor.tokenizer.vocabulary_size() == GemmaTokenizer(
+        FIXTURES / "tiny_gemma" / "tokenizer.model").vocabulary_size()
+
+
+def test_bad_handles_are_typed_errors(fake_hub, tmp_path):
+    with pytest.raises(ModelFileError, match="not a known preset"):
+        GemmaCausalLM.from_preset("gemma_3b_xx")
+    with pytest.raises(ModelFileError, match="cache"):
+        GemmaCausalLM.from_preset("gemma_7b_en")  # not downloaded, offline
+    with pytest.raises(ModelFileError, match="hf://org/name"):
+        GemmaCausalLM.from_preset("hf://justaname")
+    with pytest.raises(ModelFileError, match="unknown scheme"):
+        GemmaCausalLM.from_preset("s3://bucket/model")
+    if importlib.util.find_spec("kagglehub") is None:
+        with pytest.raises(ModelFileError, match="kagglehub.*download"):
+            GemmaCausalLM.from_preset(PRESETS["gemma_2b_en"].kaggle)
+
+
+# ----- custom construction and bad input -------------------------------------------------
+
+
+def test_custom_backbone_and_preprocessor_as_in_keras_hubs_docs():
+    tokenizer = GemmaTokenizer(proto=str(FIXTURES / "tokenizer" / "tokenizer.model"))
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer=tokenizer, sequence_length=16)
+    backbone = GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), num_layers=2, num_heads=4, hidden_dim=32,
+                             intermediate_dim=64, max_sequence_length=16)
+    assert (backbone.num_key_value_heads, backbone.head_dim, backbone.max_sequence_length) == (4, 8, 16)
+    lm = GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    out = lm.generate(["The quick", "Hi"], max_length=12, stop_token_ids=None)
+    assert [o[:len(p)] for o, p in zip(out, ["The quick", "Hi"])] == ["The quick", "Hi"]
+    with pytest.raises(GenerationError, match="context length"):
+        lm.generate("Hi", max_length=17)
+
+
+def test_bad_generate_input_is_a_typed_error(tiny3):
+    bare = GemmaCausalLM(tiny3.backbone, preprocessor=None)
+    with pytest.raises(GenerationError, match="pads on the right"):
+        bare.generate({"token_ids": np.array([[0, 2, 5, 0]]), "padding_mask": np.array([[0, 1, 1, 0]])},
+                      stop_token_ids=None)
+    with pytest.raises(GenerationError, match="needs a preprocessor"):
+        bare.generate({"token_ids": np.array([[2, 5]]), "padding_mask": np.array([[1, 1]])})
+    with pytest.raises(GenerationError, match="preprocessor=None"):
+        tiny3.generate({"token_ids": np.array([[2, 5]]), "padding_mask": np.array([[1, 1]])})
+    with pytest.raises(GenerationError, match="unknown sampler"):
+        tiny3.compile(sampler="nucleus")
+    with pytest.raises(GenerationError, match="best beam"):
+        BeamSampler(return_all_beams=True)
+    with pytest.raises(MlxGemmaError, match="string or a list of strings"):
+        tiny3.generate(42)
+    with pytest.raises(GenerationError, match="stop_token_ids"):
+        tiny3.generate("Hi", stop_token_ids=[10**9])
+
+
+def test_tasks_are_exported_from_the_package():
+    assert mlx_gemma.GemmaCausalLM is GemmaCausalLM and mlx_gemma.GemmaTokenizer is GemmaTokenizer
+    assert "mlx_gemma.tasks" in sys.modules
