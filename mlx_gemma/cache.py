@@ -122,11 +122,8 @@ class KVCache(_Cache):
     def make_mask(self, T: int, window: int | None = None, prefix_length: mx.array | None = None):
         """Mask for the next `update_and_fetch` of T tokens (None or "causal" when trivial)."""
         S = self.offset + T
-        if self.left_padding is None and prefix_length is None:
-            if T == 1:
-                return None
-            if window is None or window >= S:
-                return "causal"
+        if self.left_padding is None and prefix_length is None and (window is None or window >= S):
+            return None if T == 1 else "causal"
         key_positions = mx.arange(S)
         return build_mask(
             mx.arange(self.offset, S),

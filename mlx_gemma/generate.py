@@ -92,7 +92,7 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
                   prefill_step_size: int = 512, max_tokens: int = 256, *, left_padding=None,
-                  cached_ids=None, **kv_options) -> Iterator[tuple[list[int], mx.array]]:
+                  cached_ids=None, pixel_values=None, **kv_options) -> Iterator[tuple[list[int], mx.array]]:
     """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
 
     `cache` is `model.make_cache(...)` (made here, with `left_padding` and
@@ -102,6 +102,7 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     `left_padding[b]` counts row b's leading pad slots, which the logits processors
     then ignore.  Stops after `max_tokens` steps or at the context length.  A NaN
     in a row's logits raises GenerationError.  Settings are checked when called.
+    `pixel_values` [B, H, W, 3] go with the prompt's `<image>` tokens (PaliGemma).
     """
     ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(prompt_ids)
     if ids.ndim == 1:
@@ -109,6 +110,8 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise GenerationError(f"prompt_ids must be a non-empty [B, T] array of token ids, got shape {ids.shape}")
     _positive_int("prefill_step_size", prefill_step_size, 1)
+    if getattr(model, "prefix_lm", False):  # the prompt attends both ways: prefill it in one call
+        prefill_step_size = max(prefill_step_size, ids.shape[1])
     pad = None if left_padding is None else mx.array(left_padding, mx.int32)
     if cache is None:
         if kv_options:
@@ -118,10 +121,10 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
         raise GenerationError("cache options (max_kv_size, kv_bits, ...) go to the cache when it is made")
     budget = token_budget(model, cache[0].offset + ids.shape[1], max_tokens)
     return _decode(model, ids.astype(mx.int32), cache, sampler or greedy, list(logits_processors or []),
-                   prefill_step_size, budget, pad, cached_ids)
+                   prefill_step_size, budget, pad, cached_ids, pixel_values)
 
 
-def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids):
+def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids, pixel_values=None):
     if budget == 0:
         return
     stream = generation_stream()
@@ -131,9 +134,9 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
         if cached_ids is not None:
             history = mx.concatenate([mx.array(cached_ids, mx.int32).reshape(ids.shape[0], -1), history], axis=1)
 
-    def forward(y, fed_back: bool):
+    def forward(y, fed_back: bool, **images):
         nonlocal history
-        hidden = model.model(y, cache=cache)
+        hidden = model.model(y, cache=cache, **images)
         logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # the head on the last position only
         if processors:
             if fed_back:
@@ -153,7 +156,7 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
             mx.eval([c.state for c in cache])  # bound the graph: one chunk at a time
             ids = ids[:, step_size:]
             mx.clear_cache()
-        pending = forward(ids, fed_back=False)
+        pending = forward(ids, fed_back=False, **({} if pixel_values is None else {"pixel_values": pixel_values}))
     mx.async_eval(*pending)
 
     n = 0
@@ -182,7 +185,7 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=None, logits_processors=None,
                     stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
                     chat: bool | None = None, system: str | None = None, prefill_step_size: int = 512,
-                    skip_special_tokens: bool = False, prompt_cache=None, **kv_options,
+                    skip_special_tokens: bool = False, prompt_cache=None, image=None, **kv_options,
                     ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
 
@@ -198,16 +201,28 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     it holding prompt + generated tokens.  Without one, `kv_options`
     (max_kv_size, kv_bits, kv_group_size, quantized_kv_start; see
     `mlx_gemma.cache`) shape the cache made for this call.
+
+    `image` (PaliGemma): a path, PIL image or array; the prompt is then laid out as
+    `[<image> x N] <bos> prompt "\n"` (see `mlx_gemma.vision`).
     """
     batch = _start(model, tokenizer, [prompt], max_tokens, sampler, logits_processors, stop_strings,
-                   stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache)
-    return (responses[0] for responses in batch)
+                   stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache,
+                   [image] if image is not None else None)
+    return _only_row(batch)
+
+
+def _only_row(batch) -> Iterator[GenerationResponse]:
+    try:
+        for responses in batch:
+            yield responses[0]
+    finally:
+        batch.close()  # at once, so a prompt cache records its tokens before the next call
 
 
 def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
                           system: str | None = None, prefill_step_size: int = 512, skip_special_tokens: bool = False,
-                          **kv_options) -> Iterator[list[GenerationResponse | None]]:
+                          image=None, **kv_options) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 
     Arguments as `stream_generate`'s.  Prompts are left-padded to the longest;
@@ -215,17 +230,28 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
     response), and the loop ends when all have.  Under greedy decoding each
     row's tokens equal that prompt's alone.  The context limit applies to the
     padded length.  Speeds are batch-wide (all rows' tokens per second).
+    `image` (PaliGemma): one image for every prompt, or a list with one per prompt.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError("prompts must be a non-empty list of prompts")
     return _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings,
-                  stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options)
+                  stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options, None,
+                  image if image is None or isinstance(image, (list, tuple)) else [image] * len(prompts))
 
 
 def _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings, stop_token_ids,
-           chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache=None):
+           chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache=None, images=None):
     """Check everything, then return the (not yet started) response generator."""
-    rows_ids = [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts]
+    pixel_values = None
+    if images is None:
+        rows_ids = [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts]
+    else:
+        from .vision import prompt_rows
+
+        if chat or system or prompt_cache is not None:
+            raise GenerationError("image prompts are PaliGemma task prompts: no chat template, "
+                                  "system prompt or prompt cache")
+        rows_ids, pixel_values = prompt_rows(model, tokenizer, prompts, images)
     stop_ids, stops = stop_settings(model, tokenizer, stop_strings, stop_token_ids)
     rows = [RowText(tokenizer, stop_ids, stops, skip_special_tokens) for _ in rows_ids]
     if prompt_cache is not None:
@@ -243,7 +269,8 @@ def _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, st
     filler = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0  # masked out; any valid id would do
     steps = generate_step(model, mx.array([[filler] * p + r for p, r in zip(pads, rows_ids)]), sampler=sampler,
                           logits_processors=logits_processors, prefill_step_size=prefill_step_size,
-                          max_tokens=max_tokens, left_padding=pads if any(pads) else None, **kv_options)
+                          max_tokens=max_tokens, left_padding=pads if any(pads) else None,
+                          pixel_values=pixel_values, **kv_options)
     return _responses(steps, rows, [len(r) for r in rows_ids], token_budget(model, T, max_tokens))
 
 
@@ -344,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "i.e. '-it'/'instruct' in the name or a generation config stopping on <end_of_turn>)")
     p.add_argument("--ignore-chat-template", dest="chat", action="store_false", help="same as --no-chat")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text, not printed (repeatable)")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="PaliGemma: an image for the prompt, e.g. -p 'caption en' (repeatable: one answer per image)")
     add_cache_flags(p)
     p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
                                                "the prompt continues the cached text")
@@ -389,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_arg = args.model or prompt_cache.metadata.get("model")
         model, tokenizer = load(model_arg)
         folder = getattr(model, "path", None)
-        chat = args.chat if args.chat is not None else looks_instruct(model_arg, folder, tokenizer)
+        chat = args.chat if args.chat is not None else (not args.image and looks_instruct(model_arg, folder, tokenizer))
         if prompt_cache is not None:
             prompt_cache.check(model)
             chat = args.chat if args.chat is not None else prompt_cache.metadata.get("chat") == "true"
@@ -398,13 +427,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{' (auto)' if args.chat is None else ''}", file=err)
         if prompt_cache is not None:  # the cached ids, then the prompt (and the turn's end, in chat)
             prompt, chat = prompt_cache.tokens + continuation_ids(tokenizer, prompt, chat), None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-                                    logits_processors=processors, stop_strings=args.stop, chat=chat,
-                                    system=args.system, prompt_cache=prompt_cache, **kv_options):
-            if last.text:
-                print(last.text, end="", file=out, flush=True)
-                wrote = True
-        print(file=out, flush=True)
+        images = args.image or [None]
+        for image in images:
+            if len(images) > 1:
+                print(f"[{image}]", file=out, flush=True)
+            for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+                                        logits_processors=processors, stop_strings=args.stop, chat=chat,
+                                        system=args.system, prompt_cache=prompt_cache, image=image, **kv_options):
+                if last.text:
+                    print(last.text, end="", file=out, flush=True)
+                    wrote = True
+            print(file=out, flush=True)
         if last is not None:
             print("=" * 10 + "\n" + format_stats(last), file=err)
             if args.verbose:

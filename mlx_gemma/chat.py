@@ -1,0 +1,147 @@
+"""Multi-turn chat: `ChatSession` for scripts, and the interactive `python -m mlx_gemma.chat`.
+
+A session keeps the conversation as token ids (the replies exactly as
+generated, never re-encoded from their text) and a `PromptCache` holding their
+keys and values, so each turn prefills only its own new tokens.
+
+    python -m mlx_gemma.chat --system "Answer briefly." --max-tokens 200
+    >> Why is the sky blue?
+    ...
+    >> /reset      (a new conversation)   /quit or Ctrl-D (leave)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+
+from .errors import MlxGemmaError, TokenizerError
+from .generate import GenerationResponse, add_sampling_flags, format_stats, sampling_from, stream_generate
+from .prompt_cache import PromptCache, add_cache_flags, kv_options_from
+
+
+def next_turn_ids(tokenizer, history: list[int], text: str, system: str | None = None) -> list[int]:
+    """The conversation's ids with a new user turn `text` and the model's turn opened.
+
+    `history` is the ids so far (empty for the first turn, where `system` goes),
+    ending with the last reply; a reply that did not end with <end_of_turn>
+    (cut short, or ended by <eos>) is closed with one, as Gemma's template
+    closes every model turn.
+    """
+    if not history:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    eot = tokenizer.end_of_turn_id
+    if history[-1] != eot and history[-1] in tokenizer.eos_token_ids:
+        history = history[:-1]  # another stop id (<eos>) ends the reply: the template has <end_of_turn> there
+    closing = [] if history[-1] == eot else [eot]
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True)[1:]  # no <bos>
+    return history + closing + tokenizer.encode("\n", add_bos=False) + turn
+
+
+class ChatSession:
+    """A conversation with a model: `send(text)` streams the reply as `GenerationResponse`s.
+
+    Generation settings (`max_tokens`, `sampler`, `logits_processors`, ... any
+    `stream_generate` argument) are given once; `kv_options` (max_kv_size,
+    kv_bits, kv_group_size, quantized_kv_start) shape the session's cache.
+    Replies stop at <end_of_turn> and the model's own stop ids.
+    """
+
+    def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = 256, sampler=None,
+                 logits_processors=None, max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=None,
+                 **generate_kwargs):
+        if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
+            raise TokenizerError(tokenizer.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
+        kv = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        if quantized_kv_start is not None:
+            kv["quantized_kv_start"] = quantized_kv_start
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.cache = PromptCache(model, **kv)
+        self.settings = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+                             **generate_kwargs)
+        self.settings["stop_token_ids"] = [tokenizer.end_of_turn_id, *(generate_kwargs.get("stop_token_ids") or [])]
+        self.history: list[int] = []  # the conversation's ids, replies included
+
+    def reset(self) -> None:
+        """Start a new conversation (same system prompt and settings)."""
+        self.history = []
+        self.cache.reset()
+
+    def send(self, text: str) -> Iterator[GenerationResponse]:
+        """Add a user turn and stream the model's reply (recorded in `history` as it comes)."""
+        ids = next_turn_ids(self.tokenizer, self.history, text, self.system)
+        responses = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **self.settings)
+        generated: list[int] = []
+        try:
+            for r in responses:
+                generated.append(r.token)
+                yield r
+        finally:
+            responses.close()  # so the cache records its tokens now, not whenever collected
+            self.history = ids + generated
+
+    def reply(self, text: str) -> str:
+        """`send`, returning the reply's text."""
+        return "".join(r.text for r in self.send(text))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma.chat",
+                                description="Chat with a Gemma instruct model (/reset: new conversation, /quit: leave).")
+    p.add_argument("--model", default=None, help="model folder or hub repo id (default: the packaged model)")
+    p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for every conversation")
+    add_sampling_flags(p)
+    add_cache_flags(p)
+    p.add_argument("--verbose", action="store_true", help="print each reply's statistics to stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    if hasattr(out, "reconfigure"):  # a terminal that cannot show a character gets "?", not a crash
+        out.reconfigure(errors="replace")
+    interactive = sys.stdin.isatty()
+    try:
+        from .loading import load
+
+        sampler, processors = sampling_from(args)
+        model, tokenizer = load(args.model)
+        session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampler, processors,
+                              **kv_options_from(args))
+        print("[/reset starts a new conversation; /quit or Ctrl-D leaves]", file=err)
+        while True:
+            line = input(">> ") if interactive else sys.stdin.readline()
+            if not line:  # EOF
+                break
+            text = line.strip()
+            if text == "/quit":
+                break
+            if text == "/reset":
+                session.reset()
+                print("[new conversation]", file=err)
+                continue
+            if not text:
+                continue
+            last = None
+            for last in session.send(text):
+                print(last.text, end="", file=out, flush=True)
+            print(file=out, flush=True)
+            if args.verbose and last is not None:
+                print(format_stats(last), file=err)
+        return 0
+    except EOFError:  # Ctrl-D at an interactive prompt
+        print(file=out)
+        return 0
+    except KeyboardInterrupt:
+        print(file=out, flush=True)
+        return 0
+    except MlxGemmaError as e:
+        print(f"error: {' '.join(str(e).split())}", file=err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
