@@ -173,24 +173,34 @@ def prompt_ids(tokenizer, prompt: str, num_image_tokens: int) -> list[int]:
     return [image_id] * num_image_tokens + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n", add_bos=False)
 
 
-def prompt_inputs(model, tokenizer, prompts, images, resample: str = "bicubic"):
-    """(input_ids [B, T], pixel_values [B, H, W, 3], left_padding [B]) for PaliGemma.
-
-    One image per prompt; a single image goes with every prompt.  Rows are
-    left-padded with <pad> to the longest.
-    """
+def prompt_rows(model, tokenizer, prompts, images, resample: str = "bicubic") -> tuple[list[list[int]], mx.array]:
+    """(token ids per prompt, pixel values [B, H, W, 3]) for PaliGemma: one image per
+    prompt, or a single image for every prompt."""
+    args = model.args
+    if not hasattr(args, "num_image_tokens"):
+        raise ImageError("image", f"a {getattr(model, 'model_type', 'text')} model takes no images; use a PaliGemma")
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not all(isinstance(p, str) for p in prompts):
+        raise ImageError("image", "prompts that go with images must be strings (e.g. 'caption en')")
     if not isinstance(images, (list, tuple)):
         images = [images] * len(prompts)
     if len(images) != len(prompts):
         raise ImageError("image", f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
-    args = model.args
     rows = [prompt_ids(tokenizer, p, args.num_image_tokens) for p in prompts]
+    return rows, preprocess_images(list(images), args.vision.image_size, resample)
+
+
+def prompt_inputs(model, tokenizer, prompts, images, resample: str = "bicubic"):
+    """(input_ids [B, T], pixel_values [B, H, W, 3], left_padding [B]) for `model(...)`.
+
+    Rows are left-padded with <pad> to the longest; pass `padding_mask` (or the
+    cache's `left_padding`) so the model ignores the pads.
+    """
+    rows, pixels = prompt_rows(model, tokenizer, prompts, images, resample)
     T = max(len(r) for r in rows)
     padding = [T - len(r) for r in rows]
     ids = mx.array([[tokenizer.pad_id] * n + r for n, r in zip(padding, rows)], dtype=mx.int32)
-    pixels = preprocess_images(list(images), args.vision.image_size, resample)
     return ids, pixels, mx.array(padding, dtype=mx.int32)
 
 

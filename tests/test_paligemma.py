@@ -227,3 +227,72 @@ def test_convert_quantizes_the_language_model_only(name, tmp_path):
     ref = np.load(src / "reference.npz")
     ids, pv = mx.array(ref["same_ids"]), nhwc(ref["pixel_values"])
     np.testing.assert_array_equal(np.array(model(ids, pixel_values=pv)), np.array(source(ids, pixel_values=pv)))
+
+
+# ----- generation with images --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    ref = np.load(FIXTURES / "tiny_paligemma" / "reference.npz")  # both fixtures share the images' shapes
+    paths = []
+    for i in range(2):
+        paths.append(folder / f"image{i}.png")
+        Image.fromarray(ref[f"image{i}"]).save(paths[-1])
+    return paths
+
+
+def test_stream_generate_with_an_image_equals_transformers_greedy(loaded):
+    from mlx_gemma.generate import stream_generate
+
+    _, model, tokenizer, ref = loaded
+    # A small prefill step must not split the prompt: it attends both ways.
+    tokens = [r.token for r in stream_generate(model, tokenizer, "detect cat ; dog", max_tokens=10,
+                                               image=ref["image1"], prefill_step_size=4)]
+    assert tokens == ref["greedy_ids"].tolist()
+
+
+def test_batch_generate_with_two_images_equals_transformers(loaded):
+    from mlx_gemma.generate import stream_batch_generate
+
+    _, model, tokenizer, ref = loaded
+    rows = [[], []]
+    for step in stream_batch_generate(model, tokenizer, ["caption en", "detect cat ; dog"], max_tokens=10,
+                                      image=[ref["image0"], ref["image1"]], stop_token_ids=[]):
+        for b, r in enumerate(step):
+            if r is not None:
+                rows[b].append(r.token)
+    assert rows == ref["batch_greedy_ids"].tolist()  # the first row is left-padded
+
+
+def test_generation_image_errors(loaded):
+    from mlx_gemma.errors import GenerationError
+    from mlx_gemma.generate import batch_generate, generate
+
+    _, model, tokenizer, ref = loaded
+    with pytest.raises(ImageError, match="2 images for 3 prompts"):
+        batch_generate(model, tokenizer, ["a", "b", "c"], image=[ref["image0"], ref["image1"]])
+    with pytest.raises(GenerationError, match="no chat template"):
+        generate(model, tokenizer, "caption en", image=ref["image0"], chat=True)
+    text_model, text_tokenizer = mlx_gemma.load(FIXTURES / "tiny_gemma")
+    with pytest.raises(ImageError, match="takes no images"):
+        generate(text_model, text_tokenizer, "caption en", image=ref["image0"])
+
+
+def test_cli_image_flags(image_files, capsys):
+    """The CLI prints what `generate` gives (whose tokens equal transformers', above)."""
+    from mlx_gemma.generate import generate, main
+
+    folder = FIXTURES / "tiny_paligemma"
+    model, tokenizer = mlx_gemma.load(folder)
+    expected = [generate(model, tokenizer, "detect cat ; dog", max_tokens=10, image=p) for p in image_files]
+    argv = ["--model", str(folder), "-p", "detect cat ; dog", "--max-tokens", "10"]
+    assert main(argv + ["--image", str(image_files[1])]) == 0
+    assert capsys.readouterr().out == expected[1] + "\n"
+    assert main(argv + ["--image", str(image_files[1]), "--image", str(image_files[0])]) == 0
+    assert capsys.readouterr().out == f"[{image_files[1]}]\n{expected[1]}\n[{image_files[0]}]\n{expected[0]}\n"
+    assert main(argv + ["--image", str(image_files[0].with_name("missing.png"))]) == 2
+    assert "missing.png: no such image file" in capsys.readouterr().err

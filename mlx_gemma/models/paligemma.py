@@ -102,6 +102,7 @@ class ModelArgs:
     vocab_size = property(lambda self: self.text.vocab_size)
     max_position_embeddings = property(lambda self: self.text.max_position_embeddings)
     hidden_size = property(lambda self: self.text.hidden_size)
+    head_dim = property(lambda self: self.text.head_dim)
     final_logit_softcapping = property(lambda self: getattr(self.text, "final_logit_softcapping", None))
 
     @property
@@ -197,6 +198,7 @@ class Model(nn.Module):
     # part (0.4B of 3B-28B weights), its MLP width 4304 is no multiple of 64-wide
     # groups, and its rounding error would reach all 256-4096 image tokens of every prompt.
     float_prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
+    prefix_lm = True  # generation must prefill the whole prompt in one call
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -232,10 +234,11 @@ class Model(nn.Module):
     def windows(self) -> list[int | None]:
         return [layer.self_attn.window for layer in self.layers]
 
-    def make_cache(self, left_padding: mx.array | None = None):
+    def make_cache(self, left_padding: mx.array | None = None, **options):
+        """Per-layer KV caches; `options`: max_kv_size, kv_bits, kv_group_size, quantized_kv_start."""
         from ..cache import make_layer_caches  # cache.py builds on models/: import late
 
-        return make_layer_caches(self.windows, left_padding)
+        return make_layer_caches(self.windows, left_padding, **options)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Either Hugging Face layout -> ours; drop what we recompute or share."""
