@@ -1,0 +1,84 @@
+"""The scripts in examples/ run as they are (on the tiny Gemma 3 fixture, 3 new tokens).
+
+Each runs in a subprocess, as a user would run it; its printed text is checked
+against the library calls it demonstrates, made here in-process (those calls are
+themselves checked against transformers and keras-hub in their own test files).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+
+import mlx_gemma
+from mlx_gemma.chat import ChatSession
+from mlx_gemma.generate import generate
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+MODEL = FIXTURES / "tiny_gemma3"
+N = 3
+
+
+def run(script: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), "--model", str(MODEL), "--max-tokens", str(N)],
+                          input=stdin, capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return mlx_gemma.load(MODEL)
+
+
+def sections(stdout: str) -> dict[str, list[str]]:
+    """'== title' headed blocks of lines."""
+    out: dict[str, list[str]] = {}
+    for line in stdout.splitlines():
+        if line.startswith("== "):
+            out[line[3:]] = current = []
+        elif out:
+            current.append(line)
+    return out
+
+
+def test_generate_stream(loaded):
+    done = run("generate_stream.py")
+    model, tokenizer = loaded
+    assert done.stdout == generate(model, tokenizer, "The three primary colours are", max_tokens=N) + "\n"
+    assert f"Generation: {N} tokens" in done.stderr and "finish reason: length" in done.stderr
+
+
+def test_batch_samplers(loaded):
+    blocks = sections(run("batch_samplers.py").stdout)
+    model, tokenizer = loaded
+    pairs = [[ast.literal_eval(part) for part in line.split(" -> ", 1)] for line in blocks["greedy"]]
+    assert len(pairs) == 3
+    # Batched greedy rows are what each prompt gives alone.
+    assert [text for _, text in pairs] == [generate(model, tokenizer, p, max_tokens=N) for p, _ in pairs]
+    assert len(blocks) == 6 and all(blocks.values())
+
+
+def test_keras_style():
+    done = run("keras_style.py")
+    blocks = sections(done.stdout)
+    lm = mlx_gemma.GemmaCausalLM.from_preset(MODEL)
+    length = 1 + len(lm.preprocessor.tokenizer("I want to say")) + N
+    assert ast.literal_eval(blocks["greedy (GemmaCausalLM's default)"][0]) == lm.generate("I want to say",
+                                                                                         max_length=length)
+    assert len(blocks) == 5 and all(blocks.values())
+
+
+def test_chat(loaded):
+    done = run("chat.py", stdin="Hello\nHow are you?\n")
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, max_tokens=N)
+    want = [session.reply("Hello"), session.reply("How are you?")]
+    assert done.stdout == f">> {want[0]}\n>> {want[1]}\n>> ({len(session.history)} tokens in the conversation)\n"
