@@ -338,3 +338,28 @@ def test_chat_auto_detection(tmp_path):
     # Stop ids do not decide it: Gemma 3 base checkpoints stop on <end_of_turn> too.
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, %d]}' % tok.end_of_turn_id)
     assert not looks_instruct(None, tmp_path, tok)
+
+
+# ----- cache options (see test_cache.py for the caches themselves) -----------------------
+
+
+def test_cache_options_reach_the_cache():
+    model, tok, ref = tiny("gemma2")
+    prompt = ref["input_ids"][0].tolist()
+    capped = model.make_cache(max_kv_size=5)
+    expected = [ids for ids, _ in generate_step(model, prompt, cache=capped, max_tokens=8)]
+    assert [ids for ids, _ in generate_step(model, prompt, max_tokens=8, max_kv_size=5)] == expected
+    assert run(model, tok, prompt, max_tokens=8, max_kv_size=5)[0] == [i[0] for i in expected]
+    with pytest.raises(GenerationError, match="go to the cache"):
+        generate_step(model, prompt, cache=model.make_cache(), max_kv_size=5)
+    with pytest.raises(GenerationError, match="head_dim 16"):  # quantization groups are >= 32 wide
+        stream_generate(model, tok, prompt, kv_bits=8, kv_group_size=32)
+
+
+def test_cli_cache_flags():
+    done = cli("--model", str(FIXTURES / "tiny_gemma3"), "--prompt", "Hello world", "-m", "6", "--max-kv-size", "6")
+    assert done.returncode == 0, done.stderr
+    model, tok, _ = tiny("gemma3")
+    assert done.stdout == generate(model, tok, "Hello world", max_tokens=6, max_kv_size=6) + "\n"
+    done = cli("--model", str(FIXTURES / "tiny_gemma3"), "--prompt", "Hi", "--kv-bits", "4")
+    assert done.returncode == 2 and done.stderr.startswith("error: kv_group_size 64 does not divide")
