@@ -326,6 +326,30 @@ def test_custom_backbone_and_preprocessor_as_in_keras_hubs_docs():
         lm.generate("Hi", max_length=17)
 
 
+def test_rows_decoded_one_by_one_near_the_context_limit_match_the_batched_loop():
+    """When left-padding a batch would overflow the context, rows are decoded one at a
+    time; the result (stopped rows' trailing ids included) equals the batched loop's,
+    which the keras-hub tests above pin down."""
+    tokenizer = GemmaTokenizer(proto=str(FIXTURES / "tokenizer" / "tokenizer.model"))
+    shape = dict(vocabulary_size=tokenizer.vocabulary_size(), num_layers=2, num_heads=4, hidden_dim=32,
+                 intermediate_dim=64)
+    mx.random.seed(3)
+    tight = GemmaBackbone(**shape, max_sequence_length=16)
+    roomy = GemmaBackbone(**shape, max_sequence_length=64)
+    roomy.model.load_weights(_flat(tight.model), strict=True)
+    ids = np.zeros((2, 16), np.int32)
+    mask = np.zeros((2, 16), bool)
+    ids[0, :12], mask[0, :12] = [tokenizer.start_token_id, *range(300, 311)], True  # 12 + 14 steps > 16
+    ids[1, :2], mask[1, :2] = [tokenizer.start_token_id, 333], True
+    packed = {"token_ids": ids, "padding_mask": mask}
+    free = GemmaCausalLM(roomy).generate(packed, stop_token_ids=None)
+    stops = sorted({int(free["token_ids"][0, 13]), int(free["token_ids"][1, 4])})
+    for stop_ids in (None, stops):
+        want = GemmaCausalLM(roomy).generate(packed, stop_token_ids=stop_ids)
+        got = GemmaCausalLM(tight).generate(packed, stop_token_ids=stop_ids)
+        assert plain(got) == plain(want), stop_ids
+
+
 def test_bad_generate_input_is_a_typed_error(tiny3):
     bare = GemmaCausalLM(tiny3.backbone, preprocessor=None)
     with pytest.raises(GenerationError, match="pads on the right"):
