@@ -25,7 +25,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .errors import TrainingError
 from .train_data import iterate_batches
@@ -44,31 +44,67 @@ def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:  # [..
     return mx.logsumexp(logits, axis=-1) - picked
 
 
-def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array, weights: mx.array,
-                          chunk_size: int = DEFAULT_CHUNK) -> mx.array:
-    """sum_{b,t} weights * CE(logits(hidden), targets), one sequence chunk of logits at a time.
-
-    hidden: [B, T, D] (after the final norm), targets: [B, T] int, weights: [B, T].
-    Each chunk goes through `mx.checkpoint`, so the backward pass recomputes
-    its logits instead of keeping them.  The head's trainable parameters are
-    passed in explicitly: `mx.checkpoint` gives no gradient to captured arrays.
-    """
+def _chunks(T: int, chunk_size: int) -> list[slice]:
     if chunk_size < 1:
         raise TrainingError(f"loss chunk size must be positive, got {chunk_size}")
-    head = _output_head(model)
+    return [slice(s, s + chunk_size) for s in range(0, T, chunk_size)]
 
+
+def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array, weights: mx.array,
+                          chunk_size: int = DEFAULT_CHUNK) -> mx.array:
+    """sum_{b,t} weights * CE(logits(hidden), targets), never holding more than one chunk of logits.
+
+    hidden: [B, T, D] (after the final norm), targets: [B, T] int, weights: [B, T].
+
+    MLX would run independent chunks side by side (all their logits alive at
+    once), so each chunk is made to depend on the previous one's result
+    (`mx.depends`).  For the backward pass, a custom VJP: the forward pass
+    computes each chunk's gradient with respect to its hidden states while
+    its logits exist ([B, c, D], small), and the backward pass only scales
+    them.  That needs the head to be frozen (LoRA); a trainable head takes
+    the slower path that recomputes each chunk (`mx.checkpoint`).
+    """
+    head = _output_head(model)
+    if any(True for _ in _leaves(head.trainable_parameters())):
+        return _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size)
+
+    def chunk_loss(h, t, w):
+        return (token_cross_entropy(model.logits(h), t) * w).sum()
+
+    @mx.custom_function
+    def loss_and_grads(h, t, w):
+        total, grads = mx.array(0.0, dtype=mx.float32), []
+        for piece in _chunks(h.shape[1], chunk_size):
+            h_i = mx.depends(h[:, piece], [total] + grads[-1:])
+            (loss_i,), (grad_i,) = mx.vjp(lambda x: chunk_loss(x, t[:, piece], w[:, piece]), [h_i], [mx.array(1.0)])
+            total = total + loss_i
+            grads.append(grad_i)
+        return total, mx.concatenate(grads, axis=1)
+
+    @loss_and_grads.vjp
+    def _(primals, cotangents, outputs):
+        h, t, w = primals
+        return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)  # targets/weights: constants
+
+    return loss_and_grads(hidden, targets, weights)[0]
+
+
+def _leaves(tree):
+    return (v for _, v in tree_flatten(tree))
+
+
+def _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size):
+    """The chunked loss for a trainable head: each chunk recomputed in the backward pass."""
     def chunk_loss(params, h, t, w):
-        head.update(params, strict=False)
+        head.update(params, strict=False)  # checkpoint gives no gradient to captured arrays: pass them in
         t = mx.stop_gradient(t)  # integer ids: checkpoint's backward would ask for their gradient
         return (token_cross_entropy(model.logits(h), t) * w).sum()
 
     step = mx.checkpoint(chunk_loss)
     params = head.trainable_parameters()
-    T = hidden.shape[1]
     total = mx.array(0.0, dtype=mx.float32)
-    for s in range(0, T, chunk_size):
-        total = total + step(params, hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size],
-                             weights[:, s:s + chunk_size])
+    for piece in _chunks(hidden.shape[1], chunk_size):
+        total = total + step(params, mx.depends(hidden[:, piece], total), targets[:, piece], weights[:, piece])
     return total
 
 
