@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -95,6 +96,20 @@ def test_tokenizer_and_preprocessor_match_keras_hub(keras_lms, name):
     x, y, sw = other(second["inputs"])
     assert (plain(x), y.tolist(), sw.tolist()) == (second["x"], second["y"], second["sample_weight"])
     assert x["token_ids"].dtype == np.int32 and x["padding_mask"].dtype == bool
+
+
+@pytest.mark.parametrize("name", list(KERAS))
+def test_preset_folders_preprocessor_json_is_honoured(name, tmp_path):
+    ref = KERAS[name]["saved_preprocessor"]
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    (folder / "preprocessor.json").write_text(json.dumps(ref["preprocessor.json"]))
+    lm = GemmaCausalLM.from_preset(folder, dtype="float32")
+    pre = lm.preprocessor
+    assert (pre.sequence_length, pre.add_start_token, pre.add_end_token) == (
+        ref["sequence_length"], ref["add_start_token"], ref["add_end_token"])
+    assert lm.generate(["The fox", "Hi"]) == ref["generate"]  # the default max_length is the saved one
+    assert GemmaCausalLM.from_preset(folder, sequence_length=8).preprocessor.sequence_length == 8
 
 
 def test_single_string_gives_unbatched_arrays(keras_lms):

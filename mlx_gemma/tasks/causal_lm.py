@@ -46,19 +46,19 @@ class GemmaCausalLM:
 
     @classmethod
     def from_preset(cls, preset: str | os.PathLike, load_weights: bool = True, dtype=None,
-                    preprocessor=_FROM_PRESET, sequence_length: int = 1024) -> GemmaCausalLM:
+                    preprocessor=_FROM_PRESET, sequence_length: int | None = None) -> GemmaCausalLM:
         """A preset name (`gemma2_2b_en`, ...), `hf://org/repo`, `kaggle://...`, or a local folder.
 
         `load_weights=False`: random weights of the preset's shape (only the tokenizer
         is fetched).  `dtype`: the weights' float type (default: as stored; float32
         for random weights).  `preprocessor=None` leaves it off (generate then takes
         and returns token-id dicts); `sequence_length` is the preprocessor's default
-        max_length, keras-hub's default 1024.
+        max_length: a keras-hub preset folder's preprocessor.json says, else 1024 (keras-hub's default).
         """
         from ..generate import looks_instruct
         from ..loading import load_model
         from ..tokenizer import GemmaTokenizer, check_vocab_fits
-        from .presets import preset_of, resolve_preset
+        from .presets import keras_preprocessor_settings, preset_of, resolve_preset
 
         entry = preset_of(preset)
         folder = None
@@ -70,7 +70,10 @@ class GemmaCausalLM:
         if preprocessor is _FROM_PRESET:
             tokenizer = GemmaTokenizer.from_folder(folder) if folder is not None else GemmaTokenizer.from_preset(preset)
             check_vocab_fits(tokenizer, backbone.vocabulary_size, tokenizer.path)
-            preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length)
+            settings = {"sequence_length": 1024, **keras_preprocessor_settings(preset)}
+            if sequence_length is not None:
+                settings["sequence_length"] = sequence_length
+            preprocessor = GemmaCausalLMPreprocessor(tokenizer, **settings)
         lm = cls(backbone, preprocessor)
         instruct = entry.instruct if entry is not None else looks_instruct(os.fspath(preset), folder)
         lm.stop_on_end_of_turn = lm.stop_on_end_of_turn or instruct

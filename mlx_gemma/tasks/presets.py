@@ -232,6 +232,37 @@ def keras_preset_folder(folder: Path) -> Path:
     return dest
 
 
+def keras_preprocessor_settings(handle) -> dict:
+    """`sequence_length` / `add_start_token` / `add_end_token` from a keras-hub preset
+    folder's preprocessor.json (what keras-hub's from_preset builds); {} otherwise."""
+    if not isinstance(handle, (str, os.PathLike)):
+        return {}
+    handle = os.fspath(handle)
+    if handle.startswith("kaggle://"):
+        folder = _kaggle_download(handle)
+    elif "://" in handle or handle in PRESETS:
+        return {}
+    else:
+        folder = Path(handle).expanduser()
+    path = folder / "preprocessor.json"
+    if not is_keras_preset(folder) or not path.is_file():
+        return {}
+    if path.stat().st_size > (4 << 20):
+        raise ModelFileError(path, "is larger than any preprocessor config (4 MiB)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ModelFileError(path, f"not a keras-hub preprocessor config: {e}") from None
+    out = {k: config[k] for k in ("sequence_length", "add_start_token", "add_end_token") if k in config}
+    length = out.get("sequence_length")
+    if "sequence_length" in out and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
+        raise ModelFileError(path, f"sequence_length must be a positive integer, got {length!r}")
+    for key in ("add_start_token", "add_end_token"):
+        if key in out and not isinstance(out[key], bool):
+            raise ModelFileError(path, f"{key} must be true or false, got {out[key]!r}")
+    return out
+
+
 def tokenizer_file(handle: str, revision: str | None = None) -> Path:
     """Only the tokenizer of a preset (for `load_weights=False`): one small hub file, not the weights."""
     repo = hf_repo_of(handle)
