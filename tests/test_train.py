@@ -246,3 +246,132 @@ def test_schedule_warms_up_then_decays():
     lrs = [schedule(mx.array(s)).item() for s in (0, 5, 10, 55, 100)]
     assert lrs[0] == 0 and abs(lrs[1] - 5e-4) < 1e-9 and abs(lrs[2] - 1e-3) < 1e-9
     assert lrs[2] > lrs[3] > lrs[4] and lrs[4] < 1e-8
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def pair_examples(tokenizer, tmp_path, repeat=4):
+    file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS] * repeat)
+    return load_jsonl(file, tokenizer, mask_prompt=True)
+
+
+def fittable_tiny(quantize: bool = False):
+    """tiny_gemma with embeddings 25x larger.
+
+    The fixture's 0.02-std tied embeddings bound its logits to about +-1 (the
+    final norm fixes the hidden size), so its loss cannot fall far below
+    ln(vocab) whatever the adapters learn; scaled up, the model can fit data.
+    """
+    model = load_model(FIXTURES / "tiny_gemma")
+    model.model.embed_tokens.weight = model.model.embed_tokens.weight * 25
+    if quantize:
+        nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    return model
+
+
+def test_fifty_steps_lower_the_loss_and_the_saved_adapter_reloads(tokenizer, tmp_path):
+    model = fittable_tiny()
+    config = lora.enable_lora(model, rank=4, target_names=("q_proj", "v_proj", "down_proj"))
+    examples = pair_examples(tokenizer, tmp_path)
+    before = train.evaluate(model, examples, 4)
+    saved = []
+
+    def save(step):
+        lora.save_adapters(tmp_path / "adapters", model, config)
+        saved.append(step)
+
+    args = train.TrainingArgs(batch_size=4, iters=50, steps_per_report=10, save_every=20, grad_accumulation_steps=2)
+    history = train.train(model, train.build_optimizer("adamw", 1e-3), examples, examples[:4], args, save=save)
+    after = train.evaluate(model, examples, 4)
+    print(f"train-set loss {before:.3f} -> {after:.3f}")
+    assert after < before / 4
+    assert saved == [20, 40, 50]
+    reports = [h for h in history if "train_loss" in h]
+    assert [h["step"] for h in reports] == [10, 20, 30, 40, 50]
+    assert all(h["tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in reports)
+    assert {h["step"] for h in history if "val_loss" in h} == {1, 50}
+    reloaded = lora.load_adapters(fittable_tiny(), tmp_path / "adapters")
+    ids = mx.array([[2, 30, 40, 50, 60]])
+    assert mx.array_equal(reloaded(ids), model(ids))
+
+
+def test_qlora_trains_only_the_adapters(tokenizer, tmp_path):
+    model = fittable_tiny(quantize=True)
+    lora.enable_lora(model, rank=4, target_names=lora.TARGETS)
+    frozen_before = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if ".lora_" not in k}
+    examples = pair_examples(tokenizer, tmp_path)
+    before = train.evaluate(model, examples, 4)
+    args = train.TrainingArgs(batch_size=4, iters=30, steps_per_report=30, grad_checkpoint=True, loss_chunk_size=8)
+    train.train(model, train.build_optimizer("adamw", train.build_schedule(1e-3, 30, "cosine", 5)), examples,
+                args=args)
+    after = train.evaluate(model, examples, 4)
+    print(f"QLoRA train-set loss {before:.3f} -> {after:.3f}")
+    assert after < before / 4
+    frozen_after = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if ".lora_" not in k}
+    assert frozen_after.keys() == frozen_before.keys()
+    assert all(np.array_equal(frozen_after[k], v) for k, v in frozen_before.items())
+    assert isinstance(model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert type(model.layers[0]).__name__ == "TransformerBlock" and not hasattr(type(model.layers[0]),
+                                                                               "_checkpointed_from")
+
+
+def cli_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    chat = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]}
+            for p, c in PAIRS]
+    write_jsonl(data / "train.jsonl", chat * 2)
+    write_jsonl(data / "valid.jsonl", chat[:2])
+    write_jsonl(data / "test.jsonl", [{"text": p + c} for p, c in PAIRS])
+    return data
+
+
+def test_cli_trains_saves_and_resumes(tmp_path, capsys):
+    from mlx_gemma.lora_cli import main
+
+    data, out = cli_data(tmp_path), tmp_path / "adapters"
+    (tmp_path / "cfg.json").write_text(json.dumps({"iters": 6, "batch_size": 2, "steps_per_report": 3,
+                                                   "learning_rate": 1e-3, "num_layers": 2}))
+    common = ["--model", str(FIXTURES / "tiny_gemma"), "--data", str(data), "-c", str(tmp_path / "cfg.json")]
+    assert main(common + ["--train", "--test", "--adapter-path", str(out), "--save-every", "4", "--rank", "2",
+                          "--mask-prompt", "--grad-checkpoint"]) == 0
+    printed = capsys.readouterr().out
+    assert "Iter 1: val loss" in printed and "Iter 6: train loss" in printed and "tok/s" in printed
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["num_layers"] == 2 and config["lora_parameters"]["rank"] == 2
+    test_loss = [line for line in printed.splitlines() if line.startswith("Test loss")][0]
+    # Resuming from the saved adapters and testing gives the same test loss.
+    assert main(common + ["--test", "--rank", "2", "--resume-adapter-file", str(out / "adapters.safetensors")]) == 0
+    assert test_loss in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "2"], "nothing to do"),
+    (["--train", "--data", "/nonexistent"], "no such data folder"),
+    (["--train", "--optimizer", "sgd", "--lr-schedule", "cosine", "--warmup", "9", "--iters", "3"], "warmup"),
+    (["--train", "--resume-adapter-file", "/nonexistent.safetensors"], "no such adapter weights file"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
+    from mlx_gemma.lora_cli import main
+
+    full = ["--model", str(FIXTURES / "tiny_gemma"), "--data", str(cli_data(tmp_path)), "--batch-size", "2",
+            "--num-layers", "2"] + args
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+
+
+def test_config_files(tmp_path):
+    from mlx_gemma.lora_cli import settings
+
+    (tmp_path / "c.json").write_text('{"rank": 16, "iters": 3}')
+    s = settings(["-c", str(tmp_path / "c.json"), "--iters", "5"])
+    assert (s.rank, s.iters, s.batch_size) == (16, 5, 4)  # file over defaults, flags over file
+    (tmp_path / "bad.json").write_text('{"rnak": 16}')
+    with pytest.raises(TrainingError, match="bad.json: unknown settings rnak"):
+        settings(["-c", str(tmp_path / "bad.json")])
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text("rank: 2\nlora_keys: [q_proj, o_proj]\n")
+    s = settings(["-c", str(tmp_path / "c.yaml")])
+    assert s.rank == 2 and s.lora_keys == ["q_proj", "o_proj"]
