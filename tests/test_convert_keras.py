@@ -251,7 +251,7 @@ def test_not_a_folder(tmp_path):
 
 
 @pytest.mark.parametrize("class_name, registered, match", [
-    ("PaliGemmaBackbone", "keras_hub>PaliGemmaBackbone", "not yet supported"),
+    ("RecurrentGemmaBackbone", "keras_hub>RecurrentGemmaBackbone", "not yet supported"),  # PaliGemma: own tests
     ("Gemma3Backbone", "keras_hub>Gemma3Backbone", "not yet supported"),
     ("LlamaBackbone", "keras_hub>LlamaBackbone", "not a Gemma backbone"),
     ("GemmaCausalLM", "keras_hub>GemmaCausalLM", "is a task"),

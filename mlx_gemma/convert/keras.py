@@ -101,11 +101,12 @@ __all__ = [
     "DEFAULT_MAX_POSITION_EMBEDDINGS",
 ]
 
-SUPPORTED_CLASSES = ("GemmaBackbone",)
+SUPPORTED_CLASSES = ("GemmaBackbone", "PaliGemmaBackbone")  # the latter: keras_paligemma.py
 _REGISTERED = {"keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone"}
+_PALIGEMMA = {"keras_hub>PaliGemmaBackbone", "keras_nlp>PaliGemmaBackbone"}
 # Gemma-family Keras classes we know of but cannot read yet.
 _LATER = {
-    "PaliGemmaBackbone", "Gemma3Backbone", "Gemma3nBackbone", "Gemma4Backbone",
+    "Gemma3Backbone", "Gemma3nBackbone", "Gemma4Backbone",
     "RecurrentGemmaBackbone", "T5GemmaBackbone", "ShieldGemmaBackbone",
 }
 _TASK_CLASSES = {"GemmaCausalLM", "Gemma3CausalLM", "PaliGemmaCausalLM"}
@@ -393,7 +394,13 @@ def read_keras_preset(
     if not os.path.isdir(folder):
         raise ModelFileError(folder, "expected a Keras preset folder (config.json, model.weights.h5, assets/)")
     config_path = os.path.join(folder, CONFIG_FILE)
-    keras_cfg = _check_class(config_path, read_json(config_path, "config.json", ConfigError))
+    top = read_json(config_path, "config.json", ConfigError)
+    if isinstance(top, dict) and top.get("class_name") == "PaliGemmaBackbone" and (
+            top.get("registered_name") in _PALIGEMMA or top.get("registered_name") is None):
+        from .keras_paligemma import read_paligemma_preset
+
+        return read_paligemma_preset(folder, top, progress=progress)
+    keras_cfg = _check_class(config_path, top)
     # The vocabulary size bounds the tokenizer check; validate it first.
     vocab = _int(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
     tokenizer_model, specials, end_of_turn = _read_tokenizer(folder, vocab)
