@@ -322,6 +322,18 @@ def test_load_weights_false_fetches_only_the_tokenizer(fake_hub, tmp_path):
         FIXTURES / "tiny_gemma" / "tokenizer.model").vocabulary_size()
 
 
+@pytest.mark.parametrize("name", list(KERAS))
+def test_load_weights_false_on_a_keras_preset_folder_reads_only_its_config(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    lm = GemmaCausalLM.from_preset(FIXTURES / name, load_weights=False)
+    assert not (tmp_path / "cache").exists()  # nothing converted
+    saved = json.loads((FIXTURES / name / "config.json").read_text())["config"]  # as keras-hub wrote it
+    ours = lm.backbone.get_config()
+    assert {k: ours[k] for k in saved if k in ours} == {k: saved[k] for k in saved if k in ours}
+    assert len(set(saved) & set(ours)) == len(ours)
+    assert lm.preprocessor.tokenizer.vocabulary_size() == saved["vocabulary_size"]
+
+
 def test_bad_handles_are_typed_errors(fake_hub, tmp_path):
     with pytest.raises(ModelFileError, match="not a known preset"):
         GemmaCausalLM.from_preset("gemma_3b_xx")
@@ -391,6 +403,8 @@ def test_bad_generate_input_is_a_typed_error(tiny3):
         BeamSampler(return_all_beams=True)
     with pytest.raises(MlxGemmaError, match="string or a list of strings"):
         tiny3.generate(42)
+    with pytest.raises(GenerationError, match="empty list"):
+        tiny3.generate([])
     with pytest.raises(GenerationError, match="stop_token_ids"):
         tiny3.generate("Hi", stop_token_ids=[10**9])
 

@@ -10,6 +10,7 @@ output, the final-normed hidden states.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -83,10 +84,12 @@ class GemmaBackbone:
         model.set_dtype(as_dtype(dtype) or mx.float32)
         model.eval()
         self._init(model, dropout)
+        self._arguments = {**keras_config, "dropout": dropout}
 
     def _init(self, model, dropout: float = 0.0) -> None:
         self.model = model
         self.dropout = dropout
+        self._arguments: dict | None = None  # the constructor's keras-hub arguments, when built from them
         # enable_lora(rank): the LoRA issue adds it here (mlx_gemma/lora.py), as keras-hub's
         # `backbone.enable_lora(rank=4)` before `fit()`.
 
@@ -105,7 +108,7 @@ class GemmaBackbone:
         downloading them (for a folder: of its config's shape).
         """
         from ..loading import build_model, load_config, load_model
-        from .presets import preset_of, resolve_preset
+        from .presets import is_keras_preset, keras_backbone_config, preset_of, resolve_preset
 
         preset_entry = preset_of(preset)
         if load_weights:
@@ -114,6 +117,9 @@ class GemmaBackbone:
             if not preset_entry.backbone:
                 raise MlxGemmaError(f"{preset}: its shape is not recorded (only its Keras preset can be used)")
             return cls(**preset_entry.backbone, dtype=dtype)
+        if isinstance(preset, (str, os.PathLike)) and Path(preset).expanduser().is_dir() \
+                and is_keras_preset(Path(preset).expanduser()):  # build from its arguments: no conversion
+            return cls(**keras_backbone_config(Path(preset).expanduser()), dtype=dtype)
         model = build_model(load_config(resolve_preset(preset)))
         model.set_dtype(as_dtype(dtype) or mx.float32)
         model.eval()
@@ -137,7 +143,8 @@ class GemmaBackbone:
     final_logit_soft_cap = property(lambda self: getattr(self.args, "final_logit_softcapping", None))
     use_post_ffw_norm = use_post_attention_norm = property(lambda self: self.args.model_type != "gemma")
     use_sliding_window_attention = property(lambda self: any(w is not None for w in self.model.windows))
-    sliding_window_size = property(lambda self: getattr(self.args, "sliding_window", None))
+    # Gemma 1 has no window; keras-hub still records its default 4096 there.
+    sliding_window_size = property(lambda self: getattr(self.args, "sliding_window", 4096))
     max_sequence_length = property(lambda self: self.args.max_position_embeddings)
     query_head_dim_normalize = property(
         lambda self: getattr(self.args, "query_pre_attn_scalar", self.args.head_dim) == self.args.head_dim)
@@ -155,7 +162,9 @@ class GemmaBackbone:
                  "intermediate_dim", "head_dim", "query_head_dim_normalize", "use_post_ffw_norm",
                  "use_post_attention_norm", "attention_logit_soft_cap", "final_logit_soft_cap",
                  "use_sliding_window_attention", "sliding_window_size", "layer_norm_epsilon", "dropout")
-        return {name: getattr(self, name) for name in names}
+        # Constructor arguments win: e.g. query_head_dim_normalize=False with hidden / heads ==
+        # head_dim builds the same network as True, but keras-hub records what was asked.
+        return {**{name: getattr(self, name) for name in names}, **(self._arguments or {})}
 
     def count_params(self) -> int:
         # Shapes only: nothing is evaluated, so this is free even for unrealised random weights.

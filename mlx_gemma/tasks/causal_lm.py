@@ -141,6 +141,8 @@ class GemmaCausalLM:
             raise GenerationError("with a preprocessor, generate() takes strings; set preprocessor=None "
                                   "(e.g. from_preset(..., preprocessor=None)) to pass token ids")
         texts, batched = _texts(inputs)
+        if not texts:
+            raise GenerationError("generate() got an empty list of prompts")
         packed = self.preprocessor.generate_preprocess(texts, sequence_length=max_length)
         out = self._generate_packed(packed["token_ids"], packed["padding_mask"], stops, strip_prompt)
         result = self.preprocessor.generate_postprocess(out)

@@ -264,10 +264,16 @@ def keras_preprocessor_settings(handle) -> dict:
 
 
 def tokenizer_file(handle: str, revision: str | None = None) -> Path:
-    """Only the tokenizer of a preset (for `load_weights=False`): one small hub file, not the weights."""
+    """Only the tokenizer of a preset (for `load_weights=False`): one small hub file, or the
+    folder that holds it (HF, MLX and keras-hub layouts all do); never the weights."""
     repo = hf_repo_of(handle)
-    if repo is None:  # a folder or a Kaggle handle: the folder has it
-        return resolve_preset(handle, revision)
+    if repo is None:
+        if handle.startswith("kaggle://"):
+            return _kaggle_download(handle)
+        folder = Path(handle).expanduser()
+        if not folder.is_dir():
+            raise _unknown(handle)
+        return folder
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -278,3 +284,14 @@ def tokenizer_file(handle: str, revision: str | None = None) -> Path:
                                    "be reached (offline, or HF_HUB_OFFLINE=1)") from e
     except (HfHubHTTPError, OSError) as e:
         raise ModelFileError(repo, f"could not download tokenizer.model from the Hugging Face hub: {e}") from e
+
+
+def keras_backbone_config(folder: Path) -> dict:
+    """A keras-hub preset folder's GemmaBackbone arguments (its config.json "config")."""
+    from ..convert.keras_h5 import read_json
+
+    config = read_json(str(folder / "config.json"), "config.json")
+    args = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(args, dict):
+        raise ModelFileError(folder / "config.json", "has no 'config' object with the backbone's settings")
+    return {k: v for k, v in args.items() if k not in ("name", "trainable", "dtype")}

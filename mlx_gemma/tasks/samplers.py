@@ -44,7 +44,7 @@ class Sampler:
         return self._step
 
     def _make(self):
-        raise NotImplementedError  # every concrete sampler below defines it
+        raise GenerationError(f"{type(self).__name__} has no per-step sampler: it runs through mlx_gemma.search")
 
     def get_config(self) -> dict:
         return {"temperature": self.temperature}
@@ -153,7 +153,10 @@ class _CallableSampler(Sampler):
 
     def __init__(self, fn):
         super().__init__()
-        self._step = fn
+        self.fn = fn
+
+    def _make(self):
+        return self.fn
 
 
 _BY_NAME = {
