@@ -334,6 +334,24 @@ def test_load_weights_false_on_a_keras_preset_folder_reads_only_its_config(name,
     assert lm.preprocessor.tokenizer.vocabulary_size() == saved["vocabulary_size"]
 
 
+def test_kaggle_handle_downloads_with_kagglehub_and_converts(monkeypatch):
+    """With kagglehub installed, a kaggle:// handle is downloaded (here: a stand-in module
+    handing back the tiny preset, as kagglehub hands back its cache folder) and converted."""
+    asked = []
+
+    class FakeKagglehub:
+        @staticmethod
+        def model_download(handle):
+            asked.append(handle)
+            return str(FIXTURES / "keras_gemma")
+
+    monkeypatch.setitem(sys.modules, "kagglehub", FakeKagglehub)
+    lm = GemmaCausalLM.from_preset("kaggle://keras/gemma/keras/gemma_2b_en/3", dtype="float32")
+    assert asked[0] == "keras/gemma/keras/gemma_2b_en/3"
+    case = KERAS["keras_gemma"]["generate"][1]  # keras-hub's output for this preset
+    assert lm.generate(case["inputs"], **case["kwargs"]) == case["output"]
+
+
 def test_bad_handles_are_typed_errors(fake_hub, tmp_path):
     with pytest.raises(ModelFileError, match="not a known preset"):
         GemmaCausalLM.from_preset("gemma_3b_xx")
