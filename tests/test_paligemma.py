@@ -296,3 +296,25 @@ def test_cli_image_flags(image_files, capsys):
     assert capsys.readouterr().out == f"[{image_files[1]}]\n{expected[1]}\n[{image_files[0]}]\n{expected[0]}\n"
     assert main(argv + ["--image", str(image_files[0].with_name("missing.png"))]) == 2
     assert "missing.png: no such image file" in capsys.readouterr().err
+
+
+def test_quantized_folder_in_the_mlx_vlm_layout_loads(tmp_path):
+    """mlx-community PaliGemma folders (mlx-vlm) name weights the original way and keep the
+    conv kernel channels-last; quantized layers come with `.scales` / `.biases`."""
+    from mlx_gemma.convert import convert
+    from mlx_gemma.tensorfile import load_file
+
+    src = FIXTURES / "tiny_paligemma"
+    ours = convert(src, mlx_path=tmp_path / "ours", quantize=True, q_group_size=32, progress=False)
+    vlm = tmp_path / "vlm"
+    shutil.copytree(ours, vlm)
+    weights = load_file(ours / "model.safetensors")
+    renamed = {k.replace("model.language_model.", "language_model.model.")
+               .replace("model.vision_tower.", "vision_tower.")
+               .replace("model.multi_modal_projector.", "multi_modal_projector."): v for k, v in weights.items()}
+    assert any(k.startswith("language_model.model.") and k.endswith(".scales") for k in renamed)
+    mx.save_safetensors(str(vlm / "model.safetensors"), renamed, metadata={"format": "mlx"})
+    ref = np.load(src / "reference.npz")
+    ids, pv = mx.array(ref["same_ids"]), nhwc(ref["pixel_values"])
+    np.testing.assert_array_equal(np.array(mlx_gemma.load_model(vlm)(ids, pixel_values=pv)),
+                                  np.array(mlx_gemma.load_model(ours)(ids, pixel_values=pv)))

@@ -53,7 +53,8 @@ def paligemma_config_to_hf(c: dict, path, special_ids: dict, image_token_id: int
     text = keras_config_to_hf(c, path, special_ids=special_ids)
     for key in ("vit_pooling", "vit_classifier_activation"):
         if c.get(key) is not None:
-            raise UnsupportedModelError(path, f"{key}={c[key]!r}: PaliGemma's ViT has no pooling and a linear projector")
+            raise UnsupportedModelError(
+                path, f"{key}={c[key]!r}: PaliGemma's ViT has no pooling and a linear projector")
     vision = {
         "model_type": "siglip_vision_model",
         "hidden_size": _int(path, c, "vit_hidden_dim", limit=1 << 16),
@@ -89,10 +90,11 @@ def _vision_expected(vision: dict, text_hidden: int) -> dict[str, tuple[str, tup
     """Keras dataset path -> (HF name, Keras shape) for the ViT and the projector."""
     d, f, p, c = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"], vision["num_channels"]
     n = (vision["image_size"] // p) ** 2
+    emb, hf_emb = f"{_VIT}/vision_embeddings", f"{_TOWER}.embeddings"
     out = {
-        f"{_VIT}/vision_embeddings/patch_embedding/vars/0": (f"{_TOWER}.embeddings.patch_embedding.weight", (p, p, c, d)),
-        f"{_VIT}/vision_embeddings/patch_embedding/vars/1": (f"{_TOWER}.embeddings.patch_embedding.bias", (d,)),
-        f"{_VIT}/vision_embeddings/position_embedding/vars/0": (f"{_TOWER}.embeddings.position_embedding.weight", (n, d)),
+        f"{emb}/patch_embedding/vars/0": (f"{hf_emb}.patch_embedding.weight", (p, p, c, d)),
+        f"{emb}/patch_embedding/vars/1": (f"{hf_emb}.patch_embedding.bias", (d,)),
+        f"{emb}/position_embedding/vars/0": (f"{hf_emb}.position_embedding.weight", (n, d)),
         f"{_VIT}/encoder_layer_norm/vars/0": (f"{_TOWER}.post_layernorm.weight", (d,)),
         f"{_VIT}/encoder_layer_norm/vars/1": (f"{_TOWER}.post_layernorm.bias", (d,)),
         "layers/pali_gemma_vit/layers/dense/vars/0": ("model.multi_modal_projector.linear.weight", (d, text_hidden)),
