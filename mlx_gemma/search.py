@@ -14,7 +14,7 @@ candidates are evaluated as a batch of k rows with the cache copied k times.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -39,6 +39,9 @@ class Beam:
 
 
 def _check_prompt(model, prompt) -> mx.array:
+    if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping)):
+        raise GenerationError("prompt: beam and contrastive search take token ids; encode the text first "
+                              "(mlx_gemma.prompts.prompt_ids)")
     ids = prompt_ids(None, prompt, vocab_size=model.args.vocab_size)  # ids are used as given
     return mx.array(ids, mx.int32)[None]  # [1, T]
 
@@ -138,7 +141,9 @@ def _beam_loop(model, ids, budget, K, length_penalty, stops, early_stopping, pro
     cache = model.make_cache()
     stream = generation_stream()
     with mx.stream(stream):
-        logits = model.logits(_prefill(model, ids, cache, step_size)[:, -1])  # [1, V]: one row until beams split
+        # One row until the beams split.  transformers runs K copies, all but the first scored
+        # -1e9, which selects the same candidates whenever the vocabulary holds `keep` tokens.
+        logits = model.logits(_prefill(model, ids, cache, step_size)[:, -1])  # [1, V]
     history = ids  # [R, n]: what the processors see, prompt then generated ids
     running: list[list[int]] = [[]]  # each row's generated ids
     scores = mx.zeros((1,), mx.float32)  # each row's summed log-probability, float32 as transformers
@@ -174,9 +179,9 @@ def _beam_loop(model, ids, budget, K, length_penalty, stops, early_stopping, pro
             break
 
         running = next_running
-        rows = mx.array(rows)
-        _take_rows(cache, rows)
         with mx.stream(stream):
+            rows = mx.array(rows)
+            _take_rows(cache, rows)
             y = mx.array(next_tokens, mx.int32)[:, None]  # [K, 1]
             history = mx.concatenate([history[rows], y], axis=1)
             scores = mx.array(next_scores, mx.float32)
@@ -237,8 +242,8 @@ def _contrastive_loop(model, ids, budget, k, alpha, stops, step_size) -> Iterato
         context = _unit(hidden[0].astype(mx.float32))  # [S, H]: every earlier position, unit length
     chosen = mx.zeros((k,), mx.int32)  # the cache row every candidate continues (one row after prefill)
     for _ in range(budget):
-        _take_rows(cache, chosen)
         with mx.stream(stream):
+            _take_rows(cache, chosen)
             probs = mx.softmax(logits[0].astype(mx.float32))  # [V]
             candidates = mx.argpartition(-probs, kth=k - 1)[:k]
             # Likeliest first, so a tie in score goes to the likelier token (as transformers' topk order).
