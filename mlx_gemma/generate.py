@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma.generate",
                                 description="Generate text with a Gemma model (flags follow mlx_lm.generate).")
     p.add_argument("--model", default=None, help="model folder or hub repo id (default: the packaged model)")
+    p.add_argument("--adapter-path", help="LoRA adapter folder (adapters.safetensors + adapter_config.json) to apply")
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt; '-' reads it from stdin")
     add_sampling_flags(p)
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt (needs the chat template)")
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "when the cache was made (python -m mlx_gemma.cache_prompt)")
             prompt_cache = load_prompt_cache(args.prompt_cache_file)
             model_arg = args.model or prompt_cache.metadata.get("model")
-        model, tokenizer = load(model_arg)
+        model, tokenizer = load(model_arg, adapter_path=args.adapter_path)
         folder = getattr(model, "path", None)
         chat = args.chat if args.chat is not None else (not args.image and looks_instruct(model_arg, folder, tokenizer))
         if prompt_cache is not None:

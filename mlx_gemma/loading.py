@@ -174,15 +174,21 @@ def load_model(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
+    adapter_path: str | os.PathLike | None = None,
 ) -> nn.Module:
     """The model of a folder or hub id (None: the packaged default), weights loaded strictly.
 
     `dtype` casts floating-point weights (default: as stored, e.g. bf16 for a
     bf16 checkpoint).  `lazy=True` leaves the weights unevaluated (memory-mapped
-    work happens on first use).
+    work happens on first use).  `adapter_path`: a LoRA adapter folder
+    (ours or mlx-lm's) to apply on top.
     """
     folder = resolve_model_path(path_or_repo, revision)
     model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype)
+    if adapter_path is not None:
+        from .lora import load_adapters  # lora imports tensorfile only; import it when asked
+
+        load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
     model.path = folder
@@ -195,12 +201,16 @@ def load(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
+    adapter_path: str | os.PathLike | None = None,
 ):
-    """(model, tokenizer) for a folder, a hub repo id, or None for the packaged default model."""
+    """(model, tokenizer) for a folder, a hub repo id, or None for the packaged default model.
+
+    `adapter_path`: a LoRA adapter folder to apply on top (see `load_model`).
+    """
     from .tokenizer import GemmaTokenizer, check_vocab_fits
 
     folder = resolve_model_path(path_or_repo, revision)
-    model = load_model(folder, dtype=dtype, lazy=lazy)
+    model = load_model(folder, dtype=dtype, lazy=lazy, adapter_path=adapter_path)
     tokenizer = GemmaTokenizer.from_folder(folder)
     check_vocab_fits(tokenizer, model.args.vocab_size, tokenizer.path or folder)
     return model, tokenizer

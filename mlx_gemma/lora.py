@@ -188,6 +188,7 @@ def apply_lora(model: nn.Module, config: dict) -> None:
                 raise AdapterError(None, f"the model has no linear {key!r} to adapt")
             wrapped.append((key, layer_class(base, params["rank"], params["scale"], params.get("dropout", 0.0))))
         block.update_modules(tree_unflatten(wrapped))
+    model.train(model.training)  # new layers start in training mode: give them the model's (dropout off in eval)
 
 
 def enable_lora(model: nn.Module, rank: int = 4, target_names=DEFAULT_TARGETS, num_layers: int | None = None,

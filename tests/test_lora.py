@@ -326,3 +326,68 @@ def randomize_adapters_mlx_lm(model):
     for _, m in model.named_modules():
         if "lora_b" in m:
             m.lora_b = mx.array(rng.normal(0, 0.1, m.lora_b.shape).astype(np.float32))
+
+
+# --- using and fusing adapters: load(adapter_path=...), generate --adapter-path, python -m mlx_gemma.fuse ------
+
+
+def test_load_with_adapter_path_gives_the_adapted_model_in_eval_mode(tmp_path):
+    from mlx_gemma import load
+
+    model, folder = saved_adapter(tmp_path, dropout=0.5)
+    loaded, _ = load(TINY, adapter_path=folder)
+    assert not loaded.training and not loaded.layers[-1].self_attn.q_proj.dropout.training
+    model.eval()
+    assert mx.array_equal(loaded(mx.array(IDS)), model(mx.array(IDS)))
+
+
+def test_generate_cli_with_adapter_path(tmp_path, capsys):
+    from mlx_gemma import load
+    from mlx_gemma.generate import generate, main
+
+    _, folder = saved_adapter(tmp_path)
+    assert main(["--model", str(TINY), "--adapter-path", str(folder), "--prompt", "hello", "--max-tokens", "4",
+                 "--no-chat"]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = load(TINY, adapter_path=folder)
+    assert printed.strip() == generate(model, tokenizer, "hello", max_tokens=4, chat=False).strip()
+    assert main(["--model", str(TINY), "--adapter-path", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "no such adapter folder" in capsys.readouterr().err
+
+
+def test_fuse_cli_writes_a_model_equal_to_base_plus_adapters(tmp_path):
+    from mlx_gemma.fuse import main
+
+    model, folder = saved_adapter(tmp_path, target_names=lora.TARGETS)
+    assert main(["--model", str(TINY), "--adapter-path", str(folder), "--save-path", str(tmp_path / "fused")]) == 0
+    fused = load_model(tmp_path / "fused")
+    assert not lora.lora_layers(fused)
+    assert_close(fused(mx.array(IDS)), model(mx.array(IDS)), rtol=1e-5)
+    assert (tmp_path / "fused" / "tokenizer.model").is_file()
+    assert main(["--model", str(TINY), "--adapter-path", str(folder), "--save-path", str(tmp_path / "fused")]) == 2
+
+
+def test_fuse_cli_requantizes_a_quantized_base(tmp_path):
+    from mlx_gemma.convert import convert
+    from mlx_gemma.fuse import main
+
+    base = convert(TINY, mlx_path=tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32, progress=False)
+    model = load_model(base)
+    config = lora.enable_lora(model, rank=4, target_names=("q_proj", "down_proj"))
+    randomize_adapters(model)
+    lora.save_adapters(tmp_path / "adapter", model, config)
+    adapted = model(mx.array(IDS))
+
+    assert main(["--model", str(base), "--adapter-path", str(tmp_path / "adapter"),
+                 "--save-path", str(tmp_path / "fused")]) == 0
+    fused = load_model(tmp_path / "fused")
+    assert isinstance(fused.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["quantization"]["bits"] == 8
+    assert_close(fused(mx.array(IDS)), lora.fuse(model)(mx.array(IDS)), rtol=1e-6)
+
+    assert main(["--model", str(base), "--adapter-path", str(tmp_path / "adapter"),
+                 "--save-path", str(tmp_path / "float"), "--dequantize"]) == 0
+    floats = load_model(tmp_path / "float")
+    assert "quantization" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in floats.named_modules())
+    assert_close(floats(mx.array(IDS)), adapted, rtol=1e-5)
