@@ -164,13 +164,14 @@ def preprocess_images(images, size: int, resample: str = "bicubic") -> mx.array:
 # ----- prompts -----------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer, prompt: str, num_image_tokens: int) -> list[int]:
+def prompt_ids(tokenizer, prompt: str, num_image_tokens: int, image_token_id: int) -> list[int]:
     """`[<image> x N] <bos> prompt "\\n"` (transformers' PaliGemmaProcessor: the text and
-    its newline are tokenized together, special-token look-alikes stay text)."""
-    image_id = tokenizer.image_token_id
-    if image_id is None:
-        raise ImageError("tokenizer", "the vocabulary has no <image> token: not a PaliGemma tokenizer")
-    return [image_id] * num_image_tokens + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n", add_bos=False)
+    its newline are tokenized together, special-token look-alikes stay text).
+
+    `image_token_id` is the model config's: Google's SentencePiece file has no
+    `<image>` piece, the processor appends it after the last one (id 257152).
+    """
+    return [image_token_id] * num_image_tokens + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n", add_bos=False)
 
 
 def prompt_rows(model, tokenizer, prompts, images, resample: str = "bicubic") -> tuple[list[list[int]], mx.array]:
@@ -187,7 +188,7 @@ def prompt_rows(model, tokenizer, prompts, images, resample: str = "bicubic") ->
         images = [images] * len(prompts)
     if len(images) != len(prompts):
         raise ImageError("image", f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
-    rows = [prompt_ids(tokenizer, p, args.num_image_tokens) for p in prompts]
+    rows = [prompt_ids(tokenizer, p, args.num_image_tokens, args.image_token_index) for p in prompts]
     return rows, preprocess_images(list(images), args.vision.image_size, resample)
 
 

@@ -230,3 +230,27 @@ def test_draw_detections_writes_a_png_of_the_image_size(tmp_path):
     assert drawn.size == image.size
     assert image.getpixel((60, 60)) == (0, 0, 0)  # the input is not modified
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
+
+
+def test_image_token_outside_the_tokenizer(tmp_path):
+    """Google's PaliGemma vocabulary has no <image> piece: the config's image_token_index (the
+    id transformers' processor appends after the last piece) is used, and gives the same logits."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "tiny_paligemma", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["image_token_index"] = 400  # the tiny tokenizer has 400 pieces
+    (folder / "config.json").write_text(json.dumps(config))
+    model, tokenizer = mlx_gemma.load(folder)
+    ids, pixels, padding = vision.prompt_inputs(
+        model, tokenizer, ["caption en", "detect cat ; dog"], [REF["image0"], REF["image1"]]
+    )
+    expected_ids = np.where(REF["input_ids"] == 6, 400, REF["input_ids"])
+    np.testing.assert_array_equal(np.array(ids), expected_ids)
+    real = REF["attention_mask"].astype(bool)
+    logits = np.array(model(ids, pixel_values=pixels, padding_mask=mx.array(real)))
+    assert np.abs(logits - REF["logits"])[real].max() / np.abs(REF["logits"]).max() < 1e-4

@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError, TokenizerError, UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from .keras import KerasCheckpoint, _dtype_name, _expected, _int, _read_tokenizer, _to_hf_layout, keras_config_to_hf
 from .keras_h5 import read_variables
 
@@ -148,10 +148,12 @@ def read_paligemma_preset(
     tokenizer_model, specials, end_of_turn = _read_tokenizer(folder, vocab)
     from ..tokenizer import GemmaTokenizer
 
-    image_token_id = GemmaTokenizer(tokenizer_model).image_token_id
+    tokenizer = GemmaTokenizer(tokenizer_model)
+    # Google's PaliGemma vocabulary has no <image> piece (keras-hub needs none: it puts the
+    # image embeddings first); transformers' processor appends it after the last piece.
+    image_token_id = tokenizer.image_token_id
     if image_token_id is None:
-        raise TokenizerError(os.path.join(folder, "assets", "tokenizer", "vocabulary.spm"),
-                             "the vocabulary has no <image> piece: not a PaliGemma tokenizer")
+        image_token_id = tokenizer.vocab_size
     cfg = paligemma_config_to_hf(keras_cfg, config_path, specials, image_token_id)
     from ..models.paligemma import ModelArgs
 
