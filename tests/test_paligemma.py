@@ -318,3 +318,37 @@ def test_quantized_folder_in_the_mlx_vlm_layout_loads(tmp_path):
     ids, pv = mx.array(ref["same_ids"]), nhwc(ref["pixel_values"])
     np.testing.assert_array_equal(np.array(mlx_gemma.load_model(vlm)(ids, pixel_values=pv)),
                                   np.array(mlx_gemma.load_model(ours)(ids, pixel_values=pv)))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("which", ["paligemma-3b-224", "paligemma2-3b-448"])
+def test_real_sizes_have_transformers_weight_names_and_shapes(which):
+    """Full-size configs: every transformers parameter has our counterpart of the same shape
+    (built on torch's meta device and MLX's lazy arrays: nothing is allocated)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from mlx.utils import tree_flatten
+
+    if which == "paligemma-3b-224":
+        config = transformers.PaliGemmaConfig()  # its defaults are PaliGemma 1 3B at 224 px
+    else:  # PaliGemma 2 3B at 448 px (Gemma 2 2B decoder)
+        config = transformers.PaliGemmaConfig(
+            text_config=transformers.Gemma2Config(
+                hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=256, vocab_size=257216),
+            vision_config=transformers.SiglipVisionConfig(
+                hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                patch_size=14, image_size=448, vision_use_head=False),
+            projection_dim=2304, image_token_index=257152, vocab_size=257216,
+        )
+    with torch.device("meta"):
+        reference = transformers.PaliGemmaForConditionalGeneration(config)
+    expected = {paligemma.canonical_key(k): tuple(v.shape) for k, v in reference.state_dict().items()
+                if k != "lm_head.weight"}  # tied
+    model = paligemma.Model(paligemma.ModelArgs.from_dict(config.to_dict()))
+    ours = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    conv = "model.vision_tower.vision_model.embeddings.patch_embedding.weight"
+    o, i, kh, kw = expected[conv]
+    expected[conv] = (o, kh, kw, i)  # channels-last in MLX
+    assert ours == expected
+    assert model.args.num_image_tokens == (256 if which.endswith("224") else 1024)
