@@ -352,3 +352,14 @@ def test_real_sizes_have_transformers_weight_names_and_shapes(which):
     expected[conv] = (o, kh, kw, i)  # channels-last in MLX
     assert ours == expected
     assert model.args.num_image_tokens == (256 if which.endswith("224") else 1024)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(mx.bfloat16, 0.1), (mx.float16, 0.02)])
+def test_half_precision_stays_half(loaded, dtype, tolerance):
+    """Pixels and image features follow the weights' dtype (no silent float32 promotion) and the
+    logits stay near transformers' float32 ones."""
+    name, _, _, ref = loaded
+    model = mlx_gemma.load_model(FIXTURES / f"tiny_{name}", dtype=dtype)
+    hidden = model.model(mx.array(ref["same_ids"]), pixel_values=nhwc(ref["pixel_values"]))
+    assert hidden.dtype == dtype
+    assert rel_err(model.logits(hidden).astype(mx.float32), ref["same_logits"]) < tolerance
