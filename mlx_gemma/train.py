@@ -20,7 +20,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -218,9 +218,11 @@ def evaluate(model, examples, batch_size: int, num_batches: int = -1, pad_id: in
 
 def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None = None,
           save: Callable[[int], None] | None = None, report: Callable[[dict], None] | None = None,
-          pad_id: int = 0) -> list[dict]:
+          pad_id: int = 0, batches: Iterator[tuple[mx.array, ...]] | None = None) -> list[dict]:
     """Train the model's trainable parameters (the adapters) for `args.iters` optimizer steps.
 
+    `train_set` is a list of (ids, offset) examples (see train_data.py), or
+    None when `batches` yields the (inputs, targets, weights) batches itself.
     `save(step)` is called every `args.save_every` steps and at the end;
     `report(info)` gets dicts with step, train_loss or val_loss, learning_rate,
     tokens_per_second and peak_memory_gb.  Returns every report.
@@ -254,7 +256,8 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
         if report:
             report(info)
 
-    batches = iterate_batches(train_set, args.batch_size, loop=True, seed=args.seed, pad_id=pad_id)
+    if batches is None:
+        batches = iterate_batches(train_set, args.batch_size, loop=True, seed=args.seed, pad_id=pad_id)
     losses, count, tokens, grads = 0.0, 0, 0, None
     mx.reset_peak_memory()
     tic = time.perf_counter()

@@ -90,8 +90,28 @@ class GemmaBackbone:
         self.model = model
         self.dropout = dropout
         self._arguments: dict | None = None  # the constructor's keras-hub arguments, when built from them
-        # enable_lora(rank): the LoRA issue adds it here (mlx_gemma/lora.py), as keras-hub's
-        # `backbone.enable_lora(rank=4)` before `fit()`.
+        self.lora_config: dict | None = None  # set by enable_lora (see training.py)
+
+    # ----- LoRA, keras-hub's names (mlx_gemma/lora.py does the work; see training.py) -------
+
+    def enable_lora(self, rank: int, target_layer_names=None, **settings) -> None:
+        """Freeze the backbone; adapters on the query and value projections unless named
+        (keras-hub's "query", "value", "key", "attention_output", "ffw_gating", "ffw_gating_2",
+        "ffw_linear", or ours, "q_proj", ...).  `settings`: alpha, dropout, num_layers, dora."""
+        from .training import enable_lora
+
+        enable_lora(self, rank, target_layer_names, **settings)
+
+    def save_lora_weights(self, path) -> None:
+        """Write the adapters to folder `path` (adapters.safetensors + adapter_config.json, mlx-lm's layout)."""
+        from .training import save_lora_weights
+
+        save_lora_weights(self, path)
+
+    def load_lora_weights(self, path) -> None:
+        from .training import load_lora_weights
+
+        load_lora_weights(self, path)
 
     @classmethod
     def from_model(cls, model, dropout: float = 0.0) -> GemmaBackbone:

@@ -85,7 +85,9 @@ class GemmaCausalLM:
         """Choose generate()'s sampler: a name ("greedy", "top_k", "top_p", "random",
         "beam", "contrastive") or a sampler object (mlx_gemma.tasks.samplers or keras_hub.samplers).
 
-        `optimizer`, `loss`, ... are kept in `self.training_settings` for `fit` (LoRA issue).
+        `optimizer` ("auto" = Adam, as keras-hub; "adamw", "sgd", "adafactor", or an
+        `mlx.optimizers` optimizer), `learning_rate` (default 2e-5) and `weight_decay`
+        are kept in `self.training_settings` for `fit`.
         """
         self.sampler = get_sampler(sampler)
         self.training_settings = training_settings
@@ -94,6 +96,22 @@ class GemmaCausalLM:
     def model(self):
         """The MLX model (for mlx_gemma.generate & co.)."""
         return self.backbone.model
+
+    # ----- fit / score (mlx_gemma/tasks/training.py, mlx_gemma/score.py) -------------------
+
+    def fit(self, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, **kwargs):
+        """keras' fit: strings (through the preprocessor) or {"token_ids", "padding_mask"} with y and
+        sample_weight; trains the adapters after `backbone.enable_lora(rank)`.  Returns a History."""
+        from .training import fit
+
+        return fit(self, x, y, batch_size, epochs, sample_weight, **kwargs)
+
+    def score(self, token_ids, padding_mask=None, scoring_mode: str = "logits", layer_intercept_fn=None,
+              target_ids=None):
+        """keras-hub's score: per-token logits [B, T, V] or losses [B, T] (see mlx_gemma.score)."""
+        from ..score import score
+
+        return score(self.model, token_ids, padding_mask, scoring_mode, layer_intercept_fn, target_ids)
 
     def _stop_ids(self, stop_token_ids) -> tuple[int, ...] | None:
         if stop_token_ids is None:
