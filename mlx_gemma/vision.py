@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .tensorfile import atomic_path
 
 # Refused before decoding: a 64-megapixel image is already 8192 x 8192, and a
 # PNG or JPEG header can claim far more than its few bytes hold.
@@ -42,9 +43,10 @@ def _open_file(path: Path) -> Image.Image:
     if path.stat().st_size > MAX_IMAGE_BYTES:
         raise ImageError(path, f"is {path.stat().st_size} bytes; images over {MAX_IMAGE_BYTES} bytes are refused")
     try:
-        with warnings.catch_warnings():
+        # Our own file object: closed on every path, errors included (load() detaches the image).
+        with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)  # reads the header only
+            image = Image.open(f)  # reads the header only
             _check_pixels(image, path)
             image.load()
     except ImageError:
@@ -248,8 +250,6 @@ def parse_detections(text: str, image_size: tuple[int, int]) -> list[Detection]:
 
 def draw_detections(image, detections: Sequence[Detection], path=None, width: int = 3) -> Image.Image:
     """Draw each box and its label on (a copy of) the image; save a PNG at `path` (atomically) if given."""
-    from .tensorfile import atomic_path
-
     canvas = load_image(image).copy()
     draw = ImageDraw.Draw(canvas)
     palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
