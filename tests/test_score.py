@@ -124,3 +124,26 @@ def test_bad_arguments(preset, kwargs, message):
     with pytest.raises(MlxGemmaError, match=message) as info:
         score(model, mx.array([[2, 5, 6, 7]]), **kwargs)
     assert isinstance(info.value, ValueError)
+
+
+def test_example_score_gradients_runs():
+    """examples/score_gradients.py (keras-hub's gradient example in MLX) prints the total loss score() gives."""
+    import subprocess
+    import sys
+
+    import mlx_gemma
+
+    folder = FIXTURES / "tiny_gemma3"
+    script = FIXTURES.parent.parent / "examples" / "score_gradients.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(folder)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, tokenizer = mlx_gemma.load(folder)
+    total = 0.0
+    for text in ["This is a test of scoring", "Where are you"]:
+        ids = mx.array([tokenizer.encode(text)])
+        total += score(model, ids, scoring_mode="loss", target_ids=mx.roll(ids, -1, axis=1))[0, :-1].sum().item()
+    printed = float(done.stdout.splitlines()[0].split()[-1])
+    assert abs(printed - total) <= 1e-4 * total
+    assert len(done.stdout.splitlines()) == 1 + 2 + sum(len(tokenizer.encode(t)) for t in
+                                                        ["This is a test of scoring", "Where are you"])
