@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -451,3 +452,35 @@ def test_real_gemma3_270m_greedy_equals_transformers():
     assert packed["token_ids"][packed["padding_mask"]].tolist() == ref["prompt_ids"]
     assert lm.generate(ref["prompt"], stop_token_ids=None, strip_prompt=True) == tokenizer.detokenize(
         ref["generated_ids"])
+
+
+@pytest.mark.oracle
+def test_live_keras_hub_generate_on_a_fresh_preset(tmp_path):
+    """keras-hub builds, saves and generates from a fresh random Gemma 2 style preset (window 3
+    < the 24 positions, multi-query, soft-caps); we load the saved folder and generate the same."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras_hub = pytest.importorskip("keras_hub", reason="the live oracle needs keras-hub (pip install keras-hub jax)")
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=400, num_layers=3, num_query_heads=4, num_key_value_heads=1, hidden_dim=32,
+        intermediate_dim=96, head_dim=8, use_post_ffw_norm=True, use_post_attention_norm=True,
+        attention_logit_soft_cap=4.0, final_logit_soft_cap=8.0, use_sliding_window_attention=True,
+        sliding_window_size=3)
+    rng = np.random.default_rng(11)
+    for v in backbone.weights:  # large norm scales: a random model that repeats itself less
+        scale = 1.0 if "embeddings" in v.path else 2.0 if v.path.endswith("scale") else 0.4
+        v.assign(rng.normal(0, scale, v.shape).astype("float32"))
+    tok = keras_hub.models.GemmaTokenizer(proto=str(FIXTURES / "tokenizer" / "tokenizer.model"))
+    backbone.save_to_preset(str(tmp_path / "p"))
+    tok.save_to_preset(str(tmp_path / "p"))
+    keras_lm = keras_hub.models.GemmaCausalLM(backbone, keras_hub.models.GemmaCausalLMPreprocessor(tok))
+    prompts = ["Once upon a time", "x", "The quick brown fox jumps", "12 + 30 ="]
+    ours = GemmaCausalLM.from_preset(tmp_path / "p", dtype="float32")
+    assert ours.generate(prompts, max_length=24) == keras_lm.generate(prompts, max_length=24)
+    packed = keras_lm.preprocessor.generate_preprocess(prompts, sequence_length=24)
+    keras_lm.preprocessor, ours.preprocessor = None, None
+    free = keras_lm.generate(dict(packed), stop_token_ids=None)
+    assert plain(ours.generate(dict(packed), stop_token_ids=None)) == plain(free)
+    lengths = packed["padding_mask"].sum(axis=1)
+    stops = sorted({int(free["token_ids"][b][min(int(n) + b, 23)]) for b, n in enumerate(lengths)})
+    assert plain(ours.generate(dict(packed), stop_token_ids=stops)) == plain(
+        keras_lm.generate(dict(packed), stop_token_ids=stops))
