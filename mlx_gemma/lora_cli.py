@@ -118,8 +118,10 @@ def settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
-def _printer(progress: Progress | None):
+def _printer(progress: Progress | None, quiet: bool):
     def report(info: dict) -> None:
+        if quiet:
+            return
         if "val_loss" in info:
             line = f"Iter {info['step']}: val loss {info['val_loss']:.3f}"
         else:
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if not (args.train or args.test):
         raise TrainingError("nothing to do: pass --train and/or --test")
-    mx.random.seed(args.seed)
+    rank0 = mx.distributed.init().rank() == 0  # data parallel (mlx.launch): rank 0 reports and saves
+    mx.random.seed(args.seed)  # the same adapter initialisation on every rank
     model, tokenizer = load(args.model)
     splits = (("train", "valid") if args.train else ()) + (("test",) if args.test else ())
     data = load_datasets(args.data, tokenizer, splits, args.mask_prompt, args.max_seq_length)
@@ -161,18 +164,19 @@ def run(args: argparse.Namespace) -> dict:
             steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval, save_every=args.save_every,
             adapter_path=str(out), grad_accumulation_steps=args.grad_accumulation_steps,
             grad_checkpoint=args.grad_checkpoint, loss_chunk_size=args.loss_chunk_size, seed=args.seed)
-        progress = Progress("train", args.iters, " steps") if sys.stderr.isatty() else None
+        progress = Progress("train", args.iters, " steps") if sys.stderr.isatty() and rank0 else None
         result["history"] = train.train(
-            model, optimizer, data["train"], data.get("valid"), targs, pad_id=pad_id, report=_printer(progress),
+            model, optimizer, data["train"], data.get("valid"), targs, pad_id=pad_id, report=_printer(progress, not rank0),
             save=lambda step: lora.save_adapters(out, model, config))
         if progress is not None:
             progress.close(f"adapters saved to {out}")
-        else:
+        elif rank0:
             print(f"Saved adapters to {out}", flush=True)
     if args.test:
         loss = train.evaluate(model, data["test"], args.batch_size, args.test_batches, pad_id, args.loss_chunk_size)
         result["test_loss"] = loss
-        print(f"Test loss {loss:.3f}, test ppl {math.exp(loss):.3f}", flush=True)
+        if rank0:
+            print(f"Test loss {loss:.3f}, test ppl {math.exp(loss):.3f}", flush=True)
     return result
 
 

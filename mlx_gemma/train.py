@@ -11,7 +11,8 @@ Memory is what limits fine-tuning on a laptop.  Two things keep it down:
 * `grad_checkpoint=True` keeps only each block's input and recomputes the
   block in the backward pass.
 
-The CLI lives in `lora_cli.py` (`python -m mlx_gemma.lora`).
+Data parallel training across processes or machines uses `mx.distributed`
+(see `train`).  The CLI lives in `lora_cli.py` (`python -m mlx_gemma.lora`).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.a
     """
     hidden = model.model(inputs)  # [B, T, D]
     ntoks = weights.sum()
-    return chunked_cross_entropy(model, hidden, targets, weights, chunk_size) / ntoks, ntoks
+    # A batch (or a rank's share of one) may hold no weighted target: its loss is 0, not NaN.
+    return chunked_cross_entropy(model, hidden, targets, weights, chunk_size) / mx.maximum(ntoks, 1), ntoks
 
 
 @functools.cache
@@ -226,6 +228,10 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
     `save(step)` is called every `args.save_every` steps and at the end;
     `report(info)` gets dicts with step, train_loss or val_loss, learning_rate,
     tokens_per_second and peak_memory_gb.  Returns every report.
+
+    Launched on several processes (`mlx.launch -n 2 python -m mlx_gemma.lora ...`),
+    each rank takes its share of every batch, gradients are combined across
+    ranks (`mx.distributed.all_sum`) and rank 0 alone calls `save`.
     """
     args = args or TrainingArgs()
     if args.iters < 1 or args.grad_accumulation_steps < 1:
@@ -235,12 +241,20 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
         grad_checkpoint(model)
     model.train()
     accum = args.grad_accumulation_steps
+    group = mx.distributed.init()  # a group of one unless launched with mlx.launch
+    world = group.size()
     loss_and_grad = nn.value_and_grad(model, functools.partial(loss_fn, chunk_size=args.loss_chunk_size))
     state = [model.state, optimizer.state, mx.random.state]
 
     @functools.partial(mx.compile, inputs=state, outputs=state)
     def micro_step(inputs, targets, weights, grads, do_update: bool):
         (loss, ntoks), g = loss_and_grad(model, inputs, targets, weights)
+        if world > 1:
+            # Data parallel: weigh each rank's mean by its tokens, so the result is the
+            # whole batch's mean and gradient exactly (not a mean of unequal shares).
+            total = mx.distributed.all_sum(ntoks, group=group)
+            g = tree_map(lambda x: mx.distributed.all_sum(x * ntoks, group=group) / total, g)
+            loss, ntoks = mx.distributed.all_sum(loss * ntoks, group=group) / total, total
         if grads is not None:
             g = tree_map(mx.add, g, grads)
         if do_update:
@@ -256,8 +270,9 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
         if report:
             report(info)
 
-    if batches is None:
-        batches = iterate_batches(train_set, args.batch_size, loop=True, seed=args.seed, pad_id=pad_id)
+    if batches is None:  # every rank shuffles alike (same seed) and takes its share of each batch
+        batches = iterate_batches(train_set, args.batch_size, loop=True, seed=args.seed, pad_id=pad_id,
+                                  rank=group.rank(), world=world)
     losses, count, tokens, grads = 0.0, 0, 0, None
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -276,7 +291,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
             emit({"step": step, "train_loss": losses / count, "learning_rate": optimizer.learning_rate.item(),
                   "tokens_per_second": tokens / elapsed, "peak_memory_gb": mx.get_peak_memory() / 2**30})
             losses, count, tokens, tic = 0.0, 0, 0, time.perf_counter()
-        if do_update and save and (step % args.save_every == 0 or step == args.iters):
+        if do_update and save and group.rank() == 0 and (step % args.save_every == 0 or step == args.iters):
             save(step)
     if args.grad_checkpoint:
         grad_checkpoint(model, enable=False)

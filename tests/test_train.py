@@ -440,3 +440,40 @@ def test_keras_style_score_is_mlx_gemma_score():
     assert mx.array_equal(lm.score(ids, mask), score(lm.model, ids, mask))
     with pytest.raises(ValueError, match="scoring_mode"):
         lm.score(ids, scoring_mode="perplexity")
+
+
+# --- data parallel -------------------------------------------------------------------------------
+
+
+def test_two_process_data_parallel_step_equals_one_process_with_the_whole_batch(tmp_path):
+    """`mlx.launch -n 2` on localhost: each rank takes half of every batch; one SGD step gives
+    the adapters that one process computes from the whole batch."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from mlx_gemma.tensorfile import load_file
+
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch (MLX's launcher) is not on PATH")
+    data = cli_data(tmp_path)
+    args = ["-m", "mlx_gemma.lora", "--model", str(FIXTURES / "tiny_gemma"), "--data", str(data), "--train",
+            "--iters", "2", "--batch-size", "4", "--optimizer", "sgd", "--learning-rate", "0.5", "--num-layers", "2",
+            "--rank", "2", "--mask-prompt", "--val-batches", "1"]
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES.parent.parent)}
+    one = subprocess.run([sys.executable, *args, "--adapter-path", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = str(20000 + os.getpid() % 20000)  # other test runs on this machine may use the default port
+    two = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--starting-port", port, sys.executable, *args,
+                          "--adapter-path", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert two.stdout.count("Saved adapters") == 1  # rank 0 alone reports and saves
+    a, b = load_file(tmp_path / "one" / "adapters.safetensors"), load_file(tmp_path / "two" / "adapters.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(b[k], a[k], rtol=1e-5)
+    assert any(k.endswith("lora_b") and mx.abs(v).max().item() > 0 for k, v in a.items())  # the step moved B
