@@ -38,8 +38,9 @@ class GenerationResponse:
 
     `text` may be "" (an unfinished UTF-8 character, or text held back because it
     could begin a stop string).  `logprobs` is the step's log-softmax [V] after the
-    logits processors.  Speeds are tokens/s: `prompt_tps` over the prefill (up to
-    the first token), `generation_tps` since the first token.  `peak_memory` is in
+    logits processors.  `prompt_tokens` counts the prompt tokens fed (with a prompt
+    cache, those it did not already hold).  Speeds are tokens/s: `prompt_tps` over
+    the prefill (up to the first token), `generation_tps` since the first token.  `peak_memory` is in
     GB.  `finish_reason` is None until the last response: "stop" (a stop id or
     string) or "length" (max_tokens or the context length).
     """
