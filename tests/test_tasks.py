@@ -264,14 +264,14 @@ def test_every_preset_maps_to_a_repo_and_a_kaggle_handle():
         assert p.instruct == ("instruct" in name)
 
 
-def keras_hub_gemma_presets() -> dict:
-    """keras-hub's own Gemma preset table, read as data from its source (no Keras import):
-    from this environment's keras-hub, else the /tmp/kvenv one."""
+def keras_hub_presets(family: str) -> dict:
+    """keras-hub's own preset table for `family` ("gemma", "gemma3"), read as data from its
+    source (no Keras import): from this environment's keras-hub, else the /tmp/kvenv one."""
     spec = importlib.util.find_spec("keras_hub")
     roots = [Path(spec.origin).parent] if spec and spec.origin else []
     roots += sorted(Path("/tmp/kvenv/lib").glob("python3*/site-packages/keras_hub"))
     for root in roots:
-        path = root / "src" / "models" / "gemma" / "gemma_presets.py"
+        path = root / "src" / "models" / family / f"{family}_presets.py"
         if path.is_file():
             for node in ast.parse(path.read_text(encoding="utf-8")).body:
                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "backbone_presets":
@@ -281,15 +281,17 @@ def keras_hub_gemma_presets() -> dict:
 
 @pytest.mark.oracle
 def test_preset_table_matches_keras_hubs_presets():
-    """Every keras-hub Gemma preset is in the table, with its Kaggle handle, and our shape
-    has keras-hub's recorded parameter count (built lazily: nothing is allocated)."""
-    presets = keras_hub_gemma_presets()
-    assert set(presets) == set(PRESETS)
+    """Every keras-hub Gemma / Gemma 2 preset is in the table (and the Gemma 3 ones we list
+    exist), with its Kaggle handle, and our shape has keras-hub's recorded parameter count
+    (built lazily: nothing is allocated)."""
+    gemma, gemma3 = keras_hub_presets("gemma"), keras_hub_presets("gemma3")
+    assert set(gemma) <= set(PRESETS) and set(PRESETS) - set(gemma) <= set(gemma3)
     for name, p in PRESETS.items():
-        assert p.kaggle == presets[name]["kaggle_handle"], name
-        if p.backbone:
-            count = GemmaBackbone(**p.backbone, dtype="bfloat16").count_params()
-            assert count == presets[name]["metadata"]["params"], name
+        ref = gemma.get(name) or gemma3[name]
+        assert p.kaggle == ref["kaggle_handle"], name
+        if p.backbone or p.hf_config:
+            count = GemmaBackbone.from_preset(name, load_weights=False, dtype="bfloat16").count_params()
+            assert count == ref["metadata"]["params"], name
 
 
 @pytest.fixture

@@ -133,14 +133,17 @@ class GemmaBackbone:
         preset_entry = preset_of(preset)
         if load_weights:
             return cls.from_model(load_model(resolve_preset(preset), dtype=as_dtype(dtype)))
-        if preset_entry is not None:
-            if not preset_entry.backbone:
-                raise MlxGemmaError(f"{preset}: its shape is not recorded (only its Keras preset can be used)")
+        if preset_entry is not None and preset_entry.backbone:
             return cls(**preset_entry.backbone, dtype=dtype)
         if isinstance(preset, (str, os.PathLike)) and Path(preset).expanduser().is_dir() \
                 and is_keras_preset(Path(preset).expanduser()):  # build from its arguments: no conversion
             return cls(**keras_backbone_config(Path(preset).expanduser()), dtype=dtype)
-        model = build_model(load_config(resolve_preset(preset)))
+        if preset_entry is not None:
+            if preset_entry.hf_config is None:
+                raise MlxGemmaError(f"{preset}: its shape is not recorded (only its Keras preset can be used)")
+            model = build_model(preset_entry.hf_config)
+        else:
+            model = build_model(load_config(resolve_preset(preset)))
         model.set_dtype(as_dtype(dtype) or mx.float32)
         model.eval()
         return cls.from_model(model)

@@ -1,7 +1,7 @@
 """keras-hub preset names -> Hugging Face repositories and architectures, and preset handles -> folders.
 
 `PRESETS` lists keras-hub 0.32's Gemma / Gemma 2 presets (`keras_hub/src/models/
-gemma/gemma_presets.py`), each with the Hugging Face repository holding the same
+gemma/gemma_presets.py`) and its text-only Gemma 3 ones (`gemma3/gemma3_presets.py`), each with the Hugging Face repository holding the same
 checkpoint (from the presets' descriptions and the Hugging Face model cards), its
 Kaggle handle, and its backbone's shape in keras-hub's argument names -- enough
 to build random weights (`load_weights=False`) without downloading anything.
@@ -49,16 +49,40 @@ _GEMMA2_27B = dict(_GEMMA2, vocabulary_size=256_000, num_layers=46, num_query_he
                    hidden_dim=4608, intermediate_dim=73_728, head_dim=128, query_head_dim_normalize=False)
 
 
+# Gemma 3 (keras-hub's Gemma3CausalLM presets; text only here) as Hugging Face configs.
+# keras-hub's "*_text" presets keep 262,144 embedding rows where Hugging Face's
+# multimodal checkpoints pad to 262,208: random weights take keras-hub's shape.
+_GEMMA3 = dict(model_type="gemma3_text", head_dim=256, query_pre_attn_scalar=256, sliding_window_pattern=6,
+               rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, vocab_size=262_144)
+_GEMMA3_LARGE = dict(_GEMMA3, sliding_window=1024, max_position_embeddings=131_072,
+                     rope_scaling={"rope_type": "linear", "factor": 8.0})
+_GEMMA3_270M = dict(_GEMMA3, hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                    intermediate_size=2048, sliding_window=512, max_position_embeddings=32_768)
+_GEMMA3_1B = dict(_GEMMA3, hidden_size=1152, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                  intermediate_size=6912, sliding_window=512, max_position_embeddings=32_768)
+_GEMMA3_4B = dict(_GEMMA3_LARGE, hidden_size=2560, num_hidden_layers=34, num_attention_heads=8,
+                  num_key_value_heads=4, intermediate_size=10_240)
+_GEMMA3_12B = dict(_GEMMA3_LARGE, hidden_size=3840, num_hidden_layers=48, num_attention_heads=16,
+                   num_key_value_heads=8, intermediate_size=15_360)
+_GEMMA3_27B = dict(_GEMMA3_LARGE, hidden_size=5376, num_hidden_layers=62, num_attention_heads=32,
+                   num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168, intermediate_size=21_504)
+
+
 @dataclass(frozen=True)
 class Preset:
     hf_repo: str | None  # None: no Hugging Face copy we can load (use the Kaggle handle)
     kaggle: str
     backbone: dict = field(default_factory=dict)  # GemmaBackbone(**backbone)
     instruct: bool = False  # chat-tuned: generate() also stops on <end_of_turn>
+    hf_config: dict | None = None  # Gemma 3: the shape as a Hugging Face config instead
 
 
 def _p(hf_repo, kaggle, backbone, instruct=False) -> Preset:
     return Preset(hf_repo, "kaggle://" + kaggle, backbone, instruct)
+
+
+def _g3(hf_repo, kaggle, hf_config, instruct=False) -> Preset:
+    return Preset(hf_repo, "kaggle://keras/gemma3/keras/" + kaggle, {}, instruct, hf_config)
 
 
 PRESETS: dict[str, Preset] = {
@@ -100,6 +124,17 @@ PRESETS: dict[str, Preset] = {
     # VaultGemma's Hugging Face checkpoint is its own architecture ("vaultgemma"),
     # which mlx_gemma does not build; only the Keras preset (via Kaggle) can work.
     "vault_gemma_1b_en": _p(None, "keras/vaultgemma/keras/vault_gemma_1b_en/2", {}),
+    # Gemma 3, text only (the "*_text" presets are the language half of the multimodal models).
+    "gemma3_270m": _g3("google/gemma-3-270m", "gemma3_270m/3", _GEMMA3_270M),
+    "gemma3_instruct_270m": _g3("google/gemma-3-270m-it", "gemma3_instruct_270m/4", _GEMMA3_270M, True),
+    "gemma3_1b": _g3("google/gemma-3-1b-pt", "gemma3_1b/3", _GEMMA3_1B),
+    "gemma3_instruct_1b": _g3("google/gemma-3-1b-it", "gemma3_instruct_1b/3", _GEMMA3_1B, True),
+    "gemma3_4b_text": _g3("google/gemma-3-4b-pt", "gemma3_4b_text/2", _GEMMA3_4B),
+    "gemma3_instruct_4b_text": _g3("google/gemma-3-4b-it", "gemma3_instruct_4b_text/3", _GEMMA3_4B, True),
+    "gemma3_12b_text": _g3("google/gemma-3-12b-pt", "gemma3_12b_text/3", _GEMMA3_12B),
+    "gemma3_instruct_12b_text": _g3("google/gemma-3-12b-it", "gemma3_instruct_12b_text/3", _GEMMA3_12B, True),
+    "gemma3_27b_text": _g3("google/gemma-3-27b-pt", "gemma3_27b_text/4", _GEMMA3_27B),
+    "gemma3_instruct_27b_text": _g3("google/gemma-3-27b-it", "gemma3_instruct_27b_text/3", _GEMMA3_27B, True),
 }
 
 
