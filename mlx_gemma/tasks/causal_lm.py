@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import GenerationError, MlxGemmaError
 from .backbone import GemmaBackbone, as_dtype
 from .generation import check_packed, fill, output_mask, strip_prompt
-from .preprocessor import GemmaCausalLMPreprocessor, _texts
+from .preprocessor import GemmaCausalLMPreprocessor, as_texts
 from .samplers import get_sampler
 
 _FROM_PRESET = object()  # "build the preset's own preprocessor"
@@ -158,7 +158,7 @@ class GemmaCausalLM:
         if isinstance(inputs, dict):
             raise GenerationError("with a preprocessor, generate() takes strings; set preprocessor=None "
                                   "(e.g. from_preset(..., preprocessor=None)) to pass token ids")
-        texts, batched = _texts(inputs)
+        texts, batched = as_texts(inputs)
         if not texts:
             raise GenerationError("generate() got an empty list of prompts")
         packed = self.preprocessor.generate_preprocess(texts, sequence_length=max_length)

@@ -22,13 +22,13 @@ import numpy as np
 from ..errors import MlxGemmaError
 
 
-def _texts(x) -> tuple[list[str], bool]:
+def as_texts(x) -> tuple[list[str], bool]:
     """(list of strings, whether the input was a batch)."""
     if isinstance(x, str):
         return [x], False
     if isinstance(x, np.ndarray) and x.ndim <= 1:
         x = x.tolist() if x.ndim else x.item()
-        return _texts(x)
+        return as_texts(x)
     if isinstance(x, Sequence) and all(isinstance(t, str) for t in x):
         return list(x), True
     raise MlxGemmaError(f"the preprocessor takes a string or a list of strings, got {type(x).__name__}")
@@ -65,7 +65,7 @@ class GemmaCausalLMPreprocessor:
         """Training inputs: (x={"token_ids", "padding_mask"}, y, sample_weight), y the next tokens."""
         if y is not None or sample_weight is not None:
             raise MlxGemmaError("the preprocessor makes y and sample_weight itself (next-token labels): pass only x")
-        texts, batched = _texts(x)
+        texts, batched = as_texts(x)
         length = _length(sequence_length or self.sequence_length, "sequence_length")
         ids, mask = self._pack(texts, length + 1, self.add_start_token, self.add_end_token)
         out = ({"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}, ids[:, 1:], mask[:, 1:])
@@ -73,7 +73,7 @@ class GemmaCausalLMPreprocessor:
 
     def generate_preprocess(self, x, sequence_length: int | None = None) -> dict:
         """Prompts for generation: <bos> + ids, right-padded to sequence_length (no <eos>)."""
-        texts, batched = _texts(x)
+        texts, batched = as_texts(x)
         length = _length(sequence_length or self.sequence_length, "sequence_length")
         ids, mask = self._pack(texts, length, True, False)  # keras-hub: start token always, never the end
         return {"token_ids": ids, "padding_mask": mask} if batched else {"token_ids": ids[0], "padding_mask": mask[0]}
