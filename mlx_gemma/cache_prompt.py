@@ -17,7 +17,8 @@ import time
 from collections.abc import Sequence
 
 from .errors import GenerationError, MlxGemmaError
-from .prompt_cache import PromptCache, add_cache_flags, kv_options_from, open_turn_ids, save_prompt_cache
+from .cli import add_cache_flags, kv_options_from
+from .prompt_cache import PromptCache, open_turn_ids, save_prompt_cache
 
 
 def build_parser() -> argparse.ArgumentParser:

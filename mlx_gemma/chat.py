@@ -17,8 +17,9 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from .errors import MlxGemmaError, TokenizerError
-from .generate import GenerationResponse, add_sampling_flags, format_stats, sampling_from, stream_generate
-from .prompt_cache import PromptCache, add_cache_flags, kv_options_from
+from .cli import add_cache_flags, add_sampling_flags, kv_options_from, sampling_from
+from .generate import GenerationResponse, format_stats, stream_generate
+from .prompt_cache import PromptCache
 
 
 def next_turn_ids(tokenizer, history: list[int], text: str, system: str | None = None) -> list[int]:

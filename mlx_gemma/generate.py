@@ -24,9 +24,9 @@ import mlx.core as mx
 
 from .cache import check_kv_options
 from .errors import GenerationError, MlxGemmaError
-from .prompt_cache import add_cache_flags
+from .cli import add_cache_flags, add_sampling_flags, kv_options_from, sampling_from
 from .prompts import RowText, prompt_ids, stop_settings
-from .samplers import apply_processors, greedy, make_logits_processors, make_sampler
+from .samplers import apply_processors, greedy
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
 _CLEAR_CACHE_EVERY = 256  # decode steps between returns of freed buffers to the allocator
@@ -382,23 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """--max-tokens and the sampler flags (shared with python -m mlx_gemma.chat); see `sampling_from`."""
-    p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best one's (0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty (1 = off)")
-
-
-def sampling_from(args) -> tuple:
-    """(sampler, logits processors) from the flags of `add_sampling_flags`."""
-    return (make_sampler(args.temp, args.top_k, args.top_p, args.min_p, args.seed),
-            make_logits_processors(repetition_penalty=args.repetition_penalty))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
@@ -409,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         sampler, processors = sampling_from(args)
         from .loading import load
-        from .prompt_cache import continuation_ids, kv_options_from, load_prompt_cache
+        from .prompt_cache import continuation_ids, load_prompt_cache
 
         kv_options, prompt_cache, model_arg = kv_options_from(args), None, args.model
         if args.prompt_cache_file:

@@ -226,20 +226,3 @@ def continuation_ids(tokenizer, text: str, chat: bool) -> list[int]:
         ids += closing[closing.index(tokenizer.end_of_turn_id):]  # <end_of_turn>\n<start_of_turn>model\n
     return ids
 
-
-def add_cache_flags(p) -> None:
-    """The KV-cache flags of the CLIs (generate, chat, cache_prompt); see `kv_options_from`."""
-    p.add_argument("--max-kv-size", type=int, default=None,
-                   help="cap every layer's KV cache at this many tokens (approximate beyond it)")
-    p.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to this many bits")
-    p.add_argument("--kv-group-size", type=int, default=64, help="values per scale in the quantized KV cache")
-    p.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
-                   help="quantize the KV cache once it holds this many tokens")
-
-
-def kv_options_from(args) -> dict:
-    """The cache flags the user set (those left at their defaults are not passed on)."""
-    given = dict(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                 quantized_kv_start=args.quantized_kv_start)
-    defaults = dict(max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)
-    return {k: v for k, v in given.items() if v != defaults[k]}

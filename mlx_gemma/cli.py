@@ -1,0 +1,46 @@
+"""Flags the command lines share (generate, chat, cache_prompt): sampling and the KV cache.
+
+Each `add_*_flags` adds its flags to a parser; the matching `*_from(args)`
+turns the parsed flags into what the Python API takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .cache import DEFAULT_QUANTIZED_KV_START
+from .samplers import make_logits_processors, make_sampler
+
+_KV_DEFAULTS = dict(max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--max-tokens and the sampler flags (as mlx_lm.generate's)."""
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best one's (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty (1 = off)")
+
+
+def sampling_from(args) -> tuple:
+    """(sampler, logits processors) from the flags of `add_sampling_flags`."""
+    return (make_sampler(args.temp, args.top_k, args.top_p, args.min_p, args.seed),
+            make_logits_processors(repetition_penalty=args.repetition_penalty))
+
+
+def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    """The KV-cache flags (see `mlx_gemma.cache`)."""
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="cap every layer's KV cache at this many tokens (approximate beyond it)")
+    p.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to this many bits")
+    p.add_argument("--kv-group-size", type=int, default=64, help="values per scale in the quantized KV cache")
+    p.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                   help="quantize the KV cache once it holds this many tokens")
+
+
+def kv_options_from(args) -> dict:
+    """The cache flags the user set (those left at their defaults are not passed on)."""
+    return {k: getattr(args, k) for k, default in _KV_DEFAULTS.items() if getattr(args, k) != default}
