@@ -18,7 +18,9 @@ Two options bound memory further (`make_layer_caches`):
   Gemma 2's soft-cap, rotating layers) works unchanged; memory at rest
   shrinks, compute does not (mlx-lm attends with mx.quantized_matmul instead).
 - Windowed layers under `max_kv_size` keep no sinks: they were trained never
-  to see the first tokens once past their window.
+  to see the first tokens once past their window.  In a left-padded batch the
+  kept first positions are the batch's, so a padded row keeps fewer of its own
+  (pads stay masked).
 
 Each cache also builds the attention mask for the keys it is about to return,
 since only it knows their order (a ring buffer is not in time order).  Batched

@@ -7,6 +7,7 @@ in test_tokenizer) for the ids, and a fresh run without a cache for the tokens.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -105,3 +106,18 @@ def test_cli_leaves_cleanly_at_eof_and_reports_bad_settings():
     assert done.returncode == 0 and done.stdout == "" and "Traceback" not in done.stderr
     done = run_chat("Hi\n", "--kv-bits", "7")
     assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith("error: kv_bits")
+
+
+def test_cli_leaves_cleanly_on_ctrl_c():
+    chat = subprocess.Popen([sys.executable, "-m", "mlx_gemma.chat", "--model", str(FIXTURES / "tiny_gemma3"),
+                             "--max-tokens", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=FIXTURES.parents[1])
+    try:
+        chat.stdin.write("Hello\n")
+        chat.stdin.flush()
+        chat.stdout.readline()  # the first reply: the loop is running
+        chat.send_signal(signal.SIGINT)
+        out, err = chat.communicate(timeout=60)
+    finally:
+        chat.kill()
+    assert chat.returncode == 0 and "Traceback" not in err
