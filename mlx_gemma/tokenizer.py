@@ -293,10 +293,9 @@ class GemmaTokenizer:
         return self.id_to_piece(token_id)
 
     def token_to_id(self, token: str) -> int:
+        """The id of a piece; <unk>'s id for a string that is not one (as keras-hub and SentencePiece)."""
         i = self._optional_id(token)
-        if i is None:
-            raise TokenizerError(self.path, f"token {token!r} is not in the vocabulary")
-        return i
+        return self.unk_id if i is None else i
 
     start_token_id = property(lambda self: self.bos_id)
     end_token_id = property(lambda self: self.eos_id)

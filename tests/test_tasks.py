@@ -87,6 +87,11 @@ def test_tokenizer_and_preprocessor_match_keras_hub(keras_lms, name):
     assert pre.sequence_length == ref["sequence_length"]
     assert tok(ref["tokenize"]["inputs"]) == ref["tokenize"]["outputs"]  # "<start_of_turn>" typed is the token
     assert tok.detokenize(ref["detokenize"]["inputs"]) == ref["detokenize"]["outputs"]
+    vocab = ref["vocabulary"]
+    assert tok.vocabulary_size() == vocab["size"] and tok.get_vocabulary()[:20] == vocab["first"]
+    assert {t: tok.token_to_id(t) for t in vocab["token_to_id"]} == vocab["token_to_id"]  # unknown -> <unk>
+    assert {i: tok.id_to_token(int(i)) for i in vocab["id_to_token"]} == vocab["id_to_token"]
+    assert tok.special_token_ids == vocab["special_token_ids"]
     gp = ref["generate_preprocess"]
     assert plain(pre.generate_preprocess(gp["inputs"], sequence_length=gp["sequence_length"])) == gp["outputs"]
     first, second = ref["call"]
