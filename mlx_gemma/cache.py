@@ -13,10 +13,10 @@ Two options bound memory further (`make_layer_caches`):
   approximation of the model's; below it, results are exact.
 - `kv_bits` stores keys and values quantized with `mx.quantize` (affine,
   `kv_group_size` values per scale/bias along head_dim), once the cache holds
-  `quantized_kv_start` tokens (5000 by default, as mlx-lm).  Attention
-  dequantizes and then attends, so every attention path (masks, left padding,
-  Gemma 2's soft-cap, rotating layers) works unchanged; memory at rest
-  shrinks, compute does not (mlx-lm attends with mx.quantized_matmul instead).
+  `quantized_kv_start` tokens (5000 by default, as mlx-lm).  The caches then
+  return the quantized parts, and attention multiplies by them as they are
+  (`models.layers.attention`, with mx.quantized_matmul as mlx-lm), under the
+  same masks: left padding, Gemma 2's soft-cap and rotating layers included.
 - Windowed layers under `max_kv_size` keep no sinks: they were trained never
   to see the first tokens once past their window.  In a left-padded batch the
   kept first positions are the batch's, so a padded row keeps fewer of its own
@@ -77,10 +77,10 @@ class _Cache:
             return (x,)
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
-    def _decode(self, parts: Parts) -> mx.array:
-        if len(parts) == 1:
-            return parts[0]
-        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+    @staticmethod
+    def _fetched(parts: Parts):
+        """What attention gets: the array, or the quantized parts (see `models.layers.attention`)."""
+        return parts[0] if len(parts) == 1 else parts
 
     def _store_form(self, keys: mx.array, values: mx.array) -> tuple[Parts, Parts]:
         """New keys and values in storage form, switching storage to quantized when due.
@@ -135,7 +135,7 @@ class KVCache(_Cache):
             prefix_length=prefix_length,
         )
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:  # (keys, values) to attend to
         new_k, new_v = self._store_form(keys, values)  # keys: [B, n_kv_heads, T, head_dim]
         end = self.offset + keys.shape[2]
         if self.keys is None or end > self.keys[0].shape[2]:
@@ -145,7 +145,7 @@ class KVCache(_Cache):
         for stored, new in zip(self.keys + self.values, new_k + new_v):
             stored[..., self.offset : end, :] = new
         self.offset = end
-        return self._decode(_slice(self.keys, None, end)), self._decode(_slice(self.values, None, end))
+        return self._fetched(_slice(self.keys, None, end)), self._fetched(_slice(self.values, None, end))
 
     def _grown(self, parts: Parts | None, like: Parts, capacity: int) -> Parts:
         """Buffers of `capacity` slots shaped like `like`, holding the first `offset` of `parts`."""
@@ -233,7 +233,7 @@ class RotatingKVCache(_Cache):
         recent = tuple(mx.roll(p, shift, axis=2) for p in recent)
         return _concat(_slice(parts, None, self.keep), recent) if self.keep else recent
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:  # (keys, values) to attend to
         new_k, new_v = self._store_form(keys, values)
         T = keys.shape[2]
         if self._ring_step(T):
@@ -241,14 +241,14 @@ class RotatingKVCache(_Cache):
             for stored, new in zip(self.keys + self.values, new_k + new_v):
                 stored[..., slot : slot + 1, :] = new
             self.offset += 1
-            return self._decode(self.keys), self._decode(self.values)
+            return self._fetched(self.keys), self._fetched(self.values)
 
         if self.keys is not None:
             new_k = _concat(self._in_time_order(self.keys), new_k)
             new_v = _concat(self._in_time_order(self.values), new_v)
         self.offset += T
         self.keys, self.values = self._kept(new_k), self._kept(new_v)
-        return self._decode(new_k), self._decode(new_v)
+        return self._fetched(new_k), self._fetched(new_v)
 
     def trim_to(self, length: int) -> bool:
         """Forget every token from position `length` on; False (nothing changed) when that

@@ -89,8 +89,8 @@ def embedding_scale(hidden_size: int, dtype: mx.Dtype) -> mx.array:
 
 def attention(
     queries: mx.array,  # [B, n_heads, T, head_dim]
-    keys: mx.array,  # [B, n_kv_heads, S, head_dim]
-    values: mx.array,  # [B, n_kv_heads, S, head_dim]
+    keys,  # [B, n_kv_heads, S, head_dim], or mx.quantize's (w_q, scales, biases) of it
+    values,  # as keys
     scale: float,
     mask: mx.array | str | None,  # bool [B|1, 1, T, S], "causal" or None
     logit_softcap: float | None = None,
@@ -100,25 +100,38 @@ def attention(
     Without soft-capping this is MLX's fused kernel.  Soft-capping (Gemma 2)
     has to act on the scores before the softmax, which the fused kernel cannot
     do, so that path spells the attention out; its softmax runs in float32 as
-    the reference's eager attention does.
+    the reference's eager attention does.  Quantized keys and values (a
+    quantized KV cache) take that path too, multiplying by them as they are
+    stored (`mx.quantized_matmul`, as mlx-lm's quantized attention).
     """
-    if logit_softcap is None:
+    quantized = isinstance(keys, tuple)
+    if logit_softcap is None and not quantized:
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
     B, n_heads, T, D = queries.shape
-    n_kv = keys.shape[1]
+    n_kv, S = (keys[0] if quantized else keys).shape[1:3]
     q = queries.reshape(B, n_kv, n_heads // n_kv, T, D)  # heads grouped by their KV head
-    scores = (q * scale) @ mx.expand_dims(keys, 2).swapaxes(-1, -2)  # [B, n_kv, rep, T, S]
+    scores = _kv_matmul(q * scale, keys, D, transpose=True)  # [B, n_kv, rep, T, S]
     scores = softcap(scores, logit_softcap)
     if isinstance(mask, str):
-        S = keys.shape[2]
         mask = causal_mask(T, S)
     if mask is not None:
         mask = mx.expand_dims(mask, 2)  # broadcast over the heads sharing a KV head
         scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
-    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(values.dtype)
-    out = weights @ mx.expand_dims(values, 2)  # [B, n_kv, rep, T, D]
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(queries.dtype)
+    out = _kv_matmul(weights, values, D, transpose=False)  # [B, n_kv, rep, T, D]
     return out.reshape(B, n_heads, T, D)
+
+
+def _kv_matmul(x: mx.array, kv, head_dim: int, transpose: bool) -> mx.array:
+    """x @ kv^T (transpose) or x @ kv, each KV head [S, D] shared by its group of query heads."""
+    if not isinstance(kv, tuple):
+        kv = mx.expand_dims(kv, 2)
+        return x @ (kv.swapaxes(-1, -2) if transpose else kv)
+    w, scales, biases = (mx.expand_dims(p, 2) for p in kv)
+    # The packing tells the settings: head_dim / bits values per uint32 word, one scale per group.
+    return mx.quantized_matmul(x, w, scales, biases, transpose=transpose,
+                               group_size=head_dim // scales.shape[-1], bits=w.shape[-1] * 32 // head_dim)
 
 
 def causal_mask(T: int, S: int) -> mx.array:
