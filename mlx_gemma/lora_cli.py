@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> dict:
     mx.random.seed(args.seed)  # the same adapter initialisation on every rank
     model, tokenizer = load(args.model)
     splits = (("train", "valid") if args.train else ()) + (("test",) if args.test else ())
-    data = load_datasets(args.data, tokenizer, splits, args.mask_prompt, args.max_seq_length)
+    vision = model.args if hasattr(model.args, "num_image_tokens") else None  # PaliGemma: image examples
+    images = (vision.num_image_tokens, vision.image_token_index) if vision is not None else None
+    data = load_datasets(args.data, tokenizer, splits, args.mask_prompt, args.max_seq_length, images)
     for split in splits:
         if split != "valid" and split not in data:
             raise TrainingError(f"{args.data}: no {split}.jsonl")

@@ -36,7 +36,15 @@ DEFAULT_CHUNK = 256  # tokens per loss chunk: [B, 256, 256k] f32 is 1 GiB per ba
 
 def _output_head(model: nn.Module) -> nn.Module:
     """The module holding the output projection (the tied embedding or lm_head)."""
-    return model.lm_head if "lm_head" in model else model.model.embed_tokens
+    if "lm_head" in model:
+        return model.lm_head
+    return getattr(model.model, "language_model", model.model).embed_tokens  # PaliGemma nests its decoder
+
+
+def _image_size(model: nn.Module) -> int | None:
+    """PaliGemma's input resolution (None for text models)."""
+    vision = getattr(model.args, "vision", None)
+    return getattr(vision, "image_size", None)
 
 
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:  # [..., V], [...] -> [...] float32
@@ -117,13 +125,18 @@ def full_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array, we
 
 
 def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array,
+            pixel_values: mx.array | None = None, prefix_length: mx.array | None = None, *,
             chunk_size: int = DEFAULT_CHUNK):
     """(mean next-token CE over the weighted targets, number of weighted targets).
 
     Right padding needs no attention mask: causal attention keeps padding out
-    of every real position, and padding targets weigh 0.
+    of every real position, and padding targets weigh 0.  PaliGemma batches
+    add pixel values and each row's prefix length (its bidirectional part).
     """
-    hidden = model.model(inputs)  # [B, T, D]
+    extra = {} if pixel_values is None else {"pixel_values": pixel_values}
+    if prefix_length is not None:
+        extra["prefix_length"] = prefix_length
+    hidden = model.model(inputs, **extra)  # [B, T, D]
     ntoks = weights.sum()
     # A batch (or a rank's share of one) may hold no weighted target: its loss is 0, not NaN.
     return chunked_cross_entropy(model, hidden, targets, weights, chunk_size) / mx.maximum(ntoks, 1), ntoks
@@ -207,7 +220,8 @@ def evaluate(model, examples, batch_size: int, num_batches: int = -1, pad_id: in
     was_training = model.training
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0.0)
-    batches = iterate_batches(examples, min(batch_size, len(examples)), shuffle=False, pad_id=pad_id)
+    batches = iterate_batches(examples, min(batch_size, len(examples)), shuffle=False, pad_id=pad_id,
+                              image_size=_image_size(model))
     for i, batch in enumerate(batches):
         if i == num_batches:
             break
@@ -246,9 +260,8 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
     loss_and_grad = nn.value_and_grad(model, functools.partial(loss_fn, chunk_size=args.loss_chunk_size))
     state = [model.state, optimizer.state, mx.random.state]
 
-    @functools.partial(mx.compile, inputs=state, outputs=state)
-    def micro_step(inputs, targets, weights, grads, do_update: bool):
-        (loss, ntoks), g = loss_and_grad(model, inputs, targets, weights)
+    def micro_step(batch: tuple, grads, do_update: bool):
+        (loss, ntoks), g = loss_and_grad(model, *batch)
         if world > 1:
             # Data parallel: weigh each rank's mean by its tokens, so the result is the
             # whole batch's mean and gradient exactly (not a mean of unequal shares).
@@ -263,6 +276,8 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
             g = None
         return loss, ntoks, g
 
+    if _image_size(model) is None:  # PaliGemma checks its <image> slots on the host: not compilable
+        micro_step = mx.compile(micro_step, inputs=state, outputs=state)
     history: list[dict] = []
 
     def emit(info):
@@ -272,7 +287,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
 
     if batches is None:  # every rank shuffles alike (same seed) and takes its share of each batch
         batches = iterate_batches(train_set, args.batch_size, loop=True, seed=args.seed, pad_id=pad_id,
-                                  rank=group.rank(), world=world)
+                                  rank=group.rank(), world=world, image_size=_image_size(model))
     losses, count, tokens, grads = 0.0, 0, 0, None
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -282,7 +297,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
             v = evaluate(model, val_set, args.batch_size, args.val_batches, pad_id, args.loss_chunk_size)
             emit({"step": step, "val_loss": v})
             tic = time.perf_counter()  # evaluation time is not training time
-        loss, ntoks, grads = micro_step(*next(batches), grads, do_update)
+        loss, ntoks, grads = micro_step(tuple(next(batches)), grads, do_update)
         mx.eval(loss, ntoks, grads, state)
         losses, count = losses + loss.item(), count + 1
         tokens += int(ntoks.item())

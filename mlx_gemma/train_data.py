@@ -6,12 +6,14 @@ one of the formats people already have:
     {"text": "..."}                                   loss on every token
     {"prompt": "...", "completion": "..."}            prompt + completion, concatenated
     {"messages": [{"role": ..., "content": ...}, ...]} the Gemma chat template
+    {"image": path, "prefix": ..., "suffix": ...}     PaliGemma: loss on the suffix only
 
 With `mask_prompt` the loss covers only the completion (or the last model
-turn of a conversation).  An example is (token ids, offset): the loss covers
-ids[offset:].  Batches group examples of similar length (sorted), are padded
-on the right, and come with per-target loss weights, so padding and prompts
-cost nothing in the loss.
+turn of a conversation).  An example is (token ids, offset[, image path]):
+the loss covers ids[offset:]; for PaliGemma the offset is also the length of
+the bidirectional prefix.  Batches group examples of similar length (sorted),
+are padded on the right, and come with per-target loss weights, so padding
+and prompts cost nothing in the loss.
 """
 
 from __future__ import annotations
@@ -32,10 +34,29 @@ MAX_LINE_BYTES = 64 << 20  # one example; a longer line is surely not a training
 PAD_TO = 32  # round batch lengths up so a compiled step sees few distinct shapes (as mlx-lm)
 
 
-def _example(tokenizer, record, mask_prompt: bool, where: str) -> tuple[list[int], int]:
-    """(ids, offset) for one parsed JSON line; `where` is "file:line" for errors."""
+def _image_example(tokenizer, record, where: str, folder: Path, images) -> tuple[list[int], int, str]:
+    """(ids, offset, image path) for PaliGemma: `[<image> x N] <bos> prefix "\\n"` then suffix <eos>."""
+    from .vision import prompt_ids
+
+    if images is None:
+        raise DatasetError(where, "an 'image' example needs a PaliGemma model (this one takes no images)")
+    image, prefix, suffix = record.get("image"), record.get("prefix", ""), record.get("suffix")
+    if not isinstance(image, str) or not isinstance(prefix, str) or not isinstance(suffix, str):
+        raise DatasetError(where, "'image' (a path), 'prefix' and 'suffix' must be strings")
+    path = folder / image  # relative paths are relative to the JSONL file
+    if not path.is_file():
+        raise DatasetError(where, f"no such image file {str(path)!r}")
+    num_image_tokens, image_token_id = images
+    head = prompt_ids(tokenizer, prefix, num_image_tokens, image_token_id)
+    return head + tokenizer.encode(suffix, add_bos=False, add_eos=True), len(head), str(path)
+
+
+def _example(tokenizer, record, mask_prompt: bool, where: str, folder: Path, images=None) -> tuple:
+    """(ids, offset[, image]) for one parsed JSON line; `where` is "file:line" for errors."""
     if not isinstance(record, dict):
         raise DatasetError(where, f"expected a JSON object, got {type(record).__name__}")
+    if "image" in record:
+        return _image_example(tokenizer, record, where, folder, images)
     if "messages" in record:
         messages = record["messages"]
         try:
@@ -66,8 +87,11 @@ def _example(tokenizer, record, mask_prompt: bool, where: str) -> tuple[list[int
 
 
 def load_jsonl(path: str | os.PathLike, tokenizer, mask_prompt: bool = False,
-               max_seq_length: int | None = None) -> list[tuple[list[int], int]]:
-    """Tokenized examples of a JSONL file; long ones truncated to `max_seq_length` with a warning."""
+               max_seq_length: int | None = None, images: tuple[int, int] | None = None) -> list[tuple]:
+    """Tokenized examples of a JSONL file; long ones truncated to `max_seq_length` with a warning.
+
+    `images`: (image tokens per image, the `<image>` id) of a PaliGemma model, for image examples.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "no such data file")
@@ -82,13 +106,13 @@ def load_jsonl(path: str | os.PathLike, tokenizer, mask_prompt: bool = False,
                 record = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise DatasetError(f"{path}:{n}", f"not valid JSON: {e}") from None
-            ids, offset = _example(tokenizer, record, mask_prompt, f"{path}:{n}")
+            ids, offset, *image = _example(tokenizer, record, mask_prompt, f"{path}:{n}", path.parent, images)
             if max_seq_length is not None and len(ids) > max_seq_length:
                 ids, truncated = ids[:max_seq_length], truncated + 1
             if offset >= len(ids) - 1 and offset > 0:
                 continue  # the prompt fills the whole budget: nothing left to learn from
             if len(ids) >= 2:
-                examples.append((ids, offset))
+                examples.append((ids, offset, *image))
     if truncated:
         warnings.warn(f"{path}: {truncated} example(s) longer than max_seq_length={max_seq_length} "
                       "tokens were truncated", stacklevel=2)
@@ -98,33 +122,43 @@ def load_jsonl(path: str | os.PathLike, tokenizer, mask_prompt: bool = False,
 
 
 def load_datasets(folder: str | os.PathLike, tokenizer, splits=SPLITS, mask_prompt: bool = False,
-                  max_seq_length: int | None = None) -> dict[str, list]:
+                  max_seq_length: int | None = None, images: tuple[int, int] | None = None) -> dict[str, list]:
     """{split: examples} for the `<split>.jsonl` files of `folder` that exist among `splits`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(folder, "no such data folder (expected train.jsonl, valid.jsonl, test.jsonl)")
-    return {s: load_jsonl(folder / f"{s}.jsonl", tokenizer, mask_prompt, max_seq_length)
+    return {s: load_jsonl(folder / f"{s}.jsonl", tokenizer, mask_prompt, max_seq_length, images)
             for s in splits if (folder / f"{s}.jsonl").exists()}
 
 
-def make_batch(examples, pad_id: int = 0, pad_to: int = PAD_TO):
-    """Right-padded (inputs [B, T], targets [B, T], weights [B, T] float32) for next-token loss.
+def make_batch(examples, pad_id: int = 0, pad_to: int = PAD_TO, image_size: int | None = None):
+    """Right-padded (inputs [B, T], targets [B, T], weights [B, T] float32) for next-token loss,
+    plus (pixel values [B, H, W, 3], prefix lengths [B]) for image examples.
 
     Target j is token j + 1; its weight is 1 when that token is real and at or
     past the example's offset, else 0.
     """
-    longest = max(len(ids) for ids, _ in examples) - 1
+    longest = max(len(example[0]) for example in examples) - 1
     T = max(pad_to * ((longest + pad_to - 1) // pad_to), 1) if pad_to else longest
     tokens = np.full((len(examples), T + 1), pad_id, dtype=np.int32)
     weights = np.zeros((len(examples), T), dtype=np.float32)
-    for row, (ids, offset) in enumerate(examples):
+    for row, (ids, offset, *_) in enumerate(examples):
         tokens[row, :len(ids)] = ids
         weights[row, max(offset, 1) - 1:len(ids) - 1] = 1.0
-    return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(weights)
+    batch = (mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(weights))
+    if len(examples[0]) == 3:  # PaliGemma: images are read when their batch comes up
+        from .vision import preprocess_images
+
+        if image_size is None:
+            raise DatasetError(examples[0][2], "image examples need the model's image size")
+        pixels = preprocess_images([image for _, _, image in examples], image_size)
+        batch += (pixels, mx.array([offset for _, offset, _ in examples], dtype=mx.int32))
+    return batch
 
 
 def iterate_batches(examples, batch_size: int, *, loop: bool = False, seed: int = 0, shuffle: bool = True,
-                    pad_id: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[mx.array, ...]]:
+                    pad_id: int = 0, rank: int = 0, world: int = 1,
+                    image_size: int | None = None) -> Iterator[tuple[mx.array, ...]]:
     """Padded batches of examples of similar length; with `loop`, forever (reshuffled each pass).
 
     With `world` > 1 each rank takes its own share of every batch (data parallel).
@@ -142,6 +176,6 @@ def iterate_batches(examples, batch_size: int, *, loop: bool = False, seed: int 
     while True:
         for b in (rng.permutation(len(batches)) if shuffle else range(len(batches))):
             rows = batches[b][rank * share:(rank + 1) * share]
-            yield make_batch([examples[i] for i in rows], pad_id)
+            yield make_batch([examples[i] for i in rows], pad_id, image_size=image_size)
         if not loop:
             return

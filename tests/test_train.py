@@ -477,3 +477,82 @@ def test_two_process_data_parallel_step_equals_one_process_with_the_whole_batch(
     for k in a:
         assert_close(b[k], a[k], rtol=1e-5)
     assert any(k.endswith("lora_b") and mx.abs(v).max().item() > 0 for k, v in a.items())  # the step moved B
+
+
+# --- PaliGemma: {"image", "prefix", "suffix"} ------------------------------------------------------
+
+
+def paligemma_data(tmp_path, model, tokenizer):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i, (prefix, suffix) in enumerate([("caption en", "a red square"), ("what colour?", "green"),
+                                          ("caption en", "noise and more noise"), ("ocr", "HELLO")]):
+        Image.fromarray(rng.integers(0, 255, (30 + i, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        records.append({"image": f"{i}.png", "prefix": prefix, "suffix": suffix})
+    file = write_jsonl(tmp_path / "train.jsonl", records)
+    return load_jsonl(file, tokenizer, images=(model.args.num_image_tokens, model.args.image_token_index))
+
+
+@pytest.mark.oracle
+def test_paligemma_loss_and_gradients_match_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    folder = FIXTURES / "tiny_paligemma"
+    model, tokenizer = load(folder)
+    lora.enable_lora(model, rank=4, alpha=8)
+    randomize_adapters(model)
+    examples = paligemma_data(tmp_path, model, tokenizer)
+    batch = make_batch(examples, tokenizer.pad_id, image_size=model.args.vision.image_size)
+    assert len(batch) == 5 and batch[3].shape[1:] == (42, 42, 3)
+    (loss, ntoks), grads = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=7))(model, *batch)
+    grads = dict(tree_flatten(grads))
+
+    inputs, targets, weights, pixels, prefix = (np.array(x) for x in batch)
+    tokens = np.concatenate([inputs, targets[:, -1:]], axis=1)
+    positions = np.arange(tokens.shape[1])[None]
+    lengths = np.array([len(ids) for ids, *_ in examples])[:, None]
+    real = positions < lengths
+    labels = np.where(real & (positions >= prefix[:, None]), tokens, -100)
+    reference = transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                             target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    reference = peft.get_peft_model(reference, config)
+    load_into_peft(reference, model)
+    out = reference(input_ids=torch.tensor(tokens.astype(np.int64)), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+                    attention_mask=torch.tensor(real.astype(np.int64)),
+                    token_type_ids=torch.tensor((positions >= prefix[:, None]).astype(np.int64)),
+                    labels=torch.tensor(labels.astype(np.int64)))
+    out.loss.backward()
+    assert int(ntoks.item()) == int((labels[:, 1:] != -100).sum())
+    assert abs(loss.item() - out.loss.item()) <= 1e-5 * out.loss.item()
+    named = dict(reference.named_parameters())
+    for path, _ in lora.lora_layers(model):
+        for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            expected = named[f"base_model.model.{path}.{theirs}.default.weight"].grad.numpy().T
+            assert_close(grads[f"{path}.{ours}"], expected, rtol=1e-4)
+
+
+def test_paligemma_trains_with_the_cli(tmp_path, capsys):
+    from mlx_gemma.lora_cli import main
+
+    model, tokenizer = load(FIXTURES / "tiny_paligemma")
+    data = tmp_path / "data"
+    data.mkdir()
+    paligemma_data(data, model, tokenizer)
+    assert main(["--model", str(FIXTURES / "tiny_paligemma"), "--data", str(data), "--train", "--iters", "3",
+                 "--batch-size", "2", "--num-layers", "1", "--adapter-path", str(tmp_path / "a"),
+                 "--steps-per-report", "3"]) == 0
+    assert "Iter 3: train loss" in capsys.readouterr().out
+    adapted = lora.load_adapters(load_model(FIXTURES / "tiny_paligemma"), tmp_path / "a")
+    assert len(lora.lora_layers(adapted)) == 2
+
+
+def test_image_examples_need_a_paligemma_and_existing_files(tokenizer, tmp_path):
+    file = write_jsonl(tmp_path / "d.jsonl", [{"image": "missing.png", "prefix": "caption en", "suffix": "x"}])
+    with pytest.raises(DatasetError, match=r"d.jsonl:1: an 'image' example needs a PaliGemma"):
+        load_jsonl(file, tokenizer)
+    with pytest.raises(DatasetError, match=r"d.jsonl:1: no such image file"):
+        load_jsonl(file, tokenizer, images=(9, 6))
