@@ -74,7 +74,7 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     the slower path that recomputes each chunk (`mx.checkpoint`).
     """
     head = _output_head(model)
-    if any(True for _ in _leaves(head.trainable_parameters())):
+    if tree_flatten(head.trainable_parameters()):
         return _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size)
 
     def chunk_loss(h, t, w):
@@ -96,10 +96,6 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
         return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)  # targets/weights: constants
 
     return loss_and_grads(hidden, targets, weights)[0]
-
-
-def _leaves(tree):
-    return (v for _, v in tree_flatten(tree))
 
 
 def _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size):

@@ -102,22 +102,23 @@ def randomize_adapters_layer(layer, seed=3):
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_layer_matches_peft_on_the_dequantized_base(bits):
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_layer_matches_peft_on_the_dequantized_base(bits, dora):
     """QLoRA: the base stays quantized, the adapters are float; equal to LoRA on the base's dequantized weight."""
     torch = pytest.importorskip("torch")
     mx.random.seed(0)
     base = nn.QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), group_size=32, bits=bits)
-    layer = lora.LoRALinear(base, rank=4, scale=2.0)
+    layer = (lora.DoRALinear if dora else lora.LoRALinear)(base, rank=4, scale=2.0)
     assert layer.lora_a.shape == (64, 4) and layer.lora_b.shape == (4, 32)
     randomize_adapters_layer(layer)
     x = np.random.default_rng(1).normal(size=(3, 64)).astype(np.float32)
     ref = peft_linear(np.array(lora.dense_weight(base)), None, np.array(layer.lora_a), np.array(layer.lora_b),
-                      alpha=8, rank=4)
+                      alpha=8, rank=4, m=np.array(layer.m) if dora else None)
     with torch.no_grad():
         expected = ref(torch.tensor(x)).numpy()
     assert_close(layer(mx.array(x)), expected, rtol=1e-4)  # quantized matmul vs dense: float rounding only
     names = [k for k, _ in tree_flatten(layer.trainable_parameters())]
-    assert sorted(names) == ["lora_a", "lora_b"]
+    assert sorted(names) == ["lora_a", "lora_b"] + (["m"] if dora else [])
 
 
 # --- a whole model ---------------------------------------------------------------------------
