@@ -104,7 +104,7 @@ def attention(
     quantized KV cache) take that path too, multiplying by them as they are
     stored (`mx.quantized_matmul`, as mlx-lm's quantized attention).
     """
-    quantized = isinstance(keys, tuple)
+    quantized = isinstance(keys, (tuple, list))
     if logit_softcap is None and not quantized:
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
@@ -118,19 +118,21 @@ def attention(
     if mask is not None:
         mask = mx.expand_dims(mask, 2)  # broadcast over the heads sharing a KV head
         scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
-    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(queries.dtype)
-    out = _kv_matmul(weights, values, D, transpose=False)  # [B, n_kv, rep, T, D]
-    return out.reshape(B, n_heads, T, D)
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1)
+    out = _kv_matmul(weights if quantized else weights.astype(values.dtype), values, D, transpose=False)
+    return out.reshape(B, n_heads, T, D).astype(queries.dtype)  # [B, n_heads, T, head_dim]
 
 
 def _kv_matmul(x: mx.array, kv, head_dim: int, transpose: bool) -> mx.array:
     """x @ kv^T (transpose) or x @ kv, each KV head [S, D] shared by its group of query heads."""
-    if not isinstance(kv, tuple):
+    if not isinstance(kv, (tuple, list)):
         kv = mx.expand_dims(kv, 2)
         return x @ (kv.swapaxes(-1, -2) if transpose else kv)
     w, scales, biases = (mx.expand_dims(p, 2) for p in kv)
+    # In float32, as the fused kernel accumulates: bf16 products and weights lose greedy ties.
+    scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
     # The packing tells the settings: head_dim / bits values per uint32 word, one scale per group.
-    return mx.quantized_matmul(x, w, scales, biases, transpose=transpose,
+    return mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=transpose,
                                group_size=head_dim // scales.shape[-1], bits=w.shape[-1] * 32 // head_dim)
 
 
