@@ -1,7 +1,8 @@
 """A small progress bar for long work (conversion, training), quiet off a terminal.
 
 On a terminal it redraws one line on stderr; elsewhere (CI logs, pipes) it
-prints nothing until `close()`, which prints one summary line.
+prints nothing until `close()`, which prints one summary line.  `enabled=False`
+(e.g. `convert(..., progress=False)`) silences it entirely.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ class Progress:
         self.label, self.total, self.unit = label, max(int(total), 1), unit
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if enabled is None else enabled
+        self.silent = enabled is False
         self.done, self.note, self.start = 0, "", time.perf_counter()
         self._last_draw = 0.0
 
@@ -37,6 +39,8 @@ class Progress:
         self.update(done, note)
 
     def close(self, summary: str = "") -> None:
+        if self.silent:
+            return
         elapsed = time.perf_counter() - self.start
         end = f"{self.label}: {summary or f'{self.done}/{self.total}{self.unit}'} in {elapsed:.1f}s"
         self.stream.write(("\r" + " " * 100 + "\r" if self.live else "") + end + "\n")

@@ -1,0 +1,102 @@
+"""Gemma 2 past its sliding window: KV-cache memory and speed, mlx_gemma against mlx-lm.
+
+Gemma 2 attends within 4096 tokens on every other layer.  mlx_gemma keeps a
+rotating cache of the window for those layers (and gives the reference's
+result); mlx-lm keeps every token on every layer (and attends globally, which
+is not what the model was trained with).  On the 2B-shaped random-weight model
+of `models.py`, with a prompt of `--prompt-length` tokens (default 8192, twice
+the window), both run their decode loop (`generate_step`, greedy) on their own
+cache; the report gives the KV cache's bytes after the run, the run's peak
+memory above the weights, prefill and decode tokens/s, and ours / mlx-lm.
+
+    python benchmarks/bench_long_context.py                      # 26 layers, as gemma-2-2b
+    python benchmarks/bench_long_context.py --num-layers 2       # same widths, a CPU-sized run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import common  # noqa: E402
+import models  # noqa: E402
+from bench_generate import eos_mask, prompt_ids  # noqa: E402
+
+
+def runner(step_fn, make_cache, n_prompt: int):
+    def body():
+        cache = make_cache()
+        tic, first, steps = time.perf_counter(), None, 0
+        for _ in step_fn(cache):
+            first = first or time.perf_counter()
+            steps += 1
+        end = time.perf_counter()
+        kv = sum(c.nbytes for c in cache)
+        return {"prefill_tps": n_prompt / (first - tic), "decode_tps": (steps - 1) / max(end - first, 1e-9),
+                "kv_gb": kv / 1e9}
+
+    return lambda: common.memory_run(body)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompt-length", type=int, default=8192)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args(argv)
+
+    import mlx_lm
+    from mlx_lm.generate import generate_step as their_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import mlx_gemma
+    from mlx_gemma.generate import generate_step as our_step
+
+    folder = models.gemma2_2b_random(None, args.num_layers)
+    ours, tokenizer = mlx_gemma.load(folder)
+    theirs, _ = mlx_lm.load(str(folder))
+    ids = prompt_ids(tokenizer, args.prompt_length)
+    mask = eos_mask(ours.args.vocab_size, tokenizer.eos_token_ids)
+    ban = lambda tokens, logits: logits + mask  # noqa: E731
+    runners = {
+        "mlx_gemma": runner(lambda cache: our_step(ours, ids, cache=cache, max_tokens=args.max_tokens,
+                                                   logits_processors=[ban]), ours.make_cache, len(ids)),
+        "mlx-lm": runner(lambda cache: their_step(mx.array(ids), theirs, prompt_cache=cache,
+                                                  max_tokens=args.max_tokens, logits_processors=[ban]),
+                         lambda: make_prompt_cache(theirs), len(ids)),
+    }
+    series = common.alternate(runners, args.reps, warmup=0)
+    weights = {"mlx_gemma": common.weight_bytes(ours) / 1e9, "mlx-lm": common.weight_bytes(theirs) / 1e9}
+    rows = [["library", "KV cache GB", "peak above weights GB", "prefill tok/s", "decode tok/s"]]
+    meds = {}
+    for lib, s in series.items():
+        meds[lib] = {k: s.median(k) for k in s.runs[0].metrics}
+        rows.append([lib, f"{meds[lib]['kv_gb']:.3f}", f"{meds[lib]['peak_extra_gb']:.3f}",
+                     f"{meds[lib]['prefill_tps']:.1f} ±{s.spread('prefill_tps'):.0%}",
+                     f"{meds[lib]['decode_tps']:.2f} ±{s.spread('decode_tps'):.0%}"])
+    r = {k: common.ratio(meds["mlx_gemma"][k], meds["mlx-lm"][k]) for k in meds["mlx_gemma"]}
+    rows.append(["**ours / mlx-lm**", f"**{r['kv_gb']:.2f}x**", f"**{r['peak_extra_gb']:.2f}x**",
+                 f"**{r['prefill_tps']:.2f}x**", f"**{r['decode_tps']:.2f}x**"])
+    layers = ours.args.num_hidden_layers
+    body = (f"Gemma 2 2B-shaped, random weights, {layers} layers (window 4096 on every other layer), "
+            f"prompt {len(ids)} tokens + {args.max_tokens} greedy, weights {weights['mlx_gemma']:.2f} GB; "
+            f"{args.reps} alternating repetitions.\n\n" + common.table(rows))
+    payload = {"prompt_tokens": len(ids), "layers": layers, "libraries": meds, "ratio_vs_mlx_lm": r}
+    if args.no_record:
+        print(body)
+    else:
+        command = "python benchmarks/bench_long_context.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        common.record("bench_long_context", command.strip(), body, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The benchmark models, prepared once into `$MLX_GEMMA_CACHE/bench/` and reused.
+
+* the packaged Gemma 3 270M in bf16 (the default model folder) and in 4-bit
+  (our converter, group 64: the folder loads in both libraries unchanged);
+* a Gemma 2 2B-shaped model with random weights (the shape of
+  google/gemma-2-2b: 26 layers, hidden 2304, 8 query / 4 key-value heads of 256,
+  MLP 9216, window 4096, soft-caps 50 / 30), in bf16 and 4-bit.  Its vocabulary
+  is the packaged tokenizer's 262,144 pieces (2B's is 256,000; 2.4% more
+  embedding rows), so that both libraries can tokenize with a real tokenizer.
+  `num_layers` can cut it down (same widths) for slow machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_gemma.convert import convert
+from mlx_gemma.default_model import cache_dir, default_model_path
+
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "vocab_size": 262144,
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "torch_dtype": "bfloat16",
+}
+
+
+def bench_dir() -> Path:
+    return cache_dir() / "bench"
+
+
+def gemma3_270m(bits: int | None) -> Path:
+    source = default_model_path()
+    if bits is None:
+        return source
+    dest = bench_dir() / f"gemma-3-270m-{bits}bit"
+    if not (dest / "config.json").is_file():
+        convert(source, mlx_path=dest, quantize=True, q_bits=bits, q_group_size=64)
+    return dest
+
+
+def _random_gemma2_weights(config: dict) -> dict[str, mx.array]:
+    h, f, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    key = mx.random.key(0)
+
+    def normal(shape):
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return (mx.random.normal(shape, key=sub) * 0.02).astype(mx.bfloat16)
+
+    weights = {"model.embed_tokens.weight": normal((config["vocab_size"], h)),
+               "model.norm.weight": mx.zeros((h,), mx.bfloat16)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "self_attn.q_proj.weight": normal((q, h)),
+            p + "self_attn.k_proj.weight": normal((kv, h)),
+            p + "self_attn.v_proj.weight": normal((kv, h)),
+            p + "self_attn.o_proj.weight": normal((h, q)),
+            p + "mlp.gate_proj.weight": normal((f, h)),
+            p + "mlp.up_proj.weight": normal((f, h)),
+            p + "mlp.down_proj.weight": normal((h, f)),
+        })
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            weights[p + norm + ".weight"] = mx.zeros((h,), mx.bfloat16)
+    return weights
+
+
+def gemma2_2b_random(bits: int | None, num_layers: int | None = None) -> Path:
+    from mlx_gemma.convert.writer import write_model_folder
+
+    layers = num_layers or GEMMA2_2B["num_hidden_layers"]
+    name = f"gemma-2-2b-random-{layers}l"
+    float_dest = bench_dir() / f"{name}-bf16"
+    if not (float_dest / "config.json").is_file():
+        config = {**GEMMA2_2B, "num_hidden_layers": layers}
+        tokenizer = default_model_path() / "tokenizer.model"
+        write_model_folder(float_dest, config, _random_gemma2_weights(config), tokenizer,
+                           {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0})
+    if bits is None:
+        return float_dest
+    dest = bench_dir() / f"{name}-{bits}bit"
+    if not (dest / "config.json").is_file():
+        convert(float_dest, mlx_path=dest, quantize=True, q_bits=bits, q_group_size=64)
+    return dest
