@@ -287,25 +287,32 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
     losses, count, tokens, grads = 0.0, 0, 0, None
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for it in range(1, args.iters * accum + 1):
-        step, do_update = (it - 1) // accum + 1, it % accum == 0
-        if val_set and do_update and (step == 1 or step % args.steps_per_eval == 0 or step == args.iters):
-            v = evaluate(model, val_set, args.batch_size, args.val_batches, pad_id, args.loss_chunk_size)
-            emit({"step": step, "val_loss": v})
-            tic = time.perf_counter()  # evaluation time is not training time
-        loss, ntoks, grads = micro_step(tuple(next(batches)), grads, do_update)
-        mx.eval(loss, ntoks, grads, state)
-        losses, count = losses + loss.item(), count + 1
-        tokens += int(ntoks.item())
-        if do_update and (step % args.steps_per_report == 0 or step == args.iters):
-            elapsed = time.perf_counter() - tic
-            emit({"step": step, "train_loss": losses / count, "learning_rate": optimizer.learning_rate.item(),
-                  "tokens_per_second": tokens / elapsed, "peak_memory_gb": mx.get_peak_memory() / 2**30})
-            losses, count, tokens, tic = 0.0, 0, 0, time.perf_counter()
-        if do_update and save and group.rank() == 0 and (step % args.save_every == 0 or step == args.iters):
-            save(step)
-    if args.grad_checkpoint:
-        grad_checkpoint(model, enable=False)
-    if not all(math.isfinite(h.get("train_loss", 0.0)) for h in history):
-        raise TrainingError("the training loss became NaN/inf; lower the learning rate")
+    try:
+        for it in range(1, args.iters * accum + 1):
+            step, do_update = (it - 1) // accum + 1, it % accum == 0
+            if val_set and do_update and (step == 1 or step % args.steps_per_eval == 0 or step == args.iters):
+                v = evaluate(model, val_set, args.batch_size, args.val_batches, pad_id, args.loss_chunk_size)
+                emit({"step": step, "val_loss": v})
+                tic = time.perf_counter()  # evaluation time is not training time
+            loss, ntoks, grads = micro_step(tuple(next(batches)), grads, do_update)
+            mx.eval(loss, ntoks, grads, state)
+            value = loss.item()
+            if not math.isfinite(value):  # stop before a save could store broken adapters
+                raise TrainingError(f"the training loss became {value} at step {step}; lower the learning rate "
+                                    "(adapters saved before are intact)")
+            losses, count = losses + value, count + 1
+            tokens += int(ntoks.item())
+            if do_update and (step % args.steps_per_report == 0 or step == args.iters):
+                elapsed = time.perf_counter() - tic
+                emit({"step": step, "train_loss": losses / count, "learning_rate": optimizer.learning_rate.item(),
+                      "tokens_per_second": tokens / elapsed, "peak_memory_gb": mx.get_peak_memory() / 2**30})
+                losses, count, tokens, tic = 0.0, 0, 0, time.perf_counter()
+            if do_update and save and group.rank() == 0 and (step % args.save_every == 0 or step == args.iters):
+                if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
+                    raise TrainingError(f"the weights became NaN/inf at step {step}; lower the learning rate "
+                                        "(adapters saved before are intact)")
+                save(step)
+    finally:
+        if args.grad_checkpoint:
+            grad_checkpoint(model, enable=False)
     return history

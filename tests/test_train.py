@@ -556,3 +556,15 @@ def test_image_examples_need_a_paligemma_and_existing_files(tokenizer, tmp_path)
         load_jsonl(file, tokenizer)
     with pytest.raises(DatasetError, match=r"d.jsonl:1: no such image file"):
         load_jsonl(file, tokenizer, images=(9, 6))
+
+
+def test_a_diverging_run_stops_without_saving_broken_adapters(tokenizer, tmp_path):
+    model = load_model(FIXTURES / "tiny_gemma")
+    lora.enable_lora(model, rank=4)
+    saved = []
+    args = train.TrainingArgs(batch_size=4, iters=20, save_every=1, grad_checkpoint=True)
+    with pytest.raises(TrainingError, match="became (nan|inf|NaN)"):
+        train.train(model, train.build_optimizer("sgd", float("inf")), pair_examples(tokenizer, tmp_path), args=args,
+                    save=saved.append)
+    assert len(saved) < 20
+    assert not hasattr(type(model.layers[0]), "_checkpointed_from")  # checkpointing undone on the way out
