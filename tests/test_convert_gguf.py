@@ -590,3 +590,58 @@ def test_transformers_reference_matches_fixture():
     assert result["generated_ids"] == ref["generated_ids"]
     assert result["last_prompt_top5_ids"] == ref["last_prompt_top5_ids"]
     np.testing.assert_allclose(result["last_prompt_logits_first8"], ref["last_prompt_logits_first8"], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_gguf_bytes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "base.gguf"
+    make_tiny_gguf(path, n_layers=1)
+    return path.read_bytes()
+
+
+@st.composite
+def gguf_mutation(draw):
+    """(kind, position as a fraction, bytes or a 64-bit number) to apply to a valid GGUF."""
+    kind = draw(st.sampled_from(["flip", "truncate", "number", "insert"]))
+    where = draw(st.floats(0, 1, exclude_max=True))
+    if kind == "number":  # a count, length, dim or offset that lies
+        return kind, where, draw(st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1])
+                                 | st.integers(0, 2**64 - 1))
+    if kind == "insert":
+        return kind, where, draw(st.binary(min_size=1, max_size=12))
+    return kind, where, draw(st.integers(1, 255))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=gguf_mutation())
+def test_fuzz_read_gguf(tmp_path, small_gguf_bytes, mutation):
+    """A mutated GGUF either reads (every tensor finite, of its config's shape) or raises
+    our typed error naming the file; never another exception, a hang or a huge allocation.
+    Mutations land mostly in the header (the first 8 KiB), where the counts live."""
+    kind, where, value = mutation
+    data = bytearray(small_gguf_bytes)
+    header_end = min(len(data), 8192)
+    i = int(where * (header_end if kind != "truncate" else len(data)))
+    if kind == "flip":
+        data[i] ^= value
+    elif kind == "truncate":
+        del data[i:]
+    elif kind == "number":
+        data[i:i + 8] = struct.pack("<Q", value)
+    else:
+        data[i:i] = value
+    path = tmp_path / "fuzz.gguf"
+    path.write_bytes(bytes(data))
+    try:
+        checkpoint = read_gguf(path)
+    except ModelFileError as e:
+        assert "fuzz.gguf" in str(e)
+        return
+    assert all(np.isfinite(w).all() for w in checkpoint.weights.values())
+    assert checkpoint.config["num_hidden_layers"] >= 1

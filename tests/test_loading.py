@@ -260,3 +260,46 @@ def test_mlx_lm_quantized_folder_loads_and_matches_mlx_lm(tmp_path, name, bits):
     ids = mx.array(np.load(source / "reference.npz")["input_ids"])
     expected = np.array(theirs(ids))
     np.testing.assert_allclose(np.array(ours(ids)), expected, atol=1e-4 * np.abs(expected).max())
+
+
+# ----- fuzzing config.json --------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_BASE_CONFIG = json.loads((TINY3 / "config.json").read_text())
+_json_scalars = (st.none() | st.booleans() | st.text(max_size=8)
+                 | st.sampled_from([0, -1, 1, 2, 3, 7, 16, 2**31, 2**62, 10**12])
+                 | st.integers(-4, 64) | st.floats(allow_nan=True, allow_infinity=True))
+_json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=4)
+                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+
+
+@st.composite
+def mutated_config(draw):
+    config = json.loads(json.dumps(_BASE_CONFIG))
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(config) + ["model_type", "auto_map", "text_config", "rope_scaling"]))
+        if draw(st.integers(0, 5)) == 0:
+            config.pop(key, None)
+        else:
+            config[key] = draw(_json_values)
+    return config
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=mutated_config())
+def test_fuzz_config(tmp_path_factory, config):
+    """A config.json with random values in random fields either loads (the weights still
+    fit it) or raises our typed error naming the file; never another exception type, and
+    never an allocation the checkpoint's own shapes do not justify."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    for name in ("model.safetensors", "tokenizer.model"):
+        (folder / name).symlink_to(TINY3 / name)
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        model = load_model(folder)
+    except ModelFileError as e:
+        assert str(folder) in str(e), e
+        return
+    assert model.model.embed_tokens.weight.shape == (_BASE_CONFIG["vocab_size"], _BASE_CONFIG["hidden_size"])
