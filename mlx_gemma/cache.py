@@ -53,7 +53,8 @@ def _key_valid(left_padding: mx.array | None, key_positions: mx.array) -> mx.arr
     return key_positions[None, :] >= left_padding[:, None]  # [B, S]
 
 
-def _slice(parts: Parts, start: int | None, stop: int | None) -> Parts:
+def time_slice(parts: Parts, start: int | None, stop: int | None) -> Parts:
+    """Time steps start:stop of every part."""
     return tuple(p[..., start:stop, :] for p in parts)
 
 
@@ -145,7 +146,7 @@ class KVCache(_Cache):
         for stored, new in zip(self.keys + self.values, new_k + new_v):
             stored[..., self.offset : end, :] = new
         self.offset = end
-        return self._fetched(_slice(self.keys, None, end)), self._fetched(_slice(self.values, None, end))
+        return self._fetched(time_slice(self.keys, None, end)), self._fetched(time_slice(self.values, None, end))
 
     def _grown(self, parts: Parts | None, like: Parts, capacity: int) -> Parts:
         """Buffers of `capacity` slots shaped like `like`, holding the first `offset` of `parts`."""
@@ -222,16 +223,16 @@ class RotatingKVCache(_Cache):
         if self._stored < self.max_size or self.offset == self.max_size:
             return parts  # not wrapped yet: slot order is time order
         oldest = self.keep + (self.offset - self.keep) % self.ring  # slot of the oldest ring token
-        return _concat(_slice(parts, None, self.keep), _slice(parts, oldest, None), _slice(parts, self.keep, oldest))
+        return _concat(time_slice(parts, None, self.keep), time_slice(parts, oldest, None), time_slice(parts, self.keep, oldest))
 
     def _kept(self, parts: Parts) -> Parts:
         """What to store of `parts` (time order, ending at `offset`), laid out as the invariant says."""
         if self.offset <= self.max_size:
             return parts
-        recent = _slice(parts, -self.ring, None)
+        recent = time_slice(parts, -self.ring, None)
         shift = (self.offset - self.ring - self.keep) % self.ring  # oldest kept position's ring slot
         recent = tuple(mx.roll(p, shift, axis=2) for p in recent)
-        return _concat(_slice(parts, None, self.keep), recent) if self.keep else recent
+        return _concat(time_slice(parts, None, self.keep), recent) if self.keep else recent
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:  # (keys, values) to attend to
         new_k, new_v = self._store_form(keys, values)
@@ -258,7 +259,7 @@ class RotatingKVCache(_Cache):
         if self.offset > self.max_size:
             return False
         if self.keys is not None:
-            self.keys, self.values = _slice(self.keys, None, length), _slice(self.values, None, length)
+            self.keys, self.values = time_slice(self.keys, None, length), time_slice(self.values, None, length)
         self.offset = length
         return True
 

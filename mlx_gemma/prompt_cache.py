@@ -19,7 +19,7 @@ import os
 
 import mlx.core as mx
 
-from .cache import DEFAULT_QUANTIZED_KV_START, RotatingKVCache, _slice, check_kv_options, make_layer_caches
+from .cache import DEFAULT_QUANTIZED_KV_START, RotatingKVCache, check_kv_options, make_layer_caches, time_slice
 from .errors import GenerationError, MlxGemmaError, PromptCacheError
 from .tensorfile import load_file_with_metadata, save_file
 
@@ -129,7 +129,7 @@ def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None 
         layers.append({"offset": c.offset, "quantized": c.quantized, "rotating": rotating})
         if c.keys is None:
             continue
-        stored = (c.keys, c.values) if rotating else (_slice(c.keys, None, c.offset), _slice(c.values, None, c.offset))
+        stored = (c.keys, c.values) if rotating else (time_slice(c.keys, None, c.offset), time_slice(c.values, None, c.offset))
         for name, parts in zip(("keys", "values"), stored):
             for j, p in enumerate(parts):
                 arrays[f"layers.{i}.{name}.{j}"] = p
