@@ -253,7 +253,18 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     params = config.get("lora_parameters")
     if not isinstance(params, dict) or not {"rank", "scale"} <= params.keys():
         raise AdapterError(file, "lora_parameters must hold rank and scale")
-    if not isinstance(config.get("num_layers"), int):
+    number = (int, float)
+    checks = [("rank", isinstance(params["rank"], int) and not isinstance(params["rank"], bool)
+               and params["rank"] >= 1, "a positive integer"),
+              ("scale", isinstance(params["scale"], number) and not isinstance(params["scale"], bool), "a number"),
+              ("dropout", isinstance(params.get("dropout", 0.0), number) and 0 <= params.get("dropout", 0.0) < 1,
+               "a number in [0, 1)"),
+              ("keys", params.get("keys") is None or isinstance(params["keys"], list)
+               and all(isinstance(k, str) for k in params["keys"]), "a list of module names")]
+    for key, ok, what in checks:
+        if not ok:
+            raise AdapterError(file, f"lora_parameters.{key} must be {what}, got {params.get(key)!r}")
+    if not isinstance(config.get("num_layers"), int) or isinstance(config["num_layers"], bool):
         raise AdapterError(file, "num_layers must be an integer")
     return config
 

@@ -277,6 +277,10 @@ def test_adapter_with_other_rank_is_refused(tmp_path):
     (lambda f: (f / "adapter_config.json").write_text('{"fine_tune_type": "full", "num_layers": 2, '
                                                       '"lora_parameters": {"rank": 4, "scale": 1}}'), "'full'"),
     (lambda f: (f / "adapters.safetensors").write_bytes(b"\x10\x00"), "adapters.safetensors"),
+    (lambda f: (f / "adapter_config.json").write_text('{"num_layers": 2, "lora_parameters": {"rank": "8", '
+                                                      '"scale": 1}}'), "lora_parameters.rank must be a positive"),
+    (lambda f: (f / "adapter_config.json").write_text('{"num_layers": 2, "lora_parameters": {"rank": 4, '
+                                                      '"scale": 1, "keys": "q_proj"}}'), "keys must be a list"),
     (lambda f: shutil.rmtree(f), "no such adapter folder"),
 ])
 def test_broken_adapter_folders_name_the_file(tmp_path, damage, message):
