@@ -223,7 +223,9 @@ class RotatingKVCache(_Cache):
         if self._stored < self.max_size or self.offset == self.max_size:
             return parts  # not wrapped yet: slot order is time order
         oldest = self.keep + (self.offset - self.keep) % self.ring  # slot of the oldest ring token
-        return _concat(time_slice(parts, None, self.keep), time_slice(parts, oldest, None), time_slice(parts, self.keep, oldest))
+        sinks, older, newer = (time_slice(parts, None, self.keep), time_slice(parts, oldest, None),
+                               time_slice(parts, self.keep, oldest))
+        return _concat(sinks, older, newer)
 
     def _kept(self, parts: Parts) -> Parts:
         """What to store of `parts` (time order, ending at `offset`), laid out as the invariant says."""

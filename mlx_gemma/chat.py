@@ -90,7 +90,8 @@ class ChatSession:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma.chat",
-                                description="Chat with a Gemma instruct model (/reset: new conversation, /quit: leave).")
+                                description="Chat with a Gemma instruct model (/reset: new conversation, "
+                                            "/quit: leave).")
     p.add_argument("--model", default=None, help="model folder or hub repo id (default: the packaged model)")
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for every conversation")
     add_sampling_flags(p)

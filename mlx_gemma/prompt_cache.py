@@ -129,7 +129,9 @@ def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None 
         layers.append({"offset": c.offset, "quantized": c.quantized, "rotating": rotating})
         if c.keys is None:
             continue
-        stored = (c.keys, c.values) if rotating else (time_slice(c.keys, None, c.offset), time_slice(c.values, None, c.offset))
+        stored = (c.keys, c.values)
+        if not rotating:  # the filled part of the buffers
+            stored = tuple(time_slice(parts, None, c.offset) for parts in stored)
         for name, parts in zip(("keys", "values"), stored):
             for j, p in enumerate(parts):
                 arrays[f"layers.{i}.{name}.{j}"] = p
@@ -189,7 +191,8 @@ def _restore(c, i: int, entry: dict, arrays: dict, pc: PromptCache, n_tokens: in
     stored = min(n_tokens, c.max_size) if entry["rotating"] else n_tokens
     H, D = pc.fingerprint["num_key_value_heads"], pc.fingerprint["head_dim"]
     if entry["quantized"]:  # (uint32 packed values, scales, biases)
-        shapes = [(1, H, stored, D * c.bits // 32), (1, H, stored, D // c.group_size), (1, H, stored, D // c.group_size)]
+        groups = (1, H, stored, D // c.group_size)
+        shapes = [(1, H, stored, D * c.bits // 32), groups, groups]
     else:
         shapes = [(1, H, stored, D)]
     parts = {}
