@@ -102,6 +102,11 @@ def read_config_file(path: str) -> dict:
             raise TrainingError(f"{file}: not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise TrainingError(f"{file}: must hold a mapping of settings")
+    lora_parameters = config.pop("lora_parameters", None)  # mlx-lm's config spelling
+    if lora_parameters is not None:
+        if not isinstance(lora_parameters, dict) or set(lora_parameters) - {"rank", "scale", "dropout", "keys"}:
+            raise TrainingError(f"{file}: lora_parameters takes rank, scale, dropout and keys")
+        config.update({("lora_keys" if k == "keys" else k): v for k, v in lora_parameters.items()})
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise TrainingError(f"{file}: unknown settings {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")

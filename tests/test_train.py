@@ -373,6 +373,9 @@ def test_config_files(tmp_path):
     (tmp_path / "c.json").write_text('{"rank": 16, "iters": 3}')
     s = settings(["-c", str(tmp_path / "c.json"), "--iters", "5"])
     assert (s.rank, s.iters, s.batch_size) == (16, 5, 4)  # file over defaults, flags over file
+    (tmp_path / "mlx_lm.json").write_text('{"lora_parameters": {"rank": 2, "scale": 10.0, "keys": ["mlp.down_proj"]}}')
+    s = settings(["-c", str(tmp_path / "mlx_lm.json")])  # mlx-lm's spelling
+    assert (s.rank, s.scale, s.lora_keys) == (2, 10.0, ["mlp.down_proj"])
     (tmp_path / "bad.json").write_text('{"rnak": 16}')
     with pytest.raises(TrainingError, match="bad.json: unknown settings rnak"):
         settings(["-c", str(tmp_path / "bad.json")])
