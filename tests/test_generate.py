@@ -363,3 +363,27 @@ def test_cli_cache_flags():
     assert done.stdout == generate(model, tok, "Hello world", max_tokens=6, max_kv_size=6) + "\n"
     done = cli("--model", str(FIXTURES / "tiny_gemma3"), "--prompt", "Hi", "--kv-bits", "4")
     assert done.returncode == 2 and done.stderr.startswith("error: kv_group_size 64 does not divide")
+
+
+def test_cli_quantized_kv_cache(tmp_path):
+    """--kv-bits end to end, on a head_dim-32 twin of the tiny Gemma 3 (quantization groups are >= 32 wide)."""
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma.tensorfile import save_file
+    from test_cache import twin
+
+    model, config = twin("gemma3")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tmp_path / "model.safetensors", dict(tree_flatten(model.parameters())))
+    shutil.copy(FIXTURES / "tiny_gemma3" / "tokenizer.model", tmp_path)
+    flags = ["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "3"]
+    done = cli("--model", str(tmp_path), "--prompt", "Hello world, again", "-m", "8", *flags)
+    assert done.returncode == 0, done.stderr
+    model, tok = load(tmp_path)
+    expected = generate(model, tok, "Hello world, again", max_tokens=8, kv_bits=4, kv_group_size=32,
+                        quantized_kv_start=3)
+    assert done.stdout == expected + "\n"
+    assert expected != generate(model, tok, "Hello world, again", max_tokens=8)  # the flags did something
