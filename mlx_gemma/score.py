@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import MlxGemmaError
+from .models.decoder import DecoderStack
 from .models.layers import embedding_scale
 
 SCORING_MODES = ("logits", "loss")
@@ -56,6 +57,8 @@ def score(
     mask = None if padding_mask is None else mx.array(padding_mask).astype(mx.bool_)
 
     stack = model.model
+    if not isinstance(stack, DecoderStack):
+        raise MlxGemmaError(f"score() takes a Gemma text model, not a {getattr(model, 'model_type', '?')!r} model")
     x = stack.embed_tokens(token_ids)  # [B, T, hidden], unscaled
     if layer_intercept_fn is not None:
         x = layer_intercept_fn(x, -1)

@@ -147,3 +147,10 @@ def test_example_score_gradients_runs():
     assert abs(printed - total) <= 1e-4 * total
     assert len(done.stdout.splitlines()) == 1 + 2 + sum(len(tokenizer.encode(t)) for t in
                                                         ["This is a test of scoring", "Where are you"])
+
+
+def test_score_takes_text_models_only():
+    from mlx_gemma.loading import load_model
+
+    with pytest.raises(MlxGemmaError, match="takes a Gemma text model, not a 'paligemma'"):
+        score(load_model(FIXTURES / "tiny_paligemma"), mx.array([[2, 5, 6]]))
