@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from .errors import GenerationError, MlxGemmaError
-from .cli import add_cache_flags, kv_options_from
+from .cli import add_cache_flags, error_line, kv_options_from
 from .prompt_cache import PromptCache, open_turn_ids, save_prompt_cache
 
 
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{sum(c.nbytes for c in cache.caches) / 1e6:.2f} MB) in {args.prompt_cache_file}", file=sys.stderr)
         return 0
     except MlxGemmaError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

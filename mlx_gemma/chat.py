@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from .errors import MlxGemmaError, TokenizerError
-from .cli import add_cache_flags, add_sampling_flags, kv_options_from, sampling_from
+from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .generate import GenerationResponse, format_stats, stream_generate
 from .prompt_cache import PromptCache
 
@@ -102,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out, err = sys.stdout, sys.stderr
-    if hasattr(out, "reconfigure"):  # a terminal that cannot show a character gets "?", not a crash
-        out.reconfigure(errors="replace")
+    out, err = console()
     interactive = sys.stdin.isatty()
     try:
         from .loading import load
@@ -141,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(file=out, flush=True)
         return 0
     except MlxGemmaError as e:
-        print(f"error: {' '.join(str(e).split())}", file=err)
+        print(error_line(e), file=err)
         return 2
 
 

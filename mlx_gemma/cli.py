@@ -7,9 +7,22 @@ turns the parsed flags into what the Python API takes.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .cache import DEFAULT_QUANTIZED_KV_START
 from .samplers import make_logits_processors, make_sampler
+
+def console() -> tuple:
+    """(stdout, stderr) for streamed text: a terminal that cannot show a character gets "?", not a crash."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    return sys.stdout, sys.stderr
+
+
+def error_line(e: Exception) -> str:
+    """An error as the one line the command lines print, whatever its message holds."""
+    return f"error: {' '.join(str(e).split())}"
+
 
 _KV_DEFAULTS = dict(max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)
 

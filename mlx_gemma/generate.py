@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from .cache import check_kv_options
 from .errors import GenerationError, MlxGemmaError
-from .cli import add_cache_flags, add_sampling_flags, kv_options_from, sampling_from
+from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .prompts import RowText, prompt_ids, stop_settings
 from .samplers import apply_processors, greedy
 
@@ -384,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out, err = sys.stdout, sys.stderr
-    if hasattr(out, "reconfigure"):  # a terminal that cannot show a character gets "?", not a crash
-        out.reconfigure(errors="replace")
+    out, err = console()
     last, wrote = None, False
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -429,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"finish reason: {last.finish_reason}", file=err)
         return 0
     except MlxGemmaError as e:
-        print(f"error: {' '.join(str(e).split())}", file=err)  # one line, whatever the message holds
+        print(error_line(e), file=err)
         return 2
     except KeyboardInterrupt:
         print(file=out, end="\n" if wrote else "", flush=True)
