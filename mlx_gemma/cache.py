@@ -291,9 +291,13 @@ def check_kv_options(head_dim: int | None = None, max_kv_size: int | None = None
 def make_layer_caches(
     windows: list[int | None], left_padding: mx.array | None = None, *, max_kv_size: int | None = None,
     kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    head_dim: int | None = None,
 ) -> list[KVCache | RotatingKVCache]:
-    """One cache per layer: rotating where the layer has a window (or under `max_kv_size`), growing elsewhere."""
-    check_kv_options(None, max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
+    """One cache per layer: rotating where the layer has a window (or under `max_kv_size`), growing elsewhere.
+
+    `head_dim`, when given, is checked against `kv_group_size`.
+    """
+    check_kv_options(head_dim, max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
     quant = dict(bits=kv_bits, group_size=kv_group_size, quantize_from=quantized_kv_start)
     caches = []
     for w in windows:

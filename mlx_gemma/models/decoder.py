@@ -93,7 +93,7 @@ class CausalLM(nn.Module):
         """Per-layer KV caches; `options`: max_kv_size, kv_bits, kv_group_size, quantized_kv_start."""
         from ..cache import make_layer_caches  # cache.py builds on layers.py: import late
 
-        return make_layer_caches(self.windows, left_padding, **options)
+        return make_layer_caches(self.windows, left_padding, head_dim=self.args.head_dim, **options)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop what Hugging Face checkpoints carry but we recompute or share."""
