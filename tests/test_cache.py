@@ -269,3 +269,9 @@ def test_layer_caches_follow_windows_and_the_cap():
     caches = make_layer_caches([6, None], max_kv_size=5)
     assert [(c.max_size, c.keep) for c in caches] == [(5, 0), (5, 4)]
     assert [type(c) for c in make_layer_caches([6, None])] == [RotatingKVCache, KVCache]
+
+
+def test_make_cache_checks_the_group_size_against_head_dim():
+    model, _ = fixture("gemma3")  # head_dim 16: no quantization group fits
+    with pytest.raises(GenerationError, match="kv_group_size 64 does not divide the model's head_dim 16"):
+        model.make_cache(kv_bits=8)
