@@ -60,7 +60,7 @@ def _chunks(T: int, chunk_size: int) -> list[slice]:
 
 
 def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array, weights: mx.array,
-                          chunk_size: int = DEFAULT_CHUNK) -> mx.array:
+                          chunk_size: int = DEFAULT_CHUNK, differentiable: bool = True) -> mx.array:
     """sum_{b,t} weights * CE(logits(hidden), targets), never holding more than one chunk of logits.
 
     hidden: [B, T, D] (after the final norm), targets: [B, T] int, weights: [B, T].
@@ -72,13 +72,19 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     its logits exist ([B, c, D], small), and the backward pass only scales
     them.  That needs the head to be frozen (LoRA); a trainable head takes
     the slower path that recomputes each chunk (`mx.checkpoint`).
+    `differentiable=False` (evaluation) skips the gradients.
     """
+    def chunk_loss(h, t, w):
+        return (token_cross_entropy(model.logits(h), t) * w).sum()
+
+    if not differentiable:
+        total = mx.array(0.0, dtype=mx.float32)
+        for piece in _chunks(hidden.shape[1], chunk_size):
+            total = total + chunk_loss(mx.depends(hidden[:, piece], total), targets[:, piece], weights[:, piece])
+        return total
     head = _output_head(model)
     if tree_flatten(head.trainable_parameters()):
         return _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size)
-
-    def chunk_loss(h, t, w):
-        return (token_cross_entropy(model.logits(h), t) * w).sum()
 
     @mx.custom_function
     def loss_and_grads(h, t, w):
@@ -122,7 +128,7 @@ def full_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array, we
 
 def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array,
             pixel_values: mx.array | None = None, prefix_length: mx.array | None = None, *,
-            chunk_size: int = DEFAULT_CHUNK):
+            chunk_size: int = DEFAULT_CHUNK, differentiable: bool = True):
     """(mean next-token CE over the weighted targets, number of weighted targets).
 
     Right padding needs no attention mask: causal attention keeps padding out
@@ -135,7 +141,8 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.a
     hidden = model.model(inputs, **extra)  # [B, T, D]
     ntoks = weights.sum()
     # A batch (or a rank's share of one) may hold no weighted target: its loss is 0, not NaN.
-    return chunked_cross_entropy(model, hidden, targets, weights, chunk_size) / mx.maximum(ntoks, 1), ntoks
+    total = chunked_cross_entropy(model, hidden, targets, weights, chunk_size, differentiable)
+    return total / mx.maximum(ntoks, 1), ntoks
 
 
 @functools.cache
@@ -221,7 +228,7 @@ def evaluate(model, examples, batch_size: int, num_batches: int = -1, pad_id: in
     for i, batch in enumerate(batches):
         if i == num_batches:
             break
-        loss, n = loss_fn(model, *batch, chunk_size=chunk_size)
+        loss, n = loss_fn(model, *batch, chunk_size=chunk_size, differentiable=False)
         total, ntoks = total + loss * n, ntoks + n
         mx.eval(total, ntoks)
     model.train(was_training)

@@ -107,6 +107,8 @@ def test_chunked_loss_equals_full_loss_and_gradients(chunk, tokenizer, tmp_path)
     (chunked, n), g = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=chunk))(model, *batch)
     assert n.item() == n_full.item()
     assert abs(chunked.item() - full.item()) <= 1e-6 * full.item()
+    forward_only = train.loss_fn(model, *batch, chunk_size=chunk, differentiable=False)[0]  # as evaluate() runs it
+    assert abs(forward_only.item() - full.item()) <= 1e-6 * full.item()
     g_full = dict(tree_flatten(g_full))
     for k, v in tree_flatten(g):
         assert_close(v, g_full[k], rtol=1e-5)
