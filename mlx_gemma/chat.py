@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 
-from .errors import MlxGemmaError, TokenizerError
+from .errors import GenerationError, MlxGemmaError, TokenizerError
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .generate import GenerationResponse, format_stats, stream_generate
 from .prompt_cache import PromptCache
@@ -126,8 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not text:
                 continue
             last = None
-            for last in session.send(text):
-                print(last.text, end="", file=out, flush=True)
+            try:
+                for last in session.send(text):
+                    print(last.text, end="", file=out, flush=True)
+            except GenerationError as e:  # e.g. the conversation outgrew the context: say so, go on
+                print(f"{error_line(e)} (/reset starts a new conversation)", file=err)
+                continue
             print(file=out, flush=True)
             if args.verbose and last is not None:
                 print(format_stats(last), file=err)

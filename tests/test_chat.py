@@ -121,3 +121,11 @@ def test_cli_leaves_cleanly_on_ctrl_c():
     finally:
         chat.kill()
     assert chat.returncode == 0 and "Traceback" not in err
+
+
+def test_cli_reports_a_turn_that_does_not_fit_and_goes_on():
+    model, tok = tiny()
+    done = run_chat("word " * 300 + "\nHello\n", "--max-tokens", "4")  # the tiny model's context is 256
+    assert done.returncode == 0, done.stderr
+    assert "error: the prompt is" in done.stderr and "context length is 256" in done.stderr
+    assert done.stdout == ChatSession(model, tok, max_tokens=4).reply("Hello") + "\n"
