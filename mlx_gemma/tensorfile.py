@@ -9,8 +9,8 @@ Python ints so no arithmetic can overflow -- and refuse anything malformed
 with a `ModelFileError` that names the file and, where it helps, the tensor.
 
 Also here: loading a model folder (single file, index + shards, or loose
-files), refusing pickle checkpoints without opening them, and atomic writes
-(`atomic_path`, `atomic_write_bytes`, `save_file`, `save_sharded`).
+files), refusing pickle checkpoints without opening them, and writing
+safetensors atomically (`save_file`, `save_sharded`, through `atomic.py`).
 
 The format (https://huggingface.co/docs/safetensors): an unsigned 64-bit
 little-endian header length N, then N bytes of UTF-8 JSON (an object, maybe
@@ -22,19 +22,18 @@ to the start of the data area; the optional `__metadata__` entry maps str to str
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import mlx.core as mx
 
+from .atomic import atomic_path, atomic_write_bytes  # noqa: F401 - atomic_write_bytes is re-exported
 from .errors import ModelFileError, UnsafeCheckpointError
 
 # The reference library's limit; a real header is a few hundred KB at most.
@@ -411,54 +410,6 @@ def load_weights_from_folder(folder) -> dict[str, mx.array]:
 # --------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable.  Some filesystems cannot fsync a
-    # directory; the data is already in place, so that is not an error.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; write the file there.  On
-    success it is fsynced and renamed onto `path` (readers see the old file
-    or the new one, never half of one); on failure it is removed.  OSErrors
-    (a full disk, a missing folder) come out as `ModelFileError(path)`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    try:
-        # O_EXCL: never follow or clobber something already there.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        yield tmp
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ModelFileError(path, f"could not write: {e}") from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
 
 def save_file(path, arrays: Mapping[str, mx.array],
               metadata: dict[str, str] | None = None) -> None:

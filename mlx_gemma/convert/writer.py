@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..tensorfile import _fsync_dir  # one durable-rename helper for both writers
+from ..atomic import fsync_dir  # one durable-rename helper for every writer
 
 from ..errors import ModelFileError
 
@@ -237,7 +237,7 @@ def write_model_folder(
             else:
                 raise ModelFileError(dest_s, f"extra file {name!r}: unsupported content type {type(content).__name__}")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
         # Swap into place.
         check_dest()
@@ -249,11 +249,11 @@ def write_model_folder(
             except BaseException:
                 os.rename(aside, dest_s)  # put the old folder back
                 raise
-            _fsync_dir(str(parent))
+            fsync_dir(str(parent))
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(tmp, dest_s)
-        _fsync_dir(str(parent))
+        fsync_dir(str(parent))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, ModelFileError):
