@@ -99,7 +99,9 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     @loss_and_grads.vjp
     def _(primals, cotangents, outputs):
         h, t, w = primals
-        return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)  # targets/weights: constants
+        # The cotangent is float32 (the loss is); the gradient must come back in h's dtype (bf16 models).
+        grad_h = (cotangents[0] * outputs[1]).astype(h.dtype)
+        return grad_h, mx.zeros_like(t), mx.zeros_like(w)  # targets/weights: constants
 
     return loss_and_grads(hidden, targets, weights)[0]
 
