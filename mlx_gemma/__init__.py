@@ -2,7 +2,7 @@
 
 The public face: `load` (model + tokenizer), `load_model`, the typed errors, and
 the keras-hub style tasks (`GemmaCausalLM`, `GemmaBackbone`,
-`GemmaCausalLMPreprocessor`, `GemmaTokenizer`; imported on first use).
+`GemmaCausalLMPreprocessor`, `GemmaTokenizer`, `PaliGemmaCausalLM` & co.; imported on first use).
 """
 
 from .errors import MlxGemmaError
@@ -10,7 +10,8 @@ from .loading import load, load_model
 
 __version__ = "0.1.0"
 
-_TASKS = ("GemmaCausalLM", "GemmaBackbone", "GemmaCausalLMPreprocessor", "GemmaTokenizer")
+_TASKS = ("GemmaCausalLM", "GemmaBackbone", "GemmaCausalLMPreprocessor", "GemmaTokenizer",
+          "PaliGemmaCausalLM", "PaliGemmaBackbone", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer")
 
 __all__ = ["load", "load_model", "MlxGemmaError", *_TASKS]
 

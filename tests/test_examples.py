@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import FIXTURES
 
@@ -25,9 +26,9 @@ MODEL = FIXTURES / "tiny_gemma3"
 N = 3
 
 
-def run(script: str, stdin: str = "") -> subprocess.CompletedProcess:
+def run(script: str, stdin: str = "", model: Path = MODEL) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    done = subprocess.run([sys.executable, str(EXAMPLES / script), "--model", str(MODEL), "--max-tokens", str(N)],
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), "--model", str(model), "--max-tokens", str(N)],
                           input=stdin, capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -74,6 +75,18 @@ def test_keras_style():
     assert ast.literal_eval(blocks["greedy (GemmaCausalLM's default)"][0]) == lm.generate("I want to say",
                                                                                          max_length=length)
     assert len(blocks) == 5 and all(blocks.values())
+
+
+def test_keras_pali_gemma():
+    model = FIXTURES / "tiny_paligemma"
+    blocks = sections(run("keras_pali_gemma.py", model=model).stdout)
+    lm = mlx_gemma.PaliGemmaCausalLM.from_preset(model)
+    image = np.random.default_rng(0).random((42, 42, 3))  # the script's default image at the fixture's size
+    question = "answer en where is the cow standing?\n"
+    length = 1 + len(lm.preprocessor.tokenizer(question)) + N
+    assert ast.literal_eval(blocks["one image, one prompt"][0]) == lm.generate({"images": image, "prompts": question},
+                                                                               max_length=length)
+    assert len(blocks) == 3 and all(blocks.values())
 
 
 def test_chat(loaded):

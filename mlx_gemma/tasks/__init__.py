@@ -1,4 +1,5 @@
-"""keras-hub style tasks: `GemmaCausalLM`, `GemmaBackbone`, `GemmaCausalLMPreprocessor`, presets.
+"""keras-hub style tasks: `GemmaCausalLM`, `GemmaBackbone`, `GemmaCausalLMPreprocessor`, presets;
+`PaliGemmaCausalLM` and its backbone / preprocessor / tokenizer (`pali_gemma*.py`).
 
     lm = mlx_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
     lm.generate("<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n", max_length=64)
@@ -14,6 +15,9 @@ which also speaks keras-hub's tokenizer interface.
 from ..tokenizer import GemmaTokenizer
 from .backbone import GemmaBackbone
 from .causal_lm import GemmaCausalLM
+from .pali_gemma import PaliGemmaCausalLM, PaliGemmaCausalLMPreprocessor, PaliGemmaTokenizer
+from .pali_gemma_backbone import PaliGemmaBackbone
+from .pali_gemma_presets import PALI_PRESETS, pali_preset_names
 from .presets import PRESETS, preset_names
 from .preprocessor import GemmaCausalLMPreprocessor
 from .samplers import (
@@ -29,6 +33,8 @@ from .samplers import (
 
 __all__ = [
     "GemmaBackbone", "GemmaCausalLM", "GemmaCausalLMPreprocessor", "GemmaTokenizer", "PRESETS", "preset_names",
+    "PaliGemmaBackbone", "PaliGemmaCausalLM", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
+    "PALI_PRESETS", "pali_preset_names",
     "Sampler", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
     "ContrastiveSampler", "get_sampler",
 ]

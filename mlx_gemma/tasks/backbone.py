@@ -29,6 +29,16 @@ def as_dtype(dtype) -> mx.Dtype | None:
     raise MlxGemmaError(f"dtype must be one of {', '.join(_DTYPES)} (or an mx.Dtype), got {dtype!r}")
 
 
+def random_model(config: dict, dtype=None):
+    """A model of `config`'s shape with random weights, in `dtype` (float32 by default, keras'), for inference."""
+    from ..loading import build_model
+
+    model = build_model(config)
+    model.set_dtype(as_dtype(dtype) or mx.float32)
+    model.eval()
+    return model
+
+
 class GemmaBackbone:
     """keras_hub.models.GemmaBackbone's constructor, on MLX, with random weights.
 
@@ -127,7 +137,7 @@ class GemmaBackbone:
         `load_weights=False` gives random weights of a named preset's shape without
         downloading them (for a folder: of its config's shape).
         """
-        from ..loading import build_model, load_config, load_model
+        from ..loading import load_config, load_model
         from .presets import is_keras_preset, keras_backbone_config, preset_of, resolve_preset
 
         preset_entry = preset_of(preset)
@@ -141,12 +151,8 @@ class GemmaBackbone:
         if preset_entry is not None:
             if preset_entry.hf_config is None:
                 raise MlxGemmaError(f"{preset}: its shape is not recorded (only its Keras preset can be used)")
-            model = build_model(preset_entry.hf_config)
-        else:
-            model = build_model(load_config(resolve_preset(preset)))
-        model.set_dtype(as_dtype(dtype) or mx.float32)
-        model.eval()
-        return cls.from_model(model)
+            return cls.from_model(random_model(preset_entry.hf_config, dtype))
+        return cls.from_model(random_model(load_config(resolve_preset(preset)), dtype))
 
     # ----- keras-hub's attributes, read from the model's config -------------------------
 
