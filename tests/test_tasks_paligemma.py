@@ -168,6 +168,19 @@ def test_string_and_image_generate_equals_transformers(kind):
     assert answer == expected
 
 
+def test_paths_pil_images_and_the_text_key_give_the_same_answer(keras_lms, tmp_path):
+    from PIL import Image
+
+    lm = keras_lms["keras_paligemma"]
+    pixels, _ = keras_images("keras_paligemma")
+    path = tmp_path / "image.png"
+    Image.fromarray(pixels[1]).save(path)
+    want = lm.generate({"images": pixels[1], "prompts": "ocr\n"}, max_length=12)
+    assert lm.generate({"images": str(path), "prompts": "ocr\n"}, max_length=12) == want
+    assert lm.generate({"images": Image.open(path), "text": "ocr\n"}, max_length=12) == want
+    assert lm.generate({"images": pixels[1], "text": ["ocr\n", "ocr\n"]}, max_length=12) == [want, want]
+
+
 # ----- presets ---------------------------------------------------------------------------
 
 
@@ -273,6 +286,8 @@ def test_bad_input_is_a_typed_error(keras_lms, tmp_path):
         PaliGemmaCausalLM(lm.preprocessor, lm.backbone)
     with pytest.raises(MlxGemmaError, match="not a PaliGemma model"):
         PaliGemmaBackbone.from_model(mlx_gemma.load_model(FIXTURES / "tiny_gemma"))
+    with pytest.raises(MlxGemmaError, match="compile\\(\\) takes only a sampler"):
+        lm.compile(optimizer="adam")
     lm.compile(sampler="beam")
     try:
         with pytest.raises(GenerationError, match="beam search is not available for PaliGemma"):

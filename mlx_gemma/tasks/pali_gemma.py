@@ -179,8 +179,11 @@ class PaliGemmaCausalLM:
             preprocessor = PaliGemmaCausalLMPreprocessor(tokenizer, backbone.image_size, **settings)
         return cls(backbone, preprocessor)
 
-    def compile(self, sampler="greedy") -> None:
+    def compile(self, sampler="greedy", **training_settings) -> None:
         """Choose generate()'s sampler: "greedy", "top_k", "top_p", "random" or a sampler object."""
+        if training_settings:
+            raise MlxGemmaError(f"PaliGemmaCausalLM has no fit() here, so compile() takes only a sampler (got "
+                                f"{sorted(training_settings)}); fine-tune with `python -m mlx_gemma.lora`")
         self.sampler = get_sampler(sampler)
 
     @property
