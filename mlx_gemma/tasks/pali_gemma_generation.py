@@ -51,21 +51,32 @@ def fill_pali(model, ids: np.ndarray, lengths: np.ndarray, pixels: mx.array, sam
     model.model(prompt, cache=cache, pixel_values=pixels, prefix_length=mx.array(N + lengths, dtype=mx.int32))
     for c in cache:
         c.trim_to(N + m - 1)
-    stops = frozenset(stop_ids or ())
+    stops = list(stop_ids or ())
     stopped = np.zeros(B, bool)
-    for q in range(m - 1, L - 1):  # feed position q, choose position q + 1
-        hidden = model.model(mx.array(out[:, q:q + 1]), cache=cache)
+    prompt_ids, past_prompt = mx.array(out), mx.array(lengths)[:, None] <= mx.arange(L)[None]  # [B, L]
+
+    def feed(q: int, y: mx.array):
+        """Feed the ids [B] at position q; the ids at q + 1: the sample past a row's prompt, else its prompt id."""
+        hidden = model.model(y[:, None], cache=cache)
         logits = model.logits(hidden[:, -1, :]).astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = step(logprobs).astype(mx.int32)
         chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-        token, chosen = np.array(token), np.array(chosen)
+        return mx.where(past_prompt[:, q + 1], token, prompt_ids[:, q + 1]), chosen
+
+    pending = feed(m - 1, prompt_ids[:, m - 1])
+    mx.async_eval(*pending)
+    for q in range(m - 1, L - 1):
+        ids_next, chosen = pending
+        if q + 2 < L:  # queue the next step before reading this one
+            pending = feed(q + 1, ids_next)
+            mx.async_eval(*pending)
+        ids_next, chosen = np.array(ids_next), np.array(chosen)
         if np.isnan(chosen).any():
             raise GenerationError(f"the model produced NaN logits at position {q + 1} (batch rows "
                                   f"{np.flatnonzero(np.isnan(chosen)).tolist()}); the weights or the dtype are at fault")
-        new = q + 1 >= lengths  # rows past their prompt take the sample
-        out[new, q + 1] = token[new]
-        stopped |= new & np.isin(out[:, q + 1], list(stops))
+        out[:, q + 1] = ids_next
+        stopped |= (q + 1 >= lengths) & np.isin(ids_next, stops)
         if stops and stopped.all():
             break
     return out
