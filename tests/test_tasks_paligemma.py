@@ -331,3 +331,45 @@ def test_a_copied_keras_preset_folder_is_converted_once(tmp_path, monkeypatch):
     converted = list((tmp_path / "cache" / "keras-presets").iterdir())
     PaliGemmaCausalLM.from_preset(folder)
     assert list((tmp_path / "cache" / "keras-presets").iterdir()) == converted and len(converted) == 1
+
+
+@pytest.mark.oracle
+def test_live_keras_hub_generate_on_a_fresh_preset(tmp_path):
+    """keras-hub builds, saves and generates from a fresh random PaliGemma 2 style preset (window 3
+    < image + prompt, soft-caps, three prompts of different lengths); we load the folder and agree."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras_hub = pytest.importorskip("keras_hub", reason="the live oracle needs keras-hub (pip install keras-hub jax)")
+    backbone = keras_hub.models.PaliGemmaBackbone(
+        vocabulary_size=400, image_size=28, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
+        intermediate_dim=64, head_dim=8, vit_patch_size=14, vit_num_heads=2, vit_hidden_dim=16, vit_num_layers=1,
+        vit_intermediate_dim=24, use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=4.0,
+        final_logit_soft_cap=8.0, use_sliding_window_attention=True, sliding_window_size=3, dtype="float32")
+    rng = np.random.default_rng(12)
+    for v in backbone.weights:  # a small embedding table: a random model that repeats itself less
+        scale = 0.1 if "token_embedding" in v.path else 1.0 if v.path.endswith(("scale", "gamma")) else 0.4
+        v.assign((rng.normal(0, scale, v.shape) + (1.0 if v.path.endswith("gamma") else 0.0)).astype("float32"))
+    tok = keras_hub.models.PaliGemmaTokenizer(proto=str(FIXTURES / "tokenizer" / "tokenizer.model"))
+    backbone.save_to_preset(str(tmp_path / "p"))
+    tok.save_to_preset(str(tmp_path / "p"))
+    converter = keras_hub.layers.PaliGemmaImageConverter(image_size=(28, 28), scale=1.0 / 127.5, offset=-1.0)
+    pre = keras_hub.models.PaliGemmaCausalLMPreprocessor(tok, converter, sequence_length=20)
+    keras_lm = keras_hub.models.PaliGemmaCausalLM(backbone=backbone, preprocessor=pre)
+    images = rng.integers(0, 256, (3, 28, 28, 3)).astype(np.uint8)
+    inputs = {"prompts": ["caption en\n", "x", "answer en what is it?\n"]}
+    ours = PaliGemmaCausalLM.from_preset(tmp_path / "p", sequence_length=20)
+    want = keras_lm.generate({**inputs, "images": list(images.astype("float32"))})
+    assert ours.generate({**inputs, "images": list(images)}) == want
+    packed = pre.generate_preprocess({**inputs, "images": list(images.astype("float32"))})
+    packed = {k: np.asarray(packed[k]) for k in ("images", "token_ids", "padding_mask")}
+    keras_lm.preprocessor, ours.preprocessor = None, None
+    free = keras_lm.generate(dict(packed), stop_token_ids=None)
+    got = ours.generate(dict(packed), stop_token_ids=None)
+    assert got["token_ids"].tolist() == np.asarray(free["token_ids"]).tolist()
+    lengths = packed["padding_mask"].sum(axis=1)
+    stops = sorted({int(free["token_ids"][b][min(int(n) + b, 19)]) for b, n in enumerate(lengths)})
+    want = keras_lm.generate(dict(packed), stop_token_ids=stops)
+    got = ours.generate(dict(packed), stop_token_ids=stops)
+    for key in ("token_ids", "padding_mask"):
+        assert got[key].tolist() == np.asarray(want[key]).tolist(), key
