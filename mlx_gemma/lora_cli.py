@@ -29,7 +29,7 @@ DEFAULTS = {
     "save_every": 100, "resume_adapter_file": None, "grad_checkpoint": False, "mask_prompt": False,
     "max_seq_length": 2048, "seed": 0, "optimizer": "adamw", "weight_decay": 0.0, "lr_schedule": "constant",
     "warmup": 0, "min_lr": 0.0, "grad_accumulation_steps": 1, "steps_per_report": 10, "steps_per_eval": 200,
-    "val_batches": 25, "test_batches": -1, "loss_chunk_size": 256,
+    "val_batches": 25, "test_batches": -1, "loss_chunk_size": None,
 }
 
 
@@ -61,7 +61,7 @@ FLAGS = [
     ("--steps-per-eval", int, "validate every N steps"),
     ("--val-batches", int, "validation batches per evaluation (-1: all)"),
     ("--test-batches", int, "test batches (-1: all)"),
-    ("--loss-chunk-size", int, "tokens per cross-entropy chunk"),
+    ("--loss-chunk-size", int, "tokens per cross-entropy chunk (default: 128 MiB of float32 logits)"),
 ]
 CHOICES = {"--fine-tune-type": ["lora", "dora"], "--optimizer": ["adamw", "adam", "sgd", "adafactor"],
            "--lr-schedule": ["constant", "cosine"]}

@@ -31,7 +31,9 @@ from mlx.utils import tree_flatten, tree_map
 from .errors import TrainingError
 from .train_data import iterate_batches
 
-DEFAULT_CHUNK = 256  # tokens per loss chunk: [B, 256, 256k] f32 is 1 GiB per batch row at Gemma's vocab
+# Default loss chunk: as many tokens as keep one chunk's float32 logits under this size
+# (32 tokens for a batch of 4 at Gemma's 262k vocabulary; the whole sequence for small vocabularies).
+CHUNK_BYTES = 128 << 20
 
 
 def _output_head(model: nn.Module) -> nn.Module:
@@ -53,14 +55,18 @@ def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:  # [..
     return mx.logsumexp(logits, axis=-1) - picked
 
 
-def _chunks(T: int, chunk_size: int) -> list[slice]:
+def _chunks(shape: tuple[int, ...], vocab: int, chunk_size: int | None) -> list[slice]:
+    """Slices of the sequence axis of a [B, T, ...] array; chunk_size None: by CHUNK_BYTES."""
+    B, T = shape[:2]
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_BYTES // (4 * B * vocab))
     if chunk_size < 1:
         raise TrainingError(f"loss chunk size must be positive, got {chunk_size}")
     return [slice(s, s + chunk_size) for s in range(0, T, chunk_size)]
 
 
 def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array, weights: mx.array,
-                          chunk_size: int = DEFAULT_CHUNK, differentiable: bool = True) -> mx.array:
+                          chunk_size: int | None = None, differentiable: bool = True) -> mx.array:
     """sum_{b,t} weights * CE(logits(hidden), targets), never holding more than one chunk of logits.
 
     hidden: [B, T, D] (after the final norm), targets: [B, T] int, weights: [B, T].
@@ -74,12 +80,14 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     the slower path that recomputes each chunk (`mx.checkpoint`).
     `differentiable=False` (evaluation) skips the gradients.
     """
+    vocab = model.args.vocab_size
+
     def chunk_loss(h, t, w):
         return (token_cross_entropy(model.logits(h), t) * w).sum()
 
     if not differentiable:
         total = mx.array(0.0, dtype=mx.float32)
-        for piece in _chunks(hidden.shape[1], chunk_size):
+        for piece in _chunks(hidden.shape, vocab, chunk_size):
             total = total + chunk_loss(mx.depends(hidden[:, piece], total), targets[:, piece], weights[:, piece])
         return total
     head = _output_head(model)
@@ -89,7 +97,7 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     @mx.custom_function
     def loss_and_grads(h, t, w):
         total, grads = mx.array(0.0, dtype=mx.float32), []
-        for piece in _chunks(h.shape[1], chunk_size):
+        for piece in _chunks(h.shape, vocab, chunk_size):
             h_i = mx.depends(h[:, piece], [total] + grads[-1:])
             (loss_i,), (grad_i,) = mx.vjp(lambda x: chunk_loss(x, t[:, piece], w[:, piece]), [h_i], [mx.array(1.0)])
             total = total + loss_i
@@ -114,9 +122,9 @@ def _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size):
         return (token_cross_entropy(model.logits(h), t) * w).sum()
 
     step = mx.checkpoint(chunk_loss)
-    params = head.trainable_parameters()
+    params, vocab = head.trainable_parameters(), model.args.vocab_size
     total = mx.array(0.0, dtype=mx.float32)
-    for piece in _chunks(hidden.shape[1], chunk_size):
+    for piece in _chunks(hidden.shape, vocab, chunk_size):
         total = total + step(params, mx.depends(hidden[:, piece], total), targets[:, piece], weights[:, piece])
     return total
 
@@ -130,7 +138,7 @@ def full_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array, we
 
 def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array,
             pixel_values: mx.array | None = None, prefix_length: mx.array | None = None, *,
-            chunk_size: int = DEFAULT_CHUNK, differentiable: bool = True):
+            chunk_size: int | None = None, differentiable: bool = True):
     """(mean next-token CE over the weighted targets, number of weighted targets).
 
     Right padding needs no attention mask: causal attention keeps padding out
@@ -215,12 +223,12 @@ class TrainingArgs:
     adapter_path: str = "adapters"
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
-    loss_chunk_size: int = DEFAULT_CHUNK
+    loss_chunk_size: int | None = None  # None: by CHUNK_BYTES
     seed: int = 0
 
 
 def evaluate(model, examples, batch_size: int, num_batches: int = -1, pad_id: int = 0,
-             chunk_size: int = DEFAULT_CHUNK) -> float:
+             chunk_size: int | None = None) -> float:
     """Token-weighted mean loss over `num_batches` batches (-1: all), in eval mode."""
     was_training = model.training
     model.eval()

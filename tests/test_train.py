@@ -135,6 +135,13 @@ def test_chunked_loss_in_bfloat16(tokenizer, tmp_path):
         assert_close(v, g_full[k], rtol=2e-2)  # bf16 logits rounded per chunk vs at once
 
 
+def test_default_chunks_bound_the_logits_bytes():
+    pieces = train._chunks((4, 100, 640), 262144, None)  # Gemma's vocabulary, batch of 4
+    assert {p.stop - p.start for p in pieces[:-1]} == {train.CHUNK_BYTES // (4 * 4 * 262144)}
+    assert pieces[-1].stop >= 100 and pieces[0].start == 0
+    assert len(train._chunks((2, 100, 64), 512, None)) == 1  # a small vocabulary: one chunk
+
+
 def test_chunked_loss_trains_an_untied_head():
     """Gradients reach trainable head weights through the checkpointed chunks."""
     model = small_model(97, tie_word_embeddings=False)
