@@ -22,7 +22,7 @@ import mlx.core as mx
 from .errors import GenerationError
 from .generate import _positive_int, generate_step, generation_stream, token_budget
 from .prompts import _is_id, prompt_ids
-from .samplers import apply_processors, greedy, log_softmax
+from .samplers import apply_processors, greedy
 
 
 @dataclass
@@ -65,6 +65,27 @@ def _prefill(model, ids: mx.array, cache, step_size: int) -> mx.array:
         mx.eval(hidden, [c.state for c in cache])  # bound the graph: one chunk at a time
         chunks.append(hidden)
     return mx.concatenate(chunks, axis=1)
+
+
+_SUM_BLOCK = 1024
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    """log-softmax over the last axis in float32, its normaliser summed in blocks.
+
+    MLX's CPU backend sums a row in one sequential pass: over Gemma 3's 262,144
+    logits the float32 logsumexp is then off by ~1e-3, an offset that differs
+    per row and would reorder beams.  Summing 1024-wide blocks first brings it
+    to ~4e-6 (torch's log_softmax, the reference, gets ~1e-6).
+    """
+    x = logits.astype(mx.float32)
+    peak = mx.max(x, axis=-1, keepdims=True)
+    e = mx.exp(x - peak)
+    pad = -x.shape[-1] % _SUM_BLOCK
+    if pad:
+        e = mx.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)])
+    total = e.reshape(*e.shape[:-1], -1, _SUM_BLOCK).sum(axis=-1).sum(axis=-1, keepdims=True)
+    return x - peak - mx.log(total)
 
 
 def _take_rows(cache, rows: mx.array) -> None:
@@ -129,7 +150,7 @@ def _greedy_beam(model, ids, budget, length_penalty, stops, processors, step_siz
     for (token,), logprobs in generate_step(model, ids, sampler=greedy, logits_processors=processors,
                                             prefill_step_size=step_size, max_tokens=budget):
         tokens.append(token)
-        logprob += logprobs[0, token].item()
+        logprob += _log_softmax(logprobs[0])[token].item()  # renormalised: the loop's logsumexp is coarser
         if token in stops:
             break
     return Beam(tokens, logprob, logprob / len(tokens) ** length_penalty, tokens[-1] in stops)
@@ -151,7 +172,7 @@ def _beam_loop(model, ids, budget, K, length_penalty, stops, early_stopping, pro
 
     for n in range(1, budget + 1):  # n = length of the sequences this step makes
         with mx.stream(stream):
-            logprobs = apply_processors(processors, history, log_softmax(logits))
+            logprobs = apply_processors(processors, history, _log_softmax(logits))
             total = (logprobs + scores[:, None]).reshape(-1)  # [R * V], row-major: index = row * V + token
             k = min(keep, total.size)
             top = mx.argpartition(-total, kth=k - 1)[:k]
@@ -244,7 +265,7 @@ def _contrastive_loop(model, ids, budget, k, alpha, stops, step_size) -> Iterato
     for _ in range(budget):
         with mx.stream(stream):
             _take_rows(cache, chosen)
-            probs = mx.softmax(logits[0].astype(mx.float32))  # [V]
+            probs = mx.exp(_log_softmax(logits[0]))  # [V]
             candidates = mx.argpartition(-probs, kth=k - 1)[:k]
             # Likeliest first, so a tie in score goes to the likelier token (as transformers' topk order).
             candidates = candidates[mx.argsort(-probs[candidates])]
