@@ -29,6 +29,7 @@ from mlx_gemma.samplers import make_logits_processors
 from mlx_gemma.search import Beam, beam_search, contrastive_search
 
 from conftest import FIXTURES, TINY_MODELS
+from fixtures.make_search_reference import contrastive as contrastive_reference
 
 LONG = [2, 10, 20, 30, 40, 50, 60]  # longer than the Gemma 2/3 fixtures' windows (6 and 5): wraps in prefill
 SHORT = [2, 7, 9]  # wraps during decoding
@@ -255,36 +256,6 @@ def test_beam_search_repeats_exactly(name):
 
 
 # ----- contrastive search ---------------------------------------------------------------
-
-
-def contrastive_reference(hf, prompt, max_tokens, top_k, alpha, stops=()):
-    """The paper's rule on transformers' outputs, every sequence recomputed in full.
-
-    Returns the ids and the smallest margin between the best and second-best
-    scores, so a test can tell a real disagreement from a near-tie.
-    """
-    import torch
-
-    seq, out, margin = list(prompt), [], math.inf
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            step = hf(torch.tensor([seq]), output_hidden_states=True)
-            probs = torch.softmax(step.logits[0, -1].double(), dim=-1)
-            p, candidates = torch.topk(probs, top_k)
-            past = step.hidden_states[-1][0].double()  # [S, H], every position so far
-            batch = torch.tensor([seq + [c] for c in candidates.tolist()])
-            h = hf(batch, output_hidden_states=True).hidden_states[-1][:, -1].double()  # [k, H]
-            similarity = torch.nn.functional.cosine_similarity(h[:, None], past[None], dim=-1).max(dim=-1).values
-            score = (1 - alpha) * p - alpha * similarity
-            if top_k > 1:
-                top2 = score.topk(2).values
-                margin = min(margin, float(top2[0] - top2[1]))
-            token = int(candidates[score.argmax()])
-            out.append(token)
-            seq.append(token)
-            if token in stops:
-                break
-    return out, margin
 
 
 @pytest.mark.oracle
