@@ -231,8 +231,9 @@ def contrastive_search(model, prompt: list[int], max_tokens: int, top_k: int = 4
     Each step takes the `top_k` likeliest next tokens v and picks the one maximising
     `(1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j)`, where h_v is the decoder's
     final (normed) hidden state at v and h_j those of every earlier position,
-    prompt included (transformers' `hidden_states[-1]`, as its contrastive search
-    used).  `alpha=0` or `top_k=1` is greedy decoding.  A stop id is yielded, then
+    prompt included: transformers 4's `_contrastive_search` used
+    `hidden_states[-1]`, which for Gemma equals the normed `last_hidden_state`.
+    `alpha=0` or `top_k=1` is greedy decoding.  A stop id is yielded, then
     the search ends; so does reaching `max_tokens` or the context length.
     Settings are checked when called, not on the first `next`.
     """
@@ -274,8 +275,12 @@ def _contrastive_loop(model, ids, budget, k, alpha, stops, step_size) -> Iterato
             degeneration = (unit @ context.T).max(axis=-1)  # [k]: max cosine similarity to the past
             score = (1.0 - alpha) * probs[candidates] - alpha * degeneration
             best = mx.argmax(score)
-            token = candidates[best]
+            # NaN logits reach every prob of the row: -1 flags them in the one value the host reads.
+            token = mx.where(mx.isnan(score).any(), -1, candidates[best].astype(mx.int32))
         token = token.item()
+        if token < 0:
+            raise GenerationError("the model produced NaN logits during contrastive search; "
+                                  "the weights or the dtype (try float32 or bfloat16) are at fault")
         yield token
         if token in stops:
             return

@@ -365,3 +365,13 @@ def test_real_model_beams_and_contrastive_match_transformers(real_model):
         ours = contrastive_search(real_model, ref["prompt_ids"], ref["max_new_tokens"], top_k=case["top_k"],
                                   alpha=case["alpha"], stop_token_ids=ref["stop_token_ids"])
         assert list(ours) == case["tokens"]
+
+
+def test_nan_logits_are_a_clear_error():
+    table = myopic_table()
+    table[2, :] = np.nan  # the row after token 2
+    model = Bigram(table)
+    with pytest.raises(GenerationError, match="NaN"):
+        beam_search(model, [0, 2], 3, num_beams=2)
+    with pytest.raises(GenerationError, match="NaN"):
+        list(contrastive_search(model, [0, 2], 3, top_k=2))
