@@ -152,8 +152,10 @@ def main(argv=None) -> int:
     bandwidth = common.bandwidth_ceiling()
     rows = [["case", "library", "prefill tok/s", "decode tok/s", "TTFT s", "memory GB", "bandwidth used"]]
     payload = {"bandwidth_gbs": bandwidth, "cases": []}
+    folders = []
     for name in args.models:
         folder = model_folder(name, args.gemma2_layers)
+        folders.append(f"{name} = `{folder.name}`")
         ours_model, ours_tok = mlx_gemma.load(folder)
         theirs_model, theirs_tok = mlx_lm.load(str(folder))
         eos = set(ours_tok.eos_token_ids) | set(theirs_tok.eos_token_ids)
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
         mx.clear_cache()
     body = (f"Memory bandwidth ceiling (a timed 1 GiB `a + 1`): {bandwidth:.1f} GB/s. "
             f"{args.max_tokens} new tokens, greedy, {args.reps} alternating repetitions after a warm-up; "
-            f"± is half the range over the median. llama.cpp runs the packaged Q4_K_M GGUF itself.\n\n"
+            f"± is half the range over the median. llama.cpp runs the packaged Q4_K_M GGUF itself. "
+            f"Model folders: {', '.join(folders)}.\n\n"
             + common.table(rows))
     if args.no_record:
         print(body)

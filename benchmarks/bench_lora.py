@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.optimizers as optim
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -4,8 +4,8 @@ Each benchmark times mlx_gemma and mlx-lm in one process, alternating
 A B A B over the repetitions so that a noisy machine (other work, thermal
 throttling) hurts both alike, and reports medians, spreads and the ratio
 ours / mlx-lm.  Results go to stdout as a table plus one JSON line, and are
-written into `benchmarks/RESULTS.md` between markers named after the script,
-so the file is regenerated, never hand-edited.
+written into `benchmarks/RESULTS.md` between markers named after the script
+and the device kind (CPU, GPU), so the file is regenerated, never hand-edited.
 """
 
 from __future__ import annotations
@@ -151,13 +151,14 @@ def record(script: str, command: str, body: str, payload: dict) -> None:
     head = (f"Date: {datetime.date.today().isoformat()}  \nMachine: {machine()}  \n"
             f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}  \n"
             f"Command: `{command}`  \n{_commit()}\n")
-    section = f"<!-- {script}:begin -->\n## {script}\n\n{head}\n{body}\n<!-- {script}:end -->"
+    key = f"{script}-{mx.default_device().type.name}"  # one section per script and device kind
+    section = f"<!-- {key}:begin -->\n## {script} ({mx.default_device().type.name.upper()})\n\n{head}\n{body}\n<!-- {key}:end -->"
     print(body)
     print(json.dumps({"benchmark": script, **payload}))
     text = RESULTS.read_text() if RESULTS.exists() else (
         "# Benchmark results\n\nWritten by the scripts in this folder (`python benchmarks/<script>.py`); "
         "each run replaces its own section. Do not edit by hand.\n")
-    begin, end = f"<!-- {script}:begin -->", f"<!-- {script}:end -->"
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     if begin in text and end in text:
         text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:

@@ -2,6 +2,9 @@
 
 * the packaged Gemma 3 270M in bf16 (the default model folder) and in 4-bit
   (our converter, group 64: the folder loads in both libraries unchanged);
+  where the packaged model is not installed (a GPU machine reached without
+  the network), random weights in its exact shape, with its real config and
+  tokenizer from tests/fixtures/gemma3_270m;
 * a Gemma 2 2B-shaped model with random weights (the shape of
   google/gemma-2-2b: 26 layers, hidden 2304, 8 query / 4 key-value heads of 256,
   MLP 9216, window 4096, soft-caps 50 / 30), in bf16 and 4-bit.  Its vocabulary
@@ -18,6 +21,7 @@ import mlx.core as mx
 
 from mlx_gemma.convert import convert
 from mlx_gemma.default_model import cache_dir, default_model_path
+from mlx_gemma.errors import ModelFileError
 
 GEMMA2_2B = {
     "architectures": ["Gemma2ForCausalLM"],
@@ -50,16 +54,39 @@ def bench_dir() -> Path:
 
 
 def gemma3_270m(bits: int | None) -> Path:
-    source = default_model_path()
+    try:
+        source = default_model_path()
+        name = "gemma-3-270m"
+    except ModelFileError:  # the packaged model is not installed
+        source, name = _gemma3_270m_random(), "gemma-3-270m-random"
     if bits is None:
         return source
-    dest = bench_dir() / f"gemma-3-270m-{bits}bit"
+    dest = bench_dir() / f"{name}-{bits}bit"
     if not (dest / "config.json").is_file():
         convert(source, mlx_path=dest, quantize=True, q_bits=bits, q_group_size=64)
     return dest
 
 
-def _random_gemma2_weights(config: dict) -> dict[str, mx.array]:
+def _gemma3_270m_random() -> Path:
+    import json
+
+    from mlx_gemma.convert.writer import write_model_folder
+
+    dest = bench_dir() / "gemma-3-270m-random-bf16"
+    if not (dest / "config.json").is_file():
+        fixture = Path(__file__).parent.parent / "tests" / "fixtures" / "gemma3_270m"
+        config = {**json.loads((fixture / "config.json").read_text()), "torch_dtype": "bfloat16"}
+        weights = _random_weights(config)
+        for i in range(config["num_hidden_layers"]):
+            for norm in ("q_norm", "k_norm"):
+                weights[f"model.layers.{i}.self_attn.{norm}.weight"] = mx.zeros((config["head_dim"],), mx.bfloat16)
+        write_model_folder(dest, config, weights, fixture / "tokenizer.model",
+                           json.loads((fixture / "generation_config.json").read_text()))
+    return dest
+
+
+def _random_weights(config: dict) -> dict[str, mx.array]:
+    """Gemma 2/3 block weights (no q/k norms): normal(0, 0.02) matrices, zero norm offsets."""
     h, f, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
     key = mx.random.key(0)
@@ -97,7 +124,7 @@ def gemma2_2b_random(bits: int | None, num_layers: int | None = None) -> Path:
     if not (float_dest / "config.json").is_file():
         config = {**GEMMA2_2B, "num_hidden_layers": layers}
         tokenizer = default_model_path() / "tokenizer.model"
-        write_model_folder(float_dest, config, _random_gemma2_weights(config), tokenizer,
+        write_model_folder(float_dest, config, _random_weights(config), tokenizer,
                            {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0})
     if bits is None:
         return float_dest

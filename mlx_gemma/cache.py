@@ -65,6 +65,8 @@ def _concat(*pieces: Parts) -> Parts:
 class _Cache:
     """What both caches share: storage (float or quantized), batch rows, state."""
 
+    step = 256  # buffers grow this many slots at a time, so decoding writes in place
+
     def __init__(self, left_padding, bits, group_size, quantize_from):
         self.keys: Parts | None = None
         self.values: Parts | None = None
@@ -104,19 +106,28 @@ class _Cache:
         if self.left_padding is not None:
             self.left_padding = self.left_padding[rows]
 
+    def _grown(self, parts: Parts | None, like: Parts, capacity: int) -> Parts:
+        """Buffers of `capacity` slots shaped like `like`, holding the first `offset` of `parts`."""
+        grown = []
+        for i, new in enumerate(like):
+            buffer = mx.zeros((*new.shape[:2], capacity, new.shape[3]), new.dtype)
+            if parts is not None and self.offset:
+                buffer[..., : self.offset, :] = parts[i][..., : self.offset, :]
+            grown.append(buffer)
+        return tuple(grown)
+
     @property
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [*self.keys, *self.values]
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated (buffers grow ahead of the tokens they hold)."""
         return sum(a.nbytes for a in self.state)
 
 
 class KVCache(_Cache):
     """Keeps all keys and values, in time order, in buffers grown `step` at a time."""
-
-    step = 256
 
     def __init__(self, left_padding: mx.array | None = None, bits: int | None = None,
                  group_size: int = 64, quantize_from: int = 0):
@@ -148,16 +159,6 @@ class KVCache(_Cache):
         self.offset = end
         return self._fetched(time_slice(self.keys, None, end)), self._fetched(time_slice(self.values, None, end))
 
-    def _grown(self, parts: Parts | None, like: Parts, capacity: int) -> Parts:
-        """Buffers of `capacity` slots shaped like `like`, holding the first `offset` of `parts`."""
-        grown = []
-        for i, new in enumerate(like):
-            buffer = mx.zeros((*new.shape[:2], capacity, new.shape[3]), new.dtype)
-            if parts is not None and self.offset:
-                buffer[..., : self.offset, :] = parts[i][..., : self.offset, :]
-            grown.append(buffer)
-        return tuple(grown)
-
     def trim_to(self, length: int) -> bool:
         """Forget every token from position `length` on (always possible here)."""
         self.offset = min(self.offset, length)
@@ -185,11 +186,16 @@ class RotatingKVCache(_Cache):
 
     @property
     def _stored(self) -> int:
-        return 0 if self.keys is None else self.keys[0].shape[2]
+        """Slots holding tokens (the buffers may be longer until the ring is full)."""
+        return min(self.offset, self.max_size)
 
     def _ring_step(self, T: int) -> bool:
         """Whether the next update of T tokens writes in place into a full ring."""
-        return T == 1 and self._stored == self.max_size
+        return T == 1 and self.keys is not None and self.offset >= self.max_size
+
+    def _filling_step(self, T: int) -> bool:
+        """Whether the next update of T tokens appends in place to a ring not yet full."""
+        return T == 1 and self.keys is not None and self.offset < self.max_size
 
     def _key_positions(self, T: int) -> mx.array:
         """Positions of the keys the next update of T tokens will return, in slot order."""
@@ -220,6 +226,7 @@ class RotatingKVCache(_Cache):
         return mask
 
     def _in_time_order(self, parts: Parts) -> Parts:
+        parts = time_slice(parts, None, self._stored)  # drop the spare capacity
         if self._stored < self.max_size or self.offset == self.max_size:
             return parts  # not wrapped yet: slot order is time order
         oldest = self.keep + (self.offset - self.keep) % self.ring  # slot of the oldest ring token
@@ -245,6 +252,19 @@ class RotatingKVCache(_Cache):
                 stored[..., slot : slot + 1, :] = new
             self.offset += 1
             return self._fetched(self.keys), self._fetched(self.values)
+        if self._filling_step(T):
+            # Before the ring is full, slot order is time order: append in place, growing the
+            # buffers `step` slots at a time (up to max_size), as KVCache does; concatenating
+            # instead would copy the whole window at every decoding step.
+            if self.offset >= self.keys[0].shape[2]:
+                capacity = min(self.max_size, self.offset + self.step)
+                self.keys = self._grown(self.keys, new_k, capacity)
+                self.values = self._grown(self.values, new_v, capacity)
+            for stored, new in zip(self.keys + self.values, new_k + new_v):
+                stored[..., self.offset : self.offset + 1, :] = new
+            self.offset += 1
+            return (self._fetched(time_slice(self.keys, None, self.offset)),
+                    self._fetched(time_slice(self.values, None, self.offset)))
 
         if self.keys is not None:
             new_k = _concat(self._in_time_order(self.keys), new_k)

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="cache an open user turn of the chat template (default: on for instruct models)")
     add_cache_flags(p)
-    p.add_argument("--prefill-step-size", type=int, default=512, help="tokens fed to the model at a time")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens fed to the model at a time")
     return p
 
 

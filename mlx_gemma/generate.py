@@ -29,6 +29,10 @@ from .prompts import RowText, prompt_ids, stop_settings
 from .samplers import apply_processors, greedy
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
+# Prompt tokens per forward call during prefill (mlx-lm's default).  Larger chunks keep
+# a GPU busy; each chunk's activations are what prefill memory scales with, and only the
+# last position of the last chunk goes through the vocabulary-sized head.
+PREFILL_STEP_SIZE = 2048
 _CLEAR_CACHE_EVERY = 256  # decode steps between returns of freed buffers to the allocator
 
 
@@ -92,7 +96,7 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
 
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
-                  prefill_step_size: int = 512, max_tokens: int = 256, *, left_padding=None,
+                  prefill_step_size: int = PREFILL_STEP_SIZE, max_tokens: int = 256, *, left_padding=None,
                   cached_ids=None, pixel_values=None, **kv_options) -> Iterator[tuple[list[int], mx.array]]:
     """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
 
@@ -156,7 +160,6 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
             model.model(ids[:, :step_size], cache=cache)
             mx.eval([c.state for c in cache])  # bound the graph: one chunk at a time
             ids = ids[:, step_size:]
-            mx.clear_cache()
         pending = forward(ids, fed_back=False, **({} if pixel_values is None else {"pixel_values": pixel_values}))
     mx.async_eval(*pending)
 
@@ -185,7 +188,7 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=None, logits_processors=None,
                     stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
-                    chat: bool | None = None, system: str | None = None, prefill_step_size: int = 512,
+                    chat: bool | None = None, system: str | None = None, prefill_step_size: int = PREFILL_STEP_SIZE,
                     skip_special_tokens: bool = False, prompt_cache=None, image=None, **kv_options,
                     ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
@@ -222,7 +225,7 @@ def _only_row(batch) -> Iterator[GenerationResponse]:
 
 def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
-                          system: str | None = None, prefill_step_size: int = 512, skip_special_tokens: bool = False,
+                          system: str | None = None, prefill_step_size: int = PREFILL_STEP_SIZE, skip_special_tokens: bool = False,
                           image=None, **kv_options) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 

@@ -86,7 +86,7 @@ class PromptCache:
         self.tokens = list(ids[:n])
         return list(ids[n:])
 
-    def extend(self, model, ids: list[int], step_size: int = 512) -> None:
+    def extend(self, model, ids: list[int], step_size: int = 2048) -> None:
         """Feed `ids` after what the cache holds, generating nothing (the cache_prompt flow)."""
         self.check(model)
         context = model.args.max_position_embeddings
@@ -129,9 +129,8 @@ def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None 
         layers.append({"offset": c.offset, "quantized": c.quantized, "rotating": rotating})
         if c.keys is None:
             continue
-        stored = (c.keys, c.values)
-        if not rotating:  # the filled part of the buffers
-            stored = tuple(time_slice(parts, None, c.offset) for parts in stored)
+        filled = min(c.offset, c.max_size) if rotating else c.offset  # buffers grow ahead of their tokens
+        stored = tuple(time_slice(parts, None, filled) for parts in (c.keys, c.values))
         for name, parts in zip(("keys", "values"), stored):
             for j, p in enumerate(parts):
                 arrays[f"layers.{i}.{name}.{j}"] = p

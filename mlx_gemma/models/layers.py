@@ -30,8 +30,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        scale = 1.0 + self.weight.astype(mx.float32)
-        return mx.fast.rms_norm(x, scale, self.eps).astype(x.dtype)
+        return mx.fast.rms_norm(x, self._scale(), self.eps).astype(x.dtype)
+
+    def _scale(self) -> mx.array:
+        """1 + w in float32, made once per weight array rather than at every call.
+
+        A decoding step runs six norms per block; on a GPU, where small kernels
+        cost their launch, the two extra ops each would otherwise take show.
+        The cache holds the weight array itself, so a new weight (loading,
+        training, a transform's tracer) is never matched by a stale scale.
+        """
+        cached = self.__dict__.get("_scale_of")
+        if cached is None or cached[0] is not self.weight:
+            cached = (self.weight, 1.0 + self.weight.astype(mx.float32))
+            self.__dict__["_scale_of"] = cached
+        return cached[1]
 
 
 def gelu_for(name: str):
