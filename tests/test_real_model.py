@@ -119,3 +119,18 @@ def test_quantized_conversion_within_stated_tolerance(tmp_path, float_folder, bi
     assert rel < max_rel and kl < max_kl and top1 >= min_top1, (rel, kl, top1)
     if bits == 8:  # 8-bit keeps transformers' greedy continuation
         assert greedy(model, REFERENCE["prompt_ids"], 20)[1] == REFERENCE["generated_ids"]
+
+
+def test_cli_greedy_equals_transformers():
+    """The README's first command (default model, bf16): the text of transformers' greedy tokens."""
+    import subprocess
+    import sys
+
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer.from_file(FIXTURES / "gemma3_270m" / "tokenizer.model")
+    done = subprocess.run([sys.executable, "-m", "mlx_gemma.generate", "--prompt", REFERENCE["prompt"],
+                           "--max-tokens", "8"], capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == tokenizer.decode(REFERENCE["generated_ids"][:8]) + "\n"
