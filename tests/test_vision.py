@@ -254,3 +254,15 @@ def test_image_token_outside_the_tokenizer(tmp_path):
     real = REF["attention_mask"].astype(bool)
     logits = np.array(model(ids, pixel_values=pixels, padding_mask=mx.array(real)))
     assert np.abs(logits - REF["logits"])[real].max() / np.abs(REF["logits"]).max() < 1e-4
+
+
+def test_one_pixel_image_fills_the_frame_and_empty_images_are_refused(tmp_path):
+    """A 1 x 1 image is a valid (if tiny) picture: resized, its one colour fills the model's
+    frame, scaled to [-1, 1] as (v / 255 - 0.5) / 0.5.  A 0 x 0 one is refused."""
+    path = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (255, 0, 128)).save(path)
+    pixels = vision.preprocess_image(path, 28)
+    assert pixels.shape == (28, 28, 3)
+    np.testing.assert_allclose(pixels, np.broadcast_to([1.0, -1.0, 128 / 127.5 - 1], (28, 28, 3)), atol=1e-6)
+    with pytest.raises(ImageError, match="no pixels"):
+        vision.preprocess_image(Image.new("RGB", (0, 0)), 28)
