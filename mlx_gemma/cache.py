@@ -210,8 +210,11 @@ class RotatingKVCache(_Cache):
     def make_mask(self, T: int, window: int | None = None, prefix_length: mx.array | None = None):
         # Recent keys seen: the layer's window, narrowed to what the ring holds (max_kv_size).
         window = self.ring if window is None else min(window, self.ring)
-        if T == 1 and self.left_padding is None and prefix_length is None:
-            return None  # everything kept is visible to the next token
+        if self.left_padding is None and prefix_length is None:
+            if T == 1:
+                return None  # everything kept is visible to the next token
+            if self.offset + T <= min(window, self.max_size):
+                return "causal"  # nothing dropped, nothing out of the window: the fused kernel's fast path
         key_positions = self._key_positions(T)
         query_positions = mx.arange(self.offset, self.offset + T)
         key_valid = _key_valid(self.left_padding, key_positions)
