@@ -1,4 +1,4 @@
-"""The fine-tuning loss, data pipeline and loop.
+"""The fine-tuning loss and loop (data: test_train_data.py; keras-style fit: test_tasks_training.py).
 
 References: transformers' causal-LM loss (labels -100 on prompts and padding)
 and torch autograd through PEFT's adapters give the loss and the adapter
@@ -18,31 +18,19 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma import lora, train
-from mlx_gemma.errors import DatasetError, MlxGemmaError, TrainingError
+from mlx_gemma.errors import TrainingError
 from mlx_gemma.loading import load, load_model
 from mlx_gemma.models import gemma
-from mlx_gemma.train_data import iterate_batches, load_datasets, load_jsonl, make_batch
+from mlx_gemma.train_data import load_jsonl, make_batch
 
 from conftest import FIXTURES, TINY_MODELS
 from test_lora import assert_close, load_into_peft, randomize_adapters
-
-PAIRS = [("What is two plus two?", " Four, of course."), ("Name a colour", " Blue"),
-         ("Say hello in French, please, and then say goodbye", " Bonjour. Au revoir."), ("Hi", " Hello!")]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+from test_train_data import PAIRS, pair_batch, tiny_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load(FIXTURES / "tiny_gemma")[1]
-
-
-def pair_batch(tokenizer, tmp_path, mask_prompt=True):
-    file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-    return make_batch(load_jsonl(file, tokenizer, mask_prompt=mask_prompt), pad_id=tokenizer.pad_id)
+    return tiny_tokenizer()
 
 
 # --- loss and gradients against transformers + PEFT ---------------------------------------------
@@ -196,70 +184,6 @@ def test_chunked_loss_peak_memory_is_a_fraction_of_the_full_loss():
     assert peaks["64 MiB limit"][1] < logits_bytes / 2
 
 
-# --- data ----------------------------------------------------------------------------------------
-
-
-def test_formats_and_prompt_masking(tokenizer, tmp_path):
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
-    file = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain text"}, {"prompt": "Q:", "completion": " A"},
-                                              {"messages": messages}])
-    (t_ids, t_off), (p_ids, p_off), (m_ids, m_off) = load_jsonl(file, tokenizer, mask_prompt=True)
-    assert t_ids == tokenizer.encode("plain text", add_eos=True) and t_off == 0
-    head = tokenizer.encode("Q:")
-    assert p_ids == head + tokenizer.encode(" A", add_bos=False, add_eos=True) and p_off == len(head)
-    assert m_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
-    assert m_off == len(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True))
-    assert load_jsonl(file, tokenizer)[1][1] == 0  # without mask_prompt: loss on everything
-
-
-def test_batches_weight_only_completion_tokens(tokenizer, tmp_path):
-    file = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-    examples = load_jsonl(file, tokenizer, mask_prompt=True)
-    inputs, targets, weights = make_batch(examples, pad_id=tokenizer.pad_id)
-    assert inputs.shape[1] % 32 == 0
-    for row, (ids, offset) in enumerate(examples):
-        picked = np.array(targets[row])[np.array(weights[row]) > 0].tolist()
-        assert picked == ids[offset:]  # exactly the completion (with its <eos>)
-        assert np.array(inputs[row])[:len(ids) - 1].tolist() == ids[:-1]
-
-
-def test_batches_are_sorted_by_length_and_split_across_ranks(tokenizer, tmp_path):
-    file = write_jsonl(tmp_path / "d.jsonl", [{"text": "word " * n} for n in (9, 1, 5, 3)])
-    examples = load_jsonl(file, tokenizer)
-    batches = list(iterate_batches(examples, 2, shuffle=False, pad_id=tokenizer.pad_id))
-    firsts = [int(np.array(w).sum(axis=1).max()) for _, _, w in batches]
-    assert firsts == sorted(firsts)
-    halves = [list(iterate_batches(examples, 2, shuffle=False, rank=r, world=2)) for r in (0, 1)]
-    assert all(b[0].shape[0] == 1 for h in halves for b in h)
-
-
-def test_long_examples_are_truncated_with_a_warning(tokenizer, tmp_path):
-    file = write_jsonl(tmp_path / "d.jsonl", [{"text": "word " * 50}, {"text": "short"}])
-    with pytest.warns(UserWarning, match=r"d.jsonl: 1 example\(s\) longer than max_seq_length=16"):
-        examples = load_jsonl(file, tokenizer, max_seq_length=16)
-    assert max(len(ids) for ids, _ in examples) == 16
-
-
-@pytest.mark.parametrize("lines, message", [
-    (['{"text": "ok"}', '{"text": "ok"'], r"d.jsonl:2: not valid JSON"),
-    (['{"text": "ok"}', '[1, 2]'], r"d.jsonl:2: expected a JSON object"),
-    (['{"txt": "ok"}'], r"d.jsonl:1: no 'text'"),
-    (['{"prompt": "a"}'], r"d.jsonl:1: 'prompt' and 'completion' must both be strings"),
-    (['{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}'], r"d.jsonl:1: bad messages"),
-    ([''], r"d.jsonl: holds no usable example"),
-])
-def test_bad_data_names_the_file_and_line(lines, message, tokenizer, tmp_path):
-    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DatasetError, match=message):
-        load_jsonl(tmp_path / "d.jsonl", tokenizer)
-
-
-def test_missing_data(tokenizer, tmp_path):
-    with pytest.raises(DatasetError, match="no such data folder"):
-        load_datasets(tmp_path / "nope", tokenizer)
-    with pytest.raises(DatasetError, match="fewer than batch_size=8"):
-        next(iterate_batches([([2, 3, 4], 0)], 8))
-
 
 def test_bad_settings_are_refused():
     with pytest.raises(TrainingError, match="unknown optimizer 'adagrad'"):
@@ -409,71 +333,6 @@ def test_config_files(tmp_path):
     assert s.rank == 2 and s.lora_keys == ["q_proj", "o_proj"]
 
 
-# --- keras-hub style: backbone.enable_lora, compile, fit, save/load_lora_weights -----------------
-
-
-def keras_style_lm(sequence_length=24):
-    from mlx_gemma.tasks import GemmaBackbone, GemmaCausalLM, GemmaCausalLMPreprocessor
-
-    tokenizer = load(FIXTURES / "tiny_gemma")[1]
-    return GemmaCausalLM(GemmaBackbone.from_model(fittable_tiny()), GemmaCausalLMPreprocessor(tokenizer, sequence_length))
-
-
-def test_keras_style_fit_on_strings_lowers_the_loss(tmp_path):
-    lm = keras_style_lm()
-    lm.backbone.enable_lora(rank=4)
-    assert lm.backbone.lora_config["lora_parameters"]["scale"] == 1.0  # keras: alpha defaults to the rank
-    trainable = sorted(k for k, _ in tree_flatten(lm.model.trainable_parameters()))
-    assert trainable == sorted(f"model.layers.{i}.self_attn.{p}.{leaf}" for i in range(3)
-                               for p in ("q_proj", "v_proj") for leaf in ("lora_a", "lora_b"))
-    lm.compile(optimizer="adamw", learning_rate=1e-2)
-    texts = [p + c for p, c in PAIRS]
-    history = lm.fit(x=texts, batch_size=2, epochs=8, verbose=0)
-    losses = history.history["loss"]
-    assert len(losses) == 8 and history.epoch == list(range(8))
-    assert losses[-1] < losses[0] / 2
-    assert not lm.model.training
-
-    lm.backbone.save_lora_weights(tmp_path / "lora")
-    other = keras_style_lm()
-    other.backbone.load_lora_weights(tmp_path / "lora")
-    ids = mx.array([[2, 30, 40, 50, 60]])
-    assert mx.array_equal(other.model(ids), lm.model(ids))
-    third = keras_style_lm()
-    third.backbone.enable_lora(rank=2)
-    with pytest.raises(MlxGemmaError, match="rank 4 differs"):
-        third.backbone.load_lora_weights(tmp_path / "lora")
-
-
-def test_keras_style_fit_on_token_ids_uses_the_sample_weights(tokenizer, tmp_path):
-    lm = keras_style_lm()
-    lm.preprocessor = None
-    lm.backbone.enable_lora(rank=4, target_layer_names=["query", "value", "ffw_linear"])
-    inputs, targets, weights = pair_batch(tokenizer, tmp_path)  # right padded, prompts weigh 0
-    x = {"token_ids": np.array(inputs), "padding_mask": np.array(inputs) != tokenizer.pad_id}
-    expected = train.loss_fn(lm.model, inputs, targets, weights)[0].item()
-    lm.compile(optimizer="sgd", learning_rate=1e-3)
-    history = lm.fit(x=x, y=np.array(targets), sample_weight=np.array(weights), batch_size=len(PAIRS), verbose=0)
-    # One epoch of one batch: the reported loss is the loss before the step.
-    assert abs(history.history["loss"][0] - expected) < 1e-5 * expected
-    left = {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"][:, ::-1]}
-    with pytest.raises(MlxGemmaError, match="left padding"):
-        lm.fit(x=left, y=np.array(targets))
-    with pytest.raises(MlxGemmaError, match="needs y"):
-        lm.fit(x=x)
-
-
-def test_keras_style_score_is_mlx_gemma_score():
-    from mlx_gemma.score import score
-
-    lm = keras_style_lm()
-    ids = mx.array([[2, 30, 40, 50, 60, 0]])
-    mask = mx.array([[1, 1, 1, 1, 1, 0]])
-    assert mx.array_equal(lm.score(ids, mask), score(lm.model, ids, mask))
-    with pytest.raises(ValueError, match="scoring_mode"):
-        lm.score(ids, scoring_mode="perplexity")
-
-
 # --- data parallel -------------------------------------------------------------------------------
 
 
@@ -575,14 +434,6 @@ def test_paligemma_trains_with_the_cli(tmp_path, capsys):
     assert "Iter 3: train loss" in capsys.readouterr().out
     adapted = lora.load_adapters(load_model(FIXTURES / "tiny_paligemma"), tmp_path / "a")
     assert len(lora.lora_layers(adapted)) == 2
-
-
-def test_image_examples_need_a_paligemma_and_existing_files(tokenizer, tmp_path):
-    file = write_jsonl(tmp_path / "d.jsonl", [{"image": "missing.png", "prefix": "caption en", "suffix": "x"}])
-    with pytest.raises(DatasetError, match=r"d.jsonl:1: an 'image' example needs a PaliGemma"):
-        load_jsonl(file, tokenizer)
-    with pytest.raises(DatasetError, match=r"d.jsonl:1: no such image file"):
-        load_jsonl(file, tokenizer, images=(9, 6))
 
 
 def test_a_diverging_run_stops_without_saving_broken_adapters(tokenizer, tmp_path):
