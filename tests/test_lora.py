@@ -396,3 +396,45 @@ def test_fuse_cli_requantizes_a_quantized_base(tmp_path):
     assert "quantization" not in json.loads((tmp_path / "float" / "config.json").read_text())
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in floats.named_modules())
     assert_close(floats(mx.array(IDS)), adapted, rtol=1e-5)
+
+
+_SAVE_FOREVER = """
+import sys
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_gemma import lora
+from mlx_gemma.loading import load_model
+model = load_model(sys.argv[1])
+config = lora.enable_lora(model, rank=4, num_layers=2)
+step = 0
+while True:
+    step += 1
+    params = [(name, mx.full(p.shape, float(step), p.dtype)) for name, p in tree_flatten(model.trainable_parameters())]
+    model.update(tree_unflatten(params))  # every adapter array holds `step`
+    lora.save_adapters(sys.argv[2], model, config)
+    print(step, flush=True)
+"""
+
+
+def test_killed_adapter_save_leaves_the_previous_good_file(tmp_path):
+    """SIGKILL while adapters are being saved over and over: the folder always loads, and every
+    adapter array holds one round's value throughout (never a mix, never a torn file)."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "adapter"
+    for delay in (0.0, 0.05, 0.13, 0.31):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(TINY), str(folder)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = proc.stdout.readline()  # one complete save before the kill
+            assert first.strip() == "1", proc.stderr.read()
+            time.sleep(delay)
+        finally:
+            proc.kill()
+            proc.wait()
+        model = lora.load_adapters(load_model(TINY), folder)
+        values = {float(mx.max(p)) for _, p in tree_flatten(model.trainable_parameters())}
+        mins = {float(mx.min(p)) for _, p in tree_flatten(model.trainable_parameters())}
+        assert len(values) == 1 and values == mins and values.pop() >= 1, "a torn or mixed adapter file"
