@@ -182,7 +182,8 @@ def main(argv=None) -> int:
                             if batch == 1 else float("nan"))
                     rows.append([case, lib, f"{s.median('prefill_tps'):.1f} ±{s.spread('prefill_tps'):.0%}",
                                  f"{s.median('decode_tps'):.2f} ±{s.spread('decode_tps'):.0%}",
-                                 f"{s.median('ttft_s'):.2f}", f"{mem:.3f}", f"{used:.0%}" if used == used else "-"])
+                                 f"{s.median('ttft_s'):.2f}", f"{mem:.3f}" if mem == mem else "-",
+                                 f"{used:.0%}" if used == used else "-"])
                     entry["libraries"][lib] = {k: s.median(k) for k in s.runs[0].metrics} | {"memory_gb": mem}
                 ours, theirs = entry["libraries"]["mlx_gemma"], entry["libraries"]["mlx-lm"]
                 entry["ratio_vs_mlx_lm"] = {k: common.ratio(ours[k], theirs[k])
