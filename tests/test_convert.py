@@ -208,3 +208,23 @@ def test_keras_preset_converts_to_keras_hub_logits(tmp_path, name):
     model, tokenizer = load(dest)
     logits = np.array(model(mx.array(ref["token_ids"]), padding_mask=mx.array(mask)))
     assert rel_err(logits[mask], ref["logits"][mask]) < 1e-4
+
+
+def test_full_disk_during_a_conversion_leaves_no_destination(tmp_path, monkeypatch):
+    """The disk fills while the weights are written: a typed error naming the file, no
+    destination and no temporary folder left behind; an existing destination is untouched."""
+    import errno
+
+    def full_disk(file, arrays, metadata=None):
+        file.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    existing = convert(FIXTURES / "tiny_gemma", mlx_path=tmp_path / "old", progress=False)
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    with pytest.raises(ModelFileError, match="safetensors.*No space left"):
+        convert(FIXTURES / "tiny_gemma", mlx_path=tmp_path / "new", progress=False)
+    with pytest.raises(ModelFileError, match="No space left"):
+        convert(FIXTURES / "tiny_gemma", mlx_path=existing, overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before

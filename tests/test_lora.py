@@ -438,3 +438,20 @@ def test_killed_adapter_save_leaves_the_previous_good_file(tmp_path):
         values = {float(mx.max(p)) for _, p in tree_flatten(model.trainable_parameters())}
         mins = {float(mx.min(p)) for _, p in tree_flatten(model.trainable_parameters())}
         assert len(values) == 1 and values == mins and values.pop() >= 1, "a torn or mixed adapter file"
+
+
+def test_full_disk_while_saving_adapters_keeps_the_previous_ones(tmp_path, monkeypatch):
+    import errno
+
+    model, folder = saved_adapter(tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full_disk(file, arrays, metadata=None):
+        file.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    randomize_adapters(model, seed=7)
+    with pytest.raises(ModelFileError, match="adapters.safetensors.*No space left"):
+        lora.save_adapters(folder, model, lora.read_adapter_config(folder))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
