@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             their_trainer.train(theirs, optim.Adam(learning_rate=args.learning_rate), their_examples, None,
                                 their_trainer.TrainingArgs(batch_size=args.batch_size, iters=args.iters,
                                                            steps_per_report=args.iters, steps_per_eval=10**9,
-                                                           steps_per_save=10**9, max_seq_length=args.seq_len,
+                                                           steps_per_save=10**9, max_seq_length=args.seq_len + 1,
                                                            adapter_file=str(scratch / "theirs.safetensors")))
             return {"train_tps": tokens_per_run / (time.perf_counter() - tic)}
         return common.memory_run(body)

@@ -33,6 +33,10 @@ DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
 # a GPU busy; each chunk's activations are what prefill memory scales with, and only the
 # last position of the last chunk goes through the vocabulary-sized head.
 PREFILL_STEP_SIZE = 2048
+# Soft-capped attention (Gemma 2) cannot use the fused kernel: it spells out float32
+# scores [heads, chunk, keys], so its chunks are smaller (measured on a 5000-token Gemma 2
+# prompt: 2048-token chunks peaked at 1.8x mlx-lm's memory, 512-token ones at 0.54x).
+SOFTCAP_PREFILL_STEP_SIZE = 512
 _CLEAR_CACHE_EVERY = 256  # decode steps between returns of freed buffers to the allocator
 
 
@@ -95,8 +99,15 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
     return min(max_tokens, context - prompt_length)
 
 
+def default_prefill_step(model) -> int:
+    """Prompt tokens per forward call when the caller does not say."""
+    if getattr(model.args, "attn_logit_softcapping", None) is not None:
+        return SOFTCAP_PREFILL_STEP_SIZE
+    return PREFILL_STEP_SIZE
+
+
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
-                  prefill_step_size: int = PREFILL_STEP_SIZE, max_tokens: int = 256, *, left_padding=None,
+                  prefill_step_size: int | None = None, max_tokens: int = 256, *, left_padding=None,
                   cached_ids=None, pixel_values=None, **kv_options) -> Iterator[tuple[list[int], mx.array]]:
     """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
 
@@ -114,6 +125,8 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise GenerationError(f"prompt_ids must be a non-empty [B, T] array of token ids, got shape {ids.shape}")
+    if prefill_step_size is None:
+        prefill_step_size = default_prefill_step(model)
     _positive_int("prefill_step_size", prefill_step_size, 1)
     if getattr(model, "prefix_lm", False):  # the prompt attends both ways: prefill it in one call
         prefill_step_size = max(prefill_step_size, ids.shape[1])
@@ -188,7 +201,7 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=None, logits_processors=None,
                     stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
-                    chat: bool | None = None, system: str | None = None, prefill_step_size: int = PREFILL_STEP_SIZE,
+                    chat: bool | None = None, system: str | None = None, prefill_step_size: int | None = None,
                     skip_special_tokens: bool = False, prompt_cache=None, image=None, **kv_options,
                     ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
@@ -225,7 +238,7 @@ def _only_row(batch) -> Iterator[GenerationResponse]:
 
 def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
-                          system: str | None = None, prefill_step_size: int = PREFILL_STEP_SIZE, skip_special_tokens: bool = False,
+                          system: str | None = None, prefill_step_size: int | None = None, skip_special_tokens: bool = False,
                           image=None, **kv_options) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 
