@@ -206,12 +206,7 @@ def main(argv=None) -> int:
             f"± is half the range over the median. llama.cpp runs the packaged Q4_K_M GGUF itself. "
             f"Model folders: {', '.join(folders)}.\n\n"
             + common.table(rows))
-    if args.no_record:
-        print(body)
-    else:
-        command = "python benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        common.record("bench_generate", command.strip(), body, payload)
-    return 0
+    return common.finish("bench_generate", argv, args.no_record, body, payload)
 
 
 def _has(module: str) -> bool:

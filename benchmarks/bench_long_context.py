@@ -90,12 +90,7 @@ def main(argv=None) -> int:
             f"prompt {len(ids)} tokens + {args.max_tokens} greedy, weights {weights['mlx_gemma']:.2f} GB; "
             f"{args.reps} alternating repetitions.\n\n" + common.table(rows))
     payload = {"prompt_tokens": len(ids), "layers": layers, "libraries": meds, "ratio_vs_mlx_lm": r}
-    if args.no_record:
-        print(body)
-    else:
-        command = "python benchmarks/bench_long_context.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        common.record("bench_long_context", command.strip(), body, payload)
-    return 0
+    return common.finish("bench_long_context", argv, args.no_record, body, payload)
 
 
 if __name__ == "__main__":

@@ -105,12 +105,7 @@ def main(argv=None) -> int:
             f"{args.seq_len} tokens, {args.iters} Adam steps per run, {args.reps} alternating repetitions after a "
             f"warm-up.\n\n" + common.table(rows))
     payload = {"model": args.model, "libraries": meds, "ratio_vs_mlx_lm": r}
-    if args.no_record:
-        print(body)
-    else:
-        command = "python benchmarks/bench_lora.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        common.record("bench_lora", command.strip(), body, payload)
-    return 0
+    return common.finish("bench_lora", argv, args.no_record, body, payload)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -144,6 +145,16 @@ def table(rows: list[list[str]]) -> str:
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                      + [line(r) for r in rows[1:]])
+
+
+def finish(script: str, argv, no_record: bool, body: str, payload: dict) -> int:
+    """Print the report, or record it in RESULTS.md with the command that made it."""
+    if no_record:
+        print(body)
+        return 0
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    record(script, f"python benchmarks/{script}.py {args}".strip(), body, payload)
+    return 0
 
 
 def record(script: str, command: str, body: str, payload: dict) -> None:

@@ -1,15 +1,18 @@
-"""Flags the command lines share (generate, chat, cache_prompt): sampling and the KV cache.
+"""What the command lines share: error and Ctrl-C handling, and the sampling and KV-cache flags.
 
-Each `add_*_flags` adds its flags to a parser; the matching `*_from(args)`
-turns the parsed flags into what the Python API takes.
+`run_command` gives every command the same exits (0 done, 2 with one error
+line, 130 on Ctrl-C).  Each `add_*_flags` adds its flags to a parser; the
+matching `*_from(args)` turns the parsed flags into what the Python API takes.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from .cache import DEFAULT_QUANTIZED_KV_START
+from .errors import MlxGemmaError
 from .samplers import make_logits_processors, make_sampler
 
 def console() -> tuple:
@@ -22,6 +25,20 @@ def console() -> tuple:
 def error_line(e: Exception) -> str:
     """An error as the one line the command lines print, whatever its message holds."""
     return f"error: {' '.join(str(e).split())}"
+
+
+def run_command(action: Callable[[], object], interrupted: str) -> int:
+    """Run a command's work: 0 when it is done, 2 after one error line for our typed
+    errors, 130 after "interrupted: <interrupted>" on Ctrl-C."""
+    try:
+        action()
+    except MlxGemmaError as e:
+        print(error_line(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
 
 
 _KV_DEFAULTS = dict(max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)

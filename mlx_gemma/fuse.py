@@ -17,7 +17,7 @@ from typing import Sequence
 
 from mlx.utils import tree_flatten
 
-from .errors import MlxGemmaError, UnsupportedModelError
+from .errors import UnsupportedModelError
 
 
 def fuse_model(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_path: str | os.PathLike,
@@ -58,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    from .cli import run_command
+
+    def action():
         out = fuse_model(args.model, args.adapter_path, args.save_path, args.dequantize, args.overwrite)
-    except MlxGemmaError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"fused model written to {out}")
-    return 0
+        print(f"fused model written to {out}")
+
+    return run_command(action, "nothing was written")
 
 
 if __name__ == "__main__":

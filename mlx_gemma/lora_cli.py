@@ -19,7 +19,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from .errors import MlxGemmaError, TrainingError
+from .errors import TrainingError
 from .progress import Progress
 
 DEFAULTS = {
@@ -188,15 +188,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(settings(argv))
-        return 0
-    except MlxGemmaError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (adapters saved so far are intact)", file=sys.stderr)
-        return 130
+    from .cli import run_command
+
+    return run_command(lambda: run(settings(argv)), "adapters saved so far are intact")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -152,17 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        convert(
-            args.hf_path, keras_path=args.keras_path, gguf_path=args.gguf_path, mlx_path=args.mlx_path,
-            quantize=args.quantize or bool(args.quant_recipe), q_bits=args.q_bits,
-            q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, dtype=args.dtype,
-            dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision,
-        )
-    except MlxGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    from ..cli import run_command
+
+    return run_command(lambda: convert(
+        args.hf_path, keras_path=args.keras_path, gguf_path=args.gguf_path, mlx_path=args.mlx_path,
+        quantize=args.quantize or bool(args.quant_recipe), q_bits=args.q_bits,
+        q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, dtype=args.dtype,
+        dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision,
+    ), "nothing was written")
