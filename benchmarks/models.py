@@ -49,6 +49,9 @@ GEMMA2_2B = {
 }
 
 
+_FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "gemma3_270m"  # real config and tokenizer
+
+
 def bench_dir() -> Path:
     return cache_dir() / "bench"
 
@@ -59,6 +62,11 @@ def gemma3_270m(bits: int | None) -> Path:
         name = "gemma-3-270m"
     except ModelFileError:  # the packaged model is not installed
         source, name = _gemma3_270m_random(), "gemma-3-270m-random"
+    return _quantized(source, name, bits)
+
+
+def _quantized(source: Path, name: str, bits: int | None) -> Path:
+    """`source` itself (bits None), or its `bits`-bit conversion (group 64), made once."""
     if bits is None:
         return source
     dest = bench_dir() / f"{name}-{bits}bit"
@@ -74,14 +82,13 @@ def _gemma3_270m_random() -> Path:
 
     dest = bench_dir() / "gemma-3-270m-random-bf16"
     if not (dest / "config.json").is_file():
-        fixture = Path(__file__).parent.parent / "tests" / "fixtures" / "gemma3_270m"
-        config = {**json.loads((fixture / "config.json").read_text()), "torch_dtype": "bfloat16"}
+        config = {**json.loads((_FIXTURE / "config.json").read_text()), "torch_dtype": "bfloat16"}
         weights = _random_weights(config)
         for i in range(config["num_hidden_layers"]):
             for norm in ("q_norm", "k_norm"):
                 weights[f"model.layers.{i}.self_attn.{norm}.weight"] = mx.zeros((config["head_dim"],), mx.bfloat16)
-        write_model_folder(dest, config, weights, fixture / "tokenizer.model",
-                           json.loads((fixture / "generation_config.json").read_text()))
+        write_model_folder(dest, config, weights, _FIXTURE / "tokenizer.model",
+                           json.loads((_FIXTURE / "generation_config.json").read_text()))
     return dest
 
 
@@ -123,12 +130,7 @@ def gemma2_2b_random(bits: int | None, num_layers: int | None = None) -> Path:
     float_dest = bench_dir() / f"{name}-bf16"
     if not (float_dest / "config.json").is_file():
         config = {**GEMMA2_2B, "num_hidden_layers": layers}
-        tokenizer = default_model_path() / "tokenizer.model"
+        tokenizer = _FIXTURE / "tokenizer.model"  # the packaged model's, committed: works without it
         write_model_folder(float_dest, config, _random_weights(config), tokenizer,
                            {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0})
-    if bits is None:
-        return float_dest
-    dest = bench_dir() / f"{name}-{bits}bit"
-    if not (dest / "config.json").is_file():
-        convert(float_dest, mlx_path=dest, quantize=True, q_bits=bits, q_group_size=64)
-    return dest
+    return _quantized(float_dest, name, bits)
