@@ -4,10 +4,11 @@ periodic reports, evaluations and (atomic) adapter saves.
 
 Memory is what limits fine-tuning on a laptop.  Two things keep it down:
 
-* the loss never holds the full [batch, tokens, vocab] float32 logits: the
-  output projection and cross-entropy run over chunks of the sequence, each
-  chunk recomputed in the backward pass (`mx.checkpoint`), so at most one
-  chunk's logits exist at a time, forward or backward;
+* the loss never holds the full [batch, tokens, vocab] logits: the output
+  projection and cross-entropy run over chunks of the sequence, and each
+  chunk's gradient is computed while its logits exist (a frozen head) or the
+  chunk is recomputed in the backward pass (a trainable head), so only the
+  few chunks MLX has queued ahead are alive at once;
 * `grad_checkpoint=True` keeps only each block's input and recomputes the
   block in the backward pass.
 
@@ -29,11 +30,19 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from .errors import TrainingError
+from .models.layers import softcap
 from .train_data import iterate_batches
 
-# Default loss chunk: as many tokens as keep one chunk's float32 logits under this size
-# (32 tokens for a batch of 4 at Gemma's 262k vocabulary; the whole sequence for small vocabularies).
-CHUNK_BYTES = 128 << 20
+# Default loss chunk: as many tokens as keep one chunk's float32 logits under this size.  Each
+# chunk re-reads the output head's weight (Gemma's 262k x hidden embedding), doing about one
+# multiply-add per weight element per row: a GPU needs a hundred-odd rows to stay compute-bound
+# (128 MiB: 128 rows at Gemma's vocabulary), a CPU far fewer (32 MiB: 32 rows), and fewer rows
+# keep less alive, since MLX runs several chunks ahead of the computation (see `_loss_and_dlogits`).
+CHUNK_BYTES = {"gpu": 128 << 20, "cpu": 32 << 20}
+
+
+def default_chunk_bytes() -> int:
+    return CHUNK_BYTES["gpu" if mx.default_device() == mx.gpu else "cpu"]
 
 
 def _output_head(model: nn.Module) -> nn.Module:
@@ -56,10 +65,10 @@ def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:  # [..
 
 
 def _chunks(shape: tuple[int, ...], vocab: int, chunk_size: int | None) -> list[slice]:
-    """Slices of the sequence axis of a [B, T, ...] array; chunk_size None: by CHUNK_BYTES."""
+    """Slices of the sequence axis of a [B, T, ...] array; chunk_size None: by `default_chunk_bytes()`."""
     B, T = shape[:2]
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_BYTES // (4 * B * vocab))
+        chunk_size = max(1, default_chunk_bytes() // (4 * B * vocab))
     if chunk_size < 1:
         raise TrainingError(f"loss chunk size must be positive, got {chunk_size}")
     return [slice(s, s + chunk_size) for s in range(0, T, chunk_size)]
@@ -67,13 +76,14 @@ def _chunks(shape: tuple[int, ...], vocab: int, chunk_size: int | None) -> list[
 
 def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array, weights: mx.array,
                           chunk_size: int | None = None, differentiable: bool = True) -> mx.array:
-    """sum_{b,t} weights * CE(logits(hidden), targets), never holding more than one chunk of logits.
+    """sum_{b,t} weights * CE(logits(hidden), targets), holding a few chunks of logits, not all.
 
     hidden: [B, T, D] (after the final norm), targets: [B, T] int, weights: [B, T].
 
     MLX would run independent chunks side by side (all their logits alive at
     once), so each chunk is made to depend on the previous one's result
-    (`mx.depends`).  For the backward pass, a custom VJP: the forward pass
+    (`mx.depends`); MLX still allocates a few chunks ahead of the computation
+    (up to its memory limit, `mx.set_memory_limit`), so smaller chunks keep less.  For the backward pass, a custom VJP: the forward pass
     computes each chunk's gradient with respect to its hidden states while
     its logits exist ([B, c, D], small), and the backward pass only scales
     them.  That needs the head to be frozen (LoRA); a trainable head takes
@@ -93,15 +103,19 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     head = _output_head(model)
     if tree_flatten(head.trainable_parameters()):
         return _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size)
+    project = head if "lm_head" in model else head.as_linear
+    cap = getattr(model.args, "final_logit_softcapping", None)
 
     @mx.custom_function
     def loss_and_grads(h, t, w):
         total, grads = mx.array(0.0, dtype=mx.float32), []
         for piece in _chunks(h.shape, vocab, chunk_size):
             h_i = mx.depends(h[:, piece], [total] + grads[-1:])
-            (loss_i,), (grad_i,) = mx.vjp(lambda x: chunk_loss(x, t[:, piece], w[:, piece]), [h_i], [mx.array(1.0)])
+            raw = project(h_i)  # [B, c, V] in the model's dtype
+            loss_i, dlogits = _loss_and_dlogits(cap)(raw, t[:, piece], w[:, piece])
+            # The head is frozen: its vjp is the transposed product (of the quantized weight too).
+            grads.append(mx.vjp(project, [h_i], [dlogits])[1][0])
             total = total + loss_i
-            grads.append(grad_i)
         return total, mx.concatenate(grads, axis=1)
 
     @loss_and_grads.vjp
@@ -112,6 +126,34 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
         return grad_h, mx.zeros_like(t), mx.zeros_like(w)  # targets/weights: constants
 
     return loss_and_grads(hidden, targets, weights)[0]
+
+
+@functools.cache
+def _loss_and_dlogits(cap: float | None):
+    """A compiled (raw head output, targets, weights) -> (weighted CE sum, d sum / d raw).
+
+    Written out rather than left to `mx.vjp`: the gradient (softmax - one-hot)
+    x weight (x the soft-cap's derivative) is one fused elementwise kernel
+    that writes the model's dtype, so a chunk holds its raw logits, one
+    float32 copy for the log-sum-exp and the gradient, not the half-dozen
+    float32 [B, c, V] temporaries the generic vjp makes (MLX runs ahead of
+    the computation, so several chunks' temporaries are alive at once).
+    The loss itself is computed exactly as `token_cross_entropy` does.
+    """
+
+    def run(raw, t, w):  # [B, c, V], [B, c], [B, c]
+        # Soft-capped in the model's dtype, as `model.logits` and transformers cap them.
+        logits = (softcap(raw, cap) if cap else raw).astype(mx.float32)
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logits, t[..., None], axis=-1)
+        loss = ((lse - picked)[..., 0] * w).sum()
+        onehot = mx.arange(raw.shape[-1]) == t[..., None]
+        d = (mx.exp(logits - lse) - onehot) * w[..., None]
+        if cap:
+            d = d * (1 - mx.square(logits / cap))
+        return loss, d.astype(raw.dtype)
+
+    return mx.compile(run)
 
 
 def _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size):
@@ -223,7 +265,7 @@ class TrainingArgs:
     adapter_path: str = "adapters"
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
-    loss_chunk_size: int | None = None  # None: by CHUNK_BYTES
+    loss_chunk_size: int | None = None  # None: by default_chunk_bytes()
     seed: int = 0
 
 
