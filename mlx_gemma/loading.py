@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cpu_spread import spread_matmuls
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
 from .models import MODELS, TEXT_PART_OF, supported_model_types
 from .tensorfile import load_weights_from_folder
@@ -191,6 +192,7 @@ def load_model(
         load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
+    spread_matmuls(model)  # on the CPU: each large product over several cores (cpu_spread.py)
     model.path = folder
     return model
 

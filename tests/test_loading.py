@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlx_gemma.errors import (
     ConfigError, ModelFileError, TokenizerError, UnsafeCheckpointError, UnsupportedModelError,
@@ -256,7 +257,7 @@ def test_mlx_lm_quantized_folder_loads_and_matches_mlx_lm(tmp_path, name, bits):
     assert config["quantization"]["bits"] == bits
     theirs, _ = mlx_lm.load(str(dest))
     ours = load_model(dest)
-    assert type(ours.model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    assert isinstance(ours.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
     ids = mx.array(np.load(source / "reference.npz")["input_ids"])
     expected = np.array(theirs(ids))
     np.testing.assert_allclose(np.array(ours(ids)), expected, atol=1e-4 * np.abs(expected).max())

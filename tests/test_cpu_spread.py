@@ -1,0 +1,106 @@
+"""Products spread over CPU streams give the whole product's values, bit for bit, and its gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_gemma import cpu_spread, lora
+from mlx_gemma.loading import load_model
+
+from conftest import FIXTURES
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="spreading applies to the CPU only")
+
+
+@pytest.fixture(autouse=True)
+def four_threads(monkeypatch):
+    monkeypatch.setenv(cpu_spread.THREADS_ENV, "4")
+
+
+def spread_copy(module: nn.Module) -> nn.Module:
+    """The same layer (same parameter arrays) as its spreading subclass."""
+    cls = cpu_spread._SPREAD[type(module)]
+    twin = cls.__new__(cls)
+    twin.__dict__.update(module.__dict__)
+    dict.update(twin, module)
+    return twin
+
+
+def equal(a: mx.array, b: mx.array) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool(mx.array_equal(a, b).item())
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("rows", [512, 515, 100])  # 4 slices, uneven slices, too few rows to spread
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_and_tied_head(dtype, rows, bias):
+    mx.random.seed(0)
+    layer = nn.Linear(96, rows, bias=bias)
+    layer.set_dtype(dtype)
+    x = mx.random.normal((2, 3, 96)).astype(dtype)
+    assert equal(spread_copy(layer)(x), layer(x))
+    embedding = nn.Embedding(rows, 96)
+    embedding.set_dtype(dtype)
+    assert equal(spread_copy(embedding).as_linear(x), embedding.as_linear(x))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_linear_and_head(bits):
+    mx.random.seed(1)
+    layer = nn.QuantizedLinear(128, 512, bias=True, group_size=64, bits=bits)
+    x = mx.random.normal((5, 128))
+    assert equal(spread_copy(layer)(x), layer(x))
+    embedding = nn.QuantizedEmbedding(512, 128, group_size=64, bits=bits)
+    assert equal(spread_copy(embedding).as_linear(x), embedding.as_linear(x))
+
+
+def test_gradients_and_compile():
+    mx.random.seed(2)
+    layer = nn.Linear(64, 384)
+    twin = spread_copy(layer)
+    x = mx.random.normal((4, 64))
+
+    def loss(weight, x, module):
+        module.weight = weight
+        return (module(x) ** 2).sum()
+
+    g_plain = mx.grad(loss, argnums=(0, 1))(layer.weight, x, layer)
+    g_spread = mx.grad(loss, argnums=(0, 1))(twin.weight, x, twin)
+    assert equal(g_spread[0], g_plain[0])  # the weight's gradient: slice by slice, the same sums
+    # The input's gradient adds one partial product per slice: float32 rounding of a reordered sum.
+    np.testing.assert_allclose(np.array(g_spread[1]), np.array(g_plain[1]), atol=1e-6 * np.abs(np.array(g_plain[1])).max())
+    compiled = mx.compile(lambda x: twin(x))
+    assert equal(compiled(x), layer(x))
+
+
+def test_loaded_model_is_spread_and_unchanged(monkeypatch):
+    spread = load_model(FIXTURES / "tiny_gemma3", dtype=mx.bfloat16)
+    monkeypatch.setenv(cpu_spread.THREADS_ENV, "1")
+    plain = load_model(FIXTURES / "tiny_gemma3", dtype=mx.bfloat16)
+    assert isinstance(spread.model.layers[0].mlp.up_proj, cpu_spread.SpreadLinear)
+    assert isinstance(spread.model.embed_tokens, cpu_spread.SpreadEmbedding)
+    assert type(plain.model.layers[0].mlp.up_proj) is nn.Linear
+    assert tree_flatten(spread.parameters()) and all(
+        equal(a, b) for (_, a), (_, b) in zip(tree_flatten(spread.parameters()), tree_flatten(plain.parameters())))
+    ids = mx.array([[2, 17, 300, 5, 99, 7]])
+    assert equal(spread(ids), plain(ids))
+    # LoRA wraps the spread layer; the wrapper keeps its own class.
+    lora.enable_lora(spread, rank=2)
+    q = spread.model.layers[0].self_attn.q_proj
+    assert isinstance(q, lora.LoRALinear) and isinstance(q.linear, cpu_spread.SpreadLinear)
+
+
+def test_thread_count_setting(monkeypatch):
+    monkeypatch.setenv(cpu_spread.THREADS_ENV, "two")
+    with pytest.raises(ValueError, match="MLX_GEMMA_CPU_THREADS must be a positive whole number"):
+        cpu_spread.cpu_threads()
+    monkeypatch.setenv(cpu_spread.THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="positive"):
+        cpu_spread.cpu_threads()
+    monkeypatch.delenv(cpu_spread.THREADS_ENV)
+    assert 1 <= cpu_spread.cpu_threads() <= cpu_spread.MAX_THREADS
