@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--gemma2-layers", type=int, default=None, help="cut the 2B-shaped model to this many layers")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     p.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--section", default=None, help="record under a section of this name in RESULTS.md")
     args = p.parse_args(argv)
 
     import mlx_lm
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
             f"± is half the range over the median. llama.cpp runs the packaged Q4_K_M GGUF itself. "
             f"Model folders: {', '.join(folders)}.\n\n"
             + common.table(rows))
-    return common.finish("bench_generate", argv, args.no_record, body, payload)
+    return common.finish("bench_generate", argv, args.no_record, body, payload, args.section)
 
 
 def _has(module: str) -> bool:

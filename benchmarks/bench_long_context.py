@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--section", default=None, help="record under a section of this name in RESULTS.md")
     args = p.parse_args(argv)
 
     import mlx_lm
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
             f"prompt {len(ids)} tokens + {args.max_tokens} greedy, weights {weights['mlx_gemma']:.2f} GB; "
             f"{args.reps} alternating repetitions.\n\n" + common.table(rows))
     payload = {"prompt_tokens": len(ids), "layers": layers, "libraries": meds, "ratio_vs_mlx_lm": r}
-    return common.finish("bench_long_context", argv, args.no_record, body, payload)
+    return common.finish("bench_long_context", argv, args.no_record, body, payload, args.section)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--section", default=None, help="record under a section of this name in RESULTS.md")
     args = p.parse_args(argv)
 
     import mlx_lm
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
             f"{args.seq_len} tokens, {args.iters} Adam steps per run, {args.reps} alternating repetitions after a "
             f"warm-up.\n\n" + common.table(rows))
     payload = {"model": args.model, "libraries": meds, "ratio_vs_mlx_lm": r}
-    return common.finish("bench_lora", argv, args.no_record, body, payload)
+    return common.finish("bench_lora", argv, args.no_record, body, payload, args.section)
 
 
 if __name__ == "__main__":

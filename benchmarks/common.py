@@ -147,23 +147,29 @@ def table(rows: list[list[str]]) -> str:
                      + [line(r) for r in rows[1:]])
 
 
-def finish(script: str, argv, no_record: bool, body: str, payload: dict) -> int:
-    """Print the report, or record it in RESULTS.md with the command that made it."""
+def finish(script: str, argv, no_record: bool, body: str, payload: dict, section: str | None = None) -> int:
+    """Print the report, or record it in RESULTS.md with the command that made it.
+
+    `section` names a section of its own (several configurations of one script
+    side by side); by default one section per script and device kind.
+    """
     if no_record:
         print(body)
         return 0
     args = " ".join(argv if argv is not None else sys.argv[1:])
-    record(script, f"python benchmarks/{script}.py {args}".strip(), body, payload)
+    record(script, f"python benchmarks/{script}.py {args}".strip(), body, payload, section)
     return 0
 
 
-def record(script: str, command: str, body: str, payload: dict) -> None:
-    """Print the report and write it into RESULTS.md between this script's markers."""
+def record(script: str, command: str, body: str, payload: dict, section: str | None = None) -> None:
+    """Print the report and write it into RESULTS.md between this script's (and section's) markers."""
     head = (f"Date: {datetime.date.today().isoformat()}  \nMachine: {machine()}  \n"
             f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}  \n"
             f"Command: `{command}`  \n{_commit()}\n")
-    key = f"{script}-{mx.default_device().type.name}"  # one section per script and device kind
-    section = f"<!-- {key}:begin -->\n## {script} ({mx.default_device().type.name.upper()})\n\n{head}\n{body}\n<!-- {key}:end -->"
+    device = mx.default_device().type.name
+    key = f"{script}-{device}" + (f"-{section}" if section else "")
+    title = f"{script} ({device.upper()}{', ' + section if section else ''})"
+    block = f"<!-- {key}:begin -->\n## {title}\n\n{head}\n{body}\n<!-- {key}:end -->"
     print(body)
     print(json.dumps({"benchmark": script, **payload}))
     text = RESULTS.read_text() if RESULTS.exists() else (
@@ -171,9 +177,9 @@ def record(script: str, command: str, body: str, payload: dict) -> None:
         "each run replaces its own section. Do not edit by hand.\n")
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     if begin in text and end in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + "\n\n" + section + "\n"
+        text = text.rstrip() + "\n\n" + block + "\n"
     tmp = RESULTS.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(RESULTS)
