@@ -29,9 +29,11 @@ from .prompts import RowText, prompt_ids, stop_settings
 from .samplers import apply_processors, greedy
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
-# Prompt tokens per forward call during prefill (mlx-lm's default).  Larger chunks keep
-# a GPU busy; each chunk's activations are what prefill memory scales with, and only the
-# last position of the last chunk goes through the vocabulary-sized head.
+# Prompt tokens per forward call during prefill (mlx-lm's default), counted across the
+# batch: B rows take PREFILL_STEP_SIZE // B positions per call, so a batch's prefill holds
+# the activations one prompt's does (mlx-lm takes 2048 positions of every row).  Larger
+# chunks keep a GPU busy; each chunk's activations are what prefill memory scales with,
+# and only the last position of the last chunk goes through the vocabulary-sized head.
 PREFILL_STEP_SIZE = 2048
 # Soft-capped attention (Gemma 2) cannot use the fused kernel: it spells out float32
 # scores [heads, chunk, keys], so its chunks are smaller (measured on a 5000-token Gemma 2
@@ -99,11 +101,11 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
     return min(max_tokens, context - prompt_length)
 
 
-def default_prefill_step(model) -> int:
-    """Prompt tokens per forward call when the caller does not say."""
+def default_prefill_step(model, rows: int = 1) -> int:
+    """Prompt positions per forward call for a batch of `rows` when the caller does not say."""
     if getattr(model.args, "attn_logit_softcapping", None) is not None:
-        return SOFTCAP_PREFILL_STEP_SIZE
-    return PREFILL_STEP_SIZE
+        return max(1, SOFTCAP_PREFILL_STEP_SIZE // rows)
+    return max(1, PREFILL_STEP_SIZE // rows)
 
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
@@ -126,7 +128,7 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise GenerationError(f"prompt_ids must be a non-empty [B, T] array of token ids, got shape {ids.shape}")
     if prefill_step_size is None:
-        prefill_step_size = default_prefill_step(model)
+        prefill_step_size = default_prefill_step(model, ids.shape[0])
     _positive_int("prefill_step_size", prefill_step_size, 1)
     if getattr(model, "prefix_lm", False):  # the prompt attends both ways: prefill it in one call
         prefill_step_size = max(prefill_step_size, ids.shape[1])

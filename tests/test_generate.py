@@ -170,6 +170,23 @@ def test_batched_greedy_equals_each_prompt_alone(name):
         assert [s[b].token for s in steps if s[b] is not None] == alone, f"row {b}"
 
 
+def test_default_prefill_chunks_count_the_whole_batch(monkeypatch):
+    """A batch of B rows prefills PREFILL_STEP_SIZE // B positions per call; its rows still equal each
+    prompt alone (12 tokens for 3 rows: 4-position chunks across the padded prompts)."""
+    model, tok, ref = tiny("gemma3")
+    assert gen.default_prefill_step(model, 4) == gen.PREFILL_STEP_SIZE // 4
+    monkeypatch.setattr(gen, "PREFILL_STEP_SIZE", 12)
+    calls = []
+    forward = model.model.__call__
+    monkeypatch.setattr(type(model.model), "__call__", lambda self, x, **kw: calls.append(x.shape) or forward(x, **kw))
+    prompts = [ref["input_ids"][0][:8].tolist(), ref["input_ids"][1][:13].tolist(), ref["greedy_prompt"].tolist()]
+    steps = list(stream_batch_generate(model, tok, prompts, max_tokens=6))
+    assert calls[0] == (3, 4)  # the first prefill call
+    monkeypatch.undo()
+    for b, prompt in enumerate(prompts):
+        assert [s[b].token for s in steps if s[b] is not None] == run(model, tok, prompt, max_tokens=6)[0], f"row {b}"
+
+
 def test_batch_generate_texts_and_independent_stops():
     model, tok, ref = tiny("gemma3")
     prompts = ["Hello world, this is", "Hi", ref["greedy_prompt"].tolist()]
