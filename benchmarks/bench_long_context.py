@@ -4,8 +4,9 @@ Gemma 2 attends within 4096 tokens on every other layer.  mlx_gemma keeps a
 rotating cache of the window for those layers (and gives the reference's
 result); mlx-lm keeps every token on every layer (and attends globally, which
 is not what the model was trained with).  On the 2B-shaped random-weight model
-of `models.py`, with a prompt of `--prompt-length` tokens (default 8192, twice
-the window), both run their decode loop (`generate_step`, greedy) on their own
+of `models.py`, with a prompt of `--prompt-length` tokens (default: 8192 minus
+`--max-tokens`, so the sequence fills Gemma 2's 8192-token context, twice the
+window), both run their decode loop (`generate_step`, greedy) on their own
 cache; the report gives the KV cache's bytes after the run, the run's peak
 memory above the weights, prefill and decode tokens/s, and ours / mlx-lm.
 
@@ -46,7 +47,7 @@ def runner(step_fn, make_cache, n_prompt: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompt-length", type=int, default=8192)
+    p.add_argument("--prompt-length", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--reps", type=int, default=2)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     folder = models.gemma2_2b_random(None, args.num_layers)
     ours, tokenizer = mlx_gemma.load(folder)
     theirs, _ = mlx_lm.load(str(folder))
-    ids = prompt_ids(tokenizer, args.prompt_length)
+    ids = prompt_ids(tokenizer, args.prompt_length or ours.args.max_position_embeddings - args.max_tokens)
     mask = eos_mask(ours.args.vocab_size, tokenizer.eos_token_ids)
     ban = lambda tokens, logits: logits + mask  # noqa: E731
     runners = {
