@@ -42,8 +42,12 @@ def cpu_threads() -> int:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"{THREADS_ENV} must be a positive whole number, got {value!r}")
         return int(value)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(usable, MAX_THREADS)
+    return min(_usable_cores(), MAX_THREADS)
+
+
+@functools.cache
+def _usable_cores() -> int:  # asked once: cpu_threads() runs at every product
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @functools.cache
