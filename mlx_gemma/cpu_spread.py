@@ -29,6 +29,8 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import MlxGemmaError
+
 # Fewer output rows than this per slice and the streams' hand-off costs more than the slice saves.
 MIN_ROWS_PER_SLICE = 128
 MAX_THREADS = 8
@@ -40,7 +42,7 @@ def cpu_threads() -> int:
     value = os.environ.get(THREADS_ENV)
     if value:
         if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{THREADS_ENV} must be a positive whole number, got {value!r}")
+            raise MlxGemmaError(f"{THREADS_ENV} must be a positive whole number, got {value!r}")
         return int(value)
     return min(_usable_cores(), MAX_THREADS)
 

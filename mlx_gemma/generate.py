@@ -103,9 +103,8 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
 
 def default_prefill_step(model, rows: int = 1) -> int:
     """Prompt positions per forward call for a batch of `rows` when the caller does not say."""
-    if getattr(model.args, "attn_logit_softcapping", None) is not None:
-        return max(1, SOFTCAP_PREFILL_STEP_SIZE // rows)
-    return max(1, PREFILL_STEP_SIZE // rows)
+    softcapped = getattr(model.args, "attn_logit_softcapping", None) is not None
+    return max(1, (SOFTCAP_PREFILL_STEP_SIZE if softcapped else PREFILL_STEP_SIZE) // rows)
 
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,

@@ -61,7 +61,7 @@ FLAGS = [
     ("--steps-per-eval", int, "validate every N steps"),
     ("--val-batches", int, "validation batches per evaluation (-1: all)"),
     ("--test-batches", int, "test batches (-1: all)"),
-    ("--loss-chunk-size", int, "tokens per cross-entropy chunk (default: 128 MiB of float32 logits)"),
+    ("--loss-chunk-size", int, "tokens per cross-entropy chunk (default: 32 MiB of float32 logits on a CPU, 128 MiB on a GPU)"),
 ]
 CHOICES = {"--fine-tune-type": ["lora", "dora"], "--optimizer": ["adamw", "adam", "sgd", "adafactor"],
            "--lr-schedule": ["constant", "cosine"]}

@@ -83,7 +83,8 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     MLX would run independent chunks side by side (all their logits alive at
     once), so each chunk is made to depend on the previous one's result
     (`mx.depends`); MLX still allocates a few chunks ahead of the computation
-    (up to its memory limit, `mx.set_memory_limit`), so smaller chunks keep less.  For the backward pass, a custom VJP: the forward pass
+    (up to its memory limit, `mx.set_memory_limit`), so smaller chunks keep
+    less.  For the backward pass, a custom VJP: the forward pass
     computes each chunk's gradient with respect to its hidden states while
     its logits exist ([B, c, D], small), and the backward pass only scales
     them.  That needs the head to be frozen (LoRA); a trainable head takes
@@ -143,7 +144,7 @@ def _loss_and_dlogits(cap: float | None):
 
     def run(raw, t, w):  # [B, c, V], [B, c], [B, c]
         # Soft-capped in the model's dtype, as `model.logits` and transformers cap them.
-        logits = (softcap(raw, cap) if cap else raw).astype(mx.float32)
+        logits = softcap(raw, cap).astype(mx.float32)
         lse = mx.logsumexp(logits, axis=-1, keepdims=True)
         picked = mx.take_along_axis(logits, t[..., None], axis=-1)
         loss = ((lse - picked)[..., 0] * w).sum()
