@@ -49,14 +49,62 @@ def test_linear_and_tied_head(dtype, rows, bias):
     assert equal(spread_copy(embedding).as_linear(x), embedding.as_linear(x))
 
 
+def dequantized_product(layer, x: mx.array, dtype) -> mx.array:
+    """x @ W.T with the layer's weight dequantized whole: what the blocks must add up to."""
+    w = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
+                      bits=layer.bits, mode=layer.mode, dtype=dtype)
+    return x.astype(dtype) @ w.T
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(cpu_spread, "DEQUANTIZED_BLOCK_BYTES", 7 * 128 * 2)  # 7 rows of 128 bf16 inputs: 74 blocks
+
+
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_linear_and_head(bits):
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_quantized_linear_and_head(bits, dtype, tokens, small_blocks):
     mx.random.seed(1)
-    layer = nn.QuantizedLinear(128, 512, bias=True, group_size=64, bits=bits)
-    x = mx.random.normal((5, 128))
-    assert equal(spread_copy(layer)(x), layer(x))
-    embedding = nn.QuantizedEmbedding(512, 128, group_size=64, bits=bits)
-    assert equal(spread_copy(embedding).as_linear(x), embedding.as_linear(x))
+    layer = nn.QuantizedLinear(128, 515, bias=True, group_size=64, bits=bits)
+    layer.set_dtype(dtype)
+    x = mx.random.normal((tokens, 128)).astype(dtype)
+    expected = dequantized_product(layer, x, dtype) + layer.bias
+    assert equal(spread_copy(layer)(x), expected)
+    embedding = nn.QuantizedEmbedding(515, 128, group_size=64, bits=bits)
+    embedding.set_dtype(dtype)
+    assert equal(spread_copy(embedding).as_linear(x), dequantized_product(embedding, x, dtype))
+    # As exact as a float product of the dequantized weight: within one rounding of the output dtype.
+    exact = dequantized_product(embedding, x, mx.float32)
+    step = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -23
+    error = mx.abs(spread_copy(embedding).as_linear(x).astype(mx.float32) - exact).max().item()
+    assert error <= step * mx.abs(exact).max().item()
+
+
+def test_quantized_other_modes(small_blocks):
+    mx.random.seed(4)
+    layer = nn.QuantizedLinear(128, 300, bias=False, group_size=32, bits=4, mode="mxfp4")
+    x = mx.random.normal((3, 128)).astype(mx.bfloat16)
+    assert equal(spread_copy(layer)(x), dequantized_product(layer, x, mx.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_quantized_gradient_and_compile(dtype, small_blocks):
+    mx.random.seed(3)
+    layer = nn.QuantizedLinear(128, 515, bias=False, group_size=64, bits=4)
+    layer.set_dtype(dtype)
+    twin = spread_copy(layer)
+    x = mx.random.normal((2, 3, 128)).astype(dtype)
+    cotangent = mx.random.normal((2, 3, 515)).astype(dtype)
+    _, (g_blocks,) = mx.vjp(twin, [x], [cotangent])
+    _, (g_whole,) = mx.vjp(lambda x: dequantized_product(layer, x, mx.float32), [x.astype(mx.float32)],
+                           [cotangent.astype(mx.float32)])
+    assert g_blocks.dtype == dtype
+    tolerance = (2.0 ** -8 if dtype == mx.bfloat16 else 1e-6) * mx.abs(g_whole).max().item()
+    np.testing.assert_allclose(np.array(g_blocks.astype(mx.float32)), np.array(g_whole), atol=tolerance)
+    assert equal(mx.compile(twin)(x), twin(x))
+    _, (g_compiled,) = mx.compile(lambda x, c: mx.vjp(twin, [x], [c]))(x, cotangent)
+    np.testing.assert_allclose(np.array(g_compiled.astype(mx.float32)), np.array(g_blocks.astype(mx.float32)), atol=tolerance)
 
 
 def test_gradients_and_compile():
@@ -78,13 +126,12 @@ def test_gradients_and_compile():
     assert equal(compiled(x), layer(x))
 
 
-def test_loaded_model_is_spread_and_unchanged(monkeypatch):
+def test_loaded_model_is_spread_and_unchanged(monkeypatch):  # one thread: the plain products
     spread = load_model(FIXTURES / "tiny_gemma3", dtype=mx.bfloat16)
     monkeypatch.setenv(cpu_spread.THREADS_ENV, "1")
     plain = load_model(FIXTURES / "tiny_gemma3", dtype=mx.bfloat16)
     assert isinstance(spread.model.layers[0].mlp.up_proj, cpu_spread.SpreadLinear)
     assert isinstance(spread.model.embed_tokens, cpu_spread.SpreadEmbedding)
-    assert type(plain.model.layers[0].mlp.up_proj) is nn.Linear
     assert tree_flatten(spread.parameters()) and all(
         equal(a, b) for (_, a), (_, b) in zip(tree_flatten(spread.parameters()), tree_flatten(plain.parameters())))
     ids = mx.array([[2, 17, 300, 5, 99, 7]])
