@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="cache an open user turn of the chat template (default: on for instruct models)")
     add_cache_flags(p)
-    p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens fed to the model at a time")
+    p.add_argument("--prefill-step-size", type=int, default=None,
+                   help="tokens fed to the model at a time (default: as generation, 2048 on a GPU, "
+                        "512 for Gemma 2 there, 256 on a CPU)")
     return p
 
 
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise GenerationError("a system prompt needs the chat template (--chat)")
         ids = open_turn_ids(tokenizer, prompt, args.system) if chat else tokenizer.encode(prompt, add_bos=True)
         cache = PromptCache(model, **kv_options_from(args))
-        if args.prefill_step_size < 1:
+        if args.prefill_step_size is not None and args.prefill_step_size < 1:
             raise GenerationError(f"--prefill-step-size must be >= 1, got {args.prefill_step_size}")
         tic = time.perf_counter()
         cache.extend(model, ids, args.prefill_step_size)

@@ -86,9 +86,15 @@ class PromptCache:
         self.tokens = list(ids[:n])
         return list(ids[n:])
 
-    def extend(self, model, ids: list[int], step_size: int = 2048) -> None:
-        """Feed `ids` after what the cache holds, generating nothing (the cache_prompt flow)."""
+    def extend(self, model, ids: list[int], step_size: int | None = None) -> None:
+        """Feed `ids` after what the cache holds, generating nothing (the cache_prompt flow).
+
+        `step_size` positions per call; by default the device's, as generation's.
+        """
+        from .generate import default_prefill_step
+
         self.check(model)
+        step_size = step_size or default_prefill_step(model)
         context = model.args.max_position_embeddings
         if len(self.tokens) + len(ids) >= context:
             raise GenerationError(f"{len(self.tokens) + len(ids)} tokens do not fit the model's context of {context}")

@@ -171,11 +171,16 @@ def test_batched_greedy_equals_each_prompt_alone(name):
 
 
 def test_default_prefill_chunks_count_the_whole_batch(monkeypatch):
-    """A batch of B rows prefills PREFILL_STEP_SIZE // B positions per call; its rows still equal each
+    """A batch of B rows prefills (the device's step) // B positions per call; its rows still equal each
     prompt alone (12 tokens for 3 rows: 4-position chunks across the padded prompts)."""
     model, tok, ref = tiny("gemma3")
-    assert gen.default_prefill_step(model, 4) == gen.PREFILL_STEP_SIZE // 4
+    step = gen.CPU_PREFILL_STEP_SIZE if mx.default_device() == mx.cpu else gen.PREFILL_STEP_SIZE
+    assert gen.default_prefill_step(model, 4) == step // 4
+    gemma2, _, _ = tiny("gemma2")
+    if mx.default_device() != mx.cpu:
+        assert gen.default_prefill_step(gemma2, 2) == gen.SOFTCAP_PREFILL_STEP_SIZE // 2
     monkeypatch.setattr(gen, "PREFILL_STEP_SIZE", 12)
+    monkeypatch.setattr(gen, "CPU_PREFILL_STEP_SIZE", 12)
     calls = []
     forward = model.model.__call__
     monkeypatch.setattr(type(model.model), "__call__", lambda self, x, **kw: calls.append(x.shape) or forward(x, **kw))
