@@ -12,7 +12,7 @@ MLX's CPU quantized product is slow for more than one token and sums in
 bf16 on x86, so a quantized layer here dequantizes its weight 256 KiB at a
 time and multiplies each block with the float kernel instead (see
 `_quantized_product`): faster for every batch and prompt, and as exact as a
-float product of the dequantized weight, at the cost of about 20 MB of
+float product of the dequantized weight, at the cost of a few MB of
 short-lived blocks.
 
 `load` applies this to a model when the default device is the CPU (Linux
@@ -40,10 +40,10 @@ from .errors import MlxGemmaError
 
 # Fewer output rows than this per slice and the streams' hand-off costs more than the slice saves.
 MIN_ROWS_PER_SLICE = 128
-# A dequantized weight block holds at most this many bytes.  MLX dispatches about fifty
-# operations ahead of the computation, so blocks of 256 KiB keep the dequantized copies
-# alive at once near 20 MB; smaller blocks cost more in per-operation overhead than they
-# save (the 262144x640 head, 4-bit, one token on 2 cores: 0.86 s at 256 KiB, 1.5 s at 128 KiB).
+# A dequantized weight block holds at most this many bytes.  MLX dispatches some fifty
+# operations ahead of the computation, so the blocks alive at once grow with this; smaller
+# blocks cost more in per-operation overhead (the 262144x640 head, 4-bit, one token on
+# 2 cores: 0.50 s and 7 MB at 256 KiB, 0.61 s and 4 MB at 128 KiB, 0.76 s and 2 MB at 64).
 DEQUANTIZED_BLOCK_BYTES = 256 * 1024
 MAX_THREADS = 8
 THREADS_ENV = "MLX_GEMMA_CPU_THREADS"
@@ -108,6 +108,9 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     ranges = [(start, min(start + block, weight.shape[0])) for start in range(0, weight.shape[0], block)]
 
     def dequantized(start, stop, dtype):
+        if layer.mode == "affine" and 32 % layer.bits == 0:
+            return _affine_dequantizer(layer.group_size, layer.bits, dtype)(
+                weight[start:stop], scales[start:stop], biases[start:stop])
         return mx.dequantize(weight[start:stop], scales[start:stop], None if biases is None else biases[start:stop],
                              dtype=dtype, **options)
 
@@ -124,6 +127,31 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
         return functools.reduce(mx.add, _on_streams(blocks, fold=mx.add)).astype(primals[0].dtype)
 
     return product(x)
+
+
+@functools.cache
+def _affine_dequantizer(group_size: int, bits: int, dtype: mx.Dtype):
+    """mx.dequantize for affine 2-, 4- and 8-bit weights as one fused kernel.
+
+    On the CPU `mx.dequantize` is spelled out in whole-array steps (one shifted
+    uint32 copy per packed value, their join, then the scale: `affine_dequantize`
+    in mlx/ops.cpp), about ten bytes of temporaries per weight; compiled, the
+    unpacking, scale and offset run as one elementwise kernel writing only the
+    result.  Values sit in each uint32 from the low bits up, as MLX packs them.
+    """
+    per_word = 32 // bits
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    mask = mx.array((1 << bits) - 1, dtype=mx.uint32)
+
+    @mx.compile
+    def dequantize(w, scales, biases):  # w: [n, K / per_word]; scales, biases: [n, K / group_size]
+        n, groups = scales.shape
+        w = w.reshape(n, groups, group_size // per_word, 1)
+        q = ((w >> shifts) & mask).astype(dtype)  # [n, groups, words per group, per_word]
+        out = q * scales[..., None, None].astype(dtype) + biases[..., None, None].astype(dtype)
+        return out.reshape(n, groups * group_size)
+
+    return dequantize
 
 
 def _on_streams(blocks, fold=None) -> list[mx.array]:
