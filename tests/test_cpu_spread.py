@@ -61,7 +61,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(cpu_spread, "DEQUANTIZED_BLOCK_BYTES", 7 * 128 * 2)  # 7 rows of 128 bf16 inputs: 74 blocks
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])  # 2/4/8: the compiled unpacking; 3/6: mx.dequantize
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_quantized_linear_and_head(bits, dtype, tokens, small_blocks):
