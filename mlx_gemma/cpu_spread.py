@@ -71,19 +71,13 @@ def _helper_streams(n: int) -> tuple[mx.Stream, ...]:
 
 
 def _spread(product, rows: int, *sliced: mx.array) -> mx.array:
-    """product(*slices) over row ranges of the `sliced` arrays, one range per stream, joined on the last axis.
-
-    The first range runs on the caller's stream, the others on helper streams.
-    """
+    """product(*slices) over row ranges of the `sliced` arrays, one range per stream, joined on the last axis."""
     parts = min(cpu_threads(), rows // MIN_ROWS_PER_SLICE)
     if parts < 2 or mx.default_device() != mx.cpu:
         return product(*sliced)
     bounds = [rows * i // parts for i in range(parts + 1)]
-    outputs = [product(*(a[: bounds[1]] for a in sliced))]
-    for stream, start, stop in zip(_helper_streams(parts - 1), bounds[1:], bounds[2:]):
-        with mx.stream(stream):
-            outputs.append(product(*(a[start:stop] for a in sliced)))
-    return mx.concatenate(outputs, axis=-1)
+    slices = [lambda a=a, b=b: product(*(s[a:b] for s in sliced)) for a, b in zip(bounds, bounds[1:])]
+    return mx.concatenate(_on_streams(slices), axis=-1)
 
 
 def _quantized_product(layer, x: mx.array) -> mx.array:
@@ -102,7 +96,6 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     """
     weight, scales = layer["weight"], layer["scales"]
     biases = layer["biases"] if "biases" in layer else None
-    options = dict(group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
     in_features = weight.shape[1] * 32 // layer.bits
     block = max(1, DEQUANTIZED_BLOCK_BYTES // (in_features * x.dtype.size))
     ranges = [(start, min(start + block, weight.shape[0])) for start in range(0, weight.shape[0], block)]
@@ -112,7 +105,7 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
             return _affine_dequantizer(layer.group_size, layer.bits, dtype)(
                 weight[start:stop], scales[start:stop], biases[start:stop])
         return mx.dequantize(weight[start:stop], scales[start:stop], None if biases is None else biases[start:stop],
-                             dtype=dtype, **options)
+                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode, dtype=dtype)
 
     @mx.custom_function
     def product(x):
@@ -155,7 +148,7 @@ def _affine_dequantizer(group_size: int, bits: int, dtype: mx.Dtype):
 
 
 def _on_streams(blocks, fold=None) -> list[mx.array]:
-    """Each of `blocks` (functions of nothing) on the caller's and the helper streams in turn.
+    """Each of `blocks` (functions of nothing) on the caller's stream and the helper streams in turn.
 
     In turn, not in runs: MLX dispatches a graph in the order it was built, so
     runs would keep one stream busy while the others wait.  With `fold`, each
@@ -167,10 +160,10 @@ def _on_streams(blocks, fold=None) -> list[mx.array]:
     for i, make in enumerate(blocks):
         with mx.stream(streams[i % parts]):
             value = make()
-            if fold is not None and i >= parts:
+            if fold is None or i < parts:
+                results.append(value)
+            else:
                 results[i % parts] = fold(results[i % parts], value)
-                continue
-        results.append(value)
     return results
 
 
