@@ -10,8 +10,15 @@ window), both run their decode loop (`generate_step`, greedy) on their own
 cache; the report gives the KV cache's bytes after the run, the run's peak
 memory above the weights, prefill and decode tokens/s, and ours / mlx-lm.
 
+With float caches on both sides, ours can hold at most 0.75x of mlx-lm's at
+8192 tokens: half the layers keep 4096 of the 8192.  `--kv-bits 8` also
+quantizes ours (`mlx_gemma.cache`, from `--quantized-kv-start` tokens on); mlx-lm
+stays in float there, since its Gemma 2 attention multiplies the cached keys as
+one float array (`mlx_lm/models/gemma2.py`) and cannot take its quantized cache.
+
     python benchmarks/bench_long_context.py                      # 26 layers, as gemma-2-2b
     python benchmarks/bench_long_context.py --num-layers 2       # same widths, a CPU-sized run
+    python benchmarks/bench_long_context.py --num-layers 2 --kv-bits 8
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--kv-bits", type=int, default=None, help="quantize our cache (mlx-lm's Gemma 2 cannot)")
+    p.add_argument("--quantized-kv-start", type=int, default=5000)
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--section", default=None, help="record under a section of this name in RESULTS.md")
     args = p.parse_args(argv)
@@ -60,8 +69,10 @@ def main(argv=None) -> int:
     from mlx_lm.models.cache import make_prompt_cache
 
     import mlx_gemma
+    from mlx_gemma.cache import check_kv_options
     from mlx_gemma.generate import generate_step as our_step
 
+    kv_options = check_kv_options(kv_bits=args.kv_bits, quantized_kv_start=args.quantized_kv_start)
     folder = models.gemma2_2b_random(None, args.num_layers)
     ours, tokenizer = mlx_gemma.load(folder)
     theirs, _ = mlx_lm.load(str(folder))
@@ -70,7 +81,8 @@ def main(argv=None) -> int:
     ban = lambda tokens, logits: logits + mask  # noqa: E731
     runners = {
         "mlx_gemma": runner(lambda cache: our_step(ours, ids, cache=cache, max_tokens=args.max_tokens,
-                                                   logits_processors=[ban]), ours.make_cache, len(ids)),
+                                                   logits_processors=[ban]),
+                            lambda: ours.make_cache(**kv_options), len(ids)),
         "mlx-lm": runner(lambda cache: their_step(mx.array(ids), theirs, prompt_cache=cache,
                                                   max_tokens=args.max_tokens, logits_processors=[ban]),
                          lambda: make_prompt_cache(theirs), len(ids)),
@@ -90,8 +102,13 @@ def main(argv=None) -> int:
     layers = ours.args.num_hidden_layers
     body = (f"Gemma 2 2B-shaped, random weights, {layers} layers (window 4096 on every other layer), "
             f"prompt {len(ids)} tokens + {args.max_tokens} greedy, weights {weights['mlx_gemma']:.2f} GB; "
-            f"{args.reps} alternating repetitions.\n\n" + common.table(rows))
-    payload = {"prompt_tokens": len(ids), "layers": layers, "libraries": meds, "ratio_vs_mlx_lm": r}
+            f"{args.reps} alternating repetitions.  KV cache: "
+            + ("float in both." if args.kv_bits is None else
+               f"ours {args.kv_bits}-bit from token {args.quantized_kv_start} on, mlx-lm's float "
+               "(its Gemma 2 cannot take a quantized cache).")
+            + "\n\n" + common.table(rows))
+    payload = {"prompt_tokens": len(ids), "layers": layers, "kv_bits": args.kv_bits, "libraries": meds,
+               "ratio_vs_mlx_lm": r}
     return common.finish("bench_long_context", argv, args.no_record, body, payload, args.section)
 
 

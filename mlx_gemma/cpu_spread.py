@@ -40,11 +40,17 @@ from .errors import MlxGemmaError
 
 # Fewer output rows than this per slice and the streams' hand-off costs more than the slice saves.
 MIN_ROWS_PER_SLICE = 128
-# A dequantized weight block holds at most this many bytes.  MLX dispatches some fifty
-# operations ahead of the computation, so the blocks alive at once grow with this; smaller
-# blocks cost more in per-operation overhead (the 262144x640 head, 4-bit, one token on
-# 2 cores: 0.50 s and 7 MB at 256 KiB, 0.61 s and 4 MB at 128 KiB, 0.76 s and 2 MB at 64).
+# A dequantized weight block holds at most this many bytes.  About nine blocks of a product
+# are alive at once (see _on_streams); smaller blocks cost more in per-operation overhead
+# (the 262144x640 head, 4-bit, one token on 2 cores: 0.66-0.72 s and 2.3 MB of blocks at
+# 256 KiB, 0.75-0.81 s and 1.2 MB at 128, 0.82-0.89 s and 0.7 MB at 64).
 DEQUANTIZED_BLOCK_BYTES = 256 * 1024
+# Up to this many rows of x (tokens times batch) go through MLX's quantized kernel in float32,
+# which takes one row at a time: on 2 cores, a 32768x640 4-bit layer took 11 ms per row that
+# way against 90 ms plus 5 ms per row dequantized.
+KERNEL_MAX_ROWS = 8
+# The float32 scales and biases cast for one block of the kernel path hold at most this many bytes.
+FLOAT_SCALES_BLOCK_BYTES = 64 * 1024
 MAX_THREADS = 8
 THREADS_ENV = "MLX_GEMMA_CPU_THREADS"
 
@@ -76,48 +82,73 @@ def _spread(product, rows: int, *sliced: mx.array) -> mx.array:
     if parts < 2 or mx.default_device() != mx.cpu:
         return product(*sliced)
     bounds = [rows * i // parts for i in range(parts + 1)]
-    slices = [lambda a=a, b=b: product(*(s[a:b] for s in sliced)) for a, b in zip(bounds, bounds[1:])]
+    slices = [lambda _, a=a, b=b: product(*(s[a:b] for s in sliced)) for a, b in zip(bounds, bounds[1:])]
     return mx.concatenate(_on_streams(slices), axis=-1)
 
 
 def _quantized_product(layer, x: mx.array) -> mx.array:
-    """x @ W.T for a quantized layer: W dequantized block by block, each block through the plain product.
+    """x @ W.T for a quantized layer, in blocks of W's rows that alternate over the streams.
 
-    MLX's CPU quantized kernel loops over the rows of x, so a 512-token prefill
-    costs 512 single-token products, and on x86 it sums bf16 inputs in bf16
-    (`_qmm_t` in mlx/backend/cpu/quantized.cpp: the SIMD path that sums in
-    float needs a SIMD width for the dtype).  Measured on a 2-core x86 CPU,
-    one 2304x9216 4-bit product: 159 ms for one token and 597 ms for four, against
-    109 and 142 ms dequantized; 128 tokens of a 2048x640 one, 1163 against 61 ms;
-    and the error against a float32 product fell from 4.0 to 0.25 (output
-    magnitudes near 110, where a bf16 step is 0.5).  The gradient is written out
-    below so that backpropagation dequantizes again rather than keeping every
-    dequantized block alive from the forward pass.
+    MLX's CPU quantized kernel (`_qmm_t` in mlx/backend/cpu/quantized.cpp)
+    takes the rows of x one at a time, and it is fast only in float32: for bf16
+    it computes in bf16, element by element, since its SIMD path needs a SIMD
+    width for the dtype, which x86 lacks.  Measured on a 2-core x86 CPU, one
+    token through Gemma 3 270M's 262144x640 4-bit head: 1.2-1.4 s in bf16,
+    150 ms in float32 on one core.  So, on the CPU:
+    - up to KERNEL_MAX_ROWS rows of x (decoding): MLX's kernel in float32, each
+      block of W with its scales and biases cast to float32 (that head: 80 ms
+      on two cores, against 0.7 s for dequantized blocks);
+    - more rows (a prefill, training): W dequantized block by block, each block
+      through the float product (128 tokens of a 2048x640 layer: 61 ms,
+      against 1163 ms through the bf16 kernel).
+    Both sum in float32: the float32 kernel is as exact as the quantized
+    weight allows, and the dequantized path gives exactly x @ dequantize(W).T
+    in x's dtype.  The gradient dequantizes again, in float32, rather than
+    keep every block of the forward pass alive (QLoRA memory).
     """
     weight, scales = layer["weight"], layer["scales"]
     biases = layer["biases"] if "biases" in layer else None
+    params = [weight, scales] + ([] if biases is None else [biases])
+    rows, groups = scales.shape
     in_features = weight.shape[1] * 32 // layer.bits
-    block = max(1, DEQUANTIZED_BLOCK_BYTES // (in_features * x.dtype.size))
-    ranges = [(start, min(start + block, weight.shape[0])) for start in range(0, weight.shape[0], block)]
 
-    def dequantized(start, stop, dtype):
+    def ranges(block):
+        return [(start, min(start + block, rows)) for start in range(0, rows, block)]
+
+    def block_of(after, start, stop):
+        # Waiting for `after` keeps a block from being made long before it is used: see _on_streams.
+        return [p[start:stop] for p in mx.depends(params, after)]
+
+    def dequantized(after, start, stop, dtype):
+        weight, scales, *biases = block_of(after, start, stop)
         if layer.mode == "affine" and 32 % layer.bits == 0:
-            return _affine_dequantizer(layer.group_size, layer.bits, dtype)(
-                weight[start:stop], scales[start:stop], biases[start:stop])
-        return mx.dequantize(weight[start:stop], scales[start:stop], None if biases is None else biases[start:stop],
+            return _affine_dequantizer(layer.group_size, layer.bits, dtype)(weight, scales, biases[0])
+        return mx.dequantize(weight, scales, biases[0] if biases else None,
                              group_size=layer.group_size, bits=layer.bits, mode=layer.mode, dtype=dtype)
+
+    def through_kernel(x, after, start, stop):  # x in float32
+        weight, scales, biases = block_of(after, start, stop)
+        return mx.quantized_matmul(x, weight, scales.astype(mx.float32), biases.astype(mx.float32), transpose=True,
+                                   group_size=layer.group_size, bits=layer.bits, mode="affine")
 
     @mx.custom_function
     def product(x):
-        blocks = [lambda a=a, b=b: x @ dequantized(a, b, x.dtype).T for a, b in ranges]
-        return mx.concatenate(_on_streams(blocks), axis=-1)
+        if layer.mode == "affine" and x.size // in_features <= KERNEL_MAX_ROWS:
+            x32 = x.astype(mx.float32)
+            block = max(1, FLOAT_SCALES_BLOCK_BYTES // (groups * 2 * 4))
+            blocks = [lambda after, a=a, b=b: through_kernel(x32, after, a, b).astype(x.dtype) for a, b in ranges(block)]
+            return mx.concatenate(_on_streams(blocks, first=x32), axis=-1)
+        block = max(1, DEQUANTIZED_BLOCK_BYTES // (in_features * x.dtype.size))
+        blocks = [lambda after, a=a, b=b: x @ dequantized(after, a, b, x.dtype).T for a, b in ranges(block)]
+        return mx.concatenate(_on_streams(blocks, first=x), axis=-1)
 
     @product.vjp
     def product_vjp(primals, cotangent, output):
         # d x = the sum over blocks of cotangent[..., block] @ W[block], in float32
         g = cotangent.astype(mx.float32)
-        blocks = [lambda a=a, b=b: g[..., a:b] @ dequantized(a, b, mx.float32) for a, b in ranges]
-        return functools.reduce(mx.add, _on_streams(blocks, fold=mx.add)).astype(primals[0].dtype)
+        block = max(1, DEQUANTIZED_BLOCK_BYTES // (in_features * 4))
+        blocks = [lambda after, a=a, b=b: g[..., a:b] @ dequantized(after, a, b, mx.float32) for a, b in ranges(block)]
+        return functools.reduce(mx.add, _on_streams(blocks, first=g, fold=mx.add)).astype(primals[0].dtype)
 
     return product(x)
 
@@ -147,23 +178,32 @@ def _affine_dequantizer(group_size: int, bits: int, dtype: mx.Dtype):
     return dequantize
 
 
-def _on_streams(blocks, fold=None) -> list[mx.array]:
-    """Each of `blocks` (functions of nothing) on the caller's stream and the helper streams in turn.
+def _on_streams(blocks, first=None, fold=None) -> list[mx.array]:
+    """Each of `blocks` on the caller's stream and the helper streams in turn.
 
     In turn, not in runs: MLX dispatches a graph in the order it was built, so
-    runs would keep one stream busy while the others wait.  With `fold`, each
-    stream folds its own results together and one array per stream comes back.
+    runs would keep one stream busy while the others wait.  Each block is a
+    function of one array, which is what it should wait for: `first` for a
+    stream's first block, then the stream's previous result.  Blocks that
+    depend on nothing else (a dequantized weight) would otherwise be made as
+    early as MLX's breadth-first ordering likes (`eval_impl` in
+    mlx/transforms.cpp builds its tape 20 arrays wide): twenty blocks per
+    product, and whole layers ahead of their use.  Gemma 3 270M in 4 bits on
+    2 cores, 128 prompt tokens and 8 generated: the run peaked 18.8 MB above
+    the weights that way, 10.9 MB in order (6.7 of them the KV cache).  With `fold`, each stream folds its own results together and one
+    array per stream comes back.
     """
     parts = min(cpu_threads(), len(blocks))
     streams = (mx.default_stream(mx.cpu),) + _helper_streams(parts - 1)
-    results = []
+    results, previous = [], [first] * parts
     for i, make in enumerate(blocks):
         with mx.stream(streams[i % parts]):
-            value = make()
+            value = make(previous[i % parts])
             if fold is None or i < parts:
                 results.append(value)
             else:
                 results[i % parts] = fold(results[i % parts], value)
+        previous[i % parts] = value
     return results
 
 

@@ -168,13 +168,15 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
             if fed_back:
                 history = mx.concatenate([history, y], axis=1)
             logits = apply_processors(processors, history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs).astype(mx.int32)
-        # NaN anywhere in a row reaches its logsumexp, hence every logprob of the row:
-        # checking the chosen token's alone is enough, and rides along in the one
-        # array the host reads (-1 marks a NaN row).
-        chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-        return token, mx.where(mx.isnan(chosen), -1, token), logprobs
+        lse = mx.logsumexp(logits, axis=-1)  # [B]
+        logprobs = logits - lse[:, None]
+        # Greedy needs only the argmax, which subtracting lse does not move; the log-softmax
+        # then stays lazy and is made only if the caller reads it: a vocabulary-sized float32
+        # array less per step (1 MB for Gemma 3's 262144 tokens).
+        token = (mx.argmax(logits, axis=-1) if sampler is greedy else sampler(logprobs)).astype(mx.int32)
+        # A NaN anywhere in a row, or a row with no finite logit, leaves its logsumexp
+        # non-finite; the check rides along in the one array the host reads (-1 marks the row).
+        return token, mx.where(mx.isfinite(lse), token, -1), logprobs
 
     with mx.stream(stream):
         while ids.shape[1] > step_size:
@@ -182,7 +184,7 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
             mx.eval([c.state for c in cache])  # bound the graph: one chunk at a time
             ids = ids[:, step_size:]
         pending = forward(ids, fed_back=False, **({} if pixel_values is None else {"pixel_values": pixel_values}))
-    mx.async_eval(*pending)
+    mx.async_eval(*pending[:2])
 
     n = 0
     while True:
@@ -190,12 +192,13 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
         if n + 1 < budget:  # queue step n+1 before waiting for token n
             with mx.stream(stream):
                 pending = forward(token[:, None], fed_back=True)
-            mx.async_eval(*pending)
+            mx.async_eval(*pending[:2])
         values = checked.tolist()  # the loop's one host synchronisation
         if min(values) < 0:
             rows = [b for b, v in enumerate(values) if v < 0]
-            raise GenerationError(f"the model produced NaN logits at generated token {n + 1} (batch rows {rows}); "
-                                  "the weights or the dtype (try float32 or bfloat16) are at fault")
+            raise GenerationError(f"the logits at generated token {n + 1} (batch rows {rows}) hold a NaN or no finite "
+                                  "value; the weights, the dtype (try float32 or bfloat16) or a logits processor "
+                                  "are at fault")
         yield values, logprobs
         n += 1
         if n == budget:

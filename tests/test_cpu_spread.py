@@ -50,38 +50,51 @@ def test_linear_and_tied_head(dtype, rows, bias):
 
 
 def dequantized_product(layer, x: mx.array, dtype) -> mx.array:
-    """x @ W.T with the layer's weight dequantized whole: what the blocks must add up to."""
-    w = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
-                      bits=layer.bits, mode=layer.mode, dtype=dtype)
+    """x @ W.T with the layer's weight dequantized whole in `dtype`: what the blocks must add up to.
+
+    For float32, affine scales and biases are cast first: `mx.dequantize(..., dtype=float32)`
+    with bf16 ones computes in bf16 and rounds every weight.
+    """
+    scales, biases = layer["scales"], layer.get("biases")
+    if dtype == mx.float32 and layer.mode == "affine":
+        scales, biases = scales.astype(dtype), biases.astype(dtype)
+    w = mx.dequantize(layer["weight"], scales, biases, group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+                      dtype=dtype)
     return x.astype(dtype) @ w.T
 
 
 @pytest.fixture
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(cpu_spread, "DEQUANTIZED_BLOCK_BYTES", 7 * 128 * 2)  # 7 rows of 128 bf16 inputs: 74 blocks
+def small_blocks(monkeypatch):  # 7 rows of 128 inputs per block: 74 blocks of a 515-row weight, the last short
+    monkeypatch.setattr(cpu_spread, "DEQUANTIZED_BLOCK_BYTES", 7 * 128 * 2)  # bf16 dequantized rows
+    monkeypatch.setattr(cpu_spread, "FLOAT_SCALES_BLOCK_BYTES", 7 * 2 * 2 * 4)  # float32 scales and biases, 2 groups
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])  # 2/4/8: the compiled unpacking; 3/6: mx.dequantize
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, 12])  # up to KERNEL_MAX_ROWS, the float32 kernel; beyond, dequantized
 def test_quantized_linear_and_head(bits, dtype, tokens, small_blocks):
     mx.random.seed(1)
     layer = nn.QuantizedLinear(128, 515, bias=True, group_size=64, bits=bits)
     layer.set_dtype(dtype)
-    x = mx.random.normal((tokens, 128)).astype(dtype)
-    expected = dequantized_product(layer, x, dtype) + layer.bias
-    assert equal(spread_copy(layer)(x), expected)
     embedding = nn.QuantizedEmbedding(515, 128, group_size=64, bits=bits)
     embedding.set_dtype(dtype)
-    assert equal(spread_copy(embedding).as_linear(x), dequantized_product(embedding, x, dtype))
-    # As exact as a float product of the dequantized weight: within one rounding of the output dtype.
-    exact = dequantized_product(embedding, x, mx.float32)
+    x = mx.random.normal((tokens, 128)).astype(dtype)
+    got_linear, got_head = spread_copy(layer)(x), spread_copy(embedding).as_linear(x)
+    if tokens > cpu_spread.KERNEL_MAX_ROWS:  # exactly the product of the weight dequantized in x's dtype
+        assert equal(got_linear, dequantized_product(layer, x, dtype) + layer.bias)
+        assert equal(got_head, dequantized_product(embedding, x, dtype))
+        return
+    # MLX's kernel in float32: as exact as the quantized weight allows, within one rounding
+    # of the output dtype (two with the bias added after).
     step = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -23
-    error = mx.abs(spread_copy(embedding).as_linear(x).astype(mx.float32) - exact).max().item()
-    assert error <= step * mx.abs(exact).max().item()
+    for got, exact, roundings in [(got_head, dequantized_product(embedding, x, mx.float32), 1),
+                                  (got_linear, dequantized_product(layer, x, mx.float32) + layer.bias, 2)]:
+        assert got.dtype == dtype and got.shape == exact.shape
+        error = mx.abs(got.astype(mx.float32) - exact).max().item()
+        assert error <= roundings * step * mx.abs(exact).max().item()
 
 
-def test_quantized_other_modes(small_blocks):
+def test_quantized_other_modes(small_blocks):  # dequantized blocks for any number of rows
     mx.random.seed(4)
     layer = nn.QuantizedLinear(128, 300, bias=False, group_size=32, bits=4, mode="mxfp4")
     x = mx.random.normal((3, 128)).astype(mx.bfloat16)
@@ -89,13 +102,14 @@ def test_quantized_other_modes(small_blocks):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_quantized_gradient_and_compile(dtype, small_blocks):
+@pytest.mark.parametrize("tokens", [3, 6])  # 6 and 12 rows: the float32 kernel, dequantized blocks
+def test_quantized_gradient_and_compile(dtype, tokens, small_blocks):
     mx.random.seed(3)
     layer = nn.QuantizedLinear(128, 515, bias=False, group_size=64, bits=4)
     layer.set_dtype(dtype)
     twin = spread_copy(layer)
-    x = mx.random.normal((2, 3, 128)).astype(dtype)
-    cotangent = mx.random.normal((2, 3, 515)).astype(dtype)
+    x = mx.random.normal((2, tokens, 128)).astype(dtype)
+    cotangent = mx.random.normal((2, tokens, 515)).astype(dtype)
     _, (g_blocks,) = mx.vjp(twin, [x], [cotangent])
     _, (g_whole,) = mx.vjp(lambda x: dequantized_product(layer, x, mx.float32), [x.astype(mx.float32)],
                            [cotangent.astype(mx.float32)])
@@ -105,6 +119,35 @@ def test_quantized_gradient_and_compile(dtype, small_blocks):
     assert equal(mx.compile(twin)(x), twin(x))
     _, (g_compiled,) = mx.compile(lambda x, c: mx.vjp(twin, [x], [c]))(x, cotangent)
     np.testing.assert_allclose(np.array(g_compiled.astype(mx.float32)), np.array(g_blocks.astype(mx.float32)), atol=tolerance)
+
+
+def test_quantized_blocks_are_made_as_they_are_used(monkeypatch):
+    # 64 blocks of 64 KiB.  Made in MLX's breadth-first order, 20-28 of them were
+    # alive at once (the tape is 20 arrays wide); each stream's block waiting for its
+    # previous product keeps about nine.
+    block_bytes = 64 * 1024
+    monkeypatch.setattr(cpu_spread, "DEQUANTIZED_BLOCK_BYTES", block_bytes)
+    layer = nn.QuantizedLinear(512, 4096, bias=False, group_size=64, bits=4)
+    layer.set_dtype(mx.bfloat16)
+    twin, x = spread_copy(layer), mx.random.normal((16, 512)).astype(mx.bfloat16)  # dequantized blocks
+    mx.eval(layer.parameters(), x)
+    peaks = []
+    for _ in range(2):  # the first run also compiles the dequantizer
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(twin(x))
+        mx.synchronize()
+        peaks.append(mx.get_peak_memory() - before)
+    assert peaks[-1] < 16 * block_bytes
+
+
+def test_quantized_other_modes(small_blocks):
+    mx.random.seed(4)
+    layer = nn.QuantizedLinear(128, 300, bias=False, group_size=32, bits=4, mode="mxfp4")
+    x = mx.random.normal((3, 128)).astype(mx.bfloat16)
+    assert equal(spread_copy(layer)(x), dequantized_product(layer, x, mx.bfloat16))
 
 
 def test_gradients_and_compile():

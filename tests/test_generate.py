@@ -99,7 +99,8 @@ def test_response_fields_and_logprobs():
     assert r.prompt_tps > 0 and r.generation_tps > 0 and r.peak_memory >= 0
     assert r.logprobs.shape == (model.args.vocab_size,)
     assert abs(float(mx.logsumexp(r.logprobs))) < 1e-4
-    assert int(mx.argmax(r.logprobs)) == r.token
+    # Greedy leaves the log-softmax lazy: read after the loop, every step's is still its own.
+    assert [int(mx.argmax(x.logprobs)) for x in responses] == [x.token for x in responses]
 
 
 def test_stream_segments_join_to_the_full_decode():
@@ -293,6 +294,13 @@ def test_nan_logits_stop_with_an_error():
     model.model.norm.weight = mx.full(model.model.norm.weight.shape, float("nan"))
     with pytest.raises(GenerationError, match="NaN"):
         list(stream_generate(model, tok, ref["greedy_prompt"].tolist(), max_tokens=3))
+
+
+def test_a_processor_that_rules_out_every_token_stops_with_an_error():
+    model, tok, ref = tiny("gemma3")
+    forbid_all = lambda tokens, logits: mx.full(logits.shape, -mx.inf)  # noqa: E731
+    with pytest.raises(GenerationError, match="no finite"):
+        list(stream_generate(model, tok, ref["greedy_prompt"].tolist(), max_tokens=3, logits_processors=[forbid_all]))
 
 
 # ----- command line ---------------------------------------------------------------------
