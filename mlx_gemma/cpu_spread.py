@@ -136,8 +136,10 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     def product(x):
         if layer.mode == "affine" and x.size // in_features <= KERNEL_MAX_ROWS:
             x32 = x.astype(mx.float32)
+            # Rows per block: each row has a float32 scale and bias per group.
             block = max(1, FLOAT_SCALES_BLOCK_BYTES // (groups * 2 * 4))
-            blocks = [lambda after, a=a, b=b: through_kernel(x32, after, a, b).astype(x.dtype) for a, b in ranges(block)]
+            blocks = [lambda after, a=a, b=b: through_kernel(x32, after, a, b).astype(x.dtype)
+                      for a, b in ranges(block)]
             return mx.concatenate(_on_streams(blocks, first=x32), axis=-1)
         block = max(1, DEQUANTIZED_BLOCK_BYTES // (in_features * x.dtype.size))
         blocks = [lambda after, a=a, b=b: x @ dequantized(after, a, b, x.dtype).T for a, b in ranges(block)]
