@@ -37,6 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import MlxGemmaError
+from .models.layers import GeGLU, gated
 
 # Fewer output rows than this per slice and the streams' hand-off costs more than the slice saves.
 MIN_ROWS_PER_SLICE = 128
@@ -211,6 +212,24 @@ def _on_streams(blocks, first=None, fold=None) -> list[mx.array]:
     return results
 
 
+class SpreadGeGLU(GeGLU):
+    """The MLP with act(gate) * up made slice by slice on the streams and joined once.
+
+    Spreading gate and up as two products would join each (its slices and the
+    whole copy alive at once) before the elementwise product: during a 128-token
+    prefill of a Gemma 2 2B-shaped block that took the MLP's peak from 7.7 MB
+    (mlx-lm's) to 13.0 MB, and the model's above mlx-lm's.  Each slice sums
+    and rounds as the whole product would, so the values are the same.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = self.gate_proj, self.up_proj
+        if not (type(gate) is type(up) is SpreadLinear and "bias" not in gate and "bias" not in up):
+            return super().__call__(x)  # quantized or LoRA-wrapped: each layer spreads itself
+        hidden = _spread(lambda g, u: gated(self.act)(x @ g.T, x @ u.T), gate.weight.shape[0], gate.weight, up.weight)
+        return self.down_proj(hidden)
+
+
 class SpreadLinear(nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
         if "bias" in self:  # fused as nn.Linear fuses it (one rounding)
@@ -238,7 +257,7 @@ class SpreadQuantizedEmbedding(nn.QuantizedEmbedding):
         return _quantized_product(self, x)
 
 
-_SPREAD = {nn.Linear: SpreadLinear, nn.QuantizedLinear: SpreadQuantizedLinear,
+_SPREAD = {GeGLU: SpreadGeGLU, nn.Linear: SpreadLinear, nn.QuantizedLinear: SpreadQuantizedLinear,
            nn.Embedding: SpreadEmbedding, nn.QuantizedEmbedding: SpreadQuantizedEmbedding}
 
 

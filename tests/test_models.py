@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from mlx_gemma.loading import load_model
 from mlx_gemma.models import gemma, gemma2, gemma3
-from mlx_gemma.models.layers import build_mask
+from mlx_gemma.models.layers import GeGLU, attention, build_mask, softcap
 
 from conftest import FIXTURES, TINY_MODELS
 
@@ -227,3 +227,34 @@ def test_explicit_null_softcap_means_no_cap():
     args = gemma2.ModelArgs.from_dict({**shape, "attn_logit_softcapping": None, "final_logit_softcapping": None})
     assert args.attn_logit_softcapping is None and args.final_logit_softcapping is None
     assert gemma2.ModelArgs.from_dict(shape).attn_logit_softcapping == 50.0
+
+
+# --- shared layers: fused forms give the op-by-op values -------------------------------
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "gelu"])
+def test_gated_mlp_equals_op_by_op(dtype, activation):
+    mx.random.seed(5)
+    mlp = GeGLU(32, 80, activation)
+    mlp.set_dtype(dtype)
+    x = (mx.random.normal((2, 7, 32)) * 3).astype(dtype)
+    op_by_op = mlp.down_proj(mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert mx.array_equal(mlp(x), op_by_op).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_softcapped_attention_rounds_its_float32_softmax_once(dtype):
+    """The softmax of capped scores sums in float32 and is rounded once to the activation dtype,
+    as transformers' eager attention does (softmax(dtype=float32).to(query.dtype))."""
+    mx.random.seed(6)
+    q, k, v = ((mx.random.normal((1, 4, 9, 16)) * 4).astype(dtype) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    mask = build_mask(mx.arange(9), mx.arange(9), window=4)
+    got = attention(q, k, v, 0.25, mask, logit_softcap=50.0)
+    qg = q.reshape(1, 2, 2, 9, 16) * 0.25
+    scores = softcap(qg @ mx.expand_dims(k, 2).swapaxes(-1, -2), 50.0)
+    scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(-mx.inf, dtype=dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(dtype)
+    expected = (weights @ mx.expand_dims(v, 2)).reshape(1, 4, 9, 16)
+    assert got.dtype == dtype and mx.array_equal(got, expected).item()

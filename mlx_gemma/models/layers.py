@@ -7,6 +7,7 @@ pieces; nothing here knows which architecture it serves.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -60,6 +61,17 @@ def gelu_for(name: str):
     return activations[name]
 
 
+@functools.cache
+def gated(act):
+    """act(gate) * up as one compiled kernel, written over the gate's buffer.
+
+    So the MLP's widest step holds two intermediate-sized arrays, not three
+    (gate, up and the activation, op by op); the values are the same.  Not
+    `shapeless`: MLX 0.32's shapeless kernels never reuse an input's buffer.
+    """
+    return mx.compile(lambda gate, up: act(gate) * up)
+
+
 class GeGLU(nn.Module):
     """Gated GELU MLP: down(act(gate(x)) * up(x))."""
 
@@ -71,7 +83,7 @@ class GeGLU(nn.Module):
         self.act = gelu_for(activation)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated(self.act)(self.gate_proj(x), self.up_proj(x)))
 
 
 def softcap(x: mx.array, cap: float | None) -> mx.array:
@@ -131,8 +143,11 @@ def attention(
     if mask is not None:
         mask = mx.expand_dims(mask, 2)  # broadcast over the heads sharing a KV head
         scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
-    weights = mx.softmax(scores.astype(mx.float32), axis=-1)
-    out = _kv_matmul(weights if quantized else weights.astype(values.dtype), values, D, transpose=False)
+    if quantized:
+        weights = mx.softmax(scores.astype(mx.float32), axis=-1)
+    else:  # summed in float32, rounded once: the float32 softmax cast back, without its float32 copy
+        weights = mx.softmax(scores, axis=-1, precise=True)
+    out = _kv_matmul(weights, values, D, transpose=False)
     return out.reshape(B, n_heads, T, D).astype(queries.dtype)  # [B, n_heads, T, head_dim]
 
 
