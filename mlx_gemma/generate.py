@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .cache import check_kv_options
 from .errors import GenerationError, MlxGemmaError
@@ -39,11 +40,20 @@ PREFILL_STEP_SIZE = 2048
 # scores [heads, chunk, keys], so its chunks are smaller (measured on a 5000-token Gemma 2
 # prompt: 2048-token chunks peaked at 1.8x mlx-lm's memory, 512-token ones at 0.54x).
 SOFTCAP_PREFILL_STEP_SIZE = 512
-# A CPU gains nothing from long chunks: 256 positions already give each core large
-# products, and smaller chunks keep the activations in cache.  Measured on a 2-core x86
-# CPU, Gemma 3 270M bf16, a 1023-token prompt: chunks of 2048 took 48-55 s and peaked
-# 77 MB above the weights; 512, 38-43 s and 49 MB; 256, 40 s and 29 MB; 128, 40 s and 21 MB.
-CPU_PREFILL_STEP_SIZE = 256
+# A CPU gains nothing from long chunks, and short ones keep each product's activations
+# small (in cache, and little to allocate ahead of the work: MLX's CPU backend allocates
+# an operation's output when it queues it).  Measured on a 2-core x86 CPU, medians of 3,
+# prefill time and peak above the weights by rows per chunk (positions x batch):
+#   Gemma 3 270M bf16, 1023-token prompt: 2048 rows 48-55 s, 77 MB; 256: 39 s, 28 MB;
+#     64: 43 s, 18 MB; 32: 38 s, 18 MB; 16: 38 s, 18 MB (the cache is most of it);
+#   Gemma 2 2B-shaped (2 layers) bf16, 128 tokens: 128 rows 5.5 s, 24 MB; 64: 4.4 s, 13 MB;
+#     32: 3.6 s, 8 MB; 16: 3.4 s, 6 MB; 8: 3.7 s, 5 MB;
+#   the same, 4 prompts of 128: 256 rows 16.7 s, 51 MB; 64: 11.8 s, 24 MB; 32: 12.0 s, 19 MB.
+CPU_PREFILL_STEP_SIZE = 32
+# Quantized weights are dequantized once per chunk on the CPU (see cpu_spread), so longer
+# chunks pay off there: Gemma 3 270M 4-bit, 128 tokens, medians of 6: 64 rows 5.3 s, 32 rows
+# 6.2 s (of 3: 256 rows 4.7 s, 7 MB above the weights, against 6 MB at 64 and 32).
+CPU_QUANTIZED_PREFILL_STEP_SIZE = 256
 _CLEAR_CACHE_EVERY = 256  # decode steps between returns of freed buffers to the allocator
 
 
@@ -109,7 +119,9 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
 def default_prefill_step(model, rows: int = 1) -> int:
     """Prompt positions per forward call for a batch of `rows` when the caller does not say."""
     if mx.default_device() == mx.cpu:
-        return max(1, CPU_PREFILL_STEP_SIZE // rows)
+        quantized = isinstance(model, nn.Module) and any(
+            isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+        return max(1, (CPU_QUANTIZED_PREFILL_STEP_SIZE if quantized else CPU_PREFILL_STEP_SIZE) // rows)
     softcapped = getattr(model.args, "attn_logit_softcapping", None) is not None
     return max(1, (SOFTCAP_PREFILL_STEP_SIZE if softcapped else PREFILL_STEP_SIZE) // rows)
 

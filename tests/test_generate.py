@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
+import mlx.nn as nn
 
 import mlx_gemma.generate as gen
 from mlx_gemma.errors import GenerationError
@@ -180,6 +181,10 @@ def test_default_prefill_chunks_count_the_whole_batch(monkeypatch):
     gemma2, _, _ = tiny("gemma2")
     if mx.default_device() != mx.cpu:
         assert gen.default_prefill_step(gemma2, 2) == gen.SOFTCAP_PREFILL_STEP_SIZE // 2
+    else:  # quantized weights are dequantized once per chunk: longer chunks
+        quantized = load(FIXTURES / "tiny_gemma2")[0]  # a fresh copy: tiny() shares its models
+        nn.quantize(quantized, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+        assert gen.default_prefill_step(quantized, 2) == gen.CPU_QUANTIZED_PREFILL_STEP_SIZE // 2
     monkeypatch.setattr(gen, "PREFILL_STEP_SIZE", 12)
     monkeypatch.setattr(gen, "CPU_PREFILL_STEP_SIZE", 12)
     calls = []
