@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from .cpu_spread import spread_matmuls
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
+from .json_input import field
 from .models import MODELS, TEXT_PART_OF, supported_model_types
 from .tensorfile import load_weights_from_folder
 
@@ -79,8 +80,9 @@ def load_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(path, f"not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ConfigError(path, f"must hold a JSON object, found {type(config).__name__}")
+    nested = field(config, "text_config", dict, path, default={})
     for key in CODE_KEYS:
-        if key in config or key in config.get("text_config", {}):
+        if key in config or key in nested:
             raise UnsafeCheckpointError(
                 path, f"asks to load custom code through {key!r}; mlx_gemma never runs code "
                 "from a checkpoint. Remove the key if the weights are a standard Gemma."

@@ -265,7 +265,8 @@ def test_mlx_lm_quantized_folder_loads_and_matches_mlx_lm(tmp_path, name, bits):
 
 # ----- fuzzing config.json --------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from fuzzing import fuzz_settings  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _BASE_CONFIG = json.loads((TINY3 / "config.json").read_text())
@@ -288,8 +289,10 @@ def mutated_config(draw):
     return config
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(150)
 @given(config=mutated_config())
+# Found by a fresh CI run: a null text_config was a bare TypeError.
+@example(config={**_BASE_CONFIG, "text_config": None})
 def test_fuzz_config(tmp_path_factory, config):
     """A config.json with random values in random fields either loads (the weights still
     fit it) or raises our typed error naming the file; never another exception type, and
