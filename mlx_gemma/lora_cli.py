@@ -22,9 +22,13 @@ import mlx.core as mx
 from .errors import TrainingError
 from .progress import Progress
 
+# As mlx-lm: without --num-layers, the last 16 blocks, or every block of a shallower model.
+# An explicit count larger than the model stays an error.
+DEFAULT_NUM_LAYERS = 16
+
 DEFAULTS = {
     "model": None, "data": "data", "train": False, "test": False, "iters": 1000, "batch_size": 4,
-    "learning_rate": 1e-5, "rank": 8, "scale": 20.0, "dropout": 0.0, "num_layers": 16,
+    "learning_rate": 1e-5, "rank": 8, "scale": 20.0, "dropout": 0.0, "num_layers": None,
     "lora_keys": ["q_proj", "v_proj"], "fine_tune_type": "lora", "adapter_path": "adapters",
     "save_every": 100, "resume_adapter_file": None, "grad_checkpoint": False, "mask_prompt": False,
     "max_seq_length": 2048, "seed": 0, "optimizer": "adamw", "weight_decay": 0.0, "lr_schedule": "constant",
@@ -45,7 +49,7 @@ FLAGS = [
     ("--rank", int, "LoRA rank"),
     ("--scale", float, "LoRA scale (alpha / rank); mlx-lm's default 20"),
     ("--dropout", float, "LoRA dropout"),
-    ("--num-layers", int, "adapt the last N blocks (-1: all)"),
+    ("--num-layers", int, f"adapt the last N blocks (-1: all; default {DEFAULT_NUM_LAYERS}, or all when the model has fewer)"),
     ("--adapter-path", str, "folder to write adapters.safetensors and adapter_config.json"),
     ("--save-every", int, "save the adapters every K steps (and at the end)"),
     ("--resume-adapter-file", str, "start from these adapter weights (a file or an adapter folder)"),
@@ -85,7 +89,10 @@ def read_config_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise TrainingError(f"{file}: no such config file")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"{file}: not UTF-8 text: {e}") from None
     if file.suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -98,7 +105,7 @@ def read_config_file(path: str) -> dict:
     else:
         try:
             config = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise TrainingError(f"{file}: not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise TrainingError(f"{file}: must hold a mapping of settings")
@@ -107,10 +114,40 @@ def read_config_file(path: str) -> dict:
         if not isinstance(lora_parameters, dict) or set(lora_parameters) - {"rank", "scale", "dropout", "keys"}:
             raise TrainingError(f"{file}: lora_parameters takes rank, scale, dropout and keys")
         config.update({("lora_keys" if k == "keys" else k): v for k, v in lora_parameters.items()})
-    unknown = sorted(set(config) - set(DEFAULTS))
+    unknown = sorted(map(str, set(config) - set(DEFAULTS)))
     if unknown:
         raise TrainingError(f"{file}: unknown settings {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    for key, value in config.items():
+        _check_setting(file, key, value)
     return config
+
+
+_KINDS = {flag[2:].replace("-", "_"): kind for flag, kind, _ in FLAGS}
+
+
+def _check_setting(file: Path, key: str, value) -> None:
+    """A config file's value has the type its flag parses to (None leaves the default)."""
+    if value is None:
+        return
+    kind = _KINDS.get(key)
+    choices = CHOICES.get("--" + key.replace("_", "-"))
+    if choices is not None:
+        ok = value in choices
+        wanted = "one of " + ", ".join(choices)
+    elif key == "lora_keys":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+        wanted = "a non-empty list of projection names"
+    elif kind == "flag":
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        raise TrainingError(f"{file}: {key!r} must be {wanted}, got {value!r}")
 
 
 def settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -157,7 +194,8 @@ def run(args: argparse.Namespace) -> dict:
         if split != "valid" and split not in data:
             raise TrainingError(f"{args.data}: no {split}.jsonl")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    config = lora.enable_lora(model, args.rank, tuple(args.lora_keys), args.num_layers, scale=args.scale,
+    num_layers = args.num_layers if args.num_layers is not None else min(DEFAULT_NUM_LAYERS, len(model.layers))
+    config = lora.enable_lora(model, args.rank, tuple(args.lora_keys), num_layers, scale=args.scale,
                               dropout=args.dropout, dora=args.fine_tune_type == "dora")
     if args.resume_adapter_file:
         lora.load_adapter_weights(model, args.resume_adapter_file)

@@ -345,6 +345,48 @@ def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
     assert err.startswith("error:") and message in err
 
 
+def test_cli_default_num_layers_adapts_every_block_of_a_shallow_model(tmp_path, capsys):
+    """mlx-lm's default: the last 16 blocks, or all of a shallower model; an explicit count
+    past the model's depth is refused."""
+    from mlx_gemma.lora_cli import main
+
+    blocks = json.loads((FIXTURES / "tiny_gemma" / "config.json").read_text())["num_hidden_layers"]
+    data, out = cli_data(tmp_path), tmp_path / "adapters"
+    common = ["--model", str(FIXTURES / "tiny_gemma"), "--data", str(data), "--batch-size", "2"]
+    assert main(common + ["--train", "--iters", "1", "--adapter-path", str(out)]) == 0
+    assert blocks < 16 and json.loads((out / "adapter_config.json").read_text())["num_layers"] == blocks
+    capsys.readouterr()
+    too_many = ["--num-layers", str(blocks + 1), "--adapter-path", str(tmp_path / "b")]
+    assert main(common + ["--train", "--iters", "1"] + too_many) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and f"between 1 and {blocks}" in err and f"got {blocks + 1}" in err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"iters": "ten"}', "'iters' must be an integer"),
+    ('{"learning_rate": null, "rank": true}', "'rank' must be an integer"),
+    ('{"learning_rate": "1e-5"}', "'learning_rate' must be a finite number"),
+    ('{"train": 1}', "'train' must be true or false"),
+    ('{"optimizer": "lion"}', "'optimizer' must be one of adamw"),
+    ('{"lora_keys": "q_proj"}', "'lora_keys' must be a non-empty list"),
+    ('{"lora_parameters": {"keys": [1]}}', "'lora_keys' must be a non-empty list"),
+    ('{"lora_parameters": []}', "lora_parameters takes"),
+    ('[1, 2]', "must hold a mapping"),
+    ('{"a": ' * 100000 + '1' + '}' * 100000, "not valid JSON"),
+])
+def test_config_file_values_are_checked(text, message, tmp_path):
+    from mlx_gemma.lora_cli import settings
+
+    (tmp_path / "c.json").write_text(text)
+    with pytest.raises(TrainingError, match="c.json: ") as raised:
+        settings(["-c", str(tmp_path / "c.json")])
+    assert message in str(raised.value)
+    (tmp_path / "latin1.json").write_bytes(b'{"data": "caf\xe9"}')
+    with pytest.raises(TrainingError, match="latin1.json: not UTF-8"):
+        settings(["-c", str(tmp_path / "latin1.json")])
+
+
 def test_config_files(tmp_path):
     from mlx_gemma.lora_cli import settings
 
