@@ -7,6 +7,7 @@ where a test needs to know exactly which tokens come out.
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import pytest
 import mlx.core as mx
 import mlx.nn as nn
 
-import mlx_gemma.generate as gen
+import mlx_gemma
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.generate import (
     batch_generate,
@@ -31,6 +32,9 @@ from mlx_gemma.loading import load
 from mlx_gemma.samplers import make_logits_processors, make_sampler
 
 from conftest import FIXTURES, TINY_MODELS
+
+# The CLI module (`mlx_gemma.generate` the attribute is the function, as in mlx-lm).
+gen = importlib.import_module("mlx_gemma.generate")
 
 _loaded: dict[str, tuple] = {}
 
@@ -422,3 +426,18 @@ def test_cli_quantized_kv_cache(tmp_path):
                         quantized_kv_start=3)
     assert done.stdout == expected + "\n"
     assert expected != generate(model, tok, "Hello world, again", max_tokens=8)  # the flags did something
+
+
+def test_top_level_functional_api_as_mlx_lm():
+    """`from mlx_lm import load, generate, stream_generate, batch_generate`, spelled mlx_gemma;
+    the CLI module stays importable, and `python -m mlx_gemma.generate` prints no warning."""
+    model, tok, _ = tiny("gemma3")
+    text = mlx_gemma.generate(model, tok, "Hi", max_tokens=4)
+    assert isinstance(text, str)
+    pieces = list(mlx_gemma.stream_generate(model, tok, "Hi", max_tokens=4))
+    assert len(pieces) == 4 and "".join(r.text for r in pieces) == text
+    assert mlx_gemma.batch_generate(model, tok, ["Hi", "Hello there"], max_tokens=4)[0] == text
+    from mlx_gemma.generate import main  # noqa: F401  (binds nothing over the function)
+    assert callable(mlx_gemma.generate) and mlx_gemma.generate is generate
+    done = cli("--model", str(FIXTURES / "tiny_gemma3"), "--prompt", "Hi", "-m", "4")
+    assert done.returncode == 0 and done.stdout.startswith(text) and "Warning" not in done.stderr
