@@ -141,24 +141,72 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_killed_conversion_leaves_no_half_written_folder(tmp_path):
-    """SIGKILL at several moments: afterwards the destination is absent or complete,
-    and a rerun succeeds."""
-    dest = tmp_path / "out"
-    for delay in (0.5, 1.0, 1.5, 2.5):
-        proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma.convert", "--hf-path",
-                                 str(FIXTURES / "tiny_gemma3"), "--mlx-path", str(dest), "-q", "--q-group-size", "32"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if dest.exists():
-            assert load_model(dest) is not None, "a destination that exists must be complete"
-            shutil.rmtree(dest)
-    convert(FIXTURES / "tiny_gemma3", mlx_path=dest, progress=False)
-    assert load_model(dest) is not None
+# Converts argv[1] into argv[2] (overwriting) in shards of at most 400 kB: three for tiny_gemma3.
+_CONVERT_IN_SHARDS = """
+import sys
+import mlx_gemma.convert.writer as writer
+from mlx_gemma.convert import convert
+writer.DEFAULT_MAX_SHARD_BYTES = 400_000
+convert(sys.argv[1], mlx_path=sys.argv[2], overwrite=True, progress=False)
+"""
+
+
+def _convert_in_shards(source, dest, fault_at=None):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_GEMMA_FAULT_AT"}
+    if fault_at is not None:
+        env["MLX_GEMMA_FAULT_AT"] = fault_at
+    return subprocess.run([sys.executable, "-c", _CONVERT_IN_SHARDS, str(source), str(dest)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_killed_conversion_leaves_the_old_folder_or_a_complete_new_one(tmp_path, monkeypatch):
+    """SIGKILL at each named moment of the write (`atomic.fault_point`, MLX_GEMMA_FAULT_AT):
+    before the temporary folder exists, after each shard, inside a shard's own atomic write,
+    just before the rename into place and just after it.  Before the rename the destination
+    is absent, or a pre-existing one is byte for byte what it was; after it, it is the complete
+    new folder and loads.  A rerun then succeeds over whatever the kill left behind."""
+    import signal
+
+    import mlx_gemma.convert.writer as writer
+
+    source, old_source = FIXTURES / "tiny_gemma3", FIXTURES / "tiny_gemma"
+    reference_run = _convert_in_shards(source, tmp_path / "reference")
+    assert reference_run.returncode == 0, reference_run.stderr
+    new = _contents(tmp_path / "reference")
+    shards = [n for n in new if n.startswith("model-")]
+    assert len(shards) == 3 and "model.safetensors.index.json" in new
+
+    points = ["writer.before-temp-folder", *(f"writer.shard-written#{k}" for k in range(1, len(shards) + 1)),
+              "atomic.written#2", "writer.before-rename", "writer.after-rename"]
+    monkeypatch.setattr(writer, "DEFAULT_MAX_SHARD_BYTES", 400_000)
+    for i, point in enumerate(points):
+        for existing in (False, True):
+            dest = tmp_path / f"{i}-{existing}" / "out"
+            old = None
+            if existing:
+                old = _contents(convert(old_source, mlx_path=dest, progress=False))
+            run = _convert_in_shards(source, dest, fault_at=point)
+            assert run.returncode == -signal.SIGKILL, f"never reached {point}: {run.stderr[-2000:]}"
+            if point == "writer.after-rename":
+                assert _contents(dest) == new
+                assert load_model(dest) is not None
+            elif existing:
+                assert _contents(dest) == old, f"killed at {point}, the old folder changed"
+            else:
+                assert not dest.exists(), f"killed at {point}, a destination appeared"
+            convert(source, mlx_path=dest, overwrite=True, progress=False)
+            assert _contents(dest) == new
+
+    # Where the OS has no atomic swap the old folder is moved aside first; that path works too.
+    monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
+    dest = tmp_path / "no-swap" / "out"
+    convert(old_source, mlx_path=dest, progress=False)
+    convert(source, mlx_path=dest, overwrite=True, progress=False)
+    assert _contents(dest) == new and sorted(p.name for p in dest.parent.iterdir()) == ["out"]
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):

@@ -14,23 +14,31 @@ produces::
 Everything is written into a temporary folder beside `dest`
 (`.<name>.tmp-XXXX`), flushed to disk, and only then renamed into place, so a
 reader never sees a half-written model and a crash leaves `dest` untouched.  An
-existing `dest` is refused unless `overwrite=True`; then the old folder is moved
-aside, the new one renamed in, and the old one deleted.  On any error the
-temporary folder is removed.
+existing `dest` is refused unless `overwrite=True`; then the new folder and the
+old one swap names in one atomic step where the OS has one (Linux
+`renameat2(RENAME_EXCHANGE)`, macOS `renamex_np(RENAME_SWAP)`), so a crash
+leaves either the old folder or the new one at `dest`; elsewhere the old one is
+moved aside first.  The old folder is then deleted.  On any error the temporary
+folder is removed.  `atomic.fault_point` marks the moments crash tests kill the
+writer at (`writer.before-temp-folder`, `writer.shard-written[#k]`,
+`writer.before-rename`, `writer.after-rename`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import secrets
+import sys
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..atomic import fsync_dir  # one durable-rename helper for every writer
+from ..atomic import fault_point, fsync_dir  # one durable-rename helper for every writer
 
 from ..errors import ModelFileError
 
@@ -100,13 +108,47 @@ def _umask() -> int:
 def _save_weights(tmp: str, weights: Mapping, max_shard_bytes: int, progress) -> list[str]:
     from ..tensorfile import save_sharded
 
+    def shard_written(done: int, total: int, name: str) -> None:
+        fault_point("writer.shard-written")
+        if progress is not None:
+            progress(done, total, name)
+
     arrays = {}
     for name, value in weights.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"weight names must be non-empty strings, got {name!r}")
         arrays[name] = _to_mx(name, value)
-    files = save_sharded(tmp, arrays, max_shard_bytes, metadata={"format": "mlx"}, progress=progress)
+    files = save_sharded(tmp, arrays, max_shard_bytes, metadata={"format": "mlx"}, progress=shard_written)
     return [f.name for f in files]
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)  # the symbols already loaded, libc's among them
+    except OSError:
+        return None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the names of folders `a` and `b` atomically; False where the OS or the
+    filesystem cannot (the caller then renames twice)."""
+    libc = _libc()
+    if sys.platform.startswith("linux"):
+        fn = getattr(libc, "renameat2", None)  # glibc 2.28+
+        call = None if fn is None else (lambda: fn(-100, a.encode(), -100, b.encode(), 2))  # AT_FDCWD, RENAME_EXCHANGE
+    elif sys.platform == "darwin":
+        fn = getattr(libc, "renamex_np", None)
+        call = None if fn is None else (lambda: fn(a.encode(), b.encode(), 2))  # RENAME_SWAP
+    else:
+        call = None
+    if call is None:
+        return False
+    if call() == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
 
 
 def _make_temp_dir(parent: Path, name: str) -> str:
@@ -150,7 +192,7 @@ def write_model_folder(
     extra_files: Mapping[str, bytes | str | os.PathLike] | None = None,
     *,
     source: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
     """Write a complete model folder at `dest`, atomically.  Returns `dest` as a Path.
@@ -159,7 +201,8 @@ def write_model_folder(
     maps plain file names to bytes, text (`str` content) or a `Path` to copy.
     `source` (a path or several): the input checkpoint(s); `dest` may not be one of
     them or inside one, and none may lie inside `dest`.  `progress(done, total, file)`
-    is called after each weights file.
+    is called after each weights file.  `max_shard_bytes` defaults to the module's
+    `DEFAULT_MAX_SHARD_BYTES`, read at each call (crash tests lower it to get shards).
     """
     dest = Path(os.path.abspath(os.fspath(dest)))
     dest_s = str(dest)
@@ -167,6 +210,8 @@ def write_model_folder(
         raise ModelFileError(dest_s, "not a usable destination folder name")
     if not isinstance(config, dict):
         raise ModelFileError(dest_s, "config must be a dict")
+    if max_shard_bytes is None:
+        max_shard_bytes = DEFAULT_MAX_SHARD_BYTES
     if int(max_shard_bytes) <= 0:
         raise ModelFileError(dest_s, f"max_shard_bytes must be positive, got {max_shard_bytes}")
 
@@ -214,6 +259,7 @@ def write_model_folder(
     for name in extra_files or {}:
         _check_extra_name(dest_s, name)
 
+    fault_point("writer.before-temp-folder")
     tmp = _make_temp_dir(parent, dest.name)
     try:
         _write_bytes(os.path.join(tmp, "config.json"), config_bytes)
@@ -241,19 +287,30 @@ def write_model_folder(
 
         # Swap into place.
         check_dest()
+        fault_point("writer.before-rename")
         if os.path.lexists(dest_s):
+            if _exchange(tmp, dest_s):
+                fsync_dir(str(parent))
+                fault_point("writer.after-rename")
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+                return dest
+            # No atomic swap here: a crash between these renames leaves the old
+            # folder under the `.old-` name and none at dest.
             aside = os.path.join(str(parent), f".{dest.name}.old-{secrets.token_hex(4)}")
             os.rename(dest_s, aside)
+            fault_point("writer.old-moved-aside")
             try:
                 os.rename(tmp, dest_s)
             except BaseException:
                 os.rename(aside, dest_s)  # put the old folder back
                 raise
             fsync_dir(str(parent))
+            fault_point("writer.after-rename")
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(tmp, dest_s)
-        fsync_dir(str(parent))
+            fsync_dir(str(parent))
+            fault_point("writer.after-rename")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, ModelFileError):
