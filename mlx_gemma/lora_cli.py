@@ -20,7 +20,7 @@ from typing import Sequence
 import mlx.core as mx
 
 from .errors import TrainingError
-from .progress import Progress
+from .progress import Progress, format_rate
 
 # As mlx-lm: without --num-layers, the last 16 blocks, or every block of a shallower model.
 # An explicit count larger than the model stays an error.
@@ -168,7 +168,7 @@ def _printer(progress: Progress | None, quiet: bool):
             line = f"Iter {info['step']}: val loss {info['val_loss']:.3f}"
         else:
             line = (f"Iter {info['step']}: train loss {info['train_loss']:.3f}, lr {info['learning_rate']:.3e}, "
-                    f"{info['tokens_per_second']:.1f} tok/s, peak mem {info['peak_memory_gb']:.3f} GB")
+                    f"{format_rate(info['tokens_per_second'])} tok/s, peak mem {info['peak_memory_gb']:.3f} GB")
         if progress is not None and progress.live:
             progress.update(info["step"], line)
         print(line, file=sys.stderr if progress is not None and progress.live else sys.stdout, flush=True)

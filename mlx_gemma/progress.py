@@ -11,6 +11,12 @@ import sys
 import time
 
 
+def format_rate(per_second: float) -> str:
+    """A rate in at most three significant figures, never rounded to 0 (a 270M model on a
+    CPU may train at under a token per second)."""
+    return f"{per_second:.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 class Progress:
     def __init__(self, label: str, total: int, unit: str = "", stream=None, enabled: bool | None = None):
         self.label, self.total, self.unit = label, max(int(total), 1), unit

@@ -318,7 +318,10 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
 
     def micro_step(batch: tuple, grads, do_update: bool):
         (loss, ntoks), g = loss_and_grad(model, *batch)
+        # Throughput counts the real target tokens (weighted at all), whatever their weights.
+        real = (batch[2] != 0).sum()
         if world > 1:
+            real = mx.distributed.all_sum(real, group=group)
             # Data parallel: weigh each rank's mean by its tokens, so the result is the
             # whole batch's mean and gradient exactly (not a mean of unequal shares).
             total = mx.distributed.all_sum(ntoks, group=group)
@@ -330,7 +333,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
             # The mean of the micro-batch means, as mlx-lm accumulates.
             optimizer.update(model, tree_map(lambda x: x / accum, g) if accum > 1 else g)
             g = None
-        return loss, ntoks, g
+        return loss, real, g
 
     if _image_size(model) is None:  # PaliGemma checks its <image> slots on the host: not compilable
         micro_step = mx.compile(micro_step, inputs=state, outputs=state)
@@ -354,14 +357,14 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
                 v = evaluate(model, val_set, args.batch_size, args.val_batches, pad_id, args.loss_chunk_size)
                 emit({"step": step, "val_loss": v})
                 tic = time.perf_counter()  # evaluation time is not training time
-            loss, ntoks, grads = micro_step(tuple(next(batches)), grads, do_update)
-            mx.eval(loss, ntoks, grads, state)
+            loss, real, grads = micro_step(tuple(next(batches)), grads, do_update)
+            mx.eval(loss, real, grads, state)
             value = loss.item()
             if not math.isfinite(value):  # stop before a save could store broken adapters
                 raise TrainingError(f"the training loss became {value} at step {step}; lower the learning rate "
                                     "(adapters saved before are intact)")
             losses, count = losses + value, count + 1
-            tokens += int(ntoks.item())
+            tokens += real.item()
             if do_update and (step % args.steps_per_report == 0 or step == args.iters):
                 elapsed = time.perf_counter() - tic
                 emit({"step": step, "train_loss": losses / count, "learning_rate": optimizer.learning_rate.item(),

@@ -75,6 +75,23 @@ def test_keras_style_fit_on_token_ids_uses_the_sample_weights(tokenizer, tmp_pat
         lm.fit(x=x)
 
 
+def test_fit_reports_real_tokens_per_second(monkeypatch, capsys):
+    """The printed rate counts the unpadded target tokens, and a slow rate is not printed as 0."""
+    from types import SimpleNamespace
+
+    lm = keras_style_lm(sequence_length=24)
+    lm.backbone.enable_lora(rank=2)
+    texts = ["The quick brown fox jumped.", "I forgot my homework."]
+    _, _, weights = lm.preprocessor(texts)
+    real = int((np.asarray(weights) != 0).sum())
+    assert 0 < real < np.asarray(weights).size  # some of the 2 x 24 positions are padding
+    clock = iter(range(0, 10**6, 1000))  # every reading 1000 s after the last
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    lm.fit(x=texts, batch_size=2, epochs=1, verbose=1)
+    printed = capsys.readouterr().out
+    assert f" {real / 1000:.3g} tok/s" in printed, printed
+
+
 def test_keras_style_score_is_mlx_gemma_score():
     from mlx_gemma.score import score
 

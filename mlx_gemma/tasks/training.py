@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MlxGemmaError
+from ..progress import format_rate
 
 # keras-hub's Gemma layer names -> ours (`default_lora_layer_names` are query_dense/value_dense/query/value).
 KERAS_NAMES = {"query": "q_proj", "query_dense": "q_proj", "key": "k_proj", "value": "v_proj",
@@ -141,7 +142,7 @@ def fit(lm, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=
             history.epoch.append(len(history.epoch))
             if show:
                 print(f"Epoch {len(history.epoch)}/{epochs}: loss {info['train_loss']:.4f}, "
-                      f"{info['tokens_per_second']:.0f} tok/s, peak mem {info['peak_memory_gb']:.2f} GB", flush=True)
+                      f"{format_rate(info['tokens_per_second'])} tok/s, peak mem {info['peak_memory_gb']:.2f} GB", flush=True)
 
     args = train.TrainingArgs(batch_size=batch_size, iters=epochs * steps, steps_per_report=steps,
                               save_every=epochs * steps + 1, grad_checkpoint=grad_checkpoint, seed=seed)
