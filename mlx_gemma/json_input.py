@@ -9,6 +9,7 @@ uses the value.  Every reader of such JSON goes through here.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,21 @@ def field(obj: dict, key: str, kind: type | tuple[type, ...], path, default: Any
             raise error(path, f"{where + key!r} is missing")
         return default
     return expect(obj[key], kind, path, where + key, error)
+
+
+def number_in(value: Any, kind: type, path, key: str, low: float | None = None, high: float | None = None,
+              error: type[ModelFileError] = ConfigError, above: float | None = None) -> Any:
+    """`value` if it is a finite number of `kind` (int or float) in [low, high] (and > `above`), else `error`.
+
+    Sizes and scales from a file are bounded before anything is allocated or computed
+    with them; NaN and infinity (which Python's JSON reader accepts) are never meaningful.
+    """
+    expect(value, kind, path, key, error)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise error(path, f"{key!r} must be a finite number, found {value!r}")
+    wanted = [f"> {above}" if above is not None else "", f">= {low}" if low is not None else "",
+              f"<= {high}" if high is not None else ""]
+    if ((above is not None and not value > above) or (low is not None and value < low)
+            or (high is not None and value > high)):
+        raise error(path, f"{key!r} must be {' and '.join(w for w in wanted if w)}, found {value!r}")
+    return value

@@ -10,7 +10,6 @@ in `models/`, weights only from safetensors.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from .cpu_spread import spread_matmuls
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
-from .json_input import field
+from .json_input import expect, field, json_type, read_json
 from .models import MODELS, TEXT_PART_OF, supported_model_types
 from .tensorfile import load_weights_from_folder
 
@@ -72,14 +71,9 @@ def load_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(path, "missing: a model folder needs a config.json")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(path, f"is {path.stat().st_size} bytes; a config is a few KB")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(path, f"not valid JSON: {e}") from e
+    config = read_json(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
-        raise ConfigError(path, f"must hold a JSON object, found {type(config).__name__}")
+        raise ConfigError(path, f"must hold a JSON object, found {json_type(config)}")
     nested = field(config, "text_config", dict, path, default={})
     for key in CODE_KEYS:
         if key in config or key in nested:
@@ -95,6 +89,7 @@ def text_config(config: dict[str, Any], path=None) -> dict[str, Any]:
     model_type = config.get("model_type")
     if model_type is None:
         raise ConfigError(path, "config has no model_type")
+    expect(model_type, str, path, "model_type")
     if model_type in TEXT_PART_OF:
         nested = config.get("text_config")
         if not isinstance(nested, dict):
@@ -102,19 +97,24 @@ def text_config(config: dict[str, Any], path=None) -> dict[str, Any]:
         return {**nested, "model_type": TEXT_PART_OF[model_type]}
     if model_type not in MODELS:
         raise UnsupportedModelError(
-            path, f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+            path, f"model_type {model_type!r:.80} is not supported; supported: {', '.join(supported_model_types())}"
         )
     return config
 
 
+def model_args(config: dict[str, Any], path=None):
+    """The model's settings for a config dict, every value checked (ConfigError naming `path`)."""
+    config = text_config(config, path)
+    return MODELS[config["model_type"]].ModelArgs.from_dict(config, path)
+
+
 def build_model(config: dict[str, Any], path=None) -> nn.Module:
     """An un-loaded model (random weights) for a config dict."""
-    config = text_config(config, path)
-    module = MODELS[config["model_type"]]
-    return module.Model(module.ModelArgs.from_dict(config, path))
+    args = model_args(config, path)
+    return MODELS[args.model_type].Model(args)
 
 
-def quantize_like(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array]) -> None:
+def quantize_like(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array], path=None) -> None:
     """Make the model's layers quantized wherever the checkpoint's are.
 
     mlx-community configs carry `"quantization": {"group_size", "bits"[, "mode"]}`
@@ -122,17 +122,42 @@ def quantize_like(model: nn.Module, config: dict[str, Any], weights: dict[str, m
     {"bits": 8, ...}}` or `false`); a layer is quantized when its `.scales`
     tensor is present, as mlx-lm decides.
     """
-    q = config.get("quantization") or config.get("quantization_config")
+    key = "quantization" if config.get("quantization") else "quantization_config"
+    q = config.get(key)
     if not q:
         return
-    defaults = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+    expect(q, dict, path, key)
+    defaults = quantization_settings(q, path, key)
 
-    def predicate(path: str, module: nn.Module):
-        if path in q:
-            return q[path]  # a per-layer dict of settings, or False
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+    def predicate(name: str, module: nn.Module):
+        if name in q:  # a per-layer dict of settings, or False
+            override = expect(q[name], (dict, bool), path, f"{key}.{name}")
+            return override if isinstance(override, bool) else quantization_settings(override, path, f"{key}.{name}")
+        return hasattr(module, "to_quantized") and f"{name}.scales" in weights
 
-    nn.quantize(model, **defaults, class_predicate=predicate)
+    try:
+        nn.quantize(model, **defaults, class_predicate=predicate)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # MLX's own refusals: a group size that does not divide a layer, ...
+        raise ConfigError(path, f"{key}: the model's layers cannot be quantized so: {e}") from None
+
+
+# What MLX's quantization accepts; anything else is refused before MLX sees it (a
+# group size of 0 kills the process with a floating-point exception, MLX 0.32).
+QUANT_GROUP_SIZES = (16, 32, 64, 128)
+QUANT_BITS = range(1, 9)
+QUANT_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+
+
+def quantization_settings(q: dict, path, key: str) -> dict:
+    """The `group_size` / `bits` / `mode` of a quantization object, each checked."""
+    settings = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+    for name, allowed in (("group_size", QUANT_GROUP_SIZES), ("bits", QUANT_BITS), ("mode", QUANT_MODES)):
+        v = settings.get(name)
+        if name in settings and (isinstance(v, bool) or v not in allowed):
+            raise ConfigError(path, f"{key}.{name} must be one of {list(allowed)}, found {v!r:.80}")
+    return settings
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], path) -> None:
@@ -155,12 +180,17 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], path) -> None:
 
 
 def load_model_from(
-    config: dict[str, Any], weights: dict[str, mx.array], *, path=None, dtype: mx.Dtype | None = None
+    config: dict[str, Any], weights: dict[str, mx.array], *, path=None, dtype: mx.Dtype | None = None,
+    config_path=None,
 ) -> nn.Module:
-    """A model built from a config dict and its weights (already in memory)."""
-    model = build_model(config, path)
+    """A model built from a config dict and its weights (already in memory).
+
+    Errors in the config name `config_path` (default: `path`), those in the weights `path`.
+    """
+    config_path = path if config_path is None else config_path
+    model = build_model(config, config_path)
     weights = model.sanitize(weights)
-    quantize_like(model, config, weights)
+    quantize_like(model, config, weights, config_path)
     check_weights(model, weights, path)
     if dtype is not None:
         weights = {
@@ -187,7 +217,8 @@ def load_model(
     (ours or mlx-lm's) to apply on top.
     """
     folder = resolve_model_path(path_or_repo, revision)
-    model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype)
+    model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype,
+                            config_path=folder / "config.json")
     if adapter_path is not None:
         from .lora import load_adapters  # lora imports tensorfile only; import it when asked
 

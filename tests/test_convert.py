@@ -276,3 +276,47 @@ def test_full_disk_during_a_conversion_leaves_no_destination(tmp_path, monkeypat
         convert(FIXTURES / "tiny_gemma", mlx_path=existing, overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+
+
+# ----- fuzzing what a conversion reads: config.json and generation_config.json ---------
+
+from hypothesis import event, example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fuzzing import fuzz_settings  # noqa: E402
+from test_loading import _CONFIG_KEYS, _config_values, fuzz_folder, mutated_file  # noqa: E402
+
+_GEN_CONFIG = json.loads((FIXTURES / "tiny_gemma2" / "generation_config.json").read_text())
+_HF_CONFIG = json.loads((FIXTURES / "tiny_gemma2" / "config.json").read_text())
+
+
+@fuzz_settings(60)
+@given(data=st.data(), which=st.sampled_from(["generation_config.json", "config.json"]))
+# A generation_config.json holding an array was taken as it was and written out.
+@example(data=b"[1, 2]", which="generation_config.json")
+# Deep nesting in generation_config.json was a bare RecursionError.
+@example(data=b"[" * 100_000, which="generation_config.json")
+def test_fuzz_conversion_inputs(tmp_path_factory, data, which):
+    """A conversion whose config.json or generation_config.json is mutated either writes a
+    folder that loads (with the generation config carried over unchanged) or refuses with
+    our typed error naming the file, before writing anything."""
+    original = _GEN_CONFIG if which == "generation_config.json" else _HF_CONFIG
+    raw = data if isinstance(data, bytes) else data.draw(mutated_file(original, _CONFIG_KEYS, _config_values))
+    folder = fuzz_folder(tmp_path_factory, "tiny_gemma2")
+    (folder / "config.json").write_text(json.dumps(_HF_CONFIG))
+    (folder / "generation_config.json").write_text(json.dumps(_GEN_CONFIG))
+    (folder / which).write_bytes(raw)
+    dest = folder.parent / "out"
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        convert(folder, mlx_path=dest, progress=False)
+    except ModelFileError as e:
+        assert str(folder / which if type(e).__name__ == "ConfigError" else folder) in str(e), e
+        assert not dest.exists()
+        event(f"refused: {type(e).__name__}")
+        return
+    event("accepted")
+    assert load_model(dest).model.embed_tokens.weight.shape == (_HF_CONFIG["vocab_size"], _HF_CONFIG["hidden_size"])
+    if which == "generation_config.json":
+        written = json.loads((dest / "generation_config.json").read_text())
+        assert json.dumps(written, sort_keys=True) == json.dumps(json.loads(raw), sort_keys=True)

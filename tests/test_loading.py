@@ -266,10 +266,21 @@ def test_mlx_lm_quantized_folder_loads_and_matches_mlx_lm(tmp_path, name, bits):
 # ----- fuzzing config.json --------------------------------------------------------------
 
 from fuzzing import fuzz_settings  # noqa: E402
-from hypothesis import example, given  # noqa: E402
+from hypothesis import event, example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 _BASE_CONFIG = json.loads((TINY3 / "config.json").read_text())
+_FUZZ_FOLDERS: dict = {}
+
+
+def fuzz_folder(tmp_path_factory, name: str) -> Path:
+    """A copy of tiny folder `name`, made once per session; each example rewrites its files.
+    (Copies, not symlinks: the loader refuses weights that point outside their folder.)"""
+    if name not in _FUZZ_FOLDERS:
+        _FUZZ_FOLDERS[name] = tmp_path_factory.mktemp("fuzz") / name
+        shutil.copytree(FIXTURES / name, _FUZZ_FOLDERS[name])
+    return _FUZZ_FOLDERS[name]
 _json_scalars = (st.none() | st.booleans() | st.text(max_size=8)
                  | st.sampled_from([0, -1, 1, 2, 3, 7, 16, 2**31, 2**62, 10**12])
                  | st.integers(-4, 64) | st.floats(allow_nan=True, allow_infinity=True))
@@ -297,13 +308,158 @@ def test_fuzz_config(tmp_path_factory, config):
     """A config.json with random values in random fields either loads (the weights still
     fit it) or raises our typed error naming the file; never another exception type, and
     never an allocation the checkpoint's own shapes do not justify."""
-    folder = tmp_path_factory.mktemp("fuzz")
-    for name in ("model.safetensors", "tokenizer.model"):
-        (folder / name).symlink_to(TINY3 / name)
+    folder = fuzz_folder(tmp_path_factory, "tiny_gemma3")
     (folder / "config.json").write_text(json.dumps(config))
     try:
         model = load_model(folder)
     except ModelFileError as e:
         assert str(folder) in str(e), e
+        event(f"refused: {type(e).__name__}")
         return
+    event("accepted")
     assert model.model.embed_tokens.weight.shape == (_BASE_CONFIG["vocab_size"], _BASE_CONFIG["hidden_size"])
+
+
+# Shared with the other formats' fuzz tests (test_lora, test_prompt_cache, test_train_data).
+
+
+def json_paths(value, prefix=()):
+    """Every place inside decoded JSON (a tuple of keys / indices), the root included."""
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        yield from json_paths(v, prefix + (k,))
+
+
+def _replace(value, path, new):
+    """A copy of `value` with the thing at `path` replaced by `new` (`_DROP`: removed)."""
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    inner = _replace(copy[head], rest, new)
+    if inner is _DROP:
+        del copy[head]
+    else:
+        copy[head] = inner
+    return copy
+
+
+_DROP = object()
+
+
+@st.composite
+def mutated_json(draw, value, keys=(), values=_json_values, max_edits=3):
+    """`value` (decoded JSON) after 1-`max_edits` edits anywhere inside it: a member dropped,
+    replaced by random JSON (or one of `values`), wrapped in an array or object, or a key of
+    `keys` added to some object."""
+    for _ in range(draw(st.integers(1, max_edits))):
+        paths = list(json_paths(value))
+        path = draw(st.sampled_from(paths))
+        old = value
+        for step in path:
+            old = old[step]
+        op = draw(st.sampled_from(["drop", "replace", "replace", "wrap", "add"]))
+        if op == "drop" and path:
+            value = _replace(value, path, _DROP)
+        elif op == "wrap":
+            value = _replace(value, path, draw(st.sampled_from([[old], {"x": old}])))
+        elif op == "add" and isinstance(old, dict):
+            key = draw(st.sampled_from(list(keys) or ["x"]) | st.text(max_size=6))
+            value = _replace(value, path, {**old, key: draw(values)})
+        else:
+            value = _replace(value, path, draw(values))
+    return value
+
+
+@st.composite
+def mutated_bytes(draw, data: bytes):
+    """`data` cut short, with a byte changed, or a run of bytes deleted or repeated."""
+    n = len(data)
+    op = draw(st.sampled_from(["truncate", "flip", "delete", "repeat"]))
+    i = draw(st.integers(0, max(n - 1, 0)))
+    if op == "truncate":
+        return data[:i]
+    if op == "flip":
+        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+    j = draw(st.integers(i, min(n, i + 16)))
+    return data[:i] + data[j:] if op == "delete" else data[:j] + data[i:j] * draw(st.integers(2, 1000)) + data[j:]
+
+
+@st.composite
+def mutated_file(draw, value, keys=(), values=_json_values):
+    """The bytes of a JSON file made from `value`: mutated as JSON, and sometimes as bytes too."""
+    if draw(st.integers(0, 9)) > 0:
+        value = draw(mutated_json(value, keys, values))
+    data = json.dumps(value, indent=draw(st.sampled_from([None, 2]))).encode()
+    if draw(st.integers(0, 4)) == 0:
+        data = draw(mutated_bytes(data))
+    return data
+
+
+_TINY_FOLDERS = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2"]
+_CONFIGS = {name: json.loads((FIXTURES / name / "config.json").read_text()) for name in _TINY_FOLDERS}
+# Keys worth adding somewhere: ours and transformers', the quantization ones among them.
+_CONFIG_KEYS = sorted({k for c in _CONFIGS.values() for k in json_paths(c) for k in k if isinstance(k, str)}
+                      | {"quantization", "quantization_config", "group_size", "bits", "mode", "rope_scaling",
+                         "factor", "rope_type", "auto_map", "image_token_id", "sliding_window_pattern"})
+# Quantization objects, whole or per layer, with the values MLX refuses or crashes on.
+_quant_values = st.fixed_dictionaries(
+    {}, optional={"group_size": st.sampled_from([0, -32, 16, 32, 48, 64, 128, 2**40, None, "64"]),
+                  "bits": st.sampled_from([0, -4, 1, 3, 4, 7, 8, 9, 2**40, None, 4.0]),
+                  "mode": st.sampled_from(["affine", "mxfp4", "nvfp4", "mxfp8", "x", 3]),
+                  "model.layers.0.mlp.down_proj": st.sampled_from([False, True, {}, {"bits": 8}, {"group_size": 0},
+                                                                   {"group_size": 32, "bits": 4}, [], "x"]),
+                  "model.layers.0.self_attn.q_proj": st.just({"group_size": 64, "bits": 2})})
+_config_values = _json_values | _quant_values | st.sampled_from(
+    ["linear", "default", "gemma", "gemma2", "gemma3", "gemma3_text", "paligemma", "full_attention",
+     "sliding_attention", "gelu", 0.0, 1e308, -1e-6])
+
+
+def _shapes(model) -> dict:
+    return {k: v.shape for k, v in tree_flatten(model.parameters())}
+
+
+_SHAPES: dict = {}
+
+
+@fuzz_settings(150)
+@given(name=st.sampled_from(_TINY_FOLDERS), data=st.data())
+# MLX 0.32 dies of a floating-point exception quantizing with group size 0.
+@example(name="tiny_gemma3", data=json.dumps(
+    {**_CONFIGS["tiny_gemma3"], "quantization": {"group_size": 0, "bits": 4, "model.layers.0.mlp.down_proj": True}}))
+# A list model_type was a bare TypeError (unhashable) in the registry lookup.
+@example(name="tiny_gemma", data=json.dumps({**_CONFIGS["tiny_gemma"], "model_type": []}))
+# A string where rope_parameters' object belongs was an AttributeError in Gemma's from_dict.
+@example(name="tiny_gemma", data=json.dumps({**_CONFIGS["tiny_gemma"], "rope_parameters": "x"}))
+# A linear RoPE without its factor was a KeyError.
+@example(name="tiny_gemma3", data=json.dumps({**_CONFIGS["tiny_gemma3"], "rope_parameters": {
+    "full_attention": {"rope_type": "linear"}, "sliding_attention": {}}}))
+# sliding_window_pattern 0 was a ZeroDivisionError.
+@example(name="tiny_gemma3", data=json.dumps({k: v for k, v in {**_CONFIGS["tiny_gemma3"],
+                                                                  "sliding_window_pattern": 0}.items() if k != "layer_types"}))
+# A soft-cap given as a string was a TypeError in math.isfinite, and named no file.
+@example(name="tiny_gemma2", data=json.dumps({**_CONFIGS["tiny_gemma2"], "final_logit_softcapping": "30"}))
+# Deep nesting was a bare RecursionError from the JSON reader.
+@example(name="tiny_gemma", data="[" * 100_000 + "]" * 100_000)
+def test_fuzz_config_files(tmp_path_factory, name, data):
+    """Every tiny checkpoint's config.json, mutated anywhere (nested objects included) or
+    damaged as bytes: the model loads with every parameter of the original's shape, or the
+    refusal is our typed error naming config.json."""
+    if isinstance(data, str):
+        raw = data.encode()
+    else:
+        raw = data.draw(mutated_file(_CONFIGS[name], _CONFIG_KEYS, _config_values), label="config.json")
+    folder = fuzz_folder(tmp_path_factory, name)
+    (folder / "config.json").write_bytes(raw)
+    try:
+        model = load_model(folder)
+    except ModelFileError as e:
+        # The config's own faults name config.json; weights that no longer fit it, the folder.
+        assert str(folder / "config.json" if isinstance(e, ConfigError) else folder) in str(e), e
+        event(f"refused: {type(e).__name__}")
+        return
+    event("accepted")
+    if name not in _SHAPES:
+        _SHAPES[name] = _shapes(load_model(FIXTURES / name))
+    assert _shapes(model) == _SHAPES[name]

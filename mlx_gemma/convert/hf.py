@@ -6,7 +6,6 @@ folder's own, so every key the source had travels to the output.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import ConfigError
-from ..loading import load_config, resolve_model_path
+from ..json_input import json_type, read_json
+from ..loading import MAX_CONFIG_BYTES, load_config, model_args, resolve_model_path
 from ..tensorfile import load_weights_from_folder
 
 
@@ -32,13 +32,14 @@ class Checkpoint:
 def read_hf(path_or_repo, revision: str | None = None) -> Checkpoint:
     folder = resolve_model_path(path_or_repo, revision)
     config = load_config(folder)
+    model_args(config, folder / "config.json")  # refuse a bad config naming its file, before reading weights
     generation_config = None
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        try:
-            generation_config = json.loads(gen_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(gen_path, f"not valid JSON: {e}") from e
+        # Copied to the output as it is, so only its shape matters here.
+        generation_config = read_json(gen_path, MAX_CONFIG_BYTES)
+        if not isinstance(generation_config, dict):
+            raise ConfigError(gen_path, f"must hold a JSON object, found {json_type(generation_config)}")
     tokenizer = folder / "tokenizer.model"
     return Checkpoint(
         config=config,

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ConfigError
-from .config import parse_config
+from .config import parse_config, rope_settings
 from .decoder import CausalLM
 from .layers import GeGLU, RMSNorm, attention, gelu_for, residual_add
 
@@ -39,8 +39,8 @@ class ModelArgs:
     extra: dict[str, Any] = field(default_factory=dict)  # keys we keep but do not interpret
 
     @classmethod
-    def from_dict(cls, config: dict, path=None) -> "ModelArgs":
-        args = parse_config(cls, config, path)
+    def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
+        args = parse_config(cls, config, path, where)
         # Gemma 1 configs shipped `hidden_act: "gelu"` but were trained with the
         # tanh approximation; transformers maps that legacy value to it, so do we.
         # An explicit `hidden_activation` is taken as written.
@@ -50,11 +50,11 @@ class ModelArgs:
         try:
             gelu_for(activation)
         except ValueError as e:
-            raise ConfigError(path, str(e)) from e
+            raise ConfigError(path, f"{where}hidden_activation: {e}") from e
         args.hidden_activation = activation
-        rope = args.rope_parameters or {}
+        rope = rope_settings(args.rope_parameters, path, where + "rope_parameters")
         if rope.get("rope_type", "default") != "default":
-            raise ConfigError(path, f"unsupported RoPE type {rope['rope_type']!r} for Gemma")
+            raise ConfigError(path, f"unsupported RoPE type {rope['rope_type']!r:.80} for Gemma")
         args.rope_theta = float(rope.get("rope_theta", args.rope_theta))
         return args
 

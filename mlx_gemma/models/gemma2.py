@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ConfigError
-from .config import finite_or_none, layer_types_from, parse_config
+from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import CausalLM
 from .layers import SandwichBlock, attention
 
@@ -46,15 +46,15 @@ class ModelArgs:
     extra: dict[str, Any] = field(default_factory=dict)  # keys we keep but do not interpret
 
     @classmethod
-    def from_dict(cls, config: dict, path=None) -> "ModelArgs":
-        args = parse_config(cls, config, path)
+    def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
+        args = parse_config(cls, config, path, where)
         # Layer 0 is local, layer 1 global, and so on (transformers' Gemma2Config).
         args.layer_types = layer_types_from(args.layer_types, 2, args.num_hidden_layers, path)
-        args.attn_logit_softcapping = finite_or_none(args.attn_logit_softcapping)
-        args.final_logit_softcapping = finite_or_none(args.final_logit_softcapping)
-        rope = args.rope_parameters or {}
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            setattr(args, key, finite_or_none(getattr(args, key), path, where + key))
+        rope = rope_settings(args.rope_parameters, path, where + "rope_parameters")
         if rope.get("rope_type", "default") != "default":
-            raise ConfigError(path, f"unsupported RoPE type {rope['rope_type']!r} for Gemma 2")
+            raise ConfigError(path, f"unsupported RoPE type {rope['rope_type']!r:.80} for Gemma 2")
         args.rope_theta = float(rope.get("rope_theta", args.rope_theta))
         return args
 

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ConfigError
-from .config import finite_or_none, layer_types_from, parse_config
+from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import CausalLM
 from .layers import RMSNorm, SandwichBlock, attention
 
@@ -49,25 +49,25 @@ class ModelArgs:
     rope: dict = field(default_factory=dict)  # derived: layer kind -> (base, position scale)
 
     @classmethod
-    def from_dict(cls, config: dict, path=None) -> "ModelArgs":
-        args = parse_config(cls, config, path)
+    def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
+        args = parse_config(cls, config, path, where)
         if args.use_bidirectional_attention:
             raise ConfigError(path, "bidirectional Gemma 3 (EmbeddingGemma) is not a causal LM")
         args.layer_types = layer_types_from(
             args.layer_types, args.sliding_window_pattern, args.num_hidden_layers, path
         )
-        args.final_logit_softcapping = finite_or_none(args.final_logit_softcapping)
-        args.attn_logit_softcapping = finite_or_none(args.attn_logit_softcapping)
-        args.rope = {kind: _rope_for(args, kind, path) for kind in ("full_attention", "sliding_attention")}
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            setattr(args, key, finite_or_none(getattr(args, key), path, where + key))
+        args.rope = {kind: _rope_for(args, kind, path, where) for kind in ("full_attention", "sliding_attention")}
         return args
 
 
-def _rope_for(args: ModelArgs, kind: str, path) -> tuple[float, float]:
+def _rope_for(args: ModelArgs, kind: str, path, where: str = "") -> tuple[float, float]:
     """(base, position scale) of the RoPE used by layers of `kind`."""
     if args.rope_parameters and args.rope_parameters.get(kind):
-        params = args.rope_parameters[kind]
+        params = rope_settings(args.rope_parameters[kind], path, f"{where}rope_parameters.{kind}")
     elif kind == "full_attention":
-        params = {"rope_theta": args.rope_theta, **(args.rope_scaling or {})}
+        params = {"rope_theta": args.rope_theta, **rope_settings(args.rope_scaling, path, where + "rope_scaling")}
     else:
         params = {"rope_theta": args.rope_local_base_freq}
     default_base = args.rope_theta if kind == "full_attention" else args.rope_local_base_freq
@@ -76,8 +76,10 @@ def _rope_for(args: ModelArgs, kind: str, path) -> tuple[float, float]:
     if rope_type == "default":
         return base, 1.0
     if rope_type == "linear":
+        if "factor" not in params:
+            raise ConfigError(path, f"{where}linear RoPE for {kind} layers needs a 'factor'")
         return base, 1.0 / float(params["factor"])  # positions divided by the factor
-    raise ConfigError(path, f"unsupported RoPE type {rope_type!r} for {kind} layers")
+    raise ConfigError(path, f"{where}unsupported RoPE type {rope_type!r:.80} for {kind} layers")
 
 
 class Attention(nn.Module):

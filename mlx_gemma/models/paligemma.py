@@ -71,21 +71,19 @@ class ModelArgs:
     extra: dict[str, Any] = field(default_factory=dict)  # keys we keep but do not interpret
 
     @classmethod
-    def from_dict(cls, config: dict, path=None) -> "ModelArgs":
-        args = parse_config(cls, config, path)
+    def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
+        args = parse_config(cls, config, path, where)
         if "image_token_id" in args.extra and "image_token_index" not in config:
             args.image_token_index = args.extra["image_token_id"]  # transformers' attribute_map alias
-        if not isinstance(args.text_config, dict) or not isinstance(args.vision_config, dict):
-            raise ConfigError(path, "a paligemma config needs text_config and vision_config objects")
         text = {**TEXT_DEFAULTS, **args.text_config, "tie_word_embeddings": args.tie_word_embeddings}
-        if text["model_type"] not in TEXT_MODELS:
+        if not isinstance(text["model_type"], str) or text["model_type"] not in TEXT_MODELS:
             raise ConfigError(
                 path, f"text_config.model_type {text['model_type']!r} is not a PaliGemma decoder; "
                 f"expected one of {sorted(TEXT_MODELS)}"
             )
         # Set after construction, not dataclass fields: parse_config must never fill them.
         args.text_module = TEXT_MODELS[text["model_type"]]
-        args.text = args.text_module.ModelArgs.from_dict(text, path)
+        args.text = args.text_module.ModelArgs.from_dict(text, path, "text_config.")
         args.vision = VisionArgs.from_dict(args.vision_config, path)
         width = args.projection_dim or args.vision_config.get("projection_dim") or args.text.hidden_size
         if width != args.text.hidden_size:

@@ -36,8 +36,8 @@ class VisionArgs:
     extra: dict[str, Any] = field(default_factory=dict)  # keys we keep but do not interpret
 
     @classmethod
-    def from_dict(cls, config: dict, path=None) -> "VisionArgs":
-        args = parse_config(cls, config, path)
+    def from_dict(cls, config: dict, path=None, where: str = "vision_config.") -> "VisionArgs":
+        args = parse_config(cls, config, path, where)
         for key in ("num_channels", "image_size", "patch_size"):
             v = getattr(args, key)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 1 << 14:
