@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .errors import AdapterError
+from .json_input import expect, field, json_type, number_in, read_json
 from .tensorfile import atomic_write_bytes, load_file, save_file
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -37,6 +38,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 # The base-model settings an adapter must agree with.
+# A real adapter_config.json is a few hundred bytes; a rank above this is no low-rank update.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_RANK = 1 << 16
 BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
              "num_attention_heads", "num_key_value_heads", "head_dim")
 
@@ -241,31 +245,28 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise AdapterError(file, "missing: an adapter folder needs adapter_config.json and adapters.safetensors")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(file, f"not valid JSON: {e}") from e
+    config = read_json(file, MAX_CONFIG_BYTES, AdapterError)
     if not isinstance(config, dict):
-        raise AdapterError(file, "must hold a JSON object")
-    kind = config.get("fine_tune_type", "lora")
+        raise AdapterError(file, f"must hold a JSON object, found {json_type(config)}")
+    kind = field(config, "fine_tune_type", str, file, "lora", AdapterError)
     if kind not in ("lora", "dora"):
-        raise AdapterError(file, f"fine_tune_type {kind!r} is not supported (only 'lora' and 'dora')")
-    params = config.get("lora_parameters")
-    if not isinstance(params, dict) or not {"rank", "scale"} <= params.keys():
-        raise AdapterError(file, "lora_parameters must hold rank and scale")
-    number = (int, float)
-    checks = [("rank", isinstance(params["rank"], int) and not isinstance(params["rank"], bool)
-               and params["rank"] >= 1, "a positive integer"),
-              ("scale", isinstance(params["scale"], number) and not isinstance(params["scale"], bool), "a number"),
-              ("dropout", isinstance(params.get("dropout", 0.0), number) and 0 <= params.get("dropout", 0.0) < 1,
-               "a number in [0, 1)"),
-              ("keys", params.get("keys") is None or isinstance(params["keys"], list)
-               and all(isinstance(k, str) for k in params["keys"]), "a list of module names")]
-    for key, ok, what in checks:
-        if not ok:
-            raise AdapterError(file, f"lora_parameters.{key} must be {what}, got {params.get(key)!r}")
-    if not isinstance(config.get("num_layers"), int) or isinstance(config["num_layers"], bool):
-        raise AdapterError(file, "num_layers must be an integer")
+        raise AdapterError(file, f"fine_tune_type {kind!r:.80} is not supported (only 'lora' and 'dora')")
+    params = field(config, "lora_parameters", dict, file, error=AdapterError)
+    where = "lora_parameters."
+    number_in(field(params, "rank", int, file, error=AdapterError, where=where), int, file, where + "rank",
+              low=1, high=MAX_RANK, error=AdapterError)
+    number_in(field(params, "scale", float, file, error=AdapterError, where=where), float, file, where + "scale",
+              error=AdapterError)
+    dropout = number_in(field(params, "dropout", float, file, 0.0, AdapterError, where), float, file,
+                        where + "dropout", low=0, error=AdapterError)
+    if dropout >= 1:
+        raise AdapterError(file, f"{where}dropout must be below 1 (the share of inputs dropped), found {dropout!r}")
+    keys = field(params, "keys", (list, type(None)), file, None, AdapterError, where)
+    for i, key in enumerate(keys or []):
+        expect(key, str, file, f"{where}keys[{i}]", AdapterError)
+    number_in(field(config, "num_layers", int, file, error=AdapterError), int, file, "num_layers",
+              low=-1, error=AdapterError)
+    field(config, "base_model", (dict, type(None)), file, None, AdapterError)
     return config
 
 
@@ -303,11 +304,24 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config = _check_fits(model, read_adapter_config(folder), folder / CONFIG_FILE)
     if not (folder / ADAPTER_FILE).is_file():
         raise AdapterError(folder / ADAPTER_FILE, "missing: the adapter weights file")
+    before = {p for p, _ in lora_layers(model)}
     try:
         apply_lora(model, config)
     except AdapterError as e:
+        _remove_adapters(model, before)
         raise AdapterError(folder / CONFIG_FILE, e.problem) from None
-    return load_adapter_weights(model, folder / ADAPTER_FILE)
+    try:
+        return load_adapter_weights(model, folder / ADAPTER_FILE)
+    except Exception:
+        _remove_adapters(model, before)  # a refused adapter leaves the model's layers as they were
+        raise
+
+
+def _remove_adapters(model: nn.Module, keep: set[str]) -> None:
+    """Put the base of every adapted linear not in `keep` back in its place (undoing `apply_lora`)."""
+    bases = [(p, m.linear) for p, m in lora_layers(model) if p not in keep]
+    if bases:
+        model.update_modules(tree_unflatten(bases))
 
 
 def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -322,7 +336,9 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
         raise AdapterError(file, "no such adapter weights file")
     weights = load_file(file)
     expected = adapter_weights(model)
-    problems = [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
+    problems = [f"{k} is {weights[k].dtype}, not floating point" for k in sorted(weights)
+                if not mx.issubdtype(weights[k].dtype, mx.floating)]
+    problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
     problems += [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
     problems += [f"{k} has shape {tuple(weights[k].shape)}, the model needs {tuple(expected[k].shape)}"
                  for k in sorted(weights.keys() & expected.keys()) if weights[k].shape != expected[k].shape]

@@ -278,9 +278,9 @@ def test_adapter_with_other_rank_is_refused(tmp_path):
                                                       '"lora_parameters": {"rank": 4, "scale": 1}}'), "'full'"),
     (lambda f: (f / "adapters.safetensors").write_bytes(b"\x10\x00"), "adapters.safetensors"),
     (lambda f: (f / "adapter_config.json").write_text('{"num_layers": 2, "lora_parameters": {"rank": "8", '
-                                                      '"scale": 1}}'), "lora_parameters.rank must be a positive"),
+                                                      '"scale": 1}}'), "'lora_parameters.rank' must be an integer"),
     (lambda f: (f / "adapter_config.json").write_text('{"num_layers": 2, "lora_parameters": {"rank": 4, '
-                                                      '"scale": 1, "keys": "q_proj"}}'), "keys must be a list"),
+                                                      '"scale": 1, "keys": "q_proj"}}'), "'lora_parameters.keys' must be an array"),
     (lambda f: shutil.rmtree(f), "no such adapter folder"),
 ])
 def test_broken_adapter_folders_name_the_file(tmp_path, damage, message):
@@ -455,3 +455,95 @@ def test_full_disk_while_saving_adapters_keeps_the_previous_ones(tmp_path, monke
     with pytest.raises(ModelFileError, match="adapters.safetensors.*No space left"):
         lora.save_adapters(folder, model, lora.read_adapter_config(folder))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+# --- fuzzing adapter folders ----------------------------------------------------------------------
+
+from hypothesis import event, example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fuzzing import fuzz_settings  # noqa: E402
+from mlx_gemma.tensorfile import load_file, save_file  # noqa: E402
+from test_loading import _json_values, mutated_bytes, mutated_file  # noqa: E402
+
+_ADAPTERS: dict = {}
+_ADAPTER_KEYS = ["fine_tune_type", "num_layers", "lora_parameters", "rank", "scale", "dropout", "keys", "base_model",
+                 "hidden_size", "model_type", "num_hidden_layers", "head_dim"]
+_adapter_values = _json_values | st.sampled_from(
+    [0, -1, -2, 1, 2, 4, 8, 2**20, 2**62, 1e308, float("nan"), float("inf"), 0.999, 1.0, "lora", "dora", "full",
+     ["q_proj"], ["self_attn.q_proj", "mlp.down_proj"], ["mlp"], ["q_proj", "q_proj"], [""], {}, {"hidden_size": 64}])
+
+
+def fuzz_adapter(tmp_path_factory, dora: bool):
+    """(folder, its original files) of a saved LoRA or DoRA adapter for the tiny Gemma, made once."""
+    if dora not in _ADAPTERS:
+        base = tmp_path_factory.mktemp("adapter")
+        _, folder = saved_adapter(base, dora=dora, target_names=("q_proj", "down_proj"))
+        _ADAPTERS[dora] = folder, {p.name: p.read_bytes() for p in folder.iterdir()}
+    return _ADAPTERS[dora]
+
+
+@st.composite
+def mutated_tensors(draw, tensors: dict) -> dict:
+    """Adapter tensors with one dropped, renamed, re-typed, re-shaped, or joined by a stranger."""
+    tensors = dict(tensors)
+    name = draw(st.sampled_from(sorted(tensors)))
+    op = draw(st.sampled_from(["drop", "rename", "dtype", "shape", "add", "nan"]))
+    if op == "drop":
+        del tensors[name]
+    elif op == "rename":
+        tensors[draw(st.sampled_from([name.replace("layers.3", "layers.0"), name + "x", "lora_a", ""]))] = \
+            tensors.pop(name)
+    elif op == "dtype":
+        tensors[name] = tensors[name].astype(draw(st.sampled_from([mx.int32, mx.uint8, mx.bool_, mx.float16])))
+    elif op == "shape":
+        a = tensors[name]
+        tensors[name] = draw(st.sampled_from([a.T, a.reshape(-1), a[..., :1], mx.zeros((0,)), mx.zeros(())]))
+    elif op == "add":
+        tensors[name.replace("lora_", "lora_x")] = tensors[name]
+    else:
+        tensors[name] = mx.full(tensors[name].shape, float("nan"))
+    return tensors
+
+
+@fuzz_settings(80)
+@given(dora=st.booleans(), which=st.sampled_from(["adapter_config.json", "adapters.safetensors"]), data=st.data())
+# A NaN (or infinite) scale was accepted, giving NaN logits.
+@example(dora=False, which="adapter_config.json", data=b'{"num_layers": 2, "lora_parameters": '
+         b'{"rank": 4, "scale": NaN, "keys": ["self_attn.q_proj", "mlp.down_proj"]}}')
+# A base_model that is not an object was an AttributeError.
+@example(dora=False, which="adapter_config.json",
+         data=b'{"num_layers": 2, "base_model": [1], "lora_parameters": {"rank": 4, "scale": 1}}')
+# A rank past MLX's shape limits was a bare OverflowError building the adapters.
+@example(dora=False, which="adapter_config.json",
+         data=b'{"num_layers": 2, "lora_parameters": {"rank": 4611686018427387904, "scale": 1}}')
+# Deep nesting in adapter_config.json was a bare RecursionError.
+@example(dora=False, which="adapter_config.json", data=b"[" * 100_000)
+def test_fuzz_adapter_folders(tmp_path_factory, dora, which, data):
+    """An adapter folder with a mutated adapter_config.json or adapters.safetensors either loads
+    (every adapter of the model filled from the file, logits of the right shape) or is refused
+    with our typed error naming the file, leaving the model's layers as they were."""
+    folder, files = fuzz_adapter(tmp_path_factory, dora)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    if isinstance(data, bytes):
+        (folder / which).write_bytes(data)
+    elif which == "adapter_config.json":
+        (folder / which).write_bytes(data.draw(mutated_file(json.loads(files[which]), _ADAPTER_KEYS, _adapter_values)))
+    elif data.draw(st.booleans()):
+        (folder / which).write_bytes(data.draw(mutated_bytes(files[which])))
+    else:
+        save_file(folder / which, data.draw(mutated_tensors(load_file(folder / which))))
+    model = load_model(TINY)
+    try:
+        lora.load_adapters(model, folder)
+    except ModelFileError as e:
+        # A changed config can make the weights file the one that does not fit: either may be named.
+        assert any(str(folder / name) in str(e) for name in files), e
+        assert not lora.lora_layers(model), "a refused adapter must not stay half-applied"
+        event(f"refused: {type(e).__name__}")
+        return
+    event("accepted")
+    loaded = load_file(folder / "adapters.safetensors")
+    assert set(lora.adapter_weights(model)) == set(loaded)
+    assert model(mx.array(IDS)).shape == (*IDS.shape, model.args.vocab_size)

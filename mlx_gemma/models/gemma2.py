@@ -18,7 +18,7 @@ import mlx.nn as nn
 from ..errors import ConfigError
 from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import CausalLM
-from .layers import SandwichBlock, attention
+from .layers import SandwichBlock, attention, gelu_for
 
 
 @dataclass
@@ -48,6 +48,10 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
         args = parse_config(cls, config, path, where)
+        try:
+            gelu_for(args.hidden_activation)
+        except ValueError as e:  # refused here, naming the file, not when the MLP is built
+            raise ConfigError(path, f"{where}hidden_activation: {e}") from None
         # Layer 0 is local, layer 1 global, and so on (transformers' Gemma2Config).
         args.layer_types = layer_types_from(args.layer_types, 2, args.num_hidden_layers, path)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):

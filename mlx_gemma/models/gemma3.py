@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..errors import ConfigError
 from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import CausalLM
-from .layers import RMSNorm, SandwichBlock, attention
+from .layers import RMSNorm, SandwichBlock, attention, gelu_for
 
 
 @dataclass
@@ -51,6 +51,10 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
         args = parse_config(cls, config, path, where)
+        try:
+            gelu_for(args.hidden_activation)
+        except ValueError as e:  # refused here, naming the file, not when the MLP is built
+            raise ConfigError(path, f"{where}hidden_activation: {e}") from None
         if args.use_bidirectional_attention:
             raise ConfigError(path, "bidirectional Gemma 3 (EmbeddingGemma) is not a causal LM")
         args.layer_types = layer_types_from(
