@@ -8,9 +8,10 @@ we read its 8-byte length and JSON header ourselves -- in pure Python, with
 Python ints so no arithmetic can overflow -- and refuse anything malformed
 with a `ModelFileError` that names the file and, where it helps, the tensor.
 
-Also here: loading a model folder (single file, index + shards, or loose
-files), refusing pickle checkpoints without opening them, and writing
-safetensors atomically (`save_file`, `save_sharded`, through `atomic.py`).
+Also here: writing safetensors atomically (`save_file`, `save_sharded`,
+through `atomic.py`).  Loading a model folder (single file, index + shards,
+or loose files; pickles refused unopened) is in `model_folder.py`, re-exported
+here as `load_weights_from_folder`.
 
 The format (https://huggingface.co/docs/safetensors): an unsigned 64-bit
 little-endian header length N, then N bytes of UTF-8 JSON (an object, maybe
@@ -34,7 +35,7 @@ from typing import Mapping
 import mlx.core as mx
 
 from .atomic import atomic_path, atomic_write_bytes  # noqa: F401 - atomic_write_bytes is re-exported
-from .errors import ModelFileError, UnsafeCheckpointError
+from .errors import ModelFileError
 
 # The reference library's limit; a real header is a few hundred KB at most.
 MAX_HEADER_BYTES = 100_000_000
@@ -280,131 +281,16 @@ def load_file(path) -> dict[str, mx.array]:
 
 
 # --------------------------------------------------------------------------
-# Model folders
+# Model folders (model_folder.py: index, shards, loose files, pickles refused)
 # --------------------------------------------------------------------------
-
-def _allowed_roots(folder: Path) -> list[Path]:
-    """Where a weight file in `folder` may really live.  The folder itself;
-    and for a Hugging Face cache snapshot (`.../snapshots/<rev>/`) its blob
-    store `../../blobs`, since every file there is a symlink into it."""
-    real = folder.resolve()
-    roots = [real]
-    if folder.parent.name == "snapshots":
-        roots.append((folder.parent.parent / "blobs").resolve())
-    elif real.parent.name == "snapshots":
-        roots.append((real.parent.parent / "blobs").resolve())
-    return roots
-
-
-def _weight_file(folder: Path, name, source) -> Path:
-    """`folder/name` after checking `name` is a plain file name whose target
-    (through any symlinks) stays inside the folder.  `source` is the file to
-    blame in messages (the index, or the folder)."""
-    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name
-            or "\\" in name or "\0" in name or os.path.isabs(name)
-            or os.path.basename(name) != name):
-        raise ModelFileError(source, f"shard name {name!r} is not a plain file name "
-                                     "inside the model folder")
-    path = folder / name
-    real = path.resolve()
-    if not any(real.is_relative_to(root) for root in _allowed_roots(folder)):
-        raise ModelFileError(path, f"is a symlink pointing outside the model folder "
-                                   f"(to {real})")
-    if not path.exists():
-        raise ModelFileError(path, f"file not found (named by {Path(source).name})")
-    return path
-
-
-def _read_index(index_path: Path) -> dict[str, str]:
-    f, size = _open_regular(index_path)
-    with f:
-        if size > MAX_INDEX_BYTES:
-            raise ModelFileError(index_path, f"index is {size} bytes, over the "
-                                             f"{MAX_INDEX_BYTES}-byte limit")
-        raw = f.read(MAX_INDEX_BYTES)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ModelFileError(index_path, f"not valid UTF-8: {e}") from None
-    doc = _parse_json(text, index_path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-        raise ModelFileError(index_path, 'must be a JSON object with a "weight_map" object')
-    weight_map = doc["weight_map"]
-    for tensor, shard in weight_map.items():
-        if not (_is_text(tensor) and _is_text(shard)):
-            raise ModelFileError(index_path, f"weight_map entry {tensor!r} must map "
-                                             "a tensor name to a file name")
-    if not weight_map:
-        raise ModelFileError(index_path, "weight_map is empty")
-    return weight_map
-
-
-def _load_indexed(folder: Path, index_path: Path) -> dict[str, mx.array]:
-    weight_map = _read_index(index_path)
-    by_shard: dict[str, set[str]] = {}
-    for tensor, shard in weight_map.items():
-        by_shard.setdefault(shard, set()).add(tensor)
-    # Check every shard's header against the index before loading anything.
-    paths = {}
-    for shard, expected in sorted(by_shard.items()):
-        path = paths[shard] = _weight_file(folder, shard, index_path)
-        present = set(read_header(path).tensors)
-        missing, extra = sorted(expected - present), sorted(present - expected)
-        if missing:
-            raise ModelFileError(path, f"tensor {missing[0]!r} is listed in "
-                                       f"{INDEX_NAME} but missing from this shard")
-        if extra:
-            tensor = extra[0]
-            where = weight_map.get(tensor)
-            raise ModelFileError(
-                path, f"tensor {tensor!r} is in this shard but {INDEX_NAME} "
-                      + (f"maps it to {where!r}" if where else "does not list it"))
-    weights: dict[str, mx.array] = {}
-    for shard in sorted(paths):
-        weights.update(load_file(paths[shard]))
-    return weights
-
 
 def load_weights_from_folder(folder) -> dict[str, mx.array]:
     """All tensors of a model folder: `model.safetensors`, or
     `model.safetensors.index.json` + its shards, or every `*.safetensors`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFileError(folder, "model folder not found (or not a folder)")
-    if (folder / INDEX_NAME).exists():
-        return _load_indexed(folder, _weight_file(folder, INDEX_NAME, folder))
-    if (folder / SINGLE_NAME).exists():
-        return load_file(_weight_file(folder, SINGLE_NAME, folder))
+    # Imported on use: model_folder builds on this module's header reader.
+    from .model_folder import load_weights_from_folder as load
 
-    names = sorted(os.listdir(folder))
-    # Skip dot files: macOS leaves `._model.safetensors` resource forks on
-    # foreign disks, and our own temp files start with a dot too.
-    loose = [n for n in names if n.endswith(".safetensors") and not n.startswith(".")]
-    if loose:
-        weights: dict[str, mx.array] = {}
-        origin: dict[str, str] = {}
-        paths = [_weight_file(folder, n, folder) for n in loose]
-        for path in paths:  # headers first: refuse duplicates before loading
-            for tensor in read_header(path).tensors:
-                if tensor in origin:
-                    raise ModelFileError(path, f"tensor {tensor!r} is also in "
-                                               f"{origin[tensor]} (no index to say which)")
-                origin[tensor] = path.name
-        for path in paths:
-            weights.update(load_file(path))
-        return weights
-
-    # Only names are looked at: a pickle is never opened, let alone unpickled.
-    pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        raise UnsafeCheckpointError(
-            folder, f"only pickle checkpoints found ({', '.join(pickles[:5])}); "
-                    "loading a pickle can run arbitrary code, so mlx_gemma refuses. "
-                    "Convert them to safetensors (e.g. with the Hugging Face "
-                    "`safetensors` convert tool, in a sandbox) or download the "
-                    "safetensors version of the model")
-    raise ModelFileError(folder, "no model weights found (expected model.safetensors, "
-                                 f"{INDEX_NAME} + shards, or *.safetensors files)")
+    return load(folder)
 
 
 # --------------------------------------------------------------------------

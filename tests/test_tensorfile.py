@@ -13,11 +13,13 @@ import time
 
 import mlx.core as mx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mlx_gemma import tensorfile as tf
 from mlx_gemma.errors import ModelFileError, UnsafeCheckpointError
+
+from fuzzing import fuzz_settings, refused_cleanly
 
 
 # --------------------------------------------------------------------------
@@ -631,15 +633,15 @@ def mutated(draw):
     return bytes(data)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(150)
 @given(blob=mutated())
 def test_fuzz_load_file(tmp_path, blob):
     p = tmp_path / "fuzz.safetensors"
     p.write_bytes(blob)
-    try:
+    arrays = None
+    with refused_cleanly(p, error=ModelFileError):
         arrays = tf.load_file(p)
-    except ModelFileError as e:
-        assert "fuzz.safetensors" in str(e)
+    if arrays is None:
         return
     header = tf.read_header(p)
     assert sorted(arrays) == sorted(header.tensors)
@@ -655,3 +657,73 @@ def test_null_metadata_as_mlx_writes_it(tmp_path):
     assert b'"__metadata__":null' in p.read_bytes()
     assert tf.load_file_with_metadata(p)[1] == {}
     assert tf.read_header(p).metadata == {}
+
+
+# The index of a sharded folder: two valid shards, and an index that is mutated as bytes
+# or as JSON (any value where an object, a name or a string belongs; hostile file names).
+FUZZ_SHARDS = {"s1.safetensors": {"a": [1, 2], "b": [3]}, "s2.safetensors": {"c": [4, 5, 6]}}
+BASE_INDEX = {"metadata": {"total_size": 24},
+              "weight_map": {t: s for s, ts in FUZZ_SHARDS.items() for t in ts}}
+
+shard_names = (st.sampled_from(sorted(FUZZ_SHARDS) + ["", ".", "..", "../s1.safetensors", "/etc/passwd",
+                                                     "s3.safetensors", "a/b", "x\\y", "nul\0l",
+                                                     "s1.safetensors ", "x" * 300, "\ud800"])
+               | st.text(max_size=12))
+
+
+@st.composite
+def mutated_index(draw) -> bytes:
+    kind = draw(st.sampled_from(["flip", "truncate", "insert", "doc", "weight_map", "shard", "tensor"]))
+    base = json.dumps(BASE_INDEX).encode()
+    if kind == "flip":
+        data = bytearray(base)
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+        return bytes(data)
+    if kind == "truncate":
+        return base[:draw(st.integers(0, len(base) - 1))]
+    if kind == "insert":
+        i = draw(st.integers(0, len(base)))
+        return base[:i] + draw(st.binary(min_size=1, max_size=8)) + base[i:]
+    doc = json.loads(base)
+    if kind == "doc":
+        doc = draw(json_values)
+    elif kind == "weight_map":
+        doc["weight_map"] = draw(json_values)
+    elif kind == "shard":
+        doc["weight_map"][draw(st.sampled_from("abc"))] = draw(shard_names | json_values)
+    else:  # a tensor added, dropped or renamed
+        wm = doc["weight_map"]
+        if draw(st.booleans()):
+            del wm[draw(st.sampled_from("abc"))]
+        if draw(st.booleans()):
+            wm[draw(st.text(max_size=4))] = draw(shard_names)
+    # ensure_ascii keeps lone surrogates encodable, as escapes the parser must judge
+    return json.dumps(doc, ensure_ascii=draw(st.booleans()) or kind != "shard").encode("utf-8", "surrogatepass")
+
+
+@fuzz_settings(150)
+@given(blob=mutated_index())
+# A shard name over the file system's 255-byte limit: resolve() raised a bare OSError.
+@example(blob=json.dumps({"weight_map": {"a": "x" * 300}}).encode()).via("test_fuzz_index_long_shard_name")
+def test_fuzz_index(tmp_path, blob):
+    for shard, tensors in FUZZ_SHARDS.items():
+        if not (tmp_path / shard).exists():
+            tf.save_file(tmp_path / shard, {t: mx.array(v, dtype=mx.int32) for t, v in tensors.items()})
+    index = tmp_path / tf.INDEX_NAME
+    index.write_bytes(blob)
+    weights = None
+    # A refusal names the index, or the shard it points at (then the index by name).
+    with refused_cleanly(tf.INDEX_NAME, *FUZZ_SHARDS, error=ModelFileError):
+        weights = tf.load_weights_from_folder(tmp_path)
+    if weights is not None:  # exactly the tensors of the shards the index names
+        named = set(json.loads(blob)["weight_map"].values())
+        expected = {t: v for s in named for t, v in FUZZ_SHARDS[s].items()}
+        assert {k: w.tolist() for k, w in weights.items()} == expected
+
+
+def test_index_shard_symlink_loop(tmp_path):
+    (tmp_path / "loop-a").symlink_to("loop-b")
+    (tmp_path / "loop-b").symlink_to("loop-a")
+    make_index(tmp_path, {"a": "loop-a"})
+    folder_refused(tmp_path, "cannot be opened", name=tf.INDEX_NAME)
