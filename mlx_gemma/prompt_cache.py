@@ -21,6 +21,8 @@ import mlx.core as mx
 
 from .cache import DEFAULT_QUANTIZED_KV_START, RotatingKVCache, check_kv_options, make_layer_caches, time_slice
 from .errors import GenerationError, MlxGemmaError, PromptCacheError
+from .json_input import expect, field, number_in
+from .models.config import LIMITS
 from .tensorfile import load_file_with_metadata, save_file
 
 FORMAT = "mlx_gemma.prompt_cache"
@@ -156,13 +158,27 @@ def load_prompt_cache(path, model=None) -> PromptCache:
     if meta.get("format") != FORMAT:
         raise PromptCacheError(path, "not an mlx_gemma prompt cache (no format marker in its metadata)")
     if meta.get("version") != VERSION:
-        raise PromptCacheError(path, f"prompt cache version {meta.get('version')!r}; this mlx_gemma reads {VERSION!r}")
+        raise PromptCacheError(path, f"prompt cache version {meta.get('version')!r:.40}; this mlx_gemma reads {VERSION!r}")
+    fingerprint = _fingerprint(_metadata_json(meta, "model", dict, path), path)
+    options, layers = _metadata_json(meta, "options", dict, path), _metadata_json(meta, "layers", list, path)
+    user = _metadata_json(meta, "metadata", dict, path)
+    unknown = sorted(options.keys() - _OPTION_KEYS)
+    if unknown:
+        raise PromptCacheError(path, f"metadata 'options' holds unknown cache options {unknown[:3]}")
+    if len(layers) != len(fingerprint["windows"]):
+        raise PromptCacheError(path, f"metadata 'layers' lists {len(layers)} layers, the model description "
+                                     f"{len(fingerprint['windows'])}")
+    for i, entry in enumerate(layers):
+        key = f"layers[{i}]"
+        expect(entry, dict, path, key, PromptCacheError)
+        number_in(field(entry, "offset", int, path, error=PromptCacheError, where=key + "."), int, path,
+                  key + ".offset", low=0, error=PromptCacheError)
+        for flag in ("quantized", "rotating"):
+            field(entry, flag, bool, path, error=PromptCacheError, where=key + ".")
+    for k, v in user.items():
+        expect(v, str, path, f"metadata.{k}", PromptCacheError)
     try:
-        options, fingerprint, layers, user = (json.loads(meta[k]) for k in ("options", "model", "layers", "metadata"))
-        windows = fingerprint["windows"]
         options = check_kv_options(fingerprint["head_dim"], **options)
-        if len(layers) != len(windows) or not all(isinstance(v, str) for v in user.values()):
-            raise ValueError("the layer list does not match the model description")
         pc = PromptCache.__new__(PromptCache)
         pc.fingerprint, pc.options, pc.metadata, pc.path = fingerprint, options, dict(user), path
         pc.reset()
@@ -176,13 +192,46 @@ def load_prompt_cache(path, model=None) -> PromptCache:
             _restore(c, i, entry, arrays, pc, len(pc.tokens))
         if arrays:
             raise ValueError(f"unexpected arrays {sorted(arrays)[:3]}")
-    except PromptCacheError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, MlxGemmaError) as e:
-        raise PromptCacheError(path, f"malformed prompt cache: {e}") from e
+    except KeyError as e:
+        raise PromptCacheError(path, f"malformed prompt cache: no array {e}") from None
+    except (ValueError, MlxGemmaError) as e:  # GenerationError from the cache options among them
+        raise PromptCacheError(path, f"malformed prompt cache: {e}") from None
     if model is not None:
         pc.check(model)
     return pc
+
+
+_OPTION_KEYS = {"max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start"}
+
+
+def _metadata_json(meta: dict, key: str, kind: type, path):
+    """The JSON value stored as text under metadata `key`, of JSON kind `kind`."""
+    if key not in meta:
+        raise PromptCacheError(path, f"metadata has no {key!r}")
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise PromptCacheError(path, f"metadata {key!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise PromptCacheError(path, f"metadata {key!r} is nested too deeply") from None
+    return expect(value, kind, path, f"metadata {key}", PromptCacheError)
+
+
+def _fingerprint(fp: dict, path) -> dict:
+    """The model description of a cache file, each value typed and within a real model's bounds."""
+    where = "model."
+    expect(fp.get("model_type"), str, path, where + "model_type", PromptCacheError)
+    for key, limit in (("num_key_value_heads", LIMITS["num_key_value_heads"]), ("head_dim", LIMITS["head_dim"]),
+                       ("vocab_size", LIMITS["vocab_size"]), ("num_layers", LIMITS["num_hidden_layers"])):
+        number_in(field(fp, key, int, path, error=PromptCacheError, where=where), int, path, where + key,
+                  low=1, high=limit, error=PromptCacheError)
+    windows = field(fp, "windows", list, path, error=PromptCacheError, where=where)
+    if len(windows) != fp["num_layers"]:
+        raise PromptCacheError(path, f"model.windows lists {len(windows)} layers, model.num_layers is {fp['num_layers']}")
+    for i, w in enumerate(windows):
+        if w is not None:
+            number_in(w, int, path, f"{where}windows[{i}]", low=1, error=PromptCacheError)
+    return fp
 
 
 def _restore(c, i: int, entry: dict, arrays: dict, pc: PromptCache, n_tokens: int) -> None:

@@ -238,3 +238,82 @@ def test_generate_with_a_cache_file_refuses_new_cache_options(tmp_path):
     done = run_module("mlx_gemma.generate", "--prompt-cache-file", str(tmp_path / "x.safetensors"),
                       "--kv-bits", "8")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "fixed" in done.stderr
+
+
+# ----- fuzzing prompt-cache files ---------------------------------------------------------
+
+from hypothesis import event, example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fuzzing import fuzz_settings  # noqa: E402
+from mlx_gemma.tensorfile import load_file_with_metadata  # noqa: E402
+from test_loading import _json_values, mutated_bytes, mutated_json  # noqa: E402
+from test_lora import mutated_tensors  # noqa: E402
+
+_CACHE_FILES: dict = {}
+_CACHE_KINDS = ["plain", "rotating", "quantized"]
+_META_JSON = ("options", "model", "layers", "metadata")
+_cache_values = _json_values | st.sampled_from(
+    [0, 1, 2, 4, 8, 9, 32, 64, 2**31, 2**62, -1, True, None, float("nan"), "gemma3_text", [None], [4096, None],
+     {"offset": 3, "quantized": False, "rotating": False}, {"kv_bits": 4}, {"kv_group_size": 0}])
+
+
+def fuzz_cache_model(kind):
+    return twin("gemma2")[0] if kind == "quantized" else tiny("gemma3")[0]
+
+
+def fuzz_cache_file(tmp_path_factory, kind):
+    """(arrays, metadata) of a saved prompt cache: plain, rotating (max_kv_size) or quantized; made once."""
+    if kind not in _CACHE_FILES:
+        model = fuzz_cache_model(kind)
+        options = {"plain": {}, "rotating": {"max_kv_size": 9},
+                   "quantized": {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 4}}[kind]
+        pc = PromptCache(model, **options)
+        pc.extend(model, list(range(3, 15)), step_size=5)
+        path = tmp_path_factory.mktemp("cache") / f"{kind}.safetensors"
+        save_prompt_cache(path, pc, {"note": "fuzz"})
+        _CACHE_FILES[kind] = (path, path.read_bytes(), *load_file_with_metadata(path))
+    return _CACHE_FILES[kind]
+
+
+@fuzz_settings(100)
+@given(kind=st.sampled_from(_CACHE_KINDS), data=st.data())
+# Deep nesting inside a metadata JSON string was a bare RecursionError.
+@example(kind="plain", data=("model", "[" * 100_000))
+def test_fuzz_prompt_cache_files(tmp_path_factory, kind, data):
+    """A prompt-cache file with mutated metadata (its JSON values, anywhere inside), mutated
+    arrays, or damaged bytes either loads for its model (and the model decodes on from it)
+    or is refused with our typed error naming the file."""
+    path, raw, arrays, meta = fuzz_cache_file(tmp_path_factory, kind)
+    target = path.with_name("fuzzed.safetensors")
+    if isinstance(data, tuple):
+        save_file(target, arrays, {**meta, data[0]: data[1]})
+    else:
+        how = data.draw(st.sampled_from(["json", "json", "meta", "arrays", "bytes"]))
+        if how == "json":
+            key = data.draw(st.sampled_from(_META_JSON))
+            value = data.draw(mutated_json(json.loads(meta[key]), ["offset", "quantized", "rotating", "windows"],
+                                           _cache_values))
+            save_file(target, arrays, {**meta, key: json.dumps(value)})
+        elif how == "meta":
+            key = data.draw(st.sampled_from([*meta, "x"]))
+            changed = dict(meta)
+            if data.draw(st.booleans()):
+                changed.pop(key, None)
+            else:
+                changed[key] = data.draw(st.text(max_size=20) | st.sampled_from(["1", "{}", "[]", "null", "NaN"]))
+            save_file(target, arrays, changed)
+        elif how == "arrays":
+            save_file(target, data.draw(mutated_tensors(arrays)), meta)
+        else:
+            target.write_bytes(data.draw(mutated_bytes(raw)))
+    model = fuzz_cache_model(kind)
+    try:
+        pc = load_prompt_cache(target, model)
+    except ModelFileError as e:
+        assert str(target) in str(e), e
+        event(f"refused: {type(e).__name__}")
+        return
+    event("accepted")
+    assert pc.offset == len(pc.tokens) and all(c.offset == pc.offset for c in pc.caches)
+    assert model(mx.array([[5]]), cache=pc.caches).shape == (1, 1, model.args.vocab_size)
