@@ -44,8 +44,12 @@ def _image_example(tokenizer, record, where: str, folder: Path, images) -> tuple
     if not isinstance(image, str) or not isinstance(prefix, str) or not isinstance(suffix, str):
         raise DatasetError(where, "'image' (a path), 'prefix' and 'suffix' must be strings")
     path = folder / image  # relative paths are relative to the JSONL file
-    if not path.is_file():
-        raise DatasetError(where, f"no such image file {str(path)!r}")
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the file system, or holding a NUL
+        raise DatasetError(where, f"'image' {image!r:.200} is not a usable path: {e}") from None
+    if not found:
+        raise DatasetError(where, f"no such image file {str(path)!r:.300}")
     num_image_tokens, image_token_id = images
     head = prompt_ids(tokenizer, prefix, num_image_tokens, image_token_id)
     return head + tokenizer.encode(suffix, add_bos=False, add_eos=True), len(head), str(path)
@@ -97,16 +101,25 @@ def load_jsonl(path: str | os.PathLike, tokenizer, mask_prompt: bool = False,
         raise DatasetError(path, "no such data file")
     examples, truncated = [], 0
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        # Read at most one line's cap at a time: a file without newlines must not be read whole.
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            where = f"{path}:{n}"
             if len(raw) > MAX_LINE_BYTES:
-                raise DatasetError(f"{path}:{n}", f"line is over {MAX_LINE_BYTES} bytes")
+                raise DatasetError(where, f"line is over {MAX_LINE_BYTES} bytes")
             if not raw.strip():
                 continue
             try:
                 record = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DatasetError(f"{path}:{n}", f"not valid JSON: {e}") from None
-            ids, offset, *image = _example(tokenizer, record, mask_prompt, f"{path}:{n}", path.parent, images)
+                raise DatasetError(where, f"not valid JSON: {e}") from None
+            except RecursionError:
+                raise DatasetError(where, "JSON nested too deeply") from None
+            try:
+                ids, offset, *image = _example(tokenizer, record, mask_prompt, where, path.parent, images)
+            except DatasetError:
+                raise
+            except MlxGemmaError as e:  # the tokenizer's refusals (text that is not valid Unicode, ...)
+                raise DatasetError(where, str(e)) from None
             if max_seq_length is not None and len(ids) > max_seq_length:
                 ids, truncated = ids[:max_seq_length], truncated + 1
             if offset >= len(ids) - 1 and offset > 0:

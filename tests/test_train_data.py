@@ -108,3 +108,90 @@ def test_image_examples_need_a_paligemma_and_existing_files(tokenizer, tmp_path)
         load_jsonl(file, tokenizer)
     with pytest.raises(DatasetError, match=r"d.jsonl:1: no such image file"):
         load_jsonl(file, tokenizer, images=(9, 6))
+
+
+# ----- fuzzing training JSONL -----------------------------------------------------------
+
+from hypothesis import event, example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fuzzing import fuzz_settings, refused_cleanly  # noqa: E402
+from test_loading import _json_values, mutated_bytes, mutated_json  # noqa: E402
+
+_RECORDS = [
+    {"text": "plain text to learn"},
+    {"prompt": "Q: two plus two?", "completion": " Four."},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                  {"role": "assistant", "content": "Hello!"}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "model", "content": "Yo"}]},
+    {"image": "cat.png", "prefix": "caption en", "suffix": "a cat"},
+]
+_DATA_KEYS = ["text", "prompt", "completion", "messages", "role", "content", "image", "prefix", "suffix", "type"]
+_data_values = _json_values | st.sampled_from(
+    ["user", "assistant", "model", "system", "cat.png", "../cat.png", "/dev/null", "x" * 5000, "a\x00b", "\ud800",
+     "<end_of_turn>", "", [], [{}], [{"role": "user"}], [{"role": "user", "content": "a"}], {"type": "image"}])
+_DATA_FOLDERS: dict = {}
+
+
+def fuzz_data_folder(tmp_path_factory):
+    """A folder holding a tiny image for the JSONL's image examples, made once."""
+    if "folder" not in _DATA_FOLDERS:
+        from PIL import Image
+
+        folder = tmp_path_factory.mktemp("data")
+        Image.new("RGB", (5, 4), (200, 30, 30)).save(folder / "cat.png")
+        _DATA_FOLDERS["folder"] = folder
+    return _DATA_FOLDERS["folder"]
+
+
+@st.composite
+def mutated_jsonl(draw, images: bool) -> bytes:
+    """Some of the example records (image ones only for a PaliGemma), one of them edited as JSON,
+    sometimes a stray line, sometimes bytes damaged."""
+    records = draw(st.lists(st.sampled_from(_RECORDS if images else _RECORDS[:-1]), min_size=1, max_size=6))
+    if draw(st.integers(0, 3)) > 0:
+        i = draw(st.integers(0, len(records) - 1))
+        records[i] = draw(mutated_json(records[i], _DATA_KEYS, _data_values))
+    lines = [json.dumps(r) for r in records]
+    if draw(st.integers(0, 3)) == 0:
+        lines.insert(draw(st.integers(0, len(lines))), draw(st.sampled_from(["", "   ", "{", "null", "[]", "\x00"])))
+    data = "\n".join(lines).encode("utf-8", "surrogatepass") + draw(st.sampled_from([b"\n", b"", b"\r\n"]))
+    return draw(mutated_bytes(data)) if draw(st.integers(0, 4)) == 0 else data
+
+
+@fuzz_settings(100)
+@given(data=st.data(), mask_prompt=st.booleans(), images=st.sampled_from([None, (9, 6)]),
+       max_seq_length=st.sampled_from([None, 3, 12, 1000]))
+# Deep nesting on one line was a bare RecursionError.
+@example(data=b"[" * 100_000 + b"\n", mask_prompt=False, images=None, max_seq_length=None)
+# An image name too long for the file system was a bare OSError (ENAMETOOLONG).
+@example(data=json.dumps({"image": "x" * 5000, "prefix": "", "suffix": "a"}).encode(), mask_prompt=False,
+         images=(9, 6), max_seq_length=None)
+# A lone surrogate (valid JSON, not Unicode) was SentencePiece's bare RuntimeError (at 3ed16a3), then the
+# tokenizer's GenerationError naming neither file nor line.
+@example(data=b'{"text": "\\ud800"}', mask_prompt=False, images=None, max_seq_length=None)
+def test_fuzz_training_jsonl(tokenizer, tmp_path_factory, data, mask_prompt, images, max_seq_length):
+    """A JSONL data file with records edited anywhere, lines added or dropped, or bytes damaged:
+    every example loaded is real (token ids in the vocabulary, a loss offset inside it) and
+    batches, or the refusal is our typed error naming the file (and the line)."""
+    folder = fuzz_data_folder(tmp_path_factory)
+    path = folder / "train.jsonl"
+    path.write_bytes(data if isinstance(data, bytes) else data.draw(mutated_jsonl(images is not None)))
+    try:
+        examples = load_jsonl(path, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length,
+                              images=images)
+    except DatasetError as e:
+        assert str(path) in str(e), e
+        event("refused")
+        return
+    event("accepted")
+    with refused_cleanly(path, folder / "cat.png"):  # an image path edited to name another file
+        for ids, offset, *image in examples:
+            assert len(ids) >= 2 and all(isinstance(t, int) and 0 <= t < tokenizer.vocab_size for t in ids)
+            assert 0 <= offset < len(ids)
+            assert max_seq_length is None or len(ids) <= max_seq_length
+        by_kind = [[e for e in examples if len(e) == n] for n in (2, 3)]
+        for group in by_kind:
+            if group:
+                inputs, targets, weights, *rest = make_batch(group, pad_id=tokenizer.pad_id, image_size=14)
+                assert inputs.shape == targets.shape == weights.shape and inputs.shape[0] == len(group)
