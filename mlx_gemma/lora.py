@@ -41,6 +41,7 @@ ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 # A real adapter_config.json is a few hundred bytes; a rank above this is no low-rank update.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_RANK = 1 << 16
+MAX_SCALE = 1e6  # mlx-lm's default is 20; a scale like 1e300 only turns the logits into inf
 BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
              "num_attention_heads", "num_key_value_heads", "head_dim")
 
@@ -256,7 +257,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     number_in(field(params, "rank", int, file, error=AdapterError, where=where), int, file, where + "rank",
               low=1, high=MAX_RANK, error=AdapterError)
     number_in(field(params, "scale", float, file, error=AdapterError, where=where), float, file, where + "scale",
-              error=AdapterError)
+              low=-MAX_SCALE, high=MAX_SCALE, error=AdapterError)
     dropout = number_in(field(params, "dropout", float, file, 0.0, AdapterError, where), float, file,
                         where + "dropout", low=0, error=AdapterError)
     if dropout >= 1:

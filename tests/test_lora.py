@@ -511,6 +511,9 @@ def mutated_tensors(draw, tensors: dict) -> dict:
 # A NaN (or infinite) scale was accepted, giving NaN logits.
 @example(dora=False, which="adapter_config.json", data=b'{"num_layers": 2, "lora_parameters": '
          b'{"rank": 4, "scale": NaN, "keys": ["self_attn.q_proj", "mlp.down_proj"]}}')
+# An absurd scale was accepted, giving infinite logits.
+@example(dora=False, which="adapter_config.json", data=b'{"num_layers": 2, "lora_parameters": '
+         b'{"rank": 4, "scale": 1e300, "keys": ["self_attn.q_proj", "mlp.down_proj"]}}')
 # A base_model that is not an object was an AttributeError.
 @example(dora=False, which="adapter_config.json",
          data=b'{"num_layers": 2, "base_model": [1], "lora_parameters": {"rank": 4, "scale": 1}}')
