@@ -594,8 +594,10 @@ def test_transformers_reference_matches_fixture():
 
 # ----------------------------------------------------------------------------- fuzzing
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from fuzzing import fuzz_settings, refused_cleanly  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -618,7 +620,7 @@ def gguf_mutation(draw):
     return kind, where, draw(st.integers(1, 255))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(120)
 @given(mutation=gguf_mutation())
 def test_fuzz_read_gguf(tmp_path, small_gguf_bytes, mutation):
     """A mutated GGUF either reads (every tensor finite, of its config's shape) or raises
@@ -638,10 +640,158 @@ def test_fuzz_read_gguf(tmp_path, small_gguf_bytes, mutation):
         data[i:i] = value
     path = tmp_path / "fuzz.gguf"
     path.write_bytes(bytes(data))
-    try:
+    _check_read(path)
+
+
+def _check_read(path):
+    """`read_gguf(path)` refuses with our typed error naming the file, or reads something usable."""
+    checkpoint = None
+    with refused_cleanly(path, error=ModelFileError):
         checkpoint = read_gguf(path)
-    except ModelFileError as e:
-        assert "fuzz.gguf" in str(e)
+    if checkpoint is None:
         return
     assert all(np.isfinite(w).all() for w in checkpoint.weights.values())
     assert checkpoint.config["num_hidden_layers"] >= 1
+    assert spm.SentencePieceProcessor(model_proto=checkpoint.tokenizer_model).get_piece_size() >= 1
+
+
+# Metadata rewritten value by value: any GGUF type where a number, a string or a list
+# belongs, and values out of range.  The file is re-laid out around the new metadata.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _skip_value(data: bytes, pos: int, vtype: int) -> int:
+    if vtype == 8:
+        return pos + 8 + struct.unpack_from("<Q", data, pos)[0]
+    if vtype == 9:
+        etype, count = struct.unpack_from("<IQ", data, pos)
+        pos += 12
+        for _ in range(count):
+            pos = _skip_value(data, pos, etype)
+        return pos
+    return pos + _SCALAR_SIZES[vtype]
+
+
+def split_gguf(data: bytes):
+    """(metadata {key: packed type + value}, packed tensor infos, n_tensors, data area) of a GGUF."""
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+    pos, kv = 24, {}
+    for _ in range(n_kv):
+        n = struct.unpack_from("<Q", data, pos)[0]
+        key = data[pos + 8:pos + 8 + n].decode()
+        start = pos = pos + 8 + n
+        pos = _skip_value(data, pos + 4, struct.unpack_from("<I", data, pos)[0])
+        kv[key] = data[start:pos]
+    tensors_start = pos
+    for _ in range(n_tensors):
+        pos += 8 + struct.unpack_from("<Q", data, pos)[0]
+        pos += 4 + 8 * struct.unpack_from("<I", data, pos)[0] + 12
+    return kv, data[tensors_start:pos], n_tensors, data[-(-pos // 32) * 32:]
+
+
+def join_gguf(kv: dict, tensors: bytes, n_tensors: int, area: bytes) -> bytes:
+    out = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kv))
+    out += b"".join(_pstr(k.encode("utf-8", "surrogatepass")) + v for k, v in kv.items()) + tensors
+    return out + b"\0" * (-len(out) % 32) + area
+
+
+_STRINGS = [b"gemma", b"gemma2", b"gemma3", b"llama", b"gpt2", b"linear", b"none", b"yarn", b"", b"\xff\xfe"]
+
+
+def _gguf_value(etype_only: int | None = None, depth: int = 0):
+    """A strategy for (type, packed value) of any GGUF metadata type."""
+    def scalar(vtype):
+        fmt = _SCALAR_FMT[vtype]
+        if fmt in "fd":
+            values = st.floats(width=32 if fmt == "f" else 64)
+        elif fmt == "?":
+            values = st.booleans()
+        else:
+            bits = 8 * struct.calcsize(fmt)
+            lo, hi = (0, 2**bits - 1) if fmt.isupper() else (-2**(bits - 1), 2**(bits - 1) - 1)
+            values = st.sampled_from([lo, hi, 0, 1, 2, 6, 31, 32]) | st.integers(lo, hi)
+        return values.map(lambda v: struct.pack("<" + fmt, v))
+
+    strings = (st.sampled_from(_STRINGS) | st.binary(max_size=12)).map(_pstr)
+    if etype_only is not None:
+        return strings if etype_only == 8 else scalar(etype_only)
+    kinds = sorted(_SCALAR_FMT) + [8] + ([9] if depth < 2 else [])
+
+    @st.composite
+    def value(draw):
+        vtype = draw(st.sampled_from(kinds))
+        if vtype == 8:
+            return vtype, draw(strings)
+        if vtype != 9:
+            return vtype, draw(scalar(vtype))
+        etype = draw(st.sampled_from(sorted(_SCALAR_FMT) + [8]))
+        items = draw(st.lists(_gguf_value(etype), max_size=4))
+        return 9, struct.pack("<IQ", etype, len(items)) + b"".join(items)
+    return value()
+
+
+_EXTRA_KEYS = ["general.alignment", "gemma3.rope.scaling.type", "gemma3.rope.scaling.factor",
+               "gemma3.rope.scale_linear", "gemma3.final_logit_softcapping", "tokenizer.ggml.eot_token_id",
+               "gemma3.attention.value_length", "gemma3.attention.sliding_window"]
+
+
+@pytest.fixture(scope="module")
+def small_gguf_parts(small_gguf_bytes):
+    return split_gguf(small_gguf_bytes)
+
+
+@st.composite
+def metadata_edit(draw):
+    """(key, None to drop it | (type, packed value)) for keys the reader looks at."""
+    key = draw(st.sampled_from(sorted(split_gguf_keys()) + _EXTRA_KEYS) | st.text(max_size=6))
+    if draw(st.integers(0, 9)) == 0:
+        return key, None
+    return key, draw(_gguf_value())
+
+
+def split_gguf_keys():
+    return ["general.architecture", "gemma3.context_length", "gemma3.embedding_length", "gemma3.block_count",
+            "gemma3.feed_forward_length", "gemma3.attention.head_count", "gemma3.attention.head_count_kv",
+            "gemma3.attention.key_length", "gemma3.attention.layer_norm_rms_epsilon", "gemma3.rope.freq_base",
+            "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_space_prefix"]
+
+
+_U8_PAIR = struct.pack("<IQ", 0, 2) + b"ab"  # an array of two uint8
+
+
+@fuzz_settings(150)
+@given(edits=st.lists(metadata_edit(), min_size=1, max_size=3))
+# An empty array as the final soft-cap: its truth value raised a bare ValueError.
+@example(edits=[("gemma3.final_logit_softcapping", (9, struct.pack("<IQ", 0, 0)))]
+         ).via("test_fuzz_gguf_empty_array_softcap")
+# An array as the architecture / tokenizer model / space-prefix flag / sliding window: the same.
+@example(edits=[("general.architecture", (9, _U8_PAIR))]).via("test_fuzz_gguf_array_architecture")
+@example(edits=[("tokenizer.ggml.model", (9, _U8_PAIR))]).via("test_fuzz_gguf_array_tokenizer_model")
+@example(edits=[("tokenizer.ggml.add_space_prefix", (9, _U8_PAIR))]).via("test_fuzz_gguf_array_space_prefix")
+@example(edits=[("gemma3.attention.sliding_window", (9, _U8_PAIR))]).via("test_fuzz_gguf_array_sliding_window")
+# block_count 2**31 - 1 in a one-layer file: per-layer tables of 2**31 entries (out of memory).
+@example(edits=[("gemma3.block_count", (4, struct.pack("<I", 2**31 - 1)))]).via("test_fuzz_gguf_huge_block_count")
+# Scores finite in float64 but infinite as the float32 SentencePiece stores.
+@example(edits=[("tokenizer.ggml.scores", (9, struct.pack("<IQ", 12, len(tiny_vocab()[0]))
+                                          + np.full(len(tiny_vocab()[0]), 1e300).tobytes()))]
+         ).via("test_fuzz_gguf_float64_score_overflows_float32")
+def test_fuzz_gguf_metadata(tmp_path, small_gguf_parts, edits):
+    """Every metadata value the reader uses, replaced by a value of any GGUF type (or dropped):
+    the file reads, or is refused with our typed error naming it."""
+    kv, tensors, n_tensors, area = small_gguf_parts
+    kv = dict(kv)
+    for key, value in edits:
+        if value is None:
+            kv.pop(key, None)
+        else:
+            kv[key] = struct.pack("<I", value[0]) + value[1]
+    path = tmp_path / "fuzz-meta.gguf"
+    path.write_bytes(join_gguf(kv, tensors, n_tensors, area))
+    _check_read(path)
+
+
+def test_split_gguf_round_trips(small_gguf_bytes, small_gguf_parts):
+    assert join_gguf(*small_gguf_parts) == small_gguf_bytes

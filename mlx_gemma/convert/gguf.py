@@ -171,6 +171,21 @@ def _as_float(path, key, v) -> float:
     return v
 
 
+def _as_text(path, key, v) -> str | None:
+    """A GGUF string value as text; None when absent.  Anything else (a number, an array:
+    numpy arrays have no truth value to compare with) is refused."""
+    if v is None:
+        return None
+    if not isinstance(v, bytes):
+        raise ModelFileError(path, f"metadata {key!r} should be a string, got {type(v).__name__} {v!r:.80}")
+    return v.decode("utf-8", "replace")
+
+
+def _is_zero(v) -> bool:
+    """True for a scalar 0 / 0.0, which llama.cpp writes to mean "none"."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and v == 0
+
+
 def _f32_clean(x: float) -> float:
     """GGUF stores float32: print 1e-06, not 9.999999974752427e-07."""
     return float(np.format_float_positional(np.float32(x), unique=True, trim="-")) if x else 0.0
@@ -197,7 +212,12 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
         raise ModelFileError(path, f"{n_heads} attention heads are not a multiple of {n_kv} KV heads")
     ffn = _as_int(path, f"{arch}.feed_forward_length", get("feed_forward_length", required=True))
     ctx = _as_int(path, f"{arch}.context_length", get("context_length", 8192 if arch != "gemma3" else 131072))
-    eps = _as_float(path, "rms eps", get("attention.layer_norm_rms_epsilon", 1e-6))
+    # Each layer has at least 9 tensors: a larger block_count would have us build
+    # per-layer tables for layers the file cannot hold.
+    if n_layers * 9 > len(infos):
+        raise WeightsMismatchError(path, f"{arch}.block_count is {n_layers} but the file has only {len(infos)} "
+                                         f"tensors (each layer needs at least 9)")
+    eps = _as_float(path, f"{arch}.attention.layer_norm_rms_epsilon", get("attention.layer_norm_rms_epsilon", 1e-6))
     default_theta = 1_000_000.0 if arch == "gemma3" else 10_000.0
     rope_theta = _as_float(path, f"{arch}.rope.freq_base", get("rope.freq_base", default_theta))
 
@@ -207,13 +227,11 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
     vocab = emb.shape[0]
 
     # RoPE scaling (global layers only on Gemma 3, as in llama.cpp's rope_freq_scale_train vs _swa)
-    scaling_type = get("rope.scaling.type")
+    scaling_type = _as_text(path, f"{arch}.rope.scaling.type", get("rope.scaling.type"))
     factor = get("rope.scaling.factor")
     if factor is None and get("rope.scale_linear") is not None:  # older key
         scaling_type, factor = "linear", get("rope.scale_linear")
     rope_scaling = None
-    if isinstance(scaling_type, bytes):
-        scaling_type = scaling_type.decode("utf-8", "replace")
     if scaling_type not in (None, "none", "linear"):
         raise UnsupportedModelError(path, f"RoPE scaling type {scaling_type!r} is not supported (only linear)")
     if factor is not None:
@@ -258,8 +276,9 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
     cfg["query_pre_attn_scalar"] = hidden // n_heads if is_27b else head_dim
     softcap_final = get("final_logit_softcapping")
     if arch == "gemma2":
-        attn_cap = _as_float(path, "attn softcap", get("attn_logit_softcapping", 50.0))
-        final_cap = _as_float(path, "final softcap", softcap_final if softcap_final is not None else 30.0)
+        attn_cap = _as_float(path, f"{arch}.attn_logit_softcapping", get("attn_logit_softcapping", 50.0))
+        final_cap = _as_float(path, f"{arch}.final_logit_softcapping",
+                              softcap_final if softcap_final is not None else 30.0)
         sw = get("attention.sliding_window")
         sw = _as_int(path, f"{arch}.attention.sliding_window", sw) if sw is not None else 4096
         cfg.update(
@@ -276,7 +295,7 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
 
     # gemma3
     sw = get("attention.sliding_window")
-    if sw is not None and sw != 0:
+    if sw is not None and not _is_zero(sw):
         sw = _as_int(path, f"{arch}.attention.sliding_window", sw)
         pattern = 6
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
@@ -291,7 +310,8 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
         sliding_window_pattern=pattern,
         layer_types=layer_types,
         final_logit_softcapping=(
-            _f32_clean(_as_float(path, "final softcap", softcap_final)) if softcap_final else None
+            _f32_clean(_as_float(path, f"{arch}.final_logit_softcapping", softcap_final))
+            if softcap_final is not None and not _is_zero(softcap_final) else None
         ),
         attn_logit_softcapping=None,
         rope_parameters={
@@ -341,9 +361,7 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
     path, size = open_gguf(path)
     meta, tensor_list = read_gguf_metadata(path)
 
-    arch = meta.get("general.architecture")
-    if isinstance(arch, bytes):
-        arch = arch.decode("utf-8", "replace")
+    arch = _as_text(path, "general.architecture", meta.get("general.architecture"))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             path, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"

@@ -54,7 +54,6 @@ _NUMPY_DTYPES = {
 
 
 @dataclass
-@dataclass
 class GGUFTensorInfo:
     name: str
     ne: tuple[int, ...]  # ggml order: ne[0] is the fastest-varying dimension
@@ -178,7 +177,7 @@ def _parse(path: str, buf, size: int) -> tuple[dict[str, Any], list[GGUFTensorIn
         meta[key] = _value(r, vtype, f"metadata {key!r}")
 
     alignment = meta.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
         raise ModelFileError(path, f"general.alignment {alignment!r} is not a power of two")
 
     infos_raw = []

@@ -48,7 +48,7 @@ def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
     from sentencepiece import sentencepiece_model_pb2 as spm
 
     model = meta.get("tokenizer.ggml.model")
-    if model != b"llama":
+    if not isinstance(model, bytes) or model != b"llama":
         raise TokenizerError(
             path,
             f"tokenizer.ggml.model is {model!r}: only SentencePiece vocabularies ('llama') can be "
@@ -61,8 +61,11 @@ def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
     scores = meta.get("tokenizer.ggml.scores")
     if not isinstance(scores, np.ndarray) or scores.shape != (n,) or scores.dtype.kind != "f":
         raise TokenizerError(path, f"tokenizer.ggml.scores is missing or not {n} floats")
+    # Checked as float32, SentencePiece's type: 1e300 in a float64 array is infinite there.
+    with np.errstate(over="ignore"):
+        scores = scores.astype(np.float32)
     if not np.all(np.isfinite(scores)):
-        raise TokenizerError(path, "tokenizer.ggml.scores contains NaN or infinity")
+        raise TokenizerError(path, "tokenizer.ggml.scores contains NaN or infinity (as float32)")
     types = meta.get("tokenizer.ggml.token_type")
     if types is None:
         types = np.full(n, _TOK_NORMAL, dtype=np.int32)
@@ -81,7 +84,7 @@ def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
     n_bytes = 0
     seen: set[str] = set()
     types_list = types.tolist()
-    scores_list = scores.astype(np.float32).tolist()
+    scores_list = scores.tolist()
     for i, (piece, ttype, score) in enumerate(zip(pieces, types_list, scores_list)):
         if i == specials["unk"]:
             ptype = P.UNKNOWN
@@ -125,7 +128,10 @@ def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
     ts.eos_piece, ts.pad_piece = pieces[specials["eos"]], pieces[specials["pad"]]
     ns = proto.normalizer_spec
     ns.name = "identity"
-    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    add_space = meta.get("tokenizer.ggml.add_space_prefix", False)
+    if not isinstance(add_space, (bool, int, np.integer)):
+        raise TokenizerError(path, f"tokenizer.ggml.add_space_prefix should be true or false, got {add_space!r:.80}")
+    ns.add_dummy_prefix = bool(add_space)
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
     data = proto.SerializeToString()
