@@ -25,6 +25,9 @@ def prompt_ids(tokenizer, prompt, chat: bool | None = None, system: str | None =
     `chat=None` renders messages with the chat template and leaves strings raw;
     `chat=True` also wraps a string as one user message (after `system`, if any).
     """
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        # A Sequence of ints to Python, but never token ids: raw text or a file's bytes.
+        raise GenerationError(f"the prompt is {type(prompt).__name__}: decode it to a string first")
     if isinstance(prompt, str):
         if not prompt:
             raise GenerationError("the prompt is empty")

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import codecs
 import itertools
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import sentencepiece as spm
 from google.protobuf import unknown_fields
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import GenerationError, MlxGemmaError, TokenizerError
+from .json_input import json_type, read_json
 
 MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # Gemma 3's is ~4.5 MiB; anything this big is not a tokenizer
 _MAX_GENERATION_CONFIG_BYTES = 1024 * 1024
@@ -77,6 +78,9 @@ def _parse_model_proto(data: bytes, path: str | None) -> spm_pb2.ModelProto:
         raise TokenizerError(path, "SentencePiece model has no trainer/normalizer spec (truncated?)")
     seen, n_unknown = set(), 0
     for i, p in enumerate(proto.pieces):
+        # protobuf hands back a string field that is not UTF-8 as bytes.
+        if not isinstance(p.piece, str):
+            raise TokenizerError(path, f"piece {i} ({p.piece[:64]!r}) is not valid UTF-8")
         # proto2 parks an out-of-range enum value among the unknown fields, so `p.type`
         # alone would read a bogus type as NORMAL.
         if p.type not in _VALID_TYPES or len(unknown_fields.UnknownFieldSet(p)):
@@ -160,7 +164,17 @@ class GemmaTokenizer:
                 break
         else:
             raise TokenizerError(folder, "no tokenizer.model or assets/tokenizer/vocabulary.spm in folder")
-        return cls(path, _read_generation_eos(os.path.join(folder, "generation_config.json")))
+        config_path = os.path.join(folder, "generation_config.json")
+        eos = _read_generation_eos(config_path)
+        tokenizer = cls(path)
+        if eos is not None:
+            # Checked here, not by the constructor, so that the error blames the config.
+            bad = next((i for i in eos if not 0 <= i < tokenizer.vocab_size), None)
+            if bad is not None:
+                raise TokenizerError(config_path, f"eos_token_id {bad} is outside the vocabulary "
+                                                  f"(0..{tokenizer.vocab_size - 1}) of {path}")
+            tokenizer.eos_token_ids = frozenset(eos)
+        return tokenizer
 
     # ----- vocabulary ---------------------------------------------------------------
 
@@ -218,6 +232,7 @@ class GemmaTokenizer:
         """
         if not isinstance(text, str):
             return [self.encode(t, add_bos, add_eos, parse_special) for t in text]
+        _check_unicode(text, "the text")
         ids = self._encode_special(text) if parse_special else self._plain.encode(text)
         if add_bos:
             ids.insert(0, self.bos_id)
@@ -268,9 +283,9 @@ class GemmaTokenizer:
     def tokenize(self, inputs: str | Sequence[str]) -> list[int] | list[list[int]]:
         """Ids of a string (a list of ids), or of each string of a list."""
         if isinstance(inputs, str):
-            return self._sp.encode(inputs)
+            return self._sp.encode(_check_unicode(inputs, "the text"))
         if isinstance(inputs, Sequence) and all(isinstance(t, str) for t in inputs):
-            return [self._sp.encode(t) for t in inputs]
+            return [self._sp.encode(_check_unicode(t, f"text {i}")) for i, t in enumerate(inputs)]
         raise TokenizerError(self.path, f"tokenize() takes a string or a list of strings, got {type(inputs).__name__}")
 
     __call__ = tokenize
@@ -328,12 +343,17 @@ class GemmaTokenizer:
         sot, eot = self.start_of_turn_id, self.end_of_turn_id
         if sot is None or eot is None:
             raise TokenizerError(self.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
-        if isinstance(messages, (str, Mapping)) or not messages:
-            raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+            raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, "
+                                  f"got {type(messages).__name__}")
         messages = list(messages)
+        if not messages:
+            raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise GenerationError(f"message {i} must be a dict with 'role' and 'content'")
+            if not isinstance(m["role"], str):
+                raise GenerationError(f"message {i}: 'role' must be a string, found {json_type(m['role'])}")
         system: list | None = None
         if messages[0]["role"] == "system":
             # Gemma 3 folds the system prompt into the first user turn (untrimmed, as it does).
@@ -360,37 +380,49 @@ class GemmaTokenizer:
 
     def _content(self, content, index: int, trim: bool, images: bool) -> list:
         if isinstance(content, str):
+            _check_unicode(content, f"message {index}: 'content'")
             return [content.strip() if trim else content]
         if not isinstance(content, Sequence):
             raise GenerationError(f"message {index}: content must be a string or a list of parts")
         out: list = []
-        for part in content:
+        for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "text" and isinstance(part.get("text"), str):
+                _check_unicode(part["text"], f"message {index}: content part {j}'s 'text'")
                 out.append(part["text"].strip() if trim else part["text"])
             elif kind == "image" and images:
                 if self._start_of_image_id is None:
                     raise TokenizerError(self.path, "vocabulary has no <start_of_image>: this model cannot take images")
                 out.append(self._start_of_image_id)
             else:
-                raise GenerationError(f"message {index}: unsupported content part {part!r}")
+                raise GenerationError(f"message {index}: unsupported content part {j}: {part!r:.80}")
         return out
+
+
+def _check_unicode(text: str, what: str) -> str:
+    """`text`, if SentencePiece can take it: a lone surrogate (from JSON's "\\ud800", or
+    surrogateescape'd bytes) has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"{what} is not valid Unicode: {e.reason} at position {e.start}") from None
+    return text
 
 
 def _read_generation_eos(path: str) -> list[int] | None:
     """Stop ids from `generation_config.json` (an int or a list), None if absent."""
     if not os.path.exists(path):
         return None
-    try:
-        config = json.loads(_read_bounded(path, _MAX_GENERATION_CONFIG_BYTES))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise TokenizerError(path, f"not valid JSON: {e}") from None
+    if os.path.isdir(path):
+        raise TokenizerError(path, "is a folder, expected a file")
+    config: Any = read_json(path, _MAX_GENERATION_CONFIG_BYTES, TokenizerError)
     eos = config.get("eos_token_id") if isinstance(config, dict) else None
     if eos is None:
         return None
-    eos = [eos] if isinstance(eos, int) else eos
+    eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
     if not isinstance(eos, list) or not eos or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
-        raise TokenizerError(path, f"eos_token_id must be an int or a non-empty list of ints, got {eos!r}")
+        raise TokenizerError(path, f"'eos_token_id' must be an integer or a non-empty array of integers, "
+                                   f"found {json_type(eos)}: {eos!r:.80}")
     return eos
 
 

@@ -452,3 +452,171 @@ def test_real_gemma3_tokenizer():
         assert tok.encode(ref["prompt"]) == ref["prompt_ids"]
         _, segments = _stream(tok, ref["generated_ids"])
         assert "".join(segments) == tok.decode(ref["generated_ids"]) == ref["generated_text"]
+
+
+# ----- fuzzing -----------------------------------------------------------------------------
+
+from hypothesis import example  # noqa: E402
+
+from fuzzing import fuzz_settings, refused_cleanly  # noqa: E402
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers(-2**70, 2**70) | st.integers(-2, 400)
+    | st.text(max_size=6),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=4), kids, max_size=4),
+    max_leaves=10,
+)
+_SPEC_FIELDS = {  # proto fields the C++ loader acts on, with values worth trying
+    "trainer_spec": ["model_type", "vocab_size", "unk_id", "bos_id", "eos_id", "pad_id", "byte_fallback",
+                     "split_digits", "max_sentencepiece_length", "treat_whitespace_as_suffix",
+                     "unk_piece", "bos_piece", "eos_piece", "pad_piece", "unk_surface"],
+    "normalizer_spec": ["name", "precompiled_charsmap", "add_dummy_prefix", "remove_extra_whitespaces",
+                        "escape_whitespaces", "normalization_rule_tsv"],
+}
+
+
+def _field_value(draw, message, name):
+    field = message.DESCRIPTOR.fields_by_name[name]
+    if field.type == field.TYPE_BOOL:
+        return draw(st.booleans())
+    if field.type == field.TYPE_ENUM:
+        return draw(st.sampled_from([v.number for v in field.enum_type.values]))
+    if field.type == field.TYPE_STRING:
+        return draw(st.sampled_from(["", "<unk>", "<s>", "\u2581", "nmt_nfkc", "identity"]) | st.text(max_size=8))
+    if field.type == field.TYPE_BYTES:
+        return draw(st.binary(max_size=64) | st.sampled_from([b"\x00" * 8, b"\xff" * 8, b"\x04\x00\x00\x00ab"]))
+    return draw(st.sampled_from([-1, 0, 1, 2, 3, 399, 400, 2**31 - 1]) | st.integers(-2**31, 2**31 - 1))
+
+
+@st.composite
+def mutated_model(draw) -> bytes:
+    data = MODEL.read_bytes()
+    kind = draw(st.sampled_from(["flip", "truncate", "insert", "spec", "piece"]))
+    if kind == "flip":
+        out = bytearray(data)
+        for _ in range(draw(st.integers(1, 4))):
+            out[draw(st.integers(0, len(out) - 1))] ^= draw(st.integers(1, 255))
+        return bytes(out)
+    if kind == "truncate":
+        return data[:draw(st.integers(0, len(data) - 1))]
+    if kind == "insert":
+        i = draw(st.integers(0, len(data)))
+        return data[:i] + draw(st.binary(min_size=1, max_size=12)) + data[i:]
+    proto = pb.ModelProto.FromString(data)
+    if kind == "spec":
+        for _ in range(draw(st.integers(1, 3))):
+            spec_name = draw(st.sampled_from(sorted(_SPEC_FIELDS)))
+            spec = getattr(proto, spec_name)
+            name = draw(st.sampled_from(_SPEC_FIELDS[spec_name]))
+            setattr(spec, name, _field_value(draw, spec, name))
+    else:
+        piece = proto.pieces[draw(st.integers(0, len(proto.pieces) - 1))]
+        what = draw(st.sampled_from(["piece", "score", "type"]))
+        if what == "score":
+            piece.score = draw(st.floats(width=32))
+        else:
+            setattr(piece, what, _field_value(draw, piece, what))
+    return proto.SerializeToString()
+
+
+@fuzz_settings(150)
+@given(data=mutated_model())
+# A piece that is not UTF-8: protobuf returned it as bytes, and a str regex raised TypeError.
+@example(data=MODEL.read_bytes().replace(b"\n\x0f<start_of_turn>", b"\n\x0f\xbcstart_of_turn>", 1)
+         ).via("test_fuzz_tokenizer_model_piece_not_utf8")
+def test_fuzz_tokenizer_model(tmp_path, data):
+    """A mutated tokenizer.model loads and round-trips text, or is refused with a TokenizerError
+    naming the file; sentencepiece never sees bytes that could crash it."""
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(data)
+    tok = None
+    with refused_cleanly(path, error=TokenizerError):
+        tok = GemmaTokenizer.from_file(path)
+    if tok is None:
+        return
+    ids = tok.encode("Hi there, 🎈 <start_of_turn>!", add_eos=True)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert isinstance(tok.decode(ids), str)
+    assert tok.eos_token_ids and all(0 <= i < tok.vocab_size for i in tok.eos_token_ids)
+
+
+@st.composite
+def generation_configs(draw) -> bytes:
+    kind = draw(st.sampled_from(["eos", "doc", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=24) | st.sampled_from([b"[" * 5000, b'{"eos_token_id": ' + b"[" * 5000]))
+    doc = draw(_json_values) if kind == "doc" else {"eos_token_id": draw(_json_values), "bos_token_id": 2}
+    return json.dumps(doc).encode()
+
+
+@fuzz_settings(150)
+@given(config=generation_configs())
+def test_fuzz_generation_config(tmp_path, config):
+    """generation_config.json as the tokenizer reads it: stop ids it names are ids of the
+    vocabulary, or a TokenizerError names the file."""
+    (tmp_path / "tokenizer.model").write_bytes(MODEL.read_bytes())
+    path = tmp_path / "generation_config.json"
+    path.write_bytes(config)
+    tok = None
+    with refused_cleanly(path, error=TokenizerError):
+        tok = GemmaTokenizer.from_folder(tmp_path)
+    if tok is not None:
+        assert tok.eos_token_ids and all(0 <= i < tok.vocab_size for i in tok.eos_token_ids)
+
+
+_ROLES = st.sampled_from(["user", "assistant", "model", "system"]) | _json_values
+_PARTS = (st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8) | _json_values})
+          | st.fixed_dictionaries({"type": st.sampled_from(["image", "audio", "text"]) | _json_values})
+          | _json_values)
+_CONTENT = st.text(max_size=12) | st.lists(_PARTS, max_size=3) | _json_values
+_MESSAGE = (st.fixed_dictionaries({"role": _ROLES, "content": _CONTENT})
+            | st.dictionaries(st.sampled_from(["role", "content", "x"]), _ROLES | _CONTENT, max_size=3)
+            | _json_values)
+
+
+@st.composite
+def conversations(draw):
+    """Mostly well-formed user/model turns with one thing broken, or anything at all."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(_json_values | st.binary(max_size=4))
+    n = draw(st.integers(1, 4))
+    messages = [{"role": "user" if i % 2 == 0 else "model", "content": f"turn {i}"} for i in range(n)]
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, n - 1))
+        messages[i] = draw(_MESSAGE)
+    return messages
+
+
+@fuzz_settings(200)
+@given(messages=conversations(), tokenize=st.booleans())
+# Lone surrogates cannot be encoded as UTF-8, which SentencePiece needs.
+@example(messages=[{"role": "user", "content": "\ud800"}], tokenize=True).via("test_fuzz_chat_lone_surrogate")
+# A list as the role: it was looked up in a dict (a bare TypeError: unhashable).
+@example(messages=[{"role": [], "content": "x"}], tokenize=False).via("test_fuzz_chat_unhashable_role")
+# Messages that are not a sequence at all: list() of an int raised a bare TypeError.
+@example(messages=5, tokenize=False).via("test_fuzz_chat_messages_int")
+# Bytes are a Sequence of ints: prompt_ids took b"\x00" for the token ids [0].
+@example(messages=b"\x00", tokenize=False).via("test_fuzz_prompt_bytes_as_ids")
+def test_fuzz_chat_messages(tok, messages, tokenize):
+    """Chat messages from a caller (a web request, a JSON file): rendered, or refused with a
+    GenerationError naming the message and the field at fault."""
+    from mlx_gemma.prompts import prompt_ids
+
+    for render in (lambda: tok.apply_chat_template(messages, tokenize=tokenize),
+                   lambda: prompt_ids(tok, messages, vocab_size=tok.vocab_size)):
+        out = None
+        try:
+            out = render()
+        except GenerationError as e:
+            assert "message" in str(e) or "prompt" in str(e), e
+        if out is None:
+            continue
+        if isinstance(messages, list) and all(type(i) is int for i in messages):
+            assert out == messages  # prompt_ids takes a list of ids as they are
+        elif isinstance(messages, str):
+            assert out == tok.encode(messages)  # and a string as plain text
+        elif isinstance(out, str):
+            assert out.startswith("<bos><start_of_turn>user\n")
+        else:
+            assert out[:2] == [tok.bos_id, tok.start_of_turn_id]
+            assert all(0 <= i < tok.vocab_size for i in out)
