@@ -97,7 +97,10 @@ def load_image(image, name: str = "image") -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as e:  # a malformed EXIF block
         raise ImageError(where, f"unreadable EXIF data: {e}") from e
-    return to_rgb(image)
+    try:
+        return to_rgb(image)
+    except ValueError as e:  # modes Pillow cannot convert (La, I;16B, ...)
+        raise ImageError(where, f"an image in mode {image.mode} cannot be made RGB: {e}") from e
 
 
 def _unit_range(array: np.ndarray, name: str) -> np.ndarray:

@@ -266,3 +266,107 @@ def test_one_pixel_image_fills_the_frame_and_empty_images_are_refused(tmp_path):
     np.testing.assert_allclose(pixels, np.broadcast_to([1.0, -1.0, 128 / 127.5 - 1], (28, 28, 3)), atol=1e-6)
     with pytest.raises(ImageError, match="no pixels"):
         vision.preprocess_image(Image.new("RGB", (0, 0)), 28)
+
+
+# ----- fuzzing -------------------------------------------------------------------------
+
+import struct  # noqa: E402
+
+from hypothesis import example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from fuzzing import fuzz_settings, refused_cleanly  # noqa: E402
+
+
+def _encoded(fmt: str, mode: str = "RGB", **save) -> bytes:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (9, 12, 4), dtype=np.uint8), "RGBA").convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def _exif_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90
+    return _encoded("JPEG", exif=exif.tobytes())
+
+
+# One small valid file per format and oddity the loader handles.
+FUZZ_IMAGES = {
+    "png": _encoded("PNG"), "rgba.png": _encoded("PNG", "RGBA"), "p.png": _encoded("PNG", "P", transparency=3),
+    "i16.png": _encoded("PNG", "I;16"), "jpeg": _encoded("JPEG"), "cmyk.jpeg": _encoded("JPEG", "CMYK"),
+    "exif.jpeg": _exif_jpeg(), "gif": _encoded("GIF", "P"), "bmp": _encoded("BMP"),
+    "webp": _encoded("WEBP", "RGBA", lossless=True), "tiff": _encoded("TIFF", "LA"),
+}
+
+
+@st.composite
+def mutated_image(draw) -> tuple[str, bytes]:
+    name = draw(st.sampled_from(sorted(FUZZ_IMAGES)))
+    data = bytearray(FUZZ_IMAGES[name])
+    kind = draw(st.sampled_from(["flip", "truncate", "insert", "number", "none"]))
+    # Headers (sizes, depths, chunk lengths) live in the first bytes: aim there half the time.
+    at = st.integers(0, min(len(data), 64) - 1) | st.integers(0, len(data) - 1)
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(at)] ^= draw(st.integers(1, 255))
+    elif kind == "truncate":
+        del data[draw(st.integers(0, len(data) - 1)):]
+    elif kind == "insert":
+        i = draw(at)
+        data[i:i] = draw(st.binary(min_size=1, max_size=16))
+    elif kind == "number":  # a width, height, length or offset that lies
+        fmt = draw(st.sampled_from([">H", "<H", ">I", "<I"]))
+        value = draw(st.sampled_from([0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]) | st.integers(0, 0xFFFF))
+        packed = struct.pack(fmt, value if value < 1 << (8 * struct.calcsize(fmt)) else 0)
+        i = draw(at)
+        data[i:i + len(packed)] = packed
+    return name, bytes(data)
+
+
+@fuzz_settings(300)
+@given(image=mutated_image())
+def test_fuzz_image_files(tmp_path, image):
+    """Corrupt, truncated, bomb-sized or odd image files: preprocessed to finite pixels in
+    [-1, 1], or refused with an ImageError naming the file."""
+    name, data = image
+    path = tmp_path / f"fuzz.{name}"
+    path.write_bytes(data)
+    pixels = None
+    with refused_cleanly(path, error=ImageError):
+        pixels = vision.preprocess_image(path, 8)
+    if pixels is not None:
+        assert pixels.shape == (8, 8, 3) and pixels.dtype == np.float32
+        assert np.isfinite(pixels).all() and pixels.min() >= -1 and pixels.max() <= 1
+
+
+_DTYPES = st.sampled_from(["u1", "u2", "i4", ">i2", "u8", "f2", "f4", ">f8", "f8", "?", "c8", "M8[s]", "U2", "V2", "O"])
+
+
+@st.composite
+def image_arrays(draw) -> np.ndarray:
+    dtype = np.dtype(draw(_DTYPES))
+    shape = draw(st.sampled_from([(5, 4), (5, 4, 1), (5, 4, 3), (5, 4, 4), (0, 4, 3), (4, 0), (3,), (),
+                                  (2, 5, 4, 3), (5, 4, 2), (5, 4, 5), (1, 1, 3)]))
+    if dtype.kind == "V":  # raw bytes: no element strategy, zeros will do
+        return np.zeros(shape, dtype)
+    return draw(hnp.arrays(dtype, shape))  # anything the dtype holds, NaN and infinities included
+
+
+@fuzz_settings(300)
+@given(array=image_arrays() | st.sampled_from(["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I",
+                                              "F", "LA", "PA", "RGBX", "RGBa", "La", "I;16", "I;16B", "I;16L",
+                                              "I;16N"]).map(lambda mode: Image.new(mode, (5, 4))))
+# Premultiplied "La": Pillow cannot convert it to RGB and raised a bare ValueError.
+@example(array=Image.new("La", (5, 4))).via("test_fuzz_image_mode_La")
+def test_fuzz_image_arrays_and_modes(array):
+    """Arrays of any dtype and shape (NaN, infinities, out-of-range values) and PIL images in
+    every mode: preprocessed, or refused with an ImageError naming the input."""
+    pixels = None
+    with refused_cleanly("pixels", error=ImageError):
+        pixels = vision.preprocess_image(array, 8, name="pixels")
+    if pixels is not None:
+        assert pixels.shape == (8, 8, 3) and np.isfinite(pixels).all()
+        assert pixels.min() >= -1 and pixels.max() <= 1
