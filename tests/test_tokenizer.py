@@ -551,6 +551,8 @@ def generation_configs(draw) -> bytes:
 
 @fuzz_settings(150)
 @given(config=generation_configs())
+# Nested 5,000 deep: json.loads raised a bare RecursionError.
+@example(config=b"[" * 5000).via("test_fuzz_generation_config_deep_nesting")
 def test_fuzz_generation_config(tmp_path, config):
     """generation_config.json as the tokenizer reads it: stop ids it names are ids of the
     vocabulary, or a TokenizerError names the file."""
