@@ -23,7 +23,7 @@ from .cpu_spread import spread_matmuls
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
 from .json_input import expect, field, json_type, read_json
 from .models import MODELS, TEXT_PART_OF, supported_model_types
-from .tensorfile import load_weights_from_folder
+from .model_folder import load_weights_from_folder
 
 # What `load` fetches from the hub: configs, safetensors and the tokenizer,
 # never code or pickles.

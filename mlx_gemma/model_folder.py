@@ -20,9 +20,9 @@ from .tensorfile import (
     MAX_INDEX_BYTES,
     PICKLE_SUFFIXES,
     SINGLE_NAME,
-    _is_text,
-    _open_regular,
-    _parse_json,
+    is_text,
+    open_regular,
+    parse_json,
     load_file,
     read_header,
 )
@@ -69,7 +69,7 @@ def _weight_file(folder: Path, name, source) -> Path:
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    f, size = _open_regular(index_path)
+    f, size = open_regular(index_path)
     with f:
         if size > MAX_INDEX_BYTES:
             raise ModelFileError(index_path, f"index is {size} bytes, over the "
@@ -79,12 +79,12 @@ def _read_index(index_path: Path) -> dict[str, str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ModelFileError(index_path, f"not valid UTF-8: {e}") from None
-    doc = _parse_json(text, index_path)
+    doc = parse_json(text, index_path)
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise ModelFileError(index_path, 'must be a JSON object with a "weight_map" object')
     weight_map = doc["weight_map"]
     for tensor, shard in weight_map.items():
-        if not (_is_text(tensor) and _is_text(shard)):
+        if not (is_text(tensor) and is_text(shard)):
             raise ModelFileError(index_path, f"weight_map entry {tensor!r} must map "
                                              "a tensor name to a file name")
     if not weight_map:

@@ -10,8 +10,7 @@ with a `ModelFileError` that names the file and, where it helps, the tensor.
 
 Also here: writing safetensors atomically (`save_file`, `save_sharded`,
 through `atomic.py`).  Loading a model folder (single file, index + shards,
-or loose files; pickles refused unopened) is in `model_folder.py`, re-exported
-here as `load_weights_from_folder`.
+or loose files; pickles refused unopened) builds on this in `model_folder.py`.
 
 The format (https://huggingface.co/docs/safetensors): an unsigned 64-bit
 little-endian header length N, then N bytes of UTF-8 JSON (an object, maybe
@@ -105,7 +104,7 @@ def _is_int(x) -> bool:
     return type(x) is int
 
 
-def _is_text(x) -> bool:
+def is_text(x) -> bool:
     # Python's json accepts lone surrogates ("\ud800"); MLX's parser does not.
     if not isinstance(x, str):
         return False
@@ -116,7 +115,7 @@ def _is_text(x) -> bool:
     return True
 
 
-def _parse_json(text: str, path) -> object:
+def parse_json(text: str, path) -> object:
     """Strict JSON: no duplicate keys (two readers could pick different ones),
     no NaN/Infinity, and deep nesting reported instead of crashing."""
 
@@ -140,7 +139,7 @@ def _parse_json(text: str, path) -> object:
         raise ModelFileError(path, f"not valid JSON: {e}") from None
 
 
-def _open_regular(path):
+def open_regular(path):
     """Open `path` for reading if it is a regular file (a FIFO or device
     would block or never end); return (file, size)."""
     try:
@@ -160,7 +159,7 @@ def _open_regular(path):
 
 def read_header(path) -> Header:
     """Read and validate the header of a safetensors file (never its data)."""
-    f, size = _open_regular(path)
+    f, size = open_regular(path)
     with f:
         if size < 8:
             raise ModelFileError(
@@ -184,7 +183,7 @@ def read_header(path) -> Header:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ModelFileError(path, f"header is not valid UTF-8: {e}") from None
-    doc = _parse_json(text, path)
+    doc = parse_json(text, path)
     if not isinstance(doc, dict):
         raise ModelFileError(path, "header is not a JSON object")
 
@@ -196,7 +195,7 @@ def read_header(path) -> Header:
             if entry is None:  # what MLX writes when there is no metadata
                 continue
             if not (isinstance(entry, dict)
-                    and all(_is_text(k) and _is_text(v) for k, v in entry.items())):
+                    and all(is_text(k) and is_text(v) for k, v in entry.items())):
                 raise ModelFileError(path, "__metadata__ must map strings to strings")
             metadata = entry
         else:
@@ -209,7 +208,7 @@ def _tensor_info(path, name, entry, data_size: int) -> TensorInfo:
     def bad(problem):
         return ModelFileError(path, f"tensor {name!r}: {problem}")
 
-    if not _is_text(name):
+    if not is_text(name):
         raise bad("name is not valid Unicode")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise bad("entry must be an object with exactly dtype, shape and data_offsets")
@@ -278,19 +277,6 @@ def load_file_with_metadata(path) -> tuple[dict[str, mx.array], dict[str, str]]:
 
 def load_file(path) -> dict[str, mx.array]:
     return load_file_with_metadata(path)[0]
-
-
-# --------------------------------------------------------------------------
-# Model folders (model_folder.py: index, shards, loose files, pickles refused)
-# --------------------------------------------------------------------------
-
-def load_weights_from_folder(folder) -> dict[str, mx.array]:
-    """All tensors of a model folder: `model.safetensors`, or
-    `model.safetensors.index.json` + its shards, or every `*.safetensors`."""
-    # Imported on use: model_folder builds on this module's header reader.
-    from .model_folder import load_weights_from_folder as load
-
-    return load(folder)
 
 
 # --------------------------------------------------------------------------

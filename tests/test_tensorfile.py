@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from mlx_gemma import tensorfile as tf
 from mlx_gemma.errors import ModelFileError, UnsafeCheckpointError
+from mlx_gemma.model_folder import load_weights_from_folder
 
 from fuzzing import fuzz_settings, refused_cleanly
 
@@ -303,7 +304,7 @@ def test_sharded_round_trip(tmp_path):
     assert index["metadata"] == {"total_size": 6 * 64}
     assert index["weight_map"]["layer.0.w"] == "model-00001-of-00003.safetensors"
     assert index["weight_map"]["layer.5.w"] == "model-00003-of-00003.safetensors"
-    assert_same(arrays, tf.load_weights_from_folder(tmp_path))
+    assert_same(arrays, load_weights_from_folder(tmp_path))
     assert tf.load_file_with_metadata(written[0])[1] == {"format": "mlx"}
 
     # Deterministic: the same weights give the same bytes.
@@ -315,21 +316,21 @@ def test_sharded_round_trip(tmp_path):
     # Re-saving as one file removes the stale index and shards.
     tf.save_sharded(tmp_path, arrays)
     assert os.listdir(tmp_path) == ["model.safetensors"]
-    assert_same(arrays, tf.load_weights_from_folder(tmp_path))
+    assert_same(arrays, load_weights_from_folder(tmp_path))
 
 
 def test_loose_files_without_index(tmp_path):
     tf.save_file(tmp_path / "a.safetensors", {"x": mx.ones(2)})
     tf.save_file(tmp_path / "b.safetensors", {"y": mx.zeros(2)})
     (tmp_path / "._a.safetensors").write_bytes(b"\0\5\26\7")  # macOS resource fork: skipped
-    assert sorted(tf.load_weights_from_folder(tmp_path)) == ["x", "y"]
+    assert sorted(load_weights_from_folder(tmp_path)) == ["x", "y"]
 
 
 def test_loose_files_duplicate_tensor(tmp_path):
     tf.save_file(tmp_path / "a.safetensors", {"x": mx.ones(2)})
     tf.save_file(tmp_path / "b.safetensors", {"x": mx.zeros(2)})
     with pytest.raises(ModelFileError, match=r"b\.safetensors.*'x' is also in a\.safetensors"):
-        tf.load_weights_from_folder(tmp_path)
+        load_weights_from_folder(tmp_path)
 
 
 def test_hf_cache_snapshot_symlinks(tmp_path):
@@ -340,7 +341,7 @@ def test_hf_cache_snapshot_symlinks(tmp_path):
     snap.mkdir(parents=True)
     tf.save_file(blobs / "deadbeef", {"x": mx.ones(2)})
     (snap / "model.safetensors").symlink_to("../../blobs/deadbeef")
-    assert tf.load_weights_from_folder(snap)["x"].tolist() == [1, 1]
+    assert load_weights_from_folder(snap)["x"].tolist() == [1, 1]
 
 
 # --------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def make_index(folder, weight_map, raw: bytes | None = None):
 
 def folder_refused(folder, match, name=None, exc=ModelFileError):
     with pytest.raises(exc) as info:
-        tf.load_weights_from_folder(folder)
+        load_weights_from_folder(folder)
     msg = str(info.value)
     assert (name or folder.name) in msg, msg
     assert match in msg, msg
@@ -421,7 +422,7 @@ def test_symlink_escaping_folder(tmp_path):
 def test_symlink_inside_folder_ok(tmp_path):
     tf.save_file(tmp_path / "real.data", {"a": mx.ones(1)})
     (tmp_path / "model.safetensors").symlink_to("real.data")
-    assert tf.load_weights_from_folder(tmp_path)["a"].tolist() == [1]
+    assert load_weights_from_folder(tmp_path)["a"].tolist() == [1]
 
 
 def test_index_tensor_missing_from_shard(tmp_path):
@@ -471,7 +472,7 @@ def test_pickle_only_folder_refused_without_opening(tmp_path, monkeypatch):
 def test_safetensors_preferred_over_pickles(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")
     tf.save_file(tmp_path / "model.safetensors", {"a": mx.ones(1)})
-    assert list(tf.load_weights_from_folder(tmp_path)) == ["a"]
+    assert list(load_weights_from_folder(tmp_path)) == ["a"]
 
 
 # --------------------------------------------------------------------------
@@ -715,7 +716,7 @@ def test_fuzz_index(tmp_path, blob):
     weights = None
     # A refusal names the index, or the shard it points at (then the index by name).
     with refused_cleanly(tf.INDEX_NAME, *FUZZ_SHARDS, error=ModelFileError):
-        weights = tf.load_weights_from_folder(tmp_path)
+        weights = load_weights_from_folder(tmp_path)
     if weights is not None:  # exactly the tensors of the shards the index names
         named = set(json.loads(blob)["weight_map"].values())
         expected = {t: v for s in named for t, v in FUZZ_SHARDS[s].items()}

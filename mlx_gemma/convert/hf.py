@@ -15,7 +15,7 @@ import mlx.core as mx
 from ..errors import ConfigError
 from ..json_input import json_type, read_json
 from ..loading import MAX_CONFIG_BYTES, load_config, model_args, resolve_model_path
-from ..tensorfile import load_weights_from_folder
+from ..model_folder import load_weights_from_folder
 
 
 @dataclass
