@@ -586,3 +586,352 @@ def test_live_keras_hub_fresh_preset(tmp_path, variant):
     ref = {"token_ids": ids, "padding_mask": mask, "logits": np.asarray(keras.ops.convert_to_numpy(out), np.float32)}
     ck = read_keras_preset(tmp_path / "p")
     assert rel_err(logits(model_of(ck), ref), ref) < 1e-4
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+import random  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+
+from hypothesis import event, example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fuzzing import fuzz_settings, refused_cleanly  # noqa: E402
+from mlx_gemma.tasks import presets  # noqa: E402
+
+PALIGEMMA = FIXTURES / "keras_paligemma"
+PALIGEMMA2 = FIXTURES / "keras_paligemma2"
+FUZZ_PRESETS = {"gemma": GEMMA, "gemma2": GEMMA2, "paligemma": PALIGEMMA, "paligemma2": PALIGEMMA2}
+# What keras-hub's GemmaCausalLMPreprocessor.save_to_preset writes (tests/fixtures/keras_generate.json).
+PREPROCESSOR = {
+    "module": "keras_hub.src.models.gemma.gemma_causal_lm_preprocessor", "class_name": "GemmaCausalLMPreprocessor",
+    "config": {"name": "gemma_causal_lm_preprocessor", "trainable": True, "config_file": "preprocessor.json",
+               "sequence_length": 20, "add_start_token": True, "add_end_token": False},
+    "registered_name": "keras_hub>GemmaCausalLMPreprocessor",
+}
+PRESET_FILES = ("config.json", "metadata.json", "tokenizer.json", "preprocessor.json", "model.weights.h5",
+                "model.weights.json", "model_00000.weights.h5", "model_00001.weights.h5",
+                "assets/tokenizer/vocabulary.spm")
+
+
+@pytest.fixture(scope="module")
+def fuzz_presets(tmp_path_factory):
+    """The fixtures plus a preprocessor.json each, and a sharded Gemma 2 (model.weights.json)."""
+    root = tmp_path_factory.mktemp("fuzz-presets")
+    out = {}
+    for name, src in FUZZ_PRESETS.items():
+        out[name] = root / name
+        shutil.copytree(src, out[name], ignore=shutil.ignore_patterns("reference.npz"))
+        (out[name] / "preprocessor.json").write_text(json.dumps(PREPROCESSOR, indent=4))
+    out["gemma2-sharded"] = root / "gemma2-sharded"
+    shutil.copytree(out["gemma2"], out["gemma2-sharded"])
+    shard_preset(out["gemma2-sharded"])
+    return out
+
+
+def _fresh_copy(src: Path, root: str) -> Path:
+    folder = Path(root) / "preset"
+    shutil.copytree(src, folder)
+    return folder
+
+
+def _check_preset(folder: Path):
+    """Every reader of the folder accepts it or refuses with our typed error naming one of its
+    files; what is accepted is a model our loader builds strictly, with finite float32 weights."""
+    files = [folder / f for f in PRESET_FILES]
+    ck = None
+    with refused_cleanly(*files):
+        try:
+            ck = read_keras_preset(folder)
+        except ModelFileError as e:  # the statistics show what the mutations reach
+            problem = re.sub(r"'[^']*'|\[[^]]*\]|\d+", "_", e.problem)
+            event(f"refused, {type(e).__name__}: {' '.join(problem.split()[:5])[:50]}")
+            raise
+    if ck is not None:
+        event("accepted")
+    if ck is not None:
+        assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in ck.weights.values())
+        model_of(ck)  # names and shapes checked strictly against the config
+        assert ck.tokenizer_model == (folder / "assets/tokenizer/vocabulary.spm").read_bytes()
+    assert presets.is_keras_preset(folder) in (True, False)
+    assert presets._keras_dtype(folder) in (None, "float32", "bfloat16", "float16")
+    with refused_cleanly(folder / "preprocessor.json"):
+        settings = presets.keras_preprocessor_settings(str(folder))
+        assert set(settings) <= {"sequence_length", "add_start_token", "add_end_token"}
+    if presets.is_keras_preset(folder):
+        with refused_cleanly(folder / "config.json"):
+            assert isinstance(presets.keras_backbone_config(folder), dict)
+    return ck
+
+
+# --- JSON: a value anywhere replaced by any JSON value, keys dropped or added, the text damaged
+
+_NUMBERS = st.sampled_from([0, 1, -1, 2, 3, 400, 2**31, 2**63, -(2**63), 2**64, 10**400, 0.5, 1e-300, 1e308,
+                            float("nan"), float("inf"), -0.0])
+_LEAVES = st.one_of(st.none(), st.booleans(), _NUMBERS, st.integers(), st.floats(), st.text(max_size=12),
+                    st.sampled_from(["GemmaBackbone", "PaliGemmaBackbone", "keras_hub>GemmaBackbone",
+                                     "keras_hub>PaliGemmaBackbone", "bfloat16", "float32", "DTypePolicy", ""]))
+_JSON = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+
+
+def _json_slots(doc, at=()):
+    """Every (path to a container, key or index in it) of a decoded JSON document."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in items:
+        yield at, key
+        yield from _json_slots(value, at + (key,))
+
+
+@st.composite
+def json_mutation(draw):
+    """(preset, file, [(operation, value)], random) to apply to one JSON file of a preset."""
+    name = draw(st.sampled_from(["gemma", "gemma2", "paligemma", "gemma2-sharded"]))
+    files = ["config.json", "metadata.json", "tokenizer.json", "preprocessor.json"]
+    file = draw(st.sampled_from(files + ["model.weights.json"] if name == "gemma2-sharded" else files))
+    op = st.sampled_from(["replace", "replace", "replace", "delete", "insert", "document", "text", "deep", "long-number"])
+    return name, file, draw(st.lists(st.tuples(op, _JSON), min_size=1, max_size=3)), draw(st.randoms(use_true_random=False))
+
+
+def _apply_json(path: Path, ops, rnd) -> None:
+    for op, value in ops:
+        data = path.read_bytes()
+        if op == "text":  # the bytes themselves: cut short, or a stray byte that is not UTF-8
+            cut = rnd.randrange(len(data) or 1)
+            path.write_bytes(data[:cut] if rnd.random() < 0.5 else data[:cut] + b"\xff" + data[cut:])
+            return
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        slots = list(_json_slots(doc))
+        if op == "set":  # only in @example: value is (path of keys, new value)
+            *at, key = value[0]
+            parent = doc
+            for k in at:
+                parent = parent[k]
+            parent[key] = value[1]
+        elif op == "document" or not slots:
+            doc = value
+        else:
+            at, key = rnd.choice(slots)
+            parent = doc
+            for k in at:
+                parent = parent[k]
+            if op in ("deep", "long-number"):  # past the recursion limit, past int's 4300 digits
+                parent[key] = "@raw@"
+                raw = "[" * 50_000 + "]" * 50_000 if op == "deep" else "9" * 5000
+                path.write_text(json.dumps(doc).replace('"@raw@"', raw))
+                return
+            if op == "replace":
+                parent[key] = value
+            elif op == "delete":
+                del parent[key]
+            elif isinstance(parent, dict):
+                parent[str(rnd.choice([key, "extra", ""]))] = value
+            else:
+                parent.insert(key, value)
+        path.write_text(json.dumps(doc))  # NaN and Infinity included, as Python's json writes them
+
+
+@fuzz_settings(150)
+@given(mutation=json_mutation())
+# is_keras_preset (from_preset's first look at a folder) let json's RecursionError out:
+@example(mutation=("gemma", "config.json", [("deep", None)], random.Random(0)))
+# a 5000-digit integer: Python's json raises a plain ValueError (int max str digits)
+@example(mutation=("gemma", "config.json", [("long-number", None)], random.Random(0)))
+# a list as registered_name beside class_name PaliGemmaBackbone: TypeError (unhashable) in the dispatch
+@example(mutation=("gemma", "config.json", [("document", {"class_name": "PaliGemmaBackbone", "registered_name": []})],
+                   random.Random(0)))
+# an epsilon of 10**400 (JSON integers are unbounded): OverflowError in math.isfinite
+@example(mutation=("gemma", "config.json", [("set", (("config", "layer_norm_epsilon"), 10**400))], random.Random(0)))
+# preprocessor.json's "config" a list or a string: TypeError indexing it by key
+@example(mutation=("gemma", "preprocessor.json", [("document", {"config": ["sequence_length"]})], random.Random(0)))
+@example(mutation=("gemma", "preprocessor.json", [("document", {"config": "sequence_length"})], random.Random(0)))
+def test_fuzz_keras_json(fuzz_presets, mutation):
+    """A preset whose config.json, metadata.json, tokenizer.json, preprocessor.json or shard
+    index holds anything JSON can say (or is cut short) reads, or is refused naming a file."""
+    name, file, ops, rnd = mutation
+    with tempfile.TemporaryDirectory() as root:
+        folder = _fresh_copy(fuzz_presets[name], root)
+        _apply_json(folder / file, ops, rnd)
+        _check_preset(folder)
+
+
+# --- HDF5 bytes: flips, 64-bit numbers and cuts, mostly in the metadata (object headers, B-trees)
+
+
+def _metadata_bytes(h5_path: Path) -> np.ndarray:
+    """Offsets of the bytes of an .h5 file that are not variable data."""
+    size = h5_path.stat().st_size
+    is_meta = np.ones(size, bool)
+    with h5py.File(h5_path, "r") as f:
+        def visit(_, obj):
+            if isinstance(obj, h5py.Dataset) and obj.id.get_offset() is not None:
+                start = obj.id.get_offset()
+                is_meta[start:start + obj.id.get_storage_size()] = False
+        f.visititems(visit)
+    return np.flatnonzero(is_meta)
+
+
+_META = {}
+
+
+def _meta_of(path: Path) -> np.ndarray:
+    if path not in _META:
+        _META[path] = _metadata_bytes(path)
+    return _META[path]
+
+
+@st.composite
+def h5_byte_mutation(draw):
+    """(preset, [(kind, position as a fraction, value)]): 1-4 edits of its model.weights.h5."""
+    name = draw(st.sampled_from(list(FUZZ_PRESETS)))
+    edit = st.tuples(
+        st.sampled_from(["flip", "flip", "number", "byte", "truncate", "data"]),
+        st.floats(0, 1, exclude_max=True),
+        st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1))
+    return name, draw(st.lists(edit, min_size=1, max_size=4))
+
+
+def _apply_bytes(path: Path, edits) -> None:
+    data = bytearray(path.read_bytes())
+    meta = _meta_of(path)
+    for kind, where, value in edits:
+        if not data:
+            break
+        if kind == "truncate":
+            del data[int(where * len(data)):]
+            continue
+        # metadata bytes, except "data": anywhere (the variables' own bytes)
+        # the 8-byte signature aside: a file without it is refused before HDF5 sees it
+        i = int(where * len(data)) if kind == "data" else int(meta[8 + int(where * (len(meta) - 8))])
+        i = min(i, len(data) - 1)
+        if kind in ("flip", "data"):
+            data[i] ^= 1 << (value % 8)
+        elif kind == "byte":
+            data[i] = value % 256
+        else:  # a length, count or file address that lies
+            data[i:i + 8] = value.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+@fuzz_settings(150)
+@given(mutation=h5_byte_mutation())
+def test_fuzz_keras_h5_bytes(fuzz_presets, mutation):
+    """A model.weights.h5 with flipped bits, lying 64-bit fields or cut short reads (every
+    weight finite, of its config's shape), or is refused naming the file; never a bare h5py
+    error, a crash, a hang or an allocation the file's size does not justify."""
+    name, edits = mutation
+    with tempfile.TemporaryDirectory() as root:
+        folder = _fresh_copy(fuzz_presets[name], root)
+        _apply_bytes(folder / "model.weights.h5", edits)
+        _check_preset(folder)
+
+
+# --- HDF5 structure: variables of other shapes and types, groups gone, attributes changed
+
+_DTYPES = ["<f4", ">f4", "<f2", "<f8", "V2", "<u2", "<i1", "<u1", "<i4", "?", "<c8", "S4", "str", "compound",
+           "enum"]
+
+
+def _dtype(name: str):
+    if name == "str":
+        return h5py.string_dtype()
+    if name == "compound":
+        return np.dtype([("a", "<u1"), ("b", "<u1")])
+    if name == "enum":
+        return h5py.enum_dtype({"a": 0, "b": 1}, basetype="i1")
+    return np.dtype(name)
+
+
+def _data(shape, dtype, rnd):
+    if dtype.kind == "O":
+        return np.array([str(rnd.random())] * int(np.prod(shape)), dtype=object).reshape(shape)
+    raw = np.frombuffer(rnd.randbytes(int(np.prod(shape)) * dtype.itemsize), np.uint8)
+    out = raw.view(dtype).reshape(shape) if dtype.names is None else np.zeros(shape, dtype)
+    if dtype.kind == "f" and rnd.random() < 0.7:
+        out = np.clip(np.nan_to_num(out), -1, 1).astype(dtype)  # mostly finite values
+    return out
+
+
+_ATTR_VALUES = st.one_of(
+    st.sampled_from(["bfloat16", "float32", "float16", "int8", "", "é"]),
+    st.sampled_from([b"bfloat16", b"\xff\xfe"]),
+    st.integers(-(2**63), 2**63 - 1), st.floats(), st.lists(st.sampled_from(["bfloat16", "float32"]), max_size=3),
+    st.just(np.array([1, 2, 3], np.int64)), st.just(np.array([b"bfloat16"])), st.just(np.array(2.5)))
+
+
+@st.composite
+def h5_structure_mutation(draw):
+    """(preset, [operations]): what h5py can write that a hostile model.weights.h5 might hold."""
+    name = draw(st.sampled_from(list(FUZZ_PRESETS)))
+    op = st.tuples(
+        st.sampled_from(["reshape", "retype", "retype", "empty", "scalar", "delete", "attr", "attr",
+                         "group-for-dataset", "dataset-for-group", "add", "chunked", "unallocated", "link"]),
+        st.integers(0, 10**6),  # which object
+        st.lists(st.integers(0, 6), max_size=4),  # a shape
+        st.sampled_from(_DTYPES),
+        _ATTR_VALUES,
+        st.randoms(use_true_random=False))
+    return name, draw(st.lists(op, min_size=1, max_size=3))
+
+
+def _apply_structure(path: Path, ops) -> None:
+    with h5py.File(path, "r+") as f:
+        for kind, which, shape, dtype_name, attr, rnd in ops:
+            datasets, groups = [], []
+            f.visititems(lambda n, o: (datasets if isinstance(o, h5py.Dataset) else groups).append(n))
+            objects = datasets + groups
+            if not datasets or not objects:
+                return
+            name = datasets[which % len(datasets)]
+            old = f[name]
+            dtype = _dtype(dtype_name)
+            shape = tuple(shape)
+            if kind in ("retype", "chunked"):
+                shape = old.shape
+            if kind in ("reshape", "retype", "empty", "scalar", "chunked", "unallocated", "link"):
+                del f[name]
+            if kind in ("reshape", "retype"):
+                f.create_dataset(name, data=_data(shape, dtype, rnd), dtype=dtype)
+            elif kind == "empty":
+                f.create_dataset(name, data=h5py.Empty(dtype if dtype.kind != "O" else "<f4"))
+            elif kind == "scalar":
+                f.create_dataset(name, data=_data((), dtype, rnd), dtype=dtype)
+            elif kind == "chunked":
+                f.create_dataset(name, data=_data(shape, np.dtype("<f4"), rnd), chunks=True, maxshape=(None,) * len(shape))
+            elif kind == "unallocated":  # a shape, and no data behind it
+                f.create_dataset(name, shape=tuple(s * 10**4 for s in shape) or (10**9,), dtype="<f4")
+            elif kind == "link":
+                f[name] = h5py.SoftLink("/" + datasets[rnd.randrange(len(datasets))])
+            elif kind == "delete":
+                del f[objects[which % len(objects)]]
+            elif kind == "attr":
+                target = f[objects[which % len(objects)]] if rnd.random() < 0.3 else old
+                target.attrs[rnd.choice(["dtype", "dtype", "name"])] = attr
+            elif kind == "group-for-dataset":
+                del f[name]
+                f.create_group(name).create_dataset("0", data=_data(shape, np.dtype("<f4"), rnd))
+            elif kind == "dataset-for-group":
+                group = groups[which % len(groups)]
+                del f[group]
+                f.create_dataset(group, data=_data(shape, dtype, rnd), dtype=dtype)
+            else:  # add: a variable no config asks for
+                parent = objects[which % len(objects)].rsplit("/", 1)[0] if rnd.random() < 0.5 else ""
+                f.create_dataset(f"{parent}/vars/{rnd.randrange(3)}x".lstrip("/"), data=_data(shape, dtype, rnd),
+                                 dtype=dtype)
+
+
+@fuzz_settings(150)
+@given(mutation=h5_structure_mutation())
+def test_fuzz_keras_h5_structure(fuzz_presets, mutation):
+    """Variables replaced by ones of other shapes, ranks and HDF5 types (opaque, strings,
+    compounds, enums, empty or scalar dataspaces, chunked, unallocated), groups and
+    datasets swapped or deleted, `dtype` attributes of any type: read, or refused naming the file."""
+    name, ops = mutation
+    with tempfile.TemporaryDirectory() as root:
+        folder = _fresh_copy(fuzz_presets[name], root)
+        _apply_structure(folder / "model.weights.h5", ops)
+        _check_preset(folder)

@@ -86,6 +86,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .keras_h5 import read_json, read_variables
+from ..json_input import json_type
 from ..errors import (
     ConfigError,
     ModelFileError,
@@ -136,7 +137,7 @@ class KerasCheckpoint:
 
 def _check_class(path: str, top: Any) -> dict:
     if not isinstance(top, dict):
-        raise ConfigError(path, f"must hold a JSON object, found {type(top).__name__}")
+        raise ConfigError(path, f"must hold a JSON object, found {json_type(top)}")
     class_name = top.get("class_name")
     registered = top.get("registered_name")
     names = [n for n in (class_name, registered) if n is not None]
@@ -189,9 +190,12 @@ def _float(path, cfg, key, default=None, *, optional=False) -> float | None:
         if optional:
             return None
         raise ConfigError(path, f"config is missing {key!r}")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    number = None
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e300:  # a JSON integer can be huge
+        number = float(v)
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ConfigError(path, f"{key} must be a positive number{' or null' if optional else ''}, got {v!r:.80}")
-    return float(v)
+    return number
 
 
 def _dtype_name(cfg: dict) -> str | None:
@@ -395,8 +399,10 @@ def read_keras_preset(
         raise ModelFileError(folder, "expected a Keras preset folder (config.json, model.weights.h5, assets/)")
     config_path = os.path.join(folder, CONFIG_FILE)
     top = read_json(config_path, "config.json", ConfigError)
+    registered = top.get("registered_name") if isinstance(top, dict) else None
+    # A registered_name that is not a string is left to _check_class to refuse.
     if isinstance(top, dict) and top.get("class_name") == "PaliGemmaBackbone" and (
-            top.get("registered_name") in _PALIGEMMA or top.get("registered_name") is None):
+            registered is None or (isinstance(registered, str) and registered in _PALIGEMMA)):
         from .keras_paligemma import read_paligemma_preset
 
         return read_paligemma_preset(folder, top, progress=progress)

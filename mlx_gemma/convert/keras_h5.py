@@ -28,7 +28,6 @@ file's path.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import json_input
 from ..errors import ModelFileError, UnsupportedModelError, WeightsMismatchError
 
 WEIGHTS_FILE = "model.weights.h5"
@@ -50,15 +50,14 @@ _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.weights\.h5$")
 
 
 def read_json(path: str, what: str, error=ModelFileError) -> Any:
+    """A preset's JSON file (size-capped, json_input.read_json), or `error` naming it."""
     if not os.path.isfile(path):
         raise error(path, f"missing: a Keras preset needs its {what}")
-    size = os.path.getsize(path)
-    if size > MAX_JSON_BYTES:
-        raise error(path, f"is {size} bytes; a {what} is a few KB")
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return json_input.read_json(path, MAX_JSON_BYTES, error)
+    except ModelFileError:
+        raise
+    except ValueError as e:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
         raise error(path, f"not valid JSON: {e}") from None
 
 
@@ -99,6 +98,10 @@ def _dataset_dtype(path: str, name: str, dset) -> str:
     declared = dset.attrs.get("dtype") if "dtype" in dset.attrs else None
     if isinstance(declared, bytes):
         declared = declared.decode("utf-8", "replace")
+    if declared is not None and not isinstance(declared, str):
+        # Compared with a string below, an array would not give one truth value.
+        raise ModelFileError(path, f"variable {name!r} has a 'dtype' attribute that is not a string: "
+                                   f"{type(declared).__name__} {declared!r:.60}")
     if dt.kind == "V" and dt.itemsize == 2 and dt.names is None and dt.subdtype is None:
         kind = "bfloat16"
     elif dt.kind == "u" and dt.itemsize == 2:
@@ -149,6 +152,8 @@ def _walk(path: str, f, found: dict[str, _Var]) -> None:
             plist = obj.id.get_create_plist()
             if plist.get_nfilters():
                 raise ModelFileError(path, f"variable {name!r} is compressed or filtered; Keras writes plain data")
+            if obj.shape is None:
+                raise ModelFileError(path, f"variable {name!r} has an empty dataspace: no shape, no data")
             shape = tuple(int(d) for d in obj.shape)
             dtype = _dataset_dtype(path, name, obj)
             nbytes = math.prod(shape) * obj.dtype.itemsize

@@ -24,11 +24,11 @@ HF_HUB_OFFLINE and the normal cache).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import json_input
 from ..errors import ModelFileError
 
 # Backbone shapes, keras-hub's argument names.  Keras' `intermediate_dim` is twice
@@ -212,15 +212,22 @@ def _kaggle_download(handle: str) -> Path:
 # ----- keras-hub preset folders: converted once into the cache --------------------------
 
 
+def _keras_config_json(folder: Path):
+    """The decoded config.json of a would-be keras-hub folder, or None when it cannot be read."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    from ..convert.keras_h5 import read_json
+
+    try:
+        return read_json(str(config), "config.json")
+    except ModelFileError:
+        return None
+
+
 def is_keras_preset(folder: Path) -> bool:
     """A keras-hub preset folder: config.json names a Keras class, not a model_type."""
-    config = folder / "config.json"
-    if not config.is_file() or config.stat().st_size > (4 << 20):
-        return False
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
+    data = _keras_config_json(folder)
     return isinstance(data, dict) and "class_name" in data and "model_type" not in data
 
 
@@ -234,14 +241,15 @@ def _fingerprint(folder: Path) -> str:
 
 
 def _keras_dtype(folder: Path) -> str | None:
-    """The dtype policy the preset was saved with: converting to it loses nothing."""
-    try:
-        dtype = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config", {}).get("dtype")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """The dtype policy the preset was saved with: converting to it loses nothing.
+    Only a hint: whatever else the file says, the converter judges it."""
+    top = _keras_config_json(folder)
+    config = top.get("config") if isinstance(top, dict) else None
+    dtype = config.get("dtype") if isinstance(config, dict) else None
     if isinstance(dtype, dict):  # {"class_name": "DTypePolicy", "config": {"name": "bfloat16"}}
-        dtype = (dtype.get("config") or {}).get("name")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+        policy = dtype.get("config")
+        dtype = policy.get("name") if isinstance(policy, dict) else None
+    return dtype if isinstance(dtype, str) and dtype in ("float32", "bfloat16", "float16") else None
 
 
 def keras_preset_folder(folder: Path) -> Path:
@@ -282,19 +290,18 @@ def keras_preprocessor_settings(handle) -> dict:
     path = folder / "preprocessor.json"
     if not is_keras_preset(folder) or not path.is_file():
         return {}
-    if path.stat().st_size > (4 << 20):
-        raise ModelFileError(path, "is larger than any preprocessor config (4 MiB)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise ModelFileError(path, f"not a keras-hub preprocessor config: {e}") from None
-    out = {k: config[k] for k in ("sequence_length", "add_start_token", "add_end_token") if k in config}
-    length = out.get("sequence_length")
-    if "sequence_length" in out and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
-        raise ModelFileError(path, f"sequence_length must be a positive integer, got {length!r}")
-    for key in ("add_start_token", "add_end_token"):
-        if key in out and not isinstance(out[key], bool):
-            raise ModelFileError(path, f"{key} must be true or false, got {out[key]!r}")
+    from ..convert.keras_h5 import read_json
+
+    top = read_json(str(path), "preprocessor.json")
+    if not isinstance(top, dict):
+        raise ModelFileError(path, f"must hold a JSON object, found {json_input.json_type(top)}")
+    config = json_input.field(top, "config", (dict, type(None)), path, None, ModelFileError) or {}
+    out = {}
+    for key, kind in (("sequence_length", int), ("add_start_token", bool), ("add_end_token", bool)):
+        if key in config:
+            out[key] = json_input.field(config, key, kind, path, error=ModelFileError, where="config.")
+    if out.get("sequence_length", 1) <= 0:
+        raise ModelFileError(path, f"'config.sequence_length' must be a positive integer, got {out['sequence_length']}")
     return out
 
 
