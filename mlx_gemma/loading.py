@@ -185,9 +185,12 @@ def load_model_from(
 ) -> nn.Module:
     """A model built from a config dict and its weights (already in memory).
 
-    Errors in the config name `config_path` (default: `path`), those in the weights `path`.
+    Errors in the config name `config_path` (default: the config.json of folder `path`, else
+    `path`), those in the weights `path`.
     """
-    config_path = path if config_path is None else config_path
+    if config_path is None:
+        in_folder = None if path is None else Path(path) / "config.json"
+        config_path = in_folder if in_folder is not None and in_folder.is_file() else path
     model = build_model(config, config_path)
     weights = model.sanitize(weights)
     quantize_like(model, config, weights, config_path)
@@ -217,8 +220,7 @@ def load_model(
     (ours or mlx-lm's) to apply on top.
     """
     folder = resolve_model_path(path_or_repo, revision)
-    model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype,
-                            config_path=folder / "config.json")
+    model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype)
     if adapter_path is not None:
         from .lora import load_adapters  # lora imports tensorfile only; import it when asked
 

@@ -294,6 +294,8 @@ _HF_CONFIG = json.loads((FIXTURES / "tiny_gemma2" / "config.json").read_text())
 @given(data=st.data(), which=st.sampled_from(["generation_config.json", "config.json"]))
 # A generation_config.json holding an array was taken as it was and written out.
 @example(data=b"[1, 2]", which="generation_config.json")
+# Found by the long campaign: a bad quantization entry named the folder, not its config.json.
+@example(data=json.dumps({**_HF_CONFIG, "quantization": "x"}).encode(), which="config.json")
 # Deep nesting in generation_config.json was a bare RecursionError.
 @example(data=b"[" * 100_000, which="generation_config.json")
 def test_fuzz_conversion_inputs(tmp_path_factory, data, which):

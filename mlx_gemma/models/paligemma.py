@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 from ..errors import ConfigError, ImageError
 from . import gemma, gemma2
+from ..json_input import json_type
 from .config import parse_config
 from .decoder import DecoderStack
 from .layers import softcap
@@ -72,6 +73,10 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
+        for key in ("text_config", "vision_config") if isinstance(config, dict) else ():
+            if config.get(key) is not None and not isinstance(config[key], dict):
+                raise ConfigError(path, f"a paligemma config needs text_config and vision_config objects; "
+                                        f"{key} is {json_type(config[key])}")
         args = parse_config(cls, config, path, where)
         if "image_token_id" in args.extra and "image_token_index" not in config:
             args.image_token_index = args.extra["image_token_id"]  # transformers' attribute_map alias
