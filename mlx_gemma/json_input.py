@@ -41,6 +41,8 @@ def read_json(path: str | os.PathLike, max_bytes: int, error: type[ModelFileErro
         raise error(path, "missing") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(path, f"not valid JSON: {e}") from e
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise error(path, f"not usable JSON: {e}") from e
     except RecursionError as e:
         raise error(path, "nested too deeply") from e
     except OSError as e:

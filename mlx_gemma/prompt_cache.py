@@ -210,7 +210,7 @@ def _metadata_json(meta: dict, key: str, kind: type, path):
         raise PromptCacheError(path, f"metadata has no {key!r}")
     try:
         value = json.loads(meta[key])
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
         raise PromptCacheError(path, f"metadata {key!r} is not valid JSON: {e}") from None
     except RecursionError:
         raise PromptCacheError(path, f"metadata {key!r} is nested too deeply") from None

@@ -110,7 +110,7 @@ def load_jsonl(path: str | os.PathLike, tokenizer, mask_prompt: bool = False,
                 continue
             try:
                 record = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an integer of over 4300 digits
                 raise DatasetError(where, f"not valid JSON: {e}") from None
             except RecursionError:
                 raise DatasetError(where, "JSON nested too deeply") from None

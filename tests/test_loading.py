@@ -378,8 +378,12 @@ def mutated_json(draw, value, keys=(), values=_json_values, max_edits=3):
 def mutated_bytes(draw, data: bytes):
     """`data` cut short, with a byte changed, or a run of bytes deleted or repeated."""
     n = len(data)
-    op = draw(st.sampled_from(["truncate", "flip", "delete", "repeat"]))
+    op = draw(st.sampled_from(["truncate", "flip", "delete", "repeat", "digits"]))
     i = draw(st.integers(0, max(n - 1, 0)))
+    digits = [k for k, c in enumerate(data) if 48 <= c <= 57]
+    if op == "digits" and digits:  # a number longer than Python will convert (4300 digits)
+        k = draw(st.sampled_from(digits))
+        return data[:k] + b"9" * 5000 + data[k:]
     if op == "truncate":
         return data[:i]
     if op == "flip":
@@ -444,6 +448,8 @@ _SHAPES: dict = {}
 @example(name="tiny_gemma2", data=json.dumps({**_CONFIGS["tiny_gemma2"], "final_logit_softcapping": "30"}))
 # Deep nesting was a bare RecursionError from the JSON reader.
 @example(name="tiny_gemma", data="[" * 100_000 + "]" * 100_000)
+# A 5000-digit integer was a bare ValueError from Python's int conversion (found by the Keras campaign).
+@example(name="tiny_gemma", data='{"model_type": "gemma", "hidden_size": 1' + "0" * 5000 + "}")
 # An unknown hidden_activation for Gemma 2/3 was a bare ValueError when the MLP was built (long campaign).
 @example(name="tiny_gemma3", data=json.dumps({**_CONFIGS["tiny_gemma3"], "hidden_activation": ""}))
 def test_fuzz_config_files(tmp_path_factory, name, data):

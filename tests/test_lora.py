@@ -520,6 +520,9 @@ def mutated_tensors(draw, tensors: dict) -> dict:
 # A rank past MLX's shape limits was a bare OverflowError building the adapters.
 @example(dora=False, which="adapter_config.json",
          data=b'{"num_layers": 2, "lora_parameters": {"rank": 4611686018427387904, "scale": 1}}')
+# A 5000-digit rank was a bare ValueError from Python's int conversion.
+@example(dora=False, which="adapter_config.json", data=b'{"num_layers": 2, "lora_parameters": {"rank": 1'
+         + b"0" * 5000 + b', "scale": 1}}')
 # Deep nesting in adapter_config.json was a bare RecursionError.
 @example(dora=False, which="adapter_config.json", data=b"[" * 100_000)
 def test_fuzz_adapter_folders(tmp_path_factory, dora, which, data):

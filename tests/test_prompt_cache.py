@@ -280,6 +280,8 @@ def fuzz_cache_file(tmp_path_factory, kind):
 @given(kind=st.sampled_from(_CACHE_KINDS), data=st.data())
 # Deep nesting inside a metadata JSON string was a bare RecursionError.
 @example(kind="plain", data=("model", "[" * 100_000))
+# A 5000-digit integer in the metadata JSON was a bare ValueError from Python's int conversion.
+@example(kind="plain", data=("options", '{"quantized_kv_start": 1' + "0" * 5000 + "}"))
 def test_fuzz_prompt_cache_files(tmp_path_factory, kind, data):
     """A prompt-cache file with mutated metadata (its JSON values, anywhere inside), mutated
     arrays, or damaged bytes either loads for its model (and the model decodes on from it)

@@ -164,6 +164,8 @@ def mutated_jsonl(draw, images: bool) -> bytes:
        max_seq_length=st.sampled_from([None, 3, 12, 1000]))
 # Deep nesting on one line was a bare RecursionError.
 @example(data=b"[" * 100_000 + b"\n", mask_prompt=False, images=None, max_seq_length=None)
+# A 5000-digit integer was a bare ValueError from Python's int conversion.
+@example(data=b'{"text": 1' + b"0" * 5000 + b"}\n", mask_prompt=False, images=None, max_seq_length=None)
 # An image name too long for the file system was a bare OSError (ENAMETOOLONG).
 @example(data=json.dumps({"image": "x" * 5000, "prefix": "", "suffix": "a"}).encode(), mask_prompt=False,
          images=(9, 6), max_seq_length=None)
