@@ -95,3 +95,21 @@ def number_in(value: Any, kind: type, path, key: str, low: float | None = None, 
             or (high is not None and value > high)):
         raise error(path, f"{key!r} must be {' and '.join(w for w in wanted if w)}, found {value!r}")
     return value
+
+
+def all_finite(value: Any, path, error: type[ModelFileError] = ConfigError) -> Any:
+    """`value` if no number anywhere inside it is NaN or infinite, else `error` naming the key.
+
+    Python's reader takes NaN and Infinity, and turns a decimal too large for a float into
+    infinity; no JSON writer can put them back, and no setting means them.
+    """
+    stack = [(value, "")]
+    while stack:  # not recursive: the reader already allowed nesting near the recursion limit
+        v, key = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise error(path, f"{key or 'the file'!r} holds {v!r}, not a finite number")
+        if isinstance(v, dict):
+            stack.extend((item, f"{key}.{k}" if key else k) for k, item in v.items())
+        elif isinstance(v, list):
+            stack.extend((item, f"{key}[{i}]") for i, item in enumerate(v))
+    return value

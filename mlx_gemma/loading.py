@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from .cpu_spread import spread_matmuls
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
-from .json_input import expect, field, json_type, read_json
+from .json_input import all_finite, expect, field, json_type, read_json
 from .models import MODELS, TEXT_PART_OF, supported_model_types
 from .model_folder import load_weights_from_folder
 
@@ -71,7 +71,7 @@ def load_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(path, "missing: a model folder needs a config.json")
-    config = read_json(path, MAX_CONFIG_BYTES)
+    config = all_finite(read_json(path, MAX_CONFIG_BYTES), path)
     if not isinstance(config, dict):
         raise ConfigError(path, f"must hold a JSON object, found {json_type(config)}")
     nested = field(config, "text_config", dict, path, default={})

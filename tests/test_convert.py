@@ -296,6 +296,11 @@ _HF_CONFIG = json.loads((FIXTURES / "tiny_gemma2" / "config.json").read_text())
 @example(data=b"[1, 2]", which="generation_config.json")
 # Found by the long campaign: a bad quantization entry named the folder, not its config.json.
 @example(data=json.dumps({**_HF_CONFIG, "quantization": "x"}).encode(), which="config.json")
+# Found by the long campaign: a decimal too large for a float (read as inf) in a key we set aside was
+# refused only when writing, naming the destination; NaN in generation_config.json likewise.
+@example(data=json.dumps({**_HF_CONFIG, "attention_dropout": 0.0}).replace("0.0", "9" * 400 + ".0", 1).encode(),
+         which="config.json")
+@example(data=b'{"eos_token_id": NaN}', which="generation_config.json")
 # Deep nesting in generation_config.json was a bare RecursionError.
 @example(data=b"[" * 100_000, which="generation_config.json")
 def test_fuzz_conversion_inputs(tmp_path_factory, data, which):

@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import ConfigError
-from ..json_input import json_type, read_json
+from ..json_input import all_finite, json_type, read_json
 from ..loading import MAX_CONFIG_BYTES, load_config, model_args, resolve_model_path
 from ..model_folder import load_weights_from_folder
 
@@ -37,7 +37,7 @@ def read_hf(path_or_repo, revision: str | None = None) -> Checkpoint:
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
         # Copied to the output as it is, so only its shape matters here.
-        generation_config = read_json(gen_path, MAX_CONFIG_BYTES)
+        generation_config = all_finite(read_json(gen_path, MAX_CONFIG_BYTES), gen_path)
         if not isinstance(generation_config, dict):
             raise ConfigError(gen_path, f"must hold a JSON object, found {json_type(generation_config)}")
     tokenizer = folder / "tokenizer.model"
