@@ -1,10 +1,10 @@
-"""Text generation: the decode loop, streaming and batched generation, and the CLI.
+"""Text generation: streaming and batched generation, and the CLI.
 
-`generate_step` is the one decode loop everything else uses: chunked prefill,
-then one token per step with the KV cache, the next step queued on the device
-(`mx.async_eval`) while the host handles the current token.  `stream_generate`
-turns its ids into `GenerationResponse`s (text segments, stop handling, speed);
-`generate` returns the text; `batch_generate` runs several prompts at once.
+`generate_step` runs the engine (engine.py: chunked prefill, then one token per
+step with the KV cache, the next step queued while the host handles the current
+one) with the sampling policy.  `stream_generate` turns its ids into
+`GenerationResponse`s (text segments, stop handling, speed); `generate` returns
+the text; `batch_generate` runs several prompts at once.
 
     python -m mlx_gemma.generate --model google/gemma-3-270m-it --prompt "Hello"
 """
@@ -21,40 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .cache import check_kv_options
-from .errors import GenerationError, MlxGemmaError
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
+from .engine import SampleStep, default_prefill_step, positive_int, prefill, run, token_budget
+from .errors import GenerationError, MlxGemmaError
 from .prompts import RowText, prompt_ids, stop_settings
-from .samplers import apply_processors, greedy
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
-# Prompt tokens per forward call during prefill (mlx-lm's default), counted across the
-# batch: B rows take PREFILL_STEP_SIZE // B positions per call, so a batch's prefill holds
-# the activations one prompt's does (mlx-lm takes 2048 positions of every row).  Larger
-# chunks keep a GPU busy; each chunk's activations are what prefill memory scales with,
-# and only the last position of the last chunk goes through the vocabulary-sized head.
-PREFILL_STEP_SIZE = 2048
-# Soft-capped attention (Gemma 2) cannot use the fused kernel: it spells out float32
-# scores [heads, chunk, keys], so its chunks are smaller (measured on a 5000-token Gemma 2
-# prompt: 2048-token chunks peaked at 1.8x mlx-lm's memory, 512-token ones at 0.54x).
-SOFTCAP_PREFILL_STEP_SIZE = 512
-# A CPU gains nothing from long chunks, and short ones keep each product's activations
-# small (in cache, and little to allocate ahead of the work: MLX's CPU backend allocates
-# an operation's output when it queues it).  Measured on a 2-core x86 CPU, medians of 3,
-# prefill time and peak above the weights by rows per chunk (positions x batch):
-#   Gemma 3 270M bf16, 1023-token prompt: 2048 rows 48-55 s, 77 MB; 256: 39 s, 28 MB;
-#     64: 43 s, 18 MB; 32: 38 s, 18 MB; 16: 38 s, 18 MB (the cache is most of it);
-#   Gemma 2 2B-shaped (2 layers) bf16, 128 tokens: 128 rows 5.5 s, 24 MB; 64: 4.4 s, 13 MB;
-#     32: 3.6 s, 8 MB; 16: 3.4 s, 6 MB; 8: 3.7 s, 5 MB;
-#   the same, 4 prompts of 128: 256 rows 16.7 s, 51 MB; 64: 11.8 s, 24 MB; 32: 12.0 s, 19 MB.
-CPU_PREFILL_STEP_SIZE = 32
-# Quantized weights are dequantized once per chunk on the CPU (see cpu_spread), so longer
-# chunks pay off there: Gemma 3 270M 4-bit, 128 tokens, medians of 6: 64 rows 5.3 s, 32 rows
-# 6.2 s (of 3: 256 rows 4.7 s, 7 MB above the weights, against 6 MB at 64 and 32).
-CPU_QUANTIZED_PREFILL_STEP_SIZE = 256
-_CLEAR_CACHE_EVERY = 256  # decode steps between returns of freed buffers to the allocator
 
 
 @dataclass
@@ -81,49 +55,7 @@ class GenerationResponse:
     finish_reason: str | None = None
 
 
-_streams: dict[str, mx.Stream] = {}
-
-
-def generation_stream() -> mx.Stream:
-    """A stream of its own for generation on the current default device (made once per device)."""
-    device = mx.default_device()
-    if repr(device) not in _streams:
-        _streams[repr(device)] = mx.new_stream(device)
-    return _streams[repr(device)]
-
-
 # ----- the decode loop ------------------------------------------------------------------
-
-
-def _positive_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise GenerationError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def token_budget(model, prompt_length: int, max_tokens: int) -> int:
-    """How many tokens may follow a prompt: max_tokens, or fewer at the context length.
-
-    The whole sequence (prompt + generated) must fit the model's
-    `max_position_embeddings`, so that it can be fed back in a later turn.
-    """
-    _positive_int("max_tokens", max_tokens, 0)
-    context = model.args.max_position_embeddings
-    if prompt_length >= context:
-        raise GenerationError(
-            f"the prompt is {prompt_length} tokens, but the model's context length is {context}: "
-            "shorten the prompt")
-    return min(max_tokens, context - prompt_length)
-
-
-def default_prefill_step(model, rows: int = 1) -> int:
-    """Prompt positions per forward call for a batch of `rows` when the caller does not say."""
-    if mx.default_device() == mx.cpu:
-        quantized = isinstance(model, nn.Module) and any(
-            isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
-        return max(1, (CPU_QUANTIZED_PREFILL_STEP_SIZE if quantized else CPU_PREFILL_STEP_SIZE) // rows)
-    softcapped = getattr(model.args, "attn_logit_softcapping", None) is not None
-    return max(1, (SOFTCAP_PREFILL_STEP_SIZE if softcapped else PREFILL_STEP_SIZE) // rows)
 
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
@@ -145,11 +77,8 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise GenerationError(f"prompt_ids must be a non-empty [B, T] array of token ids, got shape {ids.shape}")
-    if prefill_step_size is None:
-        prefill_step_size = default_prefill_step(model, ids.shape[0])
-    _positive_int("prefill_step_size", prefill_step_size, 1)
-    if getattr(model, "prefix_lm", False):  # the prompt attends both ways: prefill it in one call
-        prefill_step_size = max(prefill_step_size, ids.shape[1])
+    if prefill_step_size is not None:
+        positive_int("prefill_step_size", prefill_step_size, 1)
     pad = None if left_padding is None else mx.array(left_padding, mx.int32)
     if cache is None:
         if kv_options:
@@ -158,65 +87,22 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     elif kv_options:
         raise GenerationError("cache options (max_kv_size, kv_bits, ...) go to the cache when it is made")
     budget = token_budget(model, cache[0].offset + ids.shape[1], max_tokens)
-    return _decode(model, ids.astype(mx.int32), cache, sampler or greedy, list(logits_processors or []),
+    return _decode(model, ids.astype(mx.int32), cache, sampler, list(logits_processors or []),
                    prefill_step_size, budget, pad, cached_ids, pixel_values)
 
 
-def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids, pixel_values=None):
+def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids, pixel_values):
+    """The generator behind `generate_step` (its checks run before the first `next`)."""
     if budget == 0:
         return
-    stream = generation_stream()
     history = None  # what the processors see: prompt then generated ids, pads as -1
     if processors:
         history = ids if pad is None else mx.where(mx.arange(ids.shape[1])[None] < pad[:, None], -1, ids)
         if cached_ids is not None:
             history = mx.concatenate([mx.array(cached_ids, mx.int32).reshape(ids.shape[0], -1), history], axis=1)
-
-    def forward(y, fed_back: bool, **images):
-        nonlocal history
-        hidden = model.model(y, cache=cache, **images)
-        logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # the head on the last position only
-        if processors:
-            if fed_back:
-                history = mx.concatenate([history, y], axis=1)
-            logits = apply_processors(processors, history, logits)
-        lse = mx.logsumexp(logits, axis=-1)  # [B]
-        logprobs = logits - lse[:, None]
-        # Greedy needs only the argmax, which subtracting lse does not move; the log-softmax
-        # then stays lazy and is made only if the caller reads it: a vocabulary-sized float32
-        # array less per step (1 MB for Gemma 3's 262144 tokens).
-        token = (mx.argmax(logits, axis=-1) if sampler is greedy else sampler(logprobs)).astype(mx.int32)
-        # A NaN anywhere in a row, or a row with no finite logit, leaves its logsumexp
-        # non-finite; the check rides along in the one array the host reads (-1 marks the row).
-        return token, mx.where(mx.isfinite(lse), token, -1), logprobs
-
-    with mx.stream(stream):
-        while ids.shape[1] > step_size:
-            model.model(ids[:, :step_size], cache=cache)
-            mx.eval([c.state for c in cache])  # bound the graph: one chunk at a time
-            ids = ids[:, step_size:]
-        pending = forward(ids, fed_back=False, **({} if pixel_values is None else {"pixel_values": pixel_values}))
-    mx.async_eval(*pending[:2])
-
-    n = 0
-    while True:
-        token, checked, logprobs = pending
-        if n + 1 < budget:  # queue step n+1 before waiting for token n
-            with mx.stream(stream):
-                pending = forward(token[:, None], fed_back=True)
-            mx.async_eval(*pending[:2])
-        values = checked.tolist()  # the loop's one host synchronisation
-        if min(values) < 0:
-            rows = [b for b, v in enumerate(values) if v < 0]
-            raise GenerationError(f"the logits at generated token {n + 1} (batch rows {rows}) hold a NaN or no finite "
-                                  "value; the weights, the dtype (try float32 or bfloat16) or a logits processor "
-                                  "are at fault")
-        yield values, logprobs
-        n += 1
-        if n == budget:
-            return
-        if n % _CLEAR_CACHE_EVERY == 0:
-            mx.clear_cache()
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    hidden = prefill(model, ids, cache, step_size, **images)
+    yield from run(SampleStep(model, cache, sampler, processors, history), hidden, budget)
 
 
 # ----- streaming, full and batched generation ------------------------------------------

@@ -39,9 +39,41 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def log_softmax(logits: mx.array) -> mx.array:
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+_SUM_BLOCK = 1024
+
+
+def _blocked_sum(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(row max, log of sum(exp(x - max))) over the last axis, the sum taken in 1024-wide blocks.
+
+    MLX's CPU backend sums a row in one sequential pass: over Gemma 3's 262,144 logits the
+    float32 normaliser is then off by ~1e-3, an offset that differs per row and would reorder
+    beams; blocks bring it to ~4e-6 (torch's log_softmax, the reference, ~1e-6).  Sampling
+    does not need it (a row's tokens share the offset), so it is asked for with `blocked`.
+    """
+    peak = mx.max(x, axis=-1, keepdims=True)
+    e = mx.exp(x - peak)
+    pad = -x.shape[-1] % _SUM_BLOCK
+    if pad:
+        e = mx.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)])
+    return peak, mx.log(e.reshape(*e.shape[:-1], -1, _SUM_BLOCK).sum(axis=-1).sum(axis=-1, keepdims=True))
+
+
+def logsumexp(logits: mx.array, blocked: bool = False) -> mx.array:
+    """The log-softmax's normaliser over the last axis, in float32 ([..., V] -> [...])."""
+    x = logits.astype(mx.float32)
+    if not blocked:
+        return mx.logsumexp(x, axis=-1)
+    peak, log_total = _blocked_sum(x)
+    return (peak + log_total)[..., 0]
+
+
+def log_softmax(logits: mx.array, blocked: bool = False) -> mx.array:
+    """log-softmax over the last axis in float32; `blocked` for a precise normaliser (beam scores)."""
+    x = logits.astype(mx.float32)
+    if not blocked:
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+    peak, log_total = _blocked_sum(x)
+    return x - peak - log_total
 
 
 def apply_temperature(logprobs: mx.array, temp: float) -> mx.array:

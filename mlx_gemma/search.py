@@ -9,6 +9,10 @@ rows (`cache.take`).  Its bookkeeping follows transformers 5's `_beam_search`
 Generation") picks, among the `top_k` likeliest next tokens, the one whose
 hidden state is least like any earlier one, which curbs repetition.  The k
 candidates are evaluated as a batch of k rows with the cache copied k times.
+
+Both are step policies on the engine (engine.py): its prefill, its loop.  Beam search's
+host keeps the books between steps (not pipelined); contrastive search runs on the device
+alone, so its next step is queued while the host reads the current token.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .engine import Pending, positive_int, prefill, run, token_budget
 from .errors import GenerationError
-from .generate import _positive_int, generate_step, generation_stream, token_budget
+from .generate import generate_step
 from .prompts import _is_id, prompt_ids
-from .samplers import apply_processors, greedy
+from .samplers import apply_processors, greedy, log_softmax
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Beam:
     finished: bool  # ended on a stop id (else ran out of max_tokens or the context)
 
 
-# ----- shared checks and the prefill ----------------------------------------------------
+# ----- shared checks ----------------------------------------------------------------------
 
 
 def _check_prompt(model, prompt) -> mx.array:
@@ -55,37 +60,6 @@ def _check_stops(model, stop_token_ids) -> frozenset[int]:
     if bad is not None:
         raise GenerationError(f"stop_token_ids: {bad!r} is not an id in the model's vocabulary (0..{V - 1})")
     return frozenset(int(i) for i in stops)
-
-
-def _prefill(model, ids: mx.array, cache, step_size: int) -> mx.array:
-    """Run the prompt [1, T] through the model in chunks; returns its hidden states [1, T, hidden]."""
-    chunks = []
-    for start in range(0, ids.shape[1], step_size):
-        hidden = model.model(ids[:, start : start + step_size], cache=cache)
-        mx.eval(hidden, [c.state for c in cache])  # bound the graph: one chunk at a time
-        chunks.append(hidden)
-    return mx.concatenate(chunks, axis=1)
-
-
-_SUM_BLOCK = 1024
-
-
-def _log_softmax(logits: mx.array) -> mx.array:
-    """log-softmax over the last axis in float32, its normaliser summed in blocks.
-
-    MLX's CPU backend sums a row in one sequential pass: over Gemma 3's 262,144
-    logits the float32 logsumexp is then off by ~1e-3, an offset that differs
-    per row and would reorder beams.  Summing 1024-wide blocks first brings it
-    to ~4e-6 (torch's log_softmax, the reference, gets ~1e-6).
-    """
-    x = logits.astype(mx.float32)
-    peak = mx.max(x, axis=-1, keepdims=True)
-    e = mx.exp(x - peak)
-    pad = -x.shape[-1] % _SUM_BLOCK
-    if pad:
-        e = mx.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)])
-    total = e.reshape(*e.shape[:-1], -1, _SUM_BLOCK).sum(axis=-1).sum(axis=-1, keepdims=True)
-    return x - peak - mx.log(total)
 
 
 def _take_rows(cache, rows: mx.array) -> None:
@@ -123,8 +97,8 @@ def beam_search(model, prompt: list[int], max_tokens: int, num_beams: int = 4, l
     Returns [] when no token may be generated (`max_tokens=0`).
     """
     ids = _check_prompt(model, prompt)
-    _positive_int("num_beams", num_beams, 1)
-    _positive_int("num_return", num_return, 1)
+    positive_int("num_beams", num_beams, 1)
+    positive_int("num_return", num_return, 1)
     if num_return > num_beams:
         raise GenerationError(f"num_return ({num_return}) cannot exceed num_beams ({num_beams})")
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
@@ -132,7 +106,7 @@ def beam_search(model, prompt: list[int], max_tokens: int, num_beams: int = 4, l
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
             or not math.isfinite(length_penalty):
         raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}")
-    _positive_int("prefill_step_size", prefill_step_size, 1)
+    positive_int("prefill_step_size", prefill_step_size, 1)
     stops = _check_stops(model, stop_token_ids)
     budget = token_budget(model, ids.shape[1], max_tokens)
     processors = list(logits_processors or [])
@@ -150,64 +124,83 @@ def _greedy_beam(model, ids, budget, length_penalty, stops, processors, step_siz
     for (token,), logprobs in generate_step(model, ids, sampler=greedy, logits_processors=processors,
                                             prefill_step_size=step_size, max_tokens=budget):
         tokens.append(token)
-        logprob += _log_softmax(logprobs[0])[token].item()  # renormalised: the loop's logsumexp is coarser
+        logprob += log_softmax(logprobs[0], blocked=True)[token].item()  # renormalised: the loop's logsumexp is coarser
         if token in stops:
             break
     return Beam(tokens, logprob, logprob / len(tokens) ** length_penalty, tokens[-1] in stops)
 
 
 def _beam_loop(model, ids, budget, K, length_penalty, stops, early_stopping, processors, step_size) -> list[Beam]:
-    # Enough candidates that K survive even when every beam's stop ids rank first (transformers' beams_to_keep).
-    keep = max(2, 1 + len(stops)) * K
     cache = model.make_cache()
-    stream = generation_stream()
-    with mx.stream(stream):
-        # One row until the beams split.  transformers runs K copies, all but the first scored
-        # -1e9, which selects the same candidates whenever the vocabulary holds `keep` tokens.
-        logits = model.logits(_prefill(model, ids, cache, step_size)[:, -1])  # [1, V]
-    history = ids  # [R, n]: what the processors see, prompt then generated ids
-    running: list[list[int]] = [[]]  # each row's generated ids
-    scores = mx.zeros((1,), mx.float32)  # each row's summed log-probability, float32 as transformers
-    pool: list[Beam] = []  # the best finished hypotheses, at most K, best first
+    # One row until the beams split.  transformers runs K copies, all but the first scored
+    # -1e9, which selects the same candidates whenever the vocabulary holds `keep` tokens.
+    policy = _BeamStep(model, cache, ids, budget, K, length_penalty, stops, early_stopping, processors)
+    for decision in run(policy, prefill(model, ids, cache, step_size), budget):
+        if decision is None:
+            break
+    return policy.pool
 
-    for n in range(1, budget + 1):  # n = length of the sequences this step makes
-        with mx.stream(stream):
-            logprobs = apply_processors(processors, history, _log_softmax(logits))
-            total = (logprobs + scores[:, None]).reshape(-1)  # [R * V], row-major: index = row * V + token
-            k = min(keep, total.size)
-            top = mx.argpartition(-total, kth=k - 1)[:k]
-            top_values = total[top]
-        values, flat = top_values.tolist(), top.tolist()
+
+class _BeamStep:
+    """transformers' beam bookkeeping as a step policy: the device ranks the candidates of every
+    running beam, the host picks the finished hypotheses and the next beams."""
+
+    pipelined = False
+
+    def __init__(self, model, cache, ids, budget, K, length_penalty, stops, early_stopping, processors):
+        self.model, self.cache, self.budget, self.K = model, cache, budget, K
+        self.length_penalty, self.stops, self.early_stopping = length_penalty, stops, early_stopping
+        self.processors = processors
+        # Enough candidates that K survive even when every beam's stop ids rank first (transformers' beams_to_keep).
+        self.keep = max(2, 1 + len(stops)) * K
+        self.history = ids  # [R, n]: what the processors see, prompt then generated ids
+        self.running: list[list[int]] = [[]]  # each row's generated ids
+        self.scores = mx.zeros((1,), mx.float32)  # each row's summed log-probability, float32 as transformers
+        self.pool: list[Beam] = []  # the best finished hypotheses, at most K, best first
+
+    def _rank(self, logits: mx.array) -> Pending:
+        logprobs = apply_processors(self.processors, self.history, log_softmax(logits, blocked=True))
+        total = (logprobs + self.scores[:, None]).reshape(-1)  # [R * V], row-major: index = row * V + token
+        top = mx.argpartition(-total, kth=min(self.keep, total.size) - 1)[:self.keep]
+        return Pending((top, total[top]), logprobs.shape[-1])
+
+    def first(self, hidden: mx.array) -> Pending:
+        return self._rank(self.model.logits(hidden[:, -1]))
+
+    def read(self, step: Pending, n: int):
+        """The next beams (rows, tokens, scores, their ids), or None when the search is done."""
+        flat, values = step.queue[0].tolist(), step.queue[1].tolist()
         if any(math.isnan(v) for v in values):
             raise GenerationError(f"the model produced NaN logits at generated token {n}; "
                                   "the weights or the dtype (try float32 or bfloat16) are at fault")
-        V = logprobs.shape[-1]
-        pool_open = not (early_stopping is True and len(pool) == K)
-        rows, next_tokens, next_scores, next_running = [], [], [], []
-        for rank, i in enumerate(sorted(range(k), key=lambda i: -values[i])):
+        V, K = step.rest, self.K
+        pool_open = not (self.early_stopping is True and len(self.pool) == K)
+        rows, tokens, scores, running = [], [], [], []
+        for rank, i in enumerate(sorted(range(len(flat)), key=lambda i: -values[i])):
             row, token = divmod(flat[i], V)
-            if token in stops or n == budget:
+            if token in self.stops or n == self.budget:
                 if rank < K and pool_open:  # only the K best may finish (transformers' top_num_beam_mask)
-                    pool.append(Beam(running[row] + [token], values[i], values[i] / n**length_penalty,
-                                     token in stops))
+                    self.pool.append(Beam(self.running[row] + [token], values[i],
+                                          values[i] / n**self.length_penalty, token in self.stops))
             elif len(rows) < K:
                 rows.append(row)
-                next_tokens.append(token)
-                next_scores.append(values[i])
-                next_running.append(running[row] + [token])
-        pool = sorted(pool, key=lambda b: -b.score)[:K]
-        if not rows or _search_done(pool, next_scores[0], n, budget, K, length_penalty, early_stopping):
-            break
+                tokens.append(token)
+                scores.append(values[i])
+                running.append(self.running[row] + [token])
+        self.pool = sorted(self.pool, key=lambda b: -b.score)[:K]
+        if not rows or _search_done(self.pool, scores[0], n, self.budget, K, self.length_penalty,
+                                    self.early_stopping):
+            return None
+        return rows, tokens, scores, running
 
-        running = next_running
-        with mx.stream(stream):
-            rows = mx.array(rows)
-            _take_rows(cache, rows)
-            y = mx.array(next_tokens, mx.int32)[:, None]  # [K, 1]
-            history = mx.concatenate([history[rows], y], axis=1)
-            scores = mx.array(next_scores, mx.float32)
-            logits = model.logits(model.model(y, cache=cache)[:, -1])  # [K, V]
-    return pool
+    def advance(self, step: Pending, chosen) -> Pending:
+        rows, tokens, scores, self.running = chosen
+        rows = mx.array(rows)
+        _take_rows(self.cache, rows)
+        y = mx.array(tokens, mx.int32)[:, None]  # [K, 1]
+        self.history = mx.concatenate([self.history[rows], y], axis=1)
+        self.scores = mx.array(scores, mx.float32)
+        return self._rank(self.model.logits(self.model.model(y, cache=self.cache)[:, -1]))  # [K, V]
 
 
 def _search_done(pool, best_running, n, budget, K, length_penalty, early_stopping) -> bool:
@@ -238,12 +231,12 @@ def contrastive_search(model, prompt: list[int], max_tokens: int, top_k: int = 4
     Settings are checked when called, not on the first `next`.
     """
     ids = _check_prompt(model, prompt)
-    _positive_int("top_k", top_k, 1)
+    positive_int("top_k", top_k, 1)
     if top_k > model.args.vocab_size:
         raise GenerationError(f"top_k ({top_k}) exceeds the vocabulary size ({model.args.vocab_size})")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise GenerationError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    _positive_int("prefill_step_size", prefill_step_size, 1)
+    positive_int("prefill_step_size", prefill_step_size, 1)
     stops = _check_stops(model, stop_token_ids)
     budget = token_budget(model, ids.shape[1], max_tokens)
     return _contrastive_loop(model, ids, budget, top_k, float(alpha), stops, prefill_step_size)
@@ -257,34 +250,49 @@ def _contrastive_loop(model, ids, budget, k, alpha, stops, step_size) -> Iterato
     if budget == 0:
         return
     cache = model.make_cache()
-    stream = generation_stream()
-    with mx.stream(stream):
-        hidden = _prefill(model, ids, cache, step_size)  # [1, T, H]
-        logits = model.logits(hidden[:, -1])  # [1, V]
-        context = _unit(hidden[0].astype(mx.float32))  # [S, H]: every earlier position, unit length
-    chosen = mx.zeros((k,), mx.int32)  # the cache row every candidate continues (one row after prefill)
-    for _ in range(budget):
-        with mx.stream(stream):
-            _take_rows(cache, chosen)
-            probs = mx.exp(_log_softmax(logits[0]))  # [V]
-            candidates = mx.argpartition(-probs, kth=k - 1)[:k]
-            # Likeliest first, so a tie in score goes to the likelier token (as transformers' topk order).
-            candidates = candidates[mx.argsort(-probs[candidates])]
-            hidden = model.model(candidates[:, None], cache=cache)[:, -1]  # [k, H]
-            unit = _unit(hidden.astype(mx.float32))
-            degeneration = (unit @ context.T).max(axis=-1)  # [k]: max cosine similarity to the past
-            score = (1.0 - alpha) * probs[candidates] - alpha * degeneration
-            best = mx.argmax(score)
-            # NaN logits reach every prob of the row: -1 flags them in the one value the host reads.
-            token = mx.where(mx.isnan(score).any(), -1, candidates[best].astype(mx.int32))
-        token = token.item()
-        if token < 0:
-            raise GenerationError("the model produced NaN logits during contrastive search; "
-                                  "the weights or the dtype (try float32 or bfloat16) are at fault")
+    hidden = prefill(model, ids, cache, step_size, keep_hidden=True)  # [1, T, H]
+    for token in run(_ContrastiveStep(model, cache, k, alpha), hidden, budget):
         yield token
         if token in stops:
             return
-        with mx.stream(stream):
-            context = mx.concatenate([context, unit[best][None]], axis=0)
-            logits = model.logits(hidden[best][None])
-            chosen = mx.broadcast_to(best, (k,))
+
+
+class _ContrastiveStep:
+    """One contrastive pick as a step policy, all on the device: the k candidates go through
+    the model as k rows of a copied cache, and the chosen row's cache is kept."""
+
+    pipelined = True
+
+    def __init__(self, model, cache, k: int, alpha: float):
+        self.model, self.cache, self.k, self.alpha = model, cache, k, alpha
+
+    def _pick(self, logits: mx.array, chosen: mx.array) -> Pending:
+        _take_rows(self.cache, chosen)  # every candidate continues the chosen row
+        probs = mx.exp(log_softmax(logits[0], blocked=True))  # [V]
+        candidates = mx.argpartition(-probs, kth=self.k - 1)[:self.k]
+        # Likeliest first, so a tie in score goes to the likelier token (as transformers' topk order).
+        candidates = candidates[mx.argsort(-probs[candidates])]
+        hidden = self.model.model(candidates[:, None], cache=self.cache)[:, -1]  # [k, H]
+        unit = _unit(hidden.astype(mx.float32))
+        degeneration = (unit @ self.context.T).max(axis=-1)  # [k]: max cosine similarity to the past
+        score = (1.0 - self.alpha) * probs[candidates] - self.alpha * degeneration
+        best = mx.argmax(score)
+        # NaN logits reach every prob of the row: -1 flags them in the one value the host reads.
+        token = mx.where(mx.isnan(score).any(), -1, candidates[best].astype(mx.int32))
+        return Pending((token,), (best, unit, hidden))
+
+    def first(self, hidden: mx.array) -> Pending:
+        self.context = _unit(hidden[0].astype(mx.float32))  # [S, H]: every earlier position, unit length
+        return self._pick(self.model.logits(hidden[:, -1]), mx.zeros((self.k,), mx.int32))
+
+    def advance(self, step: Pending, read) -> Pending:
+        best, unit, hidden = step.rest
+        self.context = mx.concatenate([self.context, unit[best][None]], axis=0)
+        return self._pick(self.model.logits(hidden[best][None]), mx.broadcast_to(best, (self.k,)))
+
+    def read(self, step: Pending, n: int) -> int:
+        token = step.queue[0].item()
+        if token < 0:
+            raise GenerationError("the model produced NaN logits during contrastive search; "
+                                  "the weights or the dtype (try float32 or bfloat16) are at fault")
+        return token

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import mlx_gemma
+from mlx_gemma import engine
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.generate import (
     batch_generate,
@@ -180,17 +181,17 @@ def test_default_prefill_chunks_count_the_whole_batch(monkeypatch):
     """A batch of B rows prefills (the device's step) // B positions per call; its rows still equal each
     prompt alone (12 tokens for 3 rows: 4-position chunks across the padded prompts)."""
     model, tok, ref = tiny("gemma3")
-    step = gen.CPU_PREFILL_STEP_SIZE if mx.default_device() == mx.cpu else gen.PREFILL_STEP_SIZE
-    assert gen.default_prefill_step(model, 4) == step // 4
+    step = engine.CPU_PREFILL_STEP_SIZE if mx.default_device() == mx.cpu else engine.PREFILL_STEP_SIZE
+    assert engine.default_prefill_step(model, 4) == step // 4
     gemma2, _, _ = tiny("gemma2")
     if mx.default_device() != mx.cpu:
-        assert gen.default_prefill_step(gemma2, 2) == gen.SOFTCAP_PREFILL_STEP_SIZE // 2
+        assert engine.default_prefill_step(gemma2, 2) == engine.SOFTCAP_PREFILL_STEP_SIZE // 2
     else:  # quantized weights are dequantized once per chunk: longer chunks
         quantized = load(FIXTURES / "tiny_gemma2")[0]  # a fresh copy: tiny() shares its models
         nn.quantize(quantized, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, nn.Linear))
-        assert gen.default_prefill_step(quantized, 2) == gen.CPU_QUANTIZED_PREFILL_STEP_SIZE // 2
-    monkeypatch.setattr(gen, "PREFILL_STEP_SIZE", 12)
-    monkeypatch.setattr(gen, "CPU_PREFILL_STEP_SIZE", 12)
+        assert engine.default_prefill_step(quantized, 2) == engine.CPU_QUANTIZED_PREFILL_STEP_SIZE // 2
+    monkeypatch.setattr(engine, "PREFILL_STEP_SIZE", 12)
+    monkeypatch.setattr(engine, "CPU_PREFILL_STEP_SIZE", 12)
     calls = []
     forward = model.model.__call__
     monkeypatch.setattr(type(model.model), "__call__", lambda self, x, **kw: calls.append(x.shape) or forward(x, **kw))

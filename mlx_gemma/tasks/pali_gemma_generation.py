@@ -14,8 +14,9 @@ So a row as long as the shortest prompt is a plain prefix-LM (as transformers), 
 a longer row's prompt tokens from position m - 1 on are re-read causally over cache
 entries that saw its whole prompt: a batch's longer prompts can answer differently
 than alone.  We reproduce that exactly: prefill each row's whole prompt as prefix,
-keep the cache up to position m - 1, then step as keras-hub does.  The caches are
-plain growing ones (Gemma 2's window is applied as a mask), so they can be cut back.
+keep the cache up to position m - 1, then step as keras-hub does (a step policy on
+the engine's loop).  The caches are plain growing ones (Gemma 2's window is applied as
+a mask), so they can be cut back.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import KVCache
+from ..engine import Pending, prefill, run
 from ..errors import GenerationError
+from ..samplers import log_softmax
 
 
 def fill_pali(model, ids: np.ndarray, lengths: np.ndarray, pixels: mx.array, sampler, stop_ids) -> np.ndarray:
@@ -41,42 +44,54 @@ def fill_pali(model, ids: np.ndarray, lengths: np.ndarray, pixels: mx.array, sam
     context = model.args.max_position_embeddings
     if N + L > context:
         raise GenerationError(f"{N} image tokens + max_length {L} exceed the model's context length {context}")
-    step = sampler.step_sampler()
     width = int(lengths.max())
     image_slots = np.full((B, N), model.args.image_token_index, np.int32)
     prompt = mx.array(np.concatenate([image_slots, out[:, :width]], axis=1))
     cache = [KVCache() for _ in model.layers]
     # Right padding past a row's prompt is only seen causally, by pad queries: the
     # kept positions (< m - 1 <= every prompt's end) never look at it.
-    model.model(prompt, cache=cache, pixel_values=pixels, prefix_length=mx.array(N + lengths, dtype=mx.int32))
+    prefill(model, prompt, cache, pixel_values=pixels, prefix_length=mx.array(N + lengths, dtype=mx.int32))
     for c in cache:
         c.trim_to(N + m - 1)
     stops = list(stop_ids or ())
     stopped = np.zeros(B, bool)
-    prompt_ids, past_prompt = mx.array(out), mx.array(lengths)[:, None] <= mx.arange(L)[None]  # [B, L]
-
-    def feed(q: int, y: mx.array):
-        """Feed the ids [B] at position q; the ids at q + 1: the sample past a row's prompt, else its prompt id."""
-        hidden = model.model(y[:, None], cache=cache)
-        logits = model.logits(hidden[:, -1, :]).astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = step(logprobs).astype(mx.int32)
-        chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-        return mx.where(past_prompt[:, q + 1], token, prompt_ids[:, q + 1]), chosen
-
-    pending = feed(m - 1, prompt_ids[:, m - 1])
-    mx.async_eval(*pending)
-    for q in range(m - 1, L - 1):
-        ids_next, chosen = pending
-        if q + 2 < L:  # queue the next step before reading this one
-            pending = feed(q + 1, ids_next)
-            mx.async_eval(*pending)
-        ids_next, chosen = np.array(ids_next), np.array(chosen)
-        if np.isnan(chosen).any():
-            raise GenerationError(f"the model produced NaN logits at position {q + 1} (batch rows "
-                                  f"{np.flatnonzero(np.isnan(chosen)).tolist()}); the weights or the dtype are at fault")
+    policy = _KerasPaliStep(model, cache, sampler.step_sampler(), out, lengths, m)
+    for q, ids_next in enumerate(run(policy, None, L - m), start=m - 1):
         out[:, q + 1] = ids_next
         stopped |= (q + 1 >= lengths) & np.isin(ids_next, stops)
         if stops and stopped.all():
             break
     return out
+
+
+class _KerasPaliStep:
+    """keras-hub's lock-step: feed the id at position q, keep the row's prompt id at q + 1 where
+    there is one, else the sample.  The next feed is the device's own choice: pipelined."""
+
+    pipelined = True
+
+    def __init__(self, model, cache, step_sampler, ids: np.ndarray, lengths: np.ndarray, m: int):
+        self.model, self.cache, self.step, self.m = model, cache, step_sampler, m
+        L = ids.shape[1]
+        self.prompt_ids, self.past_prompt = mx.array(ids), mx.array(lengths)[:, None] <= mx.arange(L)[None]  # [B, L]
+
+    def _feed(self, q: int, y: mx.array) -> Pending:
+        hidden = self.model.model(y[:, None], cache=self.cache)
+        logprobs = log_softmax(self.model.logits(hidden[:, -1, :]))
+        token = self.step(logprobs).astype(mx.int32)
+        chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        ids_next = mx.where(self.past_prompt[:, q + 1], token, self.prompt_ids[:, q + 1])
+        return Pending((ids_next, chosen), q)
+
+    def first(self, hidden) -> Pending:
+        return self._feed(self.m - 1, self.prompt_ids[:, self.m - 1])
+
+    def advance(self, step: Pending, read) -> Pending:
+        return self._feed(step.rest + 1, step.queue[0])
+
+    def read(self, step: Pending, n: int) -> np.ndarray:
+        ids_next, chosen = np.array(step.queue[0]), np.array(step.queue[1])
+        if np.isnan(chosen).any():
+            raise GenerationError(f"the model produced NaN logits at position {step.rest + 1} (batch rows "
+                                  f"{np.flatnonzero(np.isnan(chosen)).tolist()}); the weights or the dtype are at fault")
+        return ids_next
