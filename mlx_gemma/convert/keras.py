@@ -145,19 +145,19 @@ def _check_class(path: str, top: Any) -> dict:
         raise ConfigError(path, "has no class_name: not a Keras preset config")
     for n in names:
         if not isinstance(n, str):
-            raise ConfigError(path, f"class name {n!r} is not a string")
+            raise ConfigError(path, f"class name {n!r:.80} is not a string")
     short = {n.rsplit(">", 1)[-1] for n in names}
     if short != {"GemmaBackbone"} or (registered is not None and registered not in _REGISTERED):
         shown = registered or class_name
         cls = next(iter(short - {"GemmaBackbone"}), shown)
         if cls in _LATER:
-            raise UnsupportedModelError(path, f"Keras class {shown!r} is not yet supported (only GemmaBackbone)")
+            raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not yet supported (only GemmaBackbone)")
         if cls in _TASK_CLASSES:
             raise UnsupportedModelError(
-                path, f"Keras class {shown!r} is a task, not a backbone: point at a preset folder "
+                path, f"Keras class {shown!r:.80} is a task, not a backbone: point at a preset folder "
                 "whose config.json describes the GemmaBackbone"
             )
-        raise UnsupportedModelError(path, f"Keras class {shown!r} is not a Gemma backbone (supported: GemmaBackbone)")
+        raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not a Gemma backbone (supported: GemmaBackbone)")
     cfg = top.get("config")
     if not isinstance(cfg, dict):
         raise ConfigError(path, "has no 'config' object with the backbone's settings")

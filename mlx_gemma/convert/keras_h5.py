@@ -115,7 +115,7 @@ def _dataset_dtype(path: str, name: str, dset) -> str:
     else:
         raise ModelFileError(path, f"variable {name!r} has unsupported dtype {dt}")
     if declared is not None and declared != kind:
-        raise ModelFileError(path, f"variable {name!r} is stored as {dt} but declares dtype {declared!r}")
+        raise ModelFileError(path, f"variable {name!r} is stored as {dt} but declares dtype {declared!r:.40}")
     return kind
 
 

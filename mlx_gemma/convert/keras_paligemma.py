@@ -54,7 +54,7 @@ def paligemma_config_to_hf(c: dict, path, special_ids: dict, image_token_id: int
     for key in ("vit_pooling", "vit_classifier_activation"):
         if c.get(key) is not None:
             raise UnsupportedModelError(
-                path, f"{key}={c[key]!r}: PaliGemma's ViT has no pooling and a linear projector")
+                path, f"{key}={c[key]!r:.80}: PaliGemma's ViT has no pooling and a linear projector")
     vision = {
         "model_type": "siglip_vision_model",
         "hidden_size": _int(path, c, "vit_hidden_dim", limit=1 << 16),
