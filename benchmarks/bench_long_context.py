@@ -69,10 +69,10 @@ def main(argv=None) -> int:
     from mlx_lm.models.cache import make_prompt_cache
 
     import mlx_gemma
-    from mlx_gemma.cache import check_kv_options
+    from mlx_gemma.models.kv_cache import KVCacheOptions
     from mlx_gemma.generate import generate_step as our_step
 
-    kv_options = check_kv_options(kv_bits=args.kv_bits, quantized_kv_start=args.quantized_kv_start)
+    kv_options = KVCacheOptions(kv_bits=args.kv_bits, quantized_kv_start=args.quantized_kv_start)
     folder = models.gemma2_2b_random(None, args.num_layers)
     ours, tokenizer = mlx_gemma.load(folder)
     theirs, _ = mlx_lm.load(str(folder))
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     runners = {
         "mlx_gemma": runner(lambda cache: our_step(ours, ids, cache=cache, max_tokens=args.max_tokens,
                                                    logits_processors=[ban]),
-                            lambda: ours.make_cache(**kv_options), len(ids)),
+                            lambda: ours.make_cache(options=kv_options), len(ids)),
         "mlx-lm": runner(lambda cache: their_step(mx.array(ids), theirs, prompt_cache=cache,
                                                   max_tokens=args.max_tokens, logits_processors=[ban]),
                          lambda: make_prompt_cache(theirs), len(ids)),

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.system and not chat:
             raise GenerationError("a system prompt needs the chat template (--chat)")
         ids = open_turn_ids(tokenizer, prompt, args.system) if chat else tokenizer.encode(prompt, add_bos=True)
-        cache = PromptCache(model, **kv_options_from(args))
+        cache = PromptCache(model, kv_options_from(args))
         if args.prefill_step_size is not None and args.prefill_step_size < 1:
             raise GenerationError(f"--prefill-step-size must be >= 1, got {args.prefill_step_size}")
         tic = time.perf_counter()

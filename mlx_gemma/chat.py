@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from .errors import GenerationError, MlxGemmaError, TokenizerError
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .generate import GenerationResponse, format_stats, stream_generate
+from .models.kv_cache import KVCacheOptions
 from .prompt_cache import PromptCache
 
 
@@ -45,21 +46,20 @@ class ChatSession:
     """A conversation with a model: `send(text)` streams the reply as `GenerationResponse`s.
 
     Generation settings (`max_tokens`, `sampler`, `logits_processors`, ... any
-    `stream_generate` argument) are given once; `kv_options` (max_kv_size,
-    kv_bits, kv_group_size, quantized_kv_start) shape the session's cache.
+    `stream_generate` argument) are given once; `kv_options` (a `KVCacheOptions`, or its
+    fields as keywords: max_kv_size, kv_bits, ...) shape the session's cache.
     Replies stop at <end_of_turn> and the model's own stop ids.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = 256, sampler=None,
-                 logits_processors=None, max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=None,
-                 **generate_kwargs):
+                 logits_processors=None, kv_options: KVCacheOptions | None = None, max_kv_size=None, kv_bits=None,
+                 kv_group_size=None, quantized_kv_start=None, **generate_kwargs):
         if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
             raise TokenizerError(tokenizer.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
-        kv = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
-        if quantized_kv_start is not None:
-            kv["quantized_kv_start"] = quantized_kv_start
+        kv = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                  quantized_kv_start=quantized_kv_start)
         self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.cache = PromptCache(model, **kv)
+        self.cache = PromptCache(model, kv_options, **{k: v for k, v in kv.items() if v is not None})
         self.settings = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
                              **generate_kwargs)
         self.settings["stop_token_ids"] = [tokenizer.end_of_turn_id, *(generate_kwargs.get("stop_token_ids") or [])]
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler, processors = sampling_from(args)
         model, tokenizer = load(args.model)
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampler, processors,
-                              **kv_options_from(args))
+                              kv_options=kv_options_from(args))
         print("[/reset starts a new conversation; /quit or Ctrl-D leaves]", file=err)
         while True:
             line = input(">> ") if interactive else sys.stdin.readline()

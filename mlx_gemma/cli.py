@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .cache import DEFAULT_QUANTIZED_KV_START
+from .models.kv_cache import DEFAULT_QUANTIZED_KV_START, KVCacheOptions
 from .errors import MlxGemmaError
 from .samplers import make_logits_processors, make_sampler
 
@@ -41,9 +41,6 @@ def run_command(action: Callable[[], object], interrupted: str) -> int:
     return 0
 
 
-_KV_DEFAULTS = dict(max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)
-
-
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """--max-tokens and the sampler flags (as mlx_lm.generate's)."""
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate")
@@ -62,7 +59,7 @@ def sampling_from(args) -> tuple:
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:
-    """The KV-cache flags (see `mlx_gemma.cache`)."""
+    """The KV-cache flags (the fields of `KVCacheOptions`)."""
     p.add_argument("--max-kv-size", type=int, default=None,
                    help="cap every layer's KV cache at this many tokens (approximate beyond it)")
     p.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to this many bits")
@@ -71,6 +68,6 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="quantize the KV cache once it holds this many tokens")
 
 
-def kv_options_from(args) -> dict:
-    """The cache flags the user set (those left at their defaults are not passed on)."""
-    return {k: getattr(args, k) for k, default in _KV_DEFAULTS.items() if getattr(args, k) != default}
+def kv_options_from(args) -> KVCacheOptions:
+    """The `KVCacheOptions` of the flags of `add_cache_flags` (checked here, once)."""
+    return KVCacheOptions(args.max_kv_size, args.kv_bits, args.kv_group_size, args.quantized_kv_start)

@@ -18,15 +18,17 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import mlx.core as mx
 
-from .cache import check_kv_options
+from .models.kv_cache import KVCacheOptions
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
-from .engine import SampleStep, default_prefill_step, positive_int, prefill, run, token_budget
+from .engine import SampleStep, positive_int, prefill, run, token_budget
 from .errors import GenerationError, MlxGemmaError
 from .prompts import RowText, prompt_ids, stop_settings
+from .vision import prompt_rows
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
 
@@ -60,12 +62,13 @@ class GenerationResponse:
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
                   prefill_step_size: int | None = None, max_tokens: int = 256, *, left_padding=None,
-                  cached_ids=None, pixel_values=None, **kv_options) -> Iterator[tuple[list[int], mx.array]]:
+                  cached_ids=None, pixel_values=None, kv_options: KVCacheOptions | None = None,
+                  **kv_fields) -> Iterator[tuple[list[int], mx.array]]:
     """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
 
     `cache` is `model.make_cache(...)` (made here, with `left_padding` and
-    `kv_options` -- max_kv_size, kv_bits, kv_group_size, quantized_kv_start, see
-    `mlx_gemma.cache` -- when None; a cache already holding tokens continues from
+    `kv_options` -- a `KVCacheOptions`, or its fields as keywords: max_kv_size, kv_bits,
+    kv_group_size, quantized_kv_start -- when None; a cache already holding tokens continues from
     them, and `cached_ids` [B, offset] tells the logits processors which).
     `left_padding[b]` counts row b's leading pad slots, which the logits processors
     then ignore.  Stops after `max_tokens` steps or at the context length.  A NaN
@@ -80,11 +83,10 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     if prefill_step_size is not None:
         positive_int("prefill_step_size", prefill_step_size, 1)
     pad = None if left_padding is None else mx.array(left_padding, mx.int32)
+    options = KVCacheOptions.of(kv_options, **kv_fields)
     if cache is None:
-        if kv_options:
-            kv_options = check_kv_options(getattr(model.args, "head_dim", None), **kv_options)
-        cache = model.make_cache(left_padding=pad, **kv_options)
-    elif kv_options:
+        cache = model.make_cache(pad, options)
+    elif options != KVCacheOptions():
         raise GenerationError("cache options (max_kv_size, kv_bits, ...) go to the cache when it is made")
     budget = token_budget(model, cache[0].offset + ids.shape[1], max_tokens)
     return _decode(model, ids.astype(mx.int32), cache, sampler, list(logits_processors or []),
@@ -111,8 +113,8 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=None, logits_processors=None,
                     stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
                     chat: bool | None = None, system: str | None = None, prefill_step_size: int | None = None,
-                    skip_special_tokens: bool = False, prompt_cache=None, image=None, **kv_options,
-                    ) -> Iterator[GenerationResponse]:
+                    skip_special_tokens: bool = False, prompt_cache=None, image=None,
+                    kv_options: KVCacheOptions | None = None, **kv_fields) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
 
     `prompt`: a string (encoded with <bos>), token ids, or chat messages (see
@@ -124,17 +126,22 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
 
     `prompt_cache` (a `PromptCache`): reuse the longest prefix of the prompt it
     already holds, feed only the rest (`prompt_tokens` counts those), and leave
-    it holding prompt + generated tokens.  Without one, `kv_options`
-    (max_kv_size, kv_bits, kv_group_size, quantized_kv_start; see
-    `mlx_gemma.cache`) shape the cache made for this call.
+    it holding prompt + generated tokens.  Without one, `kv_options` (a
+    `KVCacheOptions`, or its fields as keywords: max_kv_size, kv_bits,
+    kv_group_size, quantized_kv_start) shape the cache made for this call.
 
     `image` (PaliGemma): a path, PIL image or array; the prompt is then laid out as
     `[<image> x N] <bos> prompt "\n"` (see `mlx_gemma.vision`).
     """
-    batch = _start(model, tokenizer, [prompt], max_tokens, sampler, logits_processors, stop_strings,
-                   stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache,
-                   [image] if image is not None else None)
-    return _only_row(batch)
+    request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
+                               stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
+    rows_ids, pixels = _encode(model, tokenizer, [prompt], chat, system, None if image is None else [image],
+                               prompt_cache is not None)
+    if prompt_cache is not None:
+        if request.kv != KVCacheOptions():
+            raise GenerationError("KV-cache options go to the PromptCache when it is made, not to each call")
+        return _only_row(_start_cached(model, tokenizer, rows_ids[0], request, prompt_cache))
+    return _only_row(_start(model, tokenizer, rows_ids, request, pixels))
 
 
 def _only_row(batch) -> Iterator[GenerationResponse]:
@@ -148,7 +155,8 @@ def _only_row(batch) -> Iterator[GenerationResponse]:
 def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
                           system: str | None = None, prefill_step_size: int | None = None, skip_special_tokens: bool = False,
-                          image=None, **kv_options) -> Iterator[list[GenerationResponse | None]]:
+                          image=None, kv_options: KVCacheOptions | None = None,
+                          **kv_fields) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 
     Arguments as `stream_generate`'s.  Prompts are left-padded to the longest;
@@ -160,44 +168,74 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError("prompts must be a non-empty list of prompts")
-    return _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings,
-                  stop_token_ids, chat, system, prefill_step_size, skip_special_tokens, kv_options, None,
-                  image if image is None or isinstance(image, (list, tuple)) else [image] * len(prompts))
+    request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
+                               stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
+    images = image if image is None or isinstance(image, (list, tuple)) else [image] * len(prompts)
+    rows_ids, pixels = _encode(model, tokenizer, prompts, chat, system, images, False)
+    return _start(model, tokenizer, rows_ids, request, pixels)
 
 
-def _start(model, tokenizer, prompts, max_tokens, sampler, logits_processors, stop_strings, stop_token_ids,
-           chat, system, prefill_step_size, skip_special_tokens, kv_options, prompt_cache=None, images=None):
-    """Check everything, then return the (not yet started) response generator."""
-    pixel_values = None
+@dataclass(frozen=True)
+class _Request:
+    """What one generation call asks of the engine, checked once before anything runs."""
+
+    max_tokens: int
+    sampler: Any  # None: greedy
+    processors: list
+    stop_ids: frozenset  # the tokenizer's eos ids and the caller's stop ids
+    stop_strings: tuple
+    skip_special_tokens: bool
+    prefill_step_size: int | None  # None: the device's default
+    kv: KVCacheOptions
+
+    @classmethod
+    def checked(cls, model, tokenizer, max_tokens, sampler, processors, stop_strings, stop_token_ids,
+                skip_special_tokens, prefill_step_size, kv_options, kv_fields) -> _Request:
+        positive_int("max_tokens", max_tokens, 0)
+        if prefill_step_size is not None:
+            positive_int("prefill_step_size", prefill_step_size, 1)
+        stop_ids, stops = stop_settings(model, tokenizer, stop_strings, stop_token_ids)
+        kv = KVCacheOptions.of(kv_options, **kv_fields)
+        return cls(max_tokens, sampler, list(processors or []), stop_ids, stops, skip_special_tokens,
+                   prefill_step_size, kv)
+
+    def rows(self, tokenizer, n: int) -> list[RowText]:
+        return [RowText(tokenizer, self.stop_ids, self.stop_strings, self.skip_special_tokens) for _ in range(n)]
+
+
+def _encode(model, tokenizer, prompts, chat, system, images, cached: bool) -> tuple[list[list[int]], Any]:
+    """Each prompt's token ids, and the pixels of its image (PaliGemma) or None."""
     if images is None:
-        rows_ids = [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts]
-    else:
-        from .vision import prompt_rows
+        return [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts], None
+    if chat or system or cached:
+        raise GenerationError("image prompts are PaliGemma task prompts: no chat template, "
+                              "system prompt or prompt cache")
+    return prompt_rows(model, tokenizer, prompts, images)
 
-        if chat or system or prompt_cache is not None:
-            raise GenerationError("image prompts are PaliGemma task prompts: no chat template, "
-                                  "system prompt or prompt cache")
-        rows_ids, pixel_values = prompt_rows(model, tokenizer, prompts, images)
-    stop_ids, stops = stop_settings(model, tokenizer, stop_strings, stop_token_ids)
-    rows = [RowText(tokenizer, stop_ids, stops, skip_special_tokens) for _ in rows_ids]
-    if prompt_cache is not None:
-        prompt_cache.check(model)
-        ids = rows_ids[0]
-        budget = token_budget(model, len(ids), max_tokens)  # before the cache is touched
-        feed = prompt_cache.prepare(ids)
-        steps = generate_step(model, feed, cache=prompt_cache.caches, sampler=sampler,
-                              logits_processors=logits_processors, prefill_step_size=prefill_step_size,
-                              max_tokens=max_tokens, cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None,
-                              **kv_options)
-        return prompt_cache.recorded(_responses(steps, rows, [len(feed)], budget), ids)
+
+def _start(model, tokenizer, rows_ids, request: _Request, pixel_values=None):
+    """The (not yet started) response generator of a batch of prompts, left-padded to the longest."""
     T = max(len(r) for r in rows_ids)
     pads = [T - len(r) for r in rows_ids]
     filler = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0  # masked out; any valid id would do
-    steps = generate_step(model, mx.array([[filler] * p + r for p, r in zip(pads, rows_ids)]), sampler=sampler,
-                          logits_processors=logits_processors, prefill_step_size=prefill_step_size,
-                          max_tokens=max_tokens, left_padding=pads if any(pads) else None,
-                          pixel_values=pixel_values, **kv_options)
-    return _responses(steps, rows, [len(r) for r in rows_ids], token_budget(model, T, max_tokens))
+    steps = generate_step(model, mx.array([[filler] * p + r for p, r in zip(pads, rows_ids)]), sampler=request.sampler,
+                          logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
+                          max_tokens=request.max_tokens, left_padding=pads if any(pads) else None,
+                          pixel_values=pixel_values, kv_options=request.kv)
+    return _responses(steps, request.rows(tokenizer, len(rows_ids)), [len(r) for r in rows_ids],
+                      token_budget(model, T, request.max_tokens))
+
+
+def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache):
+    """As `_start` for one prompt, continuing what `prompt_cache` holds and recording what is added."""
+    prompt_cache.check(model)
+    budget = token_budget(model, len(ids), request.max_tokens)  # before the cache is touched
+    feed = prompt_cache.prepare(ids)
+    steps = generate_step(model, feed, cache=prompt_cache.caches, sampler=request.sampler,
+                          logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
+                          max_tokens=request.max_tokens,
+                          cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None)
+    return prompt_cache.recorded(_responses(steps, request.rows(tokenizer, 1), [len(feed)], budget), ids)
 
 
 def _responses(steps, rows, n_prompts, budget) -> Iterator[list[GenerationResponse | None]]:
@@ -319,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         kv_options, prompt_cache, model_arg = kv_options_from(args), None, args.model
         if args.prompt_cache_file:
-            if kv_options or args.system:
+            if kv_options != KVCacheOptions() or args.system:
                 raise GenerationError("--prompt-cache-file: the cache options and the system prompt were fixed "
                                       "when the cache was made (python -m mlx_gemma.cache_prompt)")
             prompt_cache = load_prompt_cache(args.prompt_cache_file)
@@ -341,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{image}]", file=out, flush=True)
             for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                         logits_processors=processors, stop_strings=args.stop, chat=chat,
-                                        system=args.system, prompt_cache=prompt_cache, image=image, **kv_options):
+                                        system=args.system, prompt_cache=prompt_cache, image=image,
+                                        kv_options=None if prompt_cache is not None else kv_options):
                 if last.text:
                     print(last.text, end="", file=out, flush=True)
                     wrote = True

@@ -19,7 +19,8 @@ import os
 
 import mlx.core as mx
 
-from .cache import DEFAULT_QUANTIZED_KV_START, RotatingKVCache, check_kv_options, make_layer_caches, time_slice
+from .engine import prefill
+from .models.kv_cache import KVCacheOptions, RotatingKVCache, make_layer_caches, time_slice
 from .errors import GenerationError, MlxGemmaError, PromptCacheError
 from .json_input import expect, field, number_in
 from .models.config import LIMITS
@@ -39,23 +40,22 @@ def model_fingerprint(model) -> dict:
 class PromptCache:
     """The per-layer caches of one sequence (batch of one) and the ids they hold.
 
-    `PromptCache(model, max_kv_size=..., kv_bits=..., ...)` makes an empty one;
-    the cache options (see `mlx_gemma.cache`) are fixed from then on.
+    `PromptCache(model, KVCacheOptions(...))` (or the options' fields as keywords:
+    `PromptCache(model, max_kv_size=...)`) makes an empty one; the options are fixed from
+    then on.
     `metadata` (str -> str) travels with it to and from files.
     """
 
-    def __init__(self, model, max_kv_size: int | None = None, kv_bits: int | None = None,
-                 kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START):
+    def __init__(self, model, options: KVCacheOptions | None = None, **kv_fields):
         self.fingerprint = model_fingerprint(model)
-        self.options = check_kv_options(self.fingerprint["head_dim"], max_kv_size, kv_bits, kv_group_size,
-                                        quantized_kv_start)
+        self.options = KVCacheOptions.of(options, **kv_fields).check_head_dim(self.fingerprint["head_dim"])
         self.metadata: dict[str, str] = {}
         self.path: str | None = None  # the file it was loaded from
         self.reset()
 
     def reset(self) -> None:
         """Forget everything (a new conversation)."""
-        self.caches = make_layer_caches(self.fingerprint["windows"], **self.options)
+        self.caches = make_layer_caches(self.fingerprint["windows"], options=self.options)
         self.tokens: list[int] = []
 
     @property
@@ -93,16 +93,13 @@ class PromptCache:
 
         `step_size` positions per call; by default the device's, as generation's.
         """
-        from .generate import default_prefill_step
-
         self.check(model)
-        step_size = step_size or default_prefill_step(model)
         context = model.args.max_position_embeddings
         if len(self.tokens) + len(ids) >= context:
             raise GenerationError(f"{len(self.tokens) + len(ids)} tokens do not fit the model's context of {context}")
-        for start in range(0, len(ids), step_size):
-            model.model(mx.array([ids[start:start + step_size]]), cache=self.caches)
-            mx.eval([c.state for c in self.caches])  # one chunk's graph at a time
+        if ids:
+            prefill(model, mx.array([ids]), self.caches, step_size)
+            mx.eval([c.state for c in self.caches])
         self.tokens += list(ids)
 
     def recorded(self, responses, ids: list[int]):
@@ -143,7 +140,7 @@ def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None 
             for j, p in enumerate(parts):
                 arrays[f"layers.{i}.{name}.{j}"] = p
     save_file(path, arrays, {
-        "format": FORMAT, "version": VERSION, "options": json.dumps(cache.options),
+        "format": FORMAT, "version": VERSION, "options": json.dumps(cache.options.as_dict()),
         "model": json.dumps(cache.fingerprint), "layers": json.dumps(layers), "metadata": json.dumps(user)})
 
 
@@ -178,7 +175,7 @@ def load_prompt_cache(path, model=None) -> PromptCache:
     for k, v in user.items():
         expect(v, str, path, f"metadata.{k}", PromptCacheError)
     try:
-        options = check_kv_options(fingerprint["head_dim"], **options)
+        options = KVCacheOptions(**options).check_head_dim(fingerprint["head_dim"])
         pc = PromptCache.__new__(PromptCache)
         pc.fingerprint, pc.options, pc.metadata, pc.path = fingerprint, options, dict(user), path
         pc.reset()
@@ -201,7 +198,7 @@ def load_prompt_cache(path, model=None) -> PromptCache:
     return pc
 
 
-_OPTION_KEYS = {"max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start"}
+_OPTION_KEYS = set(KVCacheOptions().as_dict())
 
 
 def _metadata_json(meta: dict, key: str, kind: type, path):

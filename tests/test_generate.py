@@ -55,7 +55,7 @@ class Scripted:
         self.args = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=context)
         self.script, self.step = list(script), 0
 
-    def make_cache(self, left_padding=None):
+    def make_cache(self, left_padding=None, options=None):
         return [SimpleNamespace(offset=0, state=[])]
 
     def model(self, ids, cache=None):
@@ -380,7 +380,7 @@ def test_chat_auto_detection(tmp_path):
     assert not looks_instruct(None, tmp_path, tok)
 
 
-# ----- cache options (see test_cache.py for the caches themselves) -----------------------
+# ----- cache options (see test_kv_cache.py for the caches themselves) -----------------------
 
 
 def test_cache_options_reach_the_cache():
@@ -413,7 +413,7 @@ def test_cli_quantized_kv_cache(tmp_path):
     from mlx.utils import tree_flatten
 
     from mlx_gemma.tensorfile import save_file
-    from test_cache import twin
+    from test_kv_cache import twin
 
     model, config = twin("gemma3")
     (tmp_path / "config.json").write_text(json.dumps(config))

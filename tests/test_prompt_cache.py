@@ -29,7 +29,7 @@ from mlx_gemma.prompt_cache import (
 from mlx_gemma.tensorfile import save_file
 
 from conftest import FIXTURES
-from test_cache import twin
+from test_kv_cache import twin
 
 _loaded: dict = {}
 

@@ -24,7 +24,7 @@ import pytest
 
 import mlx.core as mx
 
-from mlx_gemma.cache import KVCache
+from mlx_gemma.models.kv_cache import KVCache
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.loading import load_model
 from mlx_gemma.samplers import make_logits_processors
@@ -192,7 +192,7 @@ class Bigram:
         self.table = mx.array(table, mx.float32)
         self.args = SimpleNamespace(vocab_size=len(table), max_position_embeddings=context)
 
-    def make_cache(self, left_padding=None):
+    def make_cache(self, left_padding=None, options=None):
         return [KVCache(left_padding)]
 
     def model(self, ids, cache=None):

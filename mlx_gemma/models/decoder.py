@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .kv_cache import KVCacheOptions, make_layer_caches
 from .layers import RMSNorm, embedding_scale, layer_mask, softcap
 
 
@@ -89,11 +90,9 @@ class CausalLM(nn.Module):
         """Each layer's attention window (None for global layers)."""
         return [layer.self_attn.window for layer in self.layers]
 
-    def make_cache(self, left_padding: mx.array | None = None, **options):
-        """Per-layer KV caches; `options`: max_kv_size, kv_bits, kv_group_size, quantized_kv_start."""
-        from ..cache import make_layer_caches  # cache.py builds on layers.py: import late
-
-        return make_layer_caches(self.windows, left_padding, head_dim=self.args.head_dim, **options)
+    def make_cache(self, left_padding: mx.array | None = None, options: KVCacheOptions | None = None, **kv):
+        """Per-layer KV caches, shaped by `options` (or its fields as keywords: max_kv_size=...)."""
+        return make_layer_caches(self.windows, left_padding, KVCacheOptions.of(options, **kv), self.args.head_dim)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop what Hugging Face checkpoints carry but we recompute or share."""

@@ -24,6 +24,7 @@ from . import gemma, gemma2
 from ..json_input import json_type
 from .config import parse_config
 from .decoder import DecoderStack
+from .kv_cache import KVCacheOptions, make_layer_caches
 from .layers import softcap
 from .siglip import VisionArgs, VisionModel
 
@@ -237,11 +238,9 @@ class Model(nn.Module):
     def windows(self) -> list[int | None]:
         return [layer.self_attn.window for layer in self.layers]
 
-    def make_cache(self, left_padding: mx.array | None = None, **options):
-        """Per-layer KV caches; `options`: max_kv_size, kv_bits, kv_group_size, quantized_kv_start."""
-        from ..cache import make_layer_caches  # cache.py builds on models/: import late
-
-        return make_layer_caches(self.windows, left_padding, **options)
+    def make_cache(self, left_padding: mx.array | None = None, options: KVCacheOptions | None = None, **kv):
+        """Per-layer KV caches, shaped by `options` (or its fields as keywords: max_kv_size=...)."""
+        return make_layer_caches(self.windows, left_padding, KVCacheOptions.of(options, **kv))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Either Hugging Face layout -> ours; drop what we recompute or share."""

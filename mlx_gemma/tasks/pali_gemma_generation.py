@@ -24,7 +24,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..cache import KVCache
+from ..models.kv_cache import KVCache
 from ..engine import Pending, prefill, run
 from ..errors import GenerationError
 from ..samplers import log_softmax

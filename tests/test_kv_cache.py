@@ -17,7 +17,7 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_gemma.cache import KVCache, RotatingKVCache, check_kv_options, make_layer_caches
+from mlx_gemma.models.kv_cache import KVCache, KVCacheOptions, RotatingKVCache, make_layer_caches
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.loading import build_model, load_model
 
@@ -259,16 +259,28 @@ def test_take_gathers_rows_of_every_part(bits):
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(GenerationError, match=message):
-        check_kv_options(64, **kwargs)
+        KVCacheOptions(**kwargs).check_head_dim(64)
 
 
 def test_layer_caches_follow_windows_and_the_cap():
-    caches = make_layer_caches([6, None, 6, None], max_kv_size=8)
+    caches = make_layer_caches([6, None, 6, None], options=KVCacheOptions(max_kv_size=8))
     assert [(type(c).__name__, c.max_size, c.keep) for c in caches] == [
         ("RotatingKVCache", 6, 0), ("RotatingKVCache", 8, 4)] * 2
-    caches = make_layer_caches([6, None], max_kv_size=5)
+    caches = make_layer_caches([6, None], options=KVCacheOptions(max_kv_size=5))
     assert [(c.max_size, c.keep) for c in caches] == [(5, 0), (5, 4)]
     assert [type(c) for c in make_layer_caches([6, None])] == [RotatingKVCache, KVCache]
+
+
+def test_options_come_as_one_object_or_as_keywords_never_both():
+    model, _ = fixture("gemma3")
+    options = KVCacheOptions(max_kv_size=9)
+    assert [c.max_size for c in model.make_cache(options=options)] == [c.max_size for c in model.make_cache(max_kv_size=9)]
+    with pytest.raises(GenerationError, match="not both"):
+        model.make_cache(options=options, kv_bits=8)
+    with pytest.raises(GenerationError, match="unknown KV-cache options kv_bitz"):
+        model.make_cache(kv_bitz=8)
+    with pytest.raises(GenerationError, match="must be a KVCacheOptions"):
+        model.make_cache(options={"max_kv_size": 9})
 
 
 def test_make_cache_checks_the_group_size_against_head_dim():

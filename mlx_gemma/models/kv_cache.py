@@ -5,7 +5,7 @@ keeps only the last `max_size` of them (sliding-window layers of Gemma 2 and 3):
 memory stays bounded however long the text grows, and results stay exact,
 because a windowed layer never looks further back than its window.
 
-Two options bound memory further (`make_layer_caches`):
+Two options bound memory further (`KVCacheOptions`, given to `make_layer_caches`):
 - `max_kv_size` caps every layer.  Global layers become rotating caches that
   keep the first `SINK_TOKENS` tokens (attention sinks, as mlx-lm's
   `keep=4`) and the last `max_kv_size - SINK_TOKENS`; windowed layers keep
@@ -30,10 +30,12 @@ positions of row b are padding, and the masks hide them.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import mlx.core as mx
 
-from .errors import GenerationError
-from .models.layers import build_mask
+from ..errors import GenerationError
+from .layers import build_mask
 
 # Tokens at the start a capped global layer never drops (mlx-lm's RotatingKVCache keep=4):
 # models park attention mass on the first tokens, and losing them derails the text.
@@ -289,45 +291,70 @@ class RotatingKVCache(_Cache):
         return True
 
 
-def check_kv_options(head_dim: int | None = None, max_kv_size: int | None = None, kv_bits: int | None = None,
-                     kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> dict:
-    """Validate the cache options; returns them as keyword arguments for `make_layer_caches`."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
+@dataclass(frozen=True)
+class KVCacheOptions:
+    """How a model's KV caches are made; checked once, when made.  The default is exact and unbounded."""
 
-    if max_kv_size is not None and (not is_int(max_kv_size) or max_kv_size <= SINK_TOKENS):
-        raise GenerationError(f"max_kv_size must be an integer > {SINK_TOKENS} (the first {SINK_TOKENS} "
-                              f"tokens are always kept), got {max_kv_size!r}")
-    if kv_bits is not None and kv_bits not in KV_BITS:
-        raise GenerationError(f"kv_bits must be one of {KV_BITS} (or None: no quantization), got {kv_bits!r}")
-    if kv_group_size not in KV_GROUP_SIZES:
-        raise GenerationError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {kv_group_size!r}")
-    if kv_bits is not None and head_dim is not None and head_dim % kv_group_size:
-        raise GenerationError(f"kv_group_size {kv_group_size} does not divide the model's head_dim {head_dim}: "
-                              "keys are quantized in groups along head_dim")
-    if not is_int(quantized_kv_start) or quantized_kv_start < 0:
-        raise GenerationError(f"quantized_kv_start must be an integer >= 0, got {quantized_kv_start!r}")
-    return dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                quantized_kv_start=quantized_kv_start)
+    max_kv_size: int | None = None  # cap every layer at this many tokens (None: no cap)
+    kv_bits: int | None = None  # store keys and values in this many bits (None: the model's dtype)
+    kv_group_size: int = 64  # values per scale and bias along head_dim, when quantized
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START  # quantize once the cache holds this many tokens
+
+    def __post_init__(self):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.max_kv_size is not None and (not is_int(self.max_kv_size) or self.max_kv_size <= SINK_TOKENS):
+            raise GenerationError(f"max_kv_size must be an integer > {SINK_TOKENS} (the first {SINK_TOKENS} "
+                                  f"tokens are always kept), got {self.max_kv_size!r}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise GenerationError(f"kv_bits must be one of {KV_BITS} (or None: no quantization), got {self.kv_bits!r}")
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise GenerationError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {self.kv_group_size!r}")
+        if not is_int(self.quantized_kv_start) or self.quantized_kv_start < 0:
+            raise GenerationError(f"quantized_kv_start must be an integer >= 0, got {self.quantized_kv_start!r}")
+
+    @classmethod
+    def of(cls, options: KVCacheOptions | None = None, **kwargs) -> KVCacheOptions:
+        """`options`, or options made from keyword arguments (max_kv_size=..., ...); not both."""
+        if options is not None and kwargs:
+            raise GenerationError("give the KV-cache options as one KVCacheOptions or as keywords, not both")
+        if options is not None:
+            if not isinstance(options, cls):
+                raise GenerationError(f"kv options must be a KVCacheOptions, got {type(options).__name__}")
+            return options
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise GenerationError(f"unknown KV-cache options {', '.join(unknown)}; known: "
+                                  f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**kwargs)
+
+    def check_head_dim(self, head_dim: int | None) -> KVCacheOptions:
+        """Self, if quantized keys can be grouped along a model's head_dim."""
+        if self.kv_bits is not None and head_dim is not None and head_dim % self.kv_group_size:
+            raise GenerationError(f"kv_group_size {self.kv_group_size} does not divide the model's head_dim "
+                                  f"{head_dim}: keys are quantized in groups along head_dim")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-def make_layer_caches(
-    windows: list[int | None], left_padding: mx.array | None = None, *, max_kv_size: int | None = None,
-    kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
-    head_dim: int | None = None,
-) -> list[KVCache | RotatingKVCache]:
+def make_layer_caches(windows: list[int | None], left_padding: mx.array | None = None,
+                      options: KVCacheOptions | None = None, head_dim: int | None = None,
+                      ) -> list[KVCache | RotatingKVCache]:
     """One cache per layer: rotating where the layer has a window (or under `max_kv_size`), growing elsewhere.
 
-    `head_dim`, when given, is checked against `kv_group_size`.
+    `head_dim`, when given, is checked against the options' `kv_group_size`.
     """
-    check_kv_options(head_dim, max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
-    quant = dict(bits=kv_bits, group_size=kv_group_size, quantize_from=quantized_kv_start)
+    o = (options or KVCacheOptions()).check_head_dim(head_dim)
+    quant = dict(bits=o.kv_bits, group_size=o.kv_group_size, quantize_from=o.quantized_kv_start)
     caches = []
     for w in windows:
-        if w is None and max_kv_size is None:
+        if w is None and o.max_kv_size is None:
             caches.append(KVCache(left_padding, **quant))
         elif w is None:
-            caches.append(RotatingKVCache(max_kv_size, left_padding, keep=SINK_TOKENS, **quant))
+            caches.append(RotatingKVCache(o.max_kv_size, left_padding, keep=SINK_TOKENS, **quant))
         else:
-            caches.append(RotatingKVCache(min(w, max_kv_size or w), left_padding, **quant))
+            caches.append(RotatingKVCache(min(w, o.max_kv_size or w), left_padding, **quant))
     return caches
