@@ -20,6 +20,7 @@ from .errors import GenerationError, MlxGemmaError, TokenizerError
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .generate import GenerationResponse, format_stats, stream_generate
 from .models.kv_cache import KVCacheOptions
+from .samplers import SamplingSettings
 from .prompt_cache import PromptCache
 
 
@@ -45,19 +46,26 @@ def next_turn_ids(tokenizer, history: list[int], text: str, system: str | None =
 class ChatSession:
     """A conversation with a model: `send(text)` streams the reply as `GenerationResponse`s.
 
-    Generation settings (`max_tokens`, `sampler`, `logits_processors`, ... any
-    `stream_generate` argument) are given once; `kv_options` (a `KVCacheOptions`, or its
+    Generation settings (`max_tokens`, `sampler`, `logits_processors` or one
+    `sampling=SamplingSettings(...)`, ... any `stream_generate` argument) are given once;
+    `kv_options` (a `KVCacheOptions`, or its
     fields as keywords: max_kv_size, kv_bits, ...) shape the session's cache.
     Replies stop at <end_of_turn> and the model's own stop ids.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = 256, sampler=None,
                  logits_processors=None, kv_options: KVCacheOptions | None = None, max_kv_size=None, kv_bits=None,
-                 kv_group_size=None, quantized_kv_start=None, **generate_kwargs):
+                 kv_group_size=None, quantized_kv_start=None, sampling: SamplingSettings | None = None,
+                 **generate_kwargs):
         if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
             raise TokenizerError(tokenizer.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
         kv = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
                   quantized_kv_start=quantized_kv_start)
+        if sampling is not None:
+            if sampler is not None or logits_processors is not None:
+                raise GenerationError("give a SamplingSettings or a sampler and logits processors, not both")
+            # Made once: a seeded sampler keeps drawing from one key across the turns.
+            sampler, logits_processors = sampling.sampler(), sampling.processors()
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.cache = PromptCache(model, kv_options, **{k: v for k, v in kv.items() if v is not None})
         self.settings = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
@@ -107,9 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .loading import load
 
-        sampler, processors = sampling_from(args)
+        sampling = sampling_from(args)
         model, tokenizer = load(args.model)
-        session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampler, processors,
+        session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,
                               kv_options=kv_options_from(args))
         print("[/reset starts a new conversation; /quit or Ctrl-D leaves]", file=err)
         while True:

@@ -13,7 +13,7 @@ from typing import Callable
 
 from .models.kv_cache import DEFAULT_QUANTIZED_KV_START, KVCacheOptions
 from .errors import MlxGemmaError
-from .samplers import make_logits_processors, make_sampler
+from .samplers import SamplingSettings
 
 def console() -> tuple:
     """(stdout, stderr) for streamed text: a terminal that cannot show a character gets "?", not a crash."""
@@ -52,10 +52,10 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty (1 = off)")
 
 
-def sampling_from(args) -> tuple:
-    """(sampler, logits processors) from the flags of `add_sampling_flags`."""
-    return (make_sampler(args.temp, args.top_k, args.top_p, args.min_p, args.seed),
-            make_logits_processors(repetition_penalty=args.repetition_penalty))
+def sampling_from(args) -> SamplingSettings:
+    """The `SamplingSettings` of the flags of `add_sampling_flags` (checked here, once)."""
+    return SamplingSettings(args.temp, args.top_k, args.top_p, args.min_p, args.seed,
+                            repetition_penalty=args.repetition_penalty)
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:

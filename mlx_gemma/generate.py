@@ -351,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     last, wrote = None, False
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        sampler, processors = sampling_from(args)
+        sampling = sampling_from(args)
+        sampler, processors = sampling.sampler(), sampling.processors()
         from .loading import load
         from .prompt_cache import continuation_ids, load_prompt_cache
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -312,3 +313,36 @@ def apply_processors(processors: Sequence[LogitsProcessor] | None, tokens: mx.ar
     for processor in processors or ():
         logits = processor(tokens, logits)
     return logits
+
+
+# ----- all the settings as one object ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next token is chosen: one object the command lines, `ChatSession` and the engine
+    share.  Checked when made; `sampler()` and `processors()` build what the engine runs."""
+
+    temp: float = 0.0  # 0: greedy
+    top_k: int = 0  # keep the k likeliest tokens (0: off)
+    top_p: float = 1.0  # nucleus mass (1: off)
+    min_p: float = 0.0  # drop tokens below min_p x the likeliest one's probability (0: off)
+    seed: int | None = None  # reproducible draws (None: a fresh seed from the OS)
+    repetition_penalty: float | None = None  # Hugging Face's (1 or None: off)
+    repetition_context_size: int | None = None  # the last N ids it looks at (None: all)
+    presence_penalty: float | None = None  # OpenAI's: subtracted once per token seen
+    frequency_penalty: float | None = None  # OpenAI's: subtracted per occurrence
+    penalty_context_size: int | None = None  # the last N ids those two look at (None: all)
+    logit_bias: Mapping[int, float] | None = field(default=None, hash=False)  # token id -> added logit
+
+    def __post_init__(self):
+        self.sampler()
+        self.processors()
+
+    def sampler(self) -> Sampler:
+        """A new sampler (its own random key, seeded by `seed`)."""
+        return make_sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
+
+    def processors(self) -> list[LogitsProcessor]:
+        return make_logits_processors(self.logit_bias, self.repetition_penalty, self.repetition_context_size,
+                                      self.presence_penalty, self.frequency_penalty, self.penalty_context_size)

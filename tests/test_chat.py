@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from mlx_gemma.chat import ChatSession, next_turn_ids
+from mlx_gemma.errors import GenerationError
 from mlx_gemma.generate import stream_generate
 from mlx_gemma.loading import load
 
@@ -70,6 +71,18 @@ def test_reset_starts_over_and_reply_returns_text():
     chat.reset()
     assert chat.history == [] and chat.cache.tokens == []
     assert chat.reply("Hello") == text
+
+
+def test_sampling_settings_object_equals_the_sampler_it_makes():
+    from mlx_gemma.samplers import SamplingSettings
+
+    model, tok = tiny()
+    settings = SamplingSettings(temp=0.8, top_k=20, seed=7)
+    by_object = ChatSession(model, tok, max_tokens=6, sampling=settings)
+    by_parts = ChatSession(model, tok, max_tokens=6, sampler=settings.sampler(), logits_processors=[])
+    assert [by_object.reply(t) for t in ("Hello", "More")] == [by_parts.reply(t) for t in ("Hello", "More")]
+    with pytest.raises(GenerationError, match="not both"):
+        ChatSession(model, tok, sampling=settings, sampler=settings.sampler())
 
 
 def test_a_reply_cut_short_keeps_the_session_consistent():

@@ -15,6 +15,7 @@ from mlx_gemma.samplers import (
     PresenceFrequencyPenalty,
     RandomSampler,
     RepetitionPenalty,
+    SamplingSettings,
     apply_min_p,
     apply_top_k,
     apply_top_p,
@@ -171,6 +172,8 @@ def test_make_logits_processors():
 def test_invalid_sampler_settings_raise(settings, message):
     with pytest.raises(GenerationError, match=message):
         make_sampler(**settings)
+    with pytest.raises(GenerationError, match=message):  # the settings object checks when made
+        SamplingSettings(**settings)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -184,3 +187,20 @@ def test_invalid_sampler_settings_raise(settings, message):
 def test_invalid_processor_settings_raise(settings, message):
     with pytest.raises(GenerationError, match=message):
         make_logits_processors(**settings)
+    with pytest.raises(GenerationError, match=message):
+        SamplingSettings(**settings)
+
+
+def test_sampling_settings_build_what_the_functions_build():
+    s = SamplingSettings(temp=0.7, top_k=5, seed=3, repetition_penalty=1.3, logit_bias={1: 2.0})
+    lp = random_logprobs(4)
+    assert np.array_equal(draws(s.sampler(), lp), draws(make_sampler(0.7, 5, seed=3), lp))
+    tokens, logits = mx.array([[1, 2, 2]]), lp
+    ours = logits
+    for p in s.processors():
+        ours = p(tokens, ours)
+    theirs = logits
+    for p in make_logits_processors({1: 2.0}, 1.3):
+        theirs = p(tokens, theirs)
+    assert mx.array_equal(ours, theirs)
+    assert SamplingSettings().sampler() is greedy and SamplingSettings().processors() == []
