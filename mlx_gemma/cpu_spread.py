@@ -15,18 +15,15 @@ training) dequantizes its weight 256 KiB at a time and multiplies each block
 with the float kernel (see `_quantized_product`): several times faster for
 every batch and prompt, and summed in float32, for a few short-lived blocks.
 
-`load` applies this to a model when the default device is the CPU (Linux
-without a GPU, or a Mac user who asks for the CPU): each `nn.Linear`,
-`nn.QuantizedLinear` and the tied output head switch to a subclass that
-slices its weight, and the gated MLP (`GeGLU`) to one that slices gate and
-up together.  Parameters, names and saved files are unchanged.  On a GPU
-one product already fills the device, so nothing changes there, and a
-spread layer that finds itself on a GPU stream runs as a plain one.
-
-Measured on a 2-core x86 CPU, Gemma 3 270M bf16: one decoding step 271 ->
-150 ms, a 129-token prefill 5.2 -> 3.0 s (benchmarks/RESULTS.md has the
-side-by-side figures).  `MLX_GEMMA_CPU_THREADS` sets how many cores to use
-(default: the cores this process may run on, at most 8; 1 turns it off).
+`prepare_for_device(model)`, the step every model passes when the default device is the
+CPU (Linux without a GPU, or a Mac user who asks for the CPU), replaces each `nn.Linear`,
+`nn.QuantizedLinear` and the tied output head by a layer of a subclass that slices its
+weight, and the gated MLP (`GeGLU`) by one that slices gate and up together.  Parameters,
+names and saved files are unchanged.  On a GPU one product already fills the device, so
+nothing changes there, and a spread layer that finds itself on a GPU stream runs as a
+plain one.  `MLX_GEMMA_CPU_THREADS` sets how many cores to use (default: the cores this
+process may run on, at most 8; 1 runs float products whole); `MLX_GEMMA_CPU_FAST_PATH=0`
+turns the whole step off.  benchmarks/RESULTS.md has the measured effect.
 """
 
 from __future__ import annotations
@@ -261,19 +258,50 @@ class SpreadQuantizedEmbedding(nn.QuantizedEmbedding):
 
 _SPREAD = {GeGLU: SpreadGeGLU, nn.Linear: SpreadLinear, nn.QuantizedLinear: SpreadQuantizedLinear,
            nn.Embedding: SpreadEmbedding, nn.QuantizedEmbedding: SpreadQuantizedEmbedding}
+FAST_PATH_ENV = "MLX_GEMMA_CPU_FAST_PATH"  # "0" turns the CPU fast path off
 
 
-def spread_matmuls(model: nn.Module) -> nn.Module:
-    """Switch the model's plain linear layers and embeddings to their CPU subclasses (in place).
+def fast_path_enabled() -> bool:
+    """Whether `prepare_for_device` spreads products on the CPU (MLX_GEMMA_CPU_FAST_PATH, default on)."""
+    value = os.environ.get(FAST_PATH_ENV, "1")
+    if value not in ("0", "1"):
+        raise MlxGemmaError(f"{FAST_PATH_ENV} must be 0 (off) or 1 (on), got {value!r}")
+    return value == "1"
 
-    Only layers of exactly the base classes change (LoRA wrappers keep theirs
-    and call the switched layer inside); a no-op off the CPU.  With one thread
-    the float layers compute as before and the quantized ones still dequantize.
+
+def _spread_copy(module: nn.Module) -> nn.Module:
+    """A new layer of the spread class holding the same parameters; `module` itself is untouched."""
+    cls = _SPREAD[type(module)]
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    dict.update(new, module)
+    return new
+
+
+def _replace_children(parent) -> None:
+    items = enumerate(parent) if isinstance(parent, list) else list(parent.items())
+    for key, child in items:
+        if type(child) in _SPREAD:
+            child = _spread_copy(child)
+            parent[key] = child
+        if isinstance(child, (nn.Module, list, dict)):
+            _replace_children(child)
+
+
+def prepare_for_device(model: nn.Module, enabled: bool | None = None) -> nn.Module:
+    """The one step every model passes before it runs (load, a keras backbone, fuse, after
+    quantizing): on the CPU, its plain linear layers, embeddings and gated MLPs are replaced by
+    their spread versions; elsewhere, or with the fast path off, nothing changes.
+
+    The replacements are new layer objects holding the same parameters (names, saved files,
+    numerics and gradients unchanged); a reference kept to an old layer still sees the old
+    one.  Layers of other classes (LoRA wrappers) keep theirs and call the spread layer
+    they wrap.  Idempotent; returns `model` (a new object only when `model` is itself one such
+    layer).  `enabled=None` follows MLX_GEMMA_CPU_FAST_PATH.
     """
-    if mx.default_device() != mx.cpu:
+    if mx.default_device() != mx.cpu or not (fast_path_enabled() if enabled is None else enabled):
         return model
-    for _, module in model.named_modules():
-        spread = _SPREAD.get(type(module))
-        if spread is not None:
-            module.__class__ = spread
+    if type(model) in _SPREAD:
+        model = _spread_copy(model)
+    _replace_children(model)
     return model

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .cpu_spread import spread_matmuls
+from .cpu_spread import prepare_for_device
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
 from .json_input import all_finite, expect, field, json_type, read_json
 from .models import MODELS, TEXT_PART_OF, supported_model_types
@@ -201,7 +201,7 @@ def load_model_from(
         }
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    return model
+    return prepare_for_device(model)  # the device's fast path, after any quantizing (cpu_spread.py)
 
 
 def load_model(
@@ -227,7 +227,6 @@ def load_model(
         load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
-    spread_matmuls(model)  # on the CPU: each large product over several cores (cpu_spread.py)
     model.path = folder
     return model
 

@@ -23,13 +23,7 @@ def four_threads(monkeypatch):
     monkeypatch.setenv(cpu_spread.THREADS_ENV, "4")
 
 
-def spread_copy(module: nn.Module) -> nn.Module:
-    """The same layer (same parameter arrays) as its spreading subclass."""
-    cls = cpu_spread._SPREAD[type(module)]
-    twin = cls.__new__(cls)
-    twin.__dict__.update(module.__dict__)
-    dict.update(twin, module)
-    return twin
+spread_copy = cpu_spread._spread_copy  # the same layer (same parameter arrays) as its spreading subclass
 
 
 def equal(a: mx.array, b: mx.array) -> bool:
@@ -65,7 +59,7 @@ def test_gated_mlp(dtype, rows):
 
     params = mlp.trainable_parameters()
     plain, plain_grads = mlp(x), mx.grad(loss, argnums=(0, 1))(params, x, mlp)
-    cpu_spread.spread_matmuls(mlp)
+    mlp = cpu_spread.prepare_for_device(mlp)
     assert type(mlp) is cpu_spread.SpreadGeGLU and type(mlp.gate_proj) is cpu_spread.SpreadLinear
     assert equal(mlp(x), plain)
     grads = mx.grad(loss, argnums=(0, 1))(params, x, mlp)
@@ -212,6 +206,25 @@ def test_loaded_model_is_spread_and_unchanged(monkeypatch):  # one thread: the p
     lora.enable_lora(spread, rank=2)
     q = spread.model.layers[0].self_attn.q_proj
     assert isinstance(q, lora.LoRALinear) and isinstance(q.linear, cpu_spread.SpreadLinear)
+
+
+def test_prepare_for_device_replaces_layers_without_touching_the_old_ones(monkeypatch):
+    model = load_model(FIXTURES / "tiny_gemma3")
+    old = model.model.layers[0].mlp
+    assert type(old) is cpu_spread.SpreadGeGLU  # load prepared it
+    assert cpu_spread.prepare_for_device(model) is model and model.model.layers[0].mlp is old  # idempotent
+    monkeypatch.setenv(cpu_spread.FAST_PATH_ENV, "0")
+    plain = load_model(FIXTURES / "tiny_gemma3")
+    assert type(plain.model.layers[0].mlp.up_proj) is nn.Linear and type(plain.model.embed_tokens) is nn.Embedding
+    monkeypatch.setenv(cpu_spread.FAST_PATH_ENV, "1")
+    kept = plain.model.layers[0].mlp  # a reference held by a caller
+    cpu_spread.prepare_for_device(plain)
+    assert type(kept) is GeGLU and type(kept.up_proj) is nn.Linear  # the caller's object is unchanged
+    assert type(plain.model.layers[0].mlp) is cpu_spread.SpreadGeGLU
+    assert plain.model.layers[0].mlp.up_proj.weight is kept.up_proj.weight  # the same parameters
+    monkeypatch.setenv(cpu_spread.FAST_PATH_ENV, "yes")
+    with pytest.raises(ValueError, match="MLX_GEMMA_CPU_FAST_PATH must be 0"):
+        cpu_spread.prepare_for_device(plain)
 
 
 def test_thread_count_setting(monkeypatch):
