@@ -41,15 +41,13 @@ from .models.layers import GeGLU, gated
 MIN_ROWS_PER_SLICE = 128
 # A dequantized weight block holds at most this many bytes.  About nine blocks of a product
 # are alive at once (see _on_streams); smaller blocks cost more in per-operation overhead
-# (the 262144x640 head, 4-bit, dequantized for one token on 2 cores: 0.66-0.72 s and 2.3 MB
-# of blocks at 256 KiB, 0.75-0.81 s and 1.2 MB at 128, 0.82-0.89 s and 0.7 MB at 64).
+# (benchmarks/RESULTS.md, "Measurements behind the defaults", for this and the next two).
 DEQUANTIZED_BLOCK_BYTES = 256 * 1024
 # Up to this many rows of x (tokens times batch) go through MLX's quantized kernel in float32,
-# which takes one row at a time: on 2 cores, a 32768x640 4-bit layer took 11 ms per row that
-# way against 90 ms plus 5 ms per row dequantized.
+# which takes one row at a time: past a few rows, dequantizing once costs less.
 KERNEL_MAX_ROWS = 8
 # The float32 scales and biases cast for one block of the kernel path hold at most this many
-# bytes (that head, one token: 99 ms and 1.1 MB above the weights at 64 KiB, 83 ms and 3.0 MB at 256).
+# bytes: larger blocks gain little time for much more memory.
 FLOAT_SCALES_BLOCK_BYTES = 64 * 1024
 MAX_THREADS = 8
 THREADS_ENV = "MLX_GEMMA_CPU_THREADS"
@@ -92,15 +90,12 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     MLX's CPU quantized kernel (`_qmm_t` in mlx/backend/cpu/quantized.cpp)
     takes the rows of x one at a time, and it is fast only in float32: for bf16
     it computes in bf16, element by element, since its SIMD path needs a SIMD
-    width for the dtype, which x86 lacks.  Measured on a 2-core x86 CPU, one
-    token through Gemma 3 270M's 262144x640 4-bit head: 1.2-1.4 s in bf16,
-    150 ms in float32 on one core.  So, on the CPU:
+    width for the dtype, which x86 lacks (about 8x slower than float32 there).
+    So, on the CPU:
     - up to KERNEL_MAX_ROWS rows of x (decoding): MLX's kernel in float32, each
-      block of W with its scales and biases cast to float32 (that head: 80 ms
-      on two cores, against 0.7 s for dequantized blocks);
+      block of W with its scales and biases cast to float32;
     - more rows (a prefill, training): W dequantized block by block, each block
-      through the float product (128 tokens of a 2048x640 layer: 61 ms,
-      against 1163 ms through the bf16 kernel).
+      through the float product (about 20x faster than the bf16 kernel).
     Both sum in float32: the float32 kernel is as exact as the quantized
     weight allows, and the dequantized path gives exactly x @ dequantize(W).T
     in x's dtype.  The gradient dequantizes again, in float32, rather than
@@ -214,11 +209,9 @@ class SpreadGeGLU(GeGLU):
     """The MLP with act(gate) * up made slice by slice on the streams and joined once.
 
     Spreading gate and up as two products would join each (its slices and the
-    whole copy alive at once) before the elementwise product: during a 128-token
-    prefill of a Gemma 2 2B-shaped block that took the MLP's peak from 7.7 MB
-    (mlx-lm's) to 13.0 MB, and the model's above mlx-lm's; joined once, with
-    `gated`, it peaks at 8.3 MB.  Each slice sums and rounds as the whole
-    product would, so the values are the same.
+    whole copy alive at once) before the elementwise product, raising the MLP's
+    peak well above mlx-lm's (figures in benchmarks/RESULTS.md).  Each slice sums
+    and rounds as the whole product would, so the values are the same.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
