@@ -135,7 +135,7 @@ def _check_sampling(temp, top_k, top_p, min_p) -> None:
         raise GenerationError(f"min_p must be in [0, 1) (0 = off), got {min_p}")
 
 
-class RandomSampler:
+class CategoricalSampler:
     """Temperature / top-k / top-p / min-p sampling with its own PRNG key.
 
     The key lives in the sampler, not in mlx's global state, and is split once
@@ -147,7 +147,7 @@ class RandomSampler:
                  seed: int | None = None):
         _check_sampling(temp, top_k, top_p, min_p)
         if temp == 0:
-            raise GenerationError("RandomSampler needs temperature > 0; use greedy for 0")
+            raise GenerationError("CategoricalSampler needs temperature > 0; use greedy for 0")
         self.temp, self.top_k, self.top_p, self.min_p = float(temp), top_k, float(top_p), float(min_p)
         if seed is None:
             seed = random.SystemRandom().getrandbits(63)
@@ -173,7 +173,7 @@ class RandomSampler:
 
 def make_sampler(temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  seed: int | None = None) -> Sampler:
-    """A sampler for these settings: `greedy` at temperature 0, else a `RandomSampler`.
+    """A sampler for these settings: `greedy` at temperature 0, else a `CategoricalSampler`.
 
     temp >= 0; top_k >= 0 (0 = off); top_p in (0, 1] (1 = off); min_p in [0, 1)
     (0 = off).  The truncations are ignored at temperature 0 (greedy keeps the
@@ -183,7 +183,7 @@ def make_sampler(temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: f
     _check_sampling(temp, top_k, top_p, min_p)
     if temp == 0:
         return greedy
-    return RandomSampler(temp, top_k, top_p, min_p, seed)
+    return CategoricalSampler(temp, top_k, top_p, min_p, seed)
 
 
 # ----- logits processors ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from mlx_gemma.errors import GenerationError
 from mlx_gemma.samplers import (
     LogitBias,
     PresenceFrequencyPenalty,
-    RandomSampler,
+    CategoricalSampler,
     RepetitionPenalty,
     SamplingSettings,
     apply_min_p,
@@ -85,7 +85,7 @@ def test_filters_compose_in_hf_order():
     """Top-k then top-p renormalised over the k survivors (Hugging Face's order)."""
     lp = mx.log(mx.array([[0.4, 0.3, 0.2, 0.1]]))
     # Over the top 2 (renormalised 4/7, 3/7) a 0.5 nucleus is the first token alone.
-    sampler = RandomSampler(temp=1.0, top_k=2, top_p=0.5, seed=0)
+    sampler = CategoricalSampler(temp=1.0, top_k=2, top_p=0.5, seed=0)
     assert np.isfinite(np.array(sampler.filter(lp)[0])).tolist() == [True, False, False, False]
 
 

@@ -19,7 +19,7 @@ import math
 import mlx.core as mx
 
 from ..errors import GenerationError
-from ..samplers import RandomSampler as _EngineRandom
+from ..samplers import CategoricalSampler
 from ..samplers import apply_temperature, apply_top_k, apply_top_p, greedy
 
 
@@ -65,7 +65,7 @@ class RandomSampler(Sampler):
         self.seed = seed
 
     def _make(self):
-        return _EngineRandom(temp=self.temperature, seed=self.seed)
+        return CategoricalSampler(temp=self.temperature, seed=self.seed)
 
 
 class TopKSampler(Sampler):
@@ -78,13 +78,13 @@ class TopKSampler(Sampler):
         self.k, self.seed = k, seed
 
     def _make(self):
-        return _EngineRandom(temp=self.temperature, top_k=self.k, seed=self.seed)
+        return CategoricalSampler(temp=self.temperature, top_k=self.k, seed=self.seed)
 
 
-class _NucleusWithinTopK(_EngineRandom):
+class _NucleusWithinTopK(CategoricalSampler):
     """keras-hub's TopPSampler: the nucleus of the *full* distribution, then at most k tokens.
 
-    (mlx_gemma's RandomSampler, like Hugging Face, renormalises after top-k before
+    (mlx_gemma.samplers.CategoricalSampler, like Hugging Face, renormalises after top-k before
     the nucleus; keras-hub takes the cumulative mass over the full softmax.)
     """
 
