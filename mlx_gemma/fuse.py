@@ -17,19 +17,20 @@ from typing import Sequence
 
 from mlx.utils import tree_flatten
 
+from .cli import run_command
+from .convert import mlx_lm_compatible
+from .convert.checkpoint import as_mx
+from .convert.hf import read_hf
+from .convert.quantize import dequantize_model
+from .convert.writer import write_model_folder
 from .errors import UnsupportedModelError
+from .loading import load_model_from
+from .lora import fuse, load_adapters
 
 
 def fuse_model(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_path: str | os.PathLike,
                dequantize: bool = False, overwrite: bool = False) -> Path:
     """Load `model_path`, add the adapters of `adapter_path`, merge them, write `save_path`; returns it."""
-    from .convert import _mlx_lm_compatible
-    from .convert.hf import as_mx, read_hf
-    from .convert.quantize import dequantize_model
-    from .convert.writer import write_model_folder
-    from .loading import load_model_from
-    from .lora import fuse, load_adapters
-
     checkpoint = read_hf(model_path)
     config = dict(checkpoint.config)
     if "text_config" in config:
@@ -41,7 +42,7 @@ def fuse_model(model_path: str | os.PathLike, adapter_path: str | os.PathLike, s
     if dequantize:
         config = dequantize_model(model, config)  # the layers without adapters too
     return write_model_folder(
-        save_path, _mlx_lm_compatible(config), dict(tree_flatten(model.parameters())), checkpoint.tokenizer_model,
+        save_path, mlx_lm_compatible(config), dict(tree_flatten(model.parameters())), checkpoint.tokenizer_model,
         checkpoint.generation_config, overwrite=overwrite, source=[checkpoint.source, adapter_path])
 
 
@@ -58,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .cli import run_command
 
     def action():
         out = fuse_model(args.model, args.adapter_path, args.save_path, args.dequantize, args.overwrite)

@@ -15,30 +15,18 @@ import argparse
 import os
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..cli import run_command
 from ..errors import MlxGemmaError
 from ..loading import load_model_from
 from ..progress import Progress
-from .hf import Checkpoint, as_mx, read_hf
+from .checkpoint import DTYPES, as_mx
+from .gguf import read_gguf
+from .hf import read_hf
+from .keras import read_keras_preset
 from .quantize import BITS, GROUP_SIZES, RECIPES, dequantize_model, quantize_model
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def _read_gguf(path, progress) -> Checkpoint:
-    from .gguf import read_gguf
-
-    ck = read_gguf(path, progress=progress)
-    return Checkpoint(ck.config, ck.weights, ck.tokenizer_model, ck.generation_config, Path(path))
-
-
-def _read_keras(path) -> Checkpoint:
-    from .keras import read_keras_preset
-
-    ck = read_keras_preset(path)
-    return Checkpoint(ck.config, ck.weights, ck.tokenizer_model, ck.generation_config, Path(path))
+from .writer import write_model_folder
 
 
 def _text_only(config: dict) -> dict:
@@ -49,7 +37,7 @@ def _text_only(config: dict) -> dict:
     return {**config["text_config"], **kept, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 
-def _mlx_lm_compatible(config: dict) -> dict:
+def mlx_lm_compatible(config: dict) -> dict:
     """Also spell transformers 5's `rope_parameters` the pre-5.0 way, which is
     what mlx-lm (0.32) reads; both describe the same RoPE."""
     rope = config.get("rope_parameters")
@@ -99,11 +87,11 @@ def convert(
 
     if gguf_path is not None:
         bar = Progress("reading GGUF", 1, " tensors", enabled=enabled)
-        checkpoint = _read_gguf(gguf_path, bar)
+        checkpoint = read_gguf(gguf_path, progress=bar)
         bar.close()
         dtype = dtype or "bfloat16"
     elif keras_path is not None:
-        checkpoint = _read_keras(keras_path)
+        checkpoint = read_keras_preset(keras_path)
     else:
         checkpoint = read_hf(hf_path, revision)
 
@@ -116,9 +104,7 @@ def convert(
         config = quantize_model(model, config, q_bits, q_group_size, quant_recipe)
     if dtype:
         config["torch_dtype"] = dtype
-    config = _mlx_lm_compatible(_text_only(config))
-
-    from .writer import write_model_folder
+    config = mlx_lm_compatible(_text_only(config))
 
     weights = dict(tree_flatten(model.parameters()))
     bar = Progress("writing", 1, " files", enabled=enabled)
@@ -151,8 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..cli import run_command
-
     return run_command(lambda: convert(
         args.hf_path, keras_path=args.keras_path, gguf_path=args.gguf_path, mlx_path=args.mlx_path,
         quantize=args.quantize or bool(args.quant_recipe), q_bits=args.q_bits,

@@ -1,6 +1,6 @@
 """Read a llama.cpp GGUF file of a Gemma model into Hugging Face-format pieces.
 
-`read_gguf(path)` returns a `GGUFCheckpoint`:
+`read_gguf(path)` returns a `Checkpoint` (checkpoint.py):
 
 * `config`            -- a Hugging Face-style `config.json` dict (`gemma`, `gemma2`
                          or `gemma3_text`), loadable by transformers and mlx-lm;
@@ -48,11 +48,12 @@ from __future__ import annotations
 
 import mmap
 import re
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from .checkpoint import Checkpoint, generation_config
 from .gguf_file import (
     SUPPORTED_TENSOR_TYPES,
     GGUFTensorInfo,
@@ -68,7 +69,6 @@ from ..errors import (
 )
 
 __all__ = [
-    "GGUFCheckpoint",
     "read_gguf",
     "read_gguf_metadata",
     "gguf_tensor_to_hf_name",
@@ -121,16 +121,6 @@ _TOP_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _BLOCK_RE = re.compile(r"^blk\.(0|[1-9][0-9]{0,5})\.([a-z_]+)\.weight$")
-
-
-@dataclass
-class GGUFCheckpoint:
-    config: dict
-    weights: dict[str, np.ndarray]
-    tokenizer_model: bytes
-    generation_config: dict
-    metadata: dict = field(default_factory=dict)  # scalar GGUF metadata (no big arrays)
-    path: str = ""
 
 
 # --------------------------------------------------------------------------- names
@@ -352,7 +342,7 @@ def _expected_shapes(cfg: dict, arch: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) -> GGUFCheckpoint:
+def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) -> Checkpoint:
     """Read a Gemma / Gemma 2 / Gemma 3 (text) GGUF file into HF-format pieces.
 
     `progress(done, total, tensor_name)` is called after each tensor, if given.
@@ -415,14 +405,12 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
             if progress is not None:
                 progress(i + 1, len(tensor_list), hf)
 
-    from .hf import generation_config as make_generation_config
-
-    generation_config = make_generation_config(
+    generation = generation_config(
         specials["bos"], specials["eos"], specials["pad"], specials.get("eot"), _piece_id(pieces, "<end_of_turn>")
     )
     scalars = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
                for k, v in meta.items() if not isinstance(v, (list, np.ndarray))}
-    return GGUFCheckpoint(cfg, weights, tokenizer_model, generation_config, scalars, path)
+    return Checkpoint(cfg, weights, tokenizer_model, generation, source=Path(path), metadata=scalars)
 
 
 def _piece_id(pieces: list[str], piece: str) -> int | None:

@@ -1,7 +1,7 @@
 """Read a keras-hub `PaliGemmaBackbone` preset (PaliGemma 1 and 2) into Hugging Face-format pieces.
 
 The decoder is keras-hub's Gemma decoder under other names, so its config and
-variables go through `keras.py`'s Gemma mapping; this file adds the ViT and the
+variables go through the Gemma mapping (`keras_common.py`, described in `keras.py`); this file adds the ViT and the
 projector.  What keras-hub 0.32 does (`keras_hub/src/models/pali_gemma/
 pali_gemma_backbone.py`, `pali_gemma_vit.py`, `pali_gemma_decoder_block.py`),
 checked numerically against keras-hub by tests/test_convert_keras_paligemma.py:
@@ -35,12 +35,18 @@ checked numerically against keras-hub by tests/test_convert_keras_paligemma.py:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import ConfigError, UnsupportedModelError
-from .keras import KerasCheckpoint, _dtype_name, _expected, _int, _read_tokenizer, _to_hf_layout, keras_config_to_hf
+from ..models.paligemma import ModelArgs
+from ..tokenizer import GemmaTokenizer
+from .checkpoint import Checkpoint, generation_config
+from .keras_common import (
+    decoder_variables, dtype_name, int_setting, keras_config_to_hf, read_tokenizer, to_hf_layout,
+)
 from .keras_h5 import read_variables
 
 _TEXT_KEYS_DROPPED = ("architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
@@ -57,12 +63,12 @@ def paligemma_config_to_hf(c: dict, path, special_ids: dict, image_token_id: int
                 path, f"{key}={c[key]!r:.80}: PaliGemma's ViT has no pooling and a linear projector")
     vision = {
         "model_type": "siglip_vision_model",
-        "hidden_size": _int(path, c, "vit_hidden_dim", limit=1 << 16),
-        "intermediate_size": _int(path, c, "vit_intermediate_dim", 4304, limit=1 << 20),  # keras-hub: null -> 4304
-        "num_hidden_layers": _int(path, c, "vit_num_layers", limit=1024),
-        "num_attention_heads": _int(path, c, "vit_num_heads", limit=1024),
-        "image_size": _int(path, c, "image_size", limit=1 << 14),
-        "patch_size": _int(path, c, "vit_patch_size", limit=1 << 14),
+        "hidden_size": int_setting(path, c, "vit_hidden_dim", limit=1 << 16),
+        "intermediate_size": int_setting(path, c, "vit_intermediate_dim", 4304, limit=1 << 20),  # keras-hub: null -> 4304
+        "num_hidden_layers": int_setting(path, c, "vit_num_layers", limit=1024),
+        "num_attention_heads": int_setting(path, c, "vit_num_heads", limit=1024),
+        "image_size": int_setting(path, c, "image_size", limit=1 << 14),
+        "patch_size": int_setting(path, c, "vit_patch_size", limit=1 << 14),
         "num_channels": 3,
         "hidden_act": "gelu_pytorch_tanh",
         "layer_norm_eps": 1e-6,
@@ -120,11 +126,11 @@ def _vision_expected(vision: dict, text_hidden: int) -> dict[str, tuple[str, tup
 
 
 def _text_expected(text: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """keras.py's Gemma map under PaliGemma's names: `pali_gemma_decoder_block`, `model.language_model.`."""
+    """The Gemma decoder's map (keras_common.py) under PaliGemma's names: `pali_gemma_decoder_block`, `model.language_model.`."""
     return {
         k.replace("layers/gemma_decoder_block", "layers/pali_gemma_decoder_block"):
             (hf.replace("model.", "model.language_model.", 1), shape)
-        for k, (hf, shape) in _expected(text).items()
+        for k, (hf, shape) in decoder_variables(text).items()
     }
 
 
@@ -138,16 +144,14 @@ def _vision_to_hf_layout(hf_name: str, a: np.ndarray) -> np.ndarray:
 
 def read_paligemma_preset(
     folder: str, top: dict, *, progress: Callable[[int, int, str], None] | None = None
-) -> KerasCheckpoint:
+) -> Checkpoint:
     """Read a PaliGemmaBackbone preset folder whose parsed config.json is `top`."""
     config_path = os.path.join(folder, "config.json")
     keras_cfg = top.get("config")
     if not isinstance(keras_cfg, dict):
         raise ConfigError(config_path, "has no 'config' object with the backbone's settings")
-    vocab = _int(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
-    tokenizer_model, specials, end_of_turn = _read_tokenizer(folder, vocab)
-    from ..tokenizer import GemmaTokenizer
-
+    vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
+    tokenizer_model, specials, end_of_turn = read_tokenizer(folder, vocab)
     tokenizer = GemmaTokenizer(tokenizer_model)
     # Google's PaliGemma vocabulary has no <image> piece (keras-hub needs none: it puts the
     # image embeddings first); transformers' processor appends it after the last piece.
@@ -155,8 +159,6 @@ def read_paligemma_preset(
     if image_token_id is None:
         image_token_id = tokenizer.vocab_size
     cfg = paligemma_config_to_hf(keras_cfg, config_path, specials, image_token_id)
-    from ..models.paligemma import ModelArgs
-
     ModelArgs.from_dict(cfg, config_path)  # refuse what the model would refuse, before reading weights
 
     expected = {**_text_expected(cfg["text_config"]), **_vision_expected(cfg["vision_config"], cfg["hidden_size"])}
@@ -168,12 +170,11 @@ def read_paligemma_preset(
     for k, v in variables.items():
         hf = names[k]
         v = _vision_to_hf_layout(hf, v) if hf.startswith(("model.vision_tower", "model.multi_modal")) \
-            else _to_hf_layout(hf, v)
+            else to_hf_layout(hf, v)
         weights[hf] = np.ascontiguousarray(v)
     del variables
 
-    from .hf import generation_config as make_generation_config
-
-    generation_config = make_generation_config(specials["bos"], specials["eos"], specials["pad"], end_of_turn)
-    source = next(iter(dtypes)) if len(dtypes) == 1 else (_dtype_name(keras_cfg) or "float32")
-    return KerasCheckpoint(cfg, weights, tokenizer_model, generation_config, keras_cfg, source, folder)
+    generation = generation_config(specials["bos"], specials["eos"], specials["pad"], end_of_turn)
+    source = next(iter(dtypes)) if len(dtypes) == 1 else (dtype_name(keras_cfg) or "float32")
+    return Checkpoint(cfg, weights, tokenizer_model, generation, source=Path(folder), source_dtype=source,
+                      metadata=keras_cfg)

@@ -36,11 +36,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import mlx.core as mx
 import numpy as np
 
 from ..atomic import fault_point, fsync_dir  # one durable-rename helper for every writer
 
 from ..errors import ModelFileError
+from ..tensorfile import save_sharded
 
 __all__ = ["write_model_folder", "DEFAULT_MAX_SHARD_BYTES"]
 
@@ -87,8 +89,6 @@ def _is_within(child: str, parent: str) -> bool:
 
 
 def _to_mx(name: str, value):
-    import mlx.core as mx
-
     if isinstance(value, mx.array):
         return value
     if isinstance(value, np.ndarray):
@@ -106,8 +106,6 @@ def _umask() -> int:
 
 
 def _save_weights(tmp: str, weights: Mapping, max_shard_bytes: int, progress) -> list[str]:
-    from ..tensorfile import save_sharded
-
     def shard_written(done: int, total: int, name: str) -> None:
         fault_point("writer.shard-written")
         if progress is not None:
