@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not prompt:
             raise GenerationError("the prompt is empty")
         model, tokenizer = load(args.model)
-        folder = getattr(model, "path", None)
+        folder = model.path
         chat = args.chat if args.chat is not None else looks_instruct(args.model, folder, tokenizer)
         if args.system and not chat:
             raise GenerationError("a system prompt needs the chat template (--chat)")

@@ -82,7 +82,7 @@ def default_prefill_step(model, rows: int = 1) -> int:
         quantized = isinstance(model, nn.Module) and any(
             isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
         return max(1, (CPU_QUANTIZED_PREFILL_STEP_SIZE if quantized else CPU_PREFILL_STEP_SIZE) // rows)
-    softcapped = getattr(model.args, "attn_logit_softcapping", None) is not None
+    softcapped = model.args.attn_logit_softcapping is not None
     return max(1, (SOFTCAP_PREFILL_STEP_SIZE if softcapped else PREFILL_STEP_SIZE) // rows)
 
 
@@ -99,7 +99,7 @@ def prefill(model, ids: mx.array, cache: Sequence, step_size: int | None = None,
     if step_size is None:
         step_size = default_prefill_step(model, ids.shape[0])
     positive_int("prefill_step_size", step_size, 1)
-    if getattr(model, "prefix_lm", False):
+    if model.prefix_lm:
         step_size = max(step_size, ids.shape[1])
     kept = []
     with mx.stream(generation_stream()):

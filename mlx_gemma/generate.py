@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt_cache = load_prompt_cache(args.prompt_cache_file)
             model_arg = args.model or prompt_cache.metadata.get("model")
         model, tokenizer = load(model_arg, adapter_path=args.adapter_path)
-        folder = getattr(model, "path", None)
+        folder = model.path
         chat = args.chat if args.chat is not None else (not args.image and looks_instruct(model_arg, folder, tokenizer))
         if prompt_cache is not None:
             prompt_cache.check(model)

@@ -187,8 +187,8 @@ def run(args: argparse.Namespace) -> dict:
     mx.random.seed(args.seed)  # the same adapter initialisation on every rank
     model, tokenizer = load(args.model)
     splits = (("train", "valid") if args.train else ()) + (("test",) if args.test else ())
-    vision = model.args if hasattr(model.args, "num_image_tokens") else None  # PaliGemma: image examples
-    images = (vision.num_image_tokens, vision.image_token_index) if vision is not None else None
+    spec = model.image_input  # PaliGemma: image examples
+    images = (spec.num_tokens, spec.token_id) if spec is not None else None
     data = load_datasets(args.data, tokenizer, splits, args.mask_prompt, args.max_seq_length, images)
     for split in splits:
         if split != "valid" and split not in data:

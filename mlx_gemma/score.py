@@ -58,7 +58,7 @@ def score(
 
     stack = model.model
     if not isinstance(stack, DecoderStack):
-        raise MlxGemmaError(f"score() takes a Gemma text model, not a {getattr(model, 'model_type', '?')!r} model")
+        raise MlxGemmaError(f"score() takes a Gemma text model, not a {model.model_type!r} model")
     x = stack.embed_tokens(token_ids)  # [B, T, hidden], unscaled
     if layer_intercept_fn is not None:
         x = layer_intercept_fn(x, -1)

@@ -49,13 +49,12 @@ def _output_head(model: nn.Module) -> nn.Module:
     """The module holding the output projection (the tied embedding or lm_head)."""
     if "lm_head" in model:
         return model.lm_head
-    return getattr(model.model, "language_model", model.model).embed_tokens  # PaliGemma nests its decoder
+    return model.decoder.embed_tokens  # tied: the text stack's embedding (PaliGemma nests its stack)
 
 
 def _image_size(model: nn.Module) -> int | None:
     """PaliGemma's input resolution (None for text models)."""
-    vision = getattr(model.args, "vision", None)
-    return getattr(vision, "image_size", None)
+    return None if model.image_input is None else model.image_input.image_size
 
 
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:  # [..., V], [...] -> [...] float32
@@ -105,7 +104,7 @@ def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array,
     if tree_flatten(head.trainable_parameters()):
         return _checkpointed_chunks(model, head, hidden, targets, weights, chunk_size)
     project = head if "lm_head" in model else head.as_linear
-    cap = getattr(model.args, "final_logit_softcapping", None)
+    cap = model.args.final_logit_softcapping
 
     @mx.custom_function
     def loss_and_grads(h, t, w):

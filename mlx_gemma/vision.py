@@ -182,9 +182,9 @@ def prompt_ids(tokenizer, prompt: str, num_image_tokens: int, image_token_id: in
 def prompt_rows(model, tokenizer, prompts, images, resample: str = "bicubic") -> tuple[list[list[int]], mx.array]:
     """(token ids per prompt, pixel values [B, H, W, 3]) for PaliGemma: one image per
     prompt, or a single image for every prompt."""
-    args = model.args
-    if not hasattr(args, "num_image_tokens"):
-        raise ImageError("image", f"a {getattr(model, 'model_type', 'text')} model takes no images; use a PaliGemma")
+    spec = model.image_input
+    if spec is None:
+        raise ImageError("image", f"a {model.model_type} model takes no images; use a PaliGemma")
     if isinstance(prompts, str):
         prompts = [prompts]
     if not all(isinstance(p, str) for p in prompts):
@@ -193,8 +193,8 @@ def prompt_rows(model, tokenizer, prompts, images, resample: str = "bicubic") ->
         images = [images] * len(prompts)
     if len(images) != len(prompts):
         raise ImageError("image", f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
-    rows = [prompt_ids(tokenizer, p, args.num_image_tokens, args.image_token_index) for p in prompts]
-    return rows, preprocess_images(list(images), args.vision.image_size, resample)
+    rows = [prompt_ids(tokenizer, p, spec.num_tokens, spec.token_id) for p in prompts]
+    return rows, preprocess_images(list(images), spec.image_size, resample)
 
 
 def prompt_inputs(model, tokenizer, prompts, images, resample: str = "bicubic"):

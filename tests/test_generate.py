@@ -49,10 +49,18 @@ def tiny(name: str):
 
 
 class Scripted:
-    """A stand-in model that emits `script` in order, whatever it is fed."""
+    """A stand-in model that emits `script` in order, whatever it is fed.
+
+    It keeps the part of the model contract (mlx_gemma.models.GemmaModel) that generation uses.
+    """
+
+    prefix_lm = False  # prompts may be prefilled in chunks
+    model_type = "scripted"
+    path = None
 
     def __init__(self, script, vocab_size=400, context=64):
-        self.args = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=context)
+        self.args = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=context,
+                                    attn_logit_softcapping=None)
         self.script, self.step = list(script), 0
 
     def make_cache(self, left_padding=None, options=None):

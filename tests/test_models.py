@@ -8,13 +8,20 @@ also rebuild the reference live on fresh inputs.
 
 from __future__ import annotations
 
+import re
+import types
+import typing
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlx_gemma.loading import load_model
-from mlx_gemma.models import gemma, gemma2, gemma3
+from mlx_gemma.models import MODELS, Block, GemmaArgs, GemmaModel, gemma, gemma2, gemma3
+from mlx_gemma.models.decoder import DecoderStack
 from mlx_gemma.models.layers import GeGLU, attention, build_mask, softcap
 
 from conftest import FIXTURES, TINY_MODELS
@@ -258,3 +265,83 @@ def test_softcapped_attention_rounds_its_float32_softmax_once(dtype):
     weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(dtype)
     expected = (weights @ mx.expand_dims(v, 2)).reshape(1, 4, 9, 16)
     assert got.dtype == dtype and mx.array_equal(got, expected).item()
+
+
+# ----- the model contract (mlx_gemma/models/base.py) -------------------------------------
+
+# One tiny fixture per registered architecture (PaliGemma over both of its decoders).
+CONTRACT_FIXTURES = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2"]
+
+
+def _conforms(value, hint) -> bool:
+    """Whether `value` has the type a contract annotation declares (unions, tuples, protocols)."""
+    origin, parts = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, part) for part in parts)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:  # tuple[X, ...]
+        return isinstance(value, tuple) and all(_conforms(v, parts[0]) for v in value)
+    if hint in (int, float):  # a bool is no count, and a soft-cap is a float, not an int
+        return type(value) is hint
+    return isinstance(value, hint)
+
+
+def _data_fields(protocol) -> dict:
+    """The protocol's declared attributes (not its methods or properties) and their types."""
+    return typing.get_type_hints(protocol)
+
+
+def test_every_registered_architecture_has_a_contract_fixture():
+    built = {load_model(FIXTURES / name).model_type for name in CONTRACT_FIXTURES}
+    assert built == set(MODELS)
+
+
+@pytest.mark.parametrize("name", CONTRACT_FIXTURES)
+def test_every_model_keeps_the_written_contract(name):
+    folder = FIXTURES / name
+    model = load_model(folder)
+    assert isinstance(model, GemmaModel) and isinstance(model.args, GemmaArgs)
+    # Each declared attribute is set by the class itself, with the declared type.
+    for field, hint in _data_fields(GemmaModel).items():
+        assert hasattr(model, field), f"{type(model).__module__}.Model does not set {field}"
+        assert _conforms(getattr(model, field), hint), f"{name}: {field} = {getattr(model, field)!r} is not {hint}"
+    for field, hint in _data_fields(GemmaArgs).items():
+        assert _conforms(getattr(model.args, field), hint), f"{name}: args.{field} is not {hint}"
+    for block in model.layers:
+        assert isinstance(block, Block)
+        assert _conforms(block.window, _data_fields(Block)["window"])
+    # And means what it says.
+    assert model.model_type in MODELS and model.path == folder
+    assert model.windows == [block.window for block in model.layers]
+    assert len(model.layers) == len(model.decoder.layers) and model.layers[0] is model.decoder.layers[0]
+    assert isinstance(model.decoder, DecoderStack)
+    assert len(model.make_cache(max_kv_size=16)) == len(model.layers)
+    params = dict(tree_flatten(model.parameters()))
+    assert set(model.sanitize(params)) == set(params)  # our own names pass through unchanged
+    for prefix in model.float_prefixes:  # each prefix names weights the quantizer then skips
+        assert any(k.startswith(prefix) for k in params), prefix
+    if model.image_input is None:
+        assert not model.prefix_lm and model.float_prefixes == ()
+        ids = mx.array([[2, 5, 7, 9]])
+        inputs = {}
+    else:  # PaliGemma: the image's placeholders, the patches and the pixels agree
+        spec = model.image_input
+        assert model.prefix_lm
+        assert spec.num_tokens == (spec.image_size // model.args.vision.patch_size) ** 2
+        ids = mx.array([[spec.token_id] * spec.num_tokens + [2, 5, 7]])
+        inputs = {"pixel_values": mx.zeros((1, spec.image_size, spec.image_size, 3))}
+    hidden = model.model(ids, **inputs)  # [B, T, hidden]
+    assert hidden.shape == (1, ids.shape[1], model.args.hidden_size)
+    logits = model.logits(hidden)
+    assert logits.shape == (1, ids.shape[1], model.args.vocab_size)
+    assert mx.array_equal(logits, model(ids, **inputs)).item()
+
+
+def test_no_caller_probes_a_model():
+    """The contract is read directly: no getattr/hasattr on a model (or model.args), no self_attn.window."""
+    probe = re.compile(r"\b(getattr|hasattr)\((self\.)?model\b|self_attn\.window")
+    package = Path(__file__).resolve().parent.parent / "mlx_gemma"
+    found = [f"{path.relative_to(package)}:{i}" for path in sorted(package.rglob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1) if probe.search(line)]
+    assert found == []

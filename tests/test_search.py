@@ -188,9 +188,12 @@ class Bigram:
     and the caches are real `KVCache`s (so beam reordering goes through `take`).
     """
 
+    prefix_lm = False  # the part of the model contract (GemmaModel) that search uses
+
     def __init__(self, table, context=64):
         self.table = mx.array(table, mx.float32)
-        self.args = SimpleNamespace(vocab_size=len(table), max_position_embeddings=context)
+        self.args = SimpleNamespace(vocab_size=len(table), max_position_embeddings=context,
+                                    attn_logit_softcapping=None)
 
     def make_cache(self, left_padding=None, options=None):
         return [KVCache(left_padding)]

@@ -45,7 +45,7 @@ def quantize_model(model: nn.Module, config: dict, bits: int = 4, group_size: in
     num_layers = len(model.layers)
     settings = {"group_size": group_size, "bits": low, "mode": "affine"}
 
-    float_prefixes = getattr(model, "float_prefixes", ())  # parts a model keeps in float (vision towers)
+    float_prefixes = model.float_prefixes  # parts a model keeps in float (vision towers)
 
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:

@@ -1,10 +1,14 @@
-"""The model registry: which module builds which `model_type`.
+"""The model registry: which module builds which `model_type`, and the contract they keep.
 
 An explicit table, never a name taken from a checkpoint and imported: a
-`config.json` can only choose among these.
+`config.json` can only choose among these.  Every registered `Model` is a
+`GemmaModel` (base.py): the one list of what the rest of the package may use.
 """
 
 from . import gemma, gemma2, gemma3, paligemma
+from .base import Block, GemmaArgs, GemmaModel, ImageInput
+
+__all__ = ["MODELS", "TEXT_PART_OF", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
 
 # model_type -> module with `ModelArgs.from_dict` and `Model`.
 MODELS = {

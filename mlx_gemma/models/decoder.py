@@ -1,9 +1,12 @@
 """The decoder stack and LM head every Gemma text model shares.
 
-A model file supplies its config and its `TransformerBlock`; this module runs
-embeddings -> blocks -> final norm -> tied (or separate) output projection, with
-one attention mask per window size, an optional per-block intercept (used by
-`score(layer_intercept_fn=...)` and for hidden states), and the cache factory.
+A model file supplies its config and its `TransformerBlock` (a `base.Block`: it
+declares its attention `window`); this module runs embeddings -> blocks -> final
+norm -> tied (or separate) output projection, with one attention mask per window
+size, an optional per-block intercept (used by `score(layer_intercept_fn=...)`
+and for hidden states), and the cache factory.  `CausalLM` is the shared half of
+every text model's `Model`; each model file's subclass declares the rest of the
+contract (`base.GemmaModel`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .base import Block
 from .kv_cache import KVCacheOptions, make_layer_caches
-from .layers import RMSNorm, embedding_scale, layer_mask, softcap
+from .layers import RMSNorm, build_mask, embedding_scale, softcap
 
 
 class DecoderStack(nn.Module):
@@ -22,7 +26,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [block_class(args, i) for i in range(args.num_hidden_layers)]
+        self.layers: list[Block] = [block_class(args, i) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def embed(self, input_ids: mx.array) -> mx.array:
@@ -45,13 +49,44 @@ class DecoderStack(nn.Module):
         if intercept is not None:
             h = intercept(h, -1)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
-            window = layer.self_attn.window
+            window = layer.window  # the block's declared window (base.Block), None: global
             if window not in masks:
                 masks[window] = layer_mask(h.shape[1], layer_cache, window, padding_mask, prefix_length)
             h = layer(h, masks[window], layer_cache)
             if intercept is not None:
                 h = intercept(h, i)
         return self.norm(h)
+
+
+def layer_mask(
+    T: int,
+    cache,
+    window: int | None,
+    padding_mask: mx.array | None = None,
+    prefix_length: mx.array | None = None,
+):
+    """The mask for a layer with this `window` (None: global) over T new tokens.
+
+    With a cache, the cache builds it (it knows its key order and padding);
+    without one, keys are the T tokens themselves.  Trivial cases return None or
+    "causal" so MLX's fused attention can take its fast path.
+    """
+    if cache is not None:
+        if padding_mask is not None:
+            raise ValueError(
+                "padding_mask goes with a full-sequence call; with a cache, "
+                "give the cache its left_padding (model.make_cache(left_padding=...))"
+            )
+        return cache.make_mask(T, window=window, prefix_length=prefix_length)
+    if padding_mask is None and prefix_length is None:
+        if T == 1:
+            return None
+        if window is None or window >= T:
+            return "causal"
+    positions = mx.arange(T)
+    return build_mask(
+        positions, positions, window=window, key_valid=padding_mask, prefix_length=prefix_length
+    )
 
 
 class CausalLM(nn.Module):
@@ -65,7 +100,8 @@ class CausalLM(nn.Module):
     def __init__(self, args, block_class):
         super().__init__()
         self.args = args
-        self.model_type = args.model_type
+        self.model_type: str = args.model_type
+        self.path = None  # set by `loading.load_model` to the folder it read
         self.model = DecoderStack(args, block_class)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -79,16 +115,20 @@ class CausalLM(nn.Module):
             out = self.model.embed_tokens.as_linear(hidden)
         else:
             out = self.lm_head(hidden)
-        return softcap(out, getattr(self.args, "final_logit_softcapping", None))
+        return softcap(out, self.args.final_logit_softcapping)
 
     @property
-    def layers(self):
+    def decoder(self) -> DecoderStack:
+        return self.model
+
+    @property
+    def layers(self) -> list[Block]:
         return self.model.layers
 
     @property
     def windows(self) -> list[int | None]:
         """Each layer's attention window (None for global layers)."""
-        return [layer.self_attn.window for layer in self.layers]
+        return [layer.window for layer in self.layers]
 
     def make_cache(self, left_padding: mx.array | None = None, options: KVCacheOptions | None = None, **kv):
         """Per-layer KV caches, shaped by `options` (or its fields as keywords: max_kv_size=...)."""

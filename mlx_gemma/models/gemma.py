@@ -38,6 +38,11 @@ class ModelArgs:
     tie_word_embeddings: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # keys we keep but do not interpret
 
+    # Gemma 1 caps neither scores nor logits.  Plain class attributes, not fields: the
+    # contract (base.GemmaArgs) names them, but a Gemma config never sets them.
+    attn_logit_softcapping = None
+    final_logit_softcapping = None
+
     @classmethod
     def from_dict(cls, config: dict, path=None, where: str = "") -> "ModelArgs":
         args = parse_config(cls, config, path, where)
@@ -60,7 +65,7 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
-    window = None  # Gemma 1 attends globally in every layer
+    """Multi-head (7B) or multi-query (2B) attention with RoPE on queries and keys."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -77,35 +82,40 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
         B, T, _ = x.shape  # x: [B, T, hidden]
-        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
+        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, heads, T, head_dim]
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, kv_heads, T, head_dim]
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, kv_heads, T, head_dim]
+        offset = 0 if cache is None else cache.offset  # new tokens follow the cached ones
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(k, v)  # [B, kv_heads, S, head_dim]: cached + new
         out = attention(q, k, v, self.scale, mask)  # [B, heads, T, head_dim]
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))  # [B, T, hidden]
 
 
 class TransformerBlock(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
+        self.window = None  # Gemma 1 attends globally in every layer (base.Block)
         self.self_attn = Attention(args)
         self.mlp = GeGLU(args.hidden_size, args.intermediate_size, args.hidden_activation)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:  # [B, T, hidden] -> [B, T, hidden]
         x = residual_add(x, self.self_attn(self.input_layernorm(x), mask, cache))
         return residual_add(x, self.mlp(self.post_attention_layernorm(x)))
 
 
 class Model(CausalLM):
-    """Gemma causal LM: token ids -> logits [B, T, vocab]."""
+    """Gemma causal LM: token ids -> logits [B, T, vocab] (the contract: base.GemmaModel)."""
+
+    prefix_lm = False  # causal throughout: a prompt may be prefilled in chunks
+    float_prefixes = ()  # the converter may quantize every linear layer
+    image_input = None  # text only
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, TransformerBlock)

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from ..errors import ConfigError
 from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import CausalLM
-from .layers import SandwichBlock, attention, gelu_for
+from .layers import GeGLU, RMSNorm, attention, gelu_for, residual_add
 
 
 @dataclass
@@ -64,15 +64,15 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    """Grouped-query attention with RoPE and soft-capped scores."""
+
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
-        self.scale = args.query_pre_attn_scalar**-0.5
+        self.scale = args.query_pre_attn_scalar**-0.5  # not head_dim: 27B's scalar is 144
         self.logit_softcap = args.attn_logit_softcapping
-        local = args.layer_types[layer_idx] == "sliding_attention"
-        self.window = args.sliding_window if local else None
         self.rope_base = args.rope_theta
         bias = args.attention_bias
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
@@ -82,24 +82,45 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
         B, T, _ = x.shape  # x: [B, T, hidden]
-        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
+        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, heads, T, head_dim]
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, kv_heads, T, head_dim]
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, kv_heads, T, head_dim]
+        offset = 0 if cache is None else cache.offset  # new tokens follow the cached ones
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(k, v)  # [B, kv_heads, S, head_dim]: cached + new
         out = attention(q, k, v, self.scale, mask, self.logit_softcap)  # [B, heads, T, head_dim]
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))  # [B, T, hidden]
 
 
-def TransformerBlock(args: ModelArgs, layer_idx: int) -> SandwichBlock:
-    return SandwichBlock(args, Attention(args, layer_idx))
+class TransformerBlock(nn.Module):
+    """Sandwich norms: x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        local = args.layer_types[layer_idx] == "sliding_attention"
+        self.window = args.sliding_window if local else None  # None: global (base.Block)
+        self.self_attn = Attention(args)
+        self.mlp = GeGLU(args.hidden_size, args.intermediate_size, args.hidden_activation)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:  # [B, T, hidden] -> [B, T, hidden]
+        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
+        x = residual_add(x, h)
+        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return residual_add(x, h)
 
 
 class Model(CausalLM):
-    """Gemma 2 causal LM: token ids -> logits [B, T, vocab]."""
+    """Gemma 2 causal LM: token ids -> logits [B, T, vocab] (the contract: base.GemmaModel)."""
+
+    prefix_lm = False  # causal throughout: a prompt may be prefilled in chunks
+    float_prefixes = ()  # the converter may quantize every linear layer
+    image_input = None  # text only
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, TransformerBlock)

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..errors import ConfigError
 from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import CausalLM
-from .layers import RMSNorm, SandwichBlock, attention, gelu_for
+from .layers import GeGLU, RMSNorm, attention, gelu_for, residual_add
 
 
 @dataclass
@@ -87,16 +87,16 @@ def _rope_for(args: ModelArgs, kind: str, path, where: str = "") -> tuple[float,
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    """Grouped-query attention with per-head q/k norms and the RoPE of its layer kind."""
+
+    def __init__(self, args: ModelArgs, kind: str):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
         self.scale = args.query_pre_attn_scalar**-0.5
         self.logit_softcap = args.attn_logit_softcapping
-        kind = args.layer_types[layer_idx]
-        self.window = args.sliding_window if kind == "sliding_attention" else None
-        self.rope_base, self.rope_scale = args.rope[kind]
+        self.rope_base, self.rope_scale = args.rope[kind]  # local and global layers differ
         bias = args.attention_bias
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
@@ -107,25 +107,46 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
         B, T, _ = x.shape  # x: [B, T, hidden]
-        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, heads, T, head_dim]
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, kv_heads, T, head_dim]
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, kv_heads, T, head_dim]
         q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE
-        offset = 0 if cache is None else cache.offset
+        offset = 0 if cache is None else cache.offset  # new tokens follow the cached ones
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(k, v)  # [B, kv_heads, S, head_dim]: cached + new
         out = attention(q, k, v, self.scale, mask, self.logit_softcap)  # [B, heads, T, head_dim]
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))  # [B, T, hidden]
 
 
-def TransformerBlock(args: ModelArgs, layer_idx: int) -> SandwichBlock:
-    return SandwichBlock(args, Attention(args, layer_idx))
+class TransformerBlock(nn.Module):
+    """Sandwich norms, as Gemma 2: x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        kind = args.layer_types[layer_idx]  # "sliding_attention" or "full_attention"
+        self.window = args.sliding_window if kind == "sliding_attention" else None  # None: global (base.Block)
+        self.self_attn = Attention(args, kind)
+        self.mlp = GeGLU(args.hidden_size, args.intermediate_size, args.hidden_activation)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:  # [B, T, hidden] -> [B, T, hidden]
+        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
+        x = residual_add(x, h)
+        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return residual_add(x, h)
 
 
 class Model(CausalLM):
-    """Gemma 3 causal LM: token ids -> logits [B, T, vocab]."""
+    """Gemma 3 causal LM: token ids -> logits [B, T, vocab] (the contract: base.GemmaModel)."""
+
+    prefix_lm = False  # causal throughout: a prompt may be prefilled in chunks
+    float_prefixes = ()  # the converter may quantize every linear layer
+    image_input = None  # text only (a multimodal checkpoint loads as its language half)
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, TransformerBlock)

@@ -1,8 +1,8 @@
 """What the Gemma architectures truly share: the norm, the MLP, soft-capping,
 attention with masks, and fp16-safe residuals.
 
-Each model file (gemma.py, gemma2.py, gemma3.py) builds its blocks from these
-pieces; nothing here knows which architecture it serves.
+Each model file (gemma.py, gemma2.py, gemma3.py) builds its own attention and
+block from these pieces; nothing here knows which architecture it serves.
 """
 
 from __future__ import annotations
@@ -200,53 +200,3 @@ def build_mask(
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]
     return allowed | (k == q)[None, None]
-
-
-def layer_mask(
-    T: int,
-    cache,
-    window: int | None,
-    padding_mask: mx.array | None = None,
-    prefix_length: mx.array | None = None,
-):
-    """The mask for a layer with this `window` (None: global) over T new tokens.
-
-    With a cache, the cache builds it (it knows its key order and padding);
-    without one, keys are the T tokens themselves.  Trivial cases return None or
-    "causal" so MLX's fused attention can take its fast path.
-    """
-    if cache is not None:
-        if padding_mask is not None:
-            raise ValueError(
-                "padding_mask goes with a full-sequence call; with a cache, "
-                "give the cache its left_padding (model.make_cache(left_padding=...))"
-            )
-        return cache.make_mask(T, window=window, prefix_length=prefix_length)
-    if padding_mask is None and prefix_length is None:
-        if T == 1:
-            return None
-        if window is None or window >= T:
-            return "causal"
-    positions = mx.arange(T)
-    return build_mask(
-        positions, positions, window=window, key_valid=padding_mask, prefix_length=prefix_length
-    )
-
-
-class SandwichBlock(nn.Module):
-    """Gemma 2 and 3's block: norms before *and* after both attention and MLP."""
-
-    def __init__(self, args, attention_module: nn.Module):
-        super().__init__()
-        self.self_attn = attention_module
-        self.mlp = GeGLU(args.hidden_size, args.intermediate_size, args.hidden_activation)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
-        x = residual_add(x, h)
-        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return residual_add(x, h)

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from ..errors import ConfigError, ImageError
 from . import gemma, gemma2
 from ..json_input import json_type
+from .base import Block, ImageInput
 from .config import parse_config
 from .decoder import DecoderStack
 from .kv_cache import KVCacheOptions, make_layer_caches
@@ -102,12 +103,13 @@ class ModelArgs:
             raise ConfigError(path, f"image_token_index must be a non-negative integer, got {ti!r}")
         return args
 
-    # What generation and loading read from a model's args, delegated to the decoder.
+    # The contract's fields (base.GemmaArgs) that belong to the decoder, delegated to it.
     vocab_size = property(lambda self: self.text.vocab_size)
     max_position_embeddings = property(lambda self: self.text.max_position_embeddings)
     hidden_size = property(lambda self: self.text.hidden_size)
     head_dim = property(lambda self: self.text.head_dim)
-    final_logit_softcapping = property(lambda self: getattr(self.text, "final_logit_softcapping", None))
+    attn_logit_softcapping = property(lambda self: self.text.attn_logit_softcapping)
+    final_logit_softcapping = property(lambda self: self.text.final_logit_softcapping)
 
     @property
     def num_image_tokens(self) -> int:
@@ -192,6 +194,8 @@ class PaliGemmaModel(nn.Module):
 class Model(nn.Module):
     """PaliGemma: `model(input_ids, pixel_values=None, cache=None, padding_mask=None) -> logits [B, T, V]`.
 
+    The contract (base.GemmaModel) over a Gemma / Gemma 2 decoder that also takes images.
+
     `pixel_values` are NHWC in [-1, 1] (see `mlx_gemma.vision`).  Without
     `prefix_length`, the first call of a sequence is all prefix (the prompt) and
     later cached calls are causal (generated text); give it to score a prompt and
@@ -207,7 +211,9 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model_type = args.model_type
+        self.model_type: str = args.model_type
+        self.path = None  # set by `loading.load_model` to the folder it read
+        self.image_input = ImageInput(args.vision.image_size, args.num_image_tokens, args.image_token_index)
         self.model = PaliGemmaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.text.hidden_size, args.text.vocab_size, bias=False)
@@ -231,16 +237,20 @@ class Model(nn.Module):
         return softcap(out, self.args.final_logit_softcapping)
 
     @property
-    def layers(self):
+    def decoder(self) -> DecoderStack:
+        return self.model.language_model
+
+    @property
+    def layers(self) -> list[Block]:
         return self.model.language_model.layers
 
     @property
     def windows(self) -> list[int | None]:
-        return [layer.self_attn.window for layer in self.layers]
+        return [layer.window for layer in self.layers]
 
     def make_cache(self, left_padding: mx.array | None = None, options: KVCacheOptions | None = None, **kv):
         """Per-layer KV caches, shaped by `options` (or its fields as keywords: max_kv_size=...)."""
-        return make_layer_caches(self.windows, left_padding, KVCacheOptions.of(options, **kv))
+        return make_layer_caches(self.windows, left_padding, KVCacheOptions.of(options, **kv), self.args.head_dim)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Either Hugging Face layout -> ours; drop what we recompute or share."""

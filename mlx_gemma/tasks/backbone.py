@@ -168,8 +168,8 @@ class GemmaBackbone:
     intermediate_dim = property(lambda self: 2 * self.args.intermediate_size)  # keras-hub's convention
     head_dim = property(lambda self: self.args.head_dim)
     layer_norm_epsilon = property(lambda self: self.args.rms_norm_eps)
-    attention_logit_soft_cap = property(lambda self: getattr(self.args, "attn_logit_softcapping", None))
-    final_logit_soft_cap = property(lambda self: getattr(self.args, "final_logit_softcapping", None))
+    attention_logit_soft_cap = property(lambda self: self.args.attn_logit_softcapping)
+    final_logit_soft_cap = property(lambda self: self.args.final_logit_softcapping)
     use_post_ffw_norm = use_post_attention_norm = property(lambda self: self.args.model_type != "gemma")
     use_sliding_window_attention = property(lambda self: any(w is not None for w in self.model.windows))
     # Gemma 1 has no window; keras-hub still records its default 4096 there.

@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import MlxGemmaError
+from ..models import GemmaModel
 from .backbone import as_dtype, random_model
 
 
@@ -43,7 +44,7 @@ class PaliGemmaBackbone:
     @classmethod
     def from_model(cls, model) -> PaliGemmaBackbone:
         """Wrap a loaded mlx_gemma PaliGemma model (e.g. from `mlx_gemma.load`)."""
-        if not hasattr(getattr(model, "args", None), "num_image_tokens"):
+        if not isinstance(model, GemmaModel) or model.image_input is None:
             raise MlxGemmaError(f"not a PaliGemma model: {type(model).__name__} (use GemmaBackbone for text models)")
         backbone = cls.__new__(cls)
         backbone.model = model
@@ -86,9 +87,9 @@ class PaliGemmaBackbone:
     vit_hidden_dim = property(lambda self: self.args.vision.hidden_size)
     vit_num_layers = property(lambda self: self.args.vision.num_hidden_layers)
     vit_intermediate_dim = property(lambda self: self.args.vision.intermediate_size)
-    token_embedding = property(lambda self: self.model.model.language_model.embed_tokens)
+    token_embedding = property(lambda self: self.model.decoder.embed_tokens)
     transformer_layers = property(lambda self: self.model.layers)
-    layer_norm = property(lambda self: self.model.model.language_model.norm)
+    layer_norm = property(lambda self: self.model.decoder.norm)
 
     @property
     def dtype(self) -> mx.Dtype:
