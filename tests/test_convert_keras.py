@@ -775,13 +775,13 @@ def _metadata_bytes(h5_path: Path) -> np.ndarray:
     return np.flatnonzero(is_meta)
 
 
-_META = {}
+_META = {}  # per fixture, not per copy: a copy's path is new each example
 
 
-def _meta_of(path: Path) -> np.ndarray:
-    if path not in _META:
-        _META[path] = _metadata_bytes(path)
-    return _META[path]
+def _meta_of(preset: str) -> np.ndarray:
+    if preset not in _META:
+        _META[preset] = _metadata_bytes(FUZZ_PRESETS[preset] / "model.weights.h5")
+    return _META[preset]
 
 
 @st.composite
@@ -795,9 +795,8 @@ def h5_byte_mutation(draw):
     return name, draw(st.lists(edit, min_size=1, max_size=4))
 
 
-def _apply_bytes(path: Path, edits) -> None:
+def _apply_bytes(path: Path, edits, meta: np.ndarray) -> None:
     data = bytearray(path.read_bytes())
-    meta = _meta_of(path)
     for kind, where, value in edits:
         if not data:
             break
@@ -826,7 +825,7 @@ def test_fuzz_keras_h5_bytes(fuzz_presets, mutation):
     name, edits = mutation
     with tempfile.TemporaryDirectory() as root:
         folder = _fresh_copy(fuzz_presets[name], root)
-        _apply_bytes(folder / "model.weights.h5", edits)
+        _apply_bytes(folder / "model.weights.h5", edits, _meta_of(name))
         _check_preset(folder)
 
 
@@ -891,7 +890,7 @@ def _apply_structure(path: Path, ops) -> None:
             dtype = _dtype(dtype_name)
             shape = tuple(shape)
             if kind in ("retype", "chunked"):
-                shape = old.shape
+                shape = old.shape or (1,)  # a scalar or empty one cannot be chunked
             if kind in ("reshape", "retype", "empty", "scalar", "chunked", "unallocated", "link"):
                 del f[name]
             if kind in ("reshape", "retype"):
