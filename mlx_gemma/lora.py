@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .cpu_spread import prepare_for_device
 from .errors import AdapterError
 from .json_input import expect, field, json_type, number_in, read_json
 from .tensorfile import atomic_write_bytes, load_file, save_file
@@ -218,7 +219,7 @@ def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
     fused = [(p, m.fuse(dequantize)) for p, m in lora_layers(model)]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    return model
+    return prepare_for_device(model)  # the fused layers are plain ones: give them the device's fast path
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -206,7 +206,7 @@ def test_fused_model_equals_base_plus_adapters(dora):
     adapted = model(mx.array(IDS))
     lora.fuse(model)
     assert not lora.lora_layers(model)
-    assert all(type(m) is nn.Linear for p, m in model.named_modules() if p.endswith("_proj"))
+    assert all(isinstance(m, nn.Linear) for p, m in model.named_modules() if p.endswith("_proj"))  # spread on a CPU
     assert_close(model(mx.array(IDS)), adapted)
 
 
@@ -222,7 +222,7 @@ def test_fusing_a_quantized_base():
     model = quantized()
     adapted = model(mx.array(IDS))
     lora.fuse(model, dequantize=True)
-    assert type(model.layers[0].self_attn.q_proj) is nn.Linear
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
     assert_close(model(mx.array(IDS)), adapted, rtol=1e-5)
     nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, mod: isinstance(mod, nn.Linear))
     requantized_by_hand = model(mx.array(IDS))

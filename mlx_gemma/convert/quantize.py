@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ..cpu_spread import prepare_for_device
 from ..errors import MlxGemmaError
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -58,6 +59,7 @@ def quantize_model(model: nn.Module, config: dict, bits: int = 4, group_size: in
         return True
 
     nn.quantize(model, group_size=group_size, bits=low, class_predicate=predicate)
+    prepare_for_device(model)  # the new quantized layers are plain ones
     return {**config, "quantization": settings, "quantization_config": settings}
 
 
@@ -78,4 +80,5 @@ def dequantize_model(model: nn.Module, config: dict) -> dict:
             layer.weight = weight
             replacements.append((path, layer))
     model.update_modules(tree_unflatten(replacements))
+    prepare_for_device(model)
     return {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
