@@ -16,8 +16,10 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .api import load
 from .errors import GenerationError, MlxGemmaError
 from .cli import add_cache_flags, error_line, kv_options_from
+from .generate import looks_instruct
 from .prompt_cache import PromptCache, open_turn_ids, save_prompt_cache
 
 
@@ -40,9 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .generate import looks_instruct
-        from .loading import load
-
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not prompt:
             raise GenerationError("the prompt is empty")

@@ -16,6 +16,7 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 
+from .api import load
 from .errors import GenerationError, MlxGemmaError, TokenizerError
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .generate import GenerationResponse, format_stats, stream_generate
@@ -113,8 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = console()
     interactive = sys.stdin.isatty()
     try:
-        from .loading import load
-
         sampling = sampling_from(args)
         model, tokenizer = load(args.model)
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,

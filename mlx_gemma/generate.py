@@ -23,10 +23,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .api import load
 from .models.kv_cache import KVCacheOptions
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .engine import SampleStep, positive_int, prefill, run, token_budget
 from .errors import GenerationError, MlxGemmaError
+from .prompt_cache import continuation_ids, load_prompt_cache
 from .prompts import RowText, prompt_ids, stop_settings
 from .vision import prompt_rows
 
@@ -353,9 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         sampling = sampling_from(args)
         sampler, processors = sampling.sampler(), sampling.processors()
-        from .loading import load
-        from .prompt_cache import continuation_ids, load_prompt_cache
-
         kv_options, prompt_cache, model_arg = kv_options_from(args), None, args.model
         if args.prompt_cache_file:
             if kv_options != KVCacheOptions() or args.system:

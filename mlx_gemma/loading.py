@@ -22,8 +22,10 @@ from mlx.utils import tree_flatten
 from .cpu_spread import prepare_for_device
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
 from .json_input import all_finite, expect, field, json_type, read_json
+from .lora import load_adapters
 from .models import MODELS, TEXT_PART_OF, supported_model_types
 from .model_folder import load_weights_from_folder
+from .tokenizer import GemmaTokenizer, check_vocab_fits
 
 # What `load` fetches from the hub: configs, safetensors and the tokenizer,
 # never code or pickles.
@@ -34,12 +36,12 @@ CODE_KEYS = ("auto_map", "model_file")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(path_or_repo: str | os.PathLike | None, revision: str | None = None) -> Path:
-    """A local model folder for a path, a hub repo id, or None (the default model)."""
+def resolve_model_path(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local model folder for a path or a hub repo id (the packaged default model, for
+    None, is chosen above this layer: `mlx_gemma.load` in api.py)."""
     if path_or_repo is None:
-        from .default_model import default_model_path
-
-        return default_model_path()
+        raise ModelFileError(None, "no model given: pass a model folder or hub id "
+                                   "(mlx_gemma.load() with none loads the packaged default model)")
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -52,6 +54,7 @@ def resolve_model_path(path_or_repo: str | os.PathLike | None, revision: str | N
 
 def _download(repo_id: str, revision: str | None) -> Path:
     """Fetch (or find in the normal cache, honouring HF_HUB_OFFLINE) a hub snapshot."""
+    # deferred: huggingface_hub is a heavy import, needed only for a hub id
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -205,14 +208,14 @@ def load_model_from(
 
 
 def load_model(
-    path_or_repo: str | os.PathLike | None = None,
+    path_or_repo: str | os.PathLike,
     *,
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
     adapter_path: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """The model of a folder or hub id (None: the packaged default), weights loaded strictly.
+    """The model of a folder or hub id, weights loaded strictly (`mlx_gemma.load_model` also takes None).
 
     `dtype` casts floating-point weights (default: as stored, e.g. bf16 for a
     bf16 checkpoint).  `lazy=True` leaves the weights unevaluated (memory-mapped
@@ -222,8 +225,6 @@ def load_model(
     folder = resolve_model_path(path_or_repo, revision)
     model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype)
     if adapter_path is not None:
-        from .lora import load_adapters  # lora imports tensorfile only; import it when asked
-
         load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
@@ -232,19 +233,17 @@ def load_model(
 
 
 def load(
-    path_or_repo: str | os.PathLike | None = None,
+    path_or_repo: str | os.PathLike,
     *,
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
     adapter_path: str | os.PathLike | None = None,
 ):
-    """(model, tokenizer) for a folder, a hub repo id, or None for the packaged default model.
+    """(model, tokenizer) for a folder or a hub repo id (`mlx_gemma.load` also takes None).
 
     `adapter_path`: a LoRA adapter folder to apply on top (see `load_model`).
     """
-    from .tokenizer import GemmaTokenizer, check_vocab_fits
-
     folder = resolve_model_path(path_or_repo, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy, adapter_path=adapter_path)
     tokenizer = GemmaTokenizer.from_folder(folder)

@@ -19,8 +19,12 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from . import lora, train
+from .api import load
+from .cli import run_command
 from .errors import TrainingError
 from .progress import Progress, format_rate
+from .train_data import load_datasets
 
 # As mlx-lm: without --num-layers, the last 16 blocks, or every block of a shallower model.
 # An explicit count larger than the model stays an error.
@@ -94,7 +98,7 @@ def read_config_file(path: str) -> dict:
     except UnicodeDecodeError as e:
         raise TrainingError(f"{file}: not UTF-8 text: {e}") from None
     if file.suffix in (".yaml", ".yml"):
-        try:
+        try:  # deferred: PyYAML is optional, needed only for a YAML config
             import yaml
         except ImportError:
             raise TrainingError(f"{file}: YAML configs need PyYAML (pip install pyyaml); or use JSON") from None
@@ -177,10 +181,6 @@ def _printer(progress: Progress | None, quiet: bool):
 
 def run(args: argparse.Namespace) -> dict:
     """Train and/or test as `args` says; returns {"history": [...], "test_loss": ...}."""
-    from . import lora, train
-    from .loading import load
-    from .train_data import load_datasets
-
     if not (args.train or args.test):
         raise TrainingError("nothing to do: pass --train and/or --test")
     rank0 = mx.distributed.init().rank() == 0  # data parallel (mlx.launch): rank 0 reports and saves
@@ -226,8 +226,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import run_command
-
     return run_command(lambda: run(settings(argv)), "adapters saved so far are intact")
 
 

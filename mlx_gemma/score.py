@@ -22,6 +22,7 @@ import mlx.nn as nn
 from .errors import MlxGemmaError
 from .models.decoder import DecoderStack
 from .models.layers import embedding_scale
+from .train import token_cross_entropy
 
 SCORING_MODES = ("logits", "loss")
 
@@ -67,6 +68,4 @@ def score(
     logits = model.logits(stack(None, padding_mask=mask, input_embeddings=x, intercept=blocks_fn))
     if scoring_mode == "logits":
         return logits
-    from .train import token_cross_entropy  # train imports optimizers: load it only for losses
-
     return token_cross_entropy(logits, mx.array(target_ids).astype(mx.int32))

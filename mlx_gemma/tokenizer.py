@@ -271,14 +271,7 @@ class GemmaTokenizer:
     # no <bos>/<eos> added (the preprocessor's packer adds them), and text is encoded
     # exactly as SentencePiece does, so typed "<start_of_turn>" *is* that token, as
     # keras-hub's instruct prompts expect.  Lists of ids stand in for keras tensors.
-
-    @classmethod
-    def from_preset(cls, preset: str | os.PathLike) -> GemmaTokenizer:
-        """The tokenizer of a preset name, hf:// / kaggle:// handle or folder (see mlx_gemma.tasks)."""
-        from .tasks.presets import tokenizer_file
-
-        path = tokenizer_file(os.fspath(preset))
-        return cls.from_folder(path) if path.is_dir() else cls.from_file(path)
+    # (`from_preset` is the tasks layer's: mlx_gemma.tasks.GemmaTokenizer.)
 
     def tokenize(self, inputs: str | Sequence[str]) -> list[int] | list[list[int]]:
         """Ids of a string (a list of ids), or of each string of a list."""

@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import DatasetError, MlxGemmaError
+from .vision import preprocess_images, prompt_ids
 
 SPLITS = ("train", "valid", "test")
 MAX_LINE_BYTES = 64 << 20  # one example; a longer line is surely not a training example
@@ -36,8 +37,6 @@ PAD_TO = 32  # round batch lengths up so a compiled step sees few distinct shape
 
 def _image_example(tokenizer, record, where: str, folder: Path, images) -> tuple[list[int], int, str]:
     """(ids, offset, image path) for PaliGemma: `[<image> x N] <bos> prefix "\\n"` then suffix <eos>."""
-    from .vision import prompt_ids
-
     if images is None:
         raise DatasetError(where, "an 'image' example needs a PaliGemma model (this one takes no images)")
     image, prefix, suffix = record.get("image"), record.get("prefix", ""), record.get("suffix")
@@ -160,8 +159,6 @@ def make_batch(examples, pad_id: int = 0, pad_to: int = PAD_TO, image_size: int 
         weights[row, max(offset, 1) - 1:len(ids) - 1] = 1.0
     batch = (mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(weights))
     if len(examples[0]) == 3:  # PaliGemma: images are read when their batch comes up
-        from .vision import preprocess_images
-
         if image_size is None:
             raise DatasetError(examples[0][2], "image examples need the model's image size")
         pixels = preprocess_images([image for _, _, image in examples], image_size)

@@ -55,8 +55,8 @@ def test_float32_greedy_equals_transformers(checkpoint):
 def test_default_model_folder_converts_once_and_loads(tmp_path, monkeypatch):
     """With no model named, the packaged model is converted into the cache (bf16)
     and loads from there; its predictions stay within bf16 rounding of the reference."""
+    from mlx_gemma import load
     from mlx_gemma.default_model import CACHE_ENV, FOLDER_NAME
-    from mlx_gemma.loading import load
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     model, tokenizer = load()

@@ -8,11 +8,10 @@ Thin layers over the rest of mlx_gemma: presets resolve to model folders
 (`presets.py`), the backbone wraps an mlx_gemma model (`backbone.py`), the
 preprocessor packs ids as keras-hub does (`preprocessor.py`), and generation
 runs mlx_gemma's decode loop with keras-hub's semantics (`generation.py`,
-`samplers.py`, `causal_lm.py`).  The tokenizer is `mlx_gemma.tokenizer.GemmaTokenizer`,
-which also speaks keras-hub's tokenizer interface.
+`samplers.py`, `causal_lm.py`).  The tokenizer (`tokenizer.py`) is `mlx_gemma.tokenizer.GemmaTokenizer`,
+which also speaks keras-hub's tokenizer interface, plus `from_preset`.
 """
 
-from ..tokenizer import GemmaTokenizer
 from .backbone import GemmaBackbone
 from .causal_lm import GemmaCausalLM
 from .pali_gemma import PaliGemmaCausalLM, PaliGemmaCausalLMPreprocessor, PaliGemmaTokenizer
@@ -20,6 +19,7 @@ from .pali_gemma_backbone import PaliGemmaBackbone
 from .pali_gemma_presets import PALI_PRESETS, pali_preset_names
 from .presets import PRESETS, preset_names
 from .preprocessor import GemmaCausalLMPreprocessor
+from .tokenizer import GemmaTokenizer
 from .samplers import (
     BeamSampler,
     ContrastiveSampler,

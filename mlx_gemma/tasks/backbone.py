@@ -15,24 +15,25 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..convert.checkpoint import DTYPES
+from ..convert.keras_common import keras_config_to_hf
 from ..errors import MlxGemmaError
-
-_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+from ..loading import build_model, load_config, load_model
+from .presets import is_keras_preset, keras_backbone_config, preset_of, resolve_preset
+from .training import enable_lora, load_lora_weights, save_lora_weights
 
 
 def as_dtype(dtype) -> mx.Dtype | None:
     """None, an mx.Dtype, or its name (as keras-hub's `dtype=` takes)."""
     if dtype is None or isinstance(dtype, mx.Dtype):
         return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise MlxGemmaError(f"dtype must be one of {', '.join(_DTYPES)} (or an mx.Dtype), got {dtype!r}")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise MlxGemmaError(f"dtype must be one of {', '.join(DTYPES)} (or an mx.Dtype), got {dtype!r}")
 
 
 def random_model(config: dict, dtype=None):
     """A model of `config`'s shape with random weights, in `dtype` (float32 by default, keras'), for inference."""
-    from ..loading import build_model
-
     model = build_model(config)
     model.set_dtype(as_dtype(dtype) or mx.float32)
     model.eval()
@@ -60,9 +61,6 @@ class GemmaBackbone:
                  final_logit_soft_cap: float | None = None, use_sliding_window_attention: bool = False,
                  sliding_window_size: int = 4096, layer_norm_epsilon: float = 1e-6, dropout: float = 0.0,
                  dtype=None, *, num_heads: int | None = None, max_sequence_length: int | None = None):
-        from ..convert.keras import keras_config_to_hf
-        from ..loading import build_model
-
         num_query_heads = num_query_heads if num_query_heads is not None else num_heads
         if num_query_heads is None or hidden_dim is None or intermediate_dim is None:
             raise MlxGemmaError("GemmaBackbone needs num_query_heads (or num_heads), hidden_dim and intermediate_dim")
@@ -108,19 +106,13 @@ class GemmaBackbone:
         """Freeze the backbone; adapters on the query and value projections unless named
         (keras-hub's "query", "value", "key", "attention_output", "ffw_gating", "ffw_gating_2",
         "ffw_linear", or ours, "q_proj", ...).  `settings`: alpha, dropout, num_layers, dora."""
-        from .training import enable_lora
-
         enable_lora(self, rank, target_layer_names, **settings)
 
     def save_lora_weights(self, path) -> None:
         """Write the adapters to folder `path` (adapters.safetensors + adapter_config.json, mlx-lm's layout)."""
-        from .training import save_lora_weights
-
         save_lora_weights(self, path)
 
     def load_lora_weights(self, path) -> None:
-        from .training import load_lora_weights
-
         load_lora_weights(self, path)
 
     @classmethod
@@ -137,9 +129,6 @@ class GemmaBackbone:
         `load_weights=False` gives random weights of a named preset's shape without
         downloading them (for a folder: of its config's shape).
         """
-        from ..loading import load_config, load_model
-        from .presets import is_keras_preset, keras_backbone_config, preset_of, resolve_preset
-
         preset_entry = preset_of(preset)
         if load_weights:
             return cls.from_model(load_model(resolve_preset(preset), dtype=as_dtype(dtype)))

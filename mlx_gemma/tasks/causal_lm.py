@@ -23,10 +23,17 @@ import os
 import numpy as np
 
 from ..errors import GenerationError, MlxGemmaError
+from ..generate import looks_instruct
+from ..loading import load_model
+from ..score import score
+from ..tokenizer import check_vocab_fits
 from .backbone import GemmaBackbone, as_dtype
 from .generation import check_packed, fill, output_mask, strip_prompt
 from .preprocessor import GemmaCausalLMPreprocessor, as_texts
+from .presets import keras_preprocessor_settings, preset_of, resolve_preset
 from .samplers import get_sampler
+from .tokenizer import GemmaTokenizer
+from .training import fit
 
 _FROM_PRESET = object()  # "build the preset's own preprocessor"
 
@@ -55,11 +62,6 @@ class GemmaCausalLM:
         and returns token-id dicts); `sequence_length` is the preprocessor's default
         max_length: a keras-hub preset folder's preprocessor.json says, else 1024 (keras-hub's default).
         """
-        from ..generate import looks_instruct
-        from ..loading import load_model
-        from ..tokenizer import GemmaTokenizer, check_vocab_fits
-        from .presets import keras_preprocessor_settings, preset_of, resolve_preset
-
         entry = preset_of(preset)
         folder = None
         if load_weights:
@@ -102,15 +104,11 @@ class GemmaCausalLM:
     def fit(self, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, **kwargs):
         """keras' fit: strings (through the preprocessor) or {"token_ids", "padding_mask"} with y and
         sample_weight; trains the adapters after `backbone.enable_lora(rank)`.  Returns a History."""
-        from .training import fit
-
         return fit(self, x, y, batch_size, epochs, sample_weight, **kwargs)
 
     def score(self, token_ids, padding_mask=None, scoring_mode: str = "logits", layer_intercept_fn=None,
               target_ids=None):
         """keras-hub's score: per-token logits [B, T, V] or losses [B, T] (see mlx_gemma.score)."""
-        from ..score import score
-
         return score(self.model, token_ids, padding_mask, scoring_mode, layer_intercept_fn, target_ids)
 
     def _stop_ids(self, stop_token_ids) -> tuple[int, ...] | None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import GenerationError
 from ..generate import generate_step
+from ..search import beam_search, contrastive_search
 
 
 def check_packed(token_ids, padding_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,8 +125,6 @@ def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early:
 
 
 def _fill_search(model, out, lengths, sampler, stop_ids) -> np.ndarray:
-    from .. import search
-
     L = out.shape[1]
     stops = tuple(stop_ids or ())
     for b, n in enumerate(int(x) for x in lengths):
@@ -133,10 +132,10 @@ def _fill_search(model, out, lengths, sampler, stop_ids) -> np.ndarray:
             continue
         prompt = out[b, :n].tolist()
         if sampler.search == "beam":
-            (best,) = search.beam_search(model, prompt, L - n, num_beams=sampler.num_beams, stop_token_ids=stops)
+            (best,) = beam_search(model, prompt, L - n, num_beams=sampler.num_beams, stop_token_ids=stops)
             new = best.tokens
         else:
-            new = list(search.contrastive_search(model, prompt, L - n, top_k=sampler.k, alpha=sampler.alpha,
-                                                 stop_token_ids=stops))
+            new = list(contrastive_search(model, prompt, L - n, top_k=sampler.k, alpha=sampler.alpha,
+                                          stop_token_ids=stops))
         out[b, n:n + len(new)] = new
     return out

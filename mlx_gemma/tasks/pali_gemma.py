@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import os
 
+import mlx.core as mx
 import numpy as np
 
 from ..errors import GenerationError, ImageError, MlxGemmaError
-from ..tokenizer import GemmaTokenizer
+from ..tokenizer import check_vocab_fits
+from ..vision import preprocess_image
 from .causal_lm import GemmaCausalLM
 from .generation import check_packed, output_mask, strip_prompt
 from .pali_gemma_backbone import PaliGemmaBackbone
+from .pali_gemma_generation import fill_pali
+from .pali_gemma_presets import pali_handle
 from .preprocessor import GemmaCausalLMPreprocessor, as_texts
+from .presets import keras_preprocessor_settings, resolve_preset, tokenizer_file
 from .samplers import get_sampler
+from .tokenizer import GemmaTokenizer
 
 _FROM_PRESET = object()  # "build the preset's own preprocessor"
 
@@ -78,8 +84,6 @@ class PaliGemmaCausalLMPreprocessor(GemmaCausalLMPreprocessor):
     @classmethod
     def from_preset(cls, preset: str | os.PathLike, **kwargs) -> PaliGemmaCausalLMPreprocessor:
         """The preset's tokenizer, image size and sequence length (keyword arguments override them)."""
-        from .pali_gemma_presets import pali_handle
-
         entry, handle = pali_handle(preset)
         tokenizer = PaliGemmaTokenizer.from_preset(handle)
         if entry is not None:
@@ -109,8 +113,6 @@ class PaliGemmaCausalLMPreprocessor(GemmaCausalLMPreprocessor):
 
 def pixels_of(images: list, size: int, resample: str = "bicubic") -> np.ndarray:
     """Images -> float32 [N, size, size, 3] in [-1, 1] (see mlx_gemma.vision.preprocess_image)."""
-    from ..vision import preprocess_image
-
     return np.stack([preprocess_image(im, size, resample, name=f"images[{i}]") for i, im in enumerate(images)])
 
 
@@ -161,10 +163,6 @@ class PaliGemmaCausalLM:
         fetched).  `preprocessor=None` leaves it off; `sequence_length` is the
         preprocessor's default max_length (text tokens): the preset's, else 1024 as keras-hub.
         """
-        from ..tokenizer import check_vocab_fits
-        from .pali_gemma_presets import pali_handle
-        from .presets import keras_preprocessor_settings, resolve_preset, tokenizer_file
-
         entry, handle = pali_handle(preset)
         folder = resolve_preset(handle) if load_weights else None
         backbone = PaliGemmaBackbone.from_preset(folder if load_weights else preset, load_weights, dtype)
@@ -219,10 +217,6 @@ class PaliGemmaCausalLM:
         return texts[0] if single else texts
 
     def _generate_packed(self, token_ids, padding_mask, pixels: np.ndarray, stops, strip: bool) -> dict:
-        import mlx.core as mx
-
-        from .pali_gemma_generation import fill_pali
-
         ids, prompt_mask, lengths = check_packed(token_ids, padding_mask, self.backbone.vocabulary_size)
         if pixels.shape[0] != ids.shape[0]:
             raise ImageError("images", f"{pixels.shape[0]} images for {ids.shape[0]} rows of token_ids; "

@@ -9,13 +9,18 @@ the final-normed hidden states of the image tokens followed by the text tokens.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..convert.keras_paligemma import paligemma_config_to_hf
 from ..errors import MlxGemmaError
+from ..loading import load_config, load_model
 from ..models import GemmaModel
 from .backbone import as_dtype, random_model
+from .pali_gemma_presets import pali_handle
+from .presets import is_keras_preset, keras_backbone_config, resolve_preset
 
 
 class PaliGemmaBackbone:
@@ -34,8 +39,6 @@ class PaliGemmaBackbone:
                  sliding_window_size: int = 4096, layer_norm_epsilon: float = 1e-6, dropout: float = 0.0,
                  dtype=None):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "dtype", "vit_name")}  # keras' names
-        from ..convert.keras_paligemma import paligemma_config_to_hf
-
         # No "<image>" piece in the vocabulary: its placeholder id is the first one past it,
         # as the converter gives keras-hub presets (keras-hub itself needs none).
         config = paligemma_config_to_hf(arguments, None, {}, image_token_id=vocabulary_size)  # typed errors
@@ -54,10 +57,6 @@ class PaliGemmaBackbone:
     def from_preset(cls, preset: str | os.PathLike, load_weights: bool = True, dtype=None) -> PaliGemmaBackbone:
         """A preset name, hf:// or kaggle:// handle, or folder; `load_weights=False`: random
         weights of a named preset's shape (of a folder's config for folders), nothing downloaded."""
-        from ..loading import load_config, load_model
-        from .pali_gemma_presets import pali_handle
-        from .presets import is_keras_preset, keras_backbone_config, resolve_preset
-
         entry, handle = pali_handle(preset)
         if load_weights:
             return cls.from_model(load_model(resolve_preset(handle), dtype=as_dtype(dtype)))
@@ -129,6 +128,4 @@ class PaliGemmaBackbone:
 
 
 def _path(handle):
-    from pathlib import Path
-
     return Path(handle).expanduser()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import MlxGemmaError
+from .tokenizer import GemmaTokenizer
 
 
 def as_texts(x) -> tuple[list[str], bool]:
@@ -44,8 +45,6 @@ class GemmaCausalLMPreprocessor:
 
     @classmethod
     def from_preset(cls, preset: str | os.PathLike, sequence_length: int = 1024, **kwargs):
-        from ..tokenizer import GemmaTokenizer
-
         return cls(GemmaTokenizer.from_preset(preset), sequence_length, **kwargs)
 
     def _pack(self, texts: list[str], length: int, add_start: bool, add_end: bool):

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import json_input
+from ..convert import convert
+from ..convert.checkpoint import DTYPES
+from ..convert.keras_common import dtype_name
+from ..convert.keras_h5 import read_json
+from ..default_model import cache_dir
 from ..errors import ModelFileError
+from ..loading import resolve_model_path
 
 # Backbone shapes, keras-hub's argument names.  Keras' `intermediate_dim` is twice
 # Hugging Face's `intermediate_size` (keras-hub splits it over its two gate kernels).
@@ -173,8 +179,6 @@ def hf_repo_of(handle: str) -> str | None:
 
 def resolve_preset(handle: str | os.PathLike, revision: str | None = None) -> Path:
     """A local MLX / Hugging Face model folder for any handle `from_preset` accepts."""
-    from ..loading import resolve_model_path
-
     if isinstance(handle, os.PathLike):
         handle = os.fspath(handle)
     if not isinstance(handle, str) or not handle:
@@ -195,7 +199,7 @@ def resolve_preset(handle: str | os.PathLike, revision: str | None = None) -> Pa
 
 
 def _kaggle_download(handle: str) -> Path:
-    try:
+    try:  # deferred: kagglehub is optional (and heavy), needed only for kaggle:// handles
         import kagglehub
     except ImportError:
         raise ModelFileError(
@@ -217,8 +221,6 @@ def _keras_config_json(folder: Path):
     config = folder / "config.json"
     if not config.is_file():
         return None
-    from ..convert.keras_h5 import read_json
-
     try:
         return read_json(str(config), "config.json")
     except ModelFileError:
@@ -245,11 +247,8 @@ def _keras_dtype(folder: Path) -> str | None:
     Only a hint: whatever else the file says, the converter judges it."""
     top = _keras_config_json(folder)
     config = top.get("config") if isinstance(top, dict) else None
-    dtype = config.get("dtype") if isinstance(config, dict) else None
-    if isinstance(dtype, dict):  # {"class_name": "DTypePolicy", "config": {"name": "bfloat16"}}
-        policy = dtype.get("config")
-        dtype = policy.get("name") if isinstance(policy, dict) else None
-    return dtype if isinstance(dtype, str) and dtype in ("float32", "bfloat16", "float16") else None
+    dtype = dtype_name(config) if isinstance(config, dict) else None
+    return dtype if dtype in DTYPES else None
 
 
 def keras_preset_folder(folder: Path) -> Path:
@@ -258,9 +257,6 @@ def keras_preset_folder(folder: Path) -> Path:
     Lives in `$MLX_GEMMA_CACHE/keras-presets/<name>-<fingerprint>`; a changed preset
     (any file's size or time) gets a fresh conversion.
     """
-    from ..convert import convert
-    from ..default_model import cache_dir
-
     folder = Path(folder)
     if not is_keras_preset(folder):
         raise ModelFileError(folder, "not a keras-hub preset folder (its config.json names no Keras class)")
@@ -290,8 +286,6 @@ def keras_preprocessor_settings(handle) -> dict:
     path = folder / "preprocessor.json"
     if not is_keras_preset(folder) or not path.is_file():
         return {}
-    from ..convert.keras_h5 import read_json
-
     top = read_json(str(path), "preprocessor.json")
     if not isinstance(top, dict):
         raise ModelFileError(path, f"must hold a JSON object, found {json_input.json_type(top)}")
@@ -316,6 +310,7 @@ def tokenizer_file(handle: str, revision: str | None = None) -> Path:
         if not folder.is_dir():
             raise _unknown(handle)
         return folder
+    # deferred: huggingface_hub is a heavy import, needed only for a hub preset
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -330,8 +325,6 @@ def tokenizer_file(handle: str, revision: str | None = None) -> Path:
 
 def keras_backbone_config(folder: Path) -> dict:
     """A keras-hub preset folder's GemmaBackbone arguments (its config.json "config")."""
-    from ..convert.keras_h5 import read_json
-
     config = read_json(str(folder / "config.json"), "config.json")
     args = config.get("config") if isinstance(config, dict) else None
     if not isinstance(args, dict):

@@ -20,7 +20,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from ..errors import MlxGemmaError
+from .. import lora, train
+from ..errors import AdapterError, MlxGemmaError
 from ..progress import format_rate
 
 # keras-hub's Gemma layer names -> ours (`default_lora_layer_names` are query_dense/value_dense/query/value).
@@ -40,8 +41,6 @@ class History:
 
 def enable_lora(backbone, rank: int, target_layer_names=None, **settings) -> dict:
     """Freeze the backbone and add rank-`rank` adapters, keras-hub style (scale alpha / rank = 1)."""
-    from .. import lora
-
     names = target_layer_names or ("query", "value")
     if isinstance(names, str):
         names = (names,)
@@ -52,8 +51,6 @@ def enable_lora(backbone, rank: int, target_layer_names=None, **settings) -> dic
 
 
 def save_lora_weights(backbone, path) -> None:
-    from .. import lora
-
     config = getattr(backbone, "lora_config", None)
     if config is None:
         raise MlxGemmaError("there are no LoRA layers in this model; call backbone.enable_lora(rank) first")
@@ -62,9 +59,6 @@ def save_lora_weights(backbone, path) -> None:
 
 def load_lora_weights(backbone, path) -> None:
     """Load adapters saved by `save_lora_weights` (or mlx-lm); enables LoRA first if needed."""
-    from .. import lora
-    from ..errors import AdapterError
-
     config = lora.read_adapter_config(path)
     current = getattr(backbone, "lora_config", None)
     if current is None:
@@ -117,8 +111,6 @@ def _batches(ids, targets, weights, batch_size: int, seed: int, shuffle: bool):
 def fit(lm, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, shuffle: bool = True,
         verbose="auto", seed: int = 0, grad_checkpoint: bool = False) -> History:
     """Train the backbone's trainable weights (its adapters after enable_lora); keras' fit arguments."""
-    from .. import train
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MlxGemmaError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:

@@ -1,0 +1,57 @@
+"""The public load entry points: a model folder, a hub id, or nothing (the packaged model).
+
+`mlx_gemma.load` / `mlx_gemma.load_model` and the command lines come here.  The
+default-model choice lives at this layer, above both the converter (which
+`default_model.py` runs once on the packaged GGUF file) and `loading.py` (which
+only ever sees a folder or a hub id).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import loading
+from .default_model import default_model_path
+from .tokenizer import GemmaTokenizer
+
+
+def _folder_or_default(path_or_repo: str | os.PathLike | None) -> str | os.PathLike:
+    return default_model_path() if path_or_repo is None else path_or_repo
+
+
+def load_model(
+    path_or_repo: str | os.PathLike | None = None,
+    *,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    revision: str | None = None,
+    adapter_path: str | os.PathLike | None = None,
+) -> nn.Module:
+    """The model of a folder or hub id (None: the packaged default), weights loaded strictly.
+
+    `dtype` casts floating-point weights (default: as stored, e.g. bf16 for a
+    bf16 checkpoint).  `lazy=True` leaves the weights unevaluated (memory-mapped
+    work happens on first use).  `adapter_path`: a LoRA adapter folder
+    (ours or mlx-lm's) to apply on top.
+    """
+    return loading.load_model(_folder_or_default(path_or_repo), dtype=dtype, lazy=lazy, revision=revision,
+                              adapter_path=adapter_path)
+
+
+def load(
+    path_or_repo: str | os.PathLike | None = None,
+    *,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    revision: str | None = None,
+    adapter_path: str | os.PathLike | None = None,
+) -> tuple[nn.Module, GemmaTokenizer]:
+    """(model, tokenizer) for a folder, a hub repo id, or None for the packaged default model.
+
+    `adapter_path`: a LoRA adapter folder to apply on top (see `load_model`).
+    """
+    return loading.load(_folder_or_default(path_or_repo), dtype=dtype, lazy=lazy, revision=revision,
+                        adapter_path=adapter_path)
