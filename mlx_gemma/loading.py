@@ -112,9 +112,9 @@ def model_args(config: dict[str, Any], path=None):
 
 
 def build_model(config: dict[str, Any], path=None) -> nn.Module:
-    """An un-loaded model (random weights) for a config dict."""
+    """An un-loaded model (random weights) for a config dict, prepared for the device."""
     args = model_args(config, path)
-    return MODELS[args.model_type].Model(args)
+    return prepare_for_device(MODELS[args.model_type].Model(args))
 
 
 def quantize_like(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array], path=None) -> None:

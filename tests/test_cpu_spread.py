@@ -236,3 +236,20 @@ def test_thread_count_setting(monkeypatch):
         cpu_spread.cpu_threads()
     monkeypatch.delenv(cpu_spread.THREADS_ENV)
     assert 1 <= cpu_spread.cpu_threads() <= cpu_spread.MAX_THREADS
+
+
+def test_every_way_a_model_comes_into_being_is_prepared():
+    """load, a keras-style backbone with random weights, and lora.fuse all give spread layers."""
+    from mlx_gemma.tasks import GemmaBackbone
+
+    def spread(model):
+        return type(model.model.layers[0].mlp) is cpu_spread.SpreadGeGLU \
+            and isinstance(model.model.layers[0].self_attn.q_proj, cpu_spread.SpreadLinear)
+
+    assert spread(load_model(FIXTURES / "tiny_gemma3"))
+    backbone = GemmaBackbone(vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+                             hidden_dim=32, intermediate_dim=64, head_dim=16)
+    assert spread(backbone.model)
+    fused = load_model(FIXTURES / "tiny_gemma3")
+    lora.enable_lora(fused, rank=2)
+    assert spread(lora.fuse(fused))
