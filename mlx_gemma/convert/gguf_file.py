@@ -134,7 +134,7 @@ def _value(r: _Reader, vtype: int, what: str, depth: int = 0):
 
 
 def ggml_types():
-    try:
+    try:  # deferred: the gguf package is optional (mlx_gemma[gguf]), needed only for GGUF files
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("reading GGUF files needs the `gguf` package: pip install 'mlx_gemma[gguf]'") from e
@@ -259,7 +259,7 @@ def read_gguf_metadata(path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
 
 
 def dequantize_tensor(path: str, info: GGUFTensorInfo, raw: bytes) -> np.ndarray:
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # deferred: the optional gguf package (see ggml_types)
 
     GGMLQuantizationType, GGML_QUANT_SIZES = ggml_types()
     qtype = GGMLQuantizationType(info.type_code)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2 as spm
 
 from ..errors import TokenizerError
 
@@ -45,8 +47,6 @@ def special_ids(path: str, meta: dict, n_tokens: int) -> dict:
 
 
 def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
-    from sentencepiece import sentencepiece_model_pb2 as spm
-
     model = meta.get("tokenizer.ggml.model")
     if not isinstance(model, bytes) or model != b"llama":
         raise TokenizerError(
@@ -137,8 +137,6 @@ def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
     data = proto.SerializeToString()
 
     # Make sure SentencePiece accepts what we built.
-    import sentencepiece
-
     sp_proc = sentencepiece.SentencePieceProcessor()
     try:
         sp_proc.LoadFromSerializedProto(data)

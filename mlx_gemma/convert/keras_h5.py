@@ -70,7 +70,7 @@ class _Var:
 
 
 def _h5():
-    try:
+    try:  # deferred: h5py is optional (mlx_gemma[keras]), needed only for Keras presets
         import h5py
     except ImportError:
         raise ImportError(
