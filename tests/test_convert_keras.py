@@ -902,7 +902,7 @@ def _apply_structure(path: Path, ops) -> None:
             elif kind == "chunked":
                 f.create_dataset(name, data=_data(shape, np.dtype("<f4"), rnd), chunks=True, maxshape=(None,) * len(shape))
             elif kind == "unallocated":  # a shape, and no data behind it
-                f.create_dataset(name, shape=tuple(s * 10**4 for s in shape) or (10**9,), dtype="<f4")
+                f.create_dataset(name, shape=(shape[0] * 10**6, *shape[1:]) if shape else (10**9,), dtype="<f4")
             elif kind == "link":
                 f[name] = h5py.SoftLink("/" + datasets[rnd.randrange(len(datasets))])
             elif kind == "delete":
