@@ -53,12 +53,7 @@ def read_json(path: str, what: str, error=ModelFileError) -> Any:
     """A preset's JSON file (size-capped, json_input.read_json), or `error` naming it."""
     if not os.path.isfile(path):
         raise error(path, f"missing: a Keras preset needs its {what}")
-    try:
-        return json_input.read_json(path, MAX_JSON_BYTES, error)
-    except ModelFileError:
-        raise
-    except ValueError as e:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
-        raise error(path, f"not valid JSON: {e}") from None
+    return json_input.read_json(path, MAX_JSON_BYTES, error)
 
 
 @dataclass
