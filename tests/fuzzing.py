@@ -12,6 +12,7 @@ import os
 from contextlib import contextmanager
 
 from hypothesis import settings
+from hypothesis import strategies as st
 
 from mlx_gemma.errors import MlxGemmaError
 
@@ -36,3 +37,20 @@ def refused_cleanly(*names: str | os.PathLike, error: type[MlxGemmaError] = MlxG
         if names:
             message = str(e)
             assert any(os.fspath(n) in message for n in names), f"the error does not name the input: {e}"
+
+
+BYTE_DAMAGE = ("flip", "truncate", "insert")
+
+
+def damaged(draw, data: bytes, kind: str, max_insert: int = 12) -> bytes:
+    """`data` with one kind of byte damage (BYTE_DAMAGE): 1-4 flipped bytes, a truncation,
+    or 1..max_insert random bytes inserted; `draw` is a composite strategy's."""
+    if kind == "flip":
+        out = bytearray(data)
+        for _ in range(draw(st.integers(1, 4))):
+            out[draw(st.integers(0, len(out) - 1))] ^= draw(st.integers(1, 255))
+        return bytes(out)
+    if kind == "truncate":
+        return data[:draw(st.integers(0, len(data) - 1))]
+    i = draw(st.integers(0, len(data)))
+    return data[:i] + draw(st.binary(min_size=1, max_size=max_insert)) + data[i:]

@@ -20,7 +20,7 @@ from mlx_gemma import tensorfile as tf
 from mlx_gemma.errors import ModelFileError, UnsafeCheckpointError
 from mlx_gemma.model_folder import load_weights_from_folder
 
-from fuzzing import fuzz_settings, refused_cleanly
+from fuzzing import BYTE_DAMAGE, damaged, fuzz_settings, refused_cleanly
 
 
 # --------------------------------------------------------------------------
@@ -676,16 +676,8 @@ shard_names = (st.sampled_from(sorted(FUZZ_SHARDS) + ["", ".", "..", "../s1.safe
 def mutated_index(draw) -> bytes:
     kind = draw(st.sampled_from(["flip", "truncate", "insert", "doc", "weight_map", "shard", "tensor"]))
     base = json.dumps(BASE_INDEX).encode()
-    if kind == "flip":
-        data = bytearray(base)
-        for _ in range(draw(st.integers(1, 4))):
-            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
-        return bytes(data)
-    if kind == "truncate":
-        return base[:draw(st.integers(0, len(base) - 1))]
-    if kind == "insert":
-        i = draw(st.integers(0, len(base)))
-        return base[:i] + draw(st.binary(min_size=1, max_size=8)) + base[i:]
+    if kind in BYTE_DAMAGE:
+        return damaged(draw, base, kind, max_insert=8)
     doc = json.loads(base)
     if kind == "doc":
         doc = draw(json_values)

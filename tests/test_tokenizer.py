@@ -458,7 +458,7 @@ def test_real_gemma3_tokenizer():
 
 from hypothesis import example  # noqa: E402
 
-from fuzzing import fuzz_settings, refused_cleanly  # noqa: E402
+from fuzzing import BYTE_DAMAGE, damaged, fuzz_settings, refused_cleanly  # noqa: E402
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.floats() | st.integers(-2**70, 2**70) | st.integers(-2, 400)
@@ -492,16 +492,8 @@ def _field_value(draw, message, name):
 def mutated_model(draw) -> bytes:
     data = MODEL.read_bytes()
     kind = draw(st.sampled_from(["flip", "truncate", "insert", "spec", "piece"]))
-    if kind == "flip":
-        out = bytearray(data)
-        for _ in range(draw(st.integers(1, 4))):
-            out[draw(st.integers(0, len(out) - 1))] ^= draw(st.integers(1, 255))
-        return bytes(out)
-    if kind == "truncate":
-        return data[:draw(st.integers(0, len(data) - 1))]
-    if kind == "insert":
-        i = draw(st.integers(0, len(data)))
-        return data[:i] + draw(st.binary(min_size=1, max_size=12)) + data[i:]
+    if kind in BYTE_DAMAGE:
+        return damaged(draw, data, kind)
     proto = pb.ModelProto.FromString(data)
     if kind == "spec":
         for _ in range(draw(st.integers(1, 3))):
