@@ -24,6 +24,8 @@ def is_real(value) -> bool:
     """True for a finite int or float (numpy ones too); False for bools, NaN and infinities."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):  # nor is it Real
         return False
+    if isinstance(value, numbers.Integral):  # math.isfinite(10**400) raises OverflowError
+        return abs(value) <= 1e308
     return math.isfinite(value)
 
 

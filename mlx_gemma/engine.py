@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from .arguments import integer_arg
 from .errors import GenerationError
 from .samplers import apply_processors, greedy, logsumexp
 
@@ -54,20 +55,13 @@ def generation_stream() -> mx.Stream:
     return _streams[repr(device)]
 
 
-def positive_int(name: str, value, minimum: int) -> int:
-    """`value` if it is an integer >= minimum, else a GenerationError naming the setting."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise GenerationError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def token_budget(model, prompt_length: int, max_tokens: int) -> int:
     """How many tokens may follow a prompt: max_tokens, or fewer at the context length.
 
     The whole sequence (prompt + generated) must fit the model's
     `max_position_embeddings`, so that it can be fed back in a later turn.
     """
-    positive_int("max_tokens", max_tokens, 0)
+    integer_arg("max_tokens", max_tokens, 0, error=GenerationError)
     context = model.args.max_position_embeddings
     if prompt_length >= context:
         raise GenerationError(
@@ -98,7 +92,7 @@ def prefill(model, ids: mx.array, cache: Sequence, step_size: int | None = None,
     """
     if step_size is None:
         step_size = default_prefill_step(model, ids.shape[0])
-    positive_int("prefill_step_size", step_size, 1)
+    integer_arg("prefill_step_size", step_size, 1, error=GenerationError)
     if model.prefix_lm:
         step_size = max(step_size, ids.shape[1])
     kept = []

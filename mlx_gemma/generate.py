@@ -24,9 +24,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from .api import load
+from .arguments import integer_arg
 from .models.kv_cache import KVCacheOptions
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
-from .engine import SampleStep, positive_int, prefill, run, token_budget
+from .engine import SampleStep, prefill, run, token_budget
 from .errors import GenerationError, MlxGemmaError
 from .prompt_cache import continuation_ids, load_prompt_cache
 from .prompts import RowText, prompt_ids, stop_settings
@@ -83,7 +84,7 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise GenerationError(f"prompt_ids must be a non-empty [B, T] array of token ids, got shape {ids.shape}")
     if prefill_step_size is not None:
-        positive_int("prefill_step_size", prefill_step_size, 1)
+        integer_arg("prefill_step_size", prefill_step_size, 1, error=GenerationError)
     pad = None if left_padding is None else mx.array(left_padding, mx.int32)
     options = KVCacheOptions.of(kv_options, **kv_fields)
     if cache is None:
@@ -193,9 +194,9 @@ class _Request:
     @classmethod
     def checked(cls, model, tokenizer, max_tokens, sampler, processors, stop_strings, stop_token_ids,
                 skip_special_tokens, prefill_step_size, kv_options, kv_fields) -> _Request:
-        positive_int("max_tokens", max_tokens, 0)
+        integer_arg("max_tokens", max_tokens, 0, error=GenerationError)
         if prefill_step_size is not None:
-            positive_int("prefill_step_size", prefill_step_size, 1)
+            integer_arg("prefill_step_size", prefill_step_size, 1, error=GenerationError)
         stop_ids, stops = stop_settings(model, tokenizer, stop_strings, stop_token_ids)
         kv = KVCacheOptions.of(kv_options, **kv_fields)
         return cls(max_tokens, sampler, list(processors or []), stop_ids, stops, skip_special_tokens,

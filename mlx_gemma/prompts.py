@@ -8,14 +8,10 @@ The decode loop in `generate.py` uses both; so do the chat and task front ends.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 
+from .arguments import is_integer  # numpy ints are ids too
 from .errors import GenerationError
-
-
-def _is_id(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
 
 
 def prompt_ids(tokenizer, prompt, chat: bool | None = None, system: str | None = None,
@@ -51,7 +47,7 @@ def prompt_ids(tokenizer, prompt, chat: bool | None = None, system: str | None =
     else:
         if hasattr(prompt, "tolist"):  # mx / numpy arrays
             prompt = prompt.tolist()
-        if not isinstance(prompt, Sequence) or not all(_is_id(i) for i in prompt):
+        if not isinstance(prompt, Sequence) or not all(is_integer(i) for i in prompt):
             raise GenerationError("the prompt must be a string, a list of token ids or a list of "
                                   f"{{'role', 'content'}} messages, got {type(prompt).__name__}")
         if prompt and (chat or system):
@@ -76,7 +72,7 @@ def stop_settings(model, tokenizer, stop_strings, stop_token_ids) -> tuple[froze
         stop_token_ids = [stop_token_ids]
     extra = list(stop_token_ids or ())
     V = model.args.vocab_size
-    bad = next((i for i in extra if not _is_id(i) or not 0 <= i < V), None)
+    bad = next((i for i in extra if not is_integer(i) or not 0 <= i < V), None)
     if bad is not None:
         raise GenerationError(f"stop token id {bad!r} is not an id in the model's vocabulary (0..{V - 1})")
     return frozenset(tokenizer.eos_token_ids) | frozenset(int(i) for i in extra), stop_strings

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .engine import Pending, positive_int, prefill, run, token_budget
+from .arguments import integer_arg, is_integer, real_arg
+from .engine import Pending, prefill, run, token_budget
 from .errors import GenerationError
 from .generate import generate_step
-from .prompts import _is_id, prompt_ids
+from .prompts import prompt_ids
 from .samplers import apply_processors, greedy, log_softmax
 
 
@@ -52,11 +53,11 @@ def _check_prompt(model, prompt) -> mx.array:
 
 
 def _check_stops(model, stop_token_ids) -> frozenset[int]:
-    if _is_id(stop_token_ids):
+    if is_integer(stop_token_ids):
         stop_token_ids = [stop_token_ids]
     stops = list(stop_token_ids or ())
     V = model.args.vocab_size
-    bad = next((i for i in stops if not _is_id(i) or not 0 <= i < V), None)
+    bad = next((i for i in stops if not is_integer(i) or not 0 <= i < V), None)
     if bad is not None:
         raise GenerationError(f"stop_token_ids: {bad!r} is not an id in the model's vocabulary (0..{V - 1})")
     return frozenset(int(i) for i in stops)
@@ -97,16 +98,14 @@ def beam_search(model, prompt: list[int], max_tokens: int, num_beams: int = 4, l
     Returns [] when no token may be generated (`max_tokens=0`).
     """
     ids = _check_prompt(model, prompt)
-    positive_int("num_beams", num_beams, 1)
-    positive_int("num_return", num_return, 1)
+    integer_arg("num_beams", num_beams, 1, error=GenerationError)
+    integer_arg("num_return", num_return, 1, error=GenerationError)
     if num_return > num_beams:
         raise GenerationError(f"num_return ({num_return}) cannot exceed num_beams ({num_beams})")
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
         raise GenerationError(f'early_stopping must be True, False or "never", got {early_stopping!r}')
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not math.isfinite(length_penalty):
-        raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}")
-    positive_int("prefill_step_size", prefill_step_size, 1)
+    real_arg("length_penalty", length_penalty, error=GenerationError)
+    integer_arg("prefill_step_size", prefill_step_size, 1, error=GenerationError)
     stops = _check_stops(model, stop_token_ids)
     budget = token_budget(model, ids.shape[1], max_tokens)
     processors = list(logits_processors or [])
@@ -231,12 +230,11 @@ def contrastive_search(model, prompt: list[int], max_tokens: int, top_k: int = 4
     Settings are checked when called, not on the first `next`.
     """
     ids = _check_prompt(model, prompt)
-    positive_int("top_k", top_k, 1)
+    integer_arg("top_k", top_k, 1, error=GenerationError)
     if top_k > model.args.vocab_size:
         raise GenerationError(f"top_k ({top_k}) exceeds the vocabulary size ({model.args.vocab_size})")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise GenerationError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    positive_int("prefill_step_size", prefill_step_size, 1)
+    real_arg("alpha", alpha, 0, 1, error=GenerationError)
+    integer_arg("prefill_step_size", prefill_step_size, 1, error=GenerationError)
     stops = _check_stops(model, stop_token_ids)
     budget = token_budget(model, ids.shape[1], max_tokens)
     return _contrastive_loop(model, ids, budget, top_k, float(alpha), stops, prefill_step_size)

@@ -21,6 +21,7 @@ import sentencepiece as spm
 from google.protobuf import unknown_fields
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
+from .arguments import is_integer
 from .detokenizer import StreamingDetokenizer
 from .errors import GenerationError, MlxGemmaError, TokenizerError
 from .json_input import json_type, read_json
@@ -412,8 +413,8 @@ def _read_generation_eos(path: str) -> list[int] | None:
     eos = config.get("eos_token_id") if isinstance(config, dict) else None
     if eos is None:
         return None
-    eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
-    if not isinstance(eos, list) or not eos or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+    eos = [eos] if is_integer(eos) else eos
+    if not isinstance(eos, list) or not eos or not all(is_integer(i) for i in eos):
         raise TokenizerError(path, f"'eos_token_id' must be an integer or a non-empty array of integers, "
                                    f"found {json_type(eos)}: {eos!r:.80}")
     return eos

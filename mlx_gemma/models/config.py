@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any, TypeVar
 
+from ..arguments import is_integer, is_real
 from ..errors import ConfigError
 from ..json_input import expect, json_type, number_in
 
@@ -109,7 +110,7 @@ def _check_values(values: dict[str, Any], path, where: str = "") -> None:
         if key not in values:
             continue
         v = values[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
+        if not is_integer(v) or not 0 < v <= limit:
             raise ConfigError(path, f"{where}{key} must be a positive integer <= {limit}, got {v!r}")
     heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
     if heads and kv_heads and heads % kv_heads:
@@ -118,11 +119,11 @@ def _check_values(values: dict[str, Any], path, where: str = "") -> None:
         )
     for key in ("rms_norm_eps", "layer_norm_eps", "query_pre_attn_scalar", "rope_theta", "rope_local_base_freq"):
         v = values.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+        if v is not None and (not is_real(v) or v <= 0):
             raise ConfigError(path, f"{where}{key} must be a positive number, got {v!r}")
     for key in ("sliding_window", "max_position_embeddings", "sliding_window_pattern"):
         v = values.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+        if v is not None and (not is_integer(v) or v <= 0):
             raise ConfigError(path, f"{where}{key} must be a positive integer, got {v!r}")
     hidden, layers = values.get("hidden_size", 0), values.get("num_hidden_layers", 0)
     approx = values.get("vocab_size", 0) * hidden + layers * (

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..arguments import is_integer
 from ..errors import ConfigError, ImageError
 from .config import parse_config
 from .layers import gelu_for
@@ -40,7 +41,7 @@ class VisionArgs:
         args = parse_config(cls, config, path, where)
         for key in ("num_channels", "image_size", "patch_size"):
             v = getattr(args, key)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 1 << 14:
+            if not is_integer(v) or not 0 < v <= 1 << 14:
                 raise ConfigError(path, f"vision_config.{key} must be a positive integer, got {v!r}")
         if args.image_size % args.patch_size:
             raise ConfigError(

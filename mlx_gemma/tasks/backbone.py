@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 
 from ..convert.checkpoint import DTYPES
 from ..convert.keras_common import keras_config_to_hf
+from ..arguments import integer_arg, is_integer, real_arg
 from ..errors import MlxGemmaError
 from ..loading import build_model, load_config, load_model
 from .presets import is_keras_preset, keras_backbone_config, preset_of, resolve_preset
@@ -67,13 +68,12 @@ class GemmaBackbone:
         if num_key_value_heads is None:
             num_key_value_heads = num_query_heads
         if head_dim is None:
-            if not isinstance(hidden_dim, int) or not isinstance(num_query_heads, int) or \
+            if not is_integer(hidden_dim) or not is_integer(num_query_heads) or \
                     num_query_heads <= 0 or hidden_dim % num_query_heads:
                 raise MlxGemmaError(f"head_dim not given and hidden_dim ({hidden_dim}) is not a multiple of "
                                     f"the number of heads ({num_query_heads})")
             head_dim = hidden_dim // num_query_heads
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise MlxGemmaError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        real_arg("dropout", dropout, 0, below=1)
         keras_config = dict(
             vocabulary_size=vocabulary_size, num_layers=num_layers, num_query_heads=num_query_heads,
             num_key_value_heads=num_key_value_heads, hidden_dim=hidden_dim, intermediate_dim=intermediate_dim,
@@ -84,10 +84,7 @@ class GemmaBackbone:
             layer_norm_epsilon=layer_norm_epsilon)
         config = keras_config_to_hf(keras_config)  # validates, and raises typed errors naming the argument
         if max_sequence_length is not None:
-            if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
-                    or max_sequence_length <= 0:
-                raise MlxGemmaError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
-            config["max_position_embeddings"] = max_sequence_length
+            config["max_position_embeddings"] = integer_arg("max_sequence_length", max_sequence_length, 1)
         model = build_model(config)
         model.set_dtype(as_dtype(dtype) or mx.float32)
         model.eval()

@@ -27,6 +27,7 @@ import os
 import mlx.core as mx
 import numpy as np
 
+from ..arguments import integer_arg
 from ..errors import GenerationError, ImageError, MlxGemmaError
 from ..tokenizer import check_vocab_fits
 from ..vision import preprocess_image
@@ -76,9 +77,7 @@ class PaliGemmaCausalLMPreprocessor(GemmaCausalLMPreprocessor):
     def __init__(self, tokenizer, image_size: int = 224, sequence_length: int = 1024, add_start_token: bool = True,
                  add_end_token: bool = True, resample: str = "bicubic"):
         super().__init__(tokenizer, sequence_length, add_start_token, add_end_token)
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-            raise ImageError("image_size", f"must be a positive integer, got {image_size!r}")
-        self.image_size = image_size
+        self.image_size = integer_arg("image_size", image_size, 1)
         self.resample = resample
 
     @classmethod

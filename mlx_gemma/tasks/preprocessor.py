@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..arguments import integer_arg
 from ..errors import MlxGemmaError
 from .tokenizer import GemmaTokenizer
 
@@ -95,6 +96,4 @@ class GemmaCausalLMPreprocessor:
 
 
 def _length(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise MlxGemmaError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return integer_arg(name, value, 1)

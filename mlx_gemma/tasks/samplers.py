@@ -14,19 +14,17 @@ class name and attributes), or any mlx_gemma sampler callable.
 
 from __future__ import annotations
 
-import math
 
 import mlx.core as mx
 
+from ..arguments import integer_arg, real_arg
 from ..errors import GenerationError
 from ..samplers import CategoricalSampler
 from ..samplers import apply_temperature, apply_top_k, apply_top_p, greedy
 
 
 def _temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise GenerationError(f"temperature must be a finite number > 0, got {value!r}")
-    return float(value)
+    return real_arg("temperature", value, above=0, error=GenerationError)
 
 
 class Sampler:
@@ -73,8 +71,7 @@ class TopKSampler(Sampler):
 
     def __init__(self, k: int = 5, seed: int | None = None, temperature: float = 1.0):
         super().__init__(temperature)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise GenerationError(f"k must be an integer >= 1, got {k!r}")
+        integer_arg("k", k, 1, error=GenerationError)
         self.k, self.seed = k, seed
 
     def _make(self):
@@ -100,10 +97,9 @@ class TopPSampler(Sampler):
 
     def __init__(self, p: float = 0.1, k: int | None = None, seed: int | None = None, temperature: float = 1.0):
         super().__init__(temperature)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-            raise GenerationError(f"p must be a number in (0, 1], got {p!r}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise GenerationError(f"k must be None or an integer >= 1, got {k!r}")
+        real_arg("p", p, above=0, high=1, error=GenerationError)
+        if k is not None:
+            integer_arg("k (or None)", k, 1, error=GenerationError)
         self.p, self.k, self.seed = float(p), k, seed
 
     def _make(self):
@@ -122,8 +118,7 @@ class BeamSampler(Sampler):
 
     def __init__(self, num_beams: int = 5, return_all_beams: bool = False, temperature: float = 1.0):
         super().__init__(temperature)
-        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-            raise GenerationError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+        integer_arg("num_beams", num_beams, 1, error=GenerationError)
         if return_all_beams:
             raise GenerationError("generate() returns the best beam; for every beam call "
                                   "mlx_gemma.search.beam_search(model, prompt_ids, max_tokens, num_return=...)")
@@ -139,10 +134,8 @@ class ContrastiveSampler(Sampler):
 
     def __init__(self, k: int = 5, alpha: float = 0.6, temperature: float = 1.0):
         super().__init__(temperature)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise GenerationError(f"k must be an integer >= 1, got {k!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise GenerationError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        integer_arg("k", k, 1, error=GenerationError)
+        real_arg("alpha", alpha, 0, 1, error=GenerationError)
         if self.temperature != 1.0:
             raise GenerationError("contrastive search uses the model's own probabilities: temperature must be 1")
         self.k, self.alpha = k, float(alpha)

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import lora, train
+from ..arguments import integer_arg
 from ..errors import AdapterError, MlxGemmaError
 from ..progress import format_rate
 
@@ -111,10 +112,8 @@ def _batches(ids, targets, weights, batch_size: int, seed: int, shuffle: bool):
 def fit(lm, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, shuffle: bool = True,
         verbose="auto", seed: int = 0, grad_checkpoint: bool = False) -> History:
     """Train the backbone's trainable weights (its adapters after enable_lora); keras' fit arguments."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MlxGemmaError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise MlxGemmaError(f"epochs must be a positive integer, got {epochs!r}")
+    integer_arg("batch_size", batch_size, 1)
+    integer_arg("epochs", epochs, 1)
     ids, targets, weights = _training_arrays(lm, x, y, sample_weight)
     if len(ids) == 0 or weights.sum() == 0:
         raise MlxGemmaError("fit() got no training tokens (empty data, or every sample weight is 0)")
