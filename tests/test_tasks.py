@@ -118,6 +118,18 @@ def test_preset_folders_preprocessor_json_is_honoured(name, tmp_path):
     assert GemmaCausalLM.from_preset(folder, sequence_length=8).preprocessor.sequence_length == 8
 
 
+def test_load_tokenizer_is_the_core_class_that_keras_tokenizer_extends():
+    # mlx_gemma.load gives the core tokenizer; mlx_gemma.GemmaTokenizer (keras-hub's name) is the
+    # same class plus from_preset, so both tokenize alike (see README, "the public face").
+    folder = FIXTURES / "tiny_gemma3"
+    _, core = mlx_gemma.load(folder)
+    keras_style = mlx_gemma.GemmaTokenizer.from_preset(folder)
+    assert type(core) is mlx_gemma.tokenizer.GemmaTokenizer
+    assert isinstance(keras_style, type(core)) and hasattr(keras_style, "from_preset")
+    text = "The quick <start_of_turn>brown fox"
+    assert keras_style.tokenize(text) == core.tokenize(text) and keras_style.encode(text) == core.encode(text)
+
+
 def test_single_string_gives_unbatched_arrays(keras_lms):
     pre = keras_lms["keras_gemma"].preprocessor
     batch = pre.generate_preprocess(["The fox"], sequence_length=10)
