@@ -5,6 +5,10 @@ is fsynced and renamed onto `path` when the block ends, or removed when it
 fails.  Model folders (convert/writer.py), safetensors files (tensorfile.py),
 adapters, prompt caches and drawn images all go through it.
 
+A write killed outright (SIGKILL, power loss) cannot remove its temporary; its name carries
+the writer's process id, so the next write beside it sees that the process is gone and
+removes it (`remove_stale_temporaries`).
+
 `fault_point(name)` marks the moments of a write where a crash test kills the
 process (a test seam; see there).
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
+import shutil
 import signal
 from pathlib import Path
 from typing import Iterator
@@ -69,6 +75,49 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name beside `path`, `.<name>.tmp-<pid>-<random>`, naming the writing process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries (files or folders) that killed writes of `path` left beside it.
+
+    Only those whose writer process is gone: a live writer's temporary is never touched.  On a
+    shared network folder a process id says nothing about other machines' writers, and on
+    Windows there is no harmless way to ask about a process, so nothing is swept there.
+    """
+    if os.name != "posix":
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)-[0-9a-f]{{8}}")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        stale = path.parent / name
+        with contextlib.suppress(OSError):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                os.unlink(stale)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, under another user
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; write the file there.  On
@@ -76,7 +125,8 @@ def atomic_path(path) -> Iterator[Path]:
     or the new one, never half of one); on failure it is removed.  OSErrors
     (a full disk, a missing folder) come out as `ModelFileError(path)`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    remove_stale_temporaries(path)
+    tmp = temporary_sibling(path)
     fault_point("atomic.before-temp")
     try:
         # O_EXCL: never follow or clobber something already there.
