@@ -204,56 +204,14 @@ def write_model_folder(
     """
     dest = Path(os.path.abspath(os.fspath(dest)))
     dest_s = str(dest)
-    if not dest.name or dest.name in (".", ".."):
-        raise ModelFileError(dest_s, "not a usable destination folder name")
-    if not isinstance(config, dict):
-        raise ModelFileError(dest_s, "config must be a dict")
-    if max_shard_bytes is None:
-        max_shard_bytes = DEFAULT_MAX_SHARD_BYTES
-    if int(max_shard_bytes) <= 0:
-        raise ModelFileError(dest_s, f"max_shard_bytes must be positive, got {max_shard_bytes}")
-
-    # The destination must not clobber (or sit inside) the input.
-    if source is not None:
-        sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-        real_dest = os.path.realpath(dest_s)
-        for s in sources:
-            real_src = os.path.realpath(os.fspath(s))
-            if _is_within(real_dest, real_src):
-                raise ModelFileError(dest_s, f"destination is the source {os.fspath(s)!r} or inside it")
-            if _is_within(real_src, real_dest):
-                raise ModelFileError(dest_s, f"source {os.fspath(s)!r} lies inside the destination")
-
-    def check_dest() -> None:
-        if os.path.islink(dest_s):
-            raise ModelFileError(dest_s, "destination is a symbolic link; refusing to replace it")
-        if os.path.lexists(dest_s):
-            if not overwrite:
-                raise ModelFileError(dest_s, "destination already exists (pass overwrite=True to replace it)")
-            if not os.path.isdir(dest_s):
-                raise ModelFileError(dest_s, "destination exists and is not a folder; refusing to replace it")
-
-    check_dest()
-    parent = dest.parent
-    if not parent.is_dir():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ModelFileError(str(parent), f"cannot create the parent folder: {e}") from None
+    max_shard_bytes = _check_request(dest, config, max_shard_bytes)
+    _check_not_source(dest_s, source)
+    _check_dest(dest_s, overwrite)
+    parent = _ensure_parent(dest.parent)
 
     # Serialise the small files first: a bad config fails before any weight is written.
-    try:
-        config_bytes = _dump_json(config)
-        gen_bytes = _dump_json(generation_config) if generation_config is not None else None
-    except (TypeError, ValueError) as e:
-        raise ModelFileError(dest_s, f"config is not JSON serialisable: {e}") from None
-    if tokenizer_model is not None and not isinstance(tokenizer_model, (bytes, bytearray, memoryview)):
-        tok_path = os.fspath(tokenizer_model)
-        try:
-            with open(tok_path, "rb") as f:
-                tokenizer_model = f.read()
-        except OSError as e:
-            raise ModelFileError(tok_path, f"cannot read the tokenizer model: {e}") from None
+    config_bytes, gen_bytes = _serialise_configs(dest_s, config, generation_config)
+    tokenizer_bytes = _read_tokenizer(tokenizer_model)
     for name in extra_files or {}:
         _check_extra_name(dest_s, name)
 
@@ -262,56 +220,140 @@ def write_model_folder(
     try:
         _write_bytes(os.path.join(tmp, "config.json"), config_bytes)
         try:
-            _save_weights(tmp, weights, int(max_shard_bytes), progress)
+            _save_weights(tmp, weights, max_shard_bytes, progress)
         except TypeError as e:
             raise ModelFileError(dest_s, str(e)) from None
-        if tokenizer_model is not None:
-            _write_bytes(os.path.join(tmp, "tokenizer.model"), bytes(tokenizer_model))
+        if tokenizer_bytes is not None:
+            _write_bytes(os.path.join(tmp, "tokenizer.model"), tokenizer_bytes)
         if gen_bytes is not None:
             _write_bytes(os.path.join(tmp, "generation_config.json"), gen_bytes)
-        for name, content in (extra_files or {}).items():
-            target = os.path.join(tmp, name)
-            if isinstance(content, (bytes, bytearray, memoryview)):
-                _write_bytes(target, bytes(content))
-            elif isinstance(content, str):
-                _write_bytes(target, content.encode("utf-8"))
-            elif isinstance(content, os.PathLike):
-                shutil.copyfile(os.fspath(content), target)
-                _fsync_file(target)
-            else:
-                raise ModelFileError(dest_s, f"extra file {name!r}: unsupported content type {type(content).__name__}")
+        _write_extra_files(tmp, dest_s, extra_files or {})
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700
         fsync_dir(tmp)
 
-        # Swap into place.
-        check_dest()
+        _check_dest(dest_s, overwrite)  # again: something may have appeared there meanwhile
         fault_point("writer.before-rename")
-        if os.path.lexists(dest_s):
-            if _exchange(tmp, dest_s):
-                fsync_dir(str(parent))
-                fault_point("writer.after-rename")
-                shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
-                return dest
-            # No atomic swap here: a crash between these renames leaves the old
-            # folder under the `.old-` name and none at dest.
-            aside = os.path.join(str(parent), f".{dest.name}.old-{secrets.token_hex(4)}")
-            os.rename(dest_s, aside)
-            fault_point("writer.old-moved-aside")
-            try:
-                os.rename(tmp, dest_s)
-            except BaseException:
-                os.rename(aside, dest_s)  # put the old folder back
-                raise
-            fsync_dir(str(parent))
-            fault_point("writer.after-rename")
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(tmp, dest_s)
-            fsync_dir(str(parent))
-            fault_point("writer.after-rename")
+        _swap_into_place(tmp, dest_s, str(parent))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, ModelFileError):
             raise ModelFileError(dest_s, f"cannot write the model folder: {e}") from e
         raise
     return dest
+
+
+def _check_request(dest: Path, config, max_shard_bytes) -> int:
+    """Refuse an unusable folder name, a config that is not a dict, a shard size that is not positive;
+    returns the shard size to use."""
+    dest_s = str(dest)
+    if not dest.name or dest.name in (".", ".."):
+        raise ModelFileError(dest_s, "not a usable destination folder name")
+    if not isinstance(config, dict):
+        raise ModelFileError(dest_s, "config must be a dict")
+    if max_shard_bytes is None:
+        max_shard_bytes = DEFAULT_MAX_SHARD_BYTES
+    if int(max_shard_bytes) <= 0:
+        raise ModelFileError(dest_s, f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    return int(max_shard_bytes)
+
+
+def _check_not_source(dest_s: str, source) -> None:
+    """The destination must not clobber (or sit inside) the input, nor hold it."""
+    if source is None:
+        return
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    real_dest = os.path.realpath(dest_s)
+    for s in sources:
+        real_src = os.path.realpath(os.fspath(s))
+        if _is_within(real_dest, real_src):
+            raise ModelFileError(dest_s, f"destination is the source {os.fspath(s)!r} or inside it")
+        if _is_within(real_src, real_dest):
+            raise ModelFileError(dest_s, f"source {os.fspath(s)!r} lies inside the destination")
+
+
+def _check_dest(dest_s: str, overwrite: bool) -> None:
+    """Refuse a symlink, an existing destination without `overwrite`, or one that is not a folder."""
+    if os.path.islink(dest_s):
+        raise ModelFileError(dest_s, "destination is a symbolic link; refusing to replace it")
+    if os.path.lexists(dest_s):
+        if not overwrite:
+            raise ModelFileError(dest_s, "destination already exists (pass overwrite=True to replace it)")
+        if not os.path.isdir(dest_s):
+            raise ModelFileError(dest_s, "destination exists and is not a folder; refusing to replace it")
+
+
+def _ensure_parent(parent: Path) -> Path:
+    """The folder that will hold dest, created if missing."""
+    if not parent.is_dir():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ModelFileError(str(parent), f"cannot create the parent folder: {e}") from None
+    return parent
+
+
+def _serialise_configs(dest_s: str, config: dict, generation_config: dict | None) -> tuple[bytes, bytes | None]:
+    """config.json and generation_config.json (None when not given) as bytes."""
+    try:
+        config_bytes = _dump_json(config)
+        gen_bytes = _dump_json(generation_config) if generation_config is not None else None
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(dest_s, f"config is not JSON serialisable: {e}") from None
+    return config_bytes, gen_bytes
+
+
+def _read_tokenizer(tokenizer_model) -> bytes | None:
+    """The tokenizer.model bytes: given as bytes, or read from the path given."""
+    if tokenizer_model is None:
+        return None
+    if isinstance(tokenizer_model, (bytes, bytearray, memoryview)):
+        return bytes(tokenizer_model)
+    tok_path = os.fspath(tokenizer_model)
+    try:
+        with open(tok_path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ModelFileError(tok_path, f"cannot read the tokenizer model: {e}") from None
+
+
+def _write_extra_files(tmp: str, dest_s: str, extra_files: Mapping) -> None:
+    """Each extra file into the temporary folder: bytes, text (UTF-8) or a copy of a path."""
+    for name, content in extra_files.items():
+        target = os.path.join(tmp, name)
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            _write_bytes(target, bytes(content))
+        elif isinstance(content, str):
+            _write_bytes(target, content.encode("utf-8"))
+        elif isinstance(content, os.PathLike):
+            shutil.copyfile(os.fspath(content), target)
+            _fsync_file(target)
+        else:
+            raise ModelFileError(dest_s, f"extra file {name!r}: unsupported content type {type(content).__name__}")
+
+
+def _swap_into_place(tmp: str, dest_s: str, parent: str) -> None:
+    """Rename the finished folder to dest; an old dest is swapped out atomically where the OS
+    can, else moved aside first, and deleted once the new one is in place."""
+    if not os.path.lexists(dest_s):
+        os.rename(tmp, dest_s)
+        fsync_dir(parent)
+        fault_point("writer.after-rename")
+        return
+    if _exchange(tmp, dest_s):
+        fsync_dir(parent)
+        fault_point("writer.after-rename")
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return
+    # No atomic swap here: a crash between these renames leaves the old
+    # folder under the `.old-` name and none at dest.
+    aside = os.path.join(parent, f".{os.path.basename(dest_s)}.old-{secrets.token_hex(4)}")
+    os.rename(dest_s, aside)
+    fault_point("writer.old-moved-aside")
+    try:
+        os.rename(tmp, dest_s)
+    except BaseException:
+        os.rename(aside, dest_s)  # put the old folder back
+        raise
+    fsync_dir(parent)
+    fault_point("writer.after-rename")
+    shutil.rmtree(aside, ignore_errors=True)
