@@ -62,6 +62,7 @@ from .gguf_file import (
     read_gguf_metadata,
 )
 from .gguf_tokenizer import build_tokenizer
+from ..arguments import is_integer, is_real
 from ..errors import (
     ModelFileError,
     UnsupportedModelError,
@@ -142,7 +143,7 @@ def gguf_tensor_to_hf_name(name: str, arch: str) -> str | None:
 
 
 def _as_int(path, key, v) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    if not is_integer(v):
         if isinstance(v, np.ndarray) and v.ndim == 1 and v.size and np.all(v == v[0]):
             return _as_int(path, key, v[0].item())  # per-layer array with one value
         raise ModelFileError(path, f"metadata {key!r} should be an integer, got {v!r:.80}")
@@ -153,7 +154,7 @@ def _as_int(path, key, v) -> int:
 
 
 def _as_float(path, key, v) -> float:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+    if not (is_integer(v) or isinstance(v, (float, np.floating))):
         raise ModelFileError(path, f"metadata {key!r} should be a number, got {v!r:.80}")
     v = float(v)
     if not np.isfinite(v):
@@ -173,7 +174,7 @@ def _as_text(path, key, v) -> str | None:
 
 def _is_zero(v) -> bool:
     """True for a scalar 0 / 0.0, which llama.cpp writes to mean "none"."""
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and v == 0
+    return is_real(v) and v == 0
 
 
 def _f32_clean(x: float) -> float:
@@ -182,66 +183,71 @@ def _f32_clean(x: float) -> float:
 
 
 def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorInfo], specials: dict) -> dict:
-    def get(key, default=None, required=False):
-        k = f"{arch}.{key}"
-        if k not in meta:
+    """The HF config.json dict of the model this file holds, with what llama.cpp leaves out filled in."""
+    m = _ArchMeta(path, meta, arch)
+    cfg = _base_config(m, infos, specials)
+    rope_scaling = _rope_scaling(m)
+    full_rope = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+
+    if arch == "gemma":
+        cfg["rope_parameters"] = full_rope
+        if rope_scaling:
+            cfg["rope_scaling"] = rope_scaling
+            cfg["rope_parameters"] = {**full_rope, **rope_scaling}
+        return cfg
+
+    n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    is_27b = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
+    cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // n_heads if is_27b else cfg["head_dim"]
+    if arch == "gemma2":
+        cfg.update(_gemma2_settings(m, n_layers, full_rope, rope_scaling))
+    else:
+        cfg.update(_gemma3_settings(m, n_layers, cfg["max_position_embeddings"], full_rope, rope_scaling))
+    return cfg
+
+
+class _ArchMeta:
+    """The `<arch>.*` metadata of one file, read as typed values whose errors name the file and the key."""
+
+    def __init__(self, path: str, meta: dict, arch: str):
+        self.path, self.meta, self.arch = path, meta, arch
+
+    def key(self, key: str) -> str:
+        return f"{self.arch}.{key}"
+
+    def get(self, key: str, default=None, required: bool = False):
+        """The raw value, `default` when absent (or an error when `required`)."""
+        k = self.key(key)
+        if k not in self.meta:
             if required:
-                raise ModelFileError(path, f"metadata {k!r} is missing")
+                raise ModelFileError(self.path, f"metadata {k!r} is missing")
             return default
-        return meta[k]
+        return self.meta[k]
 
-    hidden = _as_int(path, f"{arch}.embedding_length", get("embedding_length", required=True))
-    n_layers = _as_int(path, f"{arch}.block_count", get("block_count", required=True))
-    n_heads = _as_int(path, f"{arch}.attention.head_count", get("attention.head_count", required=True))
-    n_kv = _as_int(path, f"{arch}.attention.head_count_kv", get("attention.head_count_kv", n_heads))
-    head_dim = _as_int(path, f"{arch}.attention.key_length", get("attention.key_length", hidden // n_heads))
-    v_len = _as_int(path, f"{arch}.attention.value_length", get("attention.value_length", head_dim))
-    if v_len != head_dim:
-        raise UnsupportedModelError(path, f"value_length {v_len} != key_length {head_dim}")
-    if n_heads % n_kv:
-        raise ModelFileError(path, f"{n_heads} attention heads are not a multiple of {n_kv} KV heads")
-    ffn = _as_int(path, f"{arch}.feed_forward_length", get("feed_forward_length", required=True))
-    ctx = _as_int(path, f"{arch}.context_length", get("context_length", 8192 if arch != "gemma3" else 131072))
-    # Each layer has at least 9 tensors: a larger block_count would have us build
-    # per-layer tables for layers the file cannot hold.
-    if n_layers * 9 > len(infos):
-        raise WeightsMismatchError(path, f"{arch}.block_count is {n_layers} but the file has only {len(infos)} "
-                                         f"tensors (each layer needs at least 9)")
-    eps = _as_float(path, f"{arch}.attention.layer_norm_rms_epsilon", get("attention.layer_norm_rms_epsilon", 1e-6))
-    default_theta = 1_000_000.0 if arch == "gemma3" else 10_000.0
-    rope_theta = _as_float(path, f"{arch}.rope.freq_base", get("rope.freq_base", default_theta))
+    def int(self, key: str, default=None) -> int:
+        """A positive int32; required when there is no default."""
+        return _as_int(self.path, self.key(key), self.get(key, default, required=default is None))
 
+    def float(self, key: str, default: float) -> float:
+        return _as_float(self.path, self.key(key), self.get(key, default))
+
+
+def _base_config(m: _ArchMeta, infos: dict[str, GGUFTensorInfo], specials: dict) -> dict[str, Any]:
+    """The config keys every Gemma generation has."""
+    arch = m.arch
+    sizes = _sizes(m, infos)
+    eps = m.float("attention.layer_norm_rms_epsilon", 1e-6)
+    rope_theta = m.float("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0)
     emb = infos.get("token_embd.weight")
     if emb is None:
-        raise WeightsMismatchError(path, "tensor 'token_embd.weight' is missing")
-    vocab = emb.shape[0]
-
-    # RoPE scaling (global layers only on Gemma 3, as in llama.cpp's rope_freq_scale_train vs _swa)
-    scaling_type = _as_text(path, f"{arch}.rope.scaling.type", get("rope.scaling.type"))
-    factor = get("rope.scaling.factor")
-    if factor is None and get("rope.scale_linear") is not None:  # older key
-        scaling_type, factor = "linear", get("rope.scale_linear")
-    rope_scaling = None
-    if scaling_type not in (None, "none", "linear"):
-        raise UnsupportedModelError(path, f"RoPE scaling type {scaling_type!r} is not supported (only linear)")
-    if factor is not None:
-        factor = _as_float(path, f"{arch}.rope.scaling.factor", factor)
-        if scaling_type in (None, "linear") and factor not in (0.0, 1.0):
-            rope_scaling = {"rope_type": "linear", "factor": factor}
-
-    cfg: dict[str, Any] = {
+        raise WeightsMismatchError(m.path, "tensor 'token_embd.weight' is missing")
+    return {
         "architectures": [_HF_ARCHITECTURES[arch]],
         "model_type": _MODEL_TYPES[arch],
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": ffn,
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
+        "vocab_size": emb.shape[0],
+        **sizes,
         "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": ctx,
         "rms_norm_eps": _f32_clean(eps),
         "rope_theta": _f32_clean(rope_theta),
         "attention_bias": False,
@@ -253,54 +259,94 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
         "eos_token_id": specials["eos"],
         "pad_token_id": specials["pad"],
     }
-    full_rope = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
 
-    if arch == "gemma":
-        cfg["rope_parameters"] = full_rope
-        if rope_scaling:
-            cfg["rope_scaling"] = rope_scaling
-            cfg["rope_parameters"] = {**full_rope, **rope_scaling}
-        return cfg
 
-    is_27b = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
-    cfg["query_pre_attn_scalar"] = hidden // n_heads if is_27b else head_dim
-    softcap_final = get("final_logit_softcapping")
-    if arch == "gemma2":
-        attn_cap = _as_float(path, f"{arch}.attn_logit_softcapping", get("attn_logit_softcapping", 50.0))
-        final_cap = _as_float(path, f"{arch}.final_logit_softcapping",
-                              softcap_final if softcap_final is not None else 30.0)
-        sw = get("attention.sliding_window")
-        sw = _as_int(path, f"{arch}.attention.sliding_window", sw) if sw is not None else 4096
-        cfg.update(
-            attn_logit_softcapping=_f32_clean(attn_cap),
-            final_logit_softcapping=_f32_clean(final_cap),
-            sliding_window=sw,
-            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
-            cache_implementation="hybrid",
-        )
-        cfg["rope_parameters"] = {**full_rope, **(rope_scaling or {})}
-        if rope_scaling:
-            cfg["rope_scaling"] = rope_scaling
-        return cfg
+def _sizes(m: _ArchMeta, infos: dict[str, GGUFTensorInfo]) -> dict[str, int]:
+    """The model's dimensions, checked against each other and against the number of tensors."""
+    path, arch = m.path, m.arch
+    hidden = m.int("embedding_length")
+    n_layers = m.int("block_count")
+    n_heads = m.int("attention.head_count")
+    n_kv = m.int("attention.head_count_kv", n_heads)
+    head_dim = m.int("attention.key_length", hidden // n_heads)
+    v_len = m.int("attention.value_length", head_dim)
+    if v_len != head_dim:
+        raise UnsupportedModelError(path, f"value_length {v_len} != key_length {head_dim}")
+    if n_heads % n_kv:
+        raise ModelFileError(path, f"{n_heads} attention heads are not a multiple of {n_kv} KV heads")
+    ffn = m.int("feed_forward_length")
+    ctx = m.int("context_length", 8192 if arch != "gemma3" else 131072)
+    # Each layer has at least 9 tensors: a larger block_count would have us build
+    # per-layer tables for layers the file cannot hold.
+    if n_layers * 9 > len(infos):
+        raise WeightsMismatchError(path, f"{arch}.block_count is {n_layers} but the file has only {len(infos)} "
+                                         f"tensors (each layer needs at least 9)")
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "max_position_embeddings": ctx,
+    }
 
-    # gemma3
-    sw = get("attention.sliding_window")
+
+def _rope_scaling(m: _ArchMeta) -> dict | None:
+    """HF's `rope_scaling` for the file's RoPE scaling, None when there is none.
+
+    It applies to the global layers only on Gemma 3, as llama.cpp's rope_freq_scale_train vs _swa."""
+    scaling_type = _as_text(m.path, m.key("rope.scaling.type"), m.get("rope.scaling.type"))
+    factor = m.get("rope.scaling.factor")
+    if factor is None and m.get("rope.scale_linear") is not None:  # older key
+        scaling_type, factor = "linear", m.get("rope.scale_linear")
+    if scaling_type not in (None, "none", "linear"):
+        raise UnsupportedModelError(m.path, f"RoPE scaling type {scaling_type!r} is not supported (only linear)")
+    if factor is None:
+        return None
+    factor = _as_float(m.path, m.key("rope.scaling.factor"), factor)
+    if scaling_type in (None, "linear") and factor not in (0.0, 1.0):
+        return {"rope_type": "linear", "factor": factor}
+    return None
+
+
+def _gemma2_settings(m: _ArchMeta, n_layers: int, full_rope: dict, rope_scaling: dict | None) -> dict:
+    """Gemma 2's soft-caps, sliding window and layer pattern (llama.cpp's defaults where absent)."""
+    attn_cap = m.float("attn_logit_softcapping", 50.0)
+    final_cap = m.float("final_logit_softcapping", 30.0)
+    settings = dict(
+        attn_logit_softcapping=_f32_clean(attn_cap),
+        final_logit_softcapping=_f32_clean(final_cap),
+        sliding_window=m.int("attention.sliding_window", 4096),
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+        cache_implementation="hybrid",
+        rope_parameters={**full_rope, **(rope_scaling or {})},
+    )
+    if rope_scaling:
+        settings["rope_scaling"] = rope_scaling
+    return settings
+
+
+def _gemma3_settings(m: _ArchMeta, n_layers: int, ctx: int, full_rope: dict, rope_scaling: dict | None) -> dict:
+    """Gemma 3's sliding window and 5:1 layer pattern, local RoPE base and final soft-cap."""
+    softcap_final = m.get("final_logit_softcapping")
+    sw = m.get("attention.sliding_window")
     if sw is not None and not _is_zero(sw):
-        sw = _as_int(path, f"{arch}.attention.sliding_window", sw)
+        sw = _as_int(m.path, m.key("attention.sliding_window"), sw)
         pattern = 6
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
     else:  # llama.cpp: no sliding window key -> every layer global
         sw, pattern = ctx, 1
         layer_types = ["full_attention"] * n_layers
     local_theta = 10_000.0
-    cfg.update(
+    return dict(
         rope_local_base_freq=local_theta,
         rope_scaling=rope_scaling,
         sliding_window=sw,
         sliding_window_pattern=pattern,
         layer_types=layer_types,
         final_logit_softcapping=(
-            _f32_clean(_as_float(path, f"{arch}.final_logit_softcapping", softcap_final))
+            _f32_clean(_as_float(m.path, m.key("final_logit_softcapping"), softcap_final))
             if softcap_final is not None and not _is_zero(softcap_final) else None
         ),
         attn_logit_softcapping=None,
@@ -309,7 +355,6 @@ def _build_config(path: str, meta: dict, arch: str, infos: dict[str, GGUFTensorI
             "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
         },
     )
-    return cfg
 
 
 # --------------------------------------------------------------------------- weights
@@ -365,8 +410,26 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
             path, f"the vocabulary has {len(pieces)} tokens but token_embd.weight only {cfg['vocab_size']} rows"
         )
 
-    # Name mapping (strict both ways) and shape checks before reading any data.
-    expected = _expected_shapes(cfg, arch)
+    hf_of = _hf_names(path, arch, tensor_list, _expected_shapes(cfg, arch))
+    weights = _read_weights(path, size, tensor_list, hf_of, progress)
+    generation = generation_config(
+        specials["bos"], specials["eos"], specials["pad"], specials.get("eot"), _piece_id(pieces, "<end_of_turn>")
+    )
+    scalars = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+               for k, v in meta.items() if not isinstance(v, (list, np.ndarray))}
+    return Checkpoint(cfg, weights, tokenizer_model, generation, source=Path(path), metadata=scalars)
+
+
+def _piece_id(pieces: list[str], piece: str) -> int | None:
+    try:
+        return pieces.index(piece)
+    except ValueError:
+        return None
+
+
+def _hf_names(path: str, arch: str, tensor_list: list[GGUFTensorInfo],
+              expected: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """{GGUF name: HF name}, strict both ways, with every shape checked before any data is read."""
     hf_of: dict[str, str] = {}
     unknown = []
     for t in tensor_list:
@@ -376,20 +439,27 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
         else:
             hf_of[t.name] = hf
     if unknown:
-        shown = ", ".join(repr(u) for u in unknown[:10])
-        shown += f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        raise WeightsMismatchError(path, f"tensors with no {arch} counterpart: {shown}")
+        raise WeightsMismatchError(path, f"tensors with no {arch} counterpart: {_first_ten([repr(u) for u in unknown])}")
     missing = sorted(set(expected) - set(hf_of.values()))
     if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise WeightsMismatchError(path, f"missing tensors: {shown}")
+        raise WeightsMismatchError(path, f"missing tensors: {_first_ten(missing)}")
     for t in tensor_list:
         want = expected[hf_of[t.name]]
         if t.shape != want:
             raise WeightsMismatchError(
                 path, f"tensor {t.name!r} has shape {list(t.shape)}, expected {list(want)} for this config"
             )
+    return hf_of
 
+
+def _first_ten(names: list[str]) -> str:
+    """The first ten names, comma-separated, and how many more there are."""
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _read_weights(path: str, size: int, tensor_list: list[GGUFTensorInfo], hf_of: dict[str, str],
+                  progress) -> dict[str, np.ndarray]:
+    """Every tensor dequantized to float32 under its HF name, the norms' folded-in 1 taken back out."""
     weights: dict[str, np.ndarray] = {}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if len(mm) != size:
@@ -404,17 +474,4 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
             weights[hf] = arr
             if progress is not None:
                 progress(i + 1, len(tensor_list), hf)
-
-    generation = generation_config(
-        specials["bos"], specials["eos"], specials["pad"], specials.get("eot"), _piece_id(pieces, "<end_of_turn>")
-    )
-    scalars = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
-               for k, v in meta.items() if not isinstance(v, (list, np.ndarray))}
-    return Checkpoint(cfg, weights, tokenizer_model, generation, source=Path(path), metadata=scalars)
-
-
-def _piece_id(pieces: list[str], piece: str) -> int | None:
-    try:
-        return pieces.index(piece)
-    except ValueError:
-        return None
+    return weights

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arguments import is_integer
 from ..errors import ModelFileError, UnsupportedModelError
 
 # ggml type name -> we can dequantize it with gguf.quants (numpy).
@@ -134,6 +135,7 @@ def _value(r: _Reader, vtype: int, what: str, depth: int = 0):
 
 
 def ggml_types():
+    """(GGMLQuantizationType, GGML_QUANT_SIZES) from the optional gguf package."""
     try:  # deferred: the gguf package is optional (mlx_gemma[gguf]), needed only for GGUF files
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -149,8 +151,22 @@ def _utf8(path: str, raw: bytes, what: str) -> str:
 
 
 def _parse(path: str, buf, size: int) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    GGMLQuantizationType, GGML_QUANT_SIZES = ggml_types()
+    """The metadata and the tensor table of the GGUF bytes in `buf`, every number checked."""
+    ggml = ggml_types()
     r = _Reader(buf, size)
+    n_tensors, n_kv = _read_header(path, r, size)
+    meta = _read_metadata(path, r, n_kv)
+    alignment = meta.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not is_integer(alignment) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+        raise ModelFileError(path, f"general.alignment {alignment!r} is not a power of two")
+    table = _read_tensor_table(path, r, n_tensors)
+    data_start = -(-r.pos // alignment) * alignment
+    infos = [_tensor_info(path, entry, data_start, alignment, size, ggml) for entry in table]
+    return meta, infos
+
+
+def _read_header(path: str, r: _Reader, size: int) -> tuple[int, int]:
+    """(tensor count, metadata count) after the magic and version, refused when they cannot fit the file."""
     magic = r.raw(4, "magic")
     if magic != _GGUF_MAGIC:
         raise ModelFileError(path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
@@ -167,7 +183,11 @@ def _parse(path: str, buf, size: int) -> tuple[dict[str, Any], list[GGUFTensorIn
             f"header claims {n_tensors} tensors and {n_kv} metadata entries, which cannot "
             f"fit in a {size}-byte file (corrupt or truncated)",
         )
+    return n_tensors, n_kv
 
+
+def _read_metadata(path: str, r: _Reader, n_kv: int) -> dict[str, Any]:
+    """{key: value} of the `n_kv` metadata pairs; a key given twice is refused."""
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key = _utf8(path, r.string("metadata key"), "metadata key")
@@ -175,12 +195,12 @@ def _parse(path: str, buf, size: int) -> tuple[dict[str, Any], list[GGUFTensorIn
         if key in meta:
             raise ModelFileError(path, f"metadata key {key!r} appears twice")
         meta[key] = _value(r, vtype, f"metadata {key!r}")
+    return meta
 
-    alignment = meta.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
-        raise ModelFileError(path, f"general.alignment {alignment!r} is not a power of two")
 
-    infos_raw = []
+def _read_tensor_table(path: str, r: _Reader, n_tensors: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """(name, ne, type code, relative offset) of each tensor, as the file states them."""
+    table = []
     seen: set[str] = set()
     for _ in range(n_tensors):
         name = _utf8(path, r.string("tensor name"), "tensor name")
@@ -193,45 +213,47 @@ def _parse(path: str, buf, size: int) -> tuple[dict[str, Any], list[GGUFTensorIn
         ne = tuple(int(d) for d in (r.unpack("Q", f"tensor {name!r} dims") for _ in range(n_dims)))
         type_code = r.unpack("I", f"tensor {name!r} type")
         offset = r.unpack("Q", f"tensor {name!r} offset")
-        infos_raw.append((name, ne, type_code, offset))
+        table.append((name, ne, type_code, offset))
+    return table
 
-    data_start = -(-r.pos // alignment) * alignment
-    infos = []
-    for name, ne, type_code, offset in infos_raw:
-        try:
-            qtype = GGMLQuantizationType(type_code)
-        except ValueError:
-            raise UnsupportedModelError(path, f"tensor {name!r} has unknown ggml type code {type_code}") from None
-        if qtype.name not in SUPPORTED_TENSOR_TYPES:
-            raise UnsupportedModelError(
-                path,
-                f"tensor {name!r} is stored as {qtype.name}, which mlx_gemma cannot dequantize "
-                f"(supported: {', '.join(SUPPORTED_TENSOR_TYPES)})",
-            )
-        if any(d <= 0 for d in ne):
-            raise ModelFileError(path, f"tensor {name!r} has an empty dimension {ne}")
-        n_elements = 1
-        for d in ne:
-            n_elements *= d  # Python ints: no overflow
-        block_size, type_size = GGML_QUANT_SIZES[qtype]
-        if ne[0] % block_size:
-            raise ModelFileError(
-                path,
-                f"tensor {name!r}: row length {ne[0]} is not a multiple of the {qtype.name} "
-                f"block size {block_size}",
-            )
-        nbytes = n_elements // block_size * type_size
-        if offset % alignment:
-            raise ModelFileError(path, f"tensor {name!r}: data offset {offset} is not {alignment}-aligned")
-        start = data_start + offset
-        if start + nbytes > size:
-            raise ModelFileError(
-                path,
-                f"truncated: tensor {name!r} ({qtype.name} {list(ne)}) needs bytes {start}..{start + nbytes} "
-                f"but the file has {size} bytes",
-            )
-        infos.append(GGUFTensorInfo(name, ne, type_code, qtype.name, start, nbytes))
-    return meta, infos
+
+def _tensor_info(path: str, entry: tuple, data_start: int, alignment: int, size: int, ggml) -> GGUFTensorInfo:
+    """One table entry checked: a type we can dequantize, whole blocks per row, aligned, inside the file."""
+    GGMLQuantizationType, GGML_QUANT_SIZES = ggml
+    name, ne, type_code, offset = entry
+    try:
+        qtype = GGMLQuantizationType(type_code)
+    except ValueError:
+        raise UnsupportedModelError(path, f"tensor {name!r} has unknown ggml type code {type_code}") from None
+    if qtype.name not in SUPPORTED_TENSOR_TYPES:
+        raise UnsupportedModelError(
+            path,
+            f"tensor {name!r} is stored as {qtype.name}, which mlx_gemma cannot dequantize "
+            f"(supported: {', '.join(SUPPORTED_TENSOR_TYPES)})",
+        )
+    if any(d <= 0 for d in ne):
+        raise ModelFileError(path, f"tensor {name!r} has an empty dimension {ne}")
+    n_elements = 1
+    for d in ne:
+        n_elements *= d  # Python ints: no overflow
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if ne[0] % block_size:
+        raise ModelFileError(
+            path,
+            f"tensor {name!r}: row length {ne[0]} is not a multiple of the {qtype.name} "
+            f"block size {block_size}",
+        )
+    nbytes = n_elements // block_size * type_size
+    if offset % alignment:
+        raise ModelFileError(path, f"tensor {name!r}: data offset {offset} is not {alignment}-aligned")
+    start = data_start + offset
+    if start + nbytes > size:
+        raise ModelFileError(
+            path,
+            f"truncated: tensor {name!r} ({qtype.name} {list(ne)}) needs bytes {start}..{start + nbytes} "
+            f"but the file has {size} bytes",
+        )
+    return GGUFTensorInfo(name, ne, type_code, qtype.name, start, nbytes)
 
 
 def open_gguf(path) -> tuple[str, int]:

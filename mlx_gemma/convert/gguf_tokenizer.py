@@ -22,6 +22,7 @@ import numpy as np
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2 as spm
 
+from ..arguments import is_integer
 from ..errors import TokenizerError
 
 # llama.cpp token types (SentencePieceTokenTypes / gguf.TokenType)
@@ -29,6 +30,7 @@ _TOK_NORMAL, _TOK_UNKNOWN, _TOK_CONTROL, _TOK_USER_DEFINED, _TOK_UNUSED, _TOK_BY
 
 
 def special_ids(path: str, meta: dict, n_tokens: int) -> dict:
+    """{bos, eos, unk, pad[, eot]: token id} from the metadata (SentencePiece's defaults where absent)."""
     out = {}
     for key, gguf_key, default in (
         ("bos", "tokenizer.ggml.bos_token_id", 2),
@@ -37,16 +39,54 @@ def special_ids(path: str, meta: dict, n_tokens: int) -> dict:
         ("pad", "tokenizer.ggml.padding_token_id", 0),
     ):
         v = meta.get(gguf_key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n_tokens:
+        if not is_integer(v) or not 0 <= int(v) < n_tokens:
             raise TokenizerError(path, f"{gguf_key} = {v!r} is not a token id (vocabulary has {n_tokens})")
         out[key] = int(v)
     eot = meta.get("tokenizer.ggml.eot_token_id")
-    if isinstance(eot, (int, np.integer)) and not isinstance(eot, bool) and 0 <= int(eot) < n_tokens:
+    if is_integer(eot) and 0 <= int(eot) < n_tokens:
         out["eot"] = int(eot)
     return out
 
 
 def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
+    """(tokenizer.model bytes, special token ids, the pieces as SentencePiece will hold them)."""
+    tokens, scores, types = _vocabulary(path, meta)
+    specials = special_ids(path, meta, len(tokens))
+    try:
+        pieces = [t.decode("utf-8") for t in tokens]
+    except UnicodeDecodeError as e:
+        raise TokenizerError(path, f"a token is not valid UTF-8: {e}") from None
+
+    proto = spm.ModelProto()
+    n_bytes = 0
+    seen: set[str] = set()
+    for i, (piece, ttype, score) in enumerate(zip(pieces, types.tolist(), scores.tolist())):
+        ptype, piece = _piece_type(path, i, piece, ttype, specials)
+        n_bytes += ptype == spm.ModelProto.SentencePiece.BYTE
+        if not piece:
+            raise TokenizerError(path, f"token {i} is empty")
+        if piece in seen:
+            raise TokenizerError(path, f"token {piece!r} (id {i}) appears twice")
+        seen.add(piece)
+        sp = proto.pieces.add()
+        sp.piece, sp.score, sp.type = piece, score, ptype
+        pieces[i] = piece
+
+    _set_trainer_spec(proto.trainer_spec, pieces, specials, byte_fallback=n_bytes == 256)
+    _set_normalizer_spec(path, proto.normalizer_spec, meta)
+    data = proto.SerializeToString()
+
+    # Make sure SentencePiece accepts what we built.
+    sp_proc = sentencepiece.SentencePieceProcessor()
+    try:
+        sp_proc.LoadFromSerializedProto(data)
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
+        raise TokenizerError(path, f"rebuilt tokenizer.model is rejected by sentencepiece: {e}") from None
+    return data, specials, pieces
+
+
+def _vocabulary(path: str, meta: dict) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """The tokens, their float32 scores and their llama.cpp types, each checked against the others."""
     model = meta.get("tokenizer.ggml.model")
     if not isinstance(model, bytes) or model != b"llama":
         raise TokenizerError(
@@ -71,54 +111,36 @@ def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
         types = np.full(n, _TOK_NORMAL, dtype=np.int32)
     if not isinstance(types, np.ndarray) or types.shape != (n,) or types.dtype.kind not in "iu":
         raise TokenizerError(path, f"tokenizer.ggml.token_type is not {n} integers")
-    specials = special_ids(path, meta, n)
+    return tokens, scores, types
 
-    try:
-        pieces = [t.decode("utf-8") for t in tokens]
-    except UnicodeDecodeError as e:
-        raise TokenizerError(path, f"a token is not valid UTF-8: {e}") from None
 
+def _piece_type(path: str, i: int, piece: str, ttype: int, specials: dict) -> tuple[int, str]:
+    """SentencePiece's type for token `i` of llama.cpp type `ttype`, and its piece as SentencePiece holds it."""
     P = spm.ModelProto.SentencePiece
-    control_ids = {specials["bos"], specials["eos"], specials["pad"]}
-    proto = spm.ModelProto()
-    n_bytes = 0
-    seen: set[str] = set()
-    types_list = types.tolist()
-    scores_list = scores.tolist()
-    for i, (piece, ttype, score) in enumerate(zip(pieces, types_list, scores_list)):
-        if i == specials["unk"]:
-            ptype = P.UNKNOWN
-        elif i in control_ids:
-            ptype = P.CONTROL
-        elif ttype in (_TOK_CONTROL, _TOK_USER_DEFINED, _TOK_UNKNOWN):
-            # llama.cpp writes HF added tokens as CONTROL (special) or USER_DEFINED with
-            # '▁' turned into ' '; SentencePiece matches USER_DEFINED pieces in text.
-            ptype = P.USER_DEFINED
-            piece = piece.replace(" ", "\u2581")
-        elif ttype == _TOK_BYTE:
-            ptype = P.BYTE
-            if not re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
-                raise TokenizerError(path, f"byte token {i} is {piece!r}, expected <0xXX>")
-            n_bytes += 1
-        elif ttype == _TOK_UNUSED:
-            ptype = P.UNUSED
-        elif ttype == _TOK_NORMAL:
-            ptype = P.NORMAL
-        else:
-            raise TokenizerError(path, f"token {i} ({piece!r}) has unknown token type {ttype}")
-        if not piece:
-            raise TokenizerError(path, f"token {i} is empty")
-        if piece in seen:
-            raise TokenizerError(path, f"token {piece!r} (id {i}) appears twice")
-        seen.add(piece)
-        sp = proto.pieces.add()
-        sp.piece, sp.score, sp.type = piece, score, ptype
-        pieces[i] = piece
+    if i == specials["unk"]:
+        return P.UNKNOWN, piece
+    if i in (specials["bos"], specials["eos"], specials["pad"]):
+        return P.CONTROL, piece
+    if ttype in (_TOK_CONTROL, _TOK_USER_DEFINED, _TOK_UNKNOWN):
+        # llama.cpp writes HF added tokens as CONTROL (special) or USER_DEFINED with
+        # '▁' turned into ' '; SentencePiece matches USER_DEFINED pieces in text.
+        return P.USER_DEFINED, piece.replace(" ", "\u2581")
+    if ttype == _TOK_BYTE:
+        if not re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            raise TokenizerError(path, f"byte token {i} is {piece!r}, expected <0xXX>")
+        return P.BYTE, piece
+    if ttype == _TOK_UNUSED:
+        return P.UNUSED, piece
+    if ttype == _TOK_NORMAL:
+        return P.NORMAL, piece
+    raise TokenizerError(path, f"token {i} ({piece!r}) has unknown token type {ttype}")
 
-    ts = proto.trainer_spec
+
+def _set_trainer_spec(ts, pieces: list[str], specials: dict, byte_fallback: bool) -> None:
+    """A BPE model of these pieces, with Gemma's splitting rules and special ids."""
     ts.model_type = ts.BPE
-    ts.vocab_size = n
-    ts.byte_fallback = n_bytes == 256
+    ts.vocab_size = len(pieces)
+    ts.byte_fallback = byte_fallback
     ts.split_digits = True
     ts.allow_whitespace_only_pieces = True
     ts.split_by_whitespace = True
@@ -126,20 +148,14 @@ def build_tokenizer(path: str, meta: dict) -> tuple[bytes, dict, list[str]]:
     ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = specials["unk"], specials["bos"], specials["eos"], specials["pad"]
     ts.unk_piece, ts.bos_piece = pieces[specials["unk"]], pieces[specials["bos"]]
     ts.eos_piece, ts.pad_piece = pieces[specials["eos"]], pieces[specials["pad"]]
-    ns = proto.normalizer_spec
+
+
+def _set_normalizer_spec(path: str, ns, meta: dict) -> None:
+    """No normalisation, whitespace escaped to '▁', a leading space only when the file says so."""
     ns.name = "identity"
     add_space = meta.get("tokenizer.ggml.add_space_prefix", False)
-    if not isinstance(add_space, (bool, int, np.integer)):
+    if not (isinstance(add_space, bool) or is_integer(add_space)):
         raise TokenizerError(path, f"tokenizer.ggml.add_space_prefix should be true or false, got {add_space!r:.80}")
     ns.add_dummy_prefix = bool(add_space)
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
-    data = proto.SerializeToString()
-
-    # Make sure SentencePiece accepts what we built.
-    sp_proc = sentencepiece.SentencePieceProcessor()
-    try:
-        sp_proc.LoadFromSerializedProto(data)
-    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
-        raise TokenizerError(path, f"rebuilt tokenizer.model is rejected by sentencepiece: {e}") from None
-    return data, specials, pieces
