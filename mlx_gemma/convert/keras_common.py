@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..arguments import is_integer
 from ..errors import ConfigError, TokenizerError, UnsupportedModelError
 from ..tokenizer import GemmaTokenizer
 
@@ -26,17 +27,19 @@ ROPE_THETA = 10_000.0  # CachedGemmaAttention: RotaryEmbedding(max_wavelength=10
 
 
 def int_setting(path, cfg, key, default=None, *, minimum=1, limit=1 << 31) -> int:
+    """cfg[key] (or `default`) as an int in [minimum, limit]; a float with no fraction counts."""
     v = cfg.get(key, default)
     if v is None:
         raise ConfigError(path, f"config is missing {key!r}")
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= limit:
+    if not is_integer(v) or not minimum <= v <= limit:
         raise ConfigError(path, f"{key} must be an integer in [{minimum}, {limit}], got {v!r:.80}")
-    return v
+    return int(v)
 
 
 def bool_setting(path, cfg, key, default: bool) -> bool:
+    """cfg[key] as a bool; absent or null is `default`."""
     v = cfg.get(key, default)
     if v is None:
         v = default
@@ -46,13 +49,14 @@ def bool_setting(path, cfg, key, default: bool) -> bool:
 
 
 def float_setting(path, cfg, key, default=None, *, optional=False) -> float | None:
+    """cfg[key] (or `default`) as a positive finite float; None when null and `optional`."""
     v = cfg.get(key, default)
     if v is None:
         if optional:
             return None
         raise ConfigError(path, f"config is missing {key!r}")
     number = None
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e300:  # a JSON integer can be huge
+    if (is_integer(v) or isinstance(v, float)) and abs(v) <= 1e300:  # a JSON integer can be huge
         number = float(v)
     if number is None or not math.isfinite(number) or number <= 0:
         raise ConfigError(path, f"{key} must be a positive number{' or null' if optional else ''}, got {v!r:.80}")
@@ -70,73 +74,35 @@ def dtype_name(cfg: dict) -> str | None:
 def keras_config_to_hf(keras_config: dict, path=None, *, special_ids: dict | None = None) -> dict:
     """HF config dict for a GemmaBackbone's `config` object (see keras.py's docstring)."""
     path = None if path is None else os.fspath(path)
-    c = keras_config
-    if not isinstance(c, dict):
+    if not isinstance(keras_config, dict):
         raise ConfigError(path, "the backbone config must be a JSON object")
-    vocab = int_setting(path, c, "vocabulary_size", limit=1 << 22)
-    layers = int_setting(path, c, "num_layers", limit=1024)
-    heads = int_setting(path, c, "num_query_heads", limit=1024)
-    kv_heads = int_setting(path, c, "num_key_value_heads", limit=1024)
-    hidden = int_setting(path, c, "hidden_dim", limit=1 << 16)
-    inter = int_setting(path, c, "intermediate_dim", limit=1 << 21)
-    head_dim = int_setting(path, c, "head_dim", limit=4096)
-    if heads % kv_heads:
-        raise ConfigError(path, f"num_query_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
-    if inter % 2:
-        raise ConfigError(path, f"intermediate_dim ({inter}) must be even: Keras stores twice HF's intermediate_size")
-    eps = float_setting(path, c, "layer_norm_epsilon", 1e-6)
-    q_head_dim = bool_setting(path, c, "query_head_dim_normalize", True)
-    post_ffw = bool_setting(path, c, "use_post_ffw_norm", False)
-    post_attn = bool_setting(path, c, "use_post_attention_norm", False)
-    attn_cap = float_setting(path, c, "attention_logit_soft_cap", None, optional=True)
-    final_cap = float_setting(path, c, "final_logit_soft_cap", None, optional=True)
-    sliding = bool_setting(path, c, "use_sliding_window_attention", False)
-    window = int_setting(path, c, "sliding_window_size", 4096, limit=1 << 31)
-
-    if post_ffw != post_attn:
+    s = _decoder_settings(path, keras_config)
+    if s.post_ffw != s.post_attn:
         raise UnsupportedModelError(
-            path, f"use_post_attention_norm={post_attn} with use_post_ffw_norm={post_ffw} matches neither "
+            path, f"use_post_attention_norm={s.post_attn} with use_post_ffw_norm={s.post_ffw} matches neither "
             "Gemma (both false) nor Gemma 2 (both true)"
         )
-    gemma2 = post_ffw and post_attn
-    query_scalar = head_dim if q_head_dim else hidden / heads
+    gemma2 = s.post_ffw and s.post_attn
+    query_scalar = s.head_dim if s.q_head_dim else s.hidden / s.heads
     if isinstance(query_scalar, float) and query_scalar.is_integer():
         query_scalar = int(query_scalar)
-    if not gemma2:
-        odd = [k for k, bad in (
-            ("attention_logit_soft_cap", attn_cap is not None),
-            ("final_logit_soft_cap", final_cap is not None),
-            ("use_sliding_window_attention", sliding),
-            ("query_head_dim_normalize=false", query_scalar != head_dim),
-        ) if bad]
-        if odd:
-            raise UnsupportedModelError(
-                path, f"a Gemma 1 style backbone (no post norms) with {', '.join(odd)} has no Hugging Face "
-                "equivalent"
-            )
-    elif attn_cap is None or final_cap is None:
-        # Our loader (and older transformers) would read a null cap as the default 50 / 30.
-        raise UnsupportedModelError(
-            path, "a Gemma 2 style backbone without attention_logit_soft_cap and final_logit_soft_cap "
-            "is not supported"
-        )
+    _check_hf_equivalent(path, s, gemma2, query_scalar)
 
     ids = {"bos": 2, "eos": 1, "pad": 0, **(special_ids or {})}
-    model_type = "gemma2" if gemma2 else "gemma"
     cfg: dict[str, Any] = {
         "architectures": ["Gemma2ForCausalLM" if gemma2 else "GemmaForCausalLM"],
-        "model_type": model_type,
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": inter // 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
+        "model_type": "gemma2" if gemma2 else "gemma",
+        "vocab_size": s.vocab,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.inter // 2,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": s.head_dim,
         "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": DEFAULT_MAX_POSITION_EMBEDDINGS,
-        "rms_norm_eps": eps,
+        "rms_norm_eps": s.eps,
         "rope_theta": ROPE_THETA,
         "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
         "attention_bias": False,
@@ -152,15 +118,83 @@ def keras_config_to_hf(keras_config: dict, path=None, *, special_ids: dict | Non
     if gemma2:
         cfg.update(
             query_pre_attn_scalar=query_scalar,
-            attn_logit_softcapping=attn_cap,
-            final_logit_softcapping=final_cap,
-            sliding_window=window,
+            attn_logit_softcapping=s.attn_cap,
+            final_logit_softcapping=s.final_cap,
+            sliding_window=s.window,
             layer_types=[
-                "sliding_attention" if sliding and i % 2 == 0 else "full_attention" for i in range(layers)
+                "sliding_attention" if s.sliding and i % 2 == 0 else "full_attention" for i in range(s.layers)
             ],
             cache_implementation="hybrid",
         )
     return cfg
+
+
+class _DecoderSettings(NamedTuple):
+    """A GemmaBackbone config's settings, typed and range-checked."""
+
+    vocab: int
+    layers: int
+    heads: int
+    kv_heads: int
+    hidden: int
+    inter: int
+    head_dim: int
+    eps: float
+    q_head_dim: bool
+    post_ffw: bool
+    post_attn: bool
+    attn_cap: float | None
+    final_cap: float | None
+    sliding: bool
+    window: int
+
+
+def _decoder_settings(path, c: dict) -> _DecoderSettings:
+    """Read every setting of a GemmaBackbone config, refusing head and MLP sizes that do not fit together."""
+    vocab = int_setting(path, c, "vocabulary_size", limit=1 << 22)
+    layers = int_setting(path, c, "num_layers", limit=1024)
+    heads = int_setting(path, c, "num_query_heads", limit=1024)
+    kv_heads = int_setting(path, c, "num_key_value_heads", limit=1024)
+    hidden = int_setting(path, c, "hidden_dim", limit=1 << 16)
+    inter = int_setting(path, c, "intermediate_dim", limit=1 << 21)
+    head_dim = int_setting(path, c, "head_dim", limit=4096)
+    if heads % kv_heads:
+        raise ConfigError(path, f"num_query_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    if inter % 2:
+        raise ConfigError(path, f"intermediate_dim ({inter}) must be even: Keras stores twice HF's intermediate_size")
+    return _DecoderSettings(
+        vocab, layers, heads, kv_heads, hidden, inter, head_dim,
+        eps=float_setting(path, c, "layer_norm_epsilon", 1e-6),
+        q_head_dim=bool_setting(path, c, "query_head_dim_normalize", True),
+        post_ffw=bool_setting(path, c, "use_post_ffw_norm", False),
+        post_attn=bool_setting(path, c, "use_post_attention_norm", False),
+        attn_cap=float_setting(path, c, "attention_logit_soft_cap", None, optional=True),
+        final_cap=float_setting(path, c, "final_logit_soft_cap", None, optional=True),
+        sliding=bool_setting(path, c, "use_sliding_window_attention", False),
+        window=int_setting(path, c, "sliding_window_size", 4096, limit=1 << 31),
+    )
+
+
+def _check_hf_equivalent(path, s: _DecoderSettings, gemma2: bool, query_scalar) -> None:
+    """Refuse settings a Hugging Face Gemma / Gemma 2 config cannot express."""
+    if not gemma2:
+        odd = [k for k, bad in (
+            ("attention_logit_soft_cap", s.attn_cap is not None),
+            ("final_logit_soft_cap", s.final_cap is not None),
+            ("use_sliding_window_attention", s.sliding),
+            ("query_head_dim_normalize=false", query_scalar != s.head_dim),
+        ) if bad]
+        if odd:
+            raise UnsupportedModelError(
+                path, f"a Gemma 1 style backbone (no post norms) with {', '.join(odd)} has no Hugging Face "
+                "equivalent"
+            )
+    elif s.attn_cap is None or s.final_cap is None:
+        # Our loader (and older transformers) would read a null cap as the default 50 / 30.
+        raise UnsupportedModelError(
+            path, "a Gemma 2 style backbone without attention_logit_soft_cap and final_logit_soft_cap "
+            "is not supported"
+        )
 
 
 # --------------------------------------------------------------------------- tokenizer

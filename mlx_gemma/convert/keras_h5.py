@@ -221,50 +221,12 @@ def read_variables(
     `progress(done, total, dataset path)` is called after each variable.
     """
     files = _weight_files(folder)
-    out: dict[str, np.ndarray] = {}
-    handles = []
+    handles: list = []
     try:
-        found: dict[str, _Var] = {}
-        for file in files:
-            handles.append(_open_h5(file))
-            try:
-                _walk(file, handles[-1], found)
-            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-                if isinstance(e, ModelFileError):
-                    raise
-                raise ModelFileError(file, f"corrupt HDF5 structure: {e}") from None
+        found = _find_variables(files, handles)
         where = files[0] if len(files) == 1 else os.path.join(folder, SHARDED_INDEX_FILE)
-        unexpected = sorted(set(found) - set(expected))
-        if unexpected:
-            shown = ", ".join(repr(u) for u in unexpected[:8]) + (
-                f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
-            raise WeightsMismatchError(where, f"variables with no {what} counterpart: {shown}")
-        missing = sorted(set(expected) - set(found))
-        if missing:
-            shown = ", ".join(repr(m) for m in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise WeightsMismatchError(where, f"missing variables: {shown}")
-        dtypes = set()
-        for name, shape in expected.items():
-            var = found[name]
-            if var.shape != shape:
-                raise WeightsMismatchError(
-                    var.file, f"variable {name!r} has shape {list(var.shape)}, expected {list(shape)} for this config"
-                )
-            dtypes.add(var.dtype)
-
-        by_file = {file: h for file, h in zip(files, handles)}
-        for i, name in enumerate(expected):
-            var = found[name]
-            try:
-                raw = by_file[var.file][name][()]
-            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-                raise ModelFileError(var.file, f"cannot read variable {name!r} (truncated or corrupt): {e}") from None
-            if tuple(raw.shape) != var.shape:
-                raise ModelFileError(var.file, f"variable {name!r} read back with shape {list(raw.shape)}")
-            out[name] = _decode(var.file, var, raw)
-            del raw
-            if progress is not None:
-                progress(i + 1, len(expected), name)
+        dtypes = _check_variables(where, found, expected, what)
+        out = _read_arrays(found, expected, dict(zip(files, handles)), progress)
     finally:
         for h in handles:
             try:
@@ -272,3 +234,59 @@ def read_variables(
             except Exception:  # noqa: BLE001 - closing a corrupt file must not hide the real error
                 pass
     return out, dtypes
+
+
+def _find_variables(files: list[str], handles: list) -> dict[str, _Var]:
+    """{dataset path: variable} over every weights file; each file opened is appended to `handles`."""
+    found: dict[str, _Var] = {}
+    for file in files:
+        handles.append(_open_h5(file))
+        try:
+            _walk(file, handles[-1], found)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            if isinstance(e, ModelFileError):
+                raise
+            raise ModelFileError(file, f"corrupt HDF5 structure: {e}") from None
+    return found
+
+
+def _check_variables(where: str, found: dict[str, _Var], expected: dict[str, tuple[int, ...]], what: str) -> set[str]:
+    """Refuse unexpected, missing or wrongly shaped variables; returns the stored dtypes."""
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise WeightsMismatchError(where, f"variables with no {what} counterpart: {_first_eight(unexpected)}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise WeightsMismatchError(where, f"missing variables: {_first_eight(missing)}")
+    dtypes = set()
+    for name, shape in expected.items():
+        var = found[name]
+        if var.shape != shape:
+            raise WeightsMismatchError(
+                var.file, f"variable {name!r} has shape {list(var.shape)}, expected {list(shape)} for this config"
+            )
+        dtypes.add(var.dtype)
+    return dtypes
+
+
+def _first_eight(names: list[str]) -> str:
+    """The first eight names quoted, and how many more there are."""
+    return ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _read_arrays(found: dict[str, _Var], expected: dict, by_file: dict, progress) -> dict[str, np.ndarray]:
+    """Each expected variable's data, decoded to float32, in `expected`'s order."""
+    out: dict[str, np.ndarray] = {}
+    for i, name in enumerate(expected):
+        var = found[name]
+        try:
+            raw = by_file[var.file][name][()]
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ModelFileError(var.file, f"cannot read variable {name!r} (truncated or corrupt): {e}") from None
+        if tuple(raw.shape) != var.shape:
+            raise ModelFileError(var.file, f"variable {name!r} read back with shape {list(raw.shape)}")
+        out[name] = _decode(var.file, var, raw)
+        del raw
+        if progress is not None:
+            progress(i + 1, len(expected), name)
+    return out
