@@ -101,53 +101,80 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     in x's dtype.  The gradient dequantizes again, in float32, rather than
     keep every block of the forward pass alive (QLoRA memory).
     """
-    weight, scales = layer["weight"], layer["scales"]
-    biases = layer["biases"] if "biases" in layer else None
-    params = [weight, scales] + ([] if biases is None else [biases])
-    rows, groups = scales.shape
-    in_features = weight.shape[1] * 32 // layer.bits
+    blocks = _QuantizedBlocks(layer)
 
-    def ranges(block):
-        return [(start, min(start + block, rows)) for start in range(0, rows, block)]
+    @mx.custom_function
+    def product(x):
+        if layer.mode == "affine" and x.size // blocks.in_features <= KERNEL_MAX_ROWS:
+            return blocks.through_kernel(x)
+        return blocks.through_float_product(x)
 
-    def block_of(after, start, stop):
+    @product.vjp
+    def product_vjp(primals, cotangent, output):
+        return blocks.input_gradient(cotangent).astype(primals[0].dtype)
+
+    return product(x)
+
+
+class _QuantizedBlocks:
+    """A quantized layer's weight cut into blocks of rows, and the three block-wise products
+    `_quantized_product` chooses from."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        weight, scales = layer["weight"], layer["scales"]
+        biases = layer["biases"] if "biases" in layer else None
+        self.params = [weight, scales] + ([] if biases is None else [biases])
+        self.rows, self.groups = scales.shape
+        self.in_features = weight.shape[1] * 32 // layer.bits
+
+    def ranges(self, block: int) -> list[tuple[int, int]]:
+        """[start, stop) row ranges of at most `block` rows."""
+        return [(start, min(start + block, self.rows)) for start in range(0, self.rows, block)]
+
+    def block_of(self, after, start: int, stop: int) -> list[mx.array]:
+        """Rows start:stop of the weight, scales (and biases)."""
         # Waiting for `after` keeps a block from being made long before it is used: see _on_streams.
-        return [p[start:stop] for p in mx.depends(params, after)]
+        return [p[start:stop] for p in mx.depends(self.params, after)]
 
-    def dequantized(after, start, stop, dtype):
-        weight, scales, *biases = block_of(after, start, stop)
+    def dequantized(self, after, start: int, stop: int, dtype: mx.Dtype) -> mx.array:
+        """Rows start:stop of the weight, dequantized to `dtype`."""
+        layer = self.layer
+        weight, scales, *biases = self.block_of(after, start, stop)
         if layer.mode == "affine" and 32 % layer.bits == 0:
             return _affine_dequantizer(layer.group_size, layer.bits, dtype)(weight, scales, biases[0])
         return mx.dequantize(weight, scales, biases[0] if biases else None,
                              group_size=layer.group_size, bits=layer.bits, mode=layer.mode, dtype=dtype)
 
-    def through_kernel(x, after, start, stop):  # x in float32
-        weight, scales, biases = block_of(after, start, stop)
-        return mx.quantized_matmul(x, weight, scales.astype(mx.float32), biases.astype(mx.float32), transpose=True,
-                                   group_size=layer.group_size, bits=layer.bits, mode="affine")
+    def through_kernel(self, x: mx.array) -> mx.array:
+        """x @ W.T by MLX's quantized kernel in float32, block by block (few rows of x: decoding)."""
+        layer = self.layer
+        x32 = x.astype(mx.float32)
 
-    @mx.custom_function
-    def product(x):
-        if layer.mode == "affine" and x.size // in_features <= KERNEL_MAX_ROWS:
-            x32 = x.astype(mx.float32)
-            # Rows per block: each row has a float32 scale and bias per group.
-            block = max(1, FLOAT_SCALES_BLOCK_BYTES // (groups * 2 * 4))
-            blocks = [lambda after, a=a, b=b: through_kernel(x32, after, a, b).astype(x.dtype)
-                      for a, b in ranges(block)]
-            return mx.concatenate(_on_streams(blocks, first=x32), axis=-1)
-        block = max(1, DEQUANTIZED_BLOCK_BYTES // (in_features * x.dtype.size))
-        blocks = [lambda after, a=a, b=b: x @ dequantized(after, a, b, x.dtype).T for a, b in ranges(block)]
+        def block_product(after, start, stop):
+            weight, scales, biases = self.block_of(after, start, stop)
+            return mx.quantized_matmul(x32, weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                                       transpose=True, group_size=layer.group_size, bits=layer.bits,
+                                       mode="affine").astype(x.dtype)
+
+        # Rows per block: each row has a float32 scale and bias per group.
+        block = max(1, FLOAT_SCALES_BLOCK_BYTES // (self.groups * 2 * 4))
+        blocks = [lambda after, a=a, b=b: block_product(after, a, b) for a, b in self.ranges(block)]
+        return mx.concatenate(_on_streams(blocks, first=x32), axis=-1)
+
+    def through_float_product(self, x: mx.array) -> mx.array:
+        """x @ W.T with W dequantized block by block to x's dtype (many rows of x: a prefill, training)."""
+        block = max(1, DEQUANTIZED_BLOCK_BYTES // (self.in_features * x.dtype.size))
+        blocks = [lambda after, a=a, b=b: x @ self.dequantized(after, a, b, x.dtype).T for a, b in self.ranges(block)]
         return mx.concatenate(_on_streams(blocks, first=x), axis=-1)
 
-    @product.vjp
-    def product_vjp(primals, cotangent, output):
-        # d x = the sum over blocks of cotangent[..., block] @ W[block], in float32
+    def input_gradient(self, cotangent: mx.array) -> mx.array:
+        """The gradient with respect to x: the sum over blocks of cotangent[..., block] @ W[block], in float32."""
         g = cotangent.astype(mx.float32)
-        block = max(1, DEQUANTIZED_BLOCK_BYTES // (in_features * 4))
-        blocks = [lambda after, a=a, b=b: g[..., a:b] @ dequantized(after, a, b, mx.float32) for a, b in ranges(block)]
-        return functools.reduce(mx.add, _on_streams(blocks, first=g, fold=mx.add)).astype(primals[0].dtype)
-
-    return product(x)
+        block = max(1, DEQUANTIZED_BLOCK_BYTES // (self.in_features * 4))
+        blocks = [lambda after, a=a, b=b: g[..., a:b] @ self.dequantized(after, a, b, mx.float32)
+                  for a, b in self.ranges(block)]
+        return functools.reduce(mx.add, _on_streams(blocks, first=g, fold=mx.add))
 
 
 @functools.cache

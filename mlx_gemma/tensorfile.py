@@ -33,6 +33,7 @@ from typing import Mapping
 
 import mlx.core as mx
 
+from .arguments import is_integer  # never True/False: JSON `true` is a Python int too
 from .atomic import atomic_path, atomic_write_bytes  # noqa: F401 - atomic_write_bytes is re-exported
 from .errors import ModelFileError
 
@@ -98,11 +99,6 @@ class Header:
 # --------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------
-
-def _is_int(x) -> bool:
-    # JSON `true` parses to Python True, which isinstance(.., int) accepts.
-    return type(x) is int
-
 
 def is_text(x) -> bool:
     # Python's json accepts lone surrogates ("\ud800"); MLX's parser does not.
@@ -215,13 +211,13 @@ def _tensor_info(path, name, entry, data_size: int) -> TensorInfo:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise bad(f"unknown or unsupported dtype {dtype!r:.40}")
-    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_integer(d) for d in shape):
         raise bad(f"shape must be a list of integers, got {shape!r:.80}")
     for d in shape:
         if not 0 <= d <= MAX_DIM:
             raise bad(f"shape dimension {d} is negative or above MLX's limit {MAX_DIM}")
     if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(_is_int(o) for o in offsets)):
+            and all(is_integer(o) for o in offsets)):
         raise bad(f"data_offsets must be two integers, got {offsets!r:.80}")
     begin, end = offsets
     if not 0 <= begin <= end:
@@ -326,6 +322,25 @@ def save_sharded(folder, arrays: Mapping[str, mx.array],
     except OSError as e:
         raise ModelFileError(folder, f"cannot create folder: {e}") from e
 
+    shards = _plan_shards(arrays, max_shard_bytes)
+    # Drop the old index first: until the new files are all written, the
+    # loader then sees plain files rather than an index naming a mix.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / INDEX_NAME)
+    if len(shards) <= 1:
+        path = folder / SINGLE_NAME
+        save_file(path, {k: arrays[k] for k in (shards[0] if shards else [])}, metadata)
+        if progress is not None:
+            progress(1, 1, path.name)
+        written = [path]
+    else:
+        written = _write_shards(folder, arrays, shards, metadata, progress)
+    _remove_stale_weights(folder, written)
+    return written
+
+
+def _plan_shards(arrays: Mapping[str, mx.array], max_shard_bytes: int) -> list[list[str]]:
+    """The tensor names of each shard, in name order, each shard at most `max_shard_bytes`."""
     shards: list[list[str]] = []
     size = 0
     for name in sorted(arrays):
@@ -336,35 +351,32 @@ def save_sharded(folder, arrays: Mapping[str, mx.array],
         else:  # a tensor bigger than the limit gets a shard of its own
             shards.append([name])
             size = n
+    return shards
 
-    # Drop the old index first: until the new files are all written, the
-    # loader then sees plain files rather than an index naming a mix.
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(folder / INDEX_NAME)
+
+def _write_shards(folder: Path, arrays: Mapping[str, mx.array], shards: list[list[str]],
+                  metadata: dict[str, str] | None, progress) -> list[Path]:
+    """The numbered shard files, then the index naming them; returns the files written."""
     written: list[Path] = []
-    if len(shards) <= 1:
-        path = folder / SINGLE_NAME
-        save_file(path, {k: arrays[k] for k in (shards[0] if shards else [])}, metadata)
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(path, {k: arrays[k] for k in names}, metadata)
+        weight_map.update(dict.fromkeys(names, path.name))
         written.append(path)
         if progress is not None:
-            progress(1, 1, path.name)
-    else:
-        weight_map = {}
-        for i, names in enumerate(shards, 1):
-            path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(path, {k: arrays[k] for k in names}, metadata)
-            weight_map.update(dict.fromkeys(names, path.name))
-            written.append(path)
-            if progress is not None:
-                progress(i, len(shards), path.name)
-        index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
-                 "weight_map": weight_map}
-        atomic_write_bytes(folder / INDEX_NAME,
-                           (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-        written.append(folder / INDEX_NAME)
+            progress(i, len(shards), path.name)
+    index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
+             "weight_map": weight_map}
+    atomic_write_bytes(folder / INDEX_NAME,
+                       (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    written.append(folder / INDEX_NAME)
+    return written
 
+
+def _remove_stale_weights(folder: Path, written: list[Path]) -> None:
+    """Delete weight files of an earlier save that the loader could pick up instead of `written`."""
     for name in os.listdir(folder):
         if (name == SINGLE_NAME or _SHARD_RE.fullmatch(name)) and folder / name not in written:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(folder / name)
-    return written

@@ -76,24 +76,11 @@ def convert(
     whose 4-8-bit weights gain nothing from float32).  `progress=None` shows
     bars only on a terminal.
     """
-    sources = [s for s in (hf_path, keras_path, gguf_path) if s is not None]
-    if len(sources) != 1:
-        raise MlxGemmaError("give exactly one of --hf-path, --keras-path, --gguf-path")
-    if quantize and dequantize:
-        raise MlxGemmaError("--quantize and --dequantize exclude each other")
-    if dtype is not None and dtype not in DTYPES:
-        raise MlxGemmaError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_options((hf_path, keras_path, gguf_path), quantize, dequantize, dtype)
     enabled = None if progress is None else bool(progress)
-
+    checkpoint = _read_checkpoint(hf_path, keras_path, gguf_path, revision, enabled)
     if gguf_path is not None:
-        bar = Progress("reading GGUF", 1, " tensors", enabled=enabled)
-        checkpoint = read_gguf(gguf_path, progress=bar)
-        bar.close()
         dtype = dtype or "bfloat16"
-    elif keras_path is not None:
-        checkpoint = read_keras_preset(keras_path)
-    else:
-        checkpoint = read_hf(hf_path, revision)
 
     config = dict(checkpoint.config)
     target = DTYPES[dtype] if dtype else None
@@ -114,6 +101,28 @@ def convert(
     )
     bar.close(f"{dest}")
     return dest
+
+
+def _check_options(sources: tuple, quantize: bool, dequantize: bool, dtype: str | None) -> None:
+    """Refuse option combinations `convert` cannot honour, before anything is read."""
+    if len([s for s in sources if s is not None]) != 1:
+        raise MlxGemmaError("give exactly one of --hf-path, --keras-path, --gguf-path")
+    if quantize and dequantize:
+        raise MlxGemmaError("--quantize and --dequantize exclude each other")
+    if dtype is not None and dtype not in DTYPES:
+        raise MlxGemmaError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _read_checkpoint(hf_path, keras_path, gguf_path, revision: str | None, enabled: bool | None):
+    """The checkpoint from whichever one source was given (a bar while a GGUF file is read)."""
+    if gguf_path is not None:
+        bar = Progress("reading GGUF", 1, " tensors", enabled=enabled)
+        checkpoint = read_gguf(gguf_path, progress=bar)
+        bar.close()
+        return checkpoint
+    if keras_path is not None:
+        return read_keras_preset(keras_path)
+    return read_hf(hf_path, revision)
 
 
 def build_parser() -> argparse.ArgumentParser:
