@@ -200,6 +200,7 @@ def test_killed_conversion_leaves_the_old_folder_or_a_complete_new_one(tmp_path,
                 assert not dest.exists(), f"killed at {point}, a destination appeared"
             convert(source, mlx_path=dest, overwrite=True, progress=False)
             assert _contents(dest) == new
+            assert [p.name for p in dest.parent.iterdir()] == ["out"], "the rerun left a killed write's temporary"
 
     # Where the OS has no atomic swap the old folder is moved aside first; that path works too.
     monkeypatch.setattr(writer, "_exchange", lambda a, b: False)

@@ -12,8 +12,9 @@ produces::
       ...extra_files
 
 Everything is written into a temporary folder beside `dest`
-(`.<name>.tmp-XXXX`), flushed to disk, and only then renamed into place, so a
-reader never sees a half-written model and a crash leaves `dest` untouched.  An
+(`.<name>.tmp-<pid>-XXXX`), flushed to disk, and only then renamed into place, so a
+reader never sees a half-written model and a crash leaves `dest` untouched (the next
+write of `dest` removes what a killed one left, see atomic.remove_stale_temporaries).  An
 existing `dest` is refused unless `overwrite=True`; then the new folder and the
 old one swap names in one atomic step where the OS has one (Linux
 `renameat2(RENAME_EXCHANGE)`, macOS `renamex_np(RENAME_SWAP)`), so a crash
@@ -39,7 +40,7 @@ from typing import Any, Callable, Iterable, Mapping
 import mlx.core as mx
 import numpy as np
 
-from ..atomic import fault_point, fsync_dir  # one durable-rename helper for every writer
+from ..atomic import fault_point, fsync_dir, remove_stale_temporaries, temporary_sibling
 
 from ..errors import ModelFileError
 from ..tensorfile import save_sharded
@@ -150,10 +151,11 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def _make_temp_dir(parent: Path, name: str) -> str:
-    """`.<name>.tmp-XXXXXXXX` beside dest, created with the umask's permissions
+    """`.<name>.tmp-<pid>-XXXXXXXX` beside dest, created with the umask's permissions
     (tempfile.mkdtemp would make it 0700, and the rename would keep that)."""
+    remove_stale_temporaries(parent / name)
     for _ in range(100):
-        tmp = os.path.join(str(parent), f".{name}.tmp-{secrets.token_hex(4)}")
+        tmp = str(temporary_sibling(parent / name))
         try:
             os.mkdir(tmp)
             return tmp
