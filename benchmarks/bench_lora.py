@@ -3,7 +3,7 @@
 The same model folder, the same text examples (all `--seq-len` tokens, so no
 padding), LoRA of the same rank and scale on the same projections of every
 layer, Adam at the same learning rate, `--iters` steps of `--batch-size`, each
-library through its own public training loop (`mlx_gemma.train.train`,
+library through its own public training loop (`mlx_gemma.tuner.trainer.train`,
 `mlx_lm.tuner.trainer.train`).  Runs alternate A B A B; each run trains for
 `--iters` steps with a fresh optimizer.  Reported: training tokens/s and the
 run's peak memory above what was allocated before it (gradients, optimizer
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     import mlx_gemma
-    from mlx_gemma import train as our_trainer
-    from mlx_gemma.lora import enable_lora
+    from mlx_gemma.tuner import trainer as our_trainer
+    from mlx_gemma.tuner.lora import enable_lora
 
     folder = (models.gemma3_270m(None) if args.model == "270m-bf16"
               else models.gemma2_2b_random(None, args.gemma2_layers))

@@ -13,10 +13,11 @@ from .errors import MlxGemmaError
 # As in mlx-lm, `mlx_gemma.generate` is the function; the module of the same name (the CLI,
 # `python -m mlx_gemma.generate`) stays importable by its full name (`from mlx_gemma.generate
 # import main`).  Importing the functions rebinds the package attribute to them after the
-# import system bound it to the module.  Because the package imports that module (and, through
-# loading, `mlx_gemma.lora`, whose `python -m` runs the training CLI), `python -m` would warn that
-# it runs a module already imported; here that is harmless (run as __main__, neither module keeps
-# state: generate runs its CLI, lora hands over to lora_cli), so those two warnings are silenced.
+# import system bound it to the module.  Because the package imports that module, `python -m
+# mlx_gemma.generate` would warn that it runs a module already imported; here that is harmless
+# (run as __main__, the module keeps no state: it runs its CLI), so that one warning is silenced.
+# The other command lines (`mlx_gemma.lora`, `mlx_gemma.fuse`, ...) are never imported by the
+# package: the library they sit on lives in `tuner/`.
 from .generate import batch_generate, generate, stream_generate
 from .api import load, load_model
 from .tasks import (
@@ -30,7 +31,7 @@ from .tasks import (
     PaliGemmaTokenizer,
 )
 
-warnings.filterwarnings("ignore", message=r"'mlx_gemma\.(generate|lora)' found in sys\.modules",
+warnings.filterwarnings("ignore", message=r"'mlx_gemma\.generate' found in sys\.modules",
                         category=RuntimeWarning)
 
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@
 `mlx_gemma.load` / `mlx_gemma.load_model` and the command lines come here.  The
 default-model choice lives at this layer, above both the converter (which
 `default_model.py` runs once on the packaged GGUF file) and `loading.py` (which
-only ever sees a folder or a hub id).
+only ever sees a folder or a hub id).  Adapters (`adapter_path`) go on here too, so the
+loading room stays below the fine-tuning one (`tuner/`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ import mlx.nn as nn
 from . import loading
 from .default_model import default_model_path
 from .tokenizer import GemmaTokenizer
+from .tuner.lora import load_adapters
 
 
 def _folder_or_default(path_or_repo: str | os.PathLike | None) -> str | os.PathLike:
     return default_model_path() if path_or_repo is None else path_or_repo
+
+
+def _with_adapters(model: nn.Module, adapter_path: str | os.PathLike | None, lazy: bool) -> nn.Module:
+    """`model` (loaded lazily) with the adapters of `adapter_path` on top, evaluated unless `lazy`."""
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
 
 
 def load_model(
@@ -37,8 +48,8 @@ def load_model(
     work happens on first use).  `adapter_path`: a LoRA adapter folder
     (ours or mlx-lm's) to apply on top.
     """
-    return loading.load_model(_folder_or_default(path_or_repo), dtype=dtype, lazy=lazy, revision=revision,
-                              adapter_path=adapter_path)
+    model = loading.load_model(_folder_or_default(path_or_repo), dtype=dtype, lazy=True, revision=revision)
+    return _with_adapters(model, adapter_path, lazy)
 
 
 def load(
@@ -53,5 +64,5 @@ def load(
 
     `adapter_path`: a LoRA adapter folder to apply on top (see `load_model`).
     """
-    return loading.load(_folder_or_default(path_or_repo), dtype=dtype, lazy=lazy, revision=revision,
-                        adapter_path=adapter_path)
+    model, tokenizer = loading.load(_folder_or_default(path_or_repo), dtype=dtype, lazy=True, revision=revision)
+    return _with_adapters(model, adapter_path, lazy), tokenizer

@@ -25,7 +25,7 @@ from .convert.quantize import dequantize_model
 from .convert.writer import write_model_folder
 from .errors import UnsupportedModelError
 from .loading import load_model_from
-from .lora import fuse, load_adapters
+from .tuner.lora import fuse, load_adapters
 
 
 def fuse_model(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_path: str | os.PathLike,

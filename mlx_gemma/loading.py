@@ -5,7 +5,8 @@ file or sharded, plain or nested `text_config`) and MLX folders as
 mlx-community publishes them (`"quantization": {"group_size", "bits"}` with
 per-layer overrides, packed `weight/scales/biases`).  Nothing a checkpoint
 names is ever imported or executed: the architecture comes from the registry
-in `models/`, weights only from safetensors.
+in `models/`, weights only from safetensors.  Adapters (`adapter_path`) go on
+in `api.py`, above both this module and `tuner/`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from mlx.utils import tree_flatten
 from .cpu_spread import prepare_for_device
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
 from .json_input import all_finite, expect, field, json_type, read_json
-from .lora import load_adapters
 from .models import MODELS, TEXT_PART_OF, supported_model_types
 from .model_folder import load_weights_from_folder
 from .tokenizer import GemmaTokenizer, check_vocab_fits
@@ -213,19 +213,15 @@ def load_model(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
-    adapter_path: str | os.PathLike | None = None,
 ) -> nn.Module:
     """The model of a folder or hub id, weights loaded strictly (`mlx_gemma.load_model` also takes None).
 
     `dtype` casts floating-point weights (default: as stored, e.g. bf16 for a
     bf16 checkpoint).  `lazy=True` leaves the weights unevaluated (memory-mapped
-    work happens on first use).  `adapter_path`: a LoRA adapter folder
-    (ours or mlx-lm's) to apply on top.
+    work happens on first use).  Adapters: `mlx_gemma.load_model(..., adapter_path=)`.
     """
     folder = resolve_model_path(path_or_repo, revision)
     model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype)
-    if adapter_path is not None:
-        load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
     model.path = folder
@@ -238,14 +234,10 @@ def load(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
-    adapter_path: str | os.PathLike | None = None,
 ):
-    """(model, tokenizer) for a folder or a hub repo id (`mlx_gemma.load` also takes None).
-
-    `adapter_path`: a LoRA adapter folder to apply on top (see `load_model`).
-    """
+    """(model, tokenizer) for a folder or a hub repo id (`mlx_gemma.load` also takes None and adapters)."""
     folder = resolve_model_path(path_or_repo, revision)
-    model = load_model(folder, dtype=dtype, lazy=lazy, adapter_path=adapter_path)
+    model = load_model(folder, dtype=dtype, lazy=lazy)
     tokenizer = GemmaTokenizer.from_folder(folder)
     check_vocab_fits(tokenizer, model.args.vocab_size, tokenizer.path or folder)
     return model, tokenizer

@@ -1,360 +1,259 @@
-"""LoRA, QLoRA and DoRA adapters: wrap linears, enable them on a model, fuse them
-back, save and load them.
+"""`python -m mlx_gemma.lora`: LoRA / QLoRA / DoRA fine-tuning from the command line.
 
-A LoRA layer adds a trainable low-rank update to a frozen linear (plain, or
-quantized for QLoRA: the base stays 4/8-bit, the adapters train in float):
+    python -m mlx_gemma.lora --model PATH --data DIR --train --iters 600 --batch-size 4 \\
+        --learning-rate 1e-5 --rank 8 --num-layers 16 --adapter-path adapters --mask-prompt
 
-    y = base(x) + scale * dropout(x) @ A @ B        A: [in, r], B: [r, out], B = 0 at start
+Flags follow mlx-lm's `mlx_lm.lora`; `-c config.json` (or `.yaml` when PyYAML
+is installed) supplies any of them, flags on the command line win.  A
+quantized model folder trains as QLoRA (the base stays quantized).
 
-Adapter folders use mlx-lm's layout so adapters move between the two
-libraries: `adapters.safetensors` holds `model.layers.N.<path>.lora_a` /
-`.lora_b` (and `.m`, DoRA's magnitudes), `adapter_config.json` holds
-`fine_tune_type` ("lora" | "dora"), `num_layers` (the last N blocks) and
-`lora_parameters` = {rank, scale, dropout, keys}, keys relative to a block
-(e.g. "self_attn.q_proj").  We add `base_model` (the base's shapes) to refuse
-an adapter trained for another model with a clear error.
+The library lives in `mlx_gemma.tuner` (adapters, training loop, data), as mlx-lm's
+`mlx_lm/lora.py` sits on `mlx_lm/tuner/`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import os
+import sys
 from pathlib import Path
+from typing import Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
-from .cpu_spread import prepare_for_device
-from .errors import AdapterError
-from .json_input import expect, field, json_type, number_in, read_json
-from .tensorfile import atomic_write_bytes, load_file, save_file
+from .api import load
+from .arguments import is_integer, is_real
+from .cli import run_command
+from .errors import TrainingError
+from .progress import Progress, format_rate
+from .tuner import trainer
+from .tuner.datasets import load_datasets
+from .tuner.lora import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    DEFAULT_TARGETS,
+    TARGETS,
+    DoRALinear,
+    LoRALinear,
+    adapter_weights,
+    apply_lora,
+    enable_lora,
+    fuse,
+    load_adapter_weights,
+    load_adapters,
+    lora_config,
+    lora_layers,
+    read_adapter_config,
+    save_adapters,
+)
 
-ADAPTER_FILE = "adapters.safetensors"
-CONFIG_FILE = "adapter_config.json"
-# The projections of a Gemma block, by short name.
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# keras-hub's `enable_lora` adapts the query and value projections.
-DEFAULT_TARGETS = ("q_proj", "v_proj")
-ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
-# The base-model settings an adapter must agree with.
-# A real adapter_config.json is a few hundred bytes; a rank above this is no low-rank update.
-MAX_CONFIG_BYTES = 1 << 20
-MAX_RANK = 1 << 16
-MAX_SCALE = 1e6  # mlx-lm's default is 20; a scale like 1e300 only turns the logits into inf
-BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
-             "num_attention_heads", "num_key_value_heads", "head_dim")
+# The adapter API re-exported, so the old `from mlx_gemma import lora; lora.enable_lora(...)` keeps working.
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "DEFAULT_TARGETS", "TARGETS", "DoRALinear", "LoRALinear",
+           "adapter_weights", "apply_lora", "enable_lora", "fuse", "load_adapter_weights", "load_adapters",
+           "lora_config", "lora_layers", "read_adapter_config", "save_adapters", "main"]
 
+# As mlx-lm: without --num-layers, the last 16 blocks, or every block of a shallower model.
+# An explicit count larger than the model stays an error.
+DEFAULT_NUM_LAYERS = 16
 
-def dense_weight(linear: nn.Module) -> mx.array:
-    """The [out, in] weight of a plain or quantized linear, in float."""
-    if isinstance(linear, nn.QuantizedLinear):
-        return mx.dequantize(linear.weight, linear.scales, linear.biases, group_size=linear.group_size,
-                             bits=linear.bits, mode=linear.mode)
-    return linear.weight
-
-
-def _dims(linear: nn.Module) -> tuple[int, int]:
-    """(in, out) of a plain or quantized linear."""
-    out_dims = linear.weight.shape[0]
-    if isinstance(linear, nn.QuantizedLinear):
-        return linear.scales.shape[-1] * linear.group_size, out_dims  # packed weight: count groups
-    return linear.weight.shape[1], out_dims
-
-
-def _as_linear(weight: mx.array, like: nn.Module, dequantize: bool) -> nn.Module:
-    """A plain linear with `weight` (and `like`'s bias), re-quantized as `like` unless told not to."""
-    out_dims, in_dims = weight.shape
-    bias = "bias" in like
-    layer = nn.Linear(in_dims, out_dims, bias=bias)
-    layer.weight = weight
-    if bias:
-        layer.bias = like.bias
-    if isinstance(like, nn.QuantizedLinear) and not dequantize:
-        layer = nn.QuantizedLinear.from_linear(layer, like.group_size, like.bits, mode=like.mode)
-    return layer
+DEFAULTS = {
+    "model": None, "data": "data", "train": False, "test": False, "iters": 1000, "batch_size": 4,
+    "learning_rate": 1e-5, "rank": 8, "scale": 20.0, "dropout": 0.0, "num_layers": None,
+    "lora_keys": ["q_proj", "v_proj"], "fine_tune_type": "lora", "adapter_path": "adapters",
+    "save_every": 100, "resume_adapter_file": None, "grad_checkpoint": False, "mask_prompt": False,
+    "max_seq_length": 2048, "seed": 0, "optimizer": "adamw", "weight_decay": 0.0, "lr_schedule": "constant",
+    "warmup": 0, "min_lr": 0.0, "grad_accumulation_steps": 1, "steps_per_report": 10, "steps_per_eval": 200,
+    "val_batches": 25, "test_batches": -1, "loss_chunk_size": None,
+}
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear (plain or quantized) plus a trainable low-rank update."""
-
-    def __init__(self, linear: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
-        super().__init__()
-        in_dims, out_dims = _dims(linear)
-        linear.freeze()
-        self.linear = linear
-        self.dropout = nn.Dropout(p=dropout)
-        self.scale = scale
-        # A uniform in +-1/sqrt(in) (mlx-lm's and PEFT's Kaiming-uniform bound), B zero so
-        # the adapted model starts as the base.
-        bound = 1.0 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
-        self.lora_b = mx.zeros((rank, out_dims))
-
-    def update_term(self, x: mx.array) -> mx.array:  # [..., out]
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
-        return (self.scale * z).astype(x.dtype)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(x) + self.update_term(x)
-
-    def delta(self) -> mx.array:
-        """The update as a dense [out, in] weight: scale * (A @ B).T."""
-        return (self.scale * self.lora_b.T) @ self.lora_a.T
-
-    def fuse(self, dequantize: bool = False) -> nn.Module:
-        """A plain linear (re-quantized like the base unless `dequantize`) equal to this layer."""
-        w = dense_weight(self.linear)
-        return _as_linear(w + self.delta().astype(w.dtype), self.linear, dequantize)
-
-
-class DoRALinear(LoRALinear):
-    """DoRA (Liu et al. 2024): the LoRA-updated weight's rows renormalised to learned magnitudes m.
-
-    y = m / ||W + dW||_row * (x @ (W + dW).T) + bias, the norm treated as a
-    constant in the backward pass (the paper's section 4.3, as PEFT and mlx-lm do).
-    """
-
-    def __init__(self, linear: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
-        super().__init__(linear, rank, scale, dropout)
-        self.m = mx.linalg.norm(dense_weight(linear).astype(mx.float32), axis=1)  # [out]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        w = dense_weight(self.linear)
-        y = x @ w.T + self.update_term(x)
-        norm = mx.stop_gradient(mx.linalg.norm(w + self.delta().astype(w.dtype), axis=1))
-        y = (self.m / norm).astype(x.dtype) * y
-        return y + self.linear.bias if "bias" in self.linear else y
-
-    def fuse(self, dequantize: bool = False) -> nn.Module:
-        w = dense_weight(self.linear)
-        adapted = w + self.delta().astype(w.dtype)
-        adapted = (self.m / mx.linalg.norm(adapted, axis=1))[:, None].astype(w.dtype) * adapted
-        return _as_linear(adapted, self.linear, dequantize)
+# (flag, type or "flag" for a switch, help); the defaults live in DEFAULTS.
+FLAGS = [
+    ("--model", str, "model folder or hub id (a quantized folder trains as QLoRA)"),
+    ("--data", str, "folder with train.jsonl / valid.jsonl / test.jsonl"),
+    ("--train", "flag", "train"),
+    ("--test", "flag", "report the test-set loss (after training)"),
+    ("--iters", int, "optimizer steps"),
+    ("--batch-size", int, "examples per batch"),
+    ("--learning-rate", float, "peak learning rate"),
+    ("--rank", int, "LoRA rank"),
+    ("--scale", float, "LoRA scale (alpha / rank); mlx-lm's default 20"),
+    ("--dropout", float, "LoRA dropout"),
+    ("--num-layers", int, f"adapt the last N blocks (-1: all; default {DEFAULT_NUM_LAYERS}, or all when the model has fewer)"),
+    ("--adapter-path", str, "folder to write adapters.safetensors and adapter_config.json"),
+    ("--save-every", int, "save the adapters every K steps (and at the end)"),
+    ("--resume-adapter-file", str, "start from these adapter weights (a file or an adapter folder)"),
+    ("--grad-checkpoint", "flag", "recompute blocks in the backward pass (less memory)"),
+    ("--mask-prompt", "flag", "loss on completions / the last model turn only"),
+    ("--max-seq-length", int, "truncate longer examples (with a warning)"),
+    ("--seed", int, "random seed"),
+    ("--weight-decay", float, "weight decay (adamw, sgd)"),
+    ("--warmup", int, "linear warm-up steps"),
+    ("--min-lr", float, "final learning rate of the cosine schedule"),
+    ("--grad-accumulation-steps", int, "micro-batches per optimizer step"),
+    ("--steps-per-report", int, "report the training loss every N steps"),
+    ("--steps-per-eval", int, "validate every N steps"),
+    ("--val-batches", int, "validation batches per evaluation (-1: all)"),
+    ("--test-batches", int, "test batches (-1: all)"),
+    ("--loss-chunk-size", int, "tokens per cross-entropy chunk (default: 32 MiB of float32 logits on a CPU, 128 MiB on a GPU)"),
+]
+CHOICES = {"--fine-tune-type": ["lora", "dora"], "--optimizer": ["adamw", "adam", "sgd", "adafactor"],
+           "--lr-schedule": ["constant", "cosine"]}
 
 
-def _resolve_keys(block: nn.Module, target_names) -> list[str]:
-    """Block-relative module paths for short names ("q_proj") or paths ("self_attn.q_proj")."""
-    modules = dict(block.named_modules())
-    adapted = {p for p, m in modules.items() if isinstance(m, LoRALinear)}
-    linears = [p for p, m in modules.items() if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
-               and p.rpartition(".")[0] not in adapted]  # an adapter's own base is not a target
-    keys = []
-    for name in target_names:
-        found = [p for p in linears if p == name or p.endswith("." + name)]
-        if not found:
-            raise AdapterError(None, f"no projection named {name!r} in a block; choose from {', '.join(TARGETS)}")
-        keys += [p for p in found if p not in keys]
-    return keys
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma.lora", description="Fine-tune Gemma with LoRA adapters.")
+    p.add_argument("-c", "--config", help="a JSON (or YAML, with PyYAML) file of settings; flags win")
+    for flag, kind, text in FLAGS:
+        if kind == "flag":
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
+    for flag, choices in CHOICES.items():
+        p.add_argument(flag, choices=choices, help=f"default: {DEFAULTS[flag[2:].replace('-', '_')]}")
+    p.add_argument("--lora-keys", nargs="+", help="projections to adapt (default: q_proj v_proj)")
+    return p
 
 
-def lora_config(model: nn.Module, rank: int = 8, target_names=DEFAULT_TARGETS, num_layers: int | None = None,
-                scale: float | None = None, alpha: float | None = None, dropout: float = 0.0,
-                dora: bool = False) -> dict:
-    """The adapter_config.json dict for these settings, validated against `model`."""
-    n_blocks = len(model.layers)
-    if num_layers is None or num_layers == -1:  # -1: all blocks, as mlx-lm spells it
-        num_layers = n_blocks
-    if not isinstance(rank, int) or rank < 1:
-        raise AdapterError(None, f"rank must be a positive integer, got {rank!r}")
-    if not isinstance(num_layers, int) or not 1 <= num_layers <= n_blocks:
-        raise AdapterError(None, f"num_layers must be between 1 and {n_blocks} (the model's blocks), got {num_layers!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise AdapterError(None, f"dropout must be in [0, 1), got {dropout!r}")
-    if scale is not None and alpha is not None:
-        raise AdapterError(None, "give scale or alpha (scale = alpha / rank), not both")
-    if isinstance(target_names, str):
-        target_names = (target_names,)
-    # mlx-lm's default scale is 20; alpha is PEFT's and keras-hub's spelling (scale = alpha / rank).
-    scale = float(alpha) / rank if alpha is not None else 20.0 if scale is None else float(scale)
-    keys = _resolve_keys(model.layers[-1], target_names or DEFAULT_TARGETS)
-    args = model.args
-    return {
-        "fine_tune_type": "dora" if dora else "lora",
-        "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": float(dropout), "keys": keys},
-        "base_model": {k: getattr(args, k) for k in BASE_KEYS if hasattr(args, k)},
-    }
-
-
-def apply_lora(model: nn.Module, config: dict) -> None:
-    """Freeze `model` and wrap the linears `config` names in LoRA/DoRA layers, in place."""
-    params = config["lora_parameters"]
-    layer_class = DoRALinear if config.get("fine_tune_type") == "dora" else LoRALinear
-    model.freeze()
-    for block in model.layers[-config["num_layers"]:]:
-        modules = dict(block.named_modules())
-        wrapped = []
-        for key in params["keys"]:
-            base = modules.get(key)
-            if isinstance(base, LoRALinear):
-                raise AdapterError(None, f"{key} already has an adapter; fuse or reload the model first")
-            if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-                raise AdapterError(None, f"the model has no linear {key!r} to adapt")
-            wrapped.append((key, layer_class(base, params["rank"], params["scale"], params.get("dropout", 0.0))))
-        block.update_modules(tree_unflatten(wrapped))
-    model.train(model.training)  # new layers start in training mode: give them the model's (dropout off in eval)
-
-
-def enable_lora(model: nn.Module, rank: int = 4, target_names=DEFAULT_TARGETS, num_layers: int | None = None,
-                scale: float | None = None, alpha: float | None = None, dropout: float = 0.0,
-                dora: bool = False) -> dict:
-    """Freeze `model` and add adapters to `target_names` in the last `num_layers` blocks (None: all).
-
-    Returns the adapter config (pass it to `save_adapters`).  Only the adapter
-    parameters are trainable afterwards.
-    """
-    config = lora_config(model, rank, target_names, num_layers, scale, alpha, dropout, dora)
-    apply_lora(model, config)
-    return config
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
-    """Merge every adapter into its base linear, in place (re-quantizing quantized bases unless `dequantize`)."""
-    fused = [(p, m.fuse(dequantize)) for p, m in lora_layers(model)]
-    if fused:
-        model.update_modules(tree_unflatten(fused))
-    return prepare_for_device(model)  # the fused layers are plain ones: give them the device's fast path
-
-
-def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
-    """The adapter parameters by their full path, as mlx-lm saves them."""
-    return {f"{path}.{leaf}": layer[leaf] for path, layer in lora_layers(model)
-            for leaf in ADAPTER_LEAVES if leaf in layer}
-
-
-def save_adapters(path: str | os.PathLike, model: nn.Module, config: dict) -> Path:
-    """Write `adapters.safetensors` and `adapter_config.json` into folder `path`, each atomically."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise AdapterError(folder, "adapter path exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = adapter_weights(model)
-    if not weights:
-        raise AdapterError(folder, "the model has no adapters to save (call enable_lora first)")
-    save_file(folder / ADAPTER_FILE, weights, metadata={"format": "mlx"})
-    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-    return folder
-
-
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """`adapter_config.json` of an adapter folder, checked for the keys we use."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise AdapterError(file, "missing: an adapter folder needs adapter_config.json and adapters.safetensors")
-    config = read_json(file, MAX_CONFIG_BYTES, AdapterError)
-    if not isinstance(config, dict):
-        raise AdapterError(file, f"must hold a JSON object, found {json_type(config)}")
-    kind = field(config, "fine_tune_type", str, file, "lora", AdapterError)
-    if kind not in ("lora", "dora"):
-        raise AdapterError(file, f"fine_tune_type {kind!r:.80} is not supported (only 'lora' and 'dora')")
-    params = field(config, "lora_parameters", dict, file, error=AdapterError)
-    where = "lora_parameters."
-    number_in(field(params, "rank", int, file, error=AdapterError, where=where), int, file, where + "rank",
-              low=1, high=MAX_RANK, error=AdapterError)
-    number_in(field(params, "scale", float, file, error=AdapterError, where=where), float, file, where + "scale",
-              low=-MAX_SCALE, high=MAX_SCALE, error=AdapterError)
-    dropout = number_in(field(params, "dropout", float, file, 0.0, AdapterError, where), float, file,
-                        where + "dropout", low=0, error=AdapterError)
-    if dropout >= 1:
-        raise AdapterError(file, f"{where}dropout must be below 1 (the share of inputs dropped), found {dropout!r}")
-    keys = field(params, "keys", (list, type(None)), file, None, AdapterError, where)
-    for i, key in enumerate(keys or []):
-        expect(key, str, file, f"{where}keys[{i}]", AdapterError)
-    number_in(field(config, "num_layers", int, file, error=AdapterError), int, file, "num_layers",
-              low=-1, error=AdapterError)
-    field(config, "base_model", (dict, type(None)), file, None, AdapterError)
-    return config
-
-
-def _check_fits(model: nn.Module, config: dict, file: Path) -> dict:
-    """The config with mlx-lm's implicit values made explicit, or an error saying how it misfits."""
-    n_blocks = len(model.layers)
-    base = config.get("base_model") or {}
-    args = model.args
-    wrong = [f"{k} {v} (this model: {getattr(args, k)})" for k, v in base.items()
-             if hasattr(args, k) and getattr(args, k) != v]
-    if wrong:
-        raise AdapterError(file, "trained for another base model: " + ", ".join(wrong))
-    num_layers = n_blocks if config["num_layers"] == -1 else config["num_layers"]
-    if not 1 <= num_layers <= n_blocks:
-        raise AdapterError(file, f"adapts {num_layers} blocks but the model has {n_blocks}")
-    params = dict(config["lora_parameters"])
-    if params.get("keys") is None:  # mlx-lm's default: every linear of a block
-        params["keys"] = _resolve_keys(model.layers[-1], TARGETS)
-    try:
-        _resolve_keys(model.layers[-1], params["keys"])
-    except AdapterError as e:
-        raise AdapterError(file, e.problem) from None
-    return {**config, "num_layers": num_layers, "lora_parameters": params}
-
-
-def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Add the adapters of folder `path` (ours or mlx-lm's) to `model`, in place.
-
-    Raises `AdapterError` naming the file when the adapter does not fit the
-    model (other base shapes, rank, blocks or projections).
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise AdapterError(folder, "no such adapter folder")
-    config = _check_fits(model, read_adapter_config(folder), folder / CONFIG_FILE)
-    if not (folder / ADAPTER_FILE).is_file():
-        raise AdapterError(folder / ADAPTER_FILE, "missing: the adapter weights file")
-    before = {p for p, _ in lora_layers(model)}
-    try:
-        apply_lora(model, config)
-    except AdapterError as e:
-        _remove_adapters(model, before)
-        raise AdapterError(folder / CONFIG_FILE, e.problem) from None
-    try:
-        return load_adapter_weights(model, folder / ADAPTER_FILE)
-    except Exception:
-        _remove_adapters(model, before)  # a refused adapter leaves the model's layers as they were
-        raise
-
-
-def _remove_adapters(model: nn.Module, keep: set[str]) -> None:
-    """Put the base of every adapted linear not in `keep` back in its place (undoing `apply_lora`)."""
-    bases = [(p, m.linear) for p, m in lora_layers(model) if p not in keep]
-    if bases:
-        model.update_modules(tree_unflatten(bases))
-
-
-def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load adapter weights (an adapters.safetensors file, or its folder) into the model's adapters.
-
-    Every adapter of the model must be in the file with its shape, and nothing else.
-    """
+def read_config_file(path: str) -> dict:
     file = Path(path)
-    if file.is_dir():
-        file = file / ADAPTER_FILE
     if not file.is_file():
-        raise AdapterError(file, "no such adapter weights file")
-    weights = load_file(file)
-    expected = adapter_weights(model)
-    problems = [f"{k} is {weights[k].dtype}, not floating point" for k in sorted(weights)
-                if not mx.issubdtype(weights[k].dtype, mx.floating)]
-    problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
-    problems += [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
-    problems += [f"{k} has shape {tuple(weights[k].shape)}, the model needs {tuple(expected[k].shape)}"
-                 for k in sorted(weights.keys() & expected.keys()) if weights[k].shape != expected[k].shape]
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise AdapterError(file, f"does not fit this model (trained for another base or rank?): {shown}")
-    model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())
-    return model
+        raise TrainingError(f"{file}: no such config file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"{file}: not UTF-8 text: {e}") from None
+    if file.suffix in (".yaml", ".yml"):
+        try:  # deferred: PyYAML is optional, needed only for a YAML config
+            import yaml
+        except ImportError:
+            raise TrainingError(f"{file}: YAML configs need PyYAML (pip install pyyaml); or use JSON") from None
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise TrainingError(f"{file}: not valid YAML: {e}") from None
+    else:
+        try:
+            config = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise TrainingError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise TrainingError(f"{file}: must hold a mapping of settings")
+    lora_parameters = config.pop("lora_parameters", None)  # mlx-lm's config spelling
+    if lora_parameters is not None:
+        if not isinstance(lora_parameters, dict) or set(lora_parameters) - {"rank", "scale", "dropout", "keys"}:
+            raise TrainingError(f"{file}: lora_parameters takes rank, scale, dropout and keys")
+        config.update({("lora_keys" if k == "keys" else k): v for k, v in lora_parameters.items()})
+    unknown = sorted(map(str, set(config) - set(DEFAULTS)))
+    if unknown:
+        raise TrainingError(f"{file}: unknown settings {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    for key, value in config.items():
+        _check_setting(file, key, value)
+    return config
 
 
-if __name__ == "__main__":  # `python -m mlx_gemma.lora` is the training CLI
-    import sys
+_KINDS = {flag[2:].replace("-", "_"): kind for flag, kind, _ in FLAGS}
 
-    from mlx_gemma.lora_cli import main
 
+def _check_setting(file: Path, key: str, value) -> None:
+    """A config file's value has the type its flag parses to (None leaves the default)."""
+    if value is None:
+        return
+    kind = _KINDS.get(key)
+    choices = CHOICES.get("--" + key.replace("_", "-"))
+    if choices is not None:
+        ok = value in choices
+        wanted = "one of " + ", ".join(choices)
+    elif key == "lora_keys":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+        wanted = "a non-empty list of projection names"
+    elif kind == "flag":
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, wanted = is_integer(value), "an integer"
+    elif kind is float:
+        ok, wanted = is_real(value), "a finite number"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        raise TrainingError(f"{file}: {key!r} must be {wanted}, got {value!r}")
+
+
+def settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Defaults, overridden by the config file, overridden by flags."""
+    args = build_parser().parse_args(argv)
+    merged = dict(DEFAULTS)
+    if args.config:
+        merged.update(read_config_file(args.config))
+    merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return argparse.Namespace(**merged)
+
+
+def _printer(progress: Progress | None, quiet: bool):
+    def report(info: dict) -> None:
+        if quiet:
+            return
+        if "val_loss" in info:
+            line = f"Iter {info['step']}: val loss {info['val_loss']:.3f}"
+        else:
+            line = (f"Iter {info['step']}: train loss {info['train_loss']:.3f}, lr {info['learning_rate']:.3e}, "
+                    f"{format_rate(info['tokens_per_second'])} tok/s, peak mem {info['peak_memory_gb']:.3f} GB")
+        if progress is not None and progress.live:
+            progress.update(info["step"], line)
+        print(line, file=sys.stderr if progress is not None and progress.live else sys.stdout, flush=True)
+    return report
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and/or test as `args` says; returns {"history": [...], "test_loss": ...}."""
+    if not (args.train or args.test):
+        raise TrainingError("nothing to do: pass --train and/or --test")
+    rank0 = mx.distributed.init().rank() == 0  # data parallel (mlx.launch): rank 0 reports and saves
+    mx.random.seed(args.seed)  # the same adapter initialisation on every rank
+    model, tokenizer = load(args.model)
+    splits = (("train", "valid") if args.train else ()) + (("test",) if args.test else ())
+    spec = model.image_input  # PaliGemma: image examples
+    images = (spec.num_tokens, spec.token_id) if spec is not None else None
+    data = load_datasets(args.data, tokenizer, splits, args.mask_prompt, args.max_seq_length, images)
+    for split in splits:
+        if split != "valid" and split not in data:
+            raise TrainingError(f"{args.data}: no {split}.jsonl")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    num_layers = args.num_layers if args.num_layers is not None else min(DEFAULT_NUM_LAYERS, len(model.layers))
+    config = enable_lora(model, args.rank, tuple(args.lora_keys), num_layers, scale=args.scale,
+                         dropout=args.dropout, dora=args.fine_tune_type == "dora")
+    if args.resume_adapter_file:
+        load_adapter_weights(model, args.resume_adapter_file)
+    result: dict = {"history": []}
+    if args.train:
+        out = Path(args.adapter_path)
+        schedule = trainer.build_schedule(args.learning_rate, args.iters, args.lr_schedule, args.warmup, args.min_lr)
+        optimizer = trainer.build_optimizer(args.optimizer, schedule, args.weight_decay)
+        targs = trainer.TrainingArgs(
+            batch_size=args.batch_size, iters=args.iters, val_batches=args.val_batches,
+            steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval, save_every=args.save_every,
+            adapter_path=str(out), grad_accumulation_steps=args.grad_accumulation_steps,
+            grad_checkpoint=args.grad_checkpoint, loss_chunk_size=args.loss_chunk_size, seed=args.seed)
+        progress = Progress("train", args.iters, " steps") if sys.stderr.isatty() and rank0 else None
+        result["history"] = trainer.train(
+            model, optimizer, data["train"], data.get("valid"), targs, pad_id=pad_id, report=_printer(progress, not rank0),
+            save=lambda step: save_adapters(out, model, config))
+        if progress is not None:
+            progress.close(f"adapters saved to {out}")
+        elif rank0:
+            print(f"Saved adapters to {out}", flush=True)
+    if args.test:
+        loss = trainer.evaluate(model, data["test"], args.batch_size, args.test_batches, pad_id, args.loss_chunk_size)
+        result["test_loss"] = loss
+        if rank0:
+            print(f"Test loss {loss:.3f}, test ppl {math.exp(loss):.3f}", flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(lambda: run(settings(argv)), "adapters saved so far are intact")
+
+
+if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ import mlx.nn as nn
 from .errors import MlxGemmaError
 from .models.decoder import DecoderStack
 from .models.layers import embedding_scale
-from .train import token_cross_entropy
+from .tuner.trainer import token_cross_entropy
 
 SCORING_MODES = ("logits", "loss")
 

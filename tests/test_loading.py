@@ -322,7 +322,7 @@ def test_fuzz_config(tmp_path_factory, config):
     assert model.model.embed_tokens.weight.shape == (_BASE_CONFIG["vocab_size"], _BASE_CONFIG["hidden_size"])
 
 
-# Shared with the other formats' fuzz tests (test_lora, test_prompt_cache, test_train_data).
+# Shared with the other formats' fuzz tests (test_tuner_lora, test_prompt_cache, test_tuner_datasets).
 
 
 def json_paths(value, prefix=()):

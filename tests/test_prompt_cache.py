@@ -248,7 +248,7 @@ from hypothesis import strategies as st  # noqa: E402
 from fuzzing import fuzz_settings  # noqa: E402
 from mlx_gemma.tensorfile import load_file_with_metadata  # noqa: E402
 from test_loading import _json_values, mutated_bytes, mutated_json  # noqa: E402
-from test_lora import mutated_tensors  # noqa: E402
+from test_tuner_lora import mutated_tensors  # noqa: E402
 
 _CACHE_FILES: dict = {}
 _CACHE_KINDS = ["plain", "rotating", "quantized"]

@@ -20,7 +20,7 @@ from mlx_gemma.loading import load_model_from
 from mlx_gemma.score import score
 
 from conftest import FIXTURES
-from test_lora import assert_close
+from test_tuner_lora import assert_close
 
 REFERENCE = FIXTURES / "keras_score_reference.npz"
 

@@ -1,7 +1,7 @@
 """keras-hub style fine-tuning: backbone.enable_lora, compile, fit, save/load_lora_weights, score.
 
-fit's loss is checked against train.loss_fn (itself checked against transformers
-in test_train.py); score against mlx_gemma.score (checked against keras-hub).
+fit's loss is checked against trainer.loss_fn (itself checked against transformers
+in test_tuner_trainer.py); score against mlx_gemma.score (checked against keras-hub).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma import train
 from mlx_gemma.errors import MlxGemmaError
+from mlx_gemma.tuner import trainer
 
-from test_train import fittable_tiny
-from test_train_data import PAIRS, pair_batch, tiny_tokenizer
+from test_tuner_trainer import fittable_tiny
+from test_tuner_datasets import PAIRS, pair_batch, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_keras_style_fit_on_token_ids_uses_the_sample_weights(tokenizer, tmp_pat
     lm.backbone.enable_lora(rank=4, target_layer_names=["query", "value", "ffw_linear"])
     inputs, targets, weights = pair_batch(tokenizer, tmp_path)  # right padded, prompts weigh 0
     x = {"token_ids": np.array(inputs), "padding_mask": np.array(inputs) != tokenizer.pad_id}
-    expected = train.loss_fn(lm.model, inputs, targets, weights)[0].item()
+    expected = trainer.loss_fn(lm.model, inputs, targets, weights)[0].item()
     lm.compile(optimizer="sgd", learning_rate=1e-3)
     history = lm.fit(x=x, y=np.array(targets), sample_weight=np.array(weights), batch_size=len(PAIRS), verbose=0)
     # One epoch of one batch: the reported loss is the loss before the step.
@@ -86,7 +86,7 @@ def test_fit_reports_real_tokens_per_second(monkeypatch, capsys):
     real = int((np.asarray(weights) != 0).sum())
     assert 0 < real < np.asarray(weights).size  # some of the 2 x 24 positions are padding
     clock = iter(range(0, 10**6, 1000))  # every reading 1000 s after the last
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     lm.fit(x=texts, batch_size=2, epochs=1, verbose=1)
     printed = capsys.readouterr().out
     assert f" {real / 1000:.3g} tok/s" in printed, printed

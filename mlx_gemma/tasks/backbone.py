@@ -97,7 +97,7 @@ class GemmaBackbone:
         self._arguments: dict | None = None  # the constructor's keras-hub arguments, when built from them
         self.lora_config: dict | None = None  # set by enable_lora (see training.py)
 
-    # ----- LoRA, keras-hub's names (mlx_gemma/lora.py does the work; see training.py) -------
+    # ----- LoRA, keras-hub's names (mlx_gemma/tuner/lora.py does the work; see training.py) -
 
     def enable_lora(self, rank: int, target_layer_names=None, **settings) -> None:
         """Freeze the backbone; adapters on the query and value projections unless named

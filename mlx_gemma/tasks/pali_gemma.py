@@ -92,7 +92,7 @@ class PaliGemmaCausalLMPreprocessor(GemmaCausalLMPreprocessor):
         return cls(tokenizer, **{**settings, **kwargs})
 
     def __call__(self, x, y=None, sample_weight=None, sequence_length=None):
-        raise MlxGemmaError("PaliGemma training data ({image, prefix, suffix}) goes through mlx_gemma.train_data "
+        raise MlxGemmaError("PaliGemma training data ({image, prefix, suffix}) goes through mlx_gemma.tuner.datasets "
                             "and `python -m mlx_gemma.lora`; this preprocessor prepares generation only")
 
     def images(self, images) -> np.ndarray:

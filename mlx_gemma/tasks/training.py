@@ -20,7 +20,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .. import lora, train
+from ..tuner import lora, trainer
 from ..arguments import integer_arg
 from ..errors import AdapterError, MlxGemmaError
 from ..progress import format_rate
@@ -122,7 +122,7 @@ def fit(lm, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=
     optimizer = settings.get("optimizer", "auto")
     if isinstance(optimizer, str):
         name = "adam" if optimizer == "auto" else optimizer
-        optimizer = train.build_optimizer(name, settings.get("learning_rate", DEFAULT_LEARNING_RATE),
+        optimizer = trainer.build_optimizer(name, settings.get("learning_rate", DEFAULT_LEARNING_RATE),
                                           settings.get("weight_decay", 0.0))
     history = History()
     show = verbose not in (0, False)
@@ -135,9 +135,9 @@ def fit(lm, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=
                 print(f"Epoch {len(history.epoch)}/{epochs}: loss {info['train_loss']:.4f}, "
                       f"{format_rate(info['tokens_per_second'])} tok/s, peak mem {info['peak_memory_gb']:.2f} GB", flush=True)
 
-    args = train.TrainingArgs(batch_size=batch_size, iters=epochs * steps, steps_per_report=steps,
+    args = trainer.TrainingArgs(batch_size=batch_size, iters=epochs * steps, steps_per_report=steps,
                               save_every=epochs * steps + 1, grad_checkpoint=grad_checkpoint, seed=seed)
-    train.train(lm.backbone.model, optimizer, None, args=args, report=report,
+    trainer.train(lm.backbone.model, optimizer, None, args=args, report=report,
                 batches=_batches(ids, targets, weights, batch_size, seed, shuffle))
     lm.backbone.model.eval()
     return history

@@ -13,7 +13,7 @@ Memory is what limits fine-tuning on a laptop.  Two things keep it down:
   block in the backward pass.
 
 Data parallel training across processes or machines uses `mx.distributed`
-(see `train`).  The CLI lives in `lora_cli.py` (`python -m mlx_gemma.lora`).
+(see `train`).  The CLI is `mlx_gemma/lora.py` (`python -m mlx_gemma.lora`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from .errors import TrainingError
-from .models.layers import softcap
-from .train_data import iterate_batches
+from ..errors import TrainingError
+from ..models.layers import softcap
+from .datasets import iterate_batches
 
 # Default loss chunk: as many tokens as keep one chunk's float32 logits under this size.  Each
 # chunk re-reads the output head's weight (Gemma's 262k x hidden embedding), doing about one
@@ -292,7 +292,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
           pad_id: int = 0, batches: Iterator[tuple[mx.array, ...]] | None = None) -> list[dict]:
     """Train the model's trainable parameters (the adapters) for `args.iters` optimizer steps.
 
-    `train_set` is a list of (ids, offset) examples (see train_data.py), or
+    `train_set` is a list of (ids, offset) examples (see datasets.py), or
     None when `batches` yields the (inputs, targets, weights) batches itself.
     `save(step)` is called every `args.save_every` steps and at the end;
     `report(info)` gets dicts with step, train_loss or val_loss, learning_rate,

@@ -1,4 +1,4 @@
-"""The fine-tuning loss and loop (data: test_train_data.py; keras-style fit: test_tasks_training.py).
+"""The fine-tuning loss and loop (data: test_tuner_datasets.py; keras-style fit: test_tasks_training.py).
 
 References: transformers' causal-LM loss (labels -100 on prompts and padding)
 and torch autograd through PEFT's adapters give the loss and the adapter
@@ -17,15 +17,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_gemma import lora, train
+from mlx_gemma.tuner import lora, trainer
 from mlx_gemma.errors import TrainingError
 from mlx_gemma.loading import load, load_model
 from mlx_gemma.models import gemma
-from mlx_gemma.train_data import load_jsonl, make_batch
+from mlx_gemma.tuner.datasets import load_jsonl, make_batch
 
 from conftest import FIXTURES, TINY_MODELS
-from test_lora import assert_close, load_into_peft, randomize_adapters
-from test_train_data import PAIRS, pair_batch, tiny_tokenizer, write_jsonl
+from test_tuner_lora import assert_close, load_into_peft, randomize_adapters
+from test_tuner_datasets import PAIRS, pair_batch, tiny_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_loss_and_adapter_gradients_match_transformers(name, checkpointed, token
     randomize_adapters(model)
     inputs, targets, weights = pair_batch(tokenizer, tmp_path)
     if checkpointed:
-        train.grad_checkpoint(model)
-    loss_and_grad = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=5))
+        trainer.grad_checkpoint(model)
+    loss_and_grad = nn.value_and_grad(model, lambda m, *b: trainer.loss_fn(m, *b, chunk_size=5))
     (loss, ntoks), grads = loss_and_grad(model, inputs, targets, weights)
     grads = dict(tree_flatten(grads))
 
@@ -91,11 +91,11 @@ def test_chunked_loss_equals_full_loss_and_gradients(chunk, tokenizer, tmp_path)
     lora.enable_lora(model, rank=4, target_names=lora.TARGETS)
     randomize_adapters(model)
     batch = pair_batch(tokenizer, tmp_path)
-    (full, n_full), g_full = nn.value_and_grad(model, train.full_cross_entropy)(model, *batch)
-    (chunked, n), g = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=chunk))(model, *batch)
+    (full, n_full), g_full = nn.value_and_grad(model, trainer.full_cross_entropy)(model, *batch)
+    (chunked, n), g = nn.value_and_grad(model, lambda m, *b: trainer.loss_fn(m, *b, chunk_size=chunk))(model, *batch)
     assert n.item() == n_full.item()
     assert abs(chunked.item() - full.item()) <= 1e-6 * full.item()
-    forward_only = train.loss_fn(model, *batch, chunk_size=chunk, differentiable=False)[0]  # as evaluate() runs it
+    forward_only = trainer.loss_fn(model, *batch, chunk_size=chunk, differentiable=False)[0]  # as evaluate() runs it
     assert abs(forward_only.item() - full.item()) <= 1e-6 * full.item()
     g_full = dict(tree_flatten(g_full))
     for k, v in tree_flatten(g):
@@ -121,9 +121,9 @@ def test_chunked_loss_in_bfloat16(tokenizer, tmp_path):
         (loss, _), g = nn.value_and_grad(model, fn)(model, *batch)
         return loss.item(), dict(tree_flatten(g))
 
-    exact, g_exact = loss_and_grads(mx.float32, train.full_cross_entropy)
-    full, g_full = loss_and_grads(mx.bfloat16, train.full_cross_entropy)
-    chunked, g = loss_and_grads(mx.bfloat16, lambda m, *b: train.loss_fn(m, *b, chunk_size=8))
+    exact, g_exact = loss_and_grads(mx.float32, trainer.full_cross_entropy)
+    full, g_full = loss_and_grads(mx.bfloat16, trainer.full_cross_entropy)
+    chunked, g = loss_and_grads(mx.bfloat16, lambda m, *b: trainer.loss_fn(m, *b, chunk_size=8))
     assert abs(chunked - full) <= 1e-3 * full and abs(chunked - exact) <= 1e-3 * exact
 
     def error(grads):  # largest error relative to each exact gradient's largest magnitude
@@ -135,10 +135,10 @@ def test_chunked_loss_in_bfloat16(tokenizer, tmp_path):
 
 
 def test_default_chunks_bound_the_logits_bytes():
-    pieces = train._chunks((4, 100, 640), 262144, None)  # Gemma's vocabulary, batch of 4
-    assert {p.stop - p.start for p in pieces[:-1]} == {train.default_chunk_bytes() // (4 * 4 * 262144)}
+    pieces = trainer._chunks((4, 100, 640), 262144, None)  # Gemma's vocabulary, batch of 4
+    assert {p.stop - p.start for p in pieces[:-1]} == {trainer.default_chunk_bytes() // (4 * 4 * 262144)}
     assert pieces[-1].stop >= 100 and pieces[0].start == 0
-    assert len(train._chunks((2, 100, 64), 512, None)) == 1  # a small vocabulary: one chunk
+    assert len(trainer._chunks((2, 100, 64), 512, None)) == 1  # a small vocabulary: one chunk
 
 
 def test_chunked_loss_trains_an_untied_head():
@@ -148,8 +148,8 @@ def test_chunked_loss_trains_an_untied_head():
     model.lm_head.unfreeze()
     ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 11)))
     w = mx.ones((2, 10))
-    (_, _), g_full = nn.value_and_grad(model, train.full_cross_entropy)(model, ids[:, :-1], ids[:, 1:], w)
-    (_, _), g = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=3))(
+    (_, _), g_full = nn.value_and_grad(model, trainer.full_cross_entropy)(model, ids[:, :-1], ids[:, 1:], w)
+    (_, _), g = nn.value_and_grad(model, lambda m, *b: trainer.loss_fn(m, *b, chunk_size=3))(
         model, ids[:, :-1], ids[:, 1:], w)
     assert_close(g["lm_head"]["weight"], g_full["lm_head"]["weight"], rtol=1e-5)
 
@@ -165,8 +165,8 @@ def test_chunked_loss_through_a_quantized_head(tied):
     randomize_adapters(model)
     ids = mx.array(np.random.default_rng(1).integers(0, 256, (2, 13)))
     batch = (ids[:, :-1], ids[:, 1:], mx.array(np.random.default_rng(2).integers(0, 2, (2, 12)), dtype=mx.float32))
-    (full, _), g_full = nn.value_and_grad(model, train.full_cross_entropy)(model, *batch)
-    (chunked, _), g = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=5))(model, *batch)
+    (full, _), g_full = nn.value_and_grad(model, trainer.full_cross_entropy)(model, *batch)
+    (chunked, _), g = nn.value_and_grad(model, lambda m, *b: trainer.loss_fn(m, *b, chunk_size=5))(model, *batch)
     assert abs(chunked.item() - full.item()) <= 1e-6 * full.item()
     g_full = dict(tree_flatten(g_full))
     for k, v in tree_flatten(g):
@@ -195,8 +195,8 @@ def test_chunked_loss_peak_memory_is_a_fraction_of_the_full_loss():
     mx.eval(model.parameters())
     ids = mx.array(np.random.default_rng(0).integers(0, 32768, (2, 1025)))
     batch = (ids[:, :-1], ids[:, 1:], mx.ones((2, 1024)))
-    full_step = nn.value_and_grad(model, train.full_cross_entropy)
-    chunked_step = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=128))
+    full_step = nn.value_and_grad(model, trainer.full_cross_entropy)
+    chunked_step = nn.value_and_grad(model, lambda m, *b: trainer.loss_fn(m, *b, chunk_size=128))
     logits_bytes = 2 * 1024 * 32768 * 4
     peaks = {}
     limit = mx.get_memory_limit()
@@ -217,15 +217,15 @@ def test_chunked_loss_peak_memory_is_a_fraction_of_the_full_loss():
 
 def test_bad_settings_are_refused():
     with pytest.raises(TrainingError, match="unknown optimizer 'adagrad'"):
-        train.build_optimizer("adagrad", 1e-3)
+        trainer.build_optimizer("adagrad", 1e-3)
     with pytest.raises(TrainingError, match="unknown lr schedule"):
-        train.build_schedule(1e-3, 10, "linear")
+        trainer.build_schedule(1e-3, 10, "linear")
     with pytest.raises(TrainingError, match="warmup"):
-        train.build_schedule(1e-3, 10, "cosine", warmup=10)
+        trainer.build_schedule(1e-3, 10, "cosine", warmup=10)
 
 
 def test_schedule_warms_up_then_decays():
-    schedule = train.build_schedule(1e-3, 100, "cosine", warmup=10)
+    schedule = trainer.build_schedule(1e-3, 100, "cosine", warmup=10)
     lrs = [schedule(mx.array(s)).item() for s in (0, 5, 10, 55, 100)]
     assert lrs[0] == 0 and abs(lrs[1] - 5e-4) < 1e-9 and abs(lrs[2] - 1e-3) < 1e-9
     assert lrs[2] > lrs[3] > lrs[4] and lrs[4] < 1e-8
@@ -257,16 +257,16 @@ def test_fifty_steps_lower_the_loss_and_the_saved_adapter_reloads(tokenizer, tmp
     model = fittable_tiny()
     config = lora.enable_lora(model, rank=4, target_names=("q_proj", "v_proj", "down_proj"))
     examples = pair_examples(tokenizer, tmp_path)
-    before = train.evaluate(model, examples, 4)
+    before = trainer.evaluate(model, examples, 4)
     saved = []
 
     def save(step):
         lora.save_adapters(tmp_path / "adapters", model, config)
         saved.append(step)
 
-    args = train.TrainingArgs(batch_size=4, iters=50, steps_per_report=10, save_every=20, grad_accumulation_steps=2)
-    history = train.train(model, train.build_optimizer("adamw", 1e-3), examples, examples[:4], args, save=save)
-    after = train.evaluate(model, examples, 4)
+    args = trainer.TrainingArgs(batch_size=4, iters=50, steps_per_report=10, save_every=20, grad_accumulation_steps=2)
+    history = trainer.train(model, trainer.build_optimizer("adamw", 1e-3), examples, examples[:4], args, save=save)
+    after = trainer.evaluate(model, examples, 4)
     print(f"train-set loss {before:.3f} -> {after:.3f}")
     assert after < before / 4
     assert saved == [20, 40, 50]
@@ -284,11 +284,11 @@ def test_qlora_trains_only_the_adapters(tokenizer, tmp_path):
     lora.enable_lora(model, rank=4, target_names=lora.TARGETS)
     frozen_before = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if ".lora_" not in k}
     examples = pair_examples(tokenizer, tmp_path)
-    before = train.evaluate(model, examples, 4)
-    args = train.TrainingArgs(batch_size=4, iters=30, steps_per_report=30, grad_checkpoint=True, loss_chunk_size=8)
-    train.train(model, train.build_optimizer("adamw", train.build_schedule(1e-3, 30, "cosine", 5)), examples,
+    before = trainer.evaluate(model, examples, 4)
+    args = trainer.TrainingArgs(batch_size=4, iters=30, steps_per_report=30, grad_checkpoint=True, loss_chunk_size=8)
+    trainer.train(model, trainer.build_optimizer("adamw", trainer.build_schedule(1e-3, 30, "cosine", 5)), examples,
                 args=args)
-    after = train.evaluate(model, examples, 4)
+    after = trainer.evaluate(model, examples, 4)
     print(f"QLoRA train-set loss {before:.3f} -> {after:.3f}")
     assert after < before / 4
     frozen_after = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if ".lora_" not in k}
@@ -311,7 +311,7 @@ def cli_data(tmp_path):
 
 
 def test_cli_trains_saves_and_resumes(tmp_path, capsys):
-    from mlx_gemma.lora_cli import main
+    from mlx_gemma.lora import main
 
     data, out = cli_data(tmp_path), tmp_path / "adapters"
     (tmp_path / "cfg.json").write_text(json.dumps({"iters": 6, "batch_size": 2, "steps_per_report": 3,
@@ -336,7 +336,7 @@ def test_cli_trains_saves_and_resumes(tmp_path, capsys):
     (["--train", "--resume-adapter-file", "/nonexistent.safetensors"], "no such adapter weights file"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
-    from mlx_gemma.lora_cli import main
+    from mlx_gemma.lora import main
 
     full = ["--model", str(FIXTURES / "tiny_gemma"), "--data", str(cli_data(tmp_path)), "--batch-size", "2",
             "--num-layers", "2"] + args
@@ -348,7 +348,7 @@ def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
 def test_cli_default_num_layers_adapts_every_block_of_a_shallow_model(tmp_path, capsys):
     """mlx-lm's default: the last 16 blocks, or all of a shallower model; an explicit count
     past the model's depth is refused."""
-    from mlx_gemma.lora_cli import main
+    from mlx_gemma.lora import main
 
     blocks = json.loads((FIXTURES / "tiny_gemma" / "config.json").read_text())["num_hidden_layers"]
     data, out = cli_data(tmp_path), tmp_path / "adapters"
@@ -367,6 +367,7 @@ def test_cli_default_num_layers_adapts_every_block_of_a_shallow_model(tmp_path, 
     ('{"iters": "ten"}', "'iters' must be an integer"),
     ('{"learning_rate": null, "rank": true}', "'rank' must be an integer"),
     ('{"learning_rate": "1e-5"}', "'learning_rate' must be a finite number"),
+    ('{"weight_decay": 1' + '0' * 400 + '}', "'weight_decay' must be a finite number"),  # too big for a float
     ('{"train": 1}', "'train' must be true or false"),
     ('{"optimizer": "lion"}', "'optimizer' must be one of adamw"),
     ('{"lora_keys": "q_proj"}', "'lora_keys' must be a non-empty list"),
@@ -376,7 +377,7 @@ def test_cli_default_num_layers_adapts_every_block_of_a_shallow_model(tmp_path, 
     ('{"a": ' * 100000 + '1' + '}' * 100000, "not valid JSON"),
 ])
 def test_config_file_values_are_checked(text, message, tmp_path):
-    from mlx_gemma.lora_cli import settings
+    from mlx_gemma.lora import settings
 
     (tmp_path / "c.json").write_text(text)
     with pytest.raises(TrainingError, match="c.json: ") as raised:
@@ -388,7 +389,7 @@ def test_config_file_values_are_checked(text, message, tmp_path):
 
 
 def test_config_files(tmp_path):
-    from mlx_gemma.lora_cli import settings
+    from mlx_gemma.lora import settings
 
     (tmp_path / "c.json").write_text('{"rank": 16, "iters": 3}')
     s = settings(["-c", str(tmp_path / "c.json"), "--iters", "5"])
@@ -403,6 +404,26 @@ def test_config_files(tmp_path):
     (tmp_path / "c.yaml").write_text("rank: 2\nlora_keys: [q_proj, o_proj]\n")
     s = settings(["-c", str(tmp_path / "c.yaml")])
     assert s.rank == 2 and s.lora_keys == ["q_proj", "o_proj"]
+
+
+def test_the_cli_module_still_serves_the_adapter_api():
+    """`from mlx_gemma import lora; lora.enable_lora(...)` (the old path) reaches tuner.lora's functions."""
+    from mlx_gemma import lora as cli
+    from mlx_gemma.tuner import lora as adapters
+
+    assert cli.main and cli.enable_lora is adapters.enable_lora
+    assert all(getattr(cli, name) is getattr(adapters, name) for name in cli.__all__ if name != "main")
+
+
+@pytest.mark.parametrize("module", ["mlx_gemma.lora", "mlx_gemma.fuse"])
+def test_cli_help_runs_without_a_runpy_warning(module):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=600,
+                          cwd=FIXTURES.parent.parent)
+    assert done.returncode == 0 and f"python -m {module}" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr
 
 
 # --- data parallel -------------------------------------------------------------------------------
@@ -470,7 +491,7 @@ def test_paligemma_loss_and_gradients_match_transformers(tmp_path):
     examples = paligemma_data(tmp_path, model, tokenizer)
     batch = make_batch(examples, tokenizer.pad_id, image_size=model.args.vision.image_size)
     assert len(batch) == 5 and batch[3].shape[1:] == (42, 42, 3)
-    (loss, ntoks), grads = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, chunk_size=7))(model, *batch)
+    (loss, ntoks), grads = nn.value_and_grad(model, lambda m, *b: trainer.loss_fn(m, *b, chunk_size=7))(model, *batch)
     grads = dict(tree_flatten(grads))
 
     inputs, targets, weights, pixels, prefix = (np.array(x) for x in batch)
@@ -494,7 +515,7 @@ def test_paligemma_loss_and_gradients_match_transformers(tmp_path):
 
 
 def test_paligemma_trains_with_the_cli(tmp_path, capsys):
-    from mlx_gemma.lora_cli import main
+    from mlx_gemma.lora import main
 
     model, tokenizer = load(FIXTURES / "tiny_paligemma")
     data = tmp_path / "data"
@@ -512,9 +533,9 @@ def test_a_diverging_run_stops_without_saving_broken_adapters(tokenizer, tmp_pat
     model = load_model(FIXTURES / "tiny_gemma")
     lora.enable_lora(model, rank=4)
     saved = []
-    args = train.TrainingArgs(batch_size=4, iters=20, save_every=1, grad_checkpoint=True)
+    args = trainer.TrainingArgs(batch_size=4, iters=20, save_every=1, grad_checkpoint=True)
     with pytest.raises(TrainingError, match="became (nan|inf|NaN)"):
-        train.train(model, train.build_optimizer("sgd", float("inf")), pair_examples(tokenizer, tmp_path), args=args,
+        trainer.train(model, trainer.build_optimizer("sgd", float("inf")), pair_examples(tokenizer, tmp_path), args=args,
                     save=saved.append)
     assert len(saved) < 20
     assert not hasattr(type(model.layers[0]), "_checkpointed_from")  # checkpointing undone on the way out

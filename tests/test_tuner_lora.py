@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_gemma import lora
+from mlx_gemma.tuner import lora
 from mlx_gemma.errors import AdapterError, ModelFileError
 from mlx_gemma.loading import load_model
 
@@ -402,7 +402,7 @@ _SAVE_FOREVER = """
 import sys
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_gemma import lora
+from mlx_gemma.tuner import lora
 from mlx_gemma.loading import load_model
 model = load_model(sys.argv[1])
 config = lora.enable_lora(model, rank=4, num_layers=2)

@@ -1,7 +1,7 @@
 """Fine-tuning data: JSONL formats, prompt masking, batching, truncation, and bad input.
 
 The token ids come from the tokenizer's own calls (encode, apply_chat_template);
-each test checks how train_data combines them.
+each test checks how tuner/datasets.py combines them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from mlx_gemma.errors import DatasetError
 from mlx_gemma.loading import load
-from mlx_gemma.train_data import iterate_batches, load_datasets, load_jsonl, make_batch
+from mlx_gemma.tuner.datasets import iterate_batches, load_datasets, load_jsonl, make_batch
 
 from conftest import FIXTURES
 PAIRS = [("What is two plus two?", " Four, of course."), ("Name a colour", " Blue"),

@@ -27,8 +27,8 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from .errors import DatasetError, MlxGemmaError
-from .vision import preprocess_images, prompt_ids
+from ..errors import DatasetError, MlxGemmaError
+from ..vision import preprocess_images, prompt_ids
 
 SPLITS = ("train", "valid", "test")
 MAX_LINE_BYTES = 64 << 20  # one example; a longer line is surely not a training example
