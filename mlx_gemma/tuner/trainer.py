@@ -287,31 +287,13 @@ def evaluate(model, examples, batch_size: int, num_batches: int = -1, pad_id: in
     return (total / ntoks).item()
 
 
-def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None = None,
-          save: Callable[[int], None] | None = None, report: Callable[[dict], None] | None = None,
-          pad_id: int = 0, batches: Iterator[tuple[mx.array, ...]] | None = None) -> list[dict]:
-    """Train the model's trainable parameters (the adapters) for `args.iters` optimizer steps.
-
-    `train_set` is a list of (ids, offset) examples (see datasets.py), or
-    None when `batches` yields the (inputs, targets, weights) batches itself.
-    `save(step)` is called every `args.save_every` steps and at the end;
-    `report(info)` gets dicts with step, train_loss or val_loss, learning_rate,
-    tokens_per_second and peak_memory_gb.  Returns every report.
-
-    Launched on several processes (`mlx.launch -n 2 python -m mlx_gemma.lora ...`),
-    each rank takes its share of every batch, gradients are combined across
-    ranks (`mx.distributed.all_sum`) and rank 0 alone calls `save`.
-    """
-    args = args or TrainingArgs()
-    if args.iters < 1 or args.grad_accumulation_steps < 1:
-        raise TrainingError("iters and grad_accumulation_steps must be positive")
-    mx.random.seed(args.seed)
-    if args.grad_checkpoint:
-        grad_checkpoint(model)
-    model.train()
-    accum = args.grad_accumulation_steps
-    group = mx.distributed.init()  # a group of one unless launched with mlx.launch
-    world = group.size()
+def _step_function(model, optimizer, args: TrainingArgs, group):
+    """(micro_step, state): `micro_step(batch, grads, do_update)` runs one micro-batch forward and
+    backward, combines its gradients across the ranks of `group` and with `grads` (those of the step's
+    earlier micro-batches), and updates the weights on a step's last micro-batch; it returns
+    (mean loss, real target tokens, the summed gradients or None after an update).  `state` is what
+    the compiled step reads and writes (the model, the optimizer, the random state)."""
+    accum, world = args.grad_accumulation_steps, group.size()
     loss_and_grad = nn.value_and_grad(model, functools.partial(loss_fn, chunk_size=args.loss_chunk_size))
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -336,6 +318,60 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
 
     if _image_size(model) is None:  # PaliGemma checks its <image> slots on the host: not compilable
         micro_step = mx.compile(micro_step, inputs=state, outputs=state)
+    return micro_step, state
+
+
+def _due(step: int, every: int, iters: int) -> bool:
+    """Periodic work (a report, an evaluation, a save) falls every `every` steps and on the last one."""
+    return step % every == 0 or step == iters
+
+
+def _finite_loss(loss: mx.array, step: int) -> float:
+    value = loss.item()
+    if not math.isfinite(value):  # stop before a save could store broken adapters
+        raise TrainingError(f"the training loss became {value} at step {step}; lower the learning rate "
+                            "(adapters saved before are intact)")
+    return value
+
+
+def _check_finite_weights(model: nn.Module, step: int) -> None:
+    if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
+        raise TrainingError(f"the weights became NaN/inf at step {step}; lower the learning rate "
+                            "(adapters saved before are intact)")
+
+
+def _train_report(step: int, mean_loss: float, tokens: int, since: float, optimizer) -> dict:
+    """The report of a training interval that began at perf_counter() time `since`."""
+    elapsed = time.perf_counter() - since
+    return {"step": step, "train_loss": mean_loss, "learning_rate": optimizer.learning_rate.item(),
+            "tokens_per_second": tokens / elapsed, "peak_memory_gb": mx.get_peak_memory() / 2**30}
+
+
+def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None = None,
+          save: Callable[[int], None] | None = None, report: Callable[[dict], None] | None = None,
+          pad_id: int = 0, batches: Iterator[tuple[mx.array, ...]] | None = None) -> list[dict]:
+    """Train the model's trainable parameters (the adapters) for `args.iters` optimizer steps.
+
+    `train_set` is a list of (ids, offset) examples (see datasets.py), or
+    None when `batches` yields the (inputs, targets, weights) batches itself.
+    `save(step)` is called every `args.save_every` steps and at the end;
+    `report(info)` gets dicts with step, train_loss or val_loss, learning_rate,
+    tokens_per_second and peak_memory_gb.  Returns every report.
+
+    Launched on several processes (`mlx.launch -n 2 python -m mlx_gemma.lora ...`),
+    each rank takes its share of every batch, gradients are combined across
+    ranks (`mx.distributed.all_sum`) and rank 0 alone calls `save`.
+    """
+    args = args or TrainingArgs()
+    if args.iters < 1 or args.grad_accumulation_steps < 1:
+        raise TrainingError("iters and grad_accumulation_steps must be positive")
+    mx.random.seed(args.seed)
+    if args.grad_checkpoint:
+        grad_checkpoint(model)
+    model.train()
+    accum = args.grad_accumulation_steps
+    group = mx.distributed.init()  # a group of one unless launched with mlx.launch
+    micro_step, state = _step_function(model, optimizer, args, group)
     history: list[dict] = []
 
     def emit(info):
@@ -345,34 +381,26 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
 
     if batches is None:  # every rank shuffles alike (same seed) and takes its share of each batch
         batches = iterate_batches(train_set, args.batch_size, loop=True, seed=args.seed, pad_id=pad_id,
-                                  rank=group.rank(), world=world, image_size=_image_size(model))
+                                  rank=group.rank(), world=group.size(), image_size=_image_size(model))
     losses, count, tokens, grads = 0.0, 0, 0, None
     mx.reset_peak_memory()
     tic = time.perf_counter()
     try:
         for it in range(1, args.iters * accum + 1):
             step, do_update = (it - 1) // accum + 1, it % accum == 0
-            if val_set and do_update and (step == 1 or step % args.steps_per_eval == 0 or step == args.iters):
+            if val_set and do_update and (step == 1 or _due(step, args.steps_per_eval, args.iters)):
                 v = evaluate(model, val_set, args.batch_size, args.val_batches, pad_id, args.loss_chunk_size)
                 emit({"step": step, "val_loss": v})
                 tic = time.perf_counter()  # evaluation time is not training time
             loss, real, grads = micro_step(tuple(next(batches)), grads, do_update)
             mx.eval(loss, real, grads, state)
-            value = loss.item()
-            if not math.isfinite(value):  # stop before a save could store broken adapters
-                raise TrainingError(f"the training loss became {value} at step {step}; lower the learning rate "
-                                    "(adapters saved before are intact)")
-            losses, count = losses + value, count + 1
+            losses, count = losses + _finite_loss(loss, step), count + 1
             tokens += real.item()
-            if do_update and (step % args.steps_per_report == 0 or step == args.iters):
-                elapsed = time.perf_counter() - tic
-                emit({"step": step, "train_loss": losses / count, "learning_rate": optimizer.learning_rate.item(),
-                      "tokens_per_second": tokens / elapsed, "peak_memory_gb": mx.get_peak_memory() / 2**30})
+            if do_update and _due(step, args.steps_per_report, args.iters):
+                emit(_train_report(step, losses / count, tokens, tic, optimizer))
                 losses, count, tokens, tic = 0.0, 0, 0, time.perf_counter()
-            if do_update and save and group.rank() == 0 and (step % args.save_every == 0 or step == args.iters):
-                if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
-                    raise TrainingError(f"the weights became NaN/inf at step {step}; lower the learning rate "
-                                        "(adapters saved before are intact)")
+            if do_update and save and group.rank() == 0 and _due(step, args.save_every, args.iters):
+                _check_finite_weights(model, step)
                 save(step)
     finally:
         if args.grad_checkpoint:
