@@ -6,9 +6,10 @@
 
 Thin layers over the rest of mlx_gemma: presets resolve to model folders
 (`presets.py`), the backbone wraps an mlx_gemma model (`backbone.py`), the
-preprocessor packs ids as keras-hub does (`preprocessor.py`), and generation
-runs mlx_gemma's decode loop with keras-hub's semantics (`generation.py`,
-`samplers.py`, `causal_lm.py`).  The tokenizer (`tokenizer.py`) is `mlx_gemma.tokenizer.GemmaTokenizer`,
+preprocessor packs ids as keras-hub does (`preprocessor.py`), generation runs
+mlx_gemma's decode loop with keras-hub's semantics (`causal_lm_generation.py`,
+`samplers.py`, `causal_lm.py`), and `causal_lm_training.py` is keras-hub's
+enable_lora / fit on `tuner/`.  The tokenizer (`tokenizer.py`) is `mlx_gemma.tokenizer.GemmaTokenizer`,
 which also speaks keras-hub's tokenizer interface, plus `from_preset`.
 """
 

@@ -21,7 +21,7 @@ from ..arguments import integer_arg, is_integer, real_arg
 from ..errors import MlxGemmaError
 from ..loading import build_model, load_config, load_model
 from .presets import is_keras_preset, keras_backbone_config, preset_of, resolve_preset
-from .training import enable_lora, load_lora_weights, save_lora_weights
+from .causal_lm_training import enable_lora, load_lora_weights, save_lora_weights
 
 
 def as_dtype(dtype) -> mx.Dtype | None:
@@ -95,9 +95,9 @@ class GemmaBackbone:
         self.model = model
         self.dropout = dropout
         self._arguments: dict | None = None  # the constructor's keras-hub arguments, when built from them
-        self.lora_config: dict | None = None  # set by enable_lora (see training.py)
+        self.lora_config: dict | None = None  # set by enable_lora (see causal_lm_training.py)
 
-    # ----- LoRA, keras-hub's names (mlx_gemma/tuner/lora.py does the work; see training.py) -
+    # ----- LoRA, keras-hub's names (mlx_gemma/tuner/lora.py does the work; see causal_lm_training.py)
 
     def enable_lora(self, rank: int, target_layer_names=None, **settings) -> None:
         """Freeze the backbone; adapters on the query and value projections unless named

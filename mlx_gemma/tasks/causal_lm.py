@@ -9,7 +9,7 @@ the preprocessor to `max_length` (the preprocessor's `sequence_length` when not
 given), prompt included; the output is the detokenized prompt + completion
 (without it when `strip_prompt`); with `preprocessor=None` a dict of `token_ids`
 / `padding_mask` goes in and comes out.  The decode loop is mlx_gemma's own
-(see generation.py).  It serves Gemma, Gemma 2 and Gemma 3 text models alike.
+(see causal_lm_generation.py).  It serves Gemma, Gemma 2 and Gemma 3 text models alike.
 
 Stop ids: `"auto"` is the tokenizer's end token (<eos>), as keras-hub's
 GemmaCausalLM, plus <end_of_turn> for instruction-tuned presets and Gemma 3 (as
@@ -28,12 +28,12 @@ from ..loading import load_model
 from ..score import score
 from ..tokenizer import check_vocab_fits
 from .backbone import GemmaBackbone, as_dtype
-from .generation import check_packed, fill, output_mask, strip_prompt
+from .causal_lm_generation import check_packed, fill, output_mask, strip_prompt
 from .preprocessor import GemmaCausalLMPreprocessor, as_texts
 from .presets import keras_preprocessor_settings, preset_of, resolve_preset
 from .samplers import get_sampler
 from .tokenizer import GemmaTokenizer
-from .training import fit
+from .causal_lm_training import fit
 
 _FROM_PRESET = object()  # "build the preset's own preprocessor"
 
@@ -99,7 +99,7 @@ class GemmaCausalLM:
         """The MLX model (for mlx_gemma.generate & co.)."""
         return self.backbone.model
 
-    # ----- fit / score (mlx_gemma/tasks/training.py, mlx_gemma/score.py) -------------------
+    # ----- fit / score (mlx_gemma/tasks/causal_lm_training.py, mlx_gemma/score.py) ----------
 
     def fit(self, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, **kwargs):
         """keras' fit: strings (through the preprocessor) or {"token_ids", "padding_mask"} with y and

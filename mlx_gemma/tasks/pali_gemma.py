@@ -32,7 +32,7 @@ from ..errors import GenerationError, ImageError, MlxGemmaError
 from ..tokenizer import check_vocab_fits
 from ..vision import preprocess_image
 from .causal_lm import GemmaCausalLM
-from .generation import check_packed, output_mask, strip_prompt
+from .causal_lm_generation import check_packed, output_mask, strip_prompt
 from .pali_gemma_backbone import PaliGemmaBackbone
 from .pali_gemma_generation import fill_pali
 from .pali_gemma_presets import pali_handle
