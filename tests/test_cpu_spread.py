@@ -166,13 +166,6 @@ def test_quantized_blocks_are_made_as_they_are_used(monkeypatch):
     assert peaks[-1] < 16 * block_bytes
 
 
-def test_quantized_other_modes(small_blocks):
-    mx.random.seed(4)
-    layer = nn.QuantizedLinear(128, 300, bias=False, group_size=32, bits=4, mode="mxfp4")
-    x = mx.random.normal((3, 128)).astype(mx.bfloat16)
-    assert equal(spread_copy(layer)(x), dequantized_product(layer, x, mx.bfloat16))
-
-
 def test_gradients_and_compile():
     mx.random.seed(2)
     layer = nn.Linear(64, 384)
