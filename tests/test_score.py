@@ -2,9 +2,10 @@
 
 The reference numbers (logits, per-token losses, an intervention through
 layer_intercept_fn, and a gradient through it) come from keras-hub itself:
-tests/fixtures/make_score_reference.py.  keras-hub gives padding positions
-other values (it zeroes the attention of a query that sees no key), so
-comparisons are on real tokens.
+tests/fixtures/make_score_reference.py.  Padding positions are compared where
+score computes them as keras-hub does (trim_padding=False, all but leading left
+padding: keras-hub zeroes the attention of a query that sees no key); trimmed
+results are compared with untrimmed ones.
 """
 
 from __future__ import annotations
@@ -154,3 +155,71 @@ def test_score_takes_text_models_only():
 
     with pytest.raises(MlxGemmaError, match="takes a Gemma text model, not a 'paligemma'"):
         score(load_model(FIXTURES / "tiny_paligemma"), mx.array([[2, 5, 6]]))
+
+
+# ----- padding: keras-hub's values at right padding, and trimmed columns ----------------------------------
+
+def test_untrimmed_padding_positions_match_keras_hub(preset):
+    """keras-hub's padding queries attend to their row's real keys: trim_padding=False gives its values
+    at every position but leading left padding (a query that sees no real key: keras-hub zeroes its attention)."""
+    model, ids, mask, ref = preset
+    seen = np.ones(mask.shape, bool)
+    seen[2, :2] = False  # row 2 starts with two padding tokens
+    logits = score(model, mx.array(ids), mx.array(mask), trim_padding=False)
+    assert_close(np.asarray(logits)[seen], ref["logits"][seen], rtol=1e-4)
+    assert_close(real(logits, mask), real(ref["logits"], mask), rtol=1e-4)
+    # Row 1 alone ends in 3 padding columns: trimmed they are 0, untrimmed keras-hub's.
+    row = (mx.array(ids[1:2]), mx.array(mask[1:2]))
+    assert_close(score(model, *row, trim_padding=False), ref["logits"][1:2], rtol=1e-4)
+    trimmed = np.asarray(score(model, *row))
+    assert trimmed.shape == (1, 12, model.args.vocab_size) and not trimmed[0, 9:].any()
+    assert_close(trimmed[0, :9], ref["logits"][1, :9], rtol=1e-4)
+
+
+def heavy_padding(model, rows=(3, 9, 5, 4), T=64, seed=0):
+    """Right-padded ids [len(rows), T] with rows of the given real lengths, their mask and next-token targets."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(rows), T), np.int32)
+    mask = np.zeros((len(rows), T), bool)
+    for b, n in enumerate(rows):
+        ids[b, :n] = [2, *rng.integers(3, model.args.vocab_size, n - 1)]
+        mask[b, :n] = True
+    return mx.array(ids), mx.array(mask), mx.array(np.roll(ids, -1, axis=1))
+
+
+def test_trimmed_score_is_the_padded_one_at_real_positions(preset):
+    model = preset[0]
+    ids, mask, targets = heavy_padding(model)
+    real_mask = np.asarray(mask)
+    for mode in ("logits", "loss"):
+        full = score(model, ids, mask, mode, target_ids=targets, trim_padding=False)
+        trimmed = score(model, ids, mask, mode, target_ids=targets)
+        assert trimmed.shape == full.shape and trimmed.dtype == full.dtype
+        assert_close(real(trimmed, real_mask), real(full, real_mask), rtol=1e-5)
+        assert not np.asarray(trimmed)[:, 9:].any()  # past the longest row (9): not computed
+        # Columns that are padding in some rows only are computed as untrimmed.
+        assert_close(np.asarray(trimmed)[:, :9], np.asarray(full)[:, :9], rtol=1e-5)
+
+
+def test_trimmed_gradients_through_score_are_the_padded_ones(preset):
+    """keras-hub's example (gradients of the masked losses with respect to the embeddings, through
+    layer_intercept_fn), with heavy padding: the same gradients, trimmed or not, and the intercept
+    sees full-width [B, T, hidden] tensors either way."""
+    model = preset[0]
+    ids, mask, targets = heavy_padding(model)
+    shapes = []
+
+    def total(delta, trim):
+        def intercept(x, i):
+            shapes.append(tuple(x.shape))
+            return x + delta if i == -1 else x
+        losses = score(model, ids, mask, "loss", intercept, targets, trim_padding=trim)
+        return (losses * mask).sum()
+
+    zero = mx.zeros((*ids.shape, model.args.hidden_size))
+    padded, trimmed = mx.grad(total)(zero, False), mx.grad(total)(zero, True)
+    assert set(shapes) == {(4, 64, model.args.hidden_size)}
+    assert_close(trimmed, padded, rtol=1e-5)
+    padded, real_mask = np.asarray(padded), np.asarray(mask)
+    assert not padded[~real_mask].any()  # no real position reads a padding column
+    assert (np.abs(padded[real_mask]).max(axis=-1) > 0).all()
