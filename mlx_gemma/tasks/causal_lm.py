@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import os
 
+import mlx.core as mx
 import numpy as np
 
+from ..arguments import integer_arg
 from ..errors import GenerationError, MlxGemmaError
 from ..generate import looks_instruct
 from ..loading import load_model
@@ -33,7 +35,8 @@ from .preprocessor import GemmaCausalLMPreprocessor, as_texts
 from .presets import keras_preprocessor_settings, preset_of, resolve_preset
 from .samplers import get_sampler
 from .tokenizer import GemmaTokenizer
-from .causal_lm_training import fit
+from .causal_lm_data import row_batches
+from .causal_lm_training import evaluate, fit
 
 _FROM_PRESET = object()  # "build the preset's own preprocessor"
 
@@ -99,17 +102,73 @@ class GemmaCausalLM:
         """The MLX model (for mlx_gemma.generate & co.)."""
         return self.backbone.model
 
-    # ----- fit / score (mlx_gemma/tasks/causal_lm_training.py, mlx_gemma/score.py) ----------
+    # ----- fit / evaluate / score / predict (causal_lm_training.py, causal_lm_data.py, mlx_gemma/score.py) ----
 
     def fit(self, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, **kwargs):
         """keras' fit: strings (through the preprocessor) or {"token_ids", "padding_mask"} with y and
-        sample_weight; trains the adapters after `backbone.enable_lora(rank)`.  Returns a History."""
+        sample_weight; trains the adapters after `backbone.enable_lora(rank)`, else every weight.
+
+        Keywords: `validation_data` (as x: strings, a dict, or a tuple (x, y[, sample_weight])),
+        `shuffle` (True: rows bucketed by length, batches in a random order each epoch; False:
+        in order), `verbose`, `seed`, `grad_checkpoint`.  Each batch is cut to its longest row
+        (no work on padding; the same loss and gradients).  Returns a History: `history["loss"]`
+        and, with validation data, `history["val_loss"]`, per epoch.
+        """
         return fit(self, x, y, batch_size, epochs, sample_weight, **kwargs)
 
+    def evaluate(self, x=None, y=None, batch_size: int | None = None, sample_weight=None, verbose="auto"):
+        """keras' evaluate: the loss over x (the sample-weighted mean next-token cross-entropy, as fit's),
+        computed without gradients and without work on padding; batch_size None: 32, as keras."""
+        return evaluate(self, x, y, batch_size, sample_weight, verbose)
+
     def score(self, token_ids, padding_mask=None, scoring_mode: str = "logits", layer_intercept_fn=None,
-              target_ids=None):
-        """keras-hub's score: per-token logits [B, T, V] or losses [B, T] (see mlx_gemma.score)."""
-        return score(self.model, token_ids, padding_mask, scoring_mode, layer_intercept_fn, target_ids)
+              target_ids=None, trim_padding: bool = True):
+        """keras-hub's score: per-token logits [B, T, V] or losses [B, T] (see mlx_gemma.score).
+
+        Real positions get keras-hub's values; with `trim_padding` (the default) the trailing
+        columns that are padding in every row are not computed and come back as 0;
+        `trim_padding=False` computes them as keras-hub does, at full cost.
+        """
+        return score(self.model, token_ids, padding_mask, scoring_mode, layer_intercept_fn, target_ids,
+                     trim_padding=trim_padding)
+
+    def predict(self, x, batch_size: int | None = None, verbose="auto", trim_padding: bool = True) -> np.ndarray:
+        """keras' predict: the logits [N, sequence_length, vocab] (numpy) of strings, packed by the
+        preprocessor as for fit, or of a {"token_ids", "padding_mask"} dict.
+
+        As `score`: real positions are keras-hub's; with `trim_padding` the columns past
+        a batch's longest row are not computed and come back as 0.  batch_size None: 32.
+        """
+        ids, mask = self._packed(x)
+        batch_size = integer_arg("batch_size", 32 if batch_size is None else batch_size, 1)
+        lengths = mask.sum(axis=1)
+        out = None
+        for rows in row_batches(lengths, batch_size, by_length=True):  # any order: rows go back in place
+            logits = score(self.model, ids[rows], mask[rows], trim_padding=trim_padding)
+            if out is None:
+                out = np.zeros((len(ids), *logits.shape[1:]), np.float32)
+            out[rows] = np.asarray(logits.astype(mx.float32))
+        return out
+
+    def _packed(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, padding mask) [N, T] of predict's input."""
+        if isinstance(x, dict):
+            if "token_ids" not in x:
+                raise MlxGemmaError("predict(x=dict) needs 'token_ids' (and 'padding_mask')")
+            ids = np.asarray(x["token_ids"])
+            mask = np.asarray(x.get("padding_mask", np.ones(ids.shape, bool))).astype(bool)
+            ids, mask = (ids[None], mask[None]) if ids.ndim == 1 else (ids, mask)
+            if ids.ndim != 2 or mask.shape != ids.shape or ids.shape[0] == 0:
+                raise MlxGemmaError(f"predict: token_ids {ids.shape} and padding_mask {mask.shape} must both be "
+                                    "[batch, tokens], batch > 0")
+            return ids, mask
+        if self.preprocessor is None:
+            raise MlxGemmaError("predict() on strings needs a preprocessor; without one pass "
+                                "x={'token_ids', 'padding_mask'}")
+        inputs = self.preprocessor(as_texts(x)[0])[0]  # keras' predict keeps x of (x, y, sample_weight)
+        if len(inputs["token_ids"]) == 0:
+            raise MlxGemmaError("predict() got an empty list of strings")
+        return inputs["token_ids"], inputs["padding_mask"]
 
     def _stop_ids(self, stop_token_ids) -> tuple[int, ...] | None:
         if stop_token_ids is None:

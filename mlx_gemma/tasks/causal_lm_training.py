@@ -7,10 +7,12 @@
     lm.backbone.save_lora_weights("my_lora")  # a folder in mlx-lm's adapter layout
 
 `fit` also takes preprocessed data, keras-hub style:
-`fit(x={"token_ids", "padding_mask"}, y=next_ids, sample_weight=weights)`.
+`fit(x={"token_ids", "padding_mask"}, y=next_ids, sample_weight=weights)`,
+and keras' `epochs`, `shuffle` and `validation_data`; `evaluate` gives the loss.
 The loss is the sample-weighted mean next-token cross-entropy (keras'
 "sum_over_batch_size" divides by all positions instead; the gradient
-direction is the same).
+direction is the same).  No work is spent on padding (causal_lm_data.py): a
+batch is cut to its longest row, and shuffled rows are bucketed by length.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import mlx.core as mx
 import numpy as np
 
 from ..tuner import lora, trainer
-from ..arguments import integer_arg
-from ..errors import AdapterError, MlxGemmaError
+from ..tuner.datasets import PAD_TO
+from ..arguments import integer_arg, is_integer
+from ..errors import AdapterError, MlxGemmaError, TrainingError
 from ..progress import format_rate
+from . import causal_lm_data
 
 # keras-hub's Gemma layer names -> ours (`default_lora_layer_names` are query_dense/value_dense/query/value).
 KERAS_NAMES = {"query": "q_proj", "query_dense": "q_proj", "key": "k_proj", "value": "v_proj",
@@ -33,10 +37,10 @@ DEFAULT_LEARNING_RATE = 2e-5  # keras-hub CausalLM.compile's default: Adam(2e-5)
 
 
 class History:
-    """What keras' `fit` returns: `history["loss"]` (and `"val_loss"`) per epoch."""
+    """What keras' `fit` returns: `history["loss"]` (and, with validation_data, `"val_loss"`) per epoch."""
 
-    def __init__(self):
-        self.history: dict[str, list[float]] = {"loss": []}
+    def __init__(self, validation: bool = False):
+        self.history: dict[str, list[float]] = {"loss": [], **({"val_loss": []} if validation else {})}
         self.epoch: list[int] = []
 
 
@@ -73,71 +77,102 @@ def load_lora_weights(backbone, path) -> None:
     lora.load_adapter_weights(backbone.model, path)
 
 
-def _training_arrays(lm, x, y, sample_weight):
-    """(token_ids, targets, weights) numpy [N, T] from strings (via the preprocessor) or arrays."""
-    if isinstance(x, dict):
-        if "token_ids" not in x:
-            raise MlxGemmaError("fit(x=dict) needs 'token_ids' (and 'padding_mask')")
-        if y is None:
-            raise MlxGemmaError("fit(x={'token_ids', ...}) without a preprocessor needs y (the next-token ids)")
-        ids = np.asarray(x["token_ids"])
-        mask = np.asarray(x.get("padding_mask", np.ones(ids.shape, bool))).astype(bool)
-        weights = np.ones(ids.shape, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
-        y = np.asarray(y)
-        if ids.ndim != 2 or y.shape != ids.shape or weights.shape != ids.shape or mask.shape != ids.shape:
-            raise MlxGemmaError(f"token_ids {ids.shape}, padding_mask {mask.shape}, y {y.shape} and sample_weight "
-                                f"{weights.shape} must all be [batch, tokens]")
-        # The loop runs without an attention mask: padding must trail the tokens so no token sees it.
-        if (mask[:, 1:] & ~mask[:, :-1]).any():
-            raise MlxGemmaError("fit() takes right-padded rows (padding_mask 1...1 0...0); left padding is not supported")
-        return ids.astype(np.int32), y.astype(np.int32), weights * mask
-    if lm.preprocessor is None:
-        raise MlxGemmaError("fit() on strings needs a preprocessor; without one pass x={'token_ids', 'padding_mask'}, y")
-    inputs, targets, weights = lm.preprocessor(x, y, sample_weight)
-    ids = np.asarray(inputs["token_ids"])
-    if ids.ndim == 1:
-        ids, targets, weights = ids[None], np.asarray(targets)[None], np.asarray(weights)[None]
-    return ids.astype(np.int32), np.asarray(targets, np.int32), np.asarray(weights, np.float32)
-
-
-def _batches(ids, targets, weights, batch_size: int, seed: int, shuffle: bool):
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(ids)) if shuffle else np.arange(len(ids))
-        for start in range(0, len(ids), batch_size):
-            rows = order[start:start + batch_size]
-            yield mx.array(ids[rows]), mx.array(targets[rows]), mx.array(weights[rows])
-
-
-def fit(lm, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, shuffle: bool = True,
-        verbose="auto", seed: int = 0, grad_checkpoint: bool = False) -> History:
-    """Train the backbone's trainable weights (its adapters after enable_lora); keras' fit arguments."""
-    integer_arg("batch_size", batch_size, 1)
-    integer_arg("epochs", epochs, 1)
-    ids, targets, weights = _training_arrays(lm, x, y, sample_weight)
-    if len(ids) == 0 or weights.sum() == 0:
-        raise MlxGemmaError("fit() got no training tokens (empty data, or every sample weight is 0)")
-    steps = math.ceil(len(ids) / batch_size)
+def _optimizer(lm):
     settings = dict(getattr(lm, "training_settings", {}) or {})
     optimizer = settings.get("optimizer", "auto")
     if isinstance(optimizer, str):
         name = "adam" if optimizer == "auto" else optimizer
         optimizer = trainer.build_optimizer(name, settings.get("learning_rate", DEFAULT_LEARNING_RATE),
                                           settings.get("weight_decay", 0.0))
-    history = History()
-    show = verbose not in (0, False)
+    return optimizer
+
+
+def _check_settings(batch_size, epochs, shuffle, verbose) -> None:
+    integer_arg("batch_size", batch_size, 1, error=TrainingError)
+    integer_arg("epochs", epochs, 1, error=TrainingError)
+    if not isinstance(shuffle, (bool, np.bool_)):
+        raise TrainingError(f"shuffle must be True or False, got {shuffle!r:.80}")
+    if not (verbose == "auto" if isinstance(verbose, str) else is_integer(verbose) and 0 <= verbose <= 2):
+        raise TrainingError(f"verbose must be 'auto', 0, 1 or 2, got {verbose!r:.80}")
+
+
+def _batches(data: causal_lm_data.LossData, batch_size: int, seed: int, shuffle: bool):
+    """Training batches forever, epoch after epoch, each cut to the columns its rows need.
+
+    Shuffled: bucketed by length (reshuffled each epoch); else in the data's order.
+    Widths are rounded up to `PAD_TO` so the compiled step meets few shapes (as the LoRA CLI's).
+    """
+    rng = np.random.default_rng(seed)
+    while True:
+        for rows in causal_lm_data.row_batches(data.lengths, batch_size, rng if shuffle else None):
+            yield causal_lm_data.batch(data, rows, PAD_TO)
+
+
+def fit(lm, x=None, y=None, batch_size: int = 2, epochs: int = 1, sample_weight=None, *, validation_data=None,
+        shuffle: bool = True, verbose="auto", seed: int = 0, grad_checkpoint: bool = False) -> History:
+    """Train the backbone's trainable weights (its adapters after enable_lora); keras' fit arguments.
+
+    Each epoch's loss is the mean of its batches' losses (each the sample-weighted mean
+    next-token cross-entropy); `val_loss` is `evaluate` on validation_data after each epoch.
+    """
+    _check_settings(batch_size, epochs, shuffle, verbose)
+    data = causal_lm_data.loss_data(lm, x, y, sample_weight)
+    if len(data.ids) == 0 or not data.weights.any():
+        raise TrainingError("fit() got no training tokens (empty data, or every sample weight is 0)")
+    validation = causal_lm_data.validation_data(lm, validation_data)
+    steps = math.ceil(len(data.ids) / batch_size)
+    history = History(validation is not None)
+    model = lm.backbone.model
 
     def report(info):
-        if "train_loss" in info:
-            history.history["loss"].append(info["train_loss"])
-            history.epoch.append(len(history.epoch))
-            if show:
-                print(f"Epoch {len(history.epoch)}/{epochs}: loss {info['train_loss']:.4f}, "
-                      f"{format_rate(info['tokens_per_second'])} tok/s, peak mem {info['peak_memory_gb']:.2f} GB", flush=True)
+        if "train_loss" not in info:
+            return
+        history.history["loss"].append(info["train_loss"])
+        history.epoch.append(len(history.epoch))
+        line = f"Epoch {len(history.epoch)}/{epochs}: loss {info['train_loss']:.4f}"
+        if validation is not None:
+            history.history["val_loss"].append(evaluate_data(model, validation, batch_size))
+            line += f", val_loss {history.history['val_loss'][-1]:.4f}"
+        if verbose:
+            print(f"{line}, {format_rate(info['tokens_per_second'])} tok/s, "
+                  f"peak mem {info['peak_memory_gb']:.2f} GB", flush=True)
 
     args = trainer.TrainingArgs(batch_size=batch_size, iters=epochs * steps, steps_per_report=steps,
                               save_every=epochs * steps + 1, grad_checkpoint=grad_checkpoint, seed=seed)
-    trainer.train(lm.backbone.model, optimizer, None, args=args, report=report,
-                batches=_batches(ids, targets, weights, batch_size, seed, shuffle))
-    lm.backbone.model.eval()
+    try:
+        trainer.train(model, _optimizer(lm), None, args=args, report=report,
+                      batches=_batches(data, batch_size, seed, shuffle))
+    finally:
+        model.eval()
     return history
+
+
+def evaluate_data(model, data: causal_lm_data.LossData, batch_size: int) -> float:
+    """The sample-weighted mean next-token cross-entropy over all of `data`, without gradients."""
+    was_training = model.training
+    model.eval()  # no adapter dropout
+    total, count = mx.array(0.0), mx.array(0.0)
+    try:
+        # Sorted by length (the sum does not care about the order): batches carry little padding.
+        for rows in causal_lm_data.row_batches(data.lengths, batch_size, by_length=True):
+            if data.lengths[rows].max() == 0:
+                continue  # nothing weighted in these rows
+            loss, n = trainer.loss_fn(model, *causal_lm_data.batch(data, rows), differentiable=False)
+            total, count = total + loss * n, count + n
+            mx.eval(total, count)
+    finally:
+        model.train(was_training)
+    return (total / count).item()
+
+
+def evaluate(lm, x=None, y=None, batch_size: int | None = None, sample_weight=None, verbose="auto") -> float:
+    """keras' evaluate: the loss (sample-weighted mean next-token cross-entropy) over x, as fit's.
+
+    `batch_size` None: 32, keras' default.  Nothing is printed (verbose is accepted for keras' sake).
+    """
+    batch_size = 32 if batch_size is None else batch_size
+    _check_settings(batch_size, 1, True, verbose)
+    data = causal_lm_data.loss_data(lm, x, y, sample_weight)
+    if not data.weights.any():
+        raise TrainingError("evaluate() got no weighted target (empty data, or every sample weight is 0)")
+    return evaluate_data(lm.backbone.model, data, batch_size)
