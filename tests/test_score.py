@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from mlx_gemma.convert.keras import read_keras_preset
 from mlx_gemma.errors import MlxGemmaError
-from mlx_gemma.loading import load_model_from
+from mlx_gemma.loading import load_model, load_model_from
 from mlx_gemma.score import score
 
 from conftest import FIXTURES
@@ -151,8 +151,6 @@ def test_example_score_gradients_runs():
 
 
 def test_score_takes_text_models_only():
-    from mlx_gemma.loading import load_model
-
     with pytest.raises(MlxGemmaError, match="takes a Gemma text model, not a 'paligemma'"):
         score(load_model(FIXTURES / "tiny_paligemma"), mx.array([[2, 5, 6]]))
 
@@ -176,7 +174,7 @@ def test_untrimmed_padding_positions_match_keras_hub(preset):
     assert_close(trimmed[0, :9], ref["logits"][1, :9], rtol=1e-4)
 
 
-def heavy_padding(model, rows=(3, 9, 5, 4), T=64, seed=0):
+def heavy_padding(model, rows=(3, 20, 5, 12), T=64, seed=0):
     """Right-padded ids [len(rows), T] with rows of the given real lengths, their mask and next-token targets."""
     rng = np.random.default_rng(seed)
     ids = np.zeros((len(rows), T), np.int32)
@@ -187,8 +185,17 @@ def heavy_padding(model, rows=(3, 9, 5, 4), T=64, seed=0):
     return mx.array(ids), mx.array(mask), mx.array(np.roll(ids, -1, axis=1))
 
 
-def test_trimmed_score_is_the_padded_one_at_real_positions(preset):
-    model = preset[0]
+@pytest.fixture(scope="module", params=["keras_gemma2", "tiny_gemma2", "tiny_gemma3"])
+def windowed(request):
+    """Models whose sliding windows (tiny_gemma2: 6, tiny_gemma3: 5) are shorter than heavy_padding's rows."""
+    if request.param.startswith("keras_"):
+        ck = read_keras_preset(FIXTURES / request.param)
+        return load_model_from(ck.config, {k: mx.array(np.asarray(v, dtype=np.float32)) for k, v in ck.weights.items()})
+    return load_model(FIXTURES / request.param)
+
+
+def test_trimmed_score_is_the_padded_one_at_real_positions(windowed):
+    model = windowed
     ids, mask, targets = heavy_padding(model)
     real_mask = np.asarray(mask)
     for mode in ("logits", "loss"):
@@ -196,16 +203,18 @@ def test_trimmed_score_is_the_padded_one_at_real_positions(preset):
         trimmed = score(model, ids, mask, mode, target_ids=targets)
         assert trimmed.shape == full.shape and trimmed.dtype == full.dtype
         assert_close(real(trimmed, real_mask), real(full, real_mask), rtol=1e-5)
-        assert not np.asarray(trimmed)[:, 9:].any()  # past the longest row (9): not computed
+        assert not np.asarray(trimmed)[:, 20:].any()  # past the longest row (20): not computed
         # Columns that are padding in some rows only are computed as untrimmed.
-        assert_close(np.asarray(trimmed)[:, :9], np.asarray(full)[:, :9], rtol=1e-5)
+        assert_close(np.asarray(trimmed)[:, :20], np.asarray(full)[:, :20], rtol=1e-5)
+    # The plain padded model call (the stack's own mask) agrees at real positions.
+    assert_close(real(score(model, ids, mask), real_mask), real(model(ids), real_mask), rtol=1e-5)
 
 
-def test_trimmed_gradients_through_score_are_the_padded_ones(preset):
+def test_trimmed_gradients_through_score_are_the_padded_ones(windowed):
     """keras-hub's example (gradients of the masked losses with respect to the embeddings, through
     layer_intercept_fn), with heavy padding: the same gradients, trimmed or not, and the intercept
     sees full-width [B, T, hidden] tensors either way."""
-    model = preset[0]
+    model = windowed
     ids, mask, targets = heavy_padding(model)
     shapes = []
 
