@@ -9,7 +9,7 @@ Thin layers over the rest of mlx_gemma: presets resolve to model folders
 preprocessor packs ids as keras-hub does (`preprocessor.py`), generation runs
 mlx_gemma's decode loop with keras-hub's semantics (`causal_lm_generation.py`,
 `samplers.py`, `causal_lm.py`), and `causal_lm_training.py` is keras-hub's
-enable_lora / fit on `tuner/`.  The tokenizer (`tokenizer.py`) is `mlx_gemma.tokenizer.GemmaTokenizer`,
+enable_lora / fit / evaluate on `tuner/` (`causal_lm_data.py`: their batches, cut to their longest row).  The tokenizer (`tokenizer.py`) is `mlx_gemma.tokenizer.GemmaTokenizer`,
 which also speaks keras-hub's tokenizer interface, plus `from_preset`.
 """
 
