@@ -1,7 +1,7 @@
 """mlx_gemma: Google's Gemma family on Apple's MLX.
 
 The public face: `load` (model + tokenizer), `load_model`, mlx-lm's functional API
-(`generate`, `stream_generate`, `batch_generate`), the typed errors, and
+(`generate`, `stream_generate`, `batch_generate`), `embed` (EmbeddingGemma), the typed errors, and
 the keras-hub style tasks (`GemmaCausalLM`, `GemmaBackbone`,
 `GemmaCausalLMPreprocessor`, `GemmaTokenizer`, `PaliGemmaCausalLM` & co.).
 """
@@ -19,6 +19,7 @@ from .errors import MlxGemmaError
 # The other command lines (`mlx_gemma.lora`, `mlx_gemma.fuse`, ...) are never imported by the
 # package: the library they sit on lives in `tuner/`.
 from .generate import batch_generate, generate, stream_generate
+from .embed import embed
 from .api import load, load_model
 from .tasks import (
     GemmaBackbone,
@@ -36,6 +37,6 @@ warnings.filterwarnings("ignore", message=r"'mlx_gemma\.generate' found in sys\.
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "load_model", "generate", "stream_generate", "batch_generate", "MlxGemmaError",
+__all__ = ["load", "load_model", "generate", "stream_generate", "batch_generate", "embed", "MlxGemmaError",
            "GemmaCausalLM", "GemmaBackbone", "GemmaCausalLMPreprocessor", "GemmaTokenizer",
            "PaliGemmaCausalLM", "PaliGemmaBackbone", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer"]

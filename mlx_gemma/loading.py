@@ -22,8 +22,9 @@ from mlx.utils import tree_flatten
 
 from .cpu_spread import prepare_for_device
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
+from .embedding_folder import embedding_settings, encoder_settings, is_sentence_transformers_folder
 from .json_input import all_finite, expect, field, json_type, read_json
-from .models import MODELS, TEXT_PART_OF, supported_model_types
+from .models import ENCODERS, MODELS, TEXT_PART_OF, supported_model_types
 from .model_folder import load_weights_from_folder
 from .tokenizer import GemmaTokenizer, check_vocab_fits
 
@@ -194,7 +195,11 @@ def load_model_from(
     if config_path is None:
         in_folder = None if path is None else Path(path) / "config.json"
         config_path = in_folder if in_folder is not None and in_folder.is_file() else path
-    model = build_model(config, config_path)
+    return _fill(build_model(config, config_path), config, weights, path, dtype, config_path)
+
+
+def _fill(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array], path, dtype, config_path):
+    """`model` with `weights` (sanitized, quantized as the config says, strictly checked) loaded."""
     weights = model.sanitize(weights)
     quantize_like(model, config, weights, config_path)
     check_weights(model, weights, path)
@@ -205,6 +210,27 @@ def load_model_from(
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     return prepare_for_device(model)  # the device's fast path, after any quantizing (cpu_spread.py)
+
+
+def is_encoder_config(config: dict[str, Any]) -> bool:
+    """A bidirectional Gemma 3 (EmbeddingGemma): a sentence encoder, not a causal LM."""
+    return config.get("use_bidirectional_attention") is True and config.get("model_type") in ENCODERS
+
+
+def load_encoder(folder: Path, config: dict[str, Any], dtype: mx.Dtype | None = None) -> nn.Module:
+    """A sentence encoder from its sentence-transformers folder: the backbone in the root,
+    Pooling / Dense / Normalize in the subfolders modules.json names (embedding_folder.py)."""
+    config_path = Path(folder) / "config.json"
+    if not is_sentence_transformers_folder(folder):
+        raise ConfigError(config_path, "a bidirectional Gemma 3 (EmbeddingGemma) needs its sentence-transformers "
+                                       "folder (modules.json, Pooling and Dense modules); none here")
+    settings, dense_weights = encoder_settings(folder)
+    module = ENCODERS[config["model_type"]]
+    args = module.ModelArgs.from_dict({**config, "sentence_transformers": settings}, config_path)
+    model = module.Model(args)
+    model = _fill(model, config, {**load_weights_from_folder(folder), **dense_weights}, folder, dtype, config_path)
+    model.embedding_settings = embedding_settings(folder, args.text.max_position_embeddings)
+    return model
 
 
 def load_model(
@@ -221,7 +247,11 @@ def load_model(
     work happens on first use).  Adapters: `mlx_gemma.load_model(..., adapter_path=)`.
     """
     folder = resolve_model_path(path_or_repo, revision)
-    model = load_model_from(load_config(folder), load_weights_from_folder(folder), path=folder, dtype=dtype)
+    config = load_config(folder)
+    if is_encoder_config(config):
+        model = load_encoder(folder, config, dtype)
+    else:
+        model = load_model_from(config, load_weights_from_folder(folder), path=folder, dtype=dtype)
     if not lazy:
         mx.eval(model.parameters())
     model.path = folder

@@ -5,10 +5,10 @@ An explicit table, never a name taken from a checkpoint and imported: a
 `GemmaModel` (base.py): the one list of what the rest of the package may use.
 """
 
-from . import gemma, gemma2, gemma3, paligemma
+from . import embedding_gemma, gemma, gemma2, gemma3, paligemma
 from .base import Block, GemmaArgs, GemmaModel, ImageInput
 
-__all__ = ["MODELS", "TEXT_PART_OF", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
+__all__ = ["ENCODERS", "MODELS", "TEXT_PART_OF", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
 
 # model_type -> module with `ModelArgs.from_dict` and `Model`.
 MODELS = {
@@ -21,6 +21,11 @@ MODELS = {
 # Multimodal configs whose language half we can run as a text model: the text
 # settings live under `text_config`.
 TEXT_PART_OF = {"gemma3": "gemma3_text"}
+
+# Sentence encoders: a config of this model_type with `use_bidirectional_attention: true`,
+# in a sentence-transformers folder (EmbeddingGemma).  Not causal LMs: they keep their own
+# contract (`Model(ids, padding_mask) -> embeddings`), not `GemmaModel`.
+ENCODERS = {"gemma3_text": embedding_gemma}
 
 
 def supported_model_types() -> list[str]:
