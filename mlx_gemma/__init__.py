@@ -22,6 +22,7 @@ from .generate import batch_generate, generate, stream_generate
 from .embed import embed
 from .api import load, load_model
 from .tasks import (
+    Gemma3TextEmbedder,
     GemmaBackbone,
     GemmaCausalLM,
     GemmaCausalLMPreprocessor,
@@ -39,4 +40,5 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "load_model", "generate", "stream_generate", "batch_generate", "embed", "MlxGemmaError",
            "GemmaCausalLM", "GemmaBackbone", "GemmaCausalLMPreprocessor", "GemmaTokenizer",
-           "PaliGemmaCausalLM", "PaliGemmaBackbone", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer"]
+           "PaliGemmaCausalLM", "PaliGemmaBackbone", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
+           "Gemma3TextEmbedder"]

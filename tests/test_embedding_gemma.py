@@ -218,3 +218,34 @@ def test_embed_refuses_a_causal_lm(loaded):
     model, tokenizer = mlx_gemma.load(FIXTURES / "tiny_gemma3")
     with pytest.raises(MlxGemmaError, match="sentence encoder"):
         mlx_gemma.embed(model, tokenizer, ["hello"])
+
+
+# ----- keras-hub style: Gemma3TextEmbedder ----------------------------------------------------
+
+def test_text_embedder_encode_text_and_predict(ref):
+    embedder = mlx_gemma.Gemma3TextEmbedder.from_preset(str(FOLDER))
+    out = embedder.encode_text(texts(ref))
+    assert isinstance(out, np.ndarray)
+    close(mx.array(out), ref["plain"])
+    close(mx.array(embedder.encode_text(texts(ref)[0])), ref["plain"][:1])
+    query = mlx_gemma.Gemma3TextEmbedder.from_preset(str(FOLDER), prompt_name="query", dimensions=32)
+    close(mx.array(query.predict(texts(ref), batch_size=2)), ref["truncate_32"])
+    # keras-hub's similarity: the dot products of the (normalized) embeddings.
+    sims = embedder.similarity(ref["prompt_query"], ref["prompt_document"])
+    np.testing.assert_allclose(embedder.similarity(query.encode_text(texts(ref)), ref["truncate_32"]).diagonal(),
+                               1.0, atol=1e-5)
+    assert sims.shape == (4, 4)
+
+
+def test_text_embedder_packed_ids_as_keras_preprocessor_packs_them(ref):
+    """preprocessor=None: token ids packed (<bos> ... <eos>, right-padded to sequence_length)."""
+    embedder = mlx_gemma.Gemma3TextEmbedder.from_preset(str(FOLDER), preprocessor=None)
+    rows = ref["ids_query"]  # the HF tokenizer's ids of the prompted texts, -1 past each row's end
+    token_ids = np.where(rows >= 0, rows, 0)
+    token_ids = np.pad(token_ids, ((0, 0), (0, 16)))  # keras-hub pads to its sequence_length
+    out = embedder.predict({"token_ids": token_ids, "padding_mask": token_ids != 0}, batch_size=3)
+    close(mx.array(out), ref["prompt_query"])
+    with pytest.raises(MlxGemmaError, match="preprocessor=None"):
+        embedder.predict(["text"])
+    with pytest.raises(MlxGemmaError, match="same"):
+        embedder.predict({"token_ids": token_ids, "padding_mask": token_ids[:, :3] != 0})

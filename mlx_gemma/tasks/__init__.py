@@ -1,5 +1,6 @@
 """keras-hub style tasks: `GemmaCausalLM`, `GemmaBackbone`, `GemmaCausalLMPreprocessor`, presets;
-`PaliGemmaCausalLM` and its backbone / preprocessor / tokenizer (`pali_gemma*.py`).
+`PaliGemmaCausalLM` and its backbone / preprocessor / tokenizer (`pali_gemma*.py`);
+`Gemma3TextEmbedder` (EmbeddingGemma, `text_embedder.py`).
 
     lm = mlx_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
     lm.generate("<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n", max_length=64)
@@ -20,6 +21,7 @@ from .pali_gemma_backbone import PaliGemmaBackbone
 from .pali_gemma_presets import PALI_PRESETS, pali_preset_names
 from .presets import PRESETS, preset_names
 from .preprocessor import GemmaCausalLMPreprocessor
+from .text_embedder import Gemma3TextEmbedder
 from .tokenizer import GemmaTokenizer
 from .samplers import (
     BeamSampler,
@@ -35,7 +37,7 @@ from .samplers import (
 __all__ = [
     "GemmaBackbone", "GemmaCausalLM", "GemmaCausalLMPreprocessor", "GemmaTokenizer", "PRESETS", "preset_names",
     "PaliGemmaBackbone", "PaliGemmaCausalLM", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
-    "PALI_PRESETS", "pali_preset_names",
+    "PALI_PRESETS", "pali_preset_names", "Gemma3TextEmbedder",
     "Sampler", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
     "ContrastiveSampler", "get_sampler",
 ]
