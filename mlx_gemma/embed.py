@@ -32,7 +32,7 @@ def embed(
     dimensions: int | None = None,
     batch_size: int = 32,
 ) -> mx.array:
-    """L2-normalized embeddings [N, D] of `texts` (one string gives [1, D]).
+    """L2-normalized float32 embeddings [N, D] of `texts` (one string gives [1, D]).
 
     `prompt` (a literal prefix) wins over `prompt_name` (a key of the model's prompts), which
     wins over the folder's `default_prompt_name`, as in sentence-transformers.  `dimensions`
@@ -58,9 +58,11 @@ def embed(
     out = [_embed_batch(model, tokenizer, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
     vectors = mx.concatenate(out, axis=0)
     if dimensions is not None:
-        vectors = l2_normalize(vectors[:, :dimensions])
-    elif not model.args.normalize:
-        vectors = l2_normalize(vectors)  # a folder without Normalize: still unit vectors
+        vectors = vectors[:, :dimensions]
+    if dimensions is not None or not model.args.normalize or vectors.dtype != mx.float32:
+        # Unit vectors again, in float32: after truncation (sentence-transformers' truncate_dim,
+        # then normalize_embeddings), for a folder without Normalize, or after rounding to bf16/fp16.
+        vectors = l2_normalize(vectors.astype(mx.float32))
     return vectors
 
 

@@ -19,6 +19,7 @@ import pytest
 import mlx_gemma
 from mlx_gemma.embed import _token_ids
 from mlx_gemma.errors import ConfigError, MlxGemmaError, WeightsMismatchError
+from mlx_gemma.models import embedding_gemma
 
 from conftest import FIXTURES
 
@@ -57,6 +58,24 @@ def test_loads_as_an_encoder(loaded):
     settings = model.embedding_settings
     assert settings.prompts["query"] == "task: search result | query: "
     assert (settings.add_bos, settings.add_eos, settings.max_seq_length) == (True, True, 48)
+
+
+@pytest.mark.oracle
+def test_band_of_the_300m_config_matches_transformers():
+    """embeddinggemma-300m's window 512, saved and read back: transformers' band, ours."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Gemma3TextConfig(
+        vocab_size=262_144, hidden_size=768, intermediate_size=1152, num_hidden_layers=24, num_attention_heads=3,
+        num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=2048,
+        use_bidirectional_attention=True)
+    dense = [{"in_features": 768, "out_features": 3072, "bias": False,
+              "activation_function": "torch.nn.modules.linear.Identity"},
+             {"in_features": 3072, "out_features": 768, "bias": False,
+              "activation_function": "torch.nn.modules.linear.Identity"}]
+    config = {**hf.to_dict(), "sentence_transformers": {"pooling_mode": "mean", "dense": dense, "normalize": True}}
+    args = embedding_gemma.ModelArgs.from_dict(config)
+    assert args.text.sliding_window == hf.sliding_window == 257
+    assert args.text.layer_types == hf.layer_types and args.dimensions == 768
 
 
 @pytest.mark.parametrize("prompt", ["query", "document"])
@@ -100,6 +119,16 @@ def test_batch_equals_one_at_a_time(loaded, ref):
         np.testing.assert_allclose(single, batched, atol=1e-6, rtol=0)
     close(mlx_gemma.embed(model, tokenizer, texts(ref), batch_size=1), ref["single"])  # encode() one by one
     assert mlx_gemma.embed(model, tokenizer, texts(ref)[1]).shape == (1, 64)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_precision_weights(ref, dtype):
+    model, tokenizer = mlx_gemma.load(FOLDER, dtype=dtype)
+    out = mlx_gemma.embed(model, tokenizer, texts(ref), prompt_name="query")
+    assert out.dtype == mx.float32  # unit vectors in float32, whatever the weights
+    out = np.array(out)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    assert np.sum(out * ref["prompt_query"], axis=1).min() > 0.999  # half precision, same direction
 
 
 def test_default_prompt_name_is_used(tmp_path, ref):
