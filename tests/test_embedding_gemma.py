@@ -95,6 +95,17 @@ def test_padded_batch_matches_sentence_transformers(loaded, ref):
     np.testing.assert_allclose(np.linalg.norm(np.array(out), axis=1), 1.0, atol=1e-6)
 
 
+def test_the_fixture_tells_the_band_apart(ref):
+    """The texts outrun the band: a global mask on the sliding layers (as mlx-embeddings uses) or
+    a causal-width band would miss sentence-transformers' numbers."""
+    for window in (None, 8):
+        model, tokenizer = mlx_gemma.load(FOLDER)
+        for layer in model.model.layers:
+            layer.window = window if layer.window is not None else None
+        out = np.array(mlx_gemma.embed(model, tokenizer, texts(ref)))
+        assert np.abs(out - ref["plain"]).max() > 1e-2
+
+
 @pytest.mark.parametrize("prompt", ["query", "document"])
 def test_prompts_match_sentence_transformers(loaded, ref, prompt):
     model, tokenizer = loaded
