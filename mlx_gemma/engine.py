@@ -30,6 +30,7 @@ import mlx.nn as nn
 
 from .arguments import integer_arg
 from .errors import GenerationError
+from .models.image_blocks import chunk_ends
 from .samplers import apply_processors, greedy, logsumexp
 
 # Prompt rows (positions x batch) per forward call during prefill.  Each chunk's activations
@@ -87,24 +88,31 @@ def prefill(model, ids: mx.array, cache: Sequence, step_size: int | None = None,
     Every chunk but the last is computed before the next is queued, so the graph (and the
     activations alive at once) stay one chunk deep.  Returns [B, t, D] for the last chunk,
     lazy, or all T positions with `keep_hidden`.  A prefix-LM prompt (PaliGemma's image and
-    prompt attend both ways) goes in one call.  `inputs` (pixels, prefix lengths) go with
-    the first chunk.
+    prompt attend both ways) goes in one call, and `inputs` (pixels, prefix lengths) with it.
+    A causal model with images (Gemma 3) attends each image's tokens both ways: no chunk
+    ends inside an image, and the image features are merged into the prompt's embeddings
+    once, which the chunks then take slice by slice.
     """
     if step_size is None:
         step_size = default_prefill_step(model, ids.shape[0])
     integer_arg("prefill_step_size", step_size, 1, error=GenerationError)
     if model.prefix_lm:
         step_size = max(step_size, ids.shape[1])
-    kept = []
+    blocks = model.image_input is not None and not model.prefix_lm  # image blocks in a causal prompt
+    ends = chunk_ends(ids, step_size, model.image_input.token_id if blocks else None)
+    embeddings = model.model.embed(ids, **inputs) if blocks and inputs else None
+    kept, start = [], 0
     with mx.stream(generation_stream()):
-        while ids.shape[1] > step_size:
-            hidden = model.model(ids[:, :step_size], cache=cache, **inputs)
-            inputs = {}
-            mx.eval([c.state for c in cache] + ([hidden] if keep_hidden else []))
-            if keep_hidden:
-                kept.append(hidden)
-            ids = ids[:, step_size:]
-        hidden = model.model(ids, cache=cache, **inputs)
+        for end in ends:
+            chunk = inputs if start == 0 else {}
+            if embeddings is not None:
+                chunk = {"input_embeddings": embeddings[:, start:end]}
+            hidden = model.model(ids[:, start:end], cache=cache, **chunk)
+            if end < ids.shape[1]:
+                mx.eval([c.state for c in cache] + ([hidden] if keep_hidden else []))
+                if keep_hidden:
+                    kept.append(hidden)
+            start = end
     return mx.concatenate(kept + [hidden], axis=1) if kept else hidden
 
 

@@ -133,8 +133,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     `KVCacheOptions`, or its fields as keywords: max_kv_size, kv_bits,
     kv_group_size, quantized_kv_start) shape the cache made for this call.
 
-    `image` (PaliGemma): a path, PIL image or array; the prompt is then laid out as
-    `[<image> x N] <bos> prompt "\n"` (see `mlx_gemma.vision`).
+    `image`: a path, PIL image or array; the prompt is then laid out as `[<image> x N] <bos>
+    prompt "\n"` (PaliGemma), or, for a Gemma 3 vision-language model, also a list of images,
+    each at one `<start_of_image>` of the prompt (or all first when it has none; see `mlx_gemma.vision`).
     """
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
@@ -167,7 +168,8 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
     response), and the loop ends when all have.  Under greedy decoding each
     row's tokens equal that prompt's alone.  The context limit applies to the
     padded length.  Speeds are batch-wide (all rows' tokens per second).
-    `image` (PaliGemma): one image for every prompt, or a list with one per prompt.
+    `image`: one image for every prompt, or a list with one per prompt (Gemma 3: an entry may
+    be a list of images for that prompt).
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError("prompts must be a non-empty list of prompts")
@@ -207,12 +209,12 @@ class _Request:
 
 
 def _encode(model, tokenizer, prompts, chat, system, images, cached: bool) -> tuple[list[list[int]], Any]:
-    """Each prompt's token ids, and the pixels of its image (PaliGemma) or None."""
+    """Each prompt's token ids, and the pixels of its images (PaliGemma, Gemma 3) or None."""
     if images is None:
         return [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts], None
     if chat or system or cached:
-        raise GenerationError("image prompts are PaliGemma task prompts: no chat template, "
-                              "system prompt or prompt cache")
+        raise GenerationError("image prompts take no chat template, system prompt or prompt cache "
+                              "(write Gemma 3's turns into the prompt yourself)")
     return prompt_rows(model, tokenizer, prompts, images)
 
 
@@ -340,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", dest="chat", action="store_false", help="same as --no-chat")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text, not printed (repeatable)")
     p.add_argument("--image", action="append", metavar="PATH",
-                   help="PaliGemma: an image for the prompt, e.g. -p 'caption en' (repeatable: one answer per image)")
+                   help="an image for the prompt (repeatable): PaliGemma answers once per image (-p 'caption en'); "
+                        "Gemma 3 takes them all in one prompt, at its <start_of_image> markers or first")
     add_cache_flags(p)
     p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
                                                "the prompt continues the cached text")
@@ -375,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if prompt_cache is not None:  # the cached ids, then the prompt (and the turn's end, in chat)
             prompt, chat = prompt_cache.tokens + continuation_ids(tokenizer, prompt, chat), None
         images = args.image or [None]
+        if args.image and model.image_input is not None and model.image_input.start_id is not None:
+            images = [args.image]  # Gemma 3: every image in the one prompt
         for image in images:
             if len(images) > 1:
                 print(f"[{image}]", file=out, flush=True)

@@ -89,12 +89,13 @@ def load_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def text_config(config: dict[str, Any], path=None) -> dict[str, Any]:
-    """The language model's settings: the config itself, or its `text_config`."""
+    """The settings to build from: the config itself, or the `text_config` of a multimodal
+    config without a `vision_config` (with one, a `gemma3` config builds the vision-language model)."""
     model_type = config.get("model_type")
     if model_type is None:
         raise ConfigError(path, "config has no model_type")
     expect(model_type, str, path, "model_type")
-    if model_type in TEXT_PART_OF:
+    if model_type in TEXT_PART_OF and config.get("vision_config") is None:  # no tower: the text model
         nested = config.get("text_config")
         if not isinstance(nested, dict):
             raise ConfigError(path, f"a {model_type!r} config needs a text_config object")

@@ -1,12 +1,13 @@
-"""Images in, PaliGemma inputs out; PaliGemma's detection and segmentation text back to boxes.
+"""Images in, PaliGemma and Gemma 3 inputs out; PaliGemma's detection and segmentation text back to boxes.
 
 - `load_image`: a path, PIL image or array -> an RGB PIL image (EXIF orientation
   applied, transparency composited over white, decompression bombs refused).
 - `preprocess_image(s)`: -> pixels [H, W, 3] / [N, H, W, 3] in [-1, 1] at the
   model's square size (bicubic, as Hugging Face's SiglipImageProcessor; bilinear
   as an option).
-- `prompt_inputs`: prompts + images -> `[<image> x N] <bos> prompt "\\n"` ids,
-  left-padded, and the pixel values, as transformers' PaliGemmaProcessor lays them out.
+- `prompt_inputs`: prompts + images -> `[<image> x N] <bos> prompt "\\n"` ids (PaliGemma), or
+  `<bos>` and the prompt with `"\\n\\n<start_of_image>"`, soft tokens, `"<end_of_image>\\n\\n"`
+  for each image (Gemma 3), left-padded, and the pixel values, as transformers' processors lay them out.
 - `parse_detections` / `draw_detections`: `<locYYYY>` boxes (and `<segNNN>` codes)
   in generated text -> pixel boxes in the original image, drawn on it.
 """
@@ -179,12 +180,42 @@ def prompt_ids(tokenizer, prompt: str, num_image_tokens: int, image_token_id: in
     return [image_token_id] * num_image_tokens + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n", add_bos=False)
 
 
-def prompt_rows(model, tokenizer, prompts, images, resample: str = "bicubic") -> tuple[list[list[int]], mx.array]:
-    """(token ids per prompt, pixel values [B, H, W, 3]) for PaliGemma: one image per
-    prompt, or a single image for every prompt."""
+def gemma3_prompt_ids(tokenizer, prompt: str, n_images: int, spec) -> list[int]:
+    """`<bos>` and the prompt with each `<start_of_image>` in it replaced by `"\\n\\n<start_of_image>"`,
+    the image's soft tokens and `"<end_of_image>\\n\\n"`, as transformers' Gemma3Processor lays it out.
+
+    A prompt without `<start_of_image>` gets its images first (one marker each, as the chat
+    template places them before the text).  The text between the images is tokenized piece by
+    piece with its special tokens parsed, as the processor's tokenizer splits at them.
+    """
+    marker = tokenizer.id_to_piece(spec.start_id)
+    parts = prompt.split(marker)
+    if len(parts) == 1:
+        parts = [""] * n_images + [prompt]
+    if len(parts) - 1 != n_images:
+        raise ImageError("image", f"the prompt holds {len(parts) - 1} {marker} markers for {n_images} image(s); "
+                                  "give one image per marker (or no marker: the images then come first)")
+    ids = [tokenizer.bos_id]
+    for i, text in enumerate(parts):
+        text = ("\n\n" if i else "") + text + ("\n\n" if i < n_images else "")
+        ids += tokenizer.encode(text, add_bos=False, parse_special=True)
+        if i < n_images:
+            ids += [spec.start_id] + [spec.token_id] * spec.num_tokens + [spec.end_id]
+    return ids
+
+
+def prompt_rows(model, tokenizer, prompts, images, resample: str | None = None) -> tuple[list[list[int]], mx.array]:
+    """(token ids per prompt, pixel values [N, H, W, 3]) for a model that takes images.
+
+    PaliGemma: one image per prompt, or a single image for every prompt.  Gemma 3: each
+    prompt's entry may also be a list of images (several per prompt, each at one
+    `<start_of_image>` of the prompt); the pixels are every prompt's images in order.
+    `resample` defaults to the model's processor: bicubic (PaliGemma), bilinear (Gemma 3).
+    """
     spec = model.image_input
     if spec is None:
-        raise ImageError("image", f"a {model.model_type} model takes no images; use a PaliGemma")
+        raise ImageError("image", f"a {model.model_type} model takes no images; use a PaliGemma or a Gemma 3 "
+                                  "vision-language model")
     if isinstance(prompts, str):
         prompts = [prompts]
     if not all(isinstance(p, str) for p in prompts):
@@ -193,12 +224,17 @@ def prompt_rows(model, tokenizer, prompts, images, resample: str = "bicubic") ->
         images = [images] * len(prompts)
     if len(images) != len(prompts):
         raise ImageError("image", f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
-    rows = [prompt_ids(tokenizer, p, spec.num_tokens, spec.token_id) for p in prompts]
-    return rows, preprocess_images(list(images), spec.image_size, resample)
+    if spec.start_id is None:  # PaliGemma: one image, before <bos>
+        rows = [prompt_ids(tokenizer, p, spec.num_tokens, spec.token_id) for p in prompts]
+        return rows, preprocess_images(list(images), spec.image_size, resample or "bicubic")
+    per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    rows = [gemma3_prompt_ids(tokenizer, p, len(ims), spec) for p, ims in zip(prompts, per_prompt)]
+    flat = [im for ims in per_prompt for im in ims]
+    return rows, preprocess_images(flat, spec.image_size, resample or "bilinear")
 
 
-def prompt_inputs(model, tokenizer, prompts, images, resample: str = "bicubic"):
-    """(input_ids [B, T], pixel_values [B, H, W, 3], left_padding [B]) for `model(...)`.
+def prompt_inputs(model, tokenizer, prompts, images, resample: str | None = None):
+    """(input_ids [B, T], pixel_values [N, H, W, 3], left_padding [B]) for `model(...)`.
 
     Rows are left-padded with <pad> to the longest; pass `padding_mask` (or the
     cache's `left_padding`) so the model ignores the pads.

@@ -55,6 +55,7 @@ class Scripted:
     """
 
     prefix_lm = False  # prompts may be prefilled in chunks
+    image_input = None  # text only
     model_type = "scripted"
     path = None
 

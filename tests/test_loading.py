@@ -59,11 +59,12 @@ def test_load_returns_model_and_tokenizer():
 
 
 def test_nested_text_config_and_multimodal_weight_names(folder):
-    """The language half of a multimodal `gemma3` checkpoint loads as a text model."""
+    """A `gemma3` config without a vision_config loads its text_config as a text model, its
+    weights under multimodal names (stray vision weights dropped); with a vision_config it
+    builds the vision-language model (tests/test_gemma3_vlm.py)."""
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(
-        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-         "text_config": config, "vision_config": {"hidden_size": 8}}
+        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": config}
     ))
     weights = load_file(folder / "model.safetensors")
     renamed = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v

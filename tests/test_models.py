@@ -270,7 +270,7 @@ def test_softcapped_attention_rounds_its_float32_softmax_once(dtype):
 # ----- the model contract (mlx_gemma/models/base.py) -------------------------------------
 
 # One tiny fixture per registered architecture (PaliGemma over both of its decoders).
-CONTRACT_FIXTURES = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2"]
+CONTRACT_FIXTURES = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2", "tiny_gemma3_vlm"]
 
 
 def _conforms(value, hint) -> bool:
@@ -325,11 +325,15 @@ def test_every_model_keeps_the_written_contract(name):
         assert not model.prefix_lm and model.float_prefixes == ()
         ids = mx.array([[2, 5, 7, 9]])
         inputs = {}
-    else:  # PaliGemma: the image's placeholders, the patches and the pixels agree
+    else:  # with images: the placeholders, the patches (or pooled soft tokens) and the pixels agree
         spec = model.image_input
-        assert model.prefix_lm
-        assert spec.num_tokens == (spec.image_size // model.args.vision.patch_size) ** 2
-        ids = mx.array([[spec.token_id] * spec.num_tokens + [2, 5, 7]])
+        if spec.start_id is None:  # PaliGemma: one placeholder per patch, before <bos>; a prefix-LM
+            assert model.prefix_lm
+            assert spec.num_tokens == (spec.image_size // model.args.vision.patch_size) ** 2
+            ids = mx.array([[spec.token_id] * spec.num_tokens + [2, 5, 7]])
+        else:  # Gemma 3: pooled soft tokens between <start_of_image> and <end_of_image>; causal
+            assert not model.prefix_lm and spec.num_tokens == model.args.mm_tokens_per_image
+            ids = mx.array([[2, spec.start_id] + [spec.token_id] * spec.num_tokens + [spec.end_id, 5, 7]])
         inputs = {"pixel_values": mx.zeros((1, spec.image_size, spec.image_size, 3))}
     hidden = model.model(ids, **inputs)  # [B, T, hidden]
     assert hidden.shape == (1, ids.shape[1], model.args.hidden_size)

@@ -189,6 +189,7 @@ class Bigram:
     """
 
     prefix_lm = False  # the part of the model contract (GemmaModel) that search uses
+    image_input = None
 
     def __init__(self, table, context=64):
         self.table = mx.array(table, mx.float32)

@@ -5,7 +5,7 @@ An explicit table, never a name taken from a checkpoint and imported: a
 `GemmaModel` (base.py): the one list of what the rest of the package may use.
 """
 
-from . import embedding_gemma, gemma, gemma2, gemma3, paligemma
+from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, paligemma
 from .base import Block, GemmaArgs, GemmaModel, ImageInput
 
 __all__ = ["ENCODERS", "MODELS", "TEXT_PART_OF", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
@@ -16,10 +16,11 @@ MODELS = {
     "gemma2": gemma2,
     "gemma3_text": gemma3,
     "paligemma": paligemma,  # SigLIP + Gemma / Gemma 2 (PaliGemma 1 / 2)
+    "gemma3": gemma3_vlm,  # SigLIP + Gemma 3 (a gemma3 config with a vision_config)
 }
 
-# Multimodal configs whose language half we can run as a text model: the text
-# settings live under `text_config`.
+# Multimodal configs whose language half we run as a text model when they carry no
+# `vision_config`: the text settings live under `text_config`.
 TEXT_PART_OF = {"gemma3": "gemma3_text"}
 
 # Sentence encoders: a config of this model_type with `use_bidirectional_attention: true`,
@@ -29,4 +30,4 @@ ENCODERS = {"gemma3_text": embedding_gemma}
 
 
 def supported_model_types() -> list[str]:
-    return sorted([*MODELS, *TEXT_PART_OF])
+    return sorted({*MODELS, *TEXT_PART_OF})

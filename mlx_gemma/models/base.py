@@ -21,11 +21,13 @@ from .kv_cache import KVCacheOptions
 
 @dataclass(frozen=True)
 class ImageInput:
-    """What one image takes in a prompt (PaliGemma): its pixels and its placeholder tokens."""
+    """What one image takes in a prompt (PaliGemma, Gemma 3): its pixels and its placeholder tokens."""
 
     image_size: int  # pixels per side of the square input the vision tower takes
-    num_tokens: int  # `<image>` placeholders per image: one per vision patch
+    num_tokens: int  # placeholders per image: one per patch (PaliGemma), per pooled soft token (Gemma 3)
     token_id: int  # the placeholder's id, which the image features replace
+    start_id: int | None = None  # `<start_of_image>` before the placeholders (Gemma 3); None: PaliGemma's layout
+    end_id: int | None = None  # `<end_of_image>` after them (Gemma 3)
 
 
 @runtime_checkable
@@ -62,7 +64,8 @@ class GemmaModel(Protocol):
 
     args: GemmaArgs  # the parsed config.json (the architecture's ModelArgs)
     model_type: str  # the registry key that built it: "gemma", "gemma2", "gemma3_text", "paligemma"
-    model: nn.Module  # ids (+ inputs) -> normed last hidden [B, T, hidden]: model.model(ids, cache=..., **inputs)
+    model: nn.Module  # ids (+ inputs) -> normed last hidden [B, T, hidden]: model.model(ids, cache=..., **inputs);
+    # with images, also model.model.embed(ids, pixel_values) -> the merged embeddings [B, T, hidden]
     prefix_lm: bool  # the prompt attends both ways, so it is prefilled in one call (PaliGemma)
     float_prefixes: tuple[str, ...]  # weight-name prefixes the converter leaves unquantized
     image_input: ImageInput | None  # what an image takes in a prompt; None: a text-only model

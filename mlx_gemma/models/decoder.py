@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import Block
+from .image_blocks import with_image_blocks
 from .kv_cache import KVCacheOptions, make_layer_caches
 from .layers import RMSNorm, build_mask, embedding_scale, softcap
 
@@ -42,6 +43,7 @@ class DecoderStack(nn.Module):
         input_embeddings: mx.array | None = None,  # [B, T, hidden], already scaled
         prefix_length: mx.array | None = None,  # [B]: leading tokens attending bidirectionally
         intercept=None,  # fn(h, i) -> h, called with i = -1 after embedding, then 0..L-1
+        image_blocks: mx.array | None = None,  # [B, T]: image block id per token (-1: text); Gemma 3
     ) -> mx.array:
         h = self.embed(input_ids) if input_embeddings is None else input_embeddings
         cache = cache or [None] * len(self.layers)
@@ -52,6 +54,9 @@ class DecoderStack(nn.Module):
             window = layer.window  # the block's declared window (base.Block), None: global
             if window not in masks:
                 masks[window] = layer_mask(h.shape[1], layer_cache, window, padding_mask, prefix_length)
+                if image_blocks is not None:  # each image's tokens also see their whole image
+                    offset = 0 if layer_cache is None else layer_cache.offset
+                    masks[window] = with_image_blocks(masks[window], image_blocks, window, offset)
             h = layer(h, masks[window], layer_cache)
             if intercept is not None:
                 h = intercept(h, i)

@@ -19,14 +19,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError
 from . import gemma, gemma2
 from ..json_input import json_type
-from .base import Block, ImageInput
+from .base import ImageInput
 from .config import parse_config
 from .decoder import DecoderStack
-from .kv_cache import KVCacheOptions, make_layer_caches
-from .layers import softcap
+from .image_blocks import embed_with_images
+from .image_text import ImageTextLM, canonical_key  # noqa: F401  (canonical_key: PaliGemma's names, re-exported)
 from .siglip import VisionArgs, VisionModel
 
 # text_config.model_type -> the decoder that PaliGemma generation uses.
@@ -38,30 +38,6 @@ TEXT_DEFAULTS = {
     "model_type": "gemma", "hidden_size": 2048, "num_hidden_layers": 18, "intermediate_size": 16384,
     "num_attention_heads": 8, "num_key_value_heads": 1, "vocab_size": 257152,
 }
-
-# Weight-name prefixes of the other layouts -> ours (first match wins).  Original
-# checkpoints and mlx-vlm say `language_model.model.`; transformers 5 writes the
-# vision tower without SigLIP's `vision_model.` level.
-LAYOUT_PREFIXES = (
-    ("model.language_model.", "model.language_model."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.", "model.language_model."),
-    ("model.vision_tower.vision_model.", "model.vision_tower.vision_model."),
-    ("model.vision_tower.", "model.vision_tower.vision_model."),
-    ("vision_tower.vision_model.", "model.vision_tower.vision_model."),
-    ("vision_tower.", "model.vision_tower.vision_model."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
-
-
-def canonical_key(key: str) -> str:
-    """A PaliGemma weight name in any Hugging Face / mlx-vlm layout -> ours."""
-    for old, new in LAYOUT_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
 
 @dataclass
 class ModelArgs:
@@ -145,28 +121,8 @@ class PaliGemmaModel(nn.Module):
 
     def embed(self, input_ids: mx.array, pixel_values: mx.array | None = None) -> mx.array:
         """Scaled token embeddings with the image features at the `<image>` positions."""
-        image_id = self.args.image_token_index
-        is_image = input_ids == image_id  # [B, T]
-        ids = input_ids
-        if image_id >= self.args.text.vocab_size:
-            ids = mx.where(is_image, 0, input_ids)  # transformers embeds an out-of-vocabulary placeholder as id 0
-        h = self.language_model.embed(ids)  # [B, T, hidden]
-        if pixel_values is None:
-            return h
-        features = self.image_features(pixel_values).astype(h.dtype)
-        n_images, per_image, D = features.shape
-        n_slots = int(is_image.sum().item())
-        if n_slots != n_images * per_image:
-            raise ImageError(
-                "pixel_values", f"{n_images} image(s) need {n_images * per_image} <image> tokens "
-                f"({per_image} each), but input_ids hold {n_slots}"
-            )
-        # The k-th placeholder (row-major over the batch) takes the k-th feature,
-        # as transformers' `masked_scatter` does.
-        flat = is_image.reshape(-1)
-        index = mx.maximum(mx.cumsum(flat.astype(mx.int32)) - 1, 0)
-        merged = mx.where(flat[:, None], features.reshape(-1, D)[index], h.reshape(-1, D))
-        return merged.reshape(h.shape)
+        return embed_with_images(self.language_model, input_ids, self.args.image_token_index, self.image_features,
+                                 pixel_values, "<image>")
 
     def __call__(
         self,
@@ -191,7 +147,7 @@ class PaliGemmaModel(nn.Module):
         )
 
 
-class Model(nn.Module):
+class Model(ImageTextLM):
     """PaliGemma: `model(input_ids, pixel_values=None, cache=None, padding_mask=None) -> logits [B, T, V]`.
 
     The contract (base.GemmaModel) over a Gemma / Gemma 2 decoder that also takes images.
@@ -227,34 +183,3 @@ class Model(nn.Module):
         prefix_length: mx.array | int | None = None,
     ) -> mx.array:
         return self.logits(self.model(input_ids, cache, padding_mask, pixel_values, prefix_length))
-
-    def logits(self, hidden: mx.array) -> mx.array:
-        """Output logits for hidden states [..., hidden] (Gemma 2's final soft-cap included)."""
-        if self.args.tie_word_embeddings:
-            out = self.model.language_model.embed_tokens.as_linear(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return softcap(out, self.args.final_logit_softcapping)
-
-    @property
-    def decoder(self) -> DecoderStack:
-        return self.model.language_model
-
-    @property
-    def layers(self) -> list[Block]:
-        return self.model.language_model.layers
-
-    @property
-    def windows(self) -> list[int | None]:
-        return [layer.window for layer in self.layers]
-
-    def make_cache(self, left_padding: mx.array | None = None, options: KVCacheOptions | None = None, **kv):
-        """Per-layer KV caches, shaped by `options` (or its fields as keywords: max_kv_size=...)."""
-        return make_layer_caches(self.windows, left_padding, KVCacheOptions.of(options, **kv), self.args.head_dim)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Either Hugging Face layout -> ours; drop what we recompute or share."""
-        out = {canonical_key(k): v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-        if self.args.tie_word_embeddings:
-            out.pop("lm_head.weight", None)  # the same tensor as the embedding
-        return self.model.vision_tower.sanitize(out, prefix="model.vision_tower.")
