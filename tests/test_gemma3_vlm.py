@@ -261,3 +261,28 @@ def test_bad_configs_are_refused(change, message):
     config = {**json.loads((FOLDER / "config.json").read_text()), **change}
     with pytest.raises(ConfigError, match=message):
         load_model_from(config, {}, path=FOLDER)
+
+
+# ----- conversion ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_convert_keeps_the_vision_model(loaded, tmp_path, quantize):
+    """A converted folder is still the vision-language model; quantizing leaves the SigLIP tower
+    and the projector in float (Model.float_prefixes) and quantizes the language model."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma.convert import convert
+
+    _, _, ref = loaded
+    dest = convert(FOLDER, mlx_path=tmp_path / "out", quantize=quantize, q_bits=8, q_group_size=32, progress=False)
+    config = json.loads((dest / "config.json").read_text())
+    assert config["model_type"] == "gemma3" and config["vision_config"]["image_size"] == 56
+    model = load_model(dest)
+    names = dict(tree_flatten(model.parameters()))
+    assert not any(k.startswith(model.float_prefixes) and k.endswith(".scales") for k in names)
+    assert any(k.endswith(".scales") for k in names) == quantize
+    ids, pixels, real = case_inputs(ref, "batch")
+    logits = model(ids, pixel_values=pixels, padding_mask=mx.array(real))
+    # 8-bit weights in the language model: 3.5e-2 of the logits' scale measured on this random model.
+    assert rel_err(logits, ref["batch_logits"], real) < (5e-2 if quantize else RTOL)

@@ -30,7 +30,7 @@ from .writer import write_model_folder
 
 
 def _text_only(config: dict) -> dict:
-    """A multimodal `gemma3` config, written as the text model we converted."""
+    """A multimodal `gemma3` config without a `vision_config`, written as the text model we converted."""
     if config.get("model_type") != "gemma3":
         return config
     kept = {k: v for k, v in config.items() if k in ("quantization", "quantization_config", "torch_dtype")}
@@ -91,7 +91,8 @@ def convert(
         config = quantize_model(model, config, q_bits, q_group_size, quant_recipe)
     if dtype:
         config["torch_dtype"] = dtype
-    config = mlx_lm_compatible(_text_only(config))
+    if model.image_input is None:  # a gemma3 config without a tower was converted as its text model
+        config = mlx_lm_compatible(_text_only(config))
 
     weights = dict(tree_flatten(model.parameters()))
     bar = Progress("writing", 1, " files", enabled=enabled)
