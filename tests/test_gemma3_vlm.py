@@ -286,3 +286,17 @@ def test_convert_keeps_the_vision_model(loaded, tmp_path, quantize):
     logits = model(ids, pixel_values=pixels, padding_mask=mx.array(real))
     # 8-bit weights in the language model: 3.5e-2 of the logits' scale measured on this random model.
     assert rel_err(logits, ref["batch_logits"], real) < (5e-2 if quantize else RTOL)
+
+
+def test_keras_style_tasks_take_the_language_half(loaded):
+    """GemmaCausalLM / GemmaBackbone of a multimodal Gemma 3 folder (keras-hub's gemma3_4b_text
+    presets map to those repositories) run its text model, sharing the weights."""
+    from mlx_gemma.tasks import GemmaBackbone, GemmaCausalLM
+
+    model, _, ref = loaded
+    backbone = GemmaBackbone.from_model(model)
+    assert backbone.model.model_type == "gemma3_text" and backbone.model.decoder is model.decoder
+    hidden = backbone({"token_ids": ref["text_input_ids"]})
+    assert rel_err(model.logits(hidden), ref["text_logits"]) < RTOL
+    lm = GemmaCausalLM.from_preset(FOLDER)
+    assert rel_err(lm.backbone.model(mx.array(ref["text_input_ids"])), ref["text_logits"]) < RTOL

@@ -187,3 +187,13 @@ class Model(ImageTextLM):
     def __call__(self, input_ids: mx.array, pixel_values: mx.array | None = None, cache=None,
                  padding_mask: mx.array | None = None) -> mx.array:
         return self.logits(self.model(input_ids, cache, padding_mask, pixel_values))
+
+    def text_model(self) -> gemma3.Model:
+        """The language half as a Gemma 3 text model sharing these weights (no copy): what keras-hub's
+        text-only presets of the multimodal checkpoints (gemma3_4b_text, ...) are."""
+        text = gemma3.Model(self.args.text)  # its fresh random weights stay lazy: replaced before use
+        text.model = self.model.language_model
+        if not self.args.tie_word_embeddings:
+            text.lm_head = self.lm_head
+        text.path = self.path
+        return text

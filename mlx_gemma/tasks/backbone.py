@@ -20,6 +20,7 @@ from ..convert.keras_common import keras_config_to_hf
 from ..arguments import integer_arg, is_integer, real_arg
 from ..errors import MlxGemmaError
 from ..loading import build_model, load_config, load_model
+from ..models import gemma3_vlm
 from .presets import is_keras_preset, keras_backbone_config, preset_of, resolve_preset
 from .causal_lm_training import enable_lora, load_lora_weights, save_lora_weights
 
@@ -114,7 +115,10 @@ class GemmaBackbone:
 
     @classmethod
     def from_model(cls, model, dropout: float = 0.0) -> GemmaBackbone:
-        """Wrap an already loaded mlx_gemma text model (e.g. from `mlx_gemma.load`)."""
+        """Wrap an already loaded mlx_gemma text model (e.g. from `mlx_gemma.load`); of a Gemma 3
+        vision-language model, its language half (as keras-hub's `gemma3_4b_text` presets are)."""
+        if isinstance(model, gemma3_vlm.Model):
+            model = model.text_model()
         backbone = cls.__new__(cls)
         backbone._init(model, dropout)
         return backbone
