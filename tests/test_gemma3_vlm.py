@@ -300,3 +300,37 @@ def test_keras_style_tasks_take_the_language_half(loaded):
     assert rel_err(model.logits(hidden), ref["text_logits"]) < RTOL
     lm = GemmaCausalLM.from_preset(FOLDER)
     assert rel_err(lm.backbone.model(mx.array(ref["text_input_ids"])), ref["text_logits"]) < RTOL
+
+
+# ----- live oracle: transformers on fresh inputs ----------------------------------------------
+
+
+@pytest.mark.oracle
+def test_live_transformers_parity_on_fresh_inputs(loaded):
+    """Fresh images and prompts (three images over a padded batch of two, special tokens in the
+    text): the processor's ids and pixels, and the model's logits, full and chunked."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import sys
+
+    sys.path.insert(0, str(FIXTURES))
+    from make_tiny_gemma3_vlm import processor
+
+    model, tokenizer, _ = loaded
+    rng = np.random.default_rng(77)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((20, 90, 3), (70, 45, 3), (56, 57, 3))]
+    prompts = ["<start_of_image><start_of_image>Which one is brighter?",
+               "<start_of_turn>user\n<start_of_image>Describe it.<end_of_turn>\n<start_of_turn>model\n"]
+    batch = processor(FOLDER)(images=[images[:2], images[2:]], text=prompts, return_tensors="pt", padding="longest")
+    reference = transformers.Gemma3ForConditionalGeneration.from_pretrained(FOLDER, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids",
+                                                      "pixel_values")}).logits.numpy()
+    real = batch["attention_mask"].numpy().astype(bool)
+    ids, pixels, padding = prompt_inputs(model, tokenizer, prompts, [images[:2], images[2:]])
+    assert np.array_equal(np.array(ids)[real], batch["input_ids"].numpy()[real])
+    np.testing.assert_allclose(np.array(pixels), batch["pixel_values"].numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    assert rel_err(model(ids, pixel_values=pixels, padding_mask=mx.array(real)), expected, real) < RTOL
+    cache = model.make_cache(left_padding=padding)
+    hidden = prefill(model, ids, cache, 5, keep_hidden=True, pixel_values=pixels)
+    assert rel_err(model.logits(hidden), expected, real) < RTOL
