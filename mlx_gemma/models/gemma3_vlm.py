@@ -115,7 +115,12 @@ class Projector(nn.Module):
 
 
 class Gemma3VLModel(nn.Module):
-    """Token ids (+ pixels) -> the decoder's normed last hidden state [B, T, hidden]."""
+    """Token ids (+ pixels) -> the decoder's normed last hidden state [B, T, hidden].
+
+    The soft tokens of an image attend to each other within one call: a caller that feeds a
+    prompt in chunks itself keeps each image in one chunk (engine.prefill does), since tokens
+    already cached cannot see the later tokens of their image.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
