@@ -5,7 +5,7 @@ An explicit table, never a name taken from a checkpoint and imported: a
 `GemmaModel` (base.py): the one list of what the rest of the package may use.
 """
 
-from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, paligemma
+from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, paligemma, shieldgemma2
 from .base import Block, GemmaArgs, GemmaModel, ImageInput
 
 __all__ = ["ENCODERS", "MODELS", "TEXT_PART_OF", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
@@ -17,6 +17,7 @@ MODELS = {
     "gemma3_text": gemma3,
     "paligemma": paligemma,  # SigLIP + Gemma / Gemma 2 (PaliGemma 1 / 2)
     "gemma3": gemma3_vlm,  # SigLIP + Gemma 3 (a gemma3 config with a vision_config)
+    "shieldgemma2": shieldgemma2,  # Gemma 3 with images + Yes/No ids (the classifier: mlx_gemma.shieldgemma2)
 }
 
 # Multimodal configs whose language half we run as a text model when they carry no
