@@ -8,6 +8,10 @@ keys and values, so each turn prefills only its own new tokens.
     >> Why is the sky blue?
     ...
     >> /reset      (a new conversation)   /quit or Ctrl-D (leave)
+
+With a Gemma 3 vision-language model, `send(text, images=[...])` adds images to a turn (at
+each `<start_of_image>` in the text, or first), and `/image PATH` at the prompt attaches one to
+the next turn.  Earlier images stay in the prompt cache: the vision tower sees each image once.
 """
 
 from __future__ import annotations
@@ -22,25 +26,31 @@ from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_op
 from .generate import GenerationResponse, format_stats, stream_generate
 from .models.kv_cache import KVCacheOptions
 from .samplers import SamplingSettings
+from .image_chat import image_block, user_content
 from .prompt_cache import PromptCache
+from .vision import load_image
 
 
-def next_turn_ids(tokenizer, history: list[int], text: str, system: str | None = None) -> list[int]:
+def next_turn_ids(tokenizer, history: list[int], text, system: str | None = None,
+                  image_block: list | None = None) -> list[int]:
     """The conversation's ids with a new user turn `text` and the model's turn opened.
 
     `history` is the ids so far (empty for the first turn, where `system` goes),
     ending with the last reply; a reply that did not end with <end_of_turn>
     (cut short, or ended by <eos>) is closed with one, as Gemma's template
-    closes every model turn.
+    closes every model turn.  `text` may be a list of content parts (`{"type": "image"}`
+    among them, laid out as `image_block`: `mlx_gemma.image_chat.image_block`).
     """
     if not history:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             image_block=image_block)
     eot = tokenizer.end_of_turn_id
     if history[-1] != eot and history[-1] in tokenizer.eos_token_ids:
         history = history[:-1]  # another stop id (<eos>) ends the reply: the template has <end_of_turn> there
     closing = [] if history[-1] == eot else [eot]
-    turn = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True)[1:]  # no <bos>
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                         image_block=image_block)[1:]  # no <bos>
     return history + closing + tokenizer.encode("\n", add_bos=False) + turn
 
 
@@ -73,16 +83,27 @@ class ChatSession:
                              **generate_kwargs)
         self.settings["stop_token_ids"] = [tokenizer.end_of_turn_id, *(generate_kwargs.get("stop_token_ids") or [])]
         self.history: list[int] = []  # the conversation's ids, replies included
+        self.images: list = []  # the conversation's images (RGB PIL images), in order
 
     def reset(self) -> None:
         """Start a new conversation (same system prompt and settings)."""
-        self.history = []
+        self.history, self.images = [], []
         self.cache.reset()
 
-    def send(self, text: str) -> Iterator[GenerationResponse]:
-        """Add a user turn and stream the model's reply (recorded in `history` as it comes)."""
-        ids = next_turn_ids(self.tokenizer, self.history, text, self.system)
-        responses = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **self.settings)
+    def send(self, text: str, images=None) -> Iterator[GenerationResponse]:
+        """Add a user turn (with `images`: paths, PIL images or arrays, at each `<start_of_image>`
+        in `text` or first) and stream the model's reply (recorded in `history` as it comes)."""
+        spec = self.model.image_input
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if images and (spec is None or spec.start_id is None):
+            raise GenerationError("this model takes no images in a chat (Gemma 3 vision-language models do)")
+        new = [load_image(im, f"images[{i}]") for i, im in enumerate(images)]  # read once, kept as read
+        block = image_block(spec) if spec is not None and spec.start_id is not None else None
+        content = user_content(text, len(new), self.tokenizer.id_to_piece(spec.start_id)) if new else text
+        ids = next_turn_ids(self.tokenizer, self.history, content, self.system, block)
+        every = self.images + new
+        responses = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
+                                    image=every or None, **self.settings)
         generated: list[int] = []
         try:
             for r in responses:
@@ -90,17 +111,18 @@ class ChatSession:
                 yield r
         finally:
             responses.close()  # so the cache records its tokens now, not whenever collected
-            self.history = ids + generated
+            self.history, self.images = ids + generated, every
 
-    def reply(self, text: str) -> str:
+    def reply(self, text: str, images=None) -> str:
         """`send`, returning the reply's text."""
-        return "".join(r.text for r in self.send(text))
+        return "".join(r.text for r in self.send(text, images))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma.chat",
                                 description="Chat with a Gemma instruct model (/reset: new conversation, "
-                                            "/quit: leave).")
+                                            "/image PATH: attach an image to your next message, Gemma 3 "
+                                            "vision-language models; /quit: leave).")
     p.add_argument("--model", default=None, help="model folder or hub repo id (default: the packaged model)")
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for every conversation")
     add_sampling_flags(p)
@@ -118,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = load(args.model)
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,
                               kv_options=kv_options_from(args))
-        print("[/reset starts a new conversation; /quit or Ctrl-D leaves]", file=err)
+        print("[/reset starts a new conversation; /image PATH attaches an image; /quit or Ctrl-D leaves]", file=err)
+        pending: list = []  # images attached to the next message
         while True:
             line = input(">> ") if interactive else sys.stdin.readline()
             if not line:  # EOF
@@ -128,13 +151,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             if text == "/reset":
                 session.reset()
+                pending = []
                 print("[new conversation]", file=err)
+                continue
+            if text.startswith("/image "):
+                pending.append(_attach(text[len("/image "):].strip(), err))
+                pending = [im for im in pending if im is not None]
                 continue
             if not text:
                 continue
             last = None
             try:
-                for last in session.send(text):
+                images, pending = pending, []
+                for last in session.send(text, images):
                     print(last.text, end="", file=out, flush=True)
             except GenerationError as e:  # e.g. the conversation outgrew the context: say so, go on
                 print(f"{error_line(e)} (/reset starts a new conversation)", file=err)
@@ -152,6 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MlxGemmaError as e:
         print(error_line(e), file=err)
         return 2
+
+
+def _attach(path: str, err):
+    """`/image PATH`: the image read now (said so on stderr), or None with the reason."""
+    try:
+        image = load_image(path)
+    except MlxGemmaError as e:
+        print(f"{error_line(e)} (not attached)", file=err)
+        return None
+    print(f"[image {path} attached to your next message]", file=err)
+    return image
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_op
 from .engine import SampleStep, prefill, run, token_budget
 from .errors import GenerationError, MlxGemmaError
 from .prompt_cache import continuation_ids, load_prompt_cache
+from .image_chat import chat_image_rows
 from .prompts import RowText, prompt_ids, stop_settings
 from .vision import prompt_rows
 
@@ -136,6 +137,10 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     `image`: a path, PIL image or array; the prompt is then laid out as `[<image> x N] <bos>
     prompt "\n"` (PaliGemma), or, for a Gemma 3 vision-language model, also a list of images,
     each at one `<start_of_image>` of the prompt (or all first when it has none; see `mlx_gemma.vision`).
+    Gemma 3 also takes images with the chat template (`chat`, `system`, messages with
+    `{"type": "image"}` parts, one image each, in order; see `mlx_gemma.image_chat`), with token ids
+    that already hold the image blocks, and with a `prompt_cache` (a cached image is reused only
+    if it is the same image).
     """
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
@@ -144,7 +149,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     if prompt_cache is not None:
         if request.kv != KVCacheOptions():
             raise GenerationError("KV-cache options go to the PromptCache when it is made, not to each call")
-        return _only_row(_start_cached(model, tokenizer, rows_ids[0], request, prompt_cache))
+        return _only_row(_start_cached(model, tokenizer, rows_ids[0], request, prompt_cache, pixels))
     return _only_row(_start(model, tokenizer, rows_ids, request, pixels))
 
 
@@ -212,9 +217,12 @@ def _encode(model, tokenizer, prompts, chat, system, images, cached: bool) -> tu
     """Each prompt's token ids, and the pixels of its images (PaliGemma, Gemma 3) or None."""
     if images is None:
         return [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts], None
-    if chat or system or cached:
-        raise GenerationError("image prompts take no chat template, system prompt or prompt cache "
-                              "(write Gemma 3's turns into the prompt yourself)")
+    spec = model.image_input
+    if spec is not None and spec.start_id is not None and (chat or system or cached or not all(
+            isinstance(p, str) for p in prompts)):  # Gemma 3: the chat template, token ids, a cache
+        return chat_image_rows(model, tokenizer, prompts, images, chat, system)
+    if spec is not None and (chat or system or cached):
+        raise GenerationError("PaliGemma's image prompts take no chat template, system prompt or prompt cache")
     return prompt_rows(model, tokenizer, prompts, images)
 
 
@@ -231,14 +239,18 @@ def _start(model, tokenizer, rows_ids, request: _Request, pixel_values=None):
                       token_budget(model, T, request.max_tokens))
 
 
-def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache):
-    """As `_start` for one prompt, continuing what `prompt_cache` holds and recording what is added."""
+def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache, pixels=None):
+    """As `_start` for one prompt, continuing what `prompt_cache` holds and recording what is added;
+    with `pixels` (Gemma 3), only the images the cache does not hold go through the vision tower."""
     prompt_cache.check(model)
     budget = token_budget(model, len(ids), request.max_tokens)  # before the cache is touched
-    feed = prompt_cache.prepare(ids)
+    if model.image_input is None or model.image_input.start_id is None:
+        feed = prompt_cache.prepare(ids)
+    else:
+        feed, pixels = prompt_cache.prepare(ids, pixels, model.image_input.token_id)
     steps = generate_step(model, feed, cache=prompt_cache.caches, sampler=request.sampler,
                           logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
-                          max_tokens=request.max_tokens,
+                          max_tokens=request.max_tokens, pixel_values=pixels,
                           cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None)
     return prompt_cache.recorded(_responses(steps, request.rows(tokenizer, 1), [len(feed)], budget), ids)
 
@@ -343,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text, not printed (repeatable)")
     p.add_argument("--image", action="append", metavar="PATH",
                    help="an image for the prompt (repeatable): PaliGemma answers once per image (-p 'caption en'); "
-                        "Gemma 3 takes them all in one prompt, at its <start_of_image> markers or first")
+                        "Gemma 3 takes them all in one prompt, at its <start_of_image> markers or first, "
+                        "in the chat template's user turn with --chat (the default for instruct models)")
     add_cache_flags(p)
     p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
                                                "the prompt continues the cached text")
@@ -368,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_arg = args.model or prompt_cache.metadata.get("model")
         model, tokenizer = load(model_arg, adapter_path=args.adapter_path)
         folder = model.path
-        chat = args.chat if args.chat is not None else (not args.image and looks_instruct(model_arg, folder, tokenizer))
+        gemma3_images = model.image_input is not None and model.image_input.start_id is not None
+        chat = args.chat if args.chat is not None else (
+            (not args.image or gemma3_images) and looks_instruct(model_arg, folder, tokenizer))
         if prompt_cache is not None:
             prompt_cache.check(model)
             chat = args.chat if args.chat is not None else prompt_cache.metadata.get("chat") == "true"
@@ -378,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if prompt_cache is not None:  # the cached ids, then the prompt (and the turn's end, in chat)
             prompt, chat = prompt_cache.tokens + continuation_ids(tokenizer, prompt, chat), None
         images = args.image or [None]
-        if args.image and model.image_input is not None and model.image_input.start_id is not None:
+        if args.image and gemma3_images:
             images = [args.image]  # Gemma 3: every image in the one prompt
         for image in images:
             if len(images) > 1:

@@ -20,6 +20,7 @@ import os
 import mlx.core as mx
 
 from .engine import prefill
+from .image_chat import image_digests, image_spans
 from .models.kv_cache import KVCacheOptions, RotatingKVCache, make_layer_caches, time_slice
 from .errors import GenerationError, MlxGemmaError, PromptCacheError
 from .json_input import expect, field, number_in
@@ -57,6 +58,7 @@ class PromptCache:
         """Forget everything (a new conversation)."""
         self.caches = make_layer_caches(self.fingerprint["windows"], options=self.options)
         self.tokens: list[int] = []
+        self.images: list[tuple[int, int, str]] = []  # (start, end, digest) of each image block held
 
     @property
     def offset(self) -> int:
@@ -70,11 +72,14 @@ class PromptCache:
         if diff:
             raise PromptCacheError(self.path, "the prompt cache was made for another model: " + "; ".join(diff))
 
-    def prepare(self, ids: list[int]) -> list[int]:
+    def prepare(self, ids: list[int], pixel_values: mx.array | None = None, image_token: int | None = None):
         """Keep the longest common prefix of the cached tokens and `ids`; returns the ids to feed.
 
         At least one id is always fed (its logits start the reply), so a prompt
-        equal to the cached tokens recomputes its last one.
+        equal to the cached tokens recomputes its last one.  With `pixel_values` (one image per
+        block of `image_token`s in `ids`, Gemma 3) returns (ids, pixel values) to feed: a cached
+        image is kept only if its pixels are the same, the prefix never ends inside an image
+        (its tokens attend to each other in one call), and only the images fed are returned.
         """
         n = 0
         for cached, new in zip(self.tokens, ids):
@@ -82,11 +87,25 @@ class PromptCache:
                 break
             n += 1
         n = min(n, len(ids) - 1)
+        blocks = []
+        if image_token is not None:
+            spans = image_spans(ids, image_token)
+            digests = image_digests(pixel_values)
+            if len(spans) != len(digests):
+                raise GenerationError(f"the prompt holds {len(spans)} image(s), {len(digests)} were given")
+            blocks = [(a, b, d) for (a, b), d in zip(spans, digests)]
+            held = set(self.images)
+            n = min([n] + [a for a, b, d in blocks if a < n and ((a, b, d) not in held or b > n)])
         if n < self.offset and not all(c.trim_to(n) for c in self.caches):
             self.reset()  # a wrapped window cannot go back: start over
             n = 0
         self.tokens = list(ids[:n])
-        return list(ids[n:])
+        # Those past n are fed now; without image_token, the cached ones in the prefix stay.
+        self.images = blocks if image_token is not None else [blk for blk in self.images if blk[1] <= n]
+        if image_token is None:
+            return list(ids[n:])
+        fed = [i for i, (a, _, _) in enumerate(blocks) if a >= n]
+        return list(ids[n:]), (pixel_values[mx.array(fed)] if fed else None)
 
     def extend(self, model, ids: list[int], step_size: int | None = None) -> None:
         """Feed `ids` after what the cache holds, generating nothing (the cache_prompt flow).
@@ -116,12 +135,15 @@ class PromptCache:
                 self.reset()
             else:
                 self.tokens = held
+                self.images = [blk for blk in self.images if blk[1] <= len(held)]
 
 
 def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None = None) -> None:
     """Write `cache` (and `metadata`, str -> str, merged over its own) to the safetensors file `path`, atomically."""
     if not isinstance(cache, PromptCache):
         raise GenerationError(f"save_prompt_cache needs a PromptCache, got {type(cache).__name__}")
+    if cache.images:
+        raise GenerationError("a prompt cache holding images cannot be saved (the file format has no place for them)")
     user = {**cache.metadata, **(metadata or {})}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise GenerationError("prompt cache metadata must map strings to strings")
@@ -178,7 +200,7 @@ def load_prompt_cache(path, model=None) -> PromptCache:
         options = KVCacheOptions(**options).check_head_dim(fingerprint["head_dim"])
         pc = PromptCache.__new__(PromptCache)
         pc.fingerprint, pc.options, pc.metadata, pc.path = fingerprint, options, dict(user), path
-        pc.reset()
+        pc.reset()  # no images: a cache holding images is never saved
         tokens = arrays.pop("tokens")
         if tokens.ndim != 1 or tokens.dtype != mx.int32:
             raise ValueError("'tokens' must be a 1-D int32 array")

@@ -315,15 +315,20 @@ class GemmaTokenizer:
     # ----- chat ---------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
+                            tokenize: bool = False, image_block: Sequence | None = None) -> str | list[int]:
         """Gemma's turn format (matching the official Gemma 2/3 templates, content trimmed):
 
             <bos><start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n...
 
         With `tokenize=True`, message text is encoded as plain text: a user who types
-        "<end_of_turn>" cannot forge a turn.
+        "<end_of_turn>" cannot forge a turn.  An image part renders as `<start_of_image>`;
+        `image_block` (text and ids) replaces each, before tokenizing, as Gemma3Processor
+        expands it in the rendered string (`mlx_gemma.image_chat.image_block`).
         """
         segments = self._chat_segments(messages, add_generation_prompt)
+        if image_block is not None:
+            image = self._start_of_image_id
+            segments = [p for s in segments for p in (image_block if isinstance(s, int) and s == image else [s])]
         if not tokenize:
             return "".join(self._sp.id_to_piece(s) if isinstance(s, int) else s for s in segments)
         ids: list[int] = []

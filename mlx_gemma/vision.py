@@ -188,13 +188,7 @@ def gemma3_prompt_ids(tokenizer, prompt: str, n_images: int, spec) -> list[int]:
     template places them before the text).  The text between the images is tokenized piece by
     piece with its special tokens parsed, as the processor's tokenizer splits at them.
     """
-    marker = tokenizer.id_to_piece(spec.start_id)
-    parts = prompt.split(marker)
-    if len(parts) == 1:
-        parts = [""] * n_images + [prompt]
-    if len(parts) - 1 != n_images:
-        raise ImageError("image", f"the prompt holds {len(parts) - 1} {marker} markers for {n_images} image(s); "
-                                  "give one image per marker (or no marker: the images then come first)")
+    parts = text_between_images(prompt, tokenizer.id_to_piece(spec.start_id), n_images)
     ids = [tokenizer.bos_id]
     for i, text in enumerate(parts):
         text = ("\n\n" if i else "") + text + ("\n\n" if i < n_images else "")
@@ -202,6 +196,18 @@ def gemma3_prompt_ids(tokenizer, prompt: str, n_images: int, spec) -> list[int]:
         if i < n_images:
             ids += [spec.start_id] + [spec.token_id] * spec.num_tokens + [spec.end_id]
     return ids
+
+
+def text_between_images(prompt: str, marker: str, n_images: int) -> list[str]:
+    """The text before, between and after `n_images` images placed at each `marker` in `prompt`
+    (or, without markers, all first: the chat template places them before the text)."""
+    parts = prompt.split(marker)
+    if len(parts) == 1:
+        parts = [""] * n_images + [prompt]
+    if len(parts) - 1 != n_images:
+        raise ImageError("image", f"the prompt holds {len(parts) - 1} {marker} markers for {n_images} image(s); "
+                                  "give one image per marker (or no marker: the images then come first)")
+    return parts
 
 
 def prompt_rows(model, tokenizer, prompts, images, resample: str | None = None) -> tuple[list[list[int]], mx.array]:

@@ -90,6 +90,7 @@ class ModelArgs:
     max_position_embeddings = property(lambda self: self.text.max_position_embeddings)
     hidden_size = property(lambda self: self.text.hidden_size)
     head_dim = property(lambda self: self.text.head_dim)
+    num_key_value_heads = property(lambda self: self.text.num_key_value_heads)  # a prompt cache's shape
     attn_logit_softcapping = property(lambda self: self.text.attn_logit_softcapping)
     final_logit_softcapping = property(lambda self: self.text.final_logit_softcapping)
 

@@ -1,0 +1,116 @@
+"""Chat with images (Gemma 3): the chat template's image parts laid out as transformers'
+Gemma3Processor lays them out, and what a prompt cache needs to know of the images it holds.
+
+transformers renders Gemma 3's chat template (an image part becomes `<start_of_image>`), then its
+processor replaces each `<start_of_image>` with `"\\n\\n<start_of_image>"`, the soft tokens and
+`"<end_of_image>\\n\\n"` and tokenizes the whole string; `image_block` is that replacement, which
+`GemmaTokenizer.apply_chat_template(..., image_block=...)` splices in before tokenizing (the
+`"\\n\\n"` runs join the text around them, as in the processor's string).
+
+The soft tokens of every image are the same id, so token ids alone cannot tell two images
+apart: `image_spans` finds each image's block in the ids and `image_digests` names its pixels,
+and a prompt cache reuses a cached image only where the digest is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import GenerationError, ImageError
+from .prompts import prompt_ids
+from .vision import gemma3_prompt_ids, preprocess_images, text_between_images
+
+
+def image_block(spec) -> list:
+    """Gemma3Processor's expansion of one `<start_of_image>`: text and ids, as the tokenizer's segments."""
+    return ["\n\n", spec.start_id, *[spec.token_id] * spec.num_tokens, spec.end_id, "\n\n"]
+
+
+def user_content(text: str, n_images: int, marker: str) -> str | list[dict]:
+    """A user turn's content: `text` alone, or image parts at each `marker` (`<start_of_image>`) in
+    it, or, without markers, the images first (as Gemma 3's examples place them), then the text."""
+    if not n_images:
+        return text
+    parts = text_between_images(text, marker, n_images)
+    content: list[dict] = []
+    for i, piece in enumerate(parts):
+        if piece:
+            content.append({"type": "text", "text": piece})
+        if i < n_images:
+            content.append({"type": "image"})
+    return content
+
+
+def count_image_parts(messages) -> int:
+    """How many `{"type": "image"}` parts chat messages hold."""
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), Sequence)
+               and not isinstance(m["content"], str)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
+
+
+def image_spans(ids: Sequence[int], token_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of image soft tokens in `ids`, in order."""
+    spans, start = [], None
+    for i, t in enumerate(list(ids) + [None]):
+        if t == token_id and start is None:
+            start = i
+        elif t != token_id and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def image_digests(pixel_values: mx.array | None) -> list[str]:
+    """A name for each image's pixels [N, H, W, 3]: equal only for the same preprocessed image."""
+    if pixel_values is None:
+        return []
+    array = np.array(pixel_values.astype(mx.float32))
+    return [hashlib.sha256(image.tobytes()).hexdigest() for image in array]
+
+
+def chat_image_rows(model, tokenizer, prompts, images, chat, system) -> tuple[list[list[int]], mx.array]:
+    """(token ids per prompt, pixel values [N, H, W, 3]) of Gemma 3 prompts with images: strings
+    (with the chat template when `chat`), chat messages with image parts, or token ids that already
+    hold the image blocks.  `images` has one entry per prompt: an image or a list of them, in order."""
+    spec = model.image_input
+    if len(images) != len(prompts):
+        raise ImageError("image", f"{len(images)} image entries for {len(prompts)} prompts; give one per prompt")
+    per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    rows = [_row(model, tokenizer, p, len(ims), chat, system) for p, ims in zip(prompts, per_prompt)]
+    flat = [im for ims in per_prompt for im in ims]
+    # Bilinear: Gemma3ImageProcessor's resample.
+    return rows, preprocess_images(flat, spec.image_size, "bilinear")
+
+
+def _row(model, tokenizer, prompt, n_images: int, chat, system) -> list[int]:
+    spec = model.image_input
+    marker = tokenizer.id_to_piece(spec.start_id)
+    if isinstance(prompt, str) and not chat:
+        if system:
+            raise GenerationError("a system prompt needs the chat template (chat=True / --chat)")
+        return gemma3_prompt_ids(tokenizer, prompt, n_images, spec)
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": user_content(prompt, n_images, marker)}]
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        if chat is False:
+            raise GenerationError("chat messages need the chat template, but chat=False was asked for")
+        messages = list(prompt)
+        if count_image_parts(messages) != n_images:
+            raise ImageError("image", f"the messages hold {count_image_parts(messages)} image parts for "
+                                      f"{n_images} image(s); give one image per part")
+    else:  # token ids, image blocks included
+        ids = prompt_ids(tokenizer, prompt, chat, system, model.args.vocab_size)
+        if len(image_spans(ids, spec.token_id)) != n_images:
+            raise ImageError("image", f"the prompt's ids hold {len(image_spans(ids, spec.token_id))} image blocks "
+                                      f"for {n_images} image(s)")
+        return ids
+    if system:
+        if messages[0].get("role") == "system":
+            raise GenerationError("system given twice: as an argument and as the first message")
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         image_block=image_block(spec))
