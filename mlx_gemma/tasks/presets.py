@@ -1,7 +1,7 @@
 """keras-hub preset names -> Hugging Face repositories and architectures, and preset handles -> folders.
 
 `PRESETS` lists keras-hub 0.32's Gemma / Gemma 2 presets (`keras_hub/src/models/
-gemma/gemma_presets.py`) and its text-only Gemma 3 ones (`gemma3/gemma3_presets.py`), each with the Hugging Face repository holding the same
+gemma/gemma_presets.py`), its text-only Gemma 3 ones and MedGemma (`gemma3/gemma3_presets.py`), each with the Hugging Face repository holding the same
 checkpoint (from the presets' descriptions and the Hugging Face model cards), its
 Kaggle handle, and its backbone's shape in keras-hub's argument names -- enough
 to build random weights (`load_weights=False`) without downloading anything.
@@ -73,6 +73,16 @@ _GEMMA3_12B = dict(_GEMMA3_LARGE, hidden_size=3840, num_hidden_layers=48, num_at
 _GEMMA3_27B = dict(_GEMMA3_LARGE, hidden_size=5376, num_hidden_layers=62, num_attention_heads=32,
                    num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168, intermediate_size=21_504)
 
+# Gemma 3 with images: SigLIP so400m at 896 px pooled to 256 soft tokens (HF's vision_config).  The
+# MedGemma presets keep Hugging Face's 262,208 embedding rows: keras-hub's recorded counts say so.
+_SIGLIP_896 = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                   num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False)
+
+
+def _with_images(text: dict) -> dict:
+    return dict(model_type="gemma3", text_config={**text, "vocab_size": 262_208}, vision_config=_SIGLIP_896,
+                mm_tokens_per_image=256)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -89,6 +99,10 @@ def _p(hf_repo, kaggle, backbone, instruct=False) -> Preset:
 
 def _g3(hf_repo, kaggle, hf_config, instruct=False) -> Preset:
     return Preset(hf_repo, "kaggle://keras/gemma3/keras/" + kaggle, {}, instruct, hf_config)
+
+
+def _med(hf_repo, kaggle, hf_config, instruct=False) -> Preset:
+    return Preset(hf_repo, "kaggle://keras/medgemma/keras/" + kaggle, {}, instruct, hf_config)
 
 
 PRESETS: dict[str, Preset] = {
@@ -141,6 +155,17 @@ PRESETS: dict[str, Preset] = {
     "gemma3_instruct_12b_text": _g3("google/gemma-3-12b-it", "gemma3_instruct_12b_text/3", _GEMMA3_12B, True),
     "gemma3_27b_text": _g3("google/gemma-3-27b-pt", "gemma3_27b_text/4", _GEMMA3_27B),
     "gemma3_instruct_27b_text": _g3("google/gemma-3-27b-it", "gemma3_instruct_27b_text/3", _GEMMA3_27B, True),
+    # MedGemma: Gemma 3 trained on medical text and images (keras-hub's gemma3_presets.py; the
+    # Hugging Face repositories of Google's MedGemma collection).  They load as Gemma 3, with images
+    # except the 27B text model.
+    "medgemma_4b": _med("google/medgemma-4b-pt", "medgemma_4b/1", _with_images(_GEMMA3_4B)),
+    "medgemma_instruct_4b": _med("google/medgemma-4b-it", "medgemma_instruct_4b/1", _with_images(_GEMMA3_4B), True),
+    "medgemma_instruct_27b": _med("google/medgemma-27b-it", "medgemma_instruct_27b/1", _with_images(_GEMMA3_27B),
+                                  True),
+    "medgemma_instruct_27b_text": _med("google/medgemma-27b-text-it", "medgemma_instruct_27b_text/1", _GEMMA3_27B,
+                                       True),
+    "medgemma_1.5_instruct_4b": _med("google/medgemma-1.5-4b-it", "medgemma_1.5_instruct_4b/1",
+                                     _with_images(_GEMMA3_4B), True),
 }
 
 
