@@ -22,6 +22,8 @@ from .generate import batch_generate, generate, stream_generate
 from .embed import embed
 from .api import load, load_model
 from .tasks import (
+    Gemma3CausalLM,
+    Gemma3CausalLMPreprocessor,
     Gemma3TextEmbedder,
     GemmaBackbone,
     GemmaCausalLM,
@@ -41,4 +43,4 @@ __version__ = "0.1.0"
 __all__ = ["load", "load_model", "generate", "stream_generate", "batch_generate", "embed", "MlxGemmaError",
            "GemmaCausalLM", "GemmaBackbone", "GemmaCausalLMPreprocessor", "GemmaTokenizer",
            "PaliGemmaCausalLM", "PaliGemmaBackbone", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
-           "Gemma3TextEmbedder"]
+           "Gemma3TextEmbedder", "Gemma3CausalLM", "Gemma3CausalLMPreprocessor"]

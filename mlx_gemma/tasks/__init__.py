@@ -1,6 +1,6 @@
 """keras-hub style tasks: `GemmaCausalLM`, `GemmaBackbone`, `GemmaCausalLMPreprocessor`, presets;
 `PaliGemmaCausalLM` and its backbone / preprocessor / tokenizer (`pali_gemma*.py`);
-`Gemma3TextEmbedder` (EmbeddingGemma, `text_embedder.py`).
+`Gemma3TextEmbedder` (EmbeddingGemma, `text_embedder.py`); `Gemma3CausalLM` with images (`gemma3_causal_lm.py`).
 
     lm = mlx_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
     lm.generate("<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n", max_length=64)
@@ -16,6 +16,7 @@ which also speaks keras-hub's tokenizer interface, plus `from_preset`.
 
 from .backbone import GemmaBackbone
 from .causal_lm import GemmaCausalLM
+from .gemma3_causal_lm import Gemma3CausalLM, Gemma3CausalLMPreprocessor
 from .pali_gemma import PaliGemmaCausalLM, PaliGemmaCausalLMPreprocessor, PaliGemmaTokenizer
 from .pali_gemma_backbone import PaliGemmaBackbone
 from .pali_gemma_presets import PALI_PRESETS, pali_preset_names
@@ -37,7 +38,7 @@ from .samplers import (
 __all__ = [
     "GemmaBackbone", "GemmaCausalLM", "GemmaCausalLMPreprocessor", "GemmaTokenizer", "PRESETS", "preset_names",
     "PaliGemmaBackbone", "PaliGemmaCausalLM", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
-    "PALI_PRESETS", "pali_preset_names", "Gemma3TextEmbedder",
+    "PALI_PRESETS", "pali_preset_names", "Gemma3TextEmbedder", "Gemma3CausalLM", "Gemma3CausalLMPreprocessor",
     "Sampler", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
     "ContrastiveSampler", "get_sampler",
 ]

@@ -17,6 +17,7 @@ ends.  Beam and contrastive search run per row through `mlx_gemma.search`.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 
 from ..errors import GenerationError
@@ -69,8 +70,11 @@ def strip_prompt(out: dict, prompt_mask: np.ndarray) -> dict:
     return {"token_ids": roll(out["token_ids"]), "padding_mask": roll(prompt_mask) ^ roll(out["padding_mask"])}
 
 
-def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids) -> np.ndarray:
-    """`ids` with the generated ids written in, as keras-hub's loop leaves them."""
+def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids, images: list | None = None) -> np.ndarray:
+    """`ids` with the generated ids written in, as keras-hub's loop leaves them.
+
+    `images` (Gemma 3): per row, the pixels [k, S, S, 3] of its k image blocks, or None.
+    """
     B, L = ids.shape
     out = ids.copy()
     if lengths.min() >= L:
@@ -79,6 +83,8 @@ def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids) -> np.n
     if L > context:
         raise GenerationError(f"max_length {L} is longer than the model's context length {context}")
     if sampler.search is not None:
+        if images is not None and any(im is not None for im in images):
+            raise GenerationError("beam and contrastive search take no images here; use greedy or a sampler")
         return _fill_search(model, out, lengths, sampler, stop_ids)
     stops = frozenset(stop_ids or ())
     width = int(lengths.max())
@@ -88,14 +94,16 @@ def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids) -> np.n
     groups = [list(range(B))] if width + steps_needed <= context else [[b] for b in range(B)]
     stop_at: list[int | None] = [None] * B
     for rows in groups:
-        _decode_rows(model, out, lengths, rows, sampler.step_sampler(), stops, stop_at, early=len(groups) == 1)
+        pixels = [images[b] for b in rows if images[b] is not None] if images is not None else []
+        _decode_rows(model, out, lengths, rows, sampler.step_sampler(), stops, stop_at, early=len(groups) == 1,
+                     pixels=mx.concatenate(pixels) if pixels else None)
     if stops and all(p is not None for p in stop_at):
         end = max(stop_at)  # keras-hub's loop ends here: later positions keep their input ids
         out[:, end + 1:] = ids[:, end + 1:]
     return out
 
 
-def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early: bool) -> None:
+def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early: bool, pixels=None) -> None:
     L = out.shape[1]
     row_len = [int(lengths[b]) for b in rows]
     width = max(row_len)
@@ -104,7 +112,7 @@ def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early:
         batch[i, width - n:] = out[b, :n]
     pads = [width - n for n in row_len]
     steps = generate_step(model, batch, sampler=step_sampler, max_tokens=L - min(row_len),
-                          left_padding=pads if any(pads) else None)
+                          left_padding=pads if any(pads) else None, pixel_values=pixels)
     try:
         for n, (tokens, _) in enumerate(steps):
             for i, b in enumerate(rows):
