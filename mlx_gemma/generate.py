@@ -32,6 +32,7 @@ from .errors import GenerationError, MlxGemmaError
 from .prompt_cache import continuation_ids, load_prompt_cache
 from .image_chat import chat_image_rows
 from .prompts import RowText, prompt_ids, stop_settings
+from .pan_and_scan import pan_and_scan_settings
 from .vision import prompt_rows
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
@@ -117,7 +118,7 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=None, logits_processors=None,
                     stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
                     chat: bool | None = None, system: str | None = None, prefill_step_size: int | None = None,
-                    skip_special_tokens: bool = False, prompt_cache=None, image=None,
+                    skip_special_tokens: bool = False, prompt_cache=None, image=None, pan_and_scan=None,
                     kv_options: KVCacheOptions | None = None, **kv_fields) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
 
@@ -140,12 +141,14 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     Gemma 3 also takes images with the chat template (`chat`, `system`, messages with
     `{"type": "image"}` parts, one image each, in order; see `mlx_gemma.image_chat`), with token ids
     that already hold the image blocks, and with a `prompt_cache` (a cached image is reused only
-    if it is the same image).
+    if it is the same image).  `pan_and_scan` (Gemma 3, plain prompts; off by default): True or a
+    `mlx_gemma.pan_and_scan.PanAndScan` adds crops of wide and tall images, as transformers'
+    `do_pan_and_scan`.
     """
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
     rows_ids, pixels = _encode(model, tokenizer, [prompt], chat, system, None if image is None else [image],
-                               prompt_cache is not None)
+                               prompt_cache is not None, pan_and_scan)
     if prompt_cache is not None:
         if request.kv != KVCacheOptions():
             raise GenerationError("KV-cache options go to the PromptCache when it is made, not to each call")
@@ -164,7 +167,7 @@ def _only_row(batch) -> Iterator[GenerationResponse]:
 def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
                           system: str | None = None, prefill_step_size: int | None = None, skip_special_tokens: bool = False,
-                          image=None, kv_options: KVCacheOptions | None = None,
+                          image=None, pan_and_scan=None, kv_options: KVCacheOptions | None = None,
                           **kv_fields) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 
@@ -181,7 +184,7 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
     images = image if image is None or isinstance(image, (list, tuple)) else [image] * len(prompts)
-    rows_ids, pixels = _encode(model, tokenizer, prompts, chat, system, images, False)
+    rows_ids, pixels = _encode(model, tokenizer, prompts, chat, system, images, False, pan_and_scan)
     return _start(model, tokenizer, rows_ids, request, pixels)
 
 
@@ -213,17 +216,21 @@ class _Request:
         return [RowText(tokenizer, self.stop_ids, self.stop_strings, self.skip_special_tokens) for _ in range(n)]
 
 
-def _encode(model, tokenizer, prompts, chat, system, images, cached: bool) -> tuple[list[list[int]], Any]:
+def _encode(model, tokenizer, prompts, chat, system, images, cached: bool,
+            pan_and_scan=None) -> tuple[list[list[int]], Any]:
     """Each prompt's token ids, and the pixels of its images (PaliGemma, Gemma 3) or None."""
     if images is None:
         return [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts], None
     spec = model.image_input
     if spec is not None and spec.start_id is not None and (chat or system or cached or not all(
             isinstance(p, str) for p in prompts)):  # Gemma 3: the chat template, token ids, a cache
+        if pan_and_scan_settings(pan_and_scan) is not None:
+            raise GenerationError("pan & scan takes plain string prompts for now (chat=False / --no-chat), "
+                                  "not the chat template, messages, token ids or a prompt cache")
         return chat_image_rows(model, tokenizer, prompts, images, chat, system)
     if spec is not None and (chat or system or cached):
         raise GenerationError("PaliGemma's image prompts take no chat template, system prompt or prompt cache")
-    return prompt_rows(model, tokenizer, prompts, images)
+    return prompt_rows(model, tokenizer, prompts, images, pan_and_scan=pan_and_scan)
 
 
 def _start(model, tokenizer, rows_ids, request: _Request, pixel_values=None):
@@ -357,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image for the prompt (repeatable): PaliGemma answers once per image (-p 'caption en'); "
                         "Gemma 3 takes them all in one prompt, at its <start_of_image> markers or first, "
                         "in the chat template's user turn with --chat (the default for instruct models)")
+    p.add_argument("--pan-and-scan", action="store_true",
+                   help="Gemma 3: also give the model crops of wide or tall images (transformers' do_pan_and_scan; "
+                        "plain prompts, --no-chat)")
     add_cache_flags(p)
     p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
                                                "the prompt continues the cached text")
@@ -401,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                         logits_processors=processors, stop_strings=args.stop, chat=chat,
                                         system=args.system, prompt_cache=prompt_cache, image=image,
+                                        pan_and_scan=args.pan_and_scan or None,
                                         kv_options=None if prompt_cache is not None else kv_options):
                 if last.text:
                     print(last.text, end="", file=out, flush=True)

@@ -7,13 +7,15 @@
   as an option).
 - `prompt_inputs`: prompts + images -> `[<image> x N] <bos> prompt "\\n"` ids (PaliGemma), or
   `<bos>` and the prompt with `"\\n\\n<start_of_image>"`, soft tokens, `"<end_of_image>\\n\\n"`
-  for each image (Gemma 3), left-padded, and the pixel values, as transformers' processors lay them out.
+  for each image (Gemma 3; with pan & scan crops, `mlx_gemma.pan_and_scan`), left-padded, and the pixel
+  values, as transformers' processors lay them out.
 - `parse_detections` / `draw_detections`: `<locYYYY>` boxes (and `<segNNN>` codes)
   in generated text -> pixel boxes in the original image, drawn on it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import warnings
@@ -26,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .pan_and_scan import PanAndScan, crops, pan_and_scan_settings
 from .tensorfile import atomic_path
 
 # Refused before decoding: a 64-megapixel image is already 8192 x 8192, and a
@@ -180,22 +183,40 @@ def prompt_ids(tokenizer, prompt: str, num_image_tokens: int, image_token_id: in
     return [image_token_id] * num_image_tokens + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n", add_bos=False)
 
 
-def gemma3_prompt_ids(tokenizer, prompt: str, n_images: int, spec) -> list[int]:
+def gemma3_prompt_ids(tokenizer, prompt: str, n_images: int, spec, crops: Sequence[int] | None = None) -> list[int]:
     """`<bos>` and the prompt with each `<start_of_image>` in it replaced by `"\\n\\n<start_of_image>"`,
     the image's soft tokens and `"<end_of_image>\\n\\n"`, as transformers' Gemma3Processor lays it out.
 
     A prompt without `<start_of_image>` gets its images first (one marker each, as the chat
-    template places them before the text).  The text between the images is tokenized piece by
-    piece with its special tokens parsed, as the processor's tokenizer splits at them.
+    template places them before the text).  `crops[i]` pan & scan crops follow image i
+    (`image_segments`).  The text between the image blocks is tokenized run by run with its
+    special tokens parsed, as the processor's tokenizer splits at them.
     """
     parts = text_between_images(prompt, tokenizer.id_to_piece(spec.start_id), n_images)
-    ids = [tokenizer.bos_id]
+    crops = list(crops) if crops is not None else [0] * n_images
+    segments: list = []
     for i, text in enumerate(parts):
-        text = ("\n\n" if i else "") + text + ("\n\n" if i < n_images else "")
-        ids += tokenizer.encode(text, add_bos=False, parse_special=True)
+        segments.append(text)
         if i < n_images:
-            ids += [spec.start_id] + [spec.token_id] * spec.num_tokens + [spec.end_id]
+            segments += image_segments(spec, crops[i])
+    ids = [tokenizer.bos_id]
+    for is_text, run in itertools.groupby(segments, key=lambda s: isinstance(s, str)):
+        ids += tokenizer.encode("".join(run), add_bos=False, parse_special=True) if is_text else list(run)
     return ids
+
+
+def image_segments(spec, n_crops: int = 0) -> list:
+    """Gemma3Processor's text (str) and ids (int) for one image and its `n_crops` pan & scan crops:
+    `"\\n\\n<start_of_image>"` + soft tokens + `"<end_of_image>\\n\\n"` (a block); with crops, "Here
+    is the original image " + block + " and here are some crops to help you see better " + the crops'
+    blocks joined by " " (its `replace_image_token`)."""
+    block = ["\n\n", spec.start_id, *[spec.token_id] * spec.num_tokens, spec.end_id, "\n\n"]
+    if not n_crops:
+        return block
+    out = ["Here is the original image ", *block, " and here are some crops to help you see better "]
+    for i in range(n_crops):
+        out += [" "] * bool(i) + block
+    return out
 
 
 def text_between_images(prompt: str, marker: str, n_images: int) -> list[str]:
@@ -210,14 +231,17 @@ def text_between_images(prompt: str, marker: str, n_images: int) -> list[str]:
     return parts
 
 
-def prompt_rows(model, tokenizer, prompts, images, resample: str | None = None) -> tuple[list[list[int]], mx.array]:
+def prompt_rows(model, tokenizer, prompts, images, resample: str | None = None,
+                pan_and_scan=None) -> tuple[list[list[int]], mx.array]:
     """(token ids per prompt, pixel values [N, H, W, 3]) for a model that takes images.
 
     PaliGemma: one image per prompt, or a single image for every prompt.  Gemma 3: each
     prompt's entry may also be a list of images (several per prompt, each at one
-    `<start_of_image>` of the prompt); the pixels are every prompt's images in order.
+    `<start_of_image>` of the prompt); the pixels are every prompt's images in order, each
+    followed by its crops with `pan_and_scan` (True, or a `PanAndScan`: Gemma 3 only, off by default).
     `resample` defaults to the model's processor: bicubic (PaliGemma), bilinear (Gemma 3).
     """
+    settings = pan_and_scan_settings(pan_and_scan)
     spec = model.image_input
     if spec is None:
         raise ImageError("image", f"a {model.model_type} model takes no images; use a PaliGemma or a Gemma 3 "
@@ -231,21 +255,40 @@ def prompt_rows(model, tokenizer, prompts, images, resample: str | None = None) 
     if len(images) != len(prompts):
         raise ImageError("image", f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
     if spec.start_id is None:  # PaliGemma: one image, before <bos>
+        if settings is not None:
+            raise ImageError("pan_and_scan", "pan & scan is Gemma 3's (its processor's); PaliGemma takes one image")
         rows = [prompt_ids(tokenizer, p, spec.num_tokens, spec.token_id) for p in prompts]
         return rows, preprocess_images(list(images), spec.image_size, resample or "bicubic")
     per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-    rows = [gemma3_prompt_ids(tokenizer, p, len(ims), spec) for p, ims in zip(prompts, per_prompt)]
-    flat = [im for ims in per_prompt for im in ims]
+    flat, n_crops = with_crops([im for ims in per_prompt for im in ims], settings)
+    rows, seen = [], 0
+    for p, ims in zip(prompts, per_prompt):
+        rows.append(gemma3_prompt_ids(tokenizer, p, len(ims), spec, n_crops[seen:seen + len(ims)]))
+        seen += len(ims)
     return rows, preprocess_images(flat, spec.image_size, resample or "bilinear")
 
 
-def prompt_inputs(model, tokenizer, prompts, images, resample: str | None = None):
+def with_crops(images: list, settings: PanAndScan | None) -> tuple[list, list[int]]:
+    """Each image followed by its pan & scan crops (cut from the RGB image, EXIF orientation
+    applied, as the processor cuts its converted array), and how many crops each has."""
+    if settings is None:
+        return images, [0] * len(images)
+    flat, counts = [], []
+    for i, image in enumerate(images):
+        rgb = load_image(image, f"images[{i}]")
+        extra = crops(rgb, settings)
+        flat += [rgb, *extra]
+        counts.append(len(extra))
+    return flat, counts
+
+
+def prompt_inputs(model, tokenizer, prompts, images, resample: str | None = None, pan_and_scan=None):
     """(input_ids [B, T], pixel_values [N, H, W, 3], left_padding [B]) for `model(...)`.
 
     Rows are left-padded with <pad> to the longest; pass `padding_mask` (or the
     cache's `left_padding`) so the model ignores the pads.
     """
-    rows, pixels = prompt_rows(model, tokenizer, prompts, images, resample)
+    rows, pixels = prompt_rows(model, tokenizer, prompts, images, resample, pan_and_scan)
     T = max(len(r) for r in rows)
     padding = [T - len(r) for r in rows]
     ids = mx.array([[tokenizer.pad_id] * n + r for n, r in zip(padding, rows)], dtype=mx.int32)

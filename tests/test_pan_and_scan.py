@@ -1,0 +1,102 @@
+"""Gemma 3's pan & scan against transformers' Gemma3Processor (`do_pan_and_scan=True`) and the tiny
+Gemma3ForConditionalGeneration, as recorded by tests/fixtures/make_gemma3_pan_and_scan.py: a wide
+and a tall image at the processor's default settings, and two images (one cut into 3 crops, the last
+narrower; one square, not cut) in one prompt with custom settings.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from PIL import Image
+
+import mlx_gemma
+from mlx_gemma.errors import ImageError
+from mlx_gemma.generate import generate, main
+from mlx_gemma.pan_and_scan import PanAndScan, crop_boxes, pan_and_scan_settings
+from mlx_gemma.vision import prompt_inputs
+
+CASES = {  # as the fixture script's: prompt, settings
+    "wide": ("<start_of_image>Describe this.", True),
+    "tall": ("What is in <start_of_image>?", True),
+    "custom": ("Compare <start_of_image> and <start_of_image>.",
+               PanAndScan(min_crop_size=20, max_num_crops=4, min_ratio_to_activate=1.2)),
+}
+RTOL = 1e-4  # of the reference logits' largest magnitude
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model, tokenizer = mlx_gemma.load(FIXTURES / "tiny_gemma3_vlm")
+    return model, tokenizer, dict(np.load(FIXTURES / "gemma3_pan_and_scan.npz"))
+
+
+def images_of(ref, case):
+    return [ref[k] for k in sorted(k for k in ref if k.startswith(f"{case}_image"))]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ids_and_pixels_equal_the_processor(loaded, case):
+    model, tokenizer, ref = loaded
+    prompt, settings = CASES[case]
+    ids, pixels, padding = prompt_inputs(model, tokenizer, [prompt], [images_of(ref, case)], pan_and_scan=settings)
+    assert np.array(ids).tolist() == ref[f"{case}_input_ids"].tolist() and np.array(padding).tolist() == [0]
+    np.testing.assert_allclose(np.array(pixels), ref[f"{case}_pixel_values"].transpose(0, 2, 3, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_with_crops_equal_transformers(loaded, case):
+    model, tokenizer, ref = loaded
+    prompt, settings = CASES[case]
+    ids, pixels, _ = prompt_inputs(model, tokenizer, [prompt], [images_of(ref, case)], pan_and_scan=settings)
+    expected = ref[f"{case}_logits"]
+    logits = np.array(model(ids, pixel_values=pixels)[:, -expected.shape[1]:])
+    assert np.abs(logits - expected).max() / np.abs(expected).max() < RTOL
+
+
+def test_off_by_default_and_the_crop_geometry():
+    """Counts and boxes of Gemma3ImageProcessor.pan_and_scan for the recorded sizes (3, 2, 3 + 0 crops)."""
+    default = PanAndScan()
+    assert pan_and_scan_settings(None) is None and pan_and_scan_settings(False) is None
+    assert pan_and_scan_settings(True) == default == PanAndScan(256, 4, 1.2)
+    assert crop_boxes(900, 300, default) == [(0, 0, 300, 300), (300, 0, 600, 300), (600, 0, 900, 300)]
+    assert crop_boxes(280, 700, default) == [(0, 0, 280, 350), (0, 350, 280, 700)]
+    small = CASES["custom"][1]
+    assert crop_boxes(100, 33, small) == [(0, 0, 34, 33), (34, 0, 68, 33), (68, 0, 100, 33)]
+    assert crop_boxes(40, 40, small) == []
+    assert crop_boxes(640, 240, default) == []  # 2 crops of 320 x 240: under the minimum size
+
+
+def test_generate_takes_the_keyword(loaded):
+    """Greedy decoding from the pan & scan prompt: the first token is the argmax of transformers' last logits."""
+    model, tokenizer, ref = loaded
+    prompt, _ = CASES["wide"]
+    first = generate(model, tokenizer, prompt, image=images_of(ref, "wide"), max_tokens=1, chat=False,
+                     pan_and_scan=True)
+    assert first == tokenizer.decode([int(ref["wide_logits"][0, -1].argmax())])
+
+
+def test_cli_flag(loaded, tmp_path, capsys):
+    model, tokenizer, ref = loaded
+    path = tmp_path / "wide.png"
+    Image.fromarray(ref["wide_image0"]).save(path)  # lossless: the reference's pixels
+    argv = ["--model", str(FIXTURES / "tiny_gemma3_vlm"), "-p", CASES["wide"][0], "--image", str(path),
+            "--max-tokens", "1", "--no-chat", "--pan-and-scan"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == tokenizer.decode([int(ref["wide_logits"][0, -1].argmax())]) + "\n"
+    assert main(argv[:-2] + ["--chat", "--pan-and-scan"]) == 2  # not with the chat template (yet)
+    assert "pan & scan takes plain string prompts" in capsys.readouterr().err
+
+
+def test_bad_settings_and_models(loaded):
+    model, tokenizer, ref = loaded
+    for bad in ({"min_crop_size": 0}, {"max_num_crops": 1.5}, {"min_ratio_to_activate": 0.5}, {"crops": 2}, "yes"):
+        with pytest.raises(ImageError, match="pan_and_scan"):
+            pan_and_scan_settings(bad)
+    pali, pali_tokenizer = mlx_gemma.load(FIXTURES / "tiny_paligemma")
+    with pytest.raises(ImageError, match="pan & scan is Gemma 3's"):
+        prompt_inputs(pali, pali_tokenizer, ["caption en"], [ref["wide_image0"]], pan_and_scan=True)
+    ids, pixels, _ = prompt_inputs(model, tokenizer, [CASES["wide"][0]], [images_of(ref, "wide")])
+    assert pixels.shape[0] == 1 and int(mx.sum(ids == 401).item()) == 4  # off: the image alone
