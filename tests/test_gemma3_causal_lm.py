@@ -123,3 +123,13 @@ def test_bad_image_inputs(setup):
         bare.generate({**packed, "images": packed["images"][:, :1]}, stop_token_ids=None)
     with pytest.raises(MlxGemmaError, match="sequence_length must be greater"):
         Gemma3CausalLM.from_preset(FOLDER, sequence_length=8)
+
+
+@pytest.mark.parametrize("preset,repo", [("gemma3_instruct_4b", "google/gemma-3-4b-it"),
+                                         ("gemma3_27b", "google/gemma-3-27b-pt")])
+def test_vision_presets_name_their_hf_repos(preset, repo, monkeypatch):
+    """keras-hub's Gemma 3 presets with a vision encoder resolve to the multimodal HF checkpoints
+    (offline here: the typed error names the repository it would read)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MlxGemmaError, match=repo):
+        Gemma3CausalLM.from_preset(preset)
