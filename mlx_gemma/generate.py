@@ -141,7 +141,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     Gemma 3 also takes images with the chat template (`chat`, `system`, messages with
     `{"type": "image"}` parts, one image each, in order; see `mlx_gemma.image_chat`), with token ids
     that already hold the image blocks, and with a `prompt_cache` (a cached image is reused only
-    if it is the same image).  `pan_and_scan` (Gemma 3, plain prompts; off by default): True or a
+    if it is the same image).  `pan_and_scan` (Gemma 3, not with a prompt cache; off by default): True or a
     `mlx_gemma.pan_and_scan.PanAndScan` adds crops of wide and tall images, as transformers'
     `do_pan_and_scan`.
     """
@@ -224,10 +224,9 @@ def _encode(model, tokenizer, prompts, chat, system, images, cached: bool,
     spec = model.image_input
     if spec is not None and spec.start_id is not None and (chat or system or cached or not all(
             isinstance(p, str) for p in prompts)):  # Gemma 3: the chat template, token ids, a cache
-        if pan_and_scan_settings(pan_and_scan) is not None:
-            raise GenerationError("pan & scan takes plain string prompts for now (chat=False / --no-chat), "
-                                  "not the chat template, messages, token ids or a prompt cache")
-        return chat_image_rows(model, tokenizer, prompts, images, chat, system)
+        if cached and pan_and_scan_settings(pan_and_scan) is not None:
+            raise GenerationError("pan & scan does not go with a prompt cache (yet)")
+        return chat_image_rows(model, tokenizer, prompts, images, chat, system, pan_and_scan)
     if spec is not None and (chat or system or cached):
         raise GenerationError("PaliGemma's image prompts take no chat template, system prompt or prompt cache")
     return prompt_rows(model, tokenizer, prompts, images, pan_and_scan=pan_and_scan)
@@ -365,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Gemma 3 takes them all in one prompt, at its <start_of_image> markers or first, "
                         "in the chat template's user turn with --chat (the default for instruct models)")
     p.add_argument("--pan-and-scan", action="store_true",
-                   help="Gemma 3: also give the model crops of wide or tall images (transformers' do_pan_and_scan; "
-                        "plain prompts, --no-chat)")
+                   help="Gemma 3: also give the model crops of wide or tall images (transformers' do_pan_and_scan)")
     add_cache_flags(p)
     p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
                                                "the prompt continues the cached text")

@@ -22,7 +22,8 @@ import numpy as np
 
 from .errors import GenerationError, ImageError
 from .prompts import prompt_ids
-from .vision import gemma3_prompt_ids, preprocess_images, text_between_images
+from .pan_and_scan import pan_and_scan_settings
+from .vision import gemma3_prompt_ids, image_segments, preprocess_images, text_between_images, with_crops
 
 
 def image_block(spec) -> list:
@@ -72,27 +73,32 @@ def image_digests(pixel_values: mx.array | None) -> list[str]:
     return [hashlib.sha256(image.tobytes()).hexdigest() for image in array]
 
 
-def chat_image_rows(model, tokenizer, prompts, images, chat, system) -> tuple[list[list[int]], mx.array]:
+def chat_image_rows(model, tokenizer, prompts, images, chat, system,
+                    pan_and_scan=None) -> tuple[list[list[int]], mx.array]:
     """(token ids per prompt, pixel values [N, H, W, 3]) of Gemma 3 prompts with images: strings
     (with the chat template when `chat`), chat messages with image parts, or token ids that already
-    hold the image blocks.  `images` has one entry per prompt: an image or a list of them, in order."""
+    hold the image blocks.  `images` has one entry per prompt: an image or a list of them, in order;
+    with `pan_and_scan`, each is followed by its crops (not for token ids: see `mlx_gemma.pan_and_scan`)."""
     spec = model.image_input
     if len(images) != len(prompts):
         raise ImageError("image", f"{len(images)} image entries for {len(prompts)} prompts; give one per prompt")
     per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-    rows = [_row(model, tokenizer, p, len(ims), chat, system) for p, ims in zip(prompts, per_prompt)]
-    flat = [im for ims in per_prompt for im in ims]
+    flat, n_crops = with_crops([im for ims in per_prompt for im in ims], pan_and_scan_settings(pan_and_scan))
+    rows, seen = [], 0
+    for p, ims in zip(prompts, per_prompt):
+        rows.append(_row(model, tokenizer, p, len(ims), chat, system, n_crops[seen:seen + len(ims)]))
+        seen += len(ims)
     # Bilinear: Gemma3ImageProcessor's resample.
     return rows, preprocess_images(flat, spec.image_size, "bilinear")
 
 
-def _row(model, tokenizer, prompt, n_images: int, chat, system) -> list[int]:
+def _row(model, tokenizer, prompt, n_images: int, chat, system, crops: list[int]) -> list[int]:
     spec = model.image_input
     marker = tokenizer.id_to_piece(spec.start_id)
     if isinstance(prompt, str) and not chat:
         if system:
             raise GenerationError("a system prompt needs the chat template (chat=True / --chat)")
-        return gemma3_prompt_ids(tokenizer, prompt, n_images, spec)
+        return gemma3_prompt_ids(tokenizer, prompt, n_images, spec, crops)
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": user_content(prompt, n_images, marker)}]
     elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
@@ -103,6 +109,8 @@ def _row(model, tokenizer, prompt, n_images: int, chat, system) -> list[int]:
             raise ImageError("image", f"the messages hold {count_image_parts(messages)} image parts for "
                                       f"{n_images} image(s); give one image per part")
     else:  # token ids, image blocks included
+        if any(crops):
+            raise ImageError("pan_and_scan", "pan & scan lays out the prompt's text; token ids come as given")
         ids = prompt_ids(tokenizer, prompt, chat, system, model.args.vocab_size)
         if len(image_spans(ids, spec.token_id)) != n_images:
             raise ImageError("image", f"the prompt's ids hold {len(image_spans(ids, spec.token_id))} image blocks "
@@ -112,5 +120,5 @@ def _row(model, tokenizer, prompt, n_images: int, chat, system) -> list[int]:
         if messages[0].get("role") == "system":
             raise GenerationError("system given twice: as an argument and as the first message")
         messages.insert(0, {"role": "system", "content": system})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                         image_block=image_block(spec))
+    blocks = [image_segments(spec, n) for n in crops] if any(crops) else image_block(spec)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, image_block=blocks)

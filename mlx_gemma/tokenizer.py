@@ -323,12 +323,15 @@ class GemmaTokenizer:
         With `tokenize=True`, message text is encoded as plain text: a user who types
         "<end_of_turn>" cannot forge a turn.  An image part renders as `<start_of_image>`;
         `image_block` (text and ids) replaces each, before tokenizing, as Gemma3Processor
-        expands it in the rendered string (`mlx_gemma.image_chat.image_block`).
+        expands it in the rendered string (`mlx_gemma.image_chat.image_block`); a list of such
+        blocks gives each image its own, in order (pan & scan: an image and its crops).
         """
         segments = self._chat_segments(messages, add_generation_prompt)
         if image_block is not None:
             image = self._start_of_image_id
-            segments = [p for s in segments for p in (image_block if isinstance(s, int) and s == image else [s])]
+            per_image = image_block and isinstance(image_block[0], list)
+            blocks = iter(image_block) if per_image else itertools.repeat(image_block)
+            segments = [p for s in segments for p in (next(blocks) if isinstance(s, int) and s == image else [s])]
         if not tokenize:
             return "".join(self._sp.id_to_piece(s) if isinstance(s, int) else s for s in segments)
         ids: list[int] = []

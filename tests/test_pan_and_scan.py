@@ -6,16 +6,21 @@ narrower; one square, not cut) in one prompt with custom settings.
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FIXTURES
 from PIL import Image
+from test_gemma3_chat import GEMMA3_CHAT_TEMPLATE
 
 import mlx_gemma
-from mlx_gemma.errors import ImageError
+from mlx_gemma.errors import GenerationError, ImageError
 from mlx_gemma.generate import generate, main
+from mlx_gemma.image_chat import chat_image_rows
 from mlx_gemma.pan_and_scan import PanAndScan, crop_boxes, pan_and_scan_settings
+from mlx_gemma.prompt_cache import PromptCache
 from mlx_gemma.vision import prompt_inputs
 
 CASES = {  # as the fixture script's: prompt, settings
@@ -86,12 +91,49 @@ def test_cli_flag(loaded, tmp_path, capsys):
             "--max-tokens", "1", "--no-chat", "--pan-and-scan"]
     assert main(argv) == 0
     assert capsys.readouterr().out == tokenizer.decode([int(ref["wide_logits"][0, -1].argmax())]) + "\n"
-    assert main(argv[:-2] + ["--chat", "--pan-and-scan"]) == 2  # not with the chat template (yet)
-    assert "pan & scan takes plain string prompts" in capsys.readouterr().err
+
+
+@pytest.mark.oracle
+def test_chat_template_with_crops_equals_transformers(loaded):
+    """Gemma 3's published chat template rendered by transformers' processor, then expanded with
+    pan & scan: our chat rows (messages, and a string with chat=True) give its ids, pixels and logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(FIXTURES))
+    from make_tiny_gemma3_vlm import processor
+
+    model, tokenizer, ref = loaded
+    proc = processor(FIXTURES / "tiny_gemma3_vlm")
+    proc.chat_template = proc.tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    images = [ref["custom_image0"], ref["tall_image0"]]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                             {"type": "image"}, {"type": "text", "text": "please."}]}]
+    text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    settings = CASES["custom"][1]
+    # add_special_tokens=False: the template writes <bos> (as the processor's own tokenize=True path does)
+    batch = proc(images=[images], text=[text], return_tensors="pt", add_special_tokens=False, do_pan_and_scan=True,
+                 pan_and_scan_min_crop_size=settings.min_crop_size, pan_and_scan_max_num_crops=settings.max_num_crops,
+                 pan_and_scan_min_ratio_to_activate=settings.min_ratio_to_activate)
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(FIXTURES / "tiny_gemma3_vlm",
+                                                                     attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids",
+                                               "pixel_values")}).logits[0].numpy()
+    for prompt, chat in ((messages, None), ("<start_of_image>Compare<start_of_image>please.", True)):
+        rows, pixels = chat_image_rows(model, tokenizer, [prompt], [images], chat, None, settings)
+        assert rows[0] == batch["input_ids"][0].tolist()
+        np.testing.assert_allclose(np.array(pixels), batch["pixel_values"].numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    logits = np.array(model(mx.array(rows), pixel_values=pixels)[0])
+    assert np.abs(logits - expected).max() / np.abs(expected).max() < RTOL
 
 
 def test_bad_settings_and_models(loaded):
     model, tokenizer, ref = loaded
+    with pytest.raises(GenerationError, match="pan & scan does not go with a prompt cache"):
+        generate(model, tokenizer, "Hi", image=ref["wide_image0"], prompt_cache=PromptCache(model), pan_and_scan=True)
+    ids = [2, 7] + [401] * 4 + [400]
+    with pytest.raises(ImageError, match="token ids come as given"):
+        chat_image_rows(model, tokenizer, [ids], [ref["wide_image0"]], None, None, True)
     for bad in ({"min_crop_size": 0}, {"max_num_crops": 1.5}, {"min_ratio_to_activate": 0.5}, {"crops": 2}, "yes"):
         with pytest.raises(ImageError, match="pan_and_scan"):
             pan_and_scan_settings(bad)
