@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -46,6 +47,34 @@ DEFAULT_POLICIES = {
         "or moment of death)."),
 }
 
+# ShieldGemma 2's chat template: transformers' _CHAT_TEMPLATE of convert_shieldgemma2_weights_orbax_to_hf.py,
+# verbatim (its processor test copies it too), which the converter saves with the hub's processor.  `policy_prompt`
+# renders it; a folder holding another template gets a warning (`check_chat_template`).
+CHAT_TEMPLATE = """{{ bos_token }}
+{%- for message in messages -%}
+    {%- if message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {{ '<start_of_turn>user\n' }}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ 'You are a policy expert trying to help determine whether a generated or real image is in' }}
+                {{ ' violation of the safety policy below. Your decision must very clearly follow the specific'}}
+                {{ ' language used in the safety policy and should not include any interpretation outside of the' }}
+                {{ ' safety policy.\n\n' }}
+                {{ '<BEGIN_SAFETY_POLICY>\n' }}
+                {{ item['text'] + '\n' }}
+                {{ '</END_SAFETY_POLICY>\n\n' }}
+                {{ 'Does the image violate the above policy? Your Answer must start with \\'Yes\\' or \\'No\\'.' }}
+                {{ '<end_of_turn>\n' }}
+            {%- endif -%}
+        {%- endfor -%}
+        {{'<start_of_turn>model\n'}}
+    {%- else -%}
+        {{ raise_exception("Conversation messages must contain iterable content containing images and policy definitions in text.") }}
+    {%- endif -%}
+{%- endfor -%}
+"""
 # The text items of ShieldGemma 2's chat template (transformers' convert_shieldgemma2_weights_orbax_to_hf.py,
 # saved with the hub's processor), one `{{ ... }}` each.  Jinja keeps the newline and indentation between
 # two `{{ }}` expressions (trim_blocks / lstrip_blocks touch only `{% %}` tags), so transformers' rendered
@@ -76,6 +105,22 @@ def policy_prompt(definition: str) -> str:
     """
     body = TEMPLATE_JOIN.join(TEMPLATE_PIECES).replace("{policy}", definition)
     return "<bos><start_of_turn>user\n<start_of_image><start_of_turn>user\n" + body + "<start_of_turn>model\n"
+
+
+def check_chat_template(folder) -> None:
+    """Warn when the folder's chat template (chat_template.jinja or chat_template.json) is not the one
+    `policy_prompt` renders: transformers would then build other prompts than ours."""
+    folder = Path(folder) if folder is not None else None
+    found = None
+    if folder is not None and (folder / "chat_template.jinja").is_file():
+        found = (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+    elif folder is not None and (folder / "chat_template.json").is_file():
+        config = read_json(folder / "chat_template.json", 1 << 20)
+        found = config.get("chat_template") if isinstance(config, dict) else None
+    if found is not None and found.strip() != CHAT_TEMPLATE.strip():
+        warnings.warn(f"{folder}: its chat template differs from ShieldGemma 2's published one; mlx_gemma builds "
+                      "the published prompts, so the probabilities may differ from transformers' on this folder",
+                      stacklevel=3)
 
 
 def read_policy_definitions(folder) -> dict[str, str]:
@@ -135,6 +180,7 @@ class ShieldGemma2:
                                                               "'shieldgemma2': its config names the Yes/No tokens)")
         self.model, self.tokenizer = model, tokenizer
         self.policy_definitions = dict(policy_definitions or read_policy_definitions(model.path))
+        check_chat_template(model.path)
 
     @classmethod
     def load(cls, path_or_repo, **kwargs) -> "ShieldGemma2":

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 import mlx_gemma
 from mlx_gemma.errors import ConfigError, ImageError
-from mlx_gemma.shieldgemma2 import DEFAULT_POLICIES, PolicyError, ShieldGemma2, main, policy_prompt
+from mlx_gemma.shieldgemma2 import CHAT_TEMPLATE, DEFAULT_POLICIES, PolicyError, ShieldGemma2, main, policy_prompt
 from mlx_gemma.vision import gemma3_prompt_ids, preprocess_images
 
 FOLDER = FIXTURES / "tiny_shieldgemma2"
@@ -142,6 +142,16 @@ def test_config_errors(tmp_path):
     processor = json.loads((folder / "processor_config.json").read_text())
     (folder / "processor_config.json").write_text(json.dumps({**processor, "policy_definitions": {"x": 3}}))
     with pytest.raises(ConfigError, match="processor_config.json: policy_definitions must map"):
+        ShieldGemma2.load(folder)
+
+
+def test_another_chat_template_is_warned_of(tmp_path):
+    folder = tmp_path / "shield"
+    shutil.copytree(FOLDER, folder)
+    template = (folder / "chat_template.jinja").read_text()
+    assert template.strip() == CHAT_TEMPLATE.strip()  # the fixture's, saved by transformers' processor
+    (folder / "chat_template.jinja").write_text(template.replace("policy expert", "careful policy expert"))
+    with pytest.warns(UserWarning, match="chat template differs from ShieldGemma 2's published one"):
         ShieldGemma2.load(folder)
 
 
