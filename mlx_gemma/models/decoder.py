@@ -3,8 +3,8 @@
 A model file supplies its config and its `TransformerBlock` (a `base.Block`: it
 declares its attention `window`); this module runs embeddings -> blocks -> final
 norm -> tied (or separate) output projection, with one attention mask per window
-size, an optional per-block intercept (used by `score(layer_intercept_fn=...)`
-and for hidden states), and the cache factory.  `CausalLM` is the shared half of
+size, an optional per-block intercept (a hook to read or change the hidden
+states; `score` runs its own keras-hub-masked pass), and the cache factory.  `CausalLM` is the shared half of
 every text model's `Model`; each model file's subclass declares the rest of the
 contract (`base.GemmaModel`).
 """
