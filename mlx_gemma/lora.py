@@ -28,7 +28,7 @@ from .cli import run_command
 from .errors import TrainingError
 from .progress import Progress, format_rate
 from .tuner import trainer
-from .tuner.datasets import load_datasets
+from .tuner.datasets import load_datasets, training_images
 from .tuner.lora import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -213,8 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     mx.random.seed(args.seed)  # the same adapter initialisation on every rank
     model, tokenizer = load(args.model)
     splits = (("train", "valid") if args.train else ()) + (("test",) if args.test else ())
-    spec = model.image_input  # PaliGemma: image examples
-    images = (spec.num_tokens, spec.token_id) if spec is not None else None
+    images = training_images(model)  # PaliGemma: image examples; Gemma 3 VLM etc.: a TrainingError
     data = load_datasets(args.data, tokenizer, splits, args.mask_prompt, args.max_seq_length, images)
     for split in splits:
         if split != "valid" and split not in data:

@@ -11,9 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from mlx_gemma.errors import DatasetError
+from mlx_gemma import lora as lora_cli
+from mlx_gemma.errors import DatasetError, TrainingError
 from mlx_gemma.loading import load
-from mlx_gemma.tuner.datasets import iterate_batches, load_datasets, load_jsonl, make_batch
+from mlx_gemma.tuner.datasets import iterate_batches, load_datasets, load_jsonl, make_batch, training_images
 
 from conftest import FIXTURES
 PAIRS = [("What is two plus two?", " Four, of course."), ("Name a colour", " Blue"),
@@ -197,3 +198,25 @@ def test_fuzz_training_jsonl(tokenizer, tmp_path_factory, data, mask_prompt, ima
             if group:
                 inputs, targets, weights, *rest = make_batch(group, pad_id=tokenizer.pad_id, image_size=14)
                 assert inputs.shape == targets.shape == weights.shape and inputs.shape[0] == len(group)
+
+
+@pytest.mark.parametrize("name, model_type", [("tiny_gemma3_vlm", "gemma3"), ("tiny_shieldgemma2", "shieldgemma2"),
+                                              ("tiny_embedding_gemma", "embedding_gemma")])
+def test_models_the_tuner_would_treat_as_paligemma_are_refused(tmp_path, capsys, name, model_type):
+    """A Gemma 3 VLM has image_input but not PaliGemma's layout: the training CLI refuses it,
+    naming the model type, before reading any data (issue 19)."""
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a b c"}])
+    model = load(FIXTURES / name)[0]
+    with pytest.raises(TrainingError, match=f"model_type '{model_type}'"):
+        training_images(model)
+    code = lora_cli.main(["--model", str(FIXTURES / name), "--data", str(tmp_path), "--train", "--iters", "1",
+                          "--adapter-path", str(tmp_path / "adapters")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model_type '{model_type}'" in err and "\n" not in err.strip()
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_paligemma_and_text_models_keep_their_example_layouts():
+    assert training_images(load(FIXTURES / "tiny_gemma")[0]) is None
+    model = load(FIXTURES / "tiny_paligemma")[0]
+    assert training_images(model) == (model.image_input.num_tokens, model.image_input.token_id)

@@ -27,12 +27,35 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..errors import DatasetError, MlxGemmaError
+from ..errors import DatasetError, MlxGemmaError, TrainingError
 from ..vision import preprocess_images, prompt_ids
 
 SPLITS = ("train", "valid", "test")
 MAX_LINE_BYTES = 64 << 20  # one example; a longer line is surely not a training example
 PAD_TO = 32  # round batch lengths up so a compiled step sees few distinct shapes (as mlx-lm)
+
+
+# Models the tuner cannot train yet, with why.  Its examples, batches and loss follow
+# PaliGemma (image first, a bidirectional prefix); a Gemma 3 VLM lays images out in the text
+# with causal attention around them, and its adapters' key paths are untested, so training
+# one as PaliGemma would be silently wrong: it is refused instead (issue 19).
+UNTRAINABLE = {
+    "gemma3": "Gemma 3 with images (its image layout is not PaliGemma's; train its text-only release "
+              "or a gemma3_text folder instead)",
+    "shieldgemma2": "ShieldGemma 2 (an image classifier, not a causal LM to fine-tune here)",
+    "embedding_gemma": "EmbeddingGemma (a sentence encoder: no next-token loss to train)",
+}
+
+
+def training_images(model) -> tuple[int, int] | None:
+    """(image tokens per image, the `<image>` id) for PaliGemma, None for a text model;
+    a model the tuner would treat wrongly is a TrainingError naming its model type."""
+    model_type = getattr(model, "model_type", None)
+    spec = getattr(model, "image_input", None)
+    if model_type in UNTRAINABLE or (spec is not None and spec.start_id is not None):
+        what = UNTRAINABLE.get(model_type, UNTRAINABLE["gemma3"])
+        raise TrainingError(f"model_type {model_type!r}: LoRA / fine-tuning does not support {what}")
+    return None if spec is None else (spec.num_tokens, spec.token_id)
 
 
 def _image_example(tokenizer, record, where: str, folder: Path, images) -> tuple[list[int], int, str]:
