@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 
 from ..cli import run_command
 from ..errors import MlxGemmaError
-from ..loading import load_model_from
+from ..loading import is_encoder_config, load_encoder, load_model_from
 from ..progress import Progress
 from .checkpoint import DTYPES, as_mx
+from .encoder import encoder_files
 from .gguf import read_gguf
-from .hf import read_hf
+from .hf import PROCESSOR_FILES, read_hf
 from .keras import read_keras_preset
 from .quantize import BITS, GROUP_SIZES, RECIPES, dequantize_model, quantize_model
 from .writer import write_model_folder
@@ -84,22 +86,33 @@ def convert(
 
     config = dict(checkpoint.config)
     target = DTYPES[dtype] if dtype else None
-    model = load_model_from(config, as_mx(checkpoint.weights), path=checkpoint.source, dtype=target)
+    encoder = checkpoint.source is not None and hf_path is not None and is_encoder_config(config)
+    if encoder:  # EmbeddingGemma: the backbone and its sentence-transformers modules (Dense weights)
+        model = load_encoder(checkpoint.source, config, target)
+    else:
+        model = load_model_from(config, as_mx(checkpoint.weights), path=checkpoint.source, dtype=target)
     if dequantize:
         config = dequantize_model(model, config)
     if quantize:
         config = quantize_model(model, config, q_bits, q_group_size, quant_recipe)
     if dtype:
         config["torch_dtype"] = dtype
-    if model.image_input is None:  # a gemma3 config without a tower was converted as its text model
+    extra = dict(checkpoint.extra_files)
+    if model.image_input is None:  # processor files serve images only
+        extra = {k: v for k, v in extra.items() if k not in PROCESSOR_FILES}
+    if model.image_input is None and not encoder:  # a gemma3 config without a tower: its text model
         config = mlx_lm_compatible(_text_only(config))
 
     weights = dict(tree_flatten(model.parameters()))
     bar = Progress("writing", 1, " files", enabled=enabled)
-    dest = write_model_folder(
-        mlx_path, config, weights, checkpoint.tokenizer_model, checkpoint.generation_config,
-        overwrite=overwrite, source=checkpoint.source, progress=bar,
-    )
+    with tempfile.TemporaryDirectory(prefix="mlx_gemma_convert_") as scratch:
+        if encoder:
+            weights, modules = encoder_files(checkpoint.source, weights, Path(scratch))
+            extra.update(modules)
+        dest = write_model_folder(
+            mlx_path, config, weights, checkpoint.tokenizer_model, checkpoint.generation_config,
+            overwrite=overwrite, extra_files=extra, source=checkpoint.source, progress=bar,
+        )
     bar.close(f"{dest}")
     return dest
 

@@ -27,6 +27,9 @@ class Checkpoint:
     source: Path | None = None  # the folder or file read (never a destination)
     source_dtype: str | None = None  # how the source stored its floats, where the format says (Keras)
     metadata: dict[str, Any] = field(default_factory=dict)  # the format's own settings (GGUF scalars, Keras config)
+    # Small files the output folder keeps as read (name -> validated bytes): tokenizer and
+    # processor configs, chat templates (hf.py); the writer copies them beside the weights.
+    extra_files: dict[str, bytes] = field(default_factory=dict)
 
 
 def as_mx(weights: dict[str, Any]) -> dict[str, mx.array]:

@@ -6,9 +6,11 @@ folder's own, so every key the source had travels to the output.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import ConfigError
 from ..json_input import all_finite, json_type, read_json
-from ..loading import MAX_CONFIG_BYTES, load_config, model_args, resolve_model_path
+from ..loading import MAX_CONFIG_BYTES, is_encoder_config, load_config, model_args, resolve_model_path
 from ..model_folder import load_weights_from_folder
 from .checkpoint import Checkpoint
 
@@ -16,7 +18,8 @@ from .checkpoint import Checkpoint
 def read_hf(path_or_repo, revision: str | None = None) -> Checkpoint:
     folder = resolve_model_path(path_or_repo, revision)
     config = load_config(folder)
-    model_args(config, folder / "config.json")  # refuse a bad config naming its file, before reading weights
+    if not is_encoder_config(config):  # an encoder's config is checked with its modules (load_encoder)
+        model_args(config, folder / "config.json")  # refuse a bad config naming its file, before reading weights
     generation_config = None
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
@@ -31,4 +34,49 @@ def read_hf(path_or_repo, revision: str | None = None) -> Checkpoint:
         tokenizer_model=tokenizer if tokenizer.is_file() else None,
         generation_config=generation_config,
         source=folder,
+        extra_files=read_side_files(folder),
     )
+
+
+# The small files beside the weights that tokenizers, processors and chat templates live in,
+# with the most each may hold: a real Gemma 3 tokenizer_config.json is about 1.2 MB (its
+# added_tokens_decoder), its tokenizer.json about 33 MB.  transformers 5 saves a processor as
+# processor_config.json (the image processor nested) + chat_template.jinja; older hub folders
+# (google/gemma-3-4b-it) as preprocessor_config.json + processor_config.json + chat_template.json
+# and a chat template inside tokenizer_config.json, which is copied whole.
+SIDE_FILES = {
+    "tokenizer_config.json": 16 << 20, "tokenizer.json": 64 << 20, "special_tokens_map.json": 1 << 20,
+    "added_tokens.json": 16 << 20, "chat_template.json": 4 << 20, "chat_template.jinja": 4 << 20,
+    "processor_config.json": 4 << 20, "preprocessor_config.json": 4 << 20,
+}
+# Files only a model that takes images uses (a text conversion of a multimodal folder drops them).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def read_side_files(folder: Path) -> dict[str, bytes]:
+    """Each side file the folder has, as bytes checked to be what its name says (JSON, or
+    UTF-8 text for a .jinja template); a malformed one is a ConfigError naming it, raised
+    before anything is written."""
+    out = {}
+    for name, limit in SIDE_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".json"):
+            read_json(path, limit)  # size-capped; raises naming the file
+        out[name] = read_text_bytes(path, limit)
+    return out
+
+
+def read_text_bytes(path: Path, limit: int) -> bytes:
+    """The file's bytes, if it is at most `limit` of them and decodes as UTF-8."""
+    try:
+        if path.stat().st_size > limit:
+            raise ConfigError(path, f"is more than the {limit} bytes such a file can need")
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise ConfigError(path, f"cannot be read: {e}") from None
+    return data

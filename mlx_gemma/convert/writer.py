@@ -167,19 +167,18 @@ def _make_temp_dir(parent: Path, name: str) -> str:
 
 
 def _check_extra_name(dest: str, name: str) -> None:
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or "\x00" in name
-        or name in _RESERVED
-        or name.startswith("model-")
-    ):
+    """A plain file name, or one folder and a plain name (a sentence-transformers module's
+    `1_Pooling/config.json`); never a reserved name of the folder's own files."""
+    parts = name.split("/") if isinstance(name, str) else [None]
+    if len(parts) > 2 or not all(_plain_name(p) for p in parts) or parts[0] in _RESERVED \
+            or parts[0].startswith("model-"):
         raise ModelFileError(
             dest, f"extra file name {name!r} is not allowed (plain file names only, no reserved names)"
         )
+
+
+def _plain_name(part) -> bool:
+    return isinstance(part, str) and part not in ("", ".", "..") and not any(c in part for c in "/\\\x00")
 
 
 def write_model_folder(
@@ -322,6 +321,7 @@ def _write_extra_files(tmp: str, dest_s: str, extra_files: Mapping) -> None:
     """Each extra file into the temporary folder: bytes, text (UTF-8) or a copy of a path."""
     for name, content in extra_files.items():
         target = os.path.join(tmp, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)  # a module's subfolder
         if isinstance(content, (bytes, bytearray, memoryview)):
             _write_bytes(target, bytes(content))
         elif isinstance(content, str):

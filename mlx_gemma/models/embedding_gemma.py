@@ -128,6 +128,12 @@ def l2_normalize(x: mx.array) -> mx.array:
 class Model(nn.Module):
     """Token ids [B, T] + padding mask -> sentence embeddings [B, dimensions]."""
 
+    # The converter's -q leaves the Dense projections float: they are under 2% of the weights, their
+    # error reaches every output vector directly, and sentence-transformers' Dense module
+    # format (`linear.weight`) has no quantized form, so its subfolders stay readable.
+    float_prefixes = ("dense.",)
+    image_input = None  # text only
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -136,6 +142,11 @@ class Model(nn.Module):
         self.embedding_settings = None  # set by the loader: prompts, special tokens, length (embedding_folder.py)
         self.model = DecoderStack(args.text, gemma3.TransformerBlock)  # weights `model.*`
         self.dense = [Dense(d) for d in args.dense]
+
+    @property
+    def layers(self) -> list:
+        """The encoder blocks, first to last (the quantization recipes count them)."""
+        return self.model.layers
 
     def hidden_states(self, input_ids: mx.array, padding_mask: mx.array) -> mx.array:
         """The backbone's last hidden state [B, T, hidden] (transformers' last_hidden_state)."""
