@@ -13,6 +13,7 @@ file is a ConfigError (or WeightsMismatchError) naming it; nothing is imported o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,29 @@ def read_modules(folder: Path) -> list[tuple[str, Path]]:
             raise ConfigError(path, f"module {i} path {sub!r:.80} leaves the model folder")
         out.append((kind, Path(folder) / sub))
     return out
+
+
+# mlx-embeddings (0.1, models/gemma3_text.py) saves EmbeddingGemma as one root file: the backbone
+# as `model.*` and the two Dense layers as `dense.0.weight` (hidden -> 4 * hidden) and
+# `dense.1.weight` (back), no bias, quantized with the rest under -q; its convert copies only the
+# root JSON files, so the Pooling / Dense subfolders are gone.  Its model hard-codes the chain:
+# mean pooling, those two Dense layers without activation, then L2 normalization.
+MLX_EMBEDDINGS_DENSE = re.compile(r"dense\.(\d+)\.(weight|scales|biases)")
+
+
+def is_mlx_embeddings_layout(weight_names) -> bool:
+    """Root weights holding the Dense layers as `dense.<i>.weight` (mlx-embeddings' layout)."""
+    return any(MLX_EMBEDDINGS_DENSE.fullmatch(name) for name in weight_names)
+
+
+def mlx_embeddings_settings(hidden_size: int) -> dict[str, Any]:
+    """The `"sentence_transformers"` settings of mlx-embeddings' fixed EmbeddingGemma chain."""
+    identity = "torch.nn.modules.linear.Identity"
+    dense = [{"in_features": hidden_size, "out_features": 4 * hidden_size, "bias": False,
+              "activation_function": identity},
+             {"in_features": 4 * hidden_size, "out_features": hidden_size, "bias": False,
+              "activation_function": identity}]
+    return {"pooling_mode": "mean", "dense": dense, "normalize": True}
 
 
 def encoder_settings(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:

@@ -22,7 +22,10 @@ from mlx.utils import tree_flatten
 
 from .cpu_spread import prepare_for_device
 from .errors import ConfigError, ModelFileError, UnsafeCheckpointError, UnsupportedModelError, WeightsMismatchError
-from .embedding_folder import embedding_settings, encoder_settings, is_sentence_transformers_folder
+from .embedding_folder import (
+    embedding_settings, encoder_settings, is_mlx_embeddings_layout, is_sentence_transformers_folder,
+    mlx_embeddings_settings,
+)
 from .json_input import all_finite, expect, field, json_type, read_json
 from .models import ENCODERS, MODELS, TEXT_PART_OF, supported_model_types
 from .model_folder import load_weights_from_folder
@@ -222,14 +225,19 @@ def load_encoder(folder: Path, config: dict[str, Any], dtype: mx.Dtype | None = 
     """A sentence encoder from its sentence-transformers folder: the backbone in the root,
     Pooling / Dense / Normalize in the subfolders modules.json names (embedding_folder.py)."""
     config_path = Path(folder) / "config.json"
-    if not is_sentence_transformers_folder(folder):
+    root = load_weights_from_folder(folder)
+    if is_mlx_embeddings_layout(root):  # mlx-embeddings / mlx-community: the Dense layers in the root file
+        hidden = expect(config.get("hidden_size"), int, config_path, "hidden_size")
+        settings, dense_weights = mlx_embeddings_settings(hidden), {}
+    elif not is_sentence_transformers_folder(folder):
         raise ConfigError(config_path, "a bidirectional Gemma 3 (EmbeddingGemma) needs its sentence-transformers "
                                        "folder (modules.json, Pooling and Dense modules); none here")
-    settings, dense_weights = encoder_settings(folder)
+    else:
+        settings, dense_weights = encoder_settings(folder)
     module = ENCODERS[config["model_type"]]
     args = module.ModelArgs.from_dict({**config, "sentence_transformers": settings}, config_path)
     model = module.Model(args)
-    model = _fill(model, config, {**load_weights_from_folder(folder), **dense_weights}, folder, dtype, config_path)
+    model = _fill(model, config, {**root, **dense_weights}, folder, dtype, config_path)
     model.embedding_settings = embedding_settings(folder, args.text.max_position_embeddings)
     return model
 

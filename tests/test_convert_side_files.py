@@ -163,3 +163,48 @@ def test_embedding_gemma_8bit_quantizes_the_backbone_and_keeps_dense_float(tmp_p
     cosine = np.sum(out * ref["prompt_query"], axis=1)  # both unit vectors
     # Measured on this random tiny model: min cosine 0.99986 (8 bits, group size 64).
     assert cosine.min() > 0.9995
+
+
+def mlx_embeddings_folder(dest):
+    """EmbeddingGemma as mlx-embeddings 0.1 saves it (its models/gemma3_text.py sanitize and its
+    convert): one root file with the backbone as `model.*` and the Dense layers as
+    `dense.0.weight` / `dense.1.weight`, the root JSON files copied, no module subfolders."""
+    dest.mkdir()
+    weights = {f"model.{k}": v for k, v in mx.load(str(EMBEDDING / "model.safetensors")).items()}
+    for i, sub in enumerate(("2_Dense", "3_Dense")):
+        weights[f"dense.{i}.weight"] = mx.load(str(EMBEDDING / sub / "model.safetensors"))["linear.weight"]
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    for path in EMBEDDING.glob("*.json"):
+        shutil.copy(path, dest)
+    shutil.copy(EMBEDDING / "tokenizer.model", dest)
+    return dest
+
+
+def test_mlx_embeddings_layout_loads_and_converts(tmp_path):
+    source = mlx_embeddings_folder(tmp_path / "mlx_embeddings")
+    ref, texts = embed_reference()
+    model, tokenizer = mlx_gemma.load(source)
+    assert [(d.in_features, d.out_features, d.bias) for d in model.args.dense] == [(64, 256, False), (256, 64, False)]
+    np.testing.assert_allclose(np.array(mlx_gemma.embed(model, tokenizer, texts, prompt_name="query")),
+                               ref["prompt_query"], atol=1e-5, rtol=0)
+    dest = convert(source, mlx_path=tmp_path / "out", progress=False)
+    assert {k for k in mx.load(str(dest / "model.safetensors")) if k.startswith("dense.")} == {
+        "dense.0.weight", "dense.1.weight"}  # written back in the layout it came in
+    np.testing.assert_allclose(np.array(mlx_gemma.embed(*mlx_gemma.load(dest), texts)), ref["plain"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_folders_mlx_embeddings_converts(tmp_path, bits):
+    """mlx-embeddings' own converter run live (float and 8-bit, where it quantizes the Dense layers
+    too); our loader reads its output (it lacks tokenizer.model, which our tokenizer needs)."""
+    convert_mlx_embeddings = pytest.importorskip("mlx_embeddings.convert").convert
+    dest = tmp_path / "out"
+    convert_mlx_embeddings(str(EMBEDDING), mlx_path=str(dest), dtype="float32", quantize=bits is not None,
+                           q_bits=bits or 4, q_group_size=64)
+    shutil.copy(EMBEDDING / "tokenizer.model", dest)
+    ref, texts = embed_reference()
+    out = np.array(mlx_gemma.embed(*mlx_gemma.load(dest), texts, prompt_name="query"))
+    if bits is None:
+        np.testing.assert_allclose(out, ref["prompt_query"], atol=1e-5, rtol=0)
+    else:  # measured: min cosine 0.99980 (8 bits, group size 64, Dense layers quantized as well)
+        assert np.sum(out * ref["prompt_query"], axis=1).min() > 0.9995

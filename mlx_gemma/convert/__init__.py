@@ -107,7 +107,7 @@ def convert(
     bar = Progress("writing", 1, " files", enabled=enabled)
     with tempfile.TemporaryDirectory(prefix="mlx_gemma_convert_") as scratch:
         if encoder:
-            weights, modules = encoder_files(checkpoint.source, weights, Path(scratch))
+            weights, modules = encoder_files(checkpoint.source, weights, Path(scratch), checkpoint.weights)
             extra.update(modules)
         dest = write_model_folder(
             mlx_path, config, weights, checkpoint.tokenizer_model, checkpoint.generation_config,

@@ -181,5 +181,8 @@ class Model(nn.Module):
                 continue
             if not name.startswith(("model.", "dense.")):
                 name = "model." + name
+            elif name.startswith("dense.") and ".linear." not in name:  # mlx-embeddings: `dense.0.weight`
+                index, rest = name[len("dense."):].split(".", 1)
+                name = f"dense.{index}.linear.{rest}"
             out[name] = w
         return out
