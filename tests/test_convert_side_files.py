@@ -208,3 +208,15 @@ def test_folders_mlx_embeddings_converts(tmp_path, bits):
         np.testing.assert_allclose(out, ref["prompt_query"], atol=1e-5, rtol=0)
     else:  # measured: min cosine 0.99980 (8 bits, group size 64, Dense layers quantized as well)
         assert np.sum(out * ref["prompt_query"], axis=1).min() > 0.9995
+
+
+def test_writer_takes_one_module_subfolder_and_no_escape(tmp_path):
+    from mlx_gemma.convert.writer import write_model_folder
+    from mlx_gemma.errors import ModelFileError
+
+    dest = write_model_folder(tmp_path / "ok", {}, {}, extra_files={"1_Pooling/config.json": b"{}"})
+    assert (dest / "1_Pooling" / "config.json").read_bytes() == b"{}"
+    for name in ("a/b/c.json", "sub/../x", "../x", "/x", "sub/", "config.json/x", "tokenizer.model"):
+        with pytest.raises(ModelFileError, match="not allowed"):
+            write_model_folder(tmp_path / "bad", {}, {}, extra_files={name: b""})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
