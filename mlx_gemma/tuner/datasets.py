@@ -37,11 +37,12 @@ PAD_TO = 32  # round batch lengths up so a compiled step sees few distinct shape
 
 # Models the tuner cannot train yet, with why.  Its examples, batches and loss follow
 # PaliGemma (image first, a bidirectional prefix); a Gemma 3 VLM lays images out in the text
-# with causal attention around them, and its adapters' key paths are untested, so training
-# one as PaliGemma would be silently wrong: it is refused instead (issue 19).
+# with causal attention around them, and its language half sits under other weight names
+# (`model.language_model.*`) than the adapters a text run would save, so training it as
+# PaliGemma would be silently wrong: it is refused instead (issue 19).
 UNTRAINABLE = {
-    "gemma3": "Gemma 3 with images (its image layout is not PaliGemma's; train its text-only release "
-              "or a gemma3_text folder instead)",
+    "gemma3": "Gemma 3 with images (its image layout is not PaliGemma's, and adapters for its language "
+              "half are not supported yet; a Gemma 3 text folder, model_type gemma3_text, trains)",
     "shieldgemma2": "ShieldGemma 2 (an image classifier, not a causal LM to fine-tune here)",
     "embedding_gemma": "EmbeddingGemma (a sentence encoder: no next-token loss to train)",
 }
