@@ -252,7 +252,7 @@ def test_not_a_folder(tmp_path):
 
 @pytest.mark.parametrize("class_name, registered, match", [
     ("RecurrentGemmaBackbone", "keras_hub>RecurrentGemmaBackbone", "not yet supported"),  # PaliGemma: own tests
-    ("Gemma3Backbone", "keras_hub>Gemma3Backbone", "not yet supported"),
+    ("Gemma3nBackbone", "keras_hub>Gemma3nBackbone", "not yet supported"),  # Gemma3Backbone: own tests
     ("LlamaBackbone", "keras_hub>LlamaBackbone", "not a Gemma backbone"),
     ("GemmaCausalLM", "keras_hub>GemmaCausalLM", "is a task"),
     ("GemmaBackbone", "keras_hub>LlamaBackbone", "LlamaBackbone"),

@@ -3,7 +3,9 @@
 `read_keras_preset(folder)` returns a `Checkpoint` (checkpoint.py):
 
 * `config`            -- a Hugging Face-style `config.json` dict (`gemma` or
-                         `gemma2`, with `architectures`), loadable by
+                         `gemma2`, with `architectures`; `paligemma` from
+                         keras_paligemma.py; `gemma3_text`, or `gemma3` with
+                         images, from keras_gemma3.py), loadable by
                          `mlx_gemma.loading.load_model_from` and transformers;
 * `weights`           -- `{hf_name: float32 numpy array}` in HF layout ([out, in]);
 * `tokenizer_model`   -- the bytes of `assets/tokenizer/vocabulary.spm` (a
@@ -99,6 +101,7 @@ from .keras_common import (
     to_hf_layout,
 )
 from .keras_h5 import read_json, read_variables
+from .keras_gemma3 import read_gemma3_preset
 from .keras_paligemma import read_paligemma_preset
 
 __all__ = [
@@ -108,12 +111,14 @@ __all__ = [
     "DEFAULT_MAX_POSITION_EMBEDDINGS",
 ]
 
-SUPPORTED_CLASSES = ("GemmaBackbone", "PaliGemmaBackbone")  # the latter: keras_paligemma.py
+# PaliGemmaBackbone: keras_paligemma.py; Gemma3Backbone (text, or with images): keras_gemma3.py.
+SUPPORTED_CLASSES = ("GemmaBackbone", "PaliGemmaBackbone", "Gemma3Backbone")
 _REGISTERED = {"keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone"}
 _PALIGEMMA = {"keras_hub>PaliGemmaBackbone", "keras_nlp>PaliGemmaBackbone"}
+_GEMMA3 = {"keras_hub>Gemma3Backbone"}
 # Gemma-family Keras classes we know of but cannot read yet.
 _LATER = {
-    "Gemma3Backbone", "Gemma3nBackbone", "Gemma4Backbone",
+    "Gemma3nBackbone", "Gemma4Backbone",
     "RecurrentGemmaBackbone", "T5GemmaBackbone", "ShieldGemmaBackbone",
 }
 _TASK_CLASSES = {"GemmaCausalLM", "Gemma3CausalLM", "PaliGemmaCausalLM"}
@@ -136,13 +141,13 @@ def _check_class(path: str, top: Any) -> dict:
         shown = registered or class_name
         cls = next(iter(short - {"GemmaBackbone"}), shown)
         if cls in _LATER:
-            raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not yet supported (only GemmaBackbone)")
+            raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not yet supported (only {', '.join(SUPPORTED_CLASSES)})")
         if cls in _TASK_CLASSES:
             raise UnsupportedModelError(
                 path, f"Keras class {shown!r:.80} is a task, not a backbone: point at a preset folder "
                 "whose config.json describes the GemmaBackbone"
             )
-        raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not a Gemma backbone (supported: GemmaBackbone)")
+        raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not a Gemma backbone (supported: {', '.join(SUPPORTED_CLASSES)})")
     cfg = top.get("config")
     if not isinstance(cfg, dict):
         raise ConfigError(path, "has no 'config' object with the backbone's settings")
@@ -172,6 +177,9 @@ def read_keras_preset(
     if isinstance(top, dict) and top.get("class_name") == "PaliGemmaBackbone" and (
             registered is None or (isinstance(registered, str) and registered in _PALIGEMMA)):
         return read_paligemma_preset(folder, top, progress=progress)
+    if isinstance(top, dict) and top.get("class_name") == "Gemma3Backbone" and (
+            registered is None or (isinstance(registered, str) and registered in _GEMMA3)):
+        return read_gemma3_preset(folder, top, progress=progress)
     keras_cfg = _check_class(config_path, top)
     # The vocabulary size bounds the tokenizer check; validate it first.
     vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
