@@ -22,6 +22,15 @@ checked numerically against keras-hub by tests/test_convert_keras_gemma3_vlm.py:
   from Google's checkpoints writes the flag false for it) and transformers (query_pre_attn_scalar
   168).  So a 27B preset's logits differ from keras-hub's (which uses 1/sqrt(128)); the other
   Gemma 3 sizes (270M to 12B, query_pre_attn_scalar == head_dim) set the flag true and agree.
+* keras-hub vs transformers on the *same HF weights* (keras-hub's `convert_gemma3.py` loading
+  an HF folder): it drops `layer_types` / `sliding_window_pattern` (the backbone fixes i % 6 < 5),
+  `rope_theta` / `rope_local_base_freq` (fixed 1M / 10k) and the pooling (`pool_size=4`, right
+  only for a 64 x 64 patch grid).  Published checkpoints have exactly those values, so they
+  agree; tiny test configs do not: on tests' tiny Gemma 3 VLM (layers s,s,f,s, a 4 x 4 grid
+  pooled to 4) keras-hub's logits differ from transformers' by 65% of the largest logit, 9%
+  with our layer kinds set to keras-hub's (the rest: one pooled token per image instead of 4).
+  We read a Keras preset as keras-hub builds it (these fixed values) and an HF folder as
+  transformers does; where they meet on real weights, both agree with Google's `gemma` package.
 * Vision (`layers/gemma3_vision_encoder/layers/...`), Keras shape -> HF name [HF shape]:
 
       gemma3_vision_encoder_block/vision_embeddings/patch_embedding/vars/0,1  [P,P,C,D] HWIO -> [D,C,P,P]
