@@ -602,7 +602,8 @@ from mlx_gemma.tasks import presets  # noqa: E402
 
 PALIGEMMA = FIXTURES / "keras_paligemma"
 PALIGEMMA2 = FIXTURES / "keras_paligemma2"
-FUZZ_PRESETS = {"gemma": GEMMA, "gemma2": GEMMA2, "paligemma": PALIGEMMA, "paligemma2": PALIGEMMA2}
+FUZZ_PRESETS = {"gemma": GEMMA, "gemma2": GEMMA2, "paligemma": PALIGEMMA, "paligemma2": PALIGEMMA2,
+                "gemma3_vlm": FIXTURES / "keras_gemma3_vlm"}
 # What keras-hub's GemmaCausalLMPreprocessor.save_to_preset writes (tests/fixtures/keras_generate.json).
 PREPROCESSOR = {
     "module": "keras_hub.src.models.gemma.gemma_causal_lm_preprocessor", "class_name": "GemmaCausalLMPreprocessor",
@@ -687,7 +688,7 @@ def _json_slots(doc, at=()):
 @st.composite
 def json_mutation(draw):
     """(preset, file, [(operation, value)], random) to apply to one JSON file of a preset."""
-    name = draw(st.sampled_from(["gemma", "gemma2", "paligemma", "gemma2-sharded"]))
+    name = draw(st.sampled_from(["gemma", "gemma2", "paligemma", "gemma2-sharded", "gemma3_vlm"]))
     files = ["config.json", "metadata.json", "tokenizer.json", "preprocessor.json"]
     file = draw(st.sampled_from(files + ["model.weights.json"] if name == "gemma2-sharded" else files))
     op = st.sampled_from(["replace", "replace", "replace", "delete", "insert", "document", "text", "deep", "long-number"])
