@@ -152,7 +152,8 @@ def test_vocabulary_without_image_pieces_refused(tmp_path):
 
 @pytest.mark.oracle
 def test_live_keras_hub_fresh_preset(tmp_path):
-    """A fresh random Gemma3Backbone with a vision encoder, built and saved by keras-hub, read by us."""
+    """A fresh random Gemma3Backbone with a vision encoder, built and saved by keras-hub, read by us:
+    its logits for two images in one prompt, and Gemma3CausalLM.generate's greedy tokens."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
     keras_hub = pytest.importorskip("keras_hub", reason="the live oracle needs keras-hub (pip install keras-hub jax)")
     import keras
@@ -179,3 +180,11 @@ def test_live_keras_hub_fresh_preset(tmp_path):
     ck = read_keras_preset(tmp_path / "p")
     ours = load_model_from(ck.config, {k: mx.array(v) for k, v in ck.weights.items()})
     assert rel_err(ours(mx.array(ids), pixel_values=mx.array(images[0])), want) < RTOL
+    # keras-hub's own generate loop (greedy, no preprocessor: right-padded inputs) continues it so.
+    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    lm.compile(sampler="greedy")
+    grow = ("token_ids", "padding_mask", "vision_mask")
+    padded = {**inputs, **{k: np.pad(inputs[k], ((0, 0), (0, 6))) for k in grow}}
+    keras_tokens = np.asarray(lm.generate(padded, stop_token_ids=None)["token_ids"])[0, ids.shape[1]:].tolist()
+    tokens = [t[0] for t, _ in generate_step(ours, mx.array(ids), max_tokens=6, pixel_values=mx.array(images[0]))]
+    assert tokens == keras_tokens

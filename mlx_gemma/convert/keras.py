@@ -141,13 +141,15 @@ def _check_class(path: str, top: Any) -> dict:
         shown = registered or class_name
         cls = next(iter(short - {"GemmaBackbone"}), shown)
         if cls in _LATER:
-            raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not yet supported (only {', '.join(SUPPORTED_CLASSES)})")
+            raise UnsupportedModelError(
+                path, f"Keras class {shown!r:.80} is not yet supported (only {', '.join(SUPPORTED_CLASSES)})")
         if cls in _TASK_CLASSES:
             raise UnsupportedModelError(
                 path, f"Keras class {shown!r:.80} is a task, not a backbone: point at a preset folder "
                 "whose config.json describes the GemmaBackbone"
             )
-        raise UnsupportedModelError(path, f"Keras class {shown!r:.80} is not a Gemma backbone (supported: {', '.join(SUPPORTED_CLASSES)})")
+        raise UnsupportedModelError(
+            path, f"Keras class {shown!r:.80} is not a Gemma backbone (supported: {', '.join(SUPPORTED_CLASSES)})")
     cfg = top.get("config")
     if not isinstance(cfg, dict):
         raise ConfigError(path, "has no 'config' object with the backbone's settings")
