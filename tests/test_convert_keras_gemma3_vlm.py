@@ -26,6 +26,7 @@ from mlx_gemma.convert.keras import read_keras_preset  # noqa: E402
 from mlx_gemma.errors import ConfigError, TokenizerError, UnsupportedModelError  # noqa: E402
 from mlx_gemma.generate import generate_step  # noqa: E402
 from mlx_gemma.loading import load_model_from  # noqa: E402
+from mlx_gemma.tasks import Gemma3CausalLM  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PRESET = FIXTURES / "keras_gemma3_vlm"
@@ -83,6 +84,19 @@ def test_greedy_tokens_equal_keras_hub_generate(model, ref):
         tokens = [t[0] for t, _ in generate_step(model, ids, max_tokens=len(want), pixel_values=pixels,
                                                  prefill_step_size=step_size)]
         assert tokens == want
+
+
+def test_gemma3_causal_lm_of_the_preset_reproduces_keras_hub_generate(ref):
+    """Our Gemma3CausalLM from the Keras preset folder, given what keras-hub's
+    Gemma3CausalLM(preprocessor=None).generate was given (right-padded ids and mask, the
+    images), returns keras-hub's recorded greedy ids."""
+    lm = Gemma3CausalLM.from_preset(PRESET, preprocessor=None)
+    ids = ref["one_token_ids"]
+    grow = ref["one_greedy"].shape[1] - ids.shape[1]
+    out = lm.generate({"token_ids": np.pad(ids, ((0, 0), (0, grow))),
+                       "padding_mask": np.pad(np.ones_like(ids), ((0, 0), (0, grow))),
+                       "images": ref["one_images"]}, stop_token_ids=None)
+    assert np.asarray(out["token_ids"]).tolist() == ref["one_greedy"].tolist()
 
 
 def test_converted_folder_loads(tmp_path, ref):
