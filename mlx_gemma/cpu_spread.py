@@ -74,14 +74,26 @@ def _helper_streams(n: int) -> tuple[mx.Stream, ...]:
     return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
-def _spread(product, rows: int, *sliced: mx.array) -> mx.array:
-    """product(*slices) over row ranges of the `sliced` arrays, one range per stream, joined on the last axis."""
+def spread(product, rows: int, *sliced: mx.array) -> mx.array:
+    """product(*slices) over row ranges of the `sliced` arrays, one range per stream, joined on the last axis.
+
+    Public for products outside a layer (training's head-gradient blocks, tuner/losses.py)."""
     parts = min(cpu_threads(), rows // MIN_ROWS_PER_SLICE)
     if parts < 2 or mx.default_device() != mx.cpu:
         return product(*sliced)
     bounds = [rows * i // parts for i in range(parts + 1)]
     slices = [lambda _, a=a, b=b: product(*(s[a:b] for s in sliced)) for a, b in zip(bounds, bounds[1:])]
     return mx.concatenate(_on_streams(slices), axis=-1)
+
+
+def streams(count: int) -> tuple[mx.Stream, ...]:
+    """The streams `_on_streams` takes turns on for `count` blocks of work (the caller's, then
+    helpers; at most `cpu_threads()`), for callers that schedule blocks of their own (the
+    trainable output head's gradient, tuner/losses.py).  The default stream alone off the CPU."""
+    if mx.default_device() != mx.cpu:
+        return (mx.default_stream(mx.default_device()),)
+    parts = max(1, min(cpu_threads(), count))
+    return (mx.default_stream(mx.cpu),) + _helper_streams(parts - 1)
 
 
 def _quantized_product(layer, x: mx.array) -> mx.array:
@@ -245,15 +257,15 @@ class SpreadGeGLU(GeGLU):
         gate, up = self.gate_proj, self.up_proj
         if not (type(gate) is type(up) is SpreadLinear and "bias" not in gate and "bias" not in up):
             return super().__call__(x)  # quantized or LoRA-wrapped: each layer spreads itself
-        hidden = _spread(lambda g, u: gated(self.act)(x @ g.T, x @ u.T), gate.weight.shape[0], gate.weight, up.weight)
+        hidden = spread(lambda g, u: gated(self.act)(x @ g.T, x @ u.T), gate.weight.shape[0], gate.weight, up.weight)
         return self.down_proj(hidden)
 
 
 class SpreadLinear(nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
         if "bias" in self:  # fused as nn.Linear fuses it (one rounding)
-            return _spread(lambda w, b: mx.addmm(b, x, w.T), self.weight.shape[0], self.weight, self.bias)
-        return _spread(lambda w: x @ w.T, self.weight.shape[0], self.weight)
+            return spread(lambda w, b: mx.addmm(b, x, w.T), self.weight.shape[0], self.weight, self.bias)
+        return spread(lambda w: x @ w.T, self.weight.shape[0], self.weight)
 
 
 class SpreadQuantizedLinear(nn.QuantizedLinear):
@@ -266,7 +278,7 @@ class SpreadQuantizedLinear(nn.QuantizedLinear):
 
 class SpreadEmbedding(nn.Embedding):
     def as_linear(self, x: mx.array) -> mx.array:  # the tied output head: Gemma's largest product
-        return _spread(lambda w: x @ w.T, self.weight.shape[0], self.weight)
+        return spread(lambda w: x @ w.T, self.weight.shape[0], self.weight)
 
 
 class SpreadQuantizedEmbedding(nn.QuantizedEmbedding):

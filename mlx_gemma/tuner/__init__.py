@@ -1,9 +1,10 @@
 """Fine-tuning: LoRA / QLoRA / DoRA adapters, the training loop, and the fine-tuning data.
 
 Laid out as mlx-lm's `mlx_lm/tuner/`: `lora.py` (the adapter layers; enable, fuse, save and
-load adapters in mlx-lm's folder layout), `trainer.py` (the chunked loss, gradient
-checkpointing, the data-parallel training loop), `datasets.py` (JSONL examples -> padded
-batches).  The command lines sit above this room: `python -m mlx_gemma.lora` (train / test)
+load adapters in mlx-lm's folder layout), `losses.py` (the chunked loss, for a frozen or a
+trainable output head), `optimizers.py` (Adam / AdamW updating in place, schedules),
+`trainer.py` (gradient checkpointing, the data-parallel training loop), `datasets.py` (JSONL
+examples -> padded batches).  The command lines sit above this room: `python -m mlx_gemma.lora` (train / test)
 and `python -m mlx_gemma.fuse` (merge adapters into a model folder).
 """
 
