@@ -1,7 +1,9 @@
-"""`python -m mlx_gemma.lora`: LoRA / QLoRA / DoRA fine-tuning from the command line.
+"""`python -m mlx_gemma.lora`: LoRA / QLoRA / DoRA / full fine-tuning from the command line.
 
     python -m mlx_gemma.lora --model PATH --data DIR --train --iters 600 --batch-size 4 \\
         --learning-rate 1e-5 --rank 8 --num-layers 16 --adapter-path adapters --mask-prompt
+    python -m mlx_gemma.lora --model PATH --data DIR --train --fine-tune-type full --num-layers -1 \\
+        --adapter-path my-model        # my-model/ is then a complete model folder
 
 Flags follow mlx-lm's `mlx_lm.lora`; `-c config.json` (or `.yaml` when PyYAML
 is installed) supplies any of them, flags on the command line win.  A
@@ -29,6 +31,7 @@ from .errors import TrainingError
 from .progress import Progress, format_rate
 from .tuner import trainer
 from .tuner.datasets import load_datasets, training_images
+from .tuner.full import check_full_fine_tunable, check_save_path, enable_full, load_full_weights, save_full_model
 from .tuner.lora import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -64,7 +67,7 @@ DEFAULTS = {
     "save_every": 100, "resume_adapter_file": None, "grad_checkpoint": False, "mask_prompt": False,
     "max_seq_length": 2048, "seed": 0, "optimizer": "adamw", "weight_decay": 0.0, "lr_schedule": "constant",
     "warmup": 0, "min_lr": 0.0, "grad_accumulation_steps": 1, "steps_per_report": 10, "steps_per_eval": 200,
-    "val_batches": 25, "test_batches": -1, "loss_chunk_size": None,
+    "val_batches": 25, "test_batches": -1, "loss_chunk_size": None, "optimizer_state_dtype": "param",
 }
 
 
@@ -81,9 +84,13 @@ FLAGS = [
     ("--scale", float, "LoRA scale (alpha / rank); mlx-lm's default 20"),
     ("--dropout", float, "LoRA dropout"),
     ("--num-layers", int, f"adapt the last N blocks (-1: all; default {DEFAULT_NUM_LAYERS}, or all when the model has fewer)"),
-    ("--adapter-path", str, "folder to write adapters.safetensors and adapter_config.json"),
+    ("--adapter-path", str, "folder to write adapters.safetensors and adapter_config.json; with --fine-tune-type "
+     "full, the trained model as a complete folder (config, weights, tokenizer: load it as --model), replaced "
+     "atomically at each save. mlx-lm writes a full fine-tune's weights under --adapter-path too, so scripts keep "
+     "their flag; only a new folder, an empty one or an earlier model folder is accepted"),
     ("--save-every", int, "save the adapters every K steps (and at the end)"),
-    ("--resume-adapter-file", str, "start from these adapter weights (a file or an adapter folder)"),
+    ("--resume-adapter-file", str, "start from these adapter weights (a file or an adapter folder); with "
+     "--fine-tune-type full, an earlier run's model folder, or mlx-lm's full-run adapters.safetensors"),
     ("--grad-checkpoint", "flag", "recompute blocks in the backward pass (less memory)"),
     ("--mask-prompt", "flag", "loss on completions / the last model turn only"),
     ("--max-seq-length", int, "truncate longer examples (with a warning)"),
@@ -98,12 +105,19 @@ FLAGS = [
     ("--test-batches", int, "test batches (-1: all)"),
     ("--loss-chunk-size", int, "tokens per cross-entropy chunk (default: 32 MiB of float32 logits on a CPU, 128 MiB on a GPU)"),
 ]
-CHOICES = {"--fine-tune-type": ["lora", "dora"], "--optimizer": ["adamw", "adam", "sgd", "adafactor"],
-           "--lr-schedule": ["constant", "cosine"]}
+CHOICES = {"--fine-tune-type": ["lora", "dora", "full"], "--optimizer": ["adamw", "adam", "sgd", "adafactor"],
+           "--lr-schedule": ["constant", "cosine"], "--optimizer-state-dtype": ["param", "float32"]}
+CHOICE_HELP = {
+    "--fine-tune-type": "full: every weight of the last --num-layers blocks (-1: all), as mlx-lm (the embedding, "
+                        "tied to the output head, and the final norm stay frozen)",
+    "--optimizer-state-dtype": "Adam / AdamW moments in the weights' dtype (param: bf16 for a bf16 model, as mlx-lm "
+                               "and torch keep them) or float32 (2x the optimizer memory). Measured on Gemma 3 270M: "
+                               "see benchmarks/RESULTS.md, bench_fit",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma.lora", description="Fine-tune Gemma with LoRA adapters.")
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma.lora", description="Fine-tune Gemma: LoRA adapters or every weight.")
     p.add_argument("-c", "--config", help="a JSON (or YAML, with PyYAML) file of settings; flags win")
     for flag, kind, text in FLAGS:
         if kind == "flag":
@@ -111,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=kind, help=text)
     for flag, choices in CHOICES.items():
-        p.add_argument(flag, choices=choices, help=f"default: {DEFAULTS[flag[2:].replace('-', '_')]}")
+        default = f"default: {DEFAULTS[flag[2:].replace('-', '_')]}"
+        p.add_argument(flag, choices=choices, help=f"{CHOICE_HELP[flag]}; {default}" if flag in CHOICE_HELP else default)
     p.add_argument("--lora-keys", nargs="+", help="projections to adapt (default: q_proj v_proj)")
     return p
 
@@ -205,6 +220,26 @@ def _printer(progress: Progress | None, quiet: bool):
     return report
 
 
+def _prepare_model(model, args: argparse.Namespace):
+    """Make the parameters `--fine-tune-type` trains trainable (adapters, or whole blocks), load
+    `--resume-adapter-file`; returns (save(step), what a save writes)."""
+    num_layers = args.num_layers if args.num_layers is not None else min(DEFAULT_NUM_LAYERS, len(model.layers))
+    out = Path(args.adapter_path)
+    if args.fine_tune_type == "full":
+        check_full_fine_tunable(model)
+        if args.train:
+            check_save_path(out)  # before training: never replace a folder that is not a model
+        enable_full(model, num_layers)
+        if args.resume_adapter_file:
+            load_full_weights(model, args.resume_adapter_file)
+        return (lambda step: save_full_model(out, model)), "the fine-tuned model"
+    config = enable_lora(model, args.rank, tuple(args.lora_keys), num_layers, scale=args.scale,
+                         dropout=args.dropout, dora=args.fine_tune_type == "dora")
+    if args.resume_adapter_file:
+        load_adapter_weights(model, args.resume_adapter_file)
+    return (lambda step: save_adapters(out, model, config)), "adapters"
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train and/or test as `args` says; returns {"history": [...], "test_loss": ...}."""
     if not (args.train or args.test):
@@ -219,29 +254,24 @@ def run(args: argparse.Namespace) -> dict:
         if split != "valid" and split not in data:
             raise TrainingError(f"{args.data}: no {split}.jsonl")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    num_layers = args.num_layers if args.num_layers is not None else min(DEFAULT_NUM_LAYERS, len(model.layers))
-    config = enable_lora(model, args.rank, tuple(args.lora_keys), num_layers, scale=args.scale,
-                         dropout=args.dropout, dora=args.fine_tune_type == "dora")
-    if args.resume_adapter_file:
-        load_adapter_weights(model, args.resume_adapter_file)
+    save, saved = _prepare_model(model, args)
     result: dict = {"history": []}
     if args.train:
-        out = Path(args.adapter_path)
         schedule = trainer.build_schedule(args.learning_rate, args.iters, args.lr_schedule, args.warmup, args.min_lr)
-        optimizer = trainer.build_optimizer(args.optimizer, schedule, args.weight_decay)
+        optimizer = trainer.build_optimizer(args.optimizer, schedule, args.weight_decay, args.optimizer_state_dtype)
         targs = trainer.TrainingArgs(
             batch_size=args.batch_size, iters=args.iters, val_batches=args.val_batches,
             steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval, save_every=args.save_every,
-            adapter_path=str(out), grad_accumulation_steps=args.grad_accumulation_steps,
+            adapter_path=args.adapter_path, grad_accumulation_steps=args.grad_accumulation_steps,
             grad_checkpoint=args.grad_checkpoint, loss_chunk_size=args.loss_chunk_size, seed=args.seed)
         progress = Progress("train", args.iters, " steps") if sys.stderr.isatty() and rank0 else None
         result["history"] = trainer.train(
             model, optimizer, data["train"], data.get("valid"), targs, pad_id=pad_id, report=_printer(progress, not rank0),
-            save=lambda step: save_adapters(out, model, config))
+            save=save)
         if progress is not None:
-            progress.close(f"adapters saved to {out}")
+            progress.close(f"{saved} saved to {args.adapter_path}")
         elif rank0:
-            print(f"Saved adapters to {out}", flush=True)
+            print(f"Saved {saved} to {args.adapter_path}", flush=True)
     if args.test:
         loss = trainer.evaluate(model, data["test"], args.batch_size, args.test_batches, pad_id, args.loss_chunk_size)
         result["test_loss"] = loss
@@ -251,7 +281,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(lambda: run(settings(argv)), "adapters saved so far are intact")
+    return run_command(lambda: run(settings(argv)), "what was saved so far is intact")
 
 
 if __name__ == "__main__":
