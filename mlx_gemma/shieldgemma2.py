@@ -175,9 +175,8 @@ class ShieldGemma2:
 
     def __init__(self, model, tokenizer, policy_definitions: Mapping[str, str] | None = None):
         if not isinstance(model, ShieldGemma2Model):
-            raise ConfigError(getattr(model, "path", None), f"not a ShieldGemma 2 model (model_type "
-                                                              f"{getattr(model, 'model_type', None)!r}, expected "
-                                                              "'shieldgemma2': its config names the Yes/No tokens)")
+            raise ConfigError(None, f"not a ShieldGemma 2 model (a {type(model).__name__}; expected model_type "
+                                    "'shieldgemma2', whose config names the Yes/No tokens)")
         self.model, self.tokenizer = model, tokenizer
         self.policy_definitions = dict(policy_definitions or read_policy_definitions(model.path))
         check_chat_template(model.path)

@@ -270,7 +270,8 @@ def test_softcapped_attention_rounds_its_float32_softmax_once(dtype):
 # ----- the model contract (mlx_gemma/models/base.py) -------------------------------------
 
 # One tiny fixture per registered architecture (PaliGemma over both of its decoders).
-CONTRACT_FIXTURES = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2", "tiny_gemma3_vlm"]
+CONTRACT_FIXTURES = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2", "tiny_gemma3_vlm",
+                     "tiny_shieldgemma2"]
 
 
 def _conforms(value, hint) -> bool:

@@ -139,6 +139,7 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.path = None  # set by the loader to the folder it read
+        self.image_input = None  # text only; read by the tuner's refusal of encoders
         self.embedding_settings = None  # set by the loader: prompts, special tokens, length (embedding_folder.py)
         self.model = DecoderStack(args.text, gemma3.TransformerBlock)  # weights `model.*`
         self.dense = [Dense(d) for d in args.dense]

@@ -51,8 +51,7 @@ UNTRAINABLE = {
 def training_images(model) -> tuple[int, int] | None:
     """(image tokens per image, the `<image>` id) for PaliGemma, None for a text model;
     a model the tuner would treat wrongly is a TrainingError naming its model type."""
-    model_type = getattr(model, "model_type", None)
-    spec = getattr(model, "image_input", None)
+    model_type, spec = model.model_type, model.image_input
     if model_type in UNTRAINABLE or (spec is not None and spec.start_id is not None):
         what = UNTRAINABLE.get(model_type, UNTRAINABLE["gemma3"])
         raise TrainingError(f"model_type {model_type!r}: LoRA / fine-tuning does not support {what}")
