@@ -6,14 +6,14 @@ and the process's max RSS.  Runs alternate A B A B over `--reps`.  Cases:
 
 (a) the seed's example, `GemmaCausalLM.from_preset(folder, sequence_length=L).fit(x=[two
     sentences], batch_size=2)`, at L = 1024 against L = 32: time of `fit` and peak;
-(b) full fine-tuning, batch 2 x ~250 real tokens, `--steps` Adam steps at one learning rate,
-    the same texts: ours through `fit` (every weight trains, keras-style) and through our
+(b) full fine-tuning, batch 2 x ~250 real tokens, `--steps` Adam steps at one learning rate on
+    one batch (so every library trains on the same batch at every step): ours through `fit` (every weight trains, keras-style) and through our
     training loop as `--fine-tune-type full` (every weight of every block, as mlx-lm's CLI),
     against mlx-lm's trainer as its `--fine-tune-type full` sets it up (and, with
     `--mlx-lm-every-weight`, mlx-lm's trainer training every weight, fit's set): peak,
     tokens/s (the real target tokens over the whole training call, compilation included),
-    the training loss it reported at each step, and the loss over the texts after training
-    (each library's own evaluate);
+    the training loss it reported at each step (the first: the untrained model's, the same for
+    all), and the loss over the batch after training (each library's own evaluate);
 (c) LoRA: bench_lora.py (run it; its section of RESULTS.md has the figures);
 (d) optimizer state (`--cases d`): our loop, `--opt-steps` steps of AdamW with moments in
     bf16 (the default) or float32, and Adafactor: the loss after training and the peak.
@@ -48,25 +48,29 @@ SEED_TEXTS = ["The quick brown fox jumped.", "I forgot my homework."]
 
 
 def texts_and_examples(tokenizer, args):
-    """`batch x steps` texts of `--tokens` tokens each (round-tripped through the tokenizer, so every
-    library sees the same ids), and our (ids, offset) examples of them: BOS + text + EOS, as mlx-lm's
-    TextDataset and keras-hub's preprocessor make them."""
-    count = args.batch_size * args.steps
+    """The training texts, `--tokens` tokens each (round-tripped through the tokenizer, so every library
+    sees the same ids), and our (ids, offset) examples of them: BOS + text + EOS, as mlx-lm's TextDataset
+    and keras-hub's preprocessor make them.  One batch, trained on at every step (every library then
+    sees the same batch at the same step, whatever order its loader would take), or with `--distinct`
+    a batch per step."""
+    count = args.batch_size * (args.steps if args.distinct else 1)
     texts = [tokenizer.decode(prompt_ids(tokenizer, args.tokens + 1, row)[1:]) for row in range(count)]
     examples = [(tokenizer.encode(t, add_bos=True, add_eos=True), 0) for t in texts]
     return texts, examples
 
 
 def measured(train, n_params: int, weights: int) -> dict:
-    """Run `train()` -> (losses, loss after); add seconds, MLX's peak and the process's max RSS."""
+    """Run `train()` -> (losses, a function giving the loss after training); add seconds, MLX's peak and
+    the process's max RSS, both taken before that loss is computed."""
     mx.synchronize()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     losses, after = train()
     seconds = time.perf_counter() - tic
-    return {"seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "trainable": n_params,
-            "weights_gb": weights / 1e9, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            "losses": losses, "loss_after": after}
+    out = {"seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "trainable": n_params,
+           "weights_gb": weights / 1e9, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+           "losses": losses}
+    return {**out, "loss_after": after() if after else None}
 
 
 def worker_seed_fit(folder, args):
@@ -95,9 +99,9 @@ def worker_ours(folder, args):
                                  steps_per_eval=10**9, save_every=10**9, seed=args.seed)
 
     def train():
-        trainer.train(model, optimizer, examples[:args.batch_size * steps], None, targs, pad_id=max(tokenizer.pad_id, 0),
+        trainer.train(model, optimizer, examples, None, targs, pad_id=max(tokenizer.pad_id, 0),
                       report=lambda info: losses.append(info["train_loss"]))
-        return losses, trainer.evaluate(model, examples[:args.batch_size * steps], args.batch_size)
+        return losses, lambda: trainer.evaluate(model, examples, args.batch_size)
 
     n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     return measured(train, n, common.weight_bytes(model))
@@ -111,11 +115,11 @@ def worker_fit(folder, args):
     lm = GemmaCausalLM.from_preset(folder, sequence_length=args.tokens + 32)  # every text whole
     lm.compile(optimizer="adam", learning_rate=args.learning_rate)
     texts, examples = texts_and_examples(lm.preprocessor.tokenizer, args)
-    texts, examples = texts[:args.batch_size * args.steps], examples[:args.batch_size * args.steps]
 
-    def train():
-        history = lm.fit(x=texts, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0, seed=args.seed)
-        return history.history["loss"], trainer.evaluate(lm.backbone.model, examples, args.batch_size)
+    def train():  # one batch: an epoch is a step
+        history = lm.fit(x=texts, batch_size=args.batch_size, epochs=args.steps, shuffle=False, verbose=0,
+                         seed=args.seed)
+        return history.history["loss"], lambda: trainer.evaluate(lm.backbone.model, examples, args.batch_size)
 
     n = sum(v.size for _, v in tree_flatten(lm.backbone.model.trainable_parameters()))
     return measured(train, n, common.weight_bytes(lm.backbone.model))
@@ -125,13 +129,13 @@ def worker_mlx_lm(folder, args):
     """mlx-lm's trainer, set up as its `--fine-tune-type full --num-layers -1` does (or every weight)."""
     import mlx_lm
     from mlx_lm.tuner import trainer as their_trainer
-    from mlx_lm.tuner.datasets import CacheDataset, TextDataset
 
     import mlx_gemma
 
-    model, tokenizer = mlx_lm.load(str(folder))
-    texts, _ = texts_and_examples(mlx_gemma.GemmaTokenizer.from_folder(folder), args)
-    data = CacheDataset(TextDataset([{"text": t} for t in texts[:args.batch_size * args.steps]], tokenizer._tokenizer))
+    model, _ = mlx_lm.load(str(folder))
+    # Our ids, as (ids, offset) items its loader takes: its TextDataset would tokenize through the HF
+    # tokenizer, which need not add BOS as keras-hub's preprocessor and ours do.
+    data = texts_and_examples(mlx_gemma.GemmaTokenizer.from_folder(folder), args)[1]
     model.freeze()
     for block in model.layers if args.scope == "blocks" else [model]:
         block.unfreeze()
@@ -149,11 +153,24 @@ def worker_mlx_lm(folder, args):
     def train():
         their_trainer.train(model, optim.Adam(learning_rate=args.learning_rate), data, None, targs,
                             training_callback=Reports())
-        return losses, their_trainer.evaluate(model, data, args.batch_size, num_batches=-1,
-                                              max_seq_length=args.tokens + 32)
+        return losses, lambda: real_target_loss(model, data)
 
     n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     return measured(train, n, common.weight_bytes(model))
+
+
+def real_target_loss(model, examples) -> float:
+    """The mean next-token cross-entropy over each row's real targets, from an mlx-lm model's logits:
+    our evaluate's loss.  (mlx-lm 0.32's own loss also counts one padding target per row, the id
+    after the last token: its default_loss masks steps 1..length, not 1..length - 1.)"""
+    import mlx.nn as nn
+
+    total, count = 0.0, 0
+    for ids, _ in examples:
+        x = mx.array([ids])
+        ce = nn.losses.cross_entropy(model(x[:, :-1]).astype(mx.float32), x[:, 1:])
+        total, count = total + ce.sum().item(), count + len(ids) - 1
+    return total / count
 
 
 WORKERS = {"seed_fit": worker_seed_fit, "ours": worker_ours, "fit": worker_fit, "mlx_lm": worker_mlx_lm}
@@ -240,10 +257,12 @@ def section_b(runs, args) -> str:
                  f"{median(runs[names[0]], 'peak_gb') / median(every, 'peak_gb'):.2f}x, tokens/s "
                  f"{median(every, 'seconds') / median(runs[names[0]], 'seconds'):.2f}x.")
     return (f"(b) Full fine-tuning, batch {args.batch_size} x {args.tokens} tokens of text (BOS + text + EOS), "
-            f"{args.steps} Adam steps at {args.learning_rate:g}, the same texts for every run. The floor: weights + "
+            f"{args.steps} Adam steps at {args.learning_rate:g} on that one batch, the same for every run. The floor: weights + "
             "a bf16 gradient and two bf16 Adam moments per trainable weight. tok/s: the real target tokens over "
-            "the whole training call (compilation included). Loss after: each library's evaluate over the "
-            "training texts after the last step.\n\n" + common.table(rows) + line)
+            "the whole training call (compilation included). Train loss by step: as each library reported it "
+            "(step 1: the untrained model; mlx-lm's also counts one padding target per row, the id after the last token). "
+            "Loss after: the mean cross-entropy over the batch's real targets after the last step, the same "
+            "definition for every run.\n\n" + common.table(rows) + line)
 
 
 def section_d(runs, args) -> str:
@@ -273,6 +292,7 @@ def parse(argv):
     p.add_argument("--sequence-length", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--scope", choices=["blocks", "all"], default="blocks", help=argparse.SUPPRESS)
     p.add_argument("--optimizer", default="adam", help=argparse.SUPPRESS)
+    p.add_argument("--distinct", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -296,8 +316,7 @@ def main(argv=None) -> int:
         parts.append("(c) LoRA: `python benchmarks/bench_lora.py` (its own section below).")
         subprocess.run([sys.executable, str(Path(__file__).with_name("bench_lora.py"))], check=True)
     if "d" in cases:
-        runs = alternate([(label, worker, settings + ["--steps", str(args.opt_steps)])
-                          for label, worker, settings in CASES["d"]], args)
+        runs = alternate([(label, worker, [*settings, "--steps", str(args.opt_steps), "--distinct"]) for label, worker, settings in CASES["d"]], args)
         parts.append(section_d(runs, args))
         payload["d"] = runs
     body = f"Gemma 3 270M bf16 ({args.model}), {args.reps} repetition(s), each run a process of its own.\n\n"
