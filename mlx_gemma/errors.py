@@ -51,6 +51,10 @@ class ImageError(ModelFileError):
     """An image is unreadable, empty, or too large to decode safely."""
 
 
+class AudioError(ModelFileError):
+    """An audio clip is unreadable, empty, not finite, or too long to decode safely."""
+
+
 class GenerationError(MlxGemmaError):
     """Generation was asked for something impossible (bad settings, NaN logits, ...)."""
 
