@@ -7,6 +7,11 @@ most from rounding (the embedding / output projection, and v_proj and
 down_proj in the first and last eighth of the blocks and every third block
 between) and A bits to the rest.  The settings are recorded in the config the
 way mlx-community folders do, so mlx-lm and mlx_gemma load them as they are.
+
+Gemma 4's MoE experts (models/moe.py `ExpertLinear`, [E, out, in]) quantize per
+expert like any other layer; its router projection always gets 8 bits at group
+size 64, as mlx-lm 0.32 quantizes it (its `quant_predicate` for gemma4), so the
+folders of both libraries hold the same layers.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from mlx.utils import tree_unflatten
 
 from ..cpu_spread import prepare_for_device
 from ..errors import MlxGemmaError
+from ..models.moe import ROUTER_QUANTIZATION, QuantizedExpertLinear
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -49,10 +55,14 @@ def quantize_model(model: nn.Module, config: dict, bits: int = 4, group_size: in
     float_prefixes = model.float_prefixes  # parts a model keeps in float (vision towers)
 
     def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
-            return False  # MLX quantizes along the input width, in whole groups
-        if path.startswith(float_prefixes):
+        if not hasattr(module, "to_quantized") or path.startswith(float_prefixes):
             return False
+        router = path.endswith("router.proj")  # mlx-lm 0.32 gemma4_text.py quant_predicate: 8 bits, group 64
+        if module.weight.shape[-1] % (ROUTER_QUANTIZATION["group_size"] if router else group_size):
+            return False  # MLX quantizes along the input width, in whole groups
+        if router:
+            settings[path] = dict(ROUTER_QUANTIZATION)
+            return settings[path]
         if recipe and _sensitive(path, num_layers):
             settings[path] = {"group_size": group_size, "bits": high}
             return settings[path]
@@ -67,7 +77,9 @@ def dequantize_model(model: nn.Module, config: dict) -> dict:
     """Replace quantized layers by float ones in place; return the config without quantization."""
     replacements = []
     for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(module, QuantizedExpertLinear):
+            replacements.append((path, module.dequantized()))
+        elif isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             weight = mx.dequantize(module.weight, module.scales, module.biases,
                                    group_size=module.group_size, bits=module.bits, mode=module.mode)
             if isinstance(module, nn.QuantizedLinear):

@@ -116,13 +116,33 @@ class Router(nn.Module):
         normed = normed * self.scale * (hidden ** -0.5)  # in x's dtype, as transformers scales it
         probs = mx.softmax(self.proj(normed).astype(mx.float32), axis=-1)  # [N, E]; float32 as transformers
         k = self.top_k
-        picked = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]  # the k largest, in no order
+        # Indices carry no gradient (MLX refuses a VJP through them); the weights do, as in transformers.
+        picked = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k])  # the k largest, any order
         top = mx.take_along_axis(probs, picked, axis=-1)
-        order = mx.argsort(-top, axis=-1)  # largest first, as torch.topk returns them
-        indices = mx.stop_gradient(mx.take_along_axis(picked, order, axis=-1)).astype(mx.uint32)
+        order = mx.stop_gradient(mx.argsort(-top, axis=-1))  # largest first, as torch.topk returns them
+        indices = mx.take_along_axis(picked, order, axis=-1).astype(mx.uint32)
         top = mx.take_along_axis(top, order, axis=-1)
         weights = top / top.sum(axis=-1, keepdims=True) * self.per_expert_scale[indices].astype(mx.float32)
         return weights, indices
+
+
+def _needs_float32(x: mx.array) -> bool:
+    """MLX 0.32's CPU GatherMM takes float32 only, and its quantized kernel computes bf16 in bf16 (x86)."""
+    return x.dtype != mx.float32 and mx.default_device() == mx.cpu
+
+
+def _in_float32(product, x: mx.array, indices: mx.array, weight: mx.array, *quantization: mx.array) -> mx.array:
+    """`product(x, weight, indices, *quantization)` computed in float32 and rounded once to x's dtype (CPU).
+
+    With fewer (token, expert) pairs than experts (decoding), only the experts the pairs use are
+    gathered and cast, one copy per pair; with more, the whole bank is cast once.
+    """
+    if indices.size < weight.shape[0]:
+        flat = indices.flatten()
+        weight, quantization = weight[flat], [q[flat] for q in quantization]
+        indices = mx.arange(flat.size, dtype=mx.uint32).reshape(indices.shape)  # pair j -> gathered copy j
+    as32 = [a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a for a in (weight, *quantization)]
+    return product(x.astype(mx.float32), as32[0], indices, *as32[1:]).astype(x.dtype)
 
 
 class ExpertLinear(nn.Module):
@@ -135,7 +155,12 @@ class ExpertLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         # x [..., 1, in] broadcast against indices [...] -> [..., 1, out]
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        def product(x, weight, indices):
+            return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+        if _needs_float32(x):
+            return _in_float32(product, x, indices, self.weight)
+        return product(x, self.weight, indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedExpertLinear":
         return QuantizedExpertLinear.from_float(self, group_size, bits, mode)
@@ -163,10 +188,15 @@ class QuantizedExpertLinear(nn.Module):
         return cls(weight, scales, biases[0] if biases else None, group_size, bits, mode)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
-        )
+        def product(x, weight, indices, scales, biases=None):
+            return mx.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=True,
+                                 group_size=self.group_size, bits=self.bits, mode=self.mode,
+                                 sorted_indices=sorted_indices)
+
+        leaves = [self["weight"], self["scales"]] + ([self["biases"]] if "biases" in self else [])
+        if _needs_float32(x):
+            return _in_float32(product, x, indices, *leaves)
+        return product(x, leaves[0], indices, *leaves[1:])
 
     def dequantized(self) -> ExpertLinear:
         """The float layer this one rounds (`mx.dequantize` of its weight)."""
