@@ -13,6 +13,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from conftest import FIXTURES
 
 from mlx_gemma.errors import ConfigError, ImageError
@@ -139,3 +140,14 @@ def test_sanitize_drops_unused_clip_bounds_and_rope_tables():
     assert list(plain.sanitize(weights)) == ["model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight"]
     clipped = small_tower(use_clipped_linears=True)
     assert len(clipped.sanitize(weights)) == 2
+
+
+def test_bfloat16_tower_stays_bfloat16_and_close(fixture):
+    """A bf16 checkpoint (bounds and weights bf16, or float32 bounds) runs in bf16 end to end."""
+    tower, _, ref = fixture
+    half = Gemma4VisionModel(tower.args)
+    half.load_weights([(k, v.astype(mx.bfloat16)) for k, v in tree_flatten(tower.parameters())])
+    half.encoder.layers[0].mlp.up_proj.input_max = tower.encoder.layers[0].mlp.up_proj.input_max  # float32
+    features = half(*inputs(ref, "one"))
+    assert features.dtype == mx.bfloat16
+    assert relative(features.astype(mx.float32), ref["one_features"]) < 0.05

@@ -112,8 +112,9 @@ class ClippableLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if not self.clipped:
             return self.linear(x)
-        y = self.linear(mx.clip(x, self.input_min, self.input_max))
-        return mx.clip(y, self.output_min, self.output_max)
+        # Bounds in the activations' dtype: float32 bounds must not promote a bf16 tower to float32.
+        y = self.linear(mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype)))
+        return mx.clip(y, self.output_min.astype(y.dtype), self.output_max.astype(y.dtype))
 
 
 def axial_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
