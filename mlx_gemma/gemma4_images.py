@@ -83,19 +83,20 @@ class ImageSettings:
                     raise ConfigError(path, f"{where}{key} = {value!r} is not supported (only {_FIXED[key]!r})")
             else:
                 extra[key] = value
-        settings = cls(**known, extra=extra)
-        settings.check(path, where)
-        return settings
+        try:
+            return cls(**known, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(path, where + e.problem) from e
 
-    def check(self, path=None, where: str = "") -> None:
+    def __post_init__(self) -> None:
+        # Refused at construction, as transformers' processor refuses an unsupported budget.
         if self.max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise ConfigError(path, f"{where}max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, "
+            raise ConfigError(None, f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, "
                                     f"got {self.max_soft_tokens!r}")
         if self.resample not in _FILTERS:
-            raise ConfigError(path, f"{where}resample must be a Pillow filter code {sorted(_FILTERS)}, "
-                                    f"got {self.resample!r}")
+            raise ConfigError(None, f"resample must be a Pillow filter code {sorted(_FILTERS)}, got {self.resample!r}")
         if self.do_normalize and 0.0 in self.image_std:
-            raise ConfigError(path, f"{where}image_std holds a zero")
+            raise ConfigError(None, "image_std holds a zero")
 
 
 # Integer settings (with their bounds) and the rescale factor, as read from a processor file.
@@ -270,6 +271,8 @@ def video_frames(frames: np.ndarray, fps: float | None = None, num_frames: int |
     Each frame is prepared as an image (`image_pixels`; Pillow's resize, see the module's notes).  `fps` is the video's frame rate (24 if unknown,
     as the processor assumes); `sample_fps` samples that many frames a second instead of `num_frames`.
     """
+    if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps < math.inf):
+        raise ImageError("video", f"fps must be a positive number, got {fps!r}")
     if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ImageError("video", f"frames must be an array [T, H, W, 3], got "
                                   f"{getattr(frames, 'shape', type(frames).__name__)}")

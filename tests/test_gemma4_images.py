@@ -49,6 +49,9 @@ IMAGES = {  # (height, width) in the names
     "noise large 1800x2400": lambda: noise(1800, 2400, 2),
     "exact fit 672x960": lambda: smooth(672, 960, 2.0),  # already 42 x 60 patches: not resized
     "strip 3x2000": lambda: noise(3, 2000, 3),  # one side rounds to 0 windows
+    "grey 200x300": lambda: noise(200, 300, 4).convert("L"),
+    "transparent 150x100": lambda: Image.fromarray(
+        np.random.default_rng(5).integers(0, 256, (150, 100, 4), dtype=np.uint8), "RGBA"),  # over white
 }
 
 
@@ -173,6 +176,8 @@ def test_video_frames_are_the_sampled_frames_as_images():
         video_frames(frames[:20])
     with pytest.raises(ImageError, match="T, H, W, 3"):
         video_frames(frames[0])
+    with pytest.raises(ImageError, match="fps"):
+        video_frames(frames, fps=0)
 
 
 @pytest.mark.oracle
@@ -189,8 +194,10 @@ def test_settings_keep_unknown_keys_and_refuse_bad_values():
            {"rescale_factor": 0.0}, {"image_mean": [0.5, 0.5]}, {"do_normalize": "yes"},
            {"do_resize": False}, {"do_normalize": True, "image_std": [1.0, 0.0, 1.0]}, []]
     for config in bad:
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match="processor_config.json"):
             ImageSettings.from_dict(config, path="processor_config.json")
+    with pytest.raises(ConfigError, match="max_soft_tokens"):
+        ImageSettings(max_soft_tokens=100)
 
 
 def test_normalize_when_asked():
