@@ -268,8 +268,9 @@ def video_frames(frames: np.ndarray, fps: float | None = None, num_frames: int |
                  settings: ImageSettings = VIDEO_SETTINGS, sample_fps: float | None = None) -> Gemma4Video:
     """Decoded frames [T, H, W, 3] (uint8) -> the sampled frames' tower inputs and timestamps.
 
-    Each frame is prepared as an image (`image_pixels`; Pillow's resize, see the module's notes).  `fps` is the video's frame rate (24 if unknown,
-    as the processor assumes); `sample_fps` samples that many frames a second instead of `num_frames`.
+    Each frame is prepared as an image (`image_pixels`; Pillow's resize, see the module's notes).
+    `fps` is the video's frame rate (24 if unknown, as the processor assumes); `sample_fps` samples
+    that many frames a second instead of `num_frames`.
     """
     if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps < math.inf):
         raise ImageError("video", f"fps must be a positive number, got {fps!r}")

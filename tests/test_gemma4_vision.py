@@ -17,14 +17,15 @@ from mlx.utils import tree_flatten
 from conftest import FIXTURES
 
 from mlx_gemma.errors import ConfigError, ImageError
-from mlx_gemma.models.gemma4_vision import Gemma4VisionArgs, Gemma4VisionModel, MultimodalEmbedder, pool_by_position
+from mlx_gemma.models.gemma4_vision import (
+    Gemma4VisionArgs,
+    Gemma4VisionModel,
+    MultimodalEmbedder,
+    pool_by_position,
+    split_vision_weights,
+)
 
 FOLDER = FIXTURES / "tiny_gemma4_vision"
-TOWER, EMBED = "model.vision_tower.", "model.embed_vision."
-
-
-def under(weights: dict, prefix: str) -> list:
-    return [(k[len(prefix):], v) for k, v in weights.items() if k.startswith(prefix)]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,9 @@ def fixture():
     args = Gemma4VisionArgs.from_dict(config["vision_config"])
     tower = Gemma4VisionModel(args)
     embedder = MultimodalEmbedder(args.hidden_size, config["text_hidden_size"], args.rms_norm_eps)
-    weights = tower.sanitize(mx.load(str(FOLDER / "model.safetensors")))
-    tower.load_weights(under(weights, TOWER), strict=True)
-    embedder.load_weights(under(weights, EMBED), strict=True)
+    tower_weights, embedder_weights = split_vision_weights(tower.sanitize(mx.load(str(FOLDER / "model.safetensors"))))
+    tower.load_weights(tower_weights, strict=True)
+    embedder.load_weights(embedder_weights, strict=True)
     return tower, embedder, dict(np.load(FOLDER / "reference.npz"))
 
 
@@ -151,3 +152,13 @@ def test_bfloat16_tower_stays_bfloat16_and_close(fixture):
     features = half(*inputs(ref, "one"))
     assert features.dtype == mx.bfloat16
     assert relative(features.astype(mx.float32), ref["one_features"]) < 0.05
+
+
+def test_weights_split_from_hf_and_mlx_vlm_layouts():
+    hf = mx.load(str(FOLDER / "model.safetensors"))
+    vlm = {k.removeprefix("model."): v for k, v in hf.items()}  # mlx-vlm 0.7.10 drops `model.`
+    other = {"model.language_model.embed_tokens.weight": mx.zeros((2, 2))}
+    for weights in (hf, vlm):
+        tower, embedder = split_vision_weights({**weights, **other})
+        assert len(tower) + len(embedder) == len(hf) and [k for k, _ in embedder] == ["embedding_projection.weight"]
+        assert ("patch_embedder.input_proj.weight" in dict(tower)) and ("std_bias" in dict(tower))

@@ -315,3 +315,16 @@ class MultimodalEmbedder(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.embedding_projection(self.embedding_pre_projection_norm(x))
+
+
+def split_vision_weights(weights: dict[str, mx.array]) -> tuple[list, list]:
+    """(tower weights, embedder weights) with their prefixes removed, from Hugging Face's layout
+    (`model.vision_tower.`, `model.embed_vision.`) or mlx-vlm's (the same without `model.`)."""
+    tower, embedder = [], []
+    for key, value in weights.items():
+        name = key.removeprefix("model.")
+        if name.startswith("vision_tower."):
+            tower.append((name[len("vision_tower."):], value))
+        elif name.startswith("embed_vision."):
+            embedder.append((name[len("embed_vision."):], value))
+    return tower, embedder
