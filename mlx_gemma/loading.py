@@ -93,12 +93,14 @@ def load_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 def text_config(config: dict[str, Any], path=None) -> dict[str, Any]:
     """The settings to build from: the config itself, or the `text_config` of a multimodal
-    config without a `vision_config` (with one, a `gemma3` config builds the vision-language model)."""
+    config without a `vision_config` or `audio_config` (with one, a `gemma3` config builds the
+    vision-language model; Gemma 4's towers are not built yet)."""
     model_type = config.get("model_type")
     if model_type is None:
         raise ConfigError(path, "config has no model_type")
     expect(model_type, str, path, "model_type")
-    if model_type in TEXT_PART_OF and config.get("vision_config") is None:  # no tower: the text model
+    towers = config.get("vision_config") is not None or config.get("audio_config") is not None
+    if model_type in TEXT_PART_OF and not towers:  # no tower: the text model
         nested = config.get("text_config")
         if not isinstance(nested, dict):
             raise ConfigError(path, f"a {model_type!r} config needs a text_config object")

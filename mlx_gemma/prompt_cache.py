@@ -19,9 +19,11 @@ import os
 
 import mlx.core as mx
 
+from .arguments import is_integer
 from .engine import prefill
 from .image_chat import image_digests, image_spans
-from .models.kv_cache import KVCacheOptions, RotatingKVCache, make_layer_caches, time_slice
+from .models.kv_cache import (KVCacheOptions, RotatingKVCache, SharedKVCache, cache_layout, make_layer_caches,
+                              time_slice)
 from .errors import GenerationError, MlxGemmaError, PromptCacheError
 from .json_input import expect, field, number_in
 from .models.config import LIMITS
@@ -32,10 +34,12 @@ VERSION = "1"
 
 
 def model_fingerprint(model) -> dict:
-    """What a cache must agree with to be used by `model`."""
+    """What a cache must agree with to be used by `model` (and, for Gemma 4, which layers share
+    their keys and values, and each layer's KV shape: `kv_cache.cache_layout`)."""
     a = model.args
     return {"model_type": a.model_type, "num_layers": len(model.windows), "windows": list(model.windows),
-            "num_key_value_heads": a.num_key_value_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size}
+            "num_key_value_heads": a.num_key_value_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
+            **cache_layout(model.make_cache())}
 
 
 class PromptCache:
@@ -56,7 +60,9 @@ class PromptCache:
 
     def reset(self) -> None:
         """Forget everything (a new conversation)."""
-        self.caches = make_layer_caches(self.fingerprint["windows"], options=self.options)
+        fp = self.fingerprint  # a KV-shared layer's entry holds nothing: its tokens are stored once
+        self.caches = make_layer_caches(fp["windows"], options=self.options, shared_from=fp.get("kv_sources"),
+                                        kv_shapes=fp.get("kv_shapes"))
         self.tokens: list[int] = []
         self.images: list[tuple[int, int, str]] = []  # (start, end, digest) of each image block held
 
@@ -250,11 +256,25 @@ def _fingerprint(fp: dict, path) -> dict:
     for i, w in enumerate(windows):
         if w is not None:
             number_in(w, int, path, f"{where}windows[{i}]", low=1, error=PromptCacheError)
+    for key in ("kv_sources", "kv_shapes"):  # Gemma 4's layout (kv_cache.cache_layout), when present
+        items = field(fp, key, list, path, error=PromptCacheError, where=where) if key in fp else []
+        if key in fp and len(items) != fp["num_layers"]:
+            raise PromptCacheError(path, f"{where}{key} lists {len(items)} layers, model.num_layers is {fp['num_layers']}")
+        for j, item in enumerate(items):
+            if key == "kv_sources" and item is not None:
+                number_in(item, int, path, f"{where}{key}[{j}]", low=0, high=j - 1, error=PromptCacheError)
+            elif key == "kv_shapes" and not (isinstance(item, list) and len(item) == 2 and all(
+                    is_integer(v) and 0 < v <= LIMITS["head_dim"] for v in item)):
+                raise PromptCacheError(path, f"{where}{key}[{j}] must be [KV heads, head dim], got {item!r:.60}")
     return fp
 
 
 def _restore(c, i: int, entry: dict, arrays: dict, pc: PromptCache, n_tokens: int) -> None:
     """Fill layer i's cache `c` from `arrays` (popping what it uses), checking every shape."""
+    if isinstance(c, SharedKVCache):  # stored nothing: its source's entry holds its keys and values
+        if entry["offset"] != n_tokens or entry["quantized"] or entry["rotating"]:
+            raise ValueError(f"layer {i} shares another layer's cache but the file describes a cache of its own")
+        return
     if entry["rotating"] != isinstance(c, RotatingKVCache):
         raise ValueError(f"layer {i}: the cache kind does not match the model's window for it")
     if entry["offset"] != n_tokens:
@@ -262,7 +282,7 @@ def _restore(c, i: int, entry: dict, arrays: dict, pc: PromptCache, n_tokens: in
     if entry["quantized"] and c.bits is None:
         raise ValueError(f"layer {i} is quantized but the options say kv_bits=None")
     stored = min(n_tokens, c.max_size) if entry["rotating"] else n_tokens
-    H, D = pc.fingerprint["num_key_value_heads"], pc.fingerprint["head_dim"]
+    H, D = c.kv_shape or (pc.fingerprint["num_key_value_heads"], pc.fingerprint["head_dim"])
     if entry["quantized"]:  # (uint32 packed values, scales, biases)
         groups = (1, H, stored, D // c.group_size)
         shapes = [(1, H, stored, D * c.bits // 32), groups, groups]

@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_gemma.loading import load_model
-from mlx_gemma.models import MODELS, Block, GemmaArgs, GemmaModel, gemma, gemma2, gemma3
+from mlx_gemma.models import MODELS, Block, GemmaArgs, GemmaModel, gemma, gemma2, gemma3, gemma4
 from mlx_gemma.models.decoder import DecoderStack
 from mlx_gemma.models.layers import GeGLU, attention, build_mask, softcap
 
@@ -271,7 +271,7 @@ def test_softcapped_attention_rounds_its_float32_softmax_once(dtype):
 
 # One tiny fixture per registered architecture (PaliGemma over both of its decoders).
 CONTRACT_FIXTURES = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2", "tiny_gemma3_vlm",
-                     "tiny_shieldgemma2"]
+                     "tiny_shieldgemma2", "tiny_gemma4_e2b"]
 
 
 def _conforms(value, hint) -> bool:
@@ -316,7 +316,7 @@ def test_every_model_keeps_the_written_contract(name):
     assert model.model_type in MODELS and model.path == folder
     assert model.windows == [block.window for block in model.layers]
     assert len(model.layers) == len(model.decoder.layers) and model.layers[0] is model.decoder.layers[0]
-    assert isinstance(model.decoder, DecoderStack)
+    assert isinstance(model.decoder, (DecoderStack, gemma4.Gemma4Stack))  # Gemma 4 runs its own stack
     assert len(model.make_cache(max_kv_size=16)) == len(model.layers)
     params = dict(tree_flatten(model.parameters()))
     assert set(model.sanitize(params)) == set(params)  # our own names pass through unchanged

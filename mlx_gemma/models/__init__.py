@@ -5,7 +5,7 @@ An explicit table, never a name taken from a checkpoint and imported: a
 `GemmaModel` (base.py): the one list of what the rest of the package may use.
 """
 
-from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, paligemma, shieldgemma2
+from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, gemma4, paligemma, shieldgemma2
 from .base import Block, GemmaArgs, GemmaModel, ImageInput
 
 __all__ = ["ENCODERS", "MODELS", "TEXT_PART_OF", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
@@ -15,14 +15,15 @@ MODELS = {
     "gemma": gemma,
     "gemma2": gemma2,
     "gemma3_text": gemma3,
+    "gemma4_text": gemma4,  # dense Gemma 4 (E2B/E4B with per-layer inputs and shared KV, 31B)
     "paligemma": paligemma,  # SigLIP + Gemma / Gemma 2 (PaliGemma 1 / 2)
     "gemma3": gemma3_vlm,  # SigLIP + Gemma 3 (a gemma3 config with a vision_config)
     "shieldgemma2": shieldgemma2,  # Gemma 3 with images + Yes/No ids (the classifier: mlx_gemma.shieldgemma2)
 }
 
 # Multimodal configs whose language half we run as a text model when they carry no
-# `vision_config`: the text settings live under `text_config`.
-TEXT_PART_OF = {"gemma3": "gemma3_text"}
+# `vision_config` (nor `audio_config`): the text settings live under `text_config`.
+TEXT_PART_OF = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 
 # Sentence encoders: a config of this model_type with `use_bidirectional_attention: true`,
 # in a sentence-transformers folder (EmbeddingGemma).  Not causal LMs: they keep their own

@@ -80,7 +80,7 @@ class GemmaModel(Protocol):
 
     @property
     def decoder(self) -> nn.Module:
-        """The Gemma text stack (decoder.DecoderStack): embed_tokens, layers, norm."""
+        """The Gemma text stack (decoder.DecoderStack; gemma4.Gemma4Stack for Gemma 4): embed_tokens, layers, norm."""
 
     @property
     def layers(self) -> list[Block]:

@@ -22,6 +22,12 @@ Two options bound memory further (`KVCacheOptions`, given to `make_layer_caches`
   kept first positions are the batch's, so a padded row keeps fewer of its own
   (pads stay masked).
 
+KV sharing (Gemma 4): a layer that attends with an earlier layer's keys and values gets a
+`SharedKVCache`, which stores nothing and answers for its source (offset, padding, mask,
+rollback); the model hands the source's keys and values along in its forward pass.  So a
+shared layer's tokens are held once, and every walk over a model's caches (prefill's
+evaluation, `trim_to`, `take`, `nbytes`, prompt-cache files) counts them once.
+
 Each cache also builds the attention mask for the keys it is about to return,
 since only it knows their order (a ring buffer is not in time order).  Batched
 generation pads prompts on the left; `left_padding[b]` says how many leading
@@ -76,6 +82,7 @@ class _Cache:
         self.left_padding = left_padding
         self.bits, self.group_size, self.quantize_from = bits, group_size, quantize_from
         self.quantized = False
+        self.kv_shape: tuple[int, int] | None = None  # (KV heads, head dim) when the model's layers differ
 
     def _encode(self, x: mx.array) -> Parts:
         if not self.quantized:
@@ -291,6 +298,53 @@ class RotatingKVCache(_Cache):
         return True
 
 
+class SharedKVCache:
+    """A KV-shared layer's entry: no storage of its own; `source` (the cache of layer
+    `source_index`) holds the keys and values it attends with.
+
+    Its mask is the source's, made before the source's update (the model builds each mask
+    once per window, from a storing layer first); `trim_to` and `take` leave the source to
+    its own entry, so walking every entry acts on each store once.
+    """
+
+    keys = values = None  # nothing stored here
+    quantized = False
+    kv_shape = None
+
+    def __init__(self, source: KVCache | RotatingKVCache, source_index: int):
+        self.source, self.source_index = source, source_index
+
+    @property
+    def offset(self) -> int:
+        return self.source.offset
+
+    @property
+    def left_padding(self) -> mx.array | None:
+        return self.source.left_padding
+
+    def make_mask(self, T: int, window: int | None = None, prefix_length: mx.array | None = None):
+        return self.source.make_mask(T, window=window, prefix_length=prefix_length)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        raise GenerationError(f"a KV-shared layer stores nothing: it reads layer {self.source_index}'s keys and "
+                              "values, handed along in the forward pass")
+
+    def trim_to(self, length: int) -> bool:
+        """Whether the source can go back to `length` (trimming it again changes nothing)."""
+        return self.source.trim_to(length)
+
+    def take(self, rows: mx.array) -> None:
+        """Nothing to gather: the source's own entry takes its rows."""
+
+    @property
+    def state(self) -> list[mx.array]:
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
 @dataclass(frozen=True)
 class KVCacheOptions:
     """How a model's KV caches are made; checked once, when made.  The default is exact and unbounded."""
@@ -342,19 +396,48 @@ class KVCacheOptions:
 
 def make_layer_caches(windows: list[int | None], left_padding: mx.array | None = None,
                       options: KVCacheOptions | None = None, head_dim: int | None = None,
-                      ) -> list[KVCache | RotatingKVCache]:
+                      shared_from: list[int | None] | None = None,
+                      kv_shapes: list[tuple[int, int]] | None = None,
+                      ) -> list[KVCache | RotatingKVCache | SharedKVCache]:
     """One cache per layer: rotating where the layer has a window (or under `max_kv_size`), growing elsewhere.
 
-    `head_dim`, when given, is checked against the options' `kv_group_size`.
+    `head_dim`, when given, is checked against the options' `kv_group_size`.  `shared_from[i]`,
+    when not None, makes layer i a `SharedKVCache` of that earlier layer's cache (Gemma 4);
+    `kv_shapes[i]` records layer i's (KV heads, head dim) where they differ between layers.
     """
     o = (options or KVCacheOptions()).check_head_dim(head_dim)
+    for _, dim in kv_shapes or ():  # quantized keys are grouped along every layer's head dim
+        o.check_head_dim(dim)
     quant = dict(bits=o.kv_bits, group_size=o.kv_group_size, quantize_from=o.quantized_kv_start)
     caches = []
-    for w in windows:
+    for i, w in enumerate(windows):
+        source = None if shared_from is None else shared_from[i]
+        if source is not None:
+            if not 0 <= source < i or isinstance(caches[source], SharedKVCache):
+                raise GenerationError(f"layer {i} cannot share the KV cache of layer {source}")
+            caches.append(SharedKVCache(caches[source], source))
+            continue
         if w is None and o.max_kv_size is None:
             caches.append(KVCache(left_padding, **quant))
         elif w is None:
             caches.append(RotatingKVCache(o.max_kv_size, left_padding, keep=SINK_TOKENS, **quant))
         else:
             caches.append(RotatingKVCache(min(w, o.max_kv_size or w), left_padding, **quant))
+        if kv_shapes is not None:
+            caches[-1].kv_shape = tuple(kv_shapes[i])
     return caches
+
+
+def cache_layout(caches: list) -> dict:
+    """What a list of caches says beyond the layers' windows: {} when every layer stores its
+    own keys and values of the model's one shape; else `kv_sources` (per layer: None, or the
+    layer whose cache it reads) and `kv_shapes` (per layer: KV heads, head dim), as
+    `make_layer_caches` takes them back."""
+    sources = [c.source_index if isinstance(c, SharedKVCache) else None for c in caches]
+    shapes = [(c.source if isinstance(c, SharedKVCache) else c).kv_shape for c in caches]
+    layout = {}
+    if any(s is not None for s in sources):
+        layout["kv_sources"] = sources
+    if any(s is not None for s in shapes):
+        layout["kv_shapes"] = [list(s) for s in shapes]
+    return layout
