@@ -10,6 +10,8 @@ are checked against the float experts holding their dequantized weights.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -25,6 +27,7 @@ from mlx_gemma.models import moe
 from mlx_gemma.models.layers import GeGLU
 from mlx_gemma.models.moe import (
     MLX_LM_EXPERTS, ExpertLinear, Experts, QuantizedExpertLinear, Router, sanitize_experts, sanitize_quantization,
+    to_mlx_lm_layout, to_mlx_lm_quantization,
 )
 from mlx_gemma.tensorfile import load_file
 from mlx_gemma.tuner.lora import LoRALinear, enable_lora
@@ -141,6 +144,35 @@ def test_fixture_is_what_transformers_computes(case, monkeypatch):
         np.testing.assert_allclose(live[name], stored[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", ["e4k2_few", "e8k2_many"])
+def test_keras_hub_computes_the_same_moe(case):
+    """keras-hub 0.32's Gemma4Router + Gemma4MoEBlock (JAX, fp32), weights ported as its HF converter ports them."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    moe_layers = pytest.importorskip("keras_hub.src.models.gemma4.gemma4_moe")
+    import keras
+
+    ref = case_data(case)
+    experts, hidden = ref["router.proj.weight"].shape
+    width = ref["experts.down_proj"].shape[2]
+    router = moe_layers.Gemma4Router(experts, ref["router_indices"].shape[1], EPS, dtype="float32")
+    bank = moe_layers.Gemma4MoEBlock(experts, hidden, width, dtype="float32")
+    router.build((None, None, hidden))
+    bank.build((None, hidden))
+    gate_up = ref["experts.gate_up_proj"]  # keras_hub/src/utils/transformers/convert_gemma4.py's transposes
+    router.per_dim_scale.assign(ref["router.scale"])
+    router.proj.kernel.assign(ref["router.proj.weight"].T)
+    bank.gate_proj.assign(gate_up[:, :width].transpose(0, 2, 1))
+    bank.up_proj.assign(gate_up[:, width:].transpose(0, 2, 1))
+    bank.down_proj.assign(ref["experts.down_proj"].transpose(0, 2, 1))
+    bank.per_expert_scale.assign(ref["router.per_expert_scale"])
+    dispatch = router(ref["residual"])  # [T, E]: the top-k weights, before per_expert_scale
+    out = keras.ops.convert_to_numpy(bank(ref["experts_input"], dispatch))
+    ours = stack_for(ref).layers[0]
+    weights, indices = ours.router(mx.array(ref["residual"].reshape(-1, hidden)))
+    assert rel_err(ours.experts(mx.array(ref["experts_input"]), indices, weights), out) < 1e-5
+
+
 def test_both_gather_paths_cover_the_fixture():
     """The few-token cases run unsorted, the many-token ones sorted by expert."""
     for case in CASES:
@@ -241,30 +273,13 @@ def test_quantized_folder_round_trip(tmp_path):
 # --- mlx-community layout ----------------------------------------------------------------------
 
 
-def mlx_lm_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Our expert tensors as mlx-lm 0.32 names them (gate and up apart), for the sanitize tests."""
-    out = {}
-    for key, value in weights.items():
-        base, sep, rest = key.partition(".experts.")
-        if not sep:
-            out[key] = value
-            continue
-        proj, _, leaf = rest.partition(".")
-        if proj == "gate_up_proj":
-            gate, up = mx.split(value, 2, axis=-2)
-            out[f"{base}{MLX_LM_EXPERTS}gate_proj.{leaf}"], out[f"{base}{MLX_LM_EXPERTS}up_proj.{leaf}"] = gate, up
-        else:
-            out[f"{base}{MLX_LM_EXPERTS}{proj}.{leaf}"] = value
-    return out
-
-
 @pytest.mark.parametrize("quantized", [False, True])
 def test_sanitize_joins_mlx_community_halves(quantized):
     stack = Stack(experts=8, hidden=64, width=32)
     if quantized:
         quantize_model(stack, {}, bits=4, group_size=32)
     ours = dict(tree_flatten(stack.parameters()))
-    theirs = mlx_lm_layout(ours)
+    theirs = to_mlx_lm_layout(ours)
     assert f"model.layers.0{MLX_LM_EXPERTS}gate_proj.weight" in theirs
     back = sanitize_experts(theirs)
     assert back.keys() == ours.keys()
@@ -279,9 +294,17 @@ def test_sanitize_quantization_renames_expert_overrides():
     assert sanitize_quantization(q) == {
         "group_size": 64, "bits": 4, "model.layers.0.experts.down_proj": {"group_size": 64, "bits": 6},
         "model.layers.0.experts.gate_up_proj": {"group_size": 64, "bits": 5}}
+    assert to_mlx_lm_quantization(sanitize_quantization(q)) == q  # and back
     q[f"model.layers.0{MLX_LM_EXPERTS}up_proj"] = {"group_size": 64, "bits": 4}
     with pytest.raises(ConfigError, match="gate_proj and up_proj have different"):
         sanitize_quantization(q)
+
+
+def mlx_lm_gemma4():
+    """mlx-lm 0.32's gemma4_text module and ModelArgs for an 8-expert top-2 block of width 64 / 32."""
+    lm = pytest.importorskip("mlx_lm.models.gemma4_text")
+    return lm, lm.ModelArgs(hidden_size=64, num_hidden_layers=1, num_kv_shared_layers=0, enable_moe_block=True,
+                            num_experts=8, top_k_experts=2, moe_intermediate_size=32, rms_norm_eps=EPS)
 
 
 @pytest.mark.oracle
@@ -290,9 +313,7 @@ def test_mlx_lm_experts_load_here_with_the_same_outputs(bits):
     """mlx-lm 0.32's own Router / Experts (gemma4_text.py), its sanitize and quantization: we agree."""
     from types import SimpleNamespace
 
-    lm = pytest.importorskip("mlx_lm.models.gemma4_text")
-    args = lm.ModelArgs(hidden_size=64, num_hidden_layers=1, num_kv_shared_layers=0, enable_moe_block=True,
-                        num_experts=8, top_k_experts=2, moe_intermediate_size=32, rms_norm_eps=EPS)
+    lm, args = mlx_lm_gemma4()
     stack = Stack(experts=8, hidden=64, width=32)
     stack.layers[0].router.scale = mx.random.uniform(0.5, 1.5, (64,))
     stack.layers[0].router.per_expert_scale = mx.random.uniform(0.5, 1.5, (8,))
@@ -318,6 +339,25 @@ def test_mlx_lm_experts_load_here_with_the_same_outputs(bits):
     np.testing.assert_array_equal(np.sort(np.array(indices), -1), np.array(mx.take_along_axis(their_indices, order, -1)))
     assert rel_err(mx.sort(weights, -1), mx.sort(their_weights, -1)) < 1e-5
     assert rel_err(ours.layers[0].experts(x, indices, weights), experts(x, indices, weights)) < 1e-5
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("bits", [None, 4])
+def test_mlx_lm_loads_our_experts_with_the_same_outputs(bits):
+    """to_mlx_lm_layout writes what mlx-lm 0.32's Experts load strictly (quantized by its own nn.quantize)."""
+    lm, args = mlx_lm_gemma4()
+    stack = Stack(experts=8, hidden=64, width=32)
+    if bits:
+        quantize_model(stack, {}, bits=bits, group_size=32)
+    prefix = "model.layers.0.experts."
+    ours = {k: v for k, v in tree_flatten(stack.parameters()) if k.startswith(prefix)}
+    experts = lm.Experts(args)
+    if bits:
+        nn.quantize(experts, group_size=32, bits=bits)
+    theirs = to_mlx_lm_layout(ours)
+    experts.load_weights([(k.removeprefix("model.layers.0.experts."), v) for k, v in theirs.items()], strict=True)
+    x, indices, weights = routed(stack, 40)
+    assert rel_err(experts(x, indices, weights), stack.layers[0].experts(x, indices, weights)) < 1e-5
 
 
 # --- training through the experts, and LoRA ----------------------------------------------------
@@ -410,7 +450,7 @@ def test_bad_shapes_are_typed_errors():
 
 def test_bad_expert_tensors_are_weights_errors():
     stack = Stack()
-    weights = mlx_lm_layout(dict(tree_flatten(stack.parameters())))
+    weights = to_mlx_lm_layout(dict(tree_flatten(stack.parameters())))
     missing = {k: v for k, v in weights.items() if "up_proj" not in k}
     with pytest.raises(WeightsMismatchError, match="up_proj.weight is missing"):
         sanitize_experts(missing)

@@ -325,3 +325,36 @@ def sanitize_quantization(quantization: dict) -> dict:
                                     "they are one tensor here")
         out[f"{base}.experts.gate_up_proj"] = pair["gate_proj"]
     return out
+
+
+def to_mlx_lm_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our expert tensors under mlx-lm 0.32's names (gate and up apart), so mlx-lm loads a folder we write.
+
+    The inverse of `sanitize_experts` for our own names; other keys are unchanged.
+    """
+    out = {}
+    for key, value in weights.items():
+        base, sep, rest = key.rpartition(".experts.")
+        proj, _, leaf = rest.partition(".")
+        if not sep or proj not in ("gate_up_proj", "down_proj") or not leaf:
+            out[key] = value
+        elif proj == "gate_up_proj":
+            gate, up = mx.split(value, 2, axis=-2)  # rows [0, I) gate, [I, 2I) up; packed leaves split likewise
+            out[f"{base}{MLX_LM_EXPERTS}gate_proj.{leaf}"], out[f"{base}{MLX_LM_EXPERTS}up_proj.{leaf}"] = gate, up
+        else:
+            out[f"{base}{MLX_LM_EXPERTS}down_proj.{leaf}"] = value
+    return out
+
+
+def to_mlx_lm_quantization(quantization: dict) -> dict:
+    """A `quantization` entry with our per-layer expert keys under mlx-lm's (the inverse of sanitize_quantization)."""
+    out = {}
+    for key, value in quantization.items():
+        base, sep, proj = key.rpartition(".experts.")
+        if sep and proj == "gate_up_proj":
+            out[f"{base}{MLX_LM_EXPERTS}gate_proj"] = out[f"{base}{MLX_LM_EXPERTS}up_proj"] = value
+        elif sep and proj == "down_proj":
+            out[f"{base}{MLX_LM_EXPERTS}down_proj"] = value
+        else:
+            out[key] = value
+    return out
