@@ -4,7 +4,9 @@
   Python before SentencePiece's C++ loader ever sees it (a malformed proto can crash it).
 * Text a user types is text: "<start_of_turn>" typed in a prompt encodes as ordinary
   characters unless the caller asks for `parse_special=True`.
-* The chat template is written here, never executed from a checkpoint's Jinja.
+* The chat template is written in code, never executed from a checkpoint's Jinja: Gemma 1-3's
+  `<start_of_turn>` format here, Gemma 4's `<|turn>` format in chat_template.py.  A Gemma 4
+  vocabulary (it has `<|turn>` / `<turn|>`) gets Gemma 4's format, turn ids and stop ids.
 * `StreamingDetokenizer` (detokenizer.py) turns ids into text one token at a time without
   ever emitting half a UTF-8 character, and its segments join to exactly `decode(all_ids)`.
 """
@@ -22,12 +24,18 @@ from google.protobuf import unknown_fields
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .arguments import is_integer
+from .chat_template import (GEMMA4_STOP_PIECES, Gemma4Vocab, check_messages, check_unicode, gemma4_segments,
+                            primes_empty_thought)
 from .detokenizer import StreamingDetokenizer
 from .errors import GenerationError, MlxGemmaError, TokenizerError
 from .json_input import json_type, read_json
 
 MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # Gemma 3's is ~4.5 MiB; anything this big is not a tokenizer
 _MAX_GENERATION_CONFIG_BYTES = 1024 * 1024
+# Where a model folder keeps its chat template (read only to tell Gemma 4's size variants apart);
+# tokenizer_config.json holds the whole vocabulary too (Gemma 3's is ~1.2 MB).
+_TEMPLATE_FILES = (("chat_template.jinja", 4 << 20), ("chat_template.json", 4 << 20),
+                   ("tokenizer_config.json", 64 << 20))
 
 _Piece = spm_pb2.ModelProto.SentencePiece
 _VALID_TYPES = frozenset(_Piece.Type.values())
@@ -116,7 +124,11 @@ class GemmaTokenizer:
     """A SentencePiece `tokenizer.model` (or a Keras preset's `vocabulary.spm`) for Gemma.
 
     `proto` is the serialized model: bytes, or a path to read them from.
-    `eos_token_ids` are the stop ids; by default `<eos>` plus `<end_of_turn>` if present.
+    `eos_token_ids` are the stop ids; by default `<eos>` plus `<end_of_turn>` if present, and for
+    a Gemma 4 vocabulary `<eos>`, `<turn|>` and `<|tool_response>`, as Gemma 4's generation_config.
+    `empty_thought` (Gemma 4) is whether the generation prompt closes an empty thought channel
+    when thinking is off, as the 26B / 31B templates do (`from_folder` reads it from the folder's
+    template; False, the E2B / E4B format, by default).
     """
 
     def __init__(self, proto: bytes | str | os.PathLike, eos_token_ids: Iterable[int] | None = None):
@@ -141,8 +153,11 @@ class GemmaTokenizer:
             p.type = _Piece.UNUSED
         self._plain = _load_processor(model.SerializeToString(), self.path) if protected else self._sp
 
+        self._gemma4 = Gemma4Vocab.from_lookup(self.bos_id, self._optional_id)
+        self.empty_thought = False
         if eos_token_ids is None:
-            eos_token_ids = [self.eos_id] + ([self.end_of_turn_id] if self.end_of_turn_id is not None else [])
+            ends = GEMMA4_STOP_PIECES if self._gemma4 is not None else ("<end_of_turn>",)
+            eos_token_ids = [self.eos_id, *(i for i in map(self._optional_id, ends) if i is not None)]
         self.eos_token_ids = frozenset(self._check_ids(eos_token_ids))
         self._start_of_image_id = self._optional_id("<start_of_image>")
 
@@ -168,6 +183,8 @@ class GemmaTokenizer:
         config_path = os.path.join(folder, "generation_config.json")
         eos = _read_generation_eos(config_path)
         tokenizer = cls(path)
+        if tokenizer.chat_format == "gemma4":
+            tokenizer.empty_thought = primes_empty_thought(_read_chat_template(folder))
         if eos is not None:
             # Checked here, not by the constructor, so that the error blames the config.
             bad = next((i for i in eos if not 0 <= i < tokenizer.vocab_size), None)
@@ -185,8 +202,12 @@ class GemmaTokenizer:
     eos_id = property(lambda self: self._sp.eos_id())
     pad_id = property(lambda self: self._sp.pad_id())
     unk_id = property(lambda self: self._sp.unk_id())
-    start_of_turn_id = property(lambda self: self._optional_id("<start_of_turn>"))
-    end_of_turn_id = property(lambda self: self._optional_id("<end_of_turn>"))
+    # The ids that open and close a chat turn: Gemma 4's <|turn> / <turn|>, else <start_of_turn> / <end_of_turn>.
+    start_of_turn_id = property(lambda self: self._gemma4.turn if self._gemma4 else self._optional_id("<start_of_turn>"))
+    end_of_turn_id = property(lambda self: self._gemma4.end_turn if self._gemma4 else self._optional_id("<end_of_turn>"))
+    # "gemma4" (<|turn> ... <turn|>), "gemma" (Gemma 1-3's <start_of_turn> ... <end_of_turn>), or None.
+    chat_format = property(lambda self: "gemma4" if self._gemma4 else "gemma" if self.end_of_turn_id is not None
+                           and self.start_of_turn_id is not None else None)
     image_token_id = property(lambda self: self._optional_id("<image>"))  # PaliGemma's placeholder
 
     # Ids of control-like pieces: those `decode(skip_special_tokens=True)` drops.
@@ -233,7 +254,7 @@ class GemmaTokenizer:
         """
         if not isinstance(text, str):
             return [self.encode(t, add_bos, add_eos, parse_special) for t in text]
-        _check_unicode(text, "the text")
+        check_unicode(text, "the text")
         ids = self._encode_special(text) if parse_special else self._plain.encode(text)
         if add_bos:
             ids.insert(0, self.bos_id)
@@ -277,9 +298,9 @@ class GemmaTokenizer:
     def tokenize(self, inputs: str | Sequence[str]) -> list[int] | list[list[int]]:
         """Ids of a string (a list of ids), or of each string of a list."""
         if isinstance(inputs, str):
-            return self._sp.encode(_check_unicode(inputs, "the text"))
+            return self._sp.encode(check_unicode(inputs, "the text"))
         if isinstance(inputs, Sequence) and all(isinstance(t, str) for t in inputs):
-            return [self._sp.encode(_check_unicode(t, f"text {i}")) for i, t in enumerate(inputs)]
+            return [self._sp.encode(check_unicode(t, f"text {i}")) for i, t in enumerate(inputs)]
         raise TokenizerError(self.path, f"tokenize() takes a string or a list of strings, got {type(inputs).__name__}")
 
     __call__ = tokenize
@@ -315,23 +336,37 @@ class GemmaTokenizer:
     # ----- chat ---------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
-                            tokenize: bool = False, image_block: Sequence | None = None) -> str | list[int]:
+                            tokenize: bool = False, image_block: Sequence | None = None,
+                            audio_block: Sequence | None = None, enable_thinking: bool = False,
+                            empty_thought: bool | None = None) -> str | list[int]:
         """Gemma's turn format (matching the official Gemma 2/3 templates, content trimmed):
 
             <bos><start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n...
 
+        or, for a Gemma 4 vocabulary, Gemma 4's (mlx_gemma.chat_template: a system turn of its own,
+        `<|turn>user\\n{user}<turn|>\\n<|turn>model\\n`; `enable_thinking` turns its thinking mode on;
+        `empty_thought` overrides the tokenizer's choice of generation prompt).
+
         With `tokenize=True`, message text is encoded as plain text: a user who types
-        "<end_of_turn>" cannot forge a turn.  An image part renders as `<start_of_image>`;
-        `image_block` (text and ids) replaces each, before tokenizing, as Gemma3Processor
-        expands it in the rendered string (`mlx_gemma.image_chat.image_block`); a list of such
-        blocks gives each image its own, in order (pan & scan: an image and its crops).
+        "<end_of_turn>" cannot forge a turn.  An image part renders as `<start_of_image>` (Gemma 4:
+        `<|image|>`, an audio part `<|audio|>`); `image_block` (text and ids) replaces each, before
+        tokenizing, as the processor expands it in the rendered string (Gemma 3:
+        `mlx_gemma.image_chat.image_block`); a list of such blocks gives each image its own, in order
+        (pan & scan: an image and its crops; Gemma 4: each image's own number of soft tokens).
+        `audio_block` does the same for audio parts.
         """
-        segments = self._chat_segments(messages, add_generation_prompt)
-        if image_block is not None:
-            image = self._start_of_image_id
-            per_image = image_block and isinstance(image_block[0], list)
-            blocks = iter(image_block) if per_image else itertools.repeat(image_block)
-            segments = [p for s in segments for p in (next(blocks) if isinstance(s, int) and s == image else [s])]
+        if self._gemma4 is not None:
+            thought = self.empty_thought if empty_thought is None else empty_thought
+            segments = gemma4_segments(self._gemma4, messages, add_generation_prompt, enable_thinking, thought,
+                                       self.path)
+            markers = (self._gemma4.media["<|image|>"], self._gemma4.media["<|audio|>"])
+        else:
+            if enable_thinking:
+                raise GenerationError("enable_thinking: Gemma 1-3 have no thinking mode (Gemma 4 has)")
+            segments, markers = self._chat_segments(messages, add_generation_prompt), (self._start_of_image_id, None)
+        for marker, block in zip(markers, (image_block, audio_block)):
+            if block is not None:
+                segments = _splice(segments, marker, block)
         if not tokenize:
             return "".join(self._sp.id_to_piece(s) if isinstance(s, int) else s for s in segments)
         ids: list[int] = []
@@ -345,17 +380,7 @@ class GemmaTokenizer:
         sot, eot = self.start_of_turn_id, self.end_of_turn_id
         if sot is None or eot is None:
             raise TokenizerError(self.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
-        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
-            raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, "
-                                  f"got {type(messages).__name__}")
-        messages = list(messages)
-        if not messages:
-            raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-                raise GenerationError(f"message {i} must be a dict with 'role' and 'content'")
-            if not isinstance(m["role"], str):
-                raise GenerationError(f"message {i}: 'role' must be a string, found {json_type(m['role'])}")
+        messages = check_messages(messages)
         system: list | None = None
         if messages[0]["role"] == "system":
             # Gemma 3 folds the system prompt into the first user turn (untrimmed, as it does).
@@ -382,7 +407,7 @@ class GemmaTokenizer:
 
     def _content(self, content, index: int, trim: bool, images: bool) -> list:
         if isinstance(content, str):
-            _check_unicode(content, f"message {index}: 'content'")
+            check_unicode(content, f"message {index}: 'content'")
             return [content.strip() if trim else content]
         if not isinstance(content, Sequence):
             raise GenerationError(f"message {index}: content must be a string or a list of parts")
@@ -390,7 +415,7 @@ class GemmaTokenizer:
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                _check_unicode(part["text"], f"message {index}: content part {j}'s 'text'")
+                check_unicode(part["text"], f"message {index}: content part {j}'s 'text'")
                 out.append(part["text"].strip() if trim else part["text"])
             elif kind == "image" and images:
                 if self._start_of_image_id is None:
@@ -401,14 +426,29 @@ class GemmaTokenizer:
         return out
 
 
-def _check_unicode(text: str, what: str) -> str:
-    """`text`, if SentencePiece can take it: a lone surrogate (from JSON's "\\ud800", or
-    surrogateescape'd bytes) has no UTF-8 form."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise GenerationError(f"{what} is not valid Unicode: {e.reason} at position {e.start}") from None
-    return text
+def _splice(segments: list, marker: int | None, block: Sequence) -> list:
+    """`segments` with each `marker` id replaced by `block`, or by the next of a list of blocks."""
+    per_item = block and isinstance(block[0], list)
+    blocks = iter(block) if per_item else itertools.repeat(block)
+    return [p for s in segments for p in (next(blocks) if isinstance(s, int) and s == marker else [s])]
+
+
+def _read_chat_template(folder: str) -> str:
+    """The folder's chat template (Jinja source), "" if it has none: chat_template.jinja, else the
+    `chat_template` of chat_template.json or tokenizer_config.json (a string, or a list of named ones)."""
+    for name, limit in _TEMPLATE_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".jinja"):
+            return _read_bounded(path, limit).decode("utf-8", errors="replace")
+        config: Any = read_json(path, limit, TokenizerError)
+        template = config.get("chat_template") if isinstance(config, dict) else None
+        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+            template = " ".join(t["template"] for t in template if isinstance(t, dict) and isinstance(t.get("template"), str))
+        if isinstance(template, str):
+            return template
+    return ""
 
 
 def _read_generation_eos(path: str) -> list[int] | None:
