@@ -2,8 +2,9 @@
 
 The committed fixtures (tests/fixtures/make_tiny_gemma4.py) hold transformers' logits and greedy
 tokens for an E2B-like model (per-layer inputs, KV sharing, double-wide MLPs; saved as
-Gemma4ForCausalLM, `model.*`) and a 31B-like one (`attention_k_eq_v`, its own global head dim
-and KV heads; saved as Gemma4ForConditionalGeneration, `model.language_model.*`).
+Gemma4ForCausalLM, `model.*`) a 31B-like one (`attention_k_eq_v`, its own global head dim
+and KV heads; saved as Gemma4ForConditionalGeneration, `model.language_model.*`) and a
+26B-A4B-like one (a mixture of experts, top-2 of 4, beside every block's MLP; models/moe.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mlx_gemma.tensorfile import load_file_with_metadata
 from conftest import FIXTURES
 
 RTOL = 1e-4
-NAMES = ["e2b", "31b"]
+NAMES = ["e2b", "31b", "moe"]
 _loaded: dict[str, tuple] = {}
 
 
@@ -116,6 +117,19 @@ def test_hidden_state_intercept_sees_every_block():
     logits = model(mx.array(ref["input_ids"]), intercept=lambda h, i: (seen.append(i), h)[1])
     assert seen == list(range(-1, len(model.layers)))
     assert_close(logits, ref["logits"])
+
+
+def test_moe_blocks_run_the_experts_beside_the_mlp():
+    model, _, ref = tiny("moe")
+    layer = model.layers[0]
+    assert layer.moe and layer.experts.gate_up_proj.weight.shape == (4, 32, 48)  # [E, 2I, H], as transformers
+    saved = layer.experts.down_proj.weight
+    layer.experts.down_proj.weight = mx.zeros_like(saved)  # without the experts the logits move
+    try:
+        assert np.abs(np.array(model(mx.array(ref["input_ids"]))) - ref["logits"]).max() > 1e-2
+    finally:
+        layer.experts.down_proj.weight = saved
+    assert_close(model(mx.array(ref["input_ids"])), ref["logits"])
 
 
 def test_a_transformers_folder_loads_with_mlx_gemma_load():
@@ -264,7 +278,8 @@ def base_config(**overrides) -> dict:
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}, "MoE"),
+    ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2}, "moe_intermediate_size"),
+    ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 5, "moe_intermediate_size": 16}, "top_k_experts"),
     ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
     ({"num_kv_shared_layers": 6}, "num_kv_shared_layers"),
     ({"num_kv_shared_layers": 4}, "num_kv_shared_layers"),  # the shared global layer has no earlier global one

@@ -30,6 +30,7 @@ from .config import finite_or_none, layer_types_from, parse_config, rope_setting
 from .decoder import layer_mask
 from .kv_cache import KVCacheOptions, make_layer_caches
 from .layers import GeGLU, attention, embedding_scale, gelu_for, residual_add, softcap
+from .moe import Experts, Router, sanitize_experts
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -61,10 +62,10 @@ class ModelArgs:
     hidden_size_per_layer_input: int | None = 256  # per-layer input width; 0 / None: no per-layer inputs
     use_double_wide_mlp: bool = False  # KV-shared layers' MLP is twice as wide
     use_bidirectional_attention: str | None = None  # "vision": image tokens both ways (text stays causal); "all": refused
-    enable_moe_block: bool = False  # MoE blocks (26B-A4B): not yet
-    num_experts: int | None = None  # MoE only
-    top_k_experts: int | None = None  # MoE only
-    moe_intermediate_size: int | None = None  # MoE only
+    enable_moe_block: bool = False  # every block also runs a mixture of experts beside its MLP (26B-A4B)
+    num_experts: int | None = None  # MoE: experts per block
+    top_k_experts: int | None = None  # MoE: experts each token uses
+    moe_intermediate_size: int | None = None  # MoE: each expert's GeGLU inner width
     max_position_embeddings: int = 131_072  # context length
     tie_word_embeddings: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # keys we keep but do not interpret
@@ -114,7 +115,13 @@ class ModelArgs:
 def _check_features(args: ModelArgs, path, where: str) -> None:
     """Refuse what this module does not run, naming the field."""
     if args.enable_moe_block:
-        raise ConfigError(path, f"{where}enable_moe_block: Gemma 4 MoE: not yet")
+        for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            v = getattr(args, key)
+            if not is_integer(v) or not 0 < v <= 1 << 20:
+                raise ConfigError(path, f"{where}{key} must be a positive integer with enable_moe_block, got {v!r}")
+        if args.top_k_experts > args.num_experts:
+            raise ConfigError(path, f"{where}top_k_experts ({args.top_k_experts}) exceeds num_experts "
+                                    f"({args.num_experts})")
     if args.use_bidirectional_attention not in (None, "vision"):
         raise ConfigError(path, f"{where}use_bidirectional_attention {args.use_bidirectional_attention!r:.40}: "
                                 "only 'vision' (image tokens) runs as a causal LM; 'all' is an encoder")
@@ -274,12 +281,29 @@ class DecoderLayer(nn.Module):
             self.per_layer_input_gate = nn.Linear(hidden, args.hidden_size_per_layer_input, bias=False)
             self.per_layer_projection = nn.Linear(args.hidden_size_per_layer_input, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
+        self.moe = args.enable_moe_block
+        if self.moe:  # beside the dense MLP (transformers' Gemma4TextDecoderLayer); moe.py runs it
+            self.router = Router(hidden, args.num_experts, args.top_k_experts, eps)
+            self.experts = Experts(args.num_experts, hidden, args.moe_intermediate_size, args.hidden_activation)
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+
+    def feed_forward(self, x: mx.array) -> mx.array:
+        """The MLP's output, or with MoE the normed sum of the MLP's and the experts' (both read x)."""
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if not self.moe:
+            return h
+        flat = x.reshape(-1, x.shape[-1])  # [B*T, hidden]: the router reads the residual before any norm
+        weights, indices = self.router(flat)
+        experts = self.experts(self.pre_feedforward_layernorm_2(flat), indices, weights).reshape(x.shape)
+        return self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(experts)
 
     def __call__(self, x: mx.array, mask, cache=None, offset: int = 0, per_layer_input=None,
                  shared_kv=None) -> tuple[mx.array, tuple]:  # x: [B, T, hidden]; per_layer_input: [B, T, P]
         h, kv = self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv)
         x = residual_add(x, self.post_attention_layernorm(h))
-        x = residual_add(x, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+        x = residual_add(x, self.post_feedforward_layernorm(self.feed_forward(x)))
         if self.per_layer:
             gate = self.act(self.per_layer_input_gate(x)) * per_layer_input  # [B, T, P]
             x = residual_add(x, self.post_per_layer_input_norm(self.per_layer_projection(gate)))
@@ -392,7 +416,7 @@ class Model(nn.Module):
         """Our names from a `Gemma4ForCausalLM` (`model.*`), a `Gemma4ForConditionalGeneration`
         (`model.language_model.*`) or an mlx-lm `gemma4` (`language_model.model.*`) checkpoint;
         the vision and audio towers, RoPE buffers, the tied head and the K/V weights of
-        KV-shared layers (transformers ignores them too) dropped."""
+        KV-shared layers (transformers ignores them too) dropped; MoE experts as moe.py names them."""
         sources = self.args.kv_sources()
         shared = tuple(f"model.layers.{i}.self_attn.{n}." for i, s in enumerate(sources) if s is not None
                        for n in ("k_proj", "v_proj", "k_norm", "v_norm"))
@@ -407,7 +431,7 @@ class Model(nn.Module):
             out[name] = w
         if self.args.tie_word_embeddings:
             out.pop("lm_head.weight", None)  # the same tensor as the embedding
-        return out
+        return sanitize_experts(out)  # HF's expert tensors (or mlx-lm's switch_glu halves) under our names
 
 
 _TEXT_PREFIXES = (
