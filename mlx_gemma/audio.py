@@ -14,8 +14,11 @@
 keras-hub 0.32's `Gemma4AudioConverter` differs from transformers (we follow transformers,
 whose extractor Google's released processor files configure): it pads or trims every clip
 to a fixed 30 s with no mask, counts `samples // hop` frames (transformers drops a frame whose
-window runs past the clip end), and floors the log at 1e-5 (transformers: 1e-3); its window,
-FFT size (512 over 320-sample frames) and unnormalised HTK filters are the same.
+window runs past the clip end), builds its filters in float32, and its class default log
+floor is 1e-5 (transformers' 1e-3; keras-hub's HF converter copies the file's `mel_floor`);
+it reads no pre-emphasis or per-bin statistics.  Window, FFT size (512 over 320-sample
+frames) and unnormalised HTK filters are the same.  In a Hugging Face folder the settings
+are `processor_config.json`'s "feature_extractor" object (frame, hop and FFT in samples).
 """
 
 from __future__ import annotations
@@ -95,8 +98,9 @@ def _read_file(source, where: str, max_seconds: float) -> tuple[np.ndarray, int]
             rate, frames = f.samplerate, f.frames
             if rate <= 0:
                 raise AudioError(where, f"the file claims a sampling rate of {rate} Hz")
-            if frames / rate > min(max_seconds, MAX_DECODE_SECONDS):
-                raise AudioError(where, f"the clip lasts {frames / rate:.1f} s; over {max_seconds:g} s is refused")
+            limit = min(max_seconds, MAX_DECODE_SECONDS)
+            if frames / rate > limit:
+                raise AudioError(where, f"the clip lasts {frames / rate:.1f} s; over {limit:g} s is refused")
             data = f.read(dtype="float32", always_2d=True)  # [N, channels]
     except AudioError:
         raise
