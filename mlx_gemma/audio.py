@@ -7,6 +7,7 @@
   mask [T] / [B, T]), equal to transformers 5.25's `Gemma4AudioFeatureExtractor`
   (semicausal framing, periodic Hann window, HTK mel filters, log with a floor, clips
   padded to a multiple of 128 samples, a frame valid only if all its samples are real).
+- `clip_features`: files (or arrays) -> features, the two steps above for a batch.
 - `num_soft_tokens`: how many audio soft tokens a clip's mask gives (the tower's two
   stride-2 subsamplings), as the processor counts the placeholders it writes.
 - `LogMelSettings`: the feature extractor's settings, from its `preprocessor_config.json`.
@@ -325,6 +326,14 @@ def _preemphasis(frames: np.ndarray, s: LogMelSettings) -> np.ndarray:
     if s.preemphasis_htk_flavor:
         return np.concatenate([frames[..., :1] * (1.0 - k), frames[..., 1:-1] - k * frames[..., :-2]], axis=-1)
     return frames[..., 1:] - k * frames[..., :-1]
+
+
+def clip_features(sources, settings: LogMelSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Files or sample arrays (one, or a list) -> `log_mel_features` of the clips read by
+    `load_audio` at the settings' rate: ([B, T, n_mels], [B, T]), a batch even for one clip."""
+    s = settings or LogMelSettings()
+    sources = sources if isinstance(sources, (list, tuple)) else [sources]
+    return log_mel_features([load_audio(source, s.sampling_rate) for source in sources], s)
 
 
 def num_soft_tokens(mask) -> int:

@@ -15,7 +15,7 @@ import pytest
 import soundfile
 from conftest import FIXTURES
 
-from mlx_gemma.audio import LogMelSettings, load_audio, log_mel_features, num_soft_tokens
+from mlx_gemma.audio import LogMelSettings, clip_features, load_audio, log_mel_features, num_soft_tokens
 from mlx_gemma.errors import AudioError, ConfigError
 
 RATE = 16_000
@@ -273,3 +273,13 @@ def test_unreadable_empty_nonfinite_and_long_clips_are_refused(tmp_path):
 def test_bad_arguments_are_refused(source, kwargs, message):
     with pytest.raises(AudioError, match=message):
         load_audio(source, **kwargs)
+
+
+def test_clip_features_reads_then_extracts(tmp_path):
+    a = _write(tmp_path / "a.wav", speechlike(30_000, seed=6), 44100, subtype="FLOAT")
+    b = tone(5000)
+    features, mask = clip_features([a, b])
+    expected = log_mel_features([load_audio(a), b])
+    assert np.array_equal(features, expected[0]) and np.array_equal(mask, expected[1])
+    one, one_mask = clip_features(a)
+    assert one.shape == (1, *expected[0].shape[1:]) and np.array_equal(one[0], log_mel_features(load_audio(a))[0])
