@@ -27,8 +27,9 @@ from .generate import GenerationResponse, format_stats, stream_generate
 from .models.kv_cache import KVCacheOptions
 from .samplers import SamplingSettings
 from .image_chat import image_block, user_content
+from .pan_and_scan import pan_and_scan_settings
 from .prompt_cache import PromptCache
-from .vision import load_image
+from .vision import image_segments, load_image, with_crops
 
 
 def next_turn_ids(tokenizer, history: list[int], text, system: str | None = None,
@@ -61,7 +62,9 @@ class ChatSession:
     `sampling=SamplingSettings(...)`, ... any `stream_generate` argument) are given once;
     `kv_options` (a `KVCacheOptions`, or its
     fields as keywords: max_kv_size, kv_bits, ...) shape the session's cache.
-    Replies stop at <end_of_turn> and the model's own stop ids.
+    Replies stop at <end_of_turn> and the model's own stop ids.  `pan_and_scan` (Gemma 3: True
+    or a `PanAndScan`) gives each image's crops too; they are cut once, when the image is sent,
+    and stay in the history (and the cache) with it.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = 256, sampler=None,
@@ -78,12 +81,14 @@ class ChatSession:
             # Made once: a seeded sampler keeps drawing from one key across the turns.
             sampler, logits_processors = sampling.sampler(), sampling.processors()
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        # Crops are cut here, per turn; stream_generate gets them as images of token-id prompts.
+        self.pan_and_scan = pan_and_scan_settings(generate_kwargs.pop("pan_and_scan", None))
         self.cache = PromptCache(model, kv_options, **{k: v for k, v in kv.items() if v is not None})
         self.settings = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
                              **generate_kwargs)
         self.settings["stop_token_ids"] = [tokenizer.end_of_turn_id, *(generate_kwargs.get("stop_token_ids") or [])]
         self.history: list[int] = []  # the conversation's ids, replies included
-        self.images: list = []  # the conversation's images (RGB PIL images), in order
+        self.images: list = []  # the conversation's images (RGB PIL images, crops after theirs), in order
 
     def reset(self) -> None:
         """Start a new conversation (same system prompt and settings)."""
@@ -98,10 +103,13 @@ class ChatSession:
         if images and (spec is None or spec.start_id is None):
             raise GenerationError("this model takes no images in a chat (Gemma 3 vision-language models do)")
         new = [load_image(im, f"images[{i}]") for i, im in enumerate(images)]  # read once, kept as read
+        flat, n_crops = with_crops(new, self.pan_and_scan)  # each image, then its crops
         block = image_block(spec) if spec is not None and spec.start_id is not None else None
+        if any(n_crops):
+            block = [image_segments(spec, n) for n in n_crops]
         content = user_content(text, len(new), self.tokenizer.id_to_piece(spec.start_id)) if new else text
         ids = next_turn_ids(self.tokenizer, self.history, content, self.system, block)
-        every = self.images + new
+        every = self.images + flat
         responses = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
                                     image=every or None, **self.settings)
         generated: list[int] = []
@@ -127,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for every conversation")
     add_sampling_flags(p)
     add_cache_flags(p)
+    p.add_argument("--pan-and-scan", action="store_true",
+                   help="Gemma 3: also give the model crops of wide or tall images (transformers' do_pan_and_scan)")
     p.add_argument("--verbose", action="store_true", help="print each reply's statistics to stderr")
     return p
 
@@ -139,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = sampling_from(args)
         model, tokenizer = load(args.model)
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,
-                              kv_options=kv_options_from(args))
+                              kv_options=kv_options_from(args), pan_and_scan=args.pan_and_scan or None)
         print("[/reset starts a new conversation; /image PATH attaches an image; /quit or Ctrl-D leaves]", file=err)
         pending: list = []  # images attached to the next message
         while True:

@@ -4,7 +4,8 @@
 
 A quantized base is re-quantized with its own settings after the merge (or
 written in float with `--dequantize`); the output is an mlx-community style
-folder that mlx_gemma and mlx-lm load like any other.
+folder that mlx_gemma and mlx-lm load like any other, with the base folder's chat template,
+tokenizer and processor files kept as they were.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def fuse_model(model_path: str | os.PathLike, adapter_path: str | os.PathLike, s
         config = dequantize_model(model, config)  # the layers without adapters too
     return write_model_folder(
         save_path, mlx_lm_compatible(config), dict(tree_flatten(model.parameters())), checkpoint.tokenizer_model,
-        checkpoint.generation_config, overwrite=overwrite, source=[checkpoint.source, adapter_path])
+        checkpoint.generation_config, overwrite=overwrite, extra_files=checkpoint.extra_files,
+        source=[checkpoint.source, adapter_path])
 
 
 def build_parser() -> argparse.ArgumentParser:

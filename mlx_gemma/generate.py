@@ -32,7 +32,6 @@ from .errors import GenerationError, MlxGemmaError
 from .prompt_cache import continuation_ids, load_prompt_cache
 from .image_chat import chat_image_rows
 from .prompts import RowText, prompt_ids, stop_settings
-from .pan_and_scan import pan_and_scan_settings
 from .vision import prompt_rows
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
@@ -141,7 +140,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     Gemma 3 also takes images with the chat template (`chat`, `system`, messages with
     `{"type": "image"}` parts, one image each, in order; see `mlx_gemma.image_chat`), with token ids
     that already hold the image blocks, and with a `prompt_cache` (a cached image is reused only
-    if it is the same image).  `pan_and_scan` (Gemma 3, not with a prompt cache; off by default): True or a
+    if it is the same image).  `pan_and_scan` (Gemma 3; off by default; with a prompt cache too): True or a
     `mlx_gemma.pan_and_scan.PanAndScan` adds crops of wide and tall images, as transformers'
     `do_pan_and_scan`.
     """
@@ -224,8 +223,6 @@ def _encode(model, tokenizer, prompts, chat, system, images, cached: bool,
     spec = model.image_input
     if spec is not None and spec.start_id is not None and (chat or system or cached or not all(
             isinstance(p, str) for p in prompts)):  # Gemma 3: the chat template, token ids, a cache
-        if cached and pan_and_scan_settings(pan_and_scan) is not None:
-            raise GenerationError("pan & scan does not go with a prompt cache (yet)")
         return chat_image_rows(model, tokenizer, prompts, images, chat, system, pan_and_scan)
     if spec is not None and (chat or system or cached):
         raise GenerationError("PaliGemma's image prompts take no chat template, system prompt or prompt cache")

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 from PIL import Image
-from test_gemma3_chat import GEMMA3_CHAT_TEMPLATE
+from test_gemma3_chat import GEMMA3_CHAT_TEMPLATE, MAX_TOKENS, _greedy
 
 import mlx_gemma
-from mlx_gemma.errors import GenerationError, ImageError
-from mlx_gemma.generate import generate, main
+from mlx_gemma.chat import ChatSession
+from mlx_gemma.errors import ImageError
+from mlx_gemma.generate import generate, main, stream_generate
 from mlx_gemma.image_chat import chat_image_rows
 from mlx_gemma.pan_and_scan import PanAndScan, crop_boxes, pan_and_scan_settings
 from mlx_gemma.prompt_cache import PromptCache
@@ -93,18 +94,26 @@ def test_cli_flag(loaded, tmp_path, capsys):
     assert capsys.readouterr().out == tokenizer.decode([int(ref["wide_logits"][0, -1].argmax())]) + "\n"
 
 
-@pytest.mark.oracle
-def test_chat_template_with_crops_equals_transformers(loaded):
-    """Gemma 3's published chat template rendered by transformers' processor, then expanded with
-    pan & scan: our chat rows (messages, and a string with chat=True) give its ids, pixels and logits."""
+def reference():
+    """torch, transformers' Gemma3Processor with Gemma 3's chat template, and its model (eager attention)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     sys.path.insert(0, str(FIXTURES))
     from make_tiny_gemma3_vlm import processor
 
-    model, tokenizer, ref = loaded
     proc = processor(FIXTURES / "tiny_gemma3_vlm")
     proc.chat_template = proc.tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(FIXTURES / "tiny_gemma3_vlm",
+                                                                     attn_implementation="eager").eval()
+    return torch, proc, hf
+
+
+@pytest.mark.oracle
+def test_chat_template_with_crops_equals_transformers(loaded):
+    """Gemma 3's published chat template rendered by transformers' processor, then expanded with
+    pan & scan: our chat rows (messages, and a string with chat=True) give its ids, pixels and logits."""
+    torch, proc, hf = reference()
+    model, tokenizer, ref = loaded
     images = [ref["custom_image0"], ref["tall_image0"]]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
                                              {"type": "image"}, {"type": "text", "text": "please."}]}]
@@ -114,8 +123,6 @@ def test_chat_template_with_crops_equals_transformers(loaded):
     batch = proc(images=[images], text=[text], return_tensors="pt", add_special_tokens=False, do_pan_and_scan=True,
                  pan_and_scan_min_crop_size=settings.min_crop_size, pan_and_scan_max_num_crops=settings.max_num_crops,
                  pan_and_scan_min_ratio_to_activate=settings.min_ratio_to_activate)
-    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(FIXTURES / "tiny_gemma3_vlm",
-                                                                     attn_implementation="eager").eval()
     with torch.no_grad():
         expected = hf(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids",
                                                "pixel_values")}).logits[0].numpy()
@@ -127,10 +134,73 @@ def test_chat_template_with_crops_equals_transformers(loaded):
     assert np.abs(logits - expected).max() / np.abs(expected).max() < RTOL
 
 
+def test_prompt_cache_with_crops_equals_no_cache(loaded):
+    """A prompt cache with pan & scan: each crop is an image block of its own, so the cache keeps
+    the image and its crops; the tokens equal an uncached run (checked against transformers above),
+    and a second question about the same image feeds only the new text."""
+    model, tokenizer, ref = loaded
+    images, settings = images_of(ref, "custom"), CASES["custom"][1]
+    prompt = CASES["custom"][0]
+    plain = [r.token for r in stream_generate(model, tokenizer, prompt, image=images, max_tokens=4, chat=True,
+                                              pan_and_scan=settings)]
+    cache = PromptCache(model)
+    cached = [r.token for r in stream_generate(model, tokenizer, prompt, image=images, max_tokens=4, chat=True,
+                                               pan_and_scan=settings, prompt_cache=cache)]
+    assert cached == plain
+    n_blocks = len(images) + 3  # the first image is cut into 3 crops (the fixture's recorded count)
+    assert len(cache.images) == n_blocks
+    rows, pixels = chat_image_rows(model, tokenizer, [prompt], [images], True, None, settings)
+    assert pixels.shape[0] == n_blocks and cache.tokens[: len(rows[0])] == rows[0]
+    # The same prompt again: the cached image blocks are kept, only the last prompt token is fed.
+    again = [r.token for r in stream_generate(model, tokenizer, prompt, image=images, max_tokens=4, chat=True,
+                                              pan_and_scan=settings, prompt_cache=cache)]
+    assert again == plain
+
+
+@pytest.mark.oracle
+def test_chat_session_with_crops_equals_transformers(loaded):
+    """`ChatSession(pan_and_scan=...)`: a turn with a wide image (cut into crops), then a turn with a
+    square one; each turn's ids and greedy tokens are transformers' for the whole conversation,
+    expanded by its processor with `do_pan_and_scan`."""
+    torch, proc, hf = reference()
+    model, tok, ref = loaded
+    settings = CASES["custom"][1]
+    options = dict(return_tensors="pt", add_special_tokens=False, do_pan_and_scan=True,
+                   pan_and_scan_min_crop_size=settings.min_crop_size,
+                   pan_and_scan_max_num_crops=settings.max_num_crops,
+                   pan_and_scan_min_ratio_to_activate=settings.min_ratio_to_activate)
+    wide, square = (Image.fromarray(im) for im in images_of(ref, "custom"))
+    eot = tok.end_of_turn_id
+
+    session = ChatSession(model, tok, max_tokens=MAX_TOKENS, pan_and_scan=settings)
+    first = [r.token for r in session.send("Compare", [wide])]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}]}]
+    text1 = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    batch1 = proc(text=[text1], images=[[wide]], **options)
+    turn1 = batch1["input_ids"][0].tolist()
+    assert session.history[: len(turn1)] == turn1
+    assert len(session.images) == 1 + 3  # the wide image and its 3 crops
+    inputs = {k: batch1[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
+    assert first == _greedy(torch, hf, inputs, eot)
+
+    reply = tok.decode([t for t in first if t != eot])
+    messages += [{"role": "assistant", "content": reply},
+                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    text2 = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text2.startswith(text1 + reply)
+    rest = proc(text=[text2[len(text1) + len(reply):]], images=[[square]], **options)
+    ids = turn1 + [t for t in first if t != eot] + rest["input_ids"][0].tolist()
+    second = [r.token for r in session.send("And this?", [square])]
+    assert session.history[: len(ids)] == ids
+    input_ids = torch.tensor([ids])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "token_type_ids": (input_ids == 401).long(),
+              "pixel_values": torch.cat([batch1["pixel_values"], rest["pixel_values"]])}
+    assert second == _greedy(torch, hf, inputs, eot)
+
+
 def test_bad_settings_and_models(loaded):
     model, tokenizer, ref = loaded
-    with pytest.raises(GenerationError, match="pan & scan does not go with a prompt cache"):
-        generate(model, tokenizer, "Hi", image=ref["wide_image0"], prompt_cache=PromptCache(model), pan_and_scan=True)
     ids = [2, 7] + [401] * 4 + [400]
     with pytest.raises(ImageError, match="token ids come as given"):
         chat_image_rows(model, tokenizer, [ids], [ref["wide_image0"]], None, None, True)

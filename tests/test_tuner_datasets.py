@@ -11,9 +11,12 @@ import json
 import numpy as np
 import pytest
 
+import mlx.optimizers as optim
+
 from mlx_gemma import lora as lora_cli
 from mlx_gemma.errors import DatasetError, TrainingError
 from mlx_gemma.loading import load
+from mlx_gemma.tuner import trainer
 from mlx_gemma.tuner.datasets import iterate_batches, load_datasets, load_jsonl, make_batch, training_images
 
 from conftest import FIXTURES
@@ -209,6 +212,8 @@ def test_models_the_tuner_would_treat_as_paligemma_are_refused(tmp_path, capsys,
     model = load(FIXTURES / name)[0]
     with pytest.raises(TrainingError, match=f"model_type '{model_type}'"):
         training_images(model)
+    with pytest.raises(TrainingError, match=f"model_type '{model_type}'"):  # the trainer itself, called directly
+        trainer.train(model, optim.Adam(1e-3), [([2, 5, 6, 7], 1)], args=trainer.TrainingArgs(iters=1, batch_size=1))
     code = lora_cli.main(["--model", str(FIXTURES / name), "--data", str(tmp_path), "--train", "--iters", "1",
                           "--adapter-path", str(tmp_path / "adapters")])
     err = capsys.readouterr().err

@@ -372,6 +372,23 @@ def test_fuse_cli_writes_a_model_equal_to_base_plus_adapters(tmp_path):
     assert main(["--model", str(TINY), "--adapter-path", str(folder), "--save-path", str(tmp_path / "fused")]) == 2
 
 
+def test_fuse_keeps_the_chat_template_and_tokenizer_files(tmp_path):
+    """The fused folder carries the base folder's side files byte for byte (issue 19: an instruct
+    model's chat template and tokenizer.json would otherwise be lost in the fused copy)."""
+    from mlx_gemma.fuse import fuse_model
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY, base)
+    side = {"chat_template.jinja": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "tokenizer_config.json": json.dumps({"add_bos_token": True, "model_max_length": 128})}
+    for name, text in side.items():
+        (base / name).write_text(text)
+    _, folder = saved_adapter(tmp_path, target_names=("q_proj",))
+    out = fuse_model(base, folder, tmp_path / "fused")
+    for name, text in side.items():
+        assert (out / name).read_text() == text
+
+
 def test_fuse_cli_requantizes_a_quantized_base(tmp_path):
     from mlx_gemma.convert import convert
     from mlx_gemma.fuse import main

@@ -26,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import TrainingError
-from .datasets import iterate_batches
+from .datasets import iterate_batches, training_images
 # The loss lives in losses.py; these names stay importable from here (tasks, score, tests use them).
 from .losses import (  # noqa: F401
     CHUNK_BYTES,
@@ -191,6 +191,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs | None =
     ranks (`mx.distributed.all_sum`) and rank 0 alone calls `save`.
     """
     args = args or TrainingArgs()
+    training_images(model)  # a model the tuner would train wrongly (Gemma 3 with images, ...) is refused
     if args.iters < 1 or args.grad_accumulation_steps < 1:
         raise TrainingError("iters and grad_accumulation_steps must be positive")
     mx.random.seed(args.seed)
