@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 import mlx_gemma
 from mlx_gemma.errors import ConfigError, GenerationError
 from mlx_gemma.generate import stream_batch_generate, stream_generate
-from mlx_gemma.loading import load
+from mlx_gemma.loading import load, load_model
 from mlx_gemma.models import MODELS, gemma4
 from mlx_gemma.models.kv_cache import KVCache, RotatingKVCache, SharedKVCache
 from mlx_gemma.prompt_cache import PromptCache, load_prompt_cache, save_prompt_cache
@@ -140,6 +140,34 @@ def test_a_transformers_folder_loads_with_mlx_gemma_load():
         assert model.model_type == model_type and MODELS[model_type] is gemma4
     config = json.loads((FIXTURES / "tiny_gemma4_31b" / "config.json").read_text())
     assert config["model_type"] == "gemma4" and config["text_config"]["attention_k_eq_v"]
+
+
+def _folder(path, config: dict, weights: dict):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return path
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["e2b", "moe"])
+def test_weight_names_load_both_ways_with_mlx_lm(tmp_path, name):
+    """mlx-lm 0.32's gemma4_text reads transformers' folder and our weights (dense), and we read its
+    weights (its experts as switch_glu halves), each giving transformers' logits.  mlx-lm reads the
+    global layers' shape as Google's configs spell it (global_head_dim), not per_layer_config."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    model, _, ref = tiny(name)
+    config = json.loads((FIXTURES / f"tiny_gemma4_{name}" / "config.json").read_text())
+    config.update(global_head_dim=64, num_global_key_value_heads=1)
+    ids = mx.array(ref["input_ids"])
+    hf_weights = mx.load(str(FIXTURES / f"tiny_gemma4_{name}" / "model.safetensors"))
+    theirs, _ = mlx_lm_utils.load_model(_folder(tmp_path / "hf", config, hf_weights))
+    assert_close(theirs(ids), ref["logits"])
+    ours = load_model(_folder(tmp_path / "theirs", config, dict(tree_flatten(theirs.parameters()))))
+    assert_close(ours(ids), ref["logits"])
+    if name == "e2b":  # experts: mlx-lm reads only its own switch_glu names, which moe.py's writer owns
+        theirs, _ = mlx_lm_utils.load_model(_folder(tmp_path / "ours", config, dict(tree_flatten(model.parameters()))))
+        assert_close(theirs(ids), ref["logits"])
 
 
 # ----- KV sharing and the caches --------------------------------------------------------
