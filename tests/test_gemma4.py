@@ -24,6 +24,7 @@ from mlx_gemma.loading import load, load_model
 from mlx_gemma.models import MODELS, gemma4
 from mlx_gemma.models.kv_cache import KVCache, RotatingKVCache, SharedKVCache
 from mlx_gemma.prompt_cache import PromptCache, load_prompt_cache, save_prompt_cache
+from mlx_gemma.search import beam_search
 from mlx_gemma.tensorfile import load_file_with_metadata
 
 from conftest import FIXTURES
@@ -109,6 +110,14 @@ def test_batched_greedy_equals_each_prompt_alone(name):
     steps = list(stream_batch_generate(model, tok, prompts, max_tokens=8, prefill_step_size=4))
     for b, prompt in enumerate(prompts):
         assert [s[b].token for s in steps if s[b] is not None] == greedy(model, tok, prompt, max_tokens=8), b
+
+
+def test_input_embeddings_take_the_ids_for_the_per_layer_inputs():
+    model, _, ref = tiny("e2b")
+    ids = mx.array(ref["input_ids"])
+    assert_close(model(ids, input_embeddings=model.model.embed(ids)), ref["logits"])
+    with pytest.raises(GenerationError, match="per-layer inputs need the token ids"):
+        model.model(None, input_embeddings=model.model.embed(ids))
 
 
 def test_hidden_state_intercept_sees_every_block():
@@ -229,6 +238,38 @@ def test_trim_to_rolls_back_through_shared_entries():
     assert_close(model(ids[:, 5:6], cache=cache), ref["logits"][:1, 5:6])
     model(ids[:, 6:7], cache=cache)  # 7 tokens: the sliding rings have dropped the first
     assert not all(c.trim_to(3) for c in cache)
+
+
+def test_take_gathers_rows_through_shared_entries():
+    """Rows reordered and repeated mid-decode (beam search's `take`) continue as their own sequences."""
+    model, _, _ = tiny("e2b")
+    rows = [[2, 11, 12, 13], [2, 21, 22, 23, 24, 25, 26, 27]]
+    pad = [4, 0]
+    cache = model.make_cache(left_padding=mx.array(pad))
+    model(mx.array([[0] * p + r for p, r in zip(pad, rows)]), cache=cache)
+    for c in cache:
+        c.take(mx.array([1, 0, 0]))
+    seqs = [rows[1], rows[0], rows[0]]
+    for t in range(3):  # past the window (6) of the sliding layers and their shared readers
+        new = [40 + 3 * t + b for b in range(3)]
+        logits = model(mx.array(new)[:, None], cache=cache)[:, -1]
+        for b, token in enumerate(new):
+            seqs[b] = seqs[b] + [token]
+            assert_close(logits[b], model(mx.array(seqs[b])[None])[0, -1])
+
+
+@pytest.mark.oracle
+def test_beam_search_matches_transformers():
+    import transformers  # heavy optional dependency
+    from test_search import assert_same_beams, hf_beams  # transformers' beams, read as test_search reads them
+
+    model, _, ref = tiny("e2b")
+    hf = transformers.Gemma4ForCausalLM.from_pretrained(FIXTURES / "tiny_gemma4_e2b", attn_implementation="eager")
+    prompt = ref["greedy_prompt"].tolist()
+    theirs = hf_beams(hf.eval(), prompt, 8, 3, 1.0, False, 2, [1])
+    ours = beam_search(model, prompt, 8, num_beams=3, length_penalty=1.0, early_stopping=False, num_return=2,
+                       stop_token_ids=[1], prefill_step_size=3)
+    assert_same_beams(ours, theirs, [1], 1.0, rel_tol=1e-4)
 
 
 def test_rotating_cache_under_max_kv_size():

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..arguments import is_integer
-from ..errors import ConfigError
+from ..errors import ConfigError, GenerationError
 from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import layer_mask
 from .kv_cache import KVCacheOptions, make_layer_caches
@@ -130,10 +130,10 @@ def _check_features(args: ModelArgs, path, where: str) -> None:
     for key in ("global_head_dim", "vocab_size_per_layer_input"):
         if not 0 < getattr(args, key) <= 1 << 22:
             raise ConfigError(path, f"{where}{key} must be a positive integer, got {getattr(args, key)!r}")
-    for key in ("num_global_key_value_heads", "hidden_size_per_layer_input"):
+    for key, low in (("num_global_key_value_heads", 1), ("hidden_size_per_layer_input", 0)):  # 0: no PLE
         v = getattr(args, key)
-        if v is not None and not 0 <= v <= 1 << 16:
-            raise ConfigError(path, f"{where}{key} must be a non-negative integer, got {v!r}")
+        if v is not None and not low <= v <= 1 << 16:
+            raise ConfigError(path, f"{where}{key} must be an integer in [{low}, {1 << 16}], got {v!r}")
 
 
 def _check_layer_overrides(args: ModelArgs, path, where: str) -> None:
@@ -347,9 +347,14 @@ class Gemma4Stack(nn.Module):
         input_ids: mx.array | None,  # [B, T]
         cache=None,  # list of per-layer caches (make_cache), or None for a full-sequence call
         padding_mask: mx.array | None = None,  # bool [B, T], True = real token; no cache
-        input_embeddings: mx.array | None = None,  # [B, T, hidden], already scaled; ids still needed for PLE
+        input_embeddings: mx.array | None = None,  # [B, T, hidden], already scaled (e.g. with image features)
         intercept=None,  # fn(h, i) -> h, called with i = -1 after embedding, then 0..L-1
     ) -> mx.array:
+        # With per-layer inputs the ids are read even beside `input_embeddings`: their token half
+        # comes from the ids (transformers gives media placeholders the pad id), their projected
+        # half from the embeddings as given.
+        if self.per_layer and input_ids is None:
+            raise GenerationError("Gemma 4's per-layer inputs need the token ids, also beside input_embeddings")
         h = self.embed(input_ids) if input_embeddings is None else input_embeddings
         per_layer = self.per_layer_inputs(input_ids, h) if self.per_layer else None
         cache = cache or [None] * len(self.layers)
