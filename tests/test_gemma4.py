@@ -120,6 +120,18 @@ def test_input_embeddings_take_the_ids_for_the_per_layer_inputs():
         model.model(None, input_embeddings=model.model.embed(ids))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_runs(name):
+    """bf16 / fp16 weights keep their dtype and stay finite; fp16's first positions stay near fp32.  (These
+    random models amplify rounding: transformers' own bf16 run is as far from its fp32 logits as ours.)"""
+    folder = FIXTURES / f"tiny_gemma4_{name}"
+    ref = tiny(name)[2]
+    for dtype in (mx.bfloat16, mx.float16):
+        logits = load_model(folder, dtype=dtype)(mx.array(ref["input_ids"]))
+        assert logits.dtype == dtype and np.isfinite(np.array(logits.astype(mx.float32))).all()
+    assert_close(logits[:, :4].astype(mx.float32), ref["logits"][:, :4], rtol=0.05)
+
+
 def test_hidden_state_intercept_sees_every_block():
     model, _, ref = tiny("e2b")
     seen = []
