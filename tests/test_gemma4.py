@@ -394,6 +394,13 @@ def test_configs_as_google_writes_them():
     assert k_eq_v.layer_shape(2) == (1, 64) and k_eq_v.layer_shape(0) == (1, 32)
     wide = gemma4.ModelArgs.from_dict({**config, "num_key_value_heads": 2})
     assert wide.layer_shape(2) == (2, 64)  # no k_eq_v: the global layers keep num_key_value_heads
+    in_code = gemma4.ModelArgs.from_dict(base_config(per_layer_config={2: {"head_dim": 64}, 5: {"head_dim": 64}}))
+    assert in_code.layer_shape(5) == (1, 64) and in_code.layer_shape(1) == (1, 32)
+    with pytest.raises(ConfigError, match="different head dims"):  # one RoPE table per layer kind
+        gemma4.ModelArgs.from_dict(base_config(per_layer_config={5: {"head_dim": 64}}))
+    last = gemma4.ModelArgs.from_dict(base_config(layer_types=["sliding_attention"] * 6, per_layer_config=None,
+                                                  num_kv_shared_layers=0))
+    assert last.layer_types[-1] == "full_attention"  # forced global, as transformers' config does
 
 
 def test_proportional_rope_rotates_only_its_share_of_pairs():

@@ -139,7 +139,8 @@ def _check_features(args: ModelArgs, path, where: str) -> None:
 def _check_layer_overrides(args: ModelArgs, path, where: str) -> None:
     """per_layer_config: layer indices -> head_dim / num_key_value_heads only, each a positive
     integer; every layer's KV heads divide the query heads."""
-    if args.per_layer_config is not None:
+    if args.per_layer_config is not None:  # keyed by the layer index as text, as JSON writes it
+        args.per_layer_config = {str(k): v for k, v in args.per_layer_config.items()}
         for key, o in args.per_layer_config.items():
             name = f"{where}per_layer_config.{key}"
             if not (key.isdigit() and int(key) < args.num_hidden_layers) or not isinstance(o, dict):
