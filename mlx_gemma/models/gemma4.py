@@ -1,4 +1,4 @@
-"""Gemma 4 text model (`gemma4_text`, and the language half of `gemma4` checkpoints), dense.
+"""Gemma 4 text model (`gemma4_text`, and the language half of `gemma4` checkpoints): dense and MoE.
 
 As transformers 5.25's `modeling_gemma4.py` defines it.  What differs from Gemma 3:
 - global layers have their own head dim (and, with `attention_k_eq_v`, their own KV-head
@@ -11,7 +11,11 @@ As transformers 5.25's `modeling_gemma4.py` defines it.  What differs from Gemma
   layer, mixed with a projection of the token embedding, gated into each block after its MLP;
 - KV sharing: the last `num_kv_shared_layers` blocks have no K/V weights and attend with
   the keys and values of the last earlier block of their kind.  The stack hands those along
-  in the forward pass; their caches are `kv_cache.SharedKVCache` entries that hold nothing;
+  in the forward pass; their caches are `kv_cache.SharedKVCache` entries that hold nothing.
+  Nothing a shared block computes is stored, so in a chunked prefill (the engine evaluates only
+  the caches between chunks) MLX runs the shared blocks for the last chunk alone; transformers
+  instead cuts their positions to the kept logits (`_maybe_slice_kv_shared_inputs`);
+- with `enable_moe_block` (26B-A4B) a mixture of experts (moe.py) runs beside each block's MLP;
 - each block ends by multiplying by its `layer_scalar`.
 """
 
