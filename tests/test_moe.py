@@ -109,8 +109,19 @@ def test_router_matches_transformers(case):
     assert rel_err(weights, ref["router_weights"]) < 1e-5
 
 
+PATHS = ("unsorted", "sorted")
+
+
+def force_path(monkeypatch, path: str) -> None:
+    """Make Experts take one of its two ways to run, whatever the device (sorting is off on the CPU)."""
+    monkeypatch.setattr(moe, "SORT_MIN_PAIRS", 1 if path == "sorted" else 1 << 30)
+    monkeypatch.setattr(moe, "SORT_ON_CPU", True)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES)
-def test_experts_match_transformers(case):
+def test_experts_match_transformers(case, path, monkeypatch):
+    force_path(monkeypatch, path)
     ref = case_data(case)
     block = stack_for(ref).layers[0]
     out = block.experts(mx.array(ref["experts_input"]), mx.array(ref["router_indices"]), mx.array(ref["router_weights"]))
@@ -173,23 +184,15 @@ def test_keras_hub_computes_the_same_moe(case):
     assert rel_err(ours.experts(mx.array(ref["experts_input"]), indices, weights), out) < 1e-5
 
 
-def test_both_gather_paths_cover_the_fixture():
-    """The few-token cases run unsorted, the many-token ones sorted by expert."""
-    for case in CASES:
-        pairs = case_data(case)["router_indices"].size
-        assert (pairs >= moe.SORT_MIN_PAIRS) == case.endswith("many")
-
-
-@pytest.mark.parametrize("case", ["e4k2_few", "e8k2_many"])
-def test_sorted_and_unsorted_paths_agree(case, monkeypatch):
-    ref = case_data(case)
-    experts = stack_for(ref).layers[0].experts
-    args = [mx.array(ref[k]) for k in ("experts_input", "router_indices", "router_weights")]
-    monkeypatch.setattr(moe, "SORT_MIN_PAIRS", 1)
-    sorted_out = np.array(experts(*args))
-    monkeypatch.setattr(moe, "SORT_MIN_PAIRS", 1 << 30)
-    unsorted_out = np.array(experts(*args))
-    assert rel_err(sorted_out, unsorted_out) < 1e-6
+def test_default_paths():
+    """Few pairs: one row per token; many: rows sorted by expert (mlx-lm's way), except on the CPU."""
+    experts = Experts(8, 32, 16, "gelu_pytorch_tanh")
+    calls = []
+    experts._sorted = lambda x, i: calls.append(len(x)) or mx.zeros((i.size, 1, 32))
+    x = mx.zeros((40, 32))
+    for n in (3, 40):
+        experts(x[:n], mx.zeros((n, 2), mx.uint32), mx.ones((n, 2)))
+    assert calls == ([] if mx.default_device() == mx.cpu else [40])
 
 
 # --- quantized experts -------------------------------------------------------------------------
@@ -210,8 +213,10 @@ def float_twin(layer: QuantizedExpertLinear) -> ExpertLinear:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("tokens", [3, 40])  # 6 pairs: unsorted; 80: sorted
-def test_quantized_experts_equal_float_experts_on_their_dequantized_weights(bits, tokens):
+@pytest.mark.parametrize("path", PATHS)
+def test_quantized_experts_equal_float_experts_on_their_dequantized_weights(bits, path, monkeypatch):
+    force_path(monkeypatch, path)
+    tokens = 40
     stack = Stack(experts=8, hidden=64, width=32)
     x, indices, weights = routed(stack, tokens)
     before = np.array(stack.layers[0].experts(x, indices, weights))
@@ -374,8 +379,10 @@ def dense_experts(experts: Experts, x: mx.array, indices: mx.array, weights: mx.
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("tokens", [3, 40])
-def test_input_gradient_through_the_experts(quantized, tokens):
+@pytest.mark.parametrize("path", PATHS)
+def test_input_gradient_through_the_experts(quantized, path, monkeypatch):
+    force_path(monkeypatch, path)
+    tokens = 40
     stack = Stack(experts=8, hidden=64, width=32)
     if quantized:
         quantize_model(stack, {}, bits=8, group_size=32)
@@ -385,6 +392,17 @@ def test_input_gradient_through_the_experts(quantized, tokens):
     grad = mx.grad(lambda x: (experts(x, indices, weights) * cotangent).sum())(x)
     expected = mx.grad(lambda x: (dense_experts(experts, x, indices, weights) * cotangent).sum())(x)
     assert rel_err(grad, expected) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_experts_compile(path, monkeypatch):
+    """No host sync on any path: the trainer compiles the forward and backward passes."""
+    force_path(monkeypatch, path)
+    stack = Stack(experts=8, hidden=64, width=32)
+    x, indices, weights = routed(stack, 40)
+    experts = stack.layers[0].experts
+    compiled = mx.compile(lambda x, i, w: experts(x, i, w), inputs=experts.state)
+    assert rel_err(compiled(x, indices, weights), experts(x, indices, weights)) < 1e-6
 
 
 def test_lora_adapts_the_dense_projections_and_leaves_the_experts_frozen():
@@ -405,8 +423,10 @@ def test_lora_adapts_the_dense_projections_and_leaves_the_experts_frozen():
 
 
 @pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tokens", [3, 40])  # 6 pairs < 8 experts: the used experts are cast; 80: the whole bank
-def test_bfloat16_runs_in_float32_on_the_cpu_and_stays_bfloat16(quantized, tokens):
+def test_bfloat16_runs_in_float32_on_the_cpu_and_stays_bfloat16(quantized, path, tokens, monkeypatch):
+    force_path(monkeypatch, path)
     """MLX 0.32's CPU GatherMM refuses bf16: the products run in float32, rounded to bf16 once each."""
     stack = Stack(experts=8, hidden=64, width=32)
     if quantized:

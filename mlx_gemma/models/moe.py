@@ -26,11 +26,19 @@ is exactly the quantization of the joined float tensor.
 Running the experts: one `mx.gather_mm` (float) or `mx.gather_qmm` (quantized)
 per projection, each (token, chosen expert) pair a row multiplied by the weight
 its index selects; never a Python loop over experts.  When there are many pairs
-(`SORT_MIN_PAIRS`, mlx-lm's threshold) the pairs are sorted by expert first and
-`sorted_indices=True` is passed: consecutive rows then share an expert, so MLX's
-GPU kernels multiply each expert's run of rows as one matrix product, reading
-that expert's weights once instead of once per pair (prefill); a decode step has
-too few pairs for the sort to pay.  The result is unsorted before the weighted sum.
+(`SORT_MIN_PAIRS`, mlx-lm's threshold) on a GPU, the pairs are sorted by expert
+first and `sorted_indices=True` is passed, as mlx-lm does: consecutive rows then
+share an expert, so MLX's GPU kernels multiply each expert's run of rows as one
+matrix product, reading its weights once instead of once per pair (prefill); a
+decode step has too few pairs for the sort to pay.  On the CPU, MLX 0.32's
+gather_mm multiplies every pair on its own, sorted or not, so there we do not sort:
+measured on a 26B-A4B-shaped layer (E=128, H=2816, I=704, K=8, fp32), sorting
+gave 0.9x-1.3x the time (noise and the sort's own cost), and grouping each
+expert's rows into zero-padded tiles (one product per tile) took twice as long,
+as MLX's CPU float product is compute-bound there (about the same FLOP/s for 1
+row as for 128), so only fewer operations help.  bf16 / fp16 products run in
+float32 on the CPU (MLX 0.32's CPU GatherMM takes float32 only): with fewer
+pairs than experts (decoding) only the experts in use are gathered and cast.
 
 Quantization: each projection is an `ExpertLinear` module (`weight` [E, out, in])
 with `to_quantized`, so the converter's `nn.quantize` turns it into a
@@ -74,6 +82,8 @@ from .layers import gated, gelu_for
 
 # At least this many (token, expert) pairs and the pairs are sorted by expert (mlx-lm's switch_layers.py threshold).
 SORT_MIN_PAIRS = 64
+# MLX 0.32's CPU gather_mm multiplies each pair on its own, sorted or not: sorting measured no faster there.
+SORT_ON_CPU = False
 # mlx-lm 0.32 (gemma4_text.py `quant_predicate`) quantizes the router's projection so, whatever the rest gets.
 ROUTER_QUANTIZATION = {"group_size": 64, "bits": 8}
 
@@ -228,22 +238,29 @@ class Experts(nn.Module):
         _expect_shape("the expert weights", weights, tuple(indices.shape))
         n, k = indices.shape
         indices = mx.stop_gradient(indices).astype(mx.uint32)
-        do_sort = indices.size >= SORT_MIN_PAIRS
-        if do_sort:  # one row per (token, expert) pair, grouped by expert
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            rows, idx = x[order // k][:, None, :], flat[order]  # [N*K, 1, H], [N*K]
+        if indices.size >= SORT_MIN_PAIRS and (SORT_ON_CPU or mx.default_device() != mx.cpu):
+            y = self._sorted(x, indices)
         else:  # one row per token, broadcast over its K experts
-            rows, idx = x[:, None, None, :], indices  # [N, 1, 1, H], [N, K]
-        gate_up = self.gate_up_proj(rows, idx, do_sort)  # [..., 1, 2I]
-        gate, up = mx.split(gate_up, 2, axis=-1)
-        y = self.down_proj(gated(self.act)(gate, up), idx, do_sort)  # [..., 1, H]
-        if do_sort:
-            y = y[mx.argsort(order)]  # back to token-major order
+            y = self._mlp(x[:, None, None, :], indices, False)  # [N, K, 1, H]
         y = y.reshape(n, k, -1)  # [N, K, H]
         # Weighted in float32 and summed once (transformers weights each expert's output in float32 too).
         out = (y.astype(mx.float32) * weights.astype(mx.float32)[..., None]).sum(axis=1)
         return out.astype(x.dtype)
+
+    @property
+    def num_experts(self) -> int:
+        return self.down_proj.weight.shape[0]
+
+    def _mlp(self, rows: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:  # [..., M, H] -> [..., M, H]
+        gate, up = mx.split(self.gate_up_proj(rows, idx, sorted_indices), 2, axis=-1)
+        return self.down_proj(gated(self.act)(gate, up), idx, sorted_indices)
+
+    def _sorted(self, x: mx.array, indices: mx.array) -> mx.array:
+        """One row per (token, expert) pair, the rows sorted by expert (mlx-lm's order) -> [N*K, 1, H], token-major."""
+        k, flat = indices.shape[1], indices.flatten()
+        order = mx.argsort(flat)
+        y = self._mlp(x[order // k][:, None, :], flat[order], True)
+        return y[mx.argsort(order)]
 
     def down_proj_dims(self) -> tuple[int, int]:
         """(intermediate, hidden) widths, read from the down projection, quantized or not."""
