@@ -156,6 +156,31 @@ def test_fixture_is_what_transformers_computes(case, monkeypatch):
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("case", CASES)
+def test_bfloat16_matches_transformers_in_bfloat16(case, monkeypatch):
+    """Both in bf16 (transformers on CPU torch): the same experts picked, outputs within bf16 rounding."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    from make_moe_reference import CASES as SHAPES, decoder_layer  # the fixture script; it imports transformers
+
+    ref = case_data(case)
+    layer = decoder_layer(*SHAPES[case][:2], seed=CASES.index(case)).to(torch.bfloat16)
+    residual = torch.tensor(ref["residual"]).to(torch.bfloat16).reshape(-1, ref["residual"].shape[-1])
+    with torch.no_grad():
+        _, weights, indices = layer.router(residual)
+        normed = layer.pre_feedforward_layernorm_2(residual)
+        expected = layer.experts(normed, indices, weights).float().numpy()
+    block = stack_for(ref).layers[0]
+    block.set_dtype(mx.bfloat16)
+    ours_weights, ours_indices = block.router(mx.array(residual.float().numpy()).astype(mx.bfloat16))
+    np.testing.assert_array_equal(np.array(ours_indices), indices.numpy())
+    assert float(np.abs(np.array(ours_weights) - weights.numpy()).max()) < 2e-3
+    out = block.experts(mx.array(normed.float().numpy()).astype(mx.bfloat16), mx.array(indices.numpy()),
+                        mx.array(weights.numpy()))
+    assert out.dtype == mx.bfloat16 and rel_err(out.astype(mx.float32), expected) < 1.5e-2
+
+
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", ["e4k2_few", "e8k2_many"])
 def test_keras_hub_computes_the_same_moe(case):
     """keras-hub 0.32's Gemma4Router + Gemma4MoEBlock (JAX, fp32), weights ported as its HF converter ports them."""
