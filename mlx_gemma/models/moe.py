@@ -10,7 +10,7 @@ decoder (gemma4.py) owns the norms and the sum with the dense MLP.
 Weights keep transformers' names and layouts, so HF checkpoints load after one
 rename (a parameter becomes a module's `.weight`, see `sanitize_experts`):
 
-    router.proj.weight          [E, H]       float here; mlx-lm quantizes it (8 bits), we load that too
+    router.proj.weight          [E, H]       an nn.Linear (quantized: 8 bits, as mlx-lm does)
     router.scale                [H]          per-dimension scale after the unscaled RMSNorm
     router.per_expert_scale     [E]          multiplies each chosen expert's weight
     experts.gate_up_proj.weight [E, 2I, H]   rows [0, I) are the gate, [I, 2I) the up projection
@@ -63,8 +63,11 @@ Numerics follow transformers (fp32 within float rounding):
   probabilities to the activation dtype before top-k, applies `per_expert_scale`
   to each expert's output rather than to its weight, and runs every expert on
   every token (einsum over all E); mlx-lm 0.32 takes the softmax of the top-k
-  scores only, in the activation dtype.  In float32 all agree to rounding; in
-  bf16 we keep transformers' float32 softmax and weights.
+  scores only, in the activation dtype.  In float32 all agree to rounding (the
+  tests check keras-hub's and mlx-lm's layers within 1e-5); in bf16 we keep
+  transformers' float32 softmax and weights, as the issue asks ("weights as
+  transformers normalizes them"); Google's own Gemma 4 training code is not
+  available here to settle it.
 - Each expert's output is weighted in float32 and the K of them are summed in
   float32, rounded once to the activation dtype (transformers rounds each
   weighted expert output, then sums in the activation dtype: equal in fp32).
