@@ -430,11 +430,15 @@ def test_experts_compile(path, monkeypatch):
     assert rel_err(compiled(x, indices, weights), experts(x, indices, weights)) < 1e-6
 
 
-def test_lora_adapts_the_dense_projections_and_leaves_the_experts_frozen():
+@pytest.mark.parametrize("quantized", [False, True])  # LoRA and QLoRA
+def test_lora_adapts_the_dense_projections_and_leaves_the_experts_frozen(quantized):
     stack = Stack(experts=8, hidden=64, width=32)
+    if quantized:
+        quantize_model(stack, {}, bits=4, group_size=32)
     config = enable_lora(stack, rank=2, target_names=("o_proj", "down_proj"))
     assert config["lora_parameters"]["keys"] == ["o_proj", "mlp.down_proj"]  # not experts.down_proj
-    assert isinstance(stack.layers[0].o_proj, LoRALinear) and type(stack.layers[0].experts.down_proj) is ExpertLinear
+    expert_class = QuantizedExpertLinear if quantized else ExpertLinear
+    assert isinstance(stack.layers[0].o_proj, LoRALinear) and type(stack.layers[0].experts.down_proj) is expert_class
     trainable = {k for k, _ in tree_flatten(stack.trainable_parameters())}
     assert trainable == {f"model.layers.0.{p}.lora_{ab}" for p in ("o_proj", "mlp.down_proj") for ab in "ab"}
     x = mx.random.normal((40, 64), key=mx.random.key(2))
