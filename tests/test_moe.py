@@ -257,6 +257,18 @@ def test_quantized_experts_equal_float_experts_on_their_dequantized_weights(bits
     assert config["quantization"]["bits"] == bits
 
 
+def test_modes_without_biases_run_and_dequantize():
+    """mxfp4 (as a folder's `"mode"` may ask): scales only, no biases."""
+    stack = Stack(experts=8, hidden=64, width=32)
+    x, indices, weights = routed(stack, 5)
+    experts = stack.layers[0].experts
+    nn.quantize(experts, group_size=32, bits=4, mode="mxfp4")
+    assert "biases" not in experts.gate_up_proj and experts.gate_up_proj.mode == "mxfp4"
+    floats = Experts(8, 64, 32, "gelu_pytorch_tanh")
+    floats.gate_up_proj, floats.down_proj = experts.gate_up_proj.dequantized(), experts.down_proj.dequantized()
+    assert rel_err(experts(x, indices, weights), floats(x, indices, weights)) < 1e-5
+
+
 def test_router_projection_gets_mlx_lms_eight_bits():
     stack = Stack(experts=8, hidden=64, width=32)
     config = quantize_model(stack, {}, bits=4, group_size=32)
