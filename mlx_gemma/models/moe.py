@@ -250,10 +250,6 @@ class Experts(nn.Module):
         out = (y.astype(mx.float32) * weights.astype(mx.float32)[..., None]).sum(axis=1)
         return out.astype(x.dtype)
 
-    @property
-    def num_experts(self) -> int:
-        return self.down_proj.weight.shape[0]
-
     def _mlp(self, rows: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:  # [..., M, H] -> [..., M, H]
         gate, up = mx.split(self.gate_up_proj(rows, idx, sorted_indices), 2, axis=-1)
         return self.down_proj(gated(self.act)(gate, up), idx, sorted_indices)
