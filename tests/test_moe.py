@@ -325,6 +325,7 @@ def test_sanitize_joins_mlx_community_halves(quantized):
     assert f"model.layers.0{MLX_LM_EXPERTS}gate_proj.weight" in theirs
     back = sanitize_experts(theirs)
     assert back.keys() == ours.keys()
+    assert sanitize_experts(ours).keys() == ours.keys()  # our own folders pass unchanged
     for k in ours:
         np.testing.assert_array_equal(np.array(back[k]), np.array(ours[k]), err_msg=k)
 
