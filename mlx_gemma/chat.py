@@ -12,6 +12,9 @@ keys and values, so each turn prefills only its own new tokens.
 With a Gemma 3 vision-language model, `send(text, images=[...])` adds images to a turn (at
 each `<start_of_image>` in the text, or first), and `/image PATH` at the prompt attaches one to
 the next turn.  Earlier images stay in the prompt cache: the vision tower sees each image once.
+
+With a Gemma 4 model (its `<|turn>` format), `--enable-thinking` / `ChatSession(enable_thinking=True)`
+turns thinking on; earlier replies lose their thoughts as Gemma 4's template drops them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from .vision import image_segments, load_image, with_crops
 
 
 def next_turn_ids(tokenizer, history: list[int], text, system: str | None = None,
-                  image_block: list | None = None) -> list[int]:
+                  image_block: list | None = None, enable_thinking: bool = False,
+                  reply_start: int | None = None) -> list[int]:
     """The conversation's ids with a new user turn `text` and the model's turn opened.
 
     `history` is the ids so far (empty for the first turn, where `system` goes),
@@ -41,18 +45,69 @@ def next_turn_ids(tokenizer, history: list[int], text, system: str | None = None
     (cut short, or ended by <eos>) is closed with one, as Gemma's template
     closes every model turn.  `text` may be a list of content parts (`{"type": "image"}`
     among them, laid out as `image_block`: `mlx_gemma.image_chat.image_block`).
+
+    Gemma 4 (`chat_format == "gemma4"`): `enable_thinking` puts `<|think|>` in the first turn's
+    system turn; the last reply (from `reply_start`, by default just after the last
+    `<|turn>model\\n` of `history`) loses its thought blocks and the whitespace at its ends, as the
+    template renders an earlier reply (`last_reply_as_rendered`).
     """
+    gemma4 = tokenizer.chat_format == "gemma4"
     if not history:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        thinking = {"enable_thinking": True} if enable_thinking else {}  # Gemma 1-3 refuse it (typed)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                             image_block=image_block)
+                                             image_block=image_block, **thinking)
     eot = tokenizer.end_of_turn_id
     if history[-1] != eot and history[-1] in tokenizer.eos_token_ids:
         history = history[:-1]  # another stop id (<eos>) ends the reply: the template has <end_of_turn> there
-    closing = [] if history[-1] == eot else [eot]
+    if gemma4:
+        history = last_reply_as_rendered(tokenizer, history, reply_start)
+    closing = [] if history and history[-1] == eot else [eot]
+    # Gemma 4: the system turn (with <|think|>) was rendered in the first turn; the generation prompt
+    # closes an empty thought channel on 26B / 31B unless thinking is on (chat_template.py).
+    later = {"empty_thought": tokenizer.empty_thought and not enable_thinking} if gemma4 else {}
     turn = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                         image_block=image_block)[1:]  # no <bos>
+                                         image_block=image_block, **later)[1:]  # no <bos>
     return history + closing + tokenizer.encode("\n", add_bos=False) + turn
+
+
+def reply_start_of(tokenizer, ids: list[int]) -> int:
+    """Where the reply begins after a Gemma 4 prompt `ids`: after its last `<|turn>` and "model\\n"
+    (a generation prompt's empty thought channel, 26B / 31B, counts as part of the reply)."""
+    turn = tokenizer.start_of_turn_id
+    last = max((i for i, t in enumerate(ids) if t == turn), default=None)
+    if last is None:
+        raise GenerationError("the conversation's ids hold no <|turn>: no model turn to find")
+    return last + 1 + len(tokenizer.encode("model\n", add_bos=False))
+
+
+def last_reply_as_rendered(tokenizer, history: list[int], reply_start: int | None = None) -> list[int]:
+    """`history` with its last reply (`history[reply_start:]`) as Gemma 4's template renders a reply
+    once a user turn follows: its `<|channel>...<channel|>` thought blocks dropped (an unclosed
+    one to the end, a stray `<channel|>` with it: the template's strip_thinking) and whitespace
+    tokens at both ends dropped (its `| trim`).  The other ids are kept as they are."""
+    start = reply_start_of(tokenizer, history) if reply_start is None else reply_start
+    reply, eot = history[start:], tokenizer.end_of_turn_id
+    closed = bool(reply) and reply[-1] == eot
+    channel, end = tokenizer.piece_to_id("<|channel>"), tokenizer.piece_to_id("<channel|>")
+    kept, inside = [], False
+    for t in reply[:-1] if closed else reply:
+        if t == end:
+            inside = False
+        elif t == channel:
+            inside = True
+        elif not inside:
+            kept.append(t)
+    text = [i for i, t in enumerate(kept) if not _is_blank(tokenizer, t)]
+    kept = kept[text[0]:text[-1] + 1] if text else []
+    return history[:start] + kept + ([eot] if closed else [])
+
+
+def _is_blank(tokenizer, token: int) -> bool:
+    """Whether a token's text is whitespace only (what `trim` removes at a reply's ends)."""
+    if token in tokenizer.special_ids or not 0 <= token < tokenizer.vocab_size:  # an embedding row past the vocabulary
+        return False
+    return tokenizer.id_to_piece(token).replace("\u2581", " ").isspace()
 
 
 class ChatSession:
@@ -65,14 +120,22 @@ class ChatSession:
     Replies stop at <end_of_turn> and the model's own stop ids.  `pan_and_scan` (Gemma 3: True
     or a `PanAndScan`) gives each image's crops too; they are cut once, when the image is sent,
     and stay in the history (and the cache) with it.
+
+    Gemma 4: `enable_thinking` turns its thinking mode on (`<|think|>` in the system turn).  A reply
+    enters the history as generated, thoughts included; when the next turn comes, its thought
+    blocks (and a 26B / 31B generation prompt's empty one) are dropped as the template drops them
+    (`last_reply_as_rendered`), and the prompt cache trims back to where the reply changed and
+    refills from there, so each turn's ids are the whole conversation as the template renders it.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = 256, sampler=None,
                  logits_processors=None, kv_options: KVCacheOptions | None = None, max_kv_size=None, kv_bits=None,
                  kv_group_size=None, quantized_kv_start=None, sampling: SamplingSettings | None = None,
-                 **generate_kwargs):
+                 enable_thinking: bool = False, **generate_kwargs):
         if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
             raise TokenizerError(tokenizer.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
+        if enable_thinking and tokenizer.chat_format != "gemma4":
+            raise GenerationError("enable_thinking: Gemma 1-3 have no thinking mode (Gemma 4 has)")
         kv = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
                   quantized_kv_start=quantized_kv_start)
         if sampling is not None:
@@ -81,6 +144,7 @@ class ChatSession:
             # Made once: a seeded sampler keeps drawing from one key across the turns.
             sampler, logits_processors = sampling.sampler(), sampling.processors()
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.enable_thinking = bool(enable_thinking)
         # Crops are cut here, per turn; stream_generate gets them as images of token-id prompts.
         self.pan_and_scan = pan_and_scan_settings(generate_kwargs.pop("pan_and_scan", None))
         self.cache = PromptCache(model, kv_options, **{k: v for k, v in kv.items() if v is not None})
@@ -89,10 +153,11 @@ class ChatSession:
         self.settings["stop_token_ids"] = [tokenizer.end_of_turn_id, *(generate_kwargs.get("stop_token_ids") or [])]
         self.history: list[int] = []  # the conversation's ids, replies included
         self.images: list = []  # the conversation's images (RGB PIL images, crops after theirs), in order
+        self.reply_start: int | None = None  # Gemma 4: where the last reply begins in `history`
 
     def reset(self) -> None:
         """Start a new conversation (same system prompt and settings)."""
-        self.history, self.images = [], []
+        self.history, self.images, self.reply_start = [], [], None
         self.cache.reset()
 
     def send(self, text: str, images=None) -> Iterator[GenerationResponse]:
@@ -100,6 +165,8 @@ class ChatSession:
         in `text` or first) and stream the model's reply (recorded in `history` as it comes)."""
         spec = self.model.image_input
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if images and self.tokenizer.chat_format == "gemma4":
+            raise GenerationError("images in a Gemma 4 chat are not supported yet (ChatSession takes Gemma 4 text)")
         if images and (spec is None or spec.start_id is None):
             raise GenerationError("this model takes no images in a chat (Gemma 3 vision-language models do)")
         new = [load_image(im, f"images[{i}]") for i, im in enumerate(images)]  # read once, kept as read
@@ -108,7 +175,8 @@ class ChatSession:
         if any(n_crops):
             block = [image_segments(spec, n) for n in n_crops]
         content = user_content(text, len(new), self.tokenizer.id_to_piece(spec.start_id)) if new else text
-        ids = next_turn_ids(self.tokenizer, self.history, content, self.system, block)
+        ids = next_turn_ids(self.tokenizer, self.history, content, self.system, block, self.enable_thinking,
+                            self.reply_start)
         every = self.images + flat
         responses = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
                                     image=every or None, **self.settings)
@@ -120,6 +188,8 @@ class ChatSession:
         finally:
             responses.close()  # so the cache records its tokens now, not whenever collected
             self.history, self.images = ids + generated, every
+            if self.tokenizer.chat_format == "gemma4":
+                self.reply_start = reply_start_of(self.tokenizer, ids)
 
     def reply(self, text: str, images=None) -> str:
         """`send`, returning the reply's text."""
@@ -137,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(p)
     p.add_argument("--pan-and-scan", action="store_true",
                    help="Gemma 3: also give the model crops of wide or tall images (transformers' do_pan_and_scan)")
+    p.add_argument("--enable-thinking", action="store_true",
+                   help="Gemma 4: turn its thinking mode on (replies may open with a thought, dropped from later turns)")
     p.add_argument("--verbose", action="store_true", help="print each reply's statistics to stderr")
     return p
 
@@ -149,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = sampling_from(args)
         model, tokenizer = load(args.model)
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,
-                              kv_options=kv_options_from(args), pan_and_scan=args.pan_and_scan or None)
+                              kv_options=kv_options_from(args), pan_and_scan=args.pan_and_scan or None,
+                              enable_thinking=args.enable_thinking)
         print("[/reset starts a new conversation; /image PATH attaches an image; /quit or Ctrl-D leaves]", file=err)
         pending: list = []  # images attached to the next message
         while True:

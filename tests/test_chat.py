@@ -142,3 +142,8 @@ def test_cli_reports_a_turn_that_does_not_fit_and_goes_on():
     assert done.returncode == 0, done.stderr
     assert "error: the prompt is" in done.stderr and "context length is 256" in done.stderr
     assert done.stdout == ChatSession(model, tok, max_tokens=4).reply("Hello") + "\n"
+
+
+def test_cli_refuses_thinking_for_a_gemma3_vocabulary():
+    done = run_chat("Hi\n", "--enable-thinking")
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith("error: enable_thinking")
