@@ -225,3 +225,26 @@ def test_paligemma_and_text_models_keep_their_example_layouts():
     assert training_images(load(FIXTURES / "tiny_gemma")[0]) is None
     model = load(FIXTURES / "tiny_paligemma")[0]
     assert training_images(model) == (model.image_input.num_tokens, model.image_input.token_id)
+
+
+@pytest.mark.parametrize("empty_thought", [False, True], ids=["e2b-format", "31b-format"])
+def test_gemma4_conversations_mask_exactly_the_last_reply(tmp_path, empty_thought):
+    """Gemma 4: the loss covers the last model turn (its thought, text and <turn|>) with either
+    generation prompt; 26B / 31B's empty thought channel is not in the rendered conversation."""
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    tok = GemmaTokenizer.from_file(FIXTURES / "gemma4_tokenizer" / "tokenizer.model")
+    tok.empty_thought = empty_thought  # as from_folder reads it from a 26B / 31B template
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello!"}]
+    reasoned = plain[:2] + [{"role": "assistant", "content": "Hello!", "reasoning": "greet"}]
+    twice = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "One."},
+             {"role": "assistant", "content": "Two."}]
+    file = write_jsonl(tmp_path / "d.jsonl", [{"messages": m} for m in (plain, reasoned, twice)])
+    examples = load_jsonl(file, tok, mask_prompt=True)
+    learned = [tok.decode(ids[offset:]) for ids, offset in examples]
+    assert learned == ["Hello!<turn|>\n", "<|channel>thought\ngreet\n<channel|>Hello!<turn|>\n", "Two.<turn|>\n"]
+    for (ids, offset), m in zip(examples, (plain, reasoned, twice)):
+        assert ids == tok.apply_chat_template(m, add_generation_prompt=False, tokenize=True)
+    head = tok.apply_chat_template(plain[:2], add_generation_prompt=True, tokenize=True, empty_thought=False)
+    assert examples[0][1] == len(head)

@@ -91,7 +91,7 @@ def _example(tokenizer, record, mask_prompt: bool, where: str, folder: Path, ima
             if mask_prompt:
                 if messages[-1].get("role") not in ("model", "assistant"):
                     raise DatasetError(where, "with mask_prompt the last message must be the model's (assistant) turn")
-                offset = len(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
+                offset = _prompt_length(tokenizer, messages, ids)
         except DatasetError:
             raise
         except (MlxGemmaError, AttributeError, TypeError, IndexError) as e:
@@ -110,6 +110,23 @@ def _example(tokenizer, record, mask_prompt: bool, where: str, folder: Path, ima
             raise DatasetError(where, "'text' must be a string")
         return tokenizer.encode(record["text"], add_bos=True, add_eos=True), 0
     raise DatasetError(where, f"no 'text', 'prompt'/'completion' or 'messages' key (keys: {sorted(record)})")
+
+
+def _prompt_length(tokenizer, messages: list, ids: list[int]) -> int:
+    """Where the loss starts in a conversation's `ids`: the length of the generation prompt of the
+    messages before the last, as far as it agrees with `ids`.
+
+    Gemma 4's 26B / 31B generation prompt closes an empty thought channel that a rendered model turn
+    does not hold (mlx_gemma/chat_template.py), so it is rendered without one; and consecutive
+    assistant messages share a turn (no <turn|> between them), so there the prompt agrees with
+    `ids` only up to the last message's text: the common prefix is the offset.
+    """
+    gemma4 = {"empty_thought": False} if tokenizer.chat_format == "gemma4" else {}
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, **gemma4)
+    n = 0
+    while n < min(len(prompt), len(ids)) and prompt[n] == ids[n]:
+        n += 1
+    return n
 
 
 def load_jsonl(path: str | os.PathLike, tokenizer, mask_prompt: bool = False,
