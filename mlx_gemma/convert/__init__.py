@@ -21,6 +21,8 @@ from mlx.utils import tree_flatten
 from ..cli import run_command
 from ..errors import MlxGemmaError
 from ..loading import is_encoder_config, load_encoder, load_model_from
+from ..models import gemma4
+from ..models.moe import sanitize_quantization, to_mlx_lm_layout, to_mlx_lm_quantization
 from ..progress import Progress
 from .checkpoint import DTYPES, as_mx
 from .encoder import encoder_files
@@ -31,17 +33,26 @@ from .quantize import BITS, GROUP_SIZES, RECIPES, dequantize_model, quantize_mod
 from .writer import write_model_folder
 
 
+# A multimodal config without towers is written as its text model (mlx-lm reads these names).
+_TEXT_MODELS = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "gemma4": ("gemma4_text", "Gemma4ForCausalLM")}
+
+
 def _text_only(config: dict) -> dict:
-    """A multimodal `gemma3` config without a `vision_config`, written as the text model we converted."""
-    if config.get("model_type") != "gemma3":
+    """A multimodal `gemma3` / `gemma4` config without a `vision_config`, written as the text model we converted."""
+    if config.get("model_type") not in _TEXT_MODELS:
         return config
+    model_type, architecture = _TEXT_MODELS[config["model_type"]]
     kept = {k: v for k, v in config.items() if k in ("quantization", "quantization_config", "torch_dtype")}
-    return {**config["text_config"], **kept, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+    return {**config["text_config"], **kept, "model_type": model_type, "architectures": [architecture]}
 
 
 def mlx_lm_compatible(config: dict) -> dict:
-    """Also spell transformers 5's `rope_parameters` the pre-5.0 way, which is
-    what mlx-lm (0.32) reads; both describe the same RoPE."""
+    """Also spell the settings the way mlx-lm (0.32) reads them; both describe the same model.
+
+    Gemma 3: transformers 5's `rope_parameters` the pre-5.0 way.  Gemma 4: see `_gemma4_for_mlx_lm`.
+    """
+    if config.get("model_type") == "gemma4_text":
+        return _gemma4_for_mlx_lm(config)
     rope = config.get("rope_parameters")
     if config.get("model_type") != "gemma3_text" or not isinstance(rope, dict):
         return config
@@ -53,6 +64,49 @@ def mlx_lm_compatible(config: dict) -> dict:
         out["rope_local_base_freq"] = local["rope_theta"]
     scaling = {k: v for k, v in full.items() if k != "rope_theta"}
     out["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    return out
+
+
+# Settings mlx-lm 0.32's gemma4_text reads whose defaults there differ from transformers' (e.g. its
+# num_kv_shared_layers 20, use_double_wide_mlp True, final_logit_softcapping 30): always written out.
+_GEMMA4_EXPLICIT = ("layer_types", "rope_parameters", "num_kv_shared_layers", "use_double_wide_mlp",
+                    "final_logit_softcapping", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
+                    "num_key_value_heads", "head_dim", "sliding_window", "attention_k_eq_v", "enable_moe_block",
+                    "tie_word_embeddings")
+
+
+def _gemma4_for_mlx_lm(config: dict) -> dict:
+    """A gemma4_text config with what mlx-lm 0.32 reads: transformers saves the global layers' shape
+    in `per_layer_config` only (Gemma4TextConfig pops global_head_dim), mlx-lm reads `global_head_dim` /
+    `num_global_key_value_heads`; per-layer quantization of the experts also under mlx-lm's names."""
+    args = gemma4.ModelArgs.from_dict(config)  # the settings as we run them (defaults filled, last layer global)
+    out = {**config, **{k: getattr(args, k) for k in _GEMMA4_EXPLICIT}}
+    heads, dim = args.layer_shape(args.layer_types.index(gemma4.FULL))
+    out["global_head_dim"] = dim
+    if args.attention_k_eq_v:
+        out["num_global_key_value_heads"] = heads
+    for key in ("quantization", "quantization_config"):
+        if isinstance(out.get(key), dict):  # ours for mlx_gemma, mlx-lm's switch_glu names beside them
+            out[key] = {**out[key], **to_mlx_lm_quantization(out[key])}
+    return out
+
+
+def mlx_lm_weights(config: dict, weights: dict) -> dict:
+    """The weights under the names mlx-lm reads: Gemma 4's experts as its switch_glu halves
+    (mlx_gemma reads both, moe.sanitize_experts)."""
+    return to_mlx_lm_layout(weights) if config.get("model_type") == "gemma4_text" else weights
+
+
+def _readable_quantization(config: dict) -> dict:
+    """mlx-lm's per-layer expert settings (switch_glu names) under our module paths, so a mixed-precision
+    mlx-community Gemma 4 folder loads here (moe.sanitize_quantization; typed error if gate and up differ)."""
+    inner = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if inner.get("model_type", config.get("model_type")) not in ("gemma4", "gemma4_text"):
+        return config
+    out = dict(config)
+    for key in ("quantization", "quantization_config"):
+        if isinstance(out.get(key), dict):
+            out[key] = sanitize_quantization(out[key])
     return out
 
 
@@ -84,7 +138,7 @@ def convert(
     if gguf_path is not None:
         dtype = dtype or "bfloat16"
 
-    config = dict(checkpoint.config)
+    config = _readable_quantization(dict(checkpoint.config))
     target = DTYPES[dtype] if dtype else None
     encoder = checkpoint.source is not None and hf_path is not None and is_encoder_config(config)
     if encoder:  # EmbeddingGemma: the backbone and its sentence-transformers modules (Dense weights)
@@ -100,10 +154,10 @@ def convert(
     extra = dict(checkpoint.extra_files)
     if model.image_input is None:  # processor files serve images only
         extra = {k: v for k, v in extra.items() if k not in PROCESSOR_FILES}
-    if model.image_input is None and not encoder:  # a gemma3 config without a tower: its text model
+    if model.image_input is None and not encoder:  # a gemma3/gemma4 config without a tower: its text model
         config = mlx_lm_compatible(_text_only(config))
 
-    weights = dict(tree_flatten(model.parameters()))
+    weights = mlx_lm_weights(config, dict(tree_flatten(model.parameters())))
     bar = Progress("writing", 1, " files", enabled=enabled)
     with tempfile.TemporaryDirectory(prefix="mlx_gemma_convert_") as scratch:
         if encoder:
