@@ -73,11 +73,20 @@ def tiny_vocab():
     return [t for t, _ in toks], scores, [t for _, t in toks]
 
 
+def gemma4_vocab():
+    """tiny_vocab with Gemma 4's turn markers (and its thought and tool-response pieces) as CONTROL."""
+    tokens, scores, types = tiny_vocab()
+    tokens = [{"<start_of_turn>": "<|turn>", "<end_of_turn>": "<turn|>"}.get(t, t) for t in tokens]
+    extra = ["<|think|>", "<|channel>", "<channel|>", "<|tool_response>"]
+    return tokens + extra, scores + [-1000.0] * len(extra), types + [3] * len(extra)
+
+
 def make_tiny_gguf(path, arch="gemma3", n_layers=6, *, drop=(), extra=(), output=False, sliding=512,
-                   tokenizer_model="llama", types=None, rope_linear=None):
-    """Write a tiny GGUF; returns {hf_name: expected float32 array after read_gguf}."""
+                   tokenizer_model="llama", types=None, rope_linear=None, vocab=None):
+    """Write a tiny GGUF (`vocab`: (tokens, scores, types), tiny_vocab's by default); returns
+    {hf_name: expected float32 array after read_gguf}."""
     rng = np.random.default_rng(0)
-    tokens, scores, ttypes = tiny_vocab()
+    tokens, scores, ttypes = vocab or tiny_vocab()
     vocab = len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(1024)
@@ -373,6 +382,30 @@ def test_unknown_architecture(tmp_path):
     make_tiny_gguf(p, arch="llama", n_layers=1)
     e = _raises(UnsupportedModelError, p, "architecture 'llama'")
     assert "gemma3" in str(e)
+
+
+def test_gemma4_vocabulary_stops_at_turn_end_and_tool_response(tmp_path):
+    """A Gemma 4 vocabulary has no <end_of_turn>: the stop ids are <eos>, <turn|>, <|tool_response>
+    (Gemma 4's generation_config, restored so by transformers 5.25's GGUF loader), and the rebuilt
+    tokenizer reads as Gemma 4's chat format with those stops."""
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    p = tmp_path / "g4vocab.gguf"
+    tokens = gemma4_vocab()[0]
+    make_tiny_gguf(p, n_layers=1, vocab=gemma4_vocab())
+    ck = read_gguf(p)
+    turn_end, tool = tokens.index("<turn|>"), tokens.index("<|tool_response>")
+    assert ck.generation_config == {"bos_token_id": 2, "eos_token_id": [1, turn_end, tool], "pad_token_id": 0}
+    tok = GemmaTokenizer(ck.tokenizer_model, ck.generation_config["eos_token_id"])
+    assert tok.chat_format == "gemma4" and tok.end_of_turn_id == turn_end
+    assert tok.start_of_turn_id == tokens.index("<|turn>") and sorted(tok.eos_token_ids) == [1, turn_end, tool]
+
+
+def test_gemma4_weights_are_refused_naming_the_architecture(tmp_path):
+    p = tmp_path / "gemma4.gguf"
+    make_tiny_gguf(p, arch="gemma4", n_layers=1, vocab=gemma4_vocab())
+    e = _raises(UnsupportedModelError, p, "architecture 'gemma4'")
+    assert "--hf-path" in str(e)
 
 
 def test_unknown_tensor_type_code(tmp_path):

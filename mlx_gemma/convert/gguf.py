@@ -8,7 +8,12 @@
 * `tokenizer_model`   -- a SentencePiece `ModelProto` (bytes) rebuilt from the
                          vocabulary stored in the GGUF metadata;
 * `generation_config` -- `bos_token_id`, `eos_token_id` (a list that includes
-                         `<end_of_turn>` when the vocabulary has it), `pad_token_id`.
+                         `<end_of_turn>` when the vocabulary has it; for a Gemma 4
+                         vocabulary `<turn|>` and `<|tool_response>`), `pad_token_id`.
+
+Gemma 4 GGUF files (`general.architecture` "gemma4") are refused with a typed error
+naming the architecture: their weights (per-layer embeddings, KV-shared blocks,
+per-layer head sizes, the experts) are not mapped here; convert the Hugging Face folder.
 
 What llama.cpp does to a Gemma checkpoint, and what we undo (read from
 llama.cpp's `convert_hf_to_gguf.py`, classes `GemmaModel`, `Gemma2Model`,
@@ -61,7 +66,7 @@ from .gguf_file import (
     open_gguf,
     read_gguf_metadata,
 )
-from .gguf_tokenizer import build_tokenizer
+from .gguf_tokenizer import build_tokenizer, stop_ids
 from ..arguments import is_integer, is_real
 from ..errors import (
     ModelFileError,
@@ -397,6 +402,10 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
     meta, tensor_list = read_gguf_metadata(path)
 
     arch = _as_text(path, "general.architecture", meta.get("general.architecture"))
+    if arch == "gemma4":
+        raise UnsupportedModelError(
+            path, "GGUF architecture 'gemma4' (Gemma 4) is not supported: its weights are not mapped from "
+                  "GGUF; convert the Hugging Face folder instead (convert.py --hf-path)")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             path, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
@@ -412,19 +421,11 @@ def read_gguf(path, *, progress: Callable[[int, int, str], None] | None = None) 
 
     hf_of = _hf_names(path, arch, tensor_list, _expected_shapes(cfg, arch))
     weights = _read_weights(path, size, tensor_list, hf_of, progress)
-    generation = generation_config(
-        specials["bos"], specials["eos"], specials["pad"], specials.get("eot"), _piece_id(pieces, "<end_of_turn>")
-    )
+    eos, *stops = stop_ids(pieces, specials)
+    generation = generation_config(specials["bos"], eos, specials["pad"], *stops)
     scalars = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
                for k, v in meta.items() if not isinstance(v, (list, np.ndarray))}
     return Checkpoint(cfg, weights, tokenizer_model, generation, source=Path(path), metadata=scalars)
-
-
-def _piece_id(pieces: list[str], piece: str) -> int | None:
-    try:
-        return pieces.index(piece)
-    except ValueError:
-        return None
 
 
 def _hf_names(path: str, arch: str, tensor_list: list[GGUFTensorInfo],

@@ -23,6 +23,7 @@ import sentencepiece
 from sentencepiece import sentencepiece_model_pb2 as spm
 
 from ..arguments import is_integer
+from ..chat_template import GEMMA4_END_TURN, GEMMA4_STOP_PIECES, GEMMA4_TURN
 from ..errors import TokenizerError
 
 # llama.cpp token types (SentencePieceTokenTypes / gguf.TokenType)
@@ -45,6 +46,23 @@ def special_ids(path: str, meta: dict, n_tokens: int) -> dict:
     eot = meta.get("tokenizer.ggml.eot_token_id")
     if is_integer(eot) and 0 <= int(eot) < n_tokens:
         out["eot"] = int(eot)
+    return out
+
+
+def stop_ids(pieces: list[str], specials: dict) -> list[int]:
+    """What generation_config.json's `eos_token_id` lists: <eos> first; then, for a Gemma 4
+    vocabulary (<|turn> ... <turn|>), <turn|> and <|tool_response> (Gemma 4's generation_config; a
+    GGUF keeps one eos id, and transformers 5.25's GGUF loader restores these three), else
+    `<end_of_turn>`; the file's end-of-turn id (`tokenizer.ggml.eot_token_id`) too, without repeats."""
+    index = {p: i for i, p in enumerate(pieces)}
+    if GEMMA4_TURN in index and GEMMA4_END_TURN in index:
+        ends = [index.get(p) for p in GEMMA4_STOP_PIECES] + [specials.get("eot")]
+    else:
+        ends = [specials.get("eot"), index.get("<end_of_turn>")]
+    out = [specials["eos"]]
+    for i in ends:
+        if i is not None and i not in out:
+            out.append(i)
     return out
 
 
