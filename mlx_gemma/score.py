@@ -14,6 +14,12 @@ embeddings (keras-hub's TensorFlow example, in MLX):
 keras-hub pads every batch to a fixed length (XLA needs static shapes); MLX does
 not, so by default the trailing columns that are padding in every row are not
 computed (see `score`'s `trim_padding`).
+
+Gemma 4 (text) is scored the same way; keras-hub 0.32's Gemma4CausalLM has no
+`score`, so there the conventions are Gemma 1-3's: the intercept sees the unscaled
+embeddings first (the per-layer inputs read what it returns, scaled, as transformers'
+multimodal forward reads `inputs_embeds`), and padding queries attend as in the model's
+own forward pass (real positions are unaffected).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 
 from .errors import MlxGemmaError
 from .models.decoder import DecoderStack, layer_mask
+from .models.gemma4 import Gemma4Stack
 from .models.layers import build_mask, embedding_scale
 from .tuner.trainer import token_cross_entropy
 
@@ -73,7 +80,8 @@ def score(
     token_ids, mask, target_ids = _checked(model, token_ids, padding_mask, scoring_mode, target_ids, trim_padding)
     T = token_ids.shape[1]
     width = T if mask is None or not trim_padding else real_width(mask)
-    hidden = _hidden_states(model.model, token_ids, mask, max(width, 1), layer_intercept_fn)
+    run = _gemma4_hidden_states if isinstance(model.model, Gemma4Stack) else _hidden_states
+    hidden = run(model.model, token_ids, mask, max(width, 1), layer_intercept_fn)
     logits = model.logits(hidden)
     out = logits if scoring_mode == "logits" else token_cross_entropy(logits, target_ids[:, :hidden.shape[1]])
     if width == T:
@@ -97,7 +105,7 @@ def _checked(model, token_ids, padding_mask, scoring_mode, target_ids, trim_padd
     for name, value in (("padding_mask", padding_mask), ("target_ids", target_ids)):
         if value is not None and tuple(np.shape(value)) != tuple(token_ids.shape):
             raise MlxGemmaError(f"{name} has shape {tuple(np.shape(value))}, token_ids {tuple(token_ids.shape)}")
-    if not isinstance(model.model, DecoderStack):
+    if not isinstance(model.model, (DecoderStack, Gemma4Stack)):
         raise MlxGemmaError(f"score() takes a Gemma text model, not a {model.model_type!r} model")
     mask = None if padding_mask is None else np.asarray(padding_mask).astype(bool)
     targets = None if target_ids is None else mx.array(target_ids).astype(mx.int32)
@@ -128,6 +136,26 @@ def _hidden_states(stack: DecoderStack, token_ids, mask, width: int, intercept) 
             widened = h if width == T else mx.pad(h, [(0, 0), (0, T - width), (0, 0)])
             h = intercept(widened, i)[:, :width]
     return stack.norm(h)
+
+
+def _gemma4_hidden_states(stack: Gemma4Stack, token_ids, mask, width: int, intercept) -> mx.array:
+    """Gemma 4's normed last hidden states of the first `width` columns [B, width, hidden]: its own
+    stack runs the blocks (per-layer inputs, shared keys/values), on the intercepted embeddings."""
+    T = token_ids.shape[1]
+    x = stack.embed_tokens(token_ids)  # [B, T, hidden], unscaled, as for Gemma 1-3
+    if intercept is not None:
+        x = intercept(x, -1)
+    h = (x[:, :width] if width < T else x) * embedding_scale(stack.args.hidden_size, x.dtype)
+    valid = None if mask is None or mask[:, :width].all() else mx.array(mask[:, :width])
+
+    def blocks(h: mx.array, i: int) -> mx.array:  # the stack calls i = -1 on what it is given: done above
+        if i < 0:
+            return h
+        widened = h if width == T else mx.pad(h, [(0, 0), (0, T - width), (0, 0)])
+        return intercept(widened, i)[:, :width]
+
+    return stack(token_ids[:, :width], padding_mask=valid, input_embeddings=h,
+                 intercept=None if intercept is None else blocks)
 
 
 def _keras_mask(T: int, window: int | None, valid: mx.array) -> mx.array:
