@@ -5,7 +5,8 @@
 * `config`            -- a Hugging Face-style `config.json` dict (`gemma` or
                          `gemma2`, with `architectures`; `paligemma` from
                          keras_paligemma.py; `gemma3_text`, or `gemma3` with
-                         images, from keras_gemma3.py), loadable by
+                         images, from keras_gemma3.py; `gemma4_text` from
+                         keras_gemma4.py), loadable by
                          `mlx_gemma.loading.load_model_from` and transformers;
 * `weights`           -- `{hf_name: float32 numpy array}` in HF layout ([out, in]);
 * `tokenizer_model`   -- the bytes of `assets/tokenizer/vocabulary.spm` (a
@@ -102,6 +103,7 @@ from .keras_common import (
 )
 from .keras_h5 import read_json, read_variables
 from .keras_gemma3 import read_gemma3_preset
+from .keras_gemma4 import read_gemma4_preset
 from .keras_paligemma import read_paligemma_preset
 
 __all__ = [
@@ -111,17 +113,19 @@ __all__ = [
     "DEFAULT_MAX_POSITION_EMBEDDINGS",
 ]
 
-# PaliGemmaBackbone: keras_paligemma.py; Gemma3Backbone (text, or with images): keras_gemma3.py.
-SUPPORTED_CLASSES = ("GemmaBackbone", "PaliGemmaBackbone", "Gemma3Backbone")
+# PaliGemmaBackbone: keras_paligemma.py; Gemma3Backbone (text, or with images): keras_gemma3.py;
+# Gemma4Backbone (text): keras_gemma4.py.
+SUPPORTED_CLASSES = ("GemmaBackbone", "PaliGemmaBackbone", "Gemma3Backbone", "Gemma4Backbone")
 _REGISTERED = {"keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone"}
 _PALIGEMMA = {"keras_hub>PaliGemmaBackbone", "keras_nlp>PaliGemmaBackbone"}
 _GEMMA3 = {"keras_hub>Gemma3Backbone"}
+_GEMMA4 = {"keras_hub>Gemma4Backbone"}
 # Gemma-family Keras classes we know of but cannot read yet.
 _LATER = {
-    "Gemma3nBackbone", "Gemma4Backbone",
+    "Gemma3nBackbone",
     "RecurrentGemmaBackbone", "T5GemmaBackbone", "ShieldGemmaBackbone",
 }
-_TASK_CLASSES = {"GemmaCausalLM", "Gemma3CausalLM", "PaliGemmaCausalLM"}
+_TASK_CLASSES = {"GemmaCausalLM", "Gemma3CausalLM", "Gemma4CausalLM", "PaliGemmaCausalLM"}
 
 
 
@@ -182,6 +186,9 @@ def read_keras_preset(
     if isinstance(top, dict) and top.get("class_name") == "Gemma3Backbone" and (
             registered is None or (isinstance(registered, str) and registered in _GEMMA3)):
         return read_gemma3_preset(folder, top, progress=progress)
+    if isinstance(top, dict) and top.get("class_name") == "Gemma4Backbone" and (
+            registered is None or (isinstance(registered, str) and registered in _GEMMA4)):
+        return read_gemma4_preset(folder, top, progress=progress)
     keras_cfg = _check_class(config_path, top)
     # The vocabulary size bounds the tokenizer check; validate it first.
     vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)

@@ -1,0 +1,173 @@
+"""keras-hub `Gemma4Backbone` presets -> our Gemma 4 text model (convert/keras_gemma4.py).
+
+The fast tests read the tiny presets keras-hub wrote in tests/fixtures/keras_gemma4_{e2b,moe}/
+(make_keras_gemma4.py: E2B-like with per-layer inputs, KV sharing and a double-wide MLP; MoE-like
+with K = V global layers and top-2 of 4 experts; both with windows shorter than the prompts and
+global head dims of their own) and compare with keras-hub's logits recorded beside them (fp32,
+within 1e-4 of the largest logit).  The `oracle` test builds a fresh random backbone with keras-hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+h5py = pytest.importorskip("h5py", reason="reading Keras presets needs h5py")
+
+import mlx_gemma  # noqa: E402
+from mlx_gemma.convert import convert  # noqa: E402
+from mlx_gemma.convert.keras import read_keras_preset  # noqa: E402
+from mlx_gemma.errors import ConfigError, UnsupportedModelError, WeightsMismatchError  # noqa: E402
+from mlx_gemma.loading import load_model_from  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PRESETS = {"e2b": FIXTURES / "keras_gemma4_e2b", "moe": FIXTURES / "keras_gemma4_moe"}
+RTOL = 1e-4  # of the reference logits' largest magnitude
+S, F = "sliding_attention", "full_attention"
+
+
+def reference(name: str) -> dict:
+    return dict(np.load(PRESETS[name] / "reference.npz"))
+
+
+def model_of(folder):
+    ck = read_keras_preset(folder)
+    return load_model_from(ck.config, {k: mx.array(v) for k, v in ck.weights.items()})
+
+
+def rel_err(ours, want) -> float:
+    return float(np.abs(np.array(ours, dtype=np.float32) - want).max() / np.abs(want).max())
+
+
+def test_e2b_config_follows_the_backbone():
+    ck = read_keras_preset(PRESETS["e2b"])
+    cfg = ck.config
+    assert (cfg["model_type"], cfg["architectures"]) == ("gemma4_text", ["Gemma4ForCausalLM"])
+    assert cfg["layer_types"] == [S, S, F, S, F] and cfg["sliding_window"] == 4
+    assert (cfg["head_dim"], cfg["global_head_dim"], cfg["attention_k_eq_v"]) == (8, 16, False)
+    assert (cfg["num_kv_shared_layers"], cfg["use_double_wide_mlp"], cfg["hidden_size_per_layer_input"],
+            cfg["vocab_size_per_layer_input"]) == (2, True, 8, 512)
+    assert cfg["rope_parameters"] == {
+        F: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+        S: {"rope_type": "default", "rope_theta": 1e4}}
+    assert cfg["final_logit_softcapping"] == 30.0 and not cfg["enable_moe_block"]
+    # Gemma 4's generation_config stops at <eos>, <turn|> and <|tool_response>
+    tok = mlx_gemma.GemmaTokenizer(ck.tokenizer_model)
+    assert ck.generation_config["eos_token_id"] == [tok.eos_id, tok.piece_to_id("<turn|>"),
+                                                    tok.piece_to_id("<|tool_response>")]
+    # KV-shared layers carry no key / value weights; their MLPs are twice as wide
+    assert "model.layers.3.self_attn.k_proj.weight" not in ck.weights
+    assert ck.weights["model.layers.3.mlp.gate_proj.weight"].shape == (32, 32)
+    assert ck.weights["model.layers.0.layer_scalar"].shape == (1,)
+
+
+def test_moe_config_follows_the_backbone():
+    ck = read_keras_preset(PRESETS["moe"])
+    cfg = ck.config
+    assert (cfg["enable_moe_block"], cfg["num_experts"], cfg["top_k_experts"], cfg["moe_intermediate_size"]) == \
+        (True, 4, 2, 8)
+    assert (cfg["attention_k_eq_v"], cfg["num_global_key_value_heads"]) == (True, 1)
+    assert cfg["rope_parameters"][F]["factor"] == 2.0 and cfg["final_logit_softcapping"] is None
+    assert cfg["hidden_size_per_layer_input"] == 0
+    # global layers hold no value projection (K = V); experts in transformers' layout
+    assert "model.layers.2.self_attn.v_proj.weight" not in ck.weights
+    assert ck.weights["model.layers.0.experts.gate_up_proj"].shape == (4, 16, 32)  # [E, 2I, H]
+    assert ck.weights["model.layers.0.experts.down_proj"].shape == (4, 32, 8)  # [E, H, I]
+    assert ck.weights["model.layers.0.router.proj.weight"].shape == (4, 32)
+
+
+@pytest.mark.parametrize("name", ["e2b", "moe"])
+def test_logits_match_keras_hub(name):
+    """Each prompt alone, and both as keras-hub ran them: one right-padded batch."""
+    ref, model = reference(name), model_of(PRESETS[name])
+    ids, mask = ref["token_ids"], ref["padding_mask"].astype(bool)
+    for b in range(len(ids)):
+        n = int(mask[b].sum())
+        assert rel_err(model(mx.array(ids[b:b + 1, :n])), ref["logits"][b:b + 1, :n]) < RTOL
+    batch = np.array(model(mx.array(ids), padding_mask=mx.array(mask)))
+    assert rel_err(batch[mask], ref["logits"][mask]) < RTOL
+
+
+def test_converted_folder_loads(tmp_path):
+    convert(keras_path=PRESETS["e2b"], mlx_path=tmp_path / "out")
+    loaded, tokenizer = mlx_gemma.load(tmp_path / "out")
+    ref = reference("e2b")
+    n = int(ref["padding_mask"][1].sum())
+    assert rel_err(loaded(mx.array(ref["token_ids"][1:, :n])), ref["logits"][1:, :n]) < RTOL
+    assert tokenizer.chat_format == "gemma4"
+    assert tokenizer.eos_token_ids == {1, tokenizer.piece_to_id("<turn|>"), tokenizer.piece_to_id("<|tool_response>")}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gemma4_text"
+
+
+def edited(tmp_path, fn, name="e2b") -> Path:
+    folder = tmp_path / "edited"
+    shutil.copytree(PRESETS[name], folder)
+    top = json.loads((folder / "config.json").read_text())
+    fn(top["config"])
+    (folder / "config.json").write_text(json.dumps(top))
+    return folder
+
+
+def test_layer_kinds_from_the_pattern(tmp_path):
+    """Without layer_types, keras-hub makes layer i global when i % pattern == pattern - 1."""
+    cfg = read_keras_preset(edited(tmp_path, lambda c: c.update(layer_types=None, sliding_window_pattern=3),
+                                   "moe")).config
+    assert cfg["layer_types"] == [S, S, F]
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda c: c.update(vision_encoder={"class_name": "Gemma4VisionEncoder", "config": {}}),
+     UnsupportedModelError, "vision_encoder"),
+    (lambda c: c.update(audio_encoder={"class_name": "Gemma4AudioEncoder", "config": {}}),
+     UnsupportedModelError, "audio_encoder"),
+    (lambda c: c.update(layer_types=[S, S, F, F, S]), UnsupportedModelError, "last layer"),
+    (lambda c: c.update(layer_types=[S, S]), ConfigError, "layer_types"),
+    (lambda c: c.update(use_sliding_window_attention=False), UnsupportedModelError, "use_sliding_window_attention"),
+    (lambda c: c.update(attention_logit_soft_cap=50.0), UnsupportedModelError, "soft-cap"),
+    (lambda c: c.update(is_embedding_model=True), UnsupportedModelError, "embedding"),
+    (lambda c: c.update(num_kv_shared_layers=5), UnsupportedModelError, "assistant"),
+    (lambda c: c.update(global_rope_partial_rotary_factor=0.1), UnsupportedModelError, "pairs"),
+    (lambda c: c.update(num_layers="5"), ConfigError, "num_layers"),
+])
+def test_refused_configs(tmp_path, mutate, error, match):
+    with pytest.raises(error, match=match):
+        read_keras_preset(edited(tmp_path, mutate))
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    """A config that says 4 experts over weights of 4 is read; one that says 8 is refused by name."""
+    with pytest.raises(WeightsMismatchError):
+        read_keras_preset(edited(tmp_path, lambda c: c.update(num_experts=8), "moe"))
+
+
+@pytest.mark.oracle
+def test_live_keras_hub_fresh_preset(tmp_path):
+    """A fresh random Gemma4Backbone (per-layer inputs, KV sharing, K = V, MoE at once), built and
+    saved by keras-hub, read by us: its logits on a prompt longer than the window."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras_hub = pytest.importorskip("keras_hub", reason="the live oracle needs keras-hub (pip install keras-hub jax)")
+    import keras
+
+    backbone = keras_hub.models.Gemma4Backbone(
+        vocabulary_size=512, image_size=None, num_layers=4, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
+        intermediate_dim=24, head_dim=8, global_head_dim=32, num_global_key_value_heads=1, sliding_window_size=5,
+        layer_types=[S, F, S, F], num_kv_shared_layers=2, hidden_size_per_layer_input=4, use_double_wide_mlp=True,
+        enable_moe_block=True, num_experts=3, expert_intermediate_dim=8, num_experts_per_token=2,
+        global_rope_partial_rotary_factor=0.25, final_logit_soft_cap=20.0, dtype="float32")
+    rng = np.random.default_rng(5)
+    for v in backbone.weights:
+        v.assign((rng.uniform(0.6, 1.4, v.shape) if v.path.endswith("scale") or v.shape == ()
+                  else rng.normal(0, 0.3, v.shape)).astype("float32"))
+    backbone.save_to_preset(str(tmp_path / "p"))
+    shutil.copytree(PRESETS["e2b"] / "assets", tmp_path / "p" / "assets")
+    ids = rng.integers(3, 512, (1, 12)).astype("int32")
+    ids[0, 0] = 2
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids), "position_ids": np.arange(12)[None]}
+    want = np.asarray(keras.ops.convert_to_numpy(backbone.token_embedding(backbone(inputs), reverse=True)))
+    assert rel_err(model_of(tmp_path / "p")(mx.array(ids)), want) < RTOL
