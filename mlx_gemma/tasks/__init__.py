@@ -1,6 +1,7 @@
 """keras-hub style tasks: `GemmaCausalLM`, `GemmaBackbone`, `GemmaCausalLMPreprocessor`, presets;
 `PaliGemmaCausalLM` and its backbone / preprocessor / tokenizer (`pali_gemma*.py`);
-`Gemma3TextEmbedder` (EmbeddingGemma, `text_embedder.py`); `Gemma3CausalLM` with images (`gemma3_causal_lm.py`).
+`Gemma3TextEmbedder` (EmbeddingGemma, `text_embedder.py`); `Gemma3CausalLM` with images (`gemma3_causal_lm.py`);
+`Gemma4CausalLM` (`gemma4_causal_lm.py`).
 
     lm = mlx_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
     lm.generate("<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n", max_length=64)
@@ -17,10 +18,11 @@ which also speaks keras-hub's tokenizer interface, plus `from_preset`.
 from .backbone import GemmaBackbone
 from .causal_lm import GemmaCausalLM
 from .gemma3_causal_lm import Gemma3CausalLM, Gemma3CausalLMPreprocessor
+from .gemma4_causal_lm import Gemma4CausalLM
 from .pali_gemma import PaliGemmaCausalLM, PaliGemmaCausalLMPreprocessor, PaliGemmaTokenizer
 from .pali_gemma_backbone import PaliGemmaBackbone
 from .pali_gemma_presets import PALI_PRESETS, pali_preset_names
-from .presets import PRESETS, preset_names
+from .presets import GEMMA4_PRESETS, PRESETS, preset_names
 from .preprocessor import GemmaCausalLMPreprocessor
 from .text_embedder import Gemma3TextEmbedder
 from .tokenizer import GemmaTokenizer
@@ -39,6 +41,7 @@ __all__ = [
     "GemmaBackbone", "GemmaCausalLM", "GemmaCausalLMPreprocessor", "GemmaTokenizer", "PRESETS", "preset_names",
     "PaliGemmaBackbone", "PaliGemmaCausalLM", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
     "PALI_PRESETS", "pali_preset_names", "Gemma3TextEmbedder", "Gemma3CausalLM", "Gemma3CausalLMPreprocessor",
+    "Gemma4CausalLM", "GEMMA4_PRESETS",
     "Sampler", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
     "ContrastiveSampler", "get_sampler",
 ]

@@ -1,7 +1,8 @@
 """keras-hub preset names -> Hugging Face repositories and architectures, and preset handles -> folders.
 
 `PRESETS` lists keras-hub 0.32's Gemma / Gemma 2 presets (`keras_hub/src/models/
-gemma/gemma_presets.py`), its text-only Gemma 3 ones and MedGemma (`gemma3/gemma3_presets.py`), each with the Hugging Face repository holding the same
+gemma/gemma_presets.py`), its text-only Gemma 3 ones and MedGemma (`gemma3/gemma3_presets.py`)
+(`GEMMA4_PRESETS`: its Gemma 4 ones), each with the Hugging Face repository holding the same
 checkpoint (from the presets' descriptions and the Hugging Face model cards), its
 Kaggle handle, and its backbone's shape in keras-hub's argument names -- enough
 to build random weights (`load_weights=False`) without downloading anything.
@@ -169,6 +170,26 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Gemma 4 (keras-hub's gemma4/gemma4_presets.py) -> the Hugging Face repositories of Google's Gemma 4
+# collection.  Apart from PRESETS: their shapes are not recorded here (no load_weights=False), and
+# Gemma4CausalLM builds them.  The "*_assistant" MTP drafters are not listed: they only draft for
+# keras-hub's speculative generate and have no model of their own here.
+def _g4(hf_repo: str, kaggle: str, instruct: bool = False) -> Preset:
+    return Preset(hf_repo, "kaggle://keras/gemma4/keras/" + kaggle, {}, instruct)
+
+
+GEMMA4_PRESETS: dict[str, Preset] = {
+    "gemma4_2b": _g4("google/gemma-4-E2B", "gemma4_2b/2"),
+    "gemma4_instruct_2b": _g4("google/gemma-4-E2B-it", "gemma4_instruct_2b/2", True),
+    "gemma4_4b": _g4("google/gemma-4-E4B", "gemma4_4b/2"),
+    "gemma4_instruct_4b": _g4("google/gemma-4-E4B-it", "gemma4_instruct_4b/2", True),
+    "gemma4_26b_a4b": _g4("google/gemma-4-26B-A4B", "gemma4_26b_a4b/2"),
+    "gemma4_instruct_26b_a4b": _g4("google/gemma-4-26B-A4B-it", "gemma4_instruct_26b_a4b/2", True),
+    "gemma4_31b": _g4("google/gemma-4-31B", "gemma4_31b/2"),
+    "gemma4_instruct_31b": _g4("google/gemma-4-31B-it", "gemma4_instruct_31b/2", True),
+}
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
@@ -193,7 +214,7 @@ def hf_repo_of(handle: str) -> str | None:
         if repo.count("/") != 1:
             raise ModelFileError(handle, "an hf:// handle names one repository: 'hf://org/name'")
         return repo
-    preset = PRESETS.get(handle)
+    preset = PRESETS.get(handle) or GEMMA4_PRESETS.get(handle)
     if preset is None:
         return None
     if preset.hf_repo is None:

@@ -1,0 +1,142 @@
+"""keras-hub style Gemma4CausalLM (mlx_gemma/tasks/gemma4_causal_lm.py) on the tiny keras-hub Gemma 4 presets.
+
+References are keras-hub 0.32's, recorded by tests/fixtures/make_keras_gemma4.py: the prompts packed as
+its Gemma4CausalLMPreprocessor packs them (`<bos>` + SentencePiece ids, right-padded, no `<eos>`; its
+preprocessor itself needs TensorFlow, which the test environment lacks), the backbone's logits, and
+`Gemma4CausalLM(preprocessor=None).generate`'s greedy ids.  Preset names are checked against
+keras-hub's own preset table and resolved through a fake, offline Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from test_loading import prepare_hub_cache
+
+import mlx_gemma
+from mlx_gemma.errors import MlxGemmaError, UnsupportedModelError
+from mlx_gemma.tasks import GEMMA4_PRESETS, Gemma4CausalLM
+
+pytest.importorskip("h5py", reason="reading Keras presets needs h5py")
+
+PRESETS = {"e2b": FIXTURES / "keras_gemma4_e2b", "moe": FIXTURES / "keras_gemma4_moe"}
+PROMPTS = ["The capital of France is", "Why is the sky blue?"]  # as make_keras_gemma4.py's
+LENGTH, GREEDY = 16, 8
+RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Keras presets convert into a cache: keep it in the test's own folder."""
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+
+
+def reference(name: str) -> dict:
+    return dict(np.load(PRESETS[name] / "reference.npz"))
+
+
+def test_prompts_are_laid_out_as_keras_hubs_preprocessor():
+    lm = Gemma4CausalLM.from_preset(PRESETS["e2b"], sequence_length=LENGTH)
+    ref = reference("e2b")
+    packed = lm.preprocessor.generate_preprocess(PROMPTS)
+    assert packed["token_ids"].tolist() == ref["token_ids"].tolist()
+    assert packed["padding_mask"].tolist() == ref["padding_mask"].astype(bool).tolist()
+
+
+@pytest.mark.parametrize("name", ["e2b", "moe"])
+def test_generate_reproduces_keras_hub(name):
+    """Greedy, no stop ids: the packed prompts padded by 8 give keras-hub's recorded ids; the string
+    form gives the same ids' text (keras-hub's postprocess: special tokens dropped)."""
+    ref = reference(name)
+    lm = Gemma4CausalLM.from_preset(PRESETS[name], preprocessor=None)
+    pad = ((0, 0), (0, GREEDY))
+    out = lm.generate({"token_ids": np.pad(ref["token_ids"], pad), "padding_mask": np.pad(ref["padding_mask"], pad)},
+                      stop_token_ids=None)
+    assert np.asarray(out["token_ids"]).tolist() == ref["greedy"].tolist()
+    texts = Gemma4CausalLM.from_preset(PRESETS[name]).generate(PROMPTS, max_length=LENGTH + GREEDY,
+                                                               stop_token_ids=None)
+    tok = mlx_gemma.GemmaTokenizer.from_folder(PRESETS[name])
+    want = [tok.detokenize([i for i in row if i not in tok.special_token_ids]) for row in ref["greedy"].tolist()]
+    assert texts == want
+
+
+def test_score_and_predict_give_keras_hubs_logits():
+    ref = reference("moe")
+    lm = Gemma4CausalLM.from_preset(PRESETS["moe"], sequence_length=LENGTH)
+    mask = ref["padding_mask"].astype(bool)
+    logits = np.asarray(lm.score(ref["token_ids"], ref["padding_mask"]))
+    scale = np.abs(ref["logits"]).max()
+    assert np.abs(logits[mask] - ref["logits"][mask]).max() < RTOL * scale
+    predicted = lm.predict(PROMPTS)
+    assert np.abs(predicted[mask] - ref["logits"][mask]).max() < RTOL * scale
+
+
+def test_auto_stop_ids_are_gemma4s():
+    """<eos>, <turn|> and <|tool_response> (Gemma 4's generation_config; keras-hub's "auto" has the first two)."""
+    lm = Gemma4CausalLM.from_preset(PRESETS["e2b"])
+    tok = lm.preprocessor.tokenizer
+    assert lm._stop_ids("auto") == (tok.end_token_id, tok.piece_to_id("<turn|>"), tok.piece_to_id("<|tool_response>"))
+    assert lm._stop_ids(None) is None and lm._stop_ids([7]) == (7,)
+    # a stop id ends a row: the greedy token at the first generated position of row 0
+    ref = reference("e2b")
+    first = int(ref["greedy"][0, int(ref["padding_mask"][0].sum())])
+    out = Gemma4CausalLM.from_preset(PRESETS["e2b"], preprocessor=None).generate(
+        {"token_ids": np.pad(ref["token_ids"], ((0, 0), (0, GREEDY))),
+         "padding_mask": np.pad(ref["padding_mask"], ((0, 0), (0, GREEDY)))}, stop_token_ids=[first])
+    n = int(ref["padding_mask"][0].sum())
+    assert out["padding_mask"][0].sum() == n + 1 and out["token_ids"][0, n] == first
+
+
+def keras_hub_gemma4_presets() -> dict:
+    """keras-hub's Gemma 4 preset table, read as data from its source (no Keras import)."""
+    spec = importlib.util.find_spec("keras_hub")
+    path = Path(spec.origin).parent / "src" / "models" / "gemma4" / "gemma4_presets.py" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        pytest.skip("keras-hub is not installed")
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "backbone_presets":
+            return ast.literal_eval(node.value)
+    pytest.skip("keras-hub's gemma4_presets.py has no backbone_presets")
+
+
+def test_preset_names_are_keras_hubs_and_map_to_googles_repos():
+    theirs = {k: v for k, v in keras_hub_gemma4_presets().items() if not k.endswith("_assistant")}
+    assert set(GEMMA4_PRESETS) == set(theirs)
+    for name, p in GEMMA4_PRESETS.items():
+        assert p.kaggle == theirs[name]["kaggle_handle"] and p.instruct == ("instruct" in name)
+    repos = {name: p.hf_repo for name, p in GEMMA4_PRESETS.items()}
+    assert repos == {
+        "gemma4_2b": "google/gemma-4-E2B", "gemma4_instruct_2b": "google/gemma-4-E2B-it",
+        "gemma4_4b": "google/gemma-4-E4B", "gemma4_instruct_4b": "google/gemma-4-E4B-it",
+        "gemma4_26b_a4b": "google/gemma-4-26B-A4B", "gemma4_instruct_26b_a4b": "google/gemma-4-26B-A4B-it",
+        "gemma4_31b": "google/gemma-4-31B", "gemma4_instruct_31b": "google/gemma-4-31B-it"}
+
+
+def test_preset_name_resolves_through_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    prepare_hub_cache(tmp_path / "hub", "google/gemma-4-E2B-it", FIXTURES / "tiny_gemma4_e2b")
+    by_name = Gemma4CausalLM.from_preset("gemma4_instruct_2b", preprocessor=None)
+    by_handle = Gemma4CausalLM.from_preset("hf://google/gemma-4-E2B-it", preprocessor=None)
+    ids = np.array([[2, 30, 40, 50, 0, 0]])
+    mask = ids != 0
+    assert (by_name.score(ids, mask) == by_handle.score(ids, mask)).all()
+    assert by_name.backbone.model.args.num_kv_shared_layers == 2
+
+
+def test_bad_uses_are_refused():
+    with pytest.raises(MlxGemmaError, match="load_weights"):
+        Gemma4CausalLM.from_preset("gemma4_2b", load_weights=False)
+    with pytest.raises(UnsupportedModelError, match="Gemma 4"):
+        Gemma4CausalLM.from_preset(FIXTURES / "tiny_gemma3")
+
+
+def test_exported_at_the_top():
+    assert mlx_gemma.Gemma4CausalLM is Gemma4CausalLM
