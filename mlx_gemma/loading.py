@@ -94,7 +94,7 @@ def load_config(folder: str | os.PathLike) -> dict[str, Any]:
 def text_config(config: dict[str, Any], path=None) -> dict[str, Any]:
     """The settings to build from: the config itself, or the `text_config` of a multimodal
     config without a `vision_config` or `audio_config` (with one, a `gemma3` config builds the
-    vision-language model; Gemma 4's towers are not built yet)."""
+    vision-language model, a `gemma4` config the model with its towers: models/gemma4_mm.py)."""
     model_type = config.get("model_type")
     if model_type is None:
         raise ConfigError(path, "config has no model_type")

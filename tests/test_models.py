@@ -271,7 +271,7 @@ def test_softcapped_attention_rounds_its_float32_softmax_once(dtype):
 
 # One tiny fixture per registered architecture (PaliGemma over both of its decoders).
 CONTRACT_FIXTURES = ["tiny_gemma", "tiny_gemma2", "tiny_gemma3", "tiny_paligemma", "tiny_paligemma2", "tiny_gemma3_vlm",
-                     "tiny_shieldgemma2", "tiny_gemma4_e2b"]
+                     "tiny_shieldgemma2", "tiny_gemma4_e2b", "tiny_gemma4_mm"]
 
 
 def _conforms(value, hint) -> bool:
@@ -332,10 +332,17 @@ def test_every_model_keeps_the_written_contract(name):
             assert model.prefix_lm
             assert spec.num_tokens == (spec.image_size // model.args.vision.patch_size) ** 2
             ids = mx.array([[spec.token_id] * spec.num_tokens + [2, 5, 7]])
+        elif spec.variable:  # Gemma 4: one k x k window of patches -> one soft token; causal
+            assert not model.prefix_lm and spec.image_size == 0
+            k, p = model.args.vision.pooling_kernel_size, model.args.vision.patch_size
+            ids = mx.array([[2, spec.start_id, spec.token_id, spec.end_id, 5, 7]])
+            grid = mx.array([[[x, y] for y in range(k) for x in range(k)]])
+            inputs = {"pixel_values": mx.zeros((1, k * k, 3 * p * p)), "image_positions": grid}
         else:  # Gemma 3: pooled soft tokens between <start_of_image> and <end_of_image>; causal
             assert not model.prefix_lm and spec.num_tokens == model.args.mm_tokens_per_image
             ids = mx.array([[2, spec.start_id] + [spec.token_id] * spec.num_tokens + [spec.end_id, 5, 7]])
-        inputs = {"pixel_values": mx.zeros((1, spec.image_size, spec.image_size, 3))}
+        if not spec.variable:
+            inputs = {"pixel_values": mx.zeros((1, spec.image_size, spec.image_size, 3))}
     hidden = model.model(ids, **inputs)  # [B, T, hidden]
     assert hidden.shape == (1, ids.shape[1], model.args.hidden_size)
     logits = model.logits(hidden)

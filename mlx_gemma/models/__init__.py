@@ -5,10 +5,10 @@ An explicit table, never a name taken from a checkpoint and imported: a
 `GemmaModel` (base.py): the one list of what the rest of the package may use.
 """
 
-from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, gemma4, paligemma, shieldgemma2
-from .base import Block, GemmaArgs, GemmaModel, ImageInput
+from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, gemma4, gemma4_mm, paligemma, shieldgemma2
+from .base import AudioInput, Block, GemmaArgs, GemmaModel, ImageInput
 
-__all__ = ["ENCODERS", "MODELS", "TEXT_PART_OF", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
+__all__ = ["ENCODERS", "MODELS", "TEXT_PART_OF", "AudioInput", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
 
 # model_type -> module with `ModelArgs.from_dict` and `Model`.
 MODELS = {
@@ -18,6 +18,7 @@ MODELS = {
     "gemma4_text": gemma4,  # dense Gemma 4 (E2B/E4B with per-layer inputs and shared KV, 31B)
     "paligemma": paligemma,  # SigLIP + Gemma / Gemma 2 (PaliGemma 1 / 2)
     "gemma3": gemma3_vlm,  # SigLIP + Gemma 3 (a gemma3 config with a vision_config)
+    "gemma4": gemma4_mm,  # Gemma 4 text + vision and / or audio towers (a gemma4 config with a vision_config or audio_config)
     "shieldgemma2": shieldgemma2,  # Gemma 3 with images + Yes/No ids (the classifier: mlx_gemma.shieldgemma2)
 }
 

@@ -21,13 +21,27 @@ from .kv_cache import KVCacheOptions
 
 @dataclass(frozen=True)
 class ImageInput:
-    """What one image takes in a prompt (PaliGemma, Gemma 3): its pixels and its placeholder tokens."""
+    """What one image takes in a prompt (PaliGemma, Gemma 3, Gemma 4): its pixels and its placeholder tokens."""
 
-    image_size: int  # pixels per side of the square input the vision tower takes
-    num_tokens: int  # placeholders per image: one per patch (PaliGemma), per pooled soft token (Gemma 3)
+    image_size: int  # pixels per side of the square input the vision tower takes; 0: any size (Gemma 4)
+    num_tokens: int  # placeholders per image: one per patch (PaliGemma), per pooled soft token (Gemma 3);
+    # with `variable`, the most one image may take (its budget)
     token_id: int  # the placeholder's id, which the image features replace
     start_id: int | None = None  # `<start_of_image>` before the placeholders (Gemma 3); None: PaliGemma's layout
     end_id: int | None = None  # `<end_of_image>` after them (Gemma 3)
+    # Gemma 4: each image is resized within the budget and takes its own number of soft tokens; its
+    # pixels come as flat patches with their grid positions (mlx_gemma.gemma4_images), not as a square.
+    variable: bool = False
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """What one audio clip takes in a prompt (Gemma 4 E2B / E4B): `start_id`, one `token_id` per
+    40 ms soft token (mlx_gemma.audio.num_soft_tokens), `end_id`."""
+
+    token_id: int  # the placeholder's id (`<|audio|>`), which the audio features replace
+    start_id: int  # `<|audio>` before the placeholders
+    end_id: int  # `<audio|>` after them
 
 
 @runtime_checkable
@@ -66,9 +80,11 @@ class GemmaModel(Protocol):
     model_type: str  # the registry key that built it: "gemma", "gemma2", "gemma3_text", "paligemma"
     model: nn.Module  # ids (+ inputs) -> normed last hidden [B, T, hidden]: model.model(ids, cache=..., **inputs);
     # with images, also model.model.embed(ids, pixel_values) -> the merged embeddings [B, T, hidden]
+    # (Gemma 4: embed(ids, pixel_values, image_positions, audio_features, audio_mask))
     prefix_lm: bool  # the prompt attends both ways, so it is prefilled in one call (PaliGemma)
     float_prefixes: tuple[str, ...]  # weight-name prefixes the converter leaves unquantized
     image_input: ImageInput | None  # what an image takes in a prompt; None: a text-only model
+    audio_input: AudioInput | None  # what an audio clip takes in a prompt; None: no audio tower
     path: Path | None  # the folder `load` read it from; None when built in memory
 
     def __call__(self, input_ids: mx.array, **inputs: Any) -> mx.array:

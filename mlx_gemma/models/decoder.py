@@ -102,6 +102,8 @@ class CausalLM(nn.Module):
     output projection is not tied to the embedding.
     """
 
+    audio_input = None  # no audio tower (base.GemmaModel)
+
     def __init__(self, args, block_class):
         super().__init__()
         self.args = args

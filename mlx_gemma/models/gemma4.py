@@ -32,6 +32,7 @@ from ..arguments import is_integer
 from ..errors import ConfigError, GenerationError
 from .config import finite_or_none, layer_types_from, parse_config, rope_settings
 from .decoder import layer_mask
+from .image_blocks import with_image_blocks
 from .kv_cache import KVCacheOptions, make_layer_caches
 from .layers import GeGLU, attention, embedding_scale, gelu_for, residual_add, softcap
 from .moe import Experts, Router, sanitize_experts
@@ -354,6 +355,7 @@ class Gemma4Stack(nn.Module):
         padding_mask: mx.array | None = None,  # bool [B, T], True = real token; no cache
         input_embeddings: mx.array | None = None,  # [B, T, hidden], already scaled (e.g. with image features)
         intercept=None,  # fn(h, i) -> h, called with i = -1 after embedding, then 0..L-1
+        image_blocks: mx.array | None = None,  # [B, T]: image block id per token (-1: text); gemma4_mm
     ) -> mx.array:
         # With per-layer inputs the ids are read even beside `input_embeddings`: their token half
         # comes from the ids (transformers gives media placeholders the pad id), their projected
@@ -370,6 +372,10 @@ class Gemma4Stack(nn.Module):
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
             if layer.window not in masks:  # made from a storing layer's cache, before its update
                 masks[layer.window] = layer_mask(h.shape[1], layer_cache, layer.window, padding_mask)
+                # An image's tokens see each other on sliding layers only; global layers stay causal
+                # (transformers 5.25's create_masks_for_vision_model).
+                if image_blocks is not None and layer.window is not None:
+                    masks[layer.window] = with_image_blocks(masks[layer.window], image_blocks, layer.window, offset)
             p = None if per_layer is None else per_layer[:, :, i, :]
             h, kv = layer(h, masks[layer.window], layer_cache, offset, p, shared.get(layer.kind))
             if not layer.self_attn.shared:
@@ -385,6 +391,7 @@ class Model(nn.Module):
     prefix_lm = False  # causal throughout: a prompt may be prefilled in chunks
     float_prefixes = ()  # the converter may quantize every linear layer
     image_input = None  # text only (a multimodal checkpoint loads as its language half)
+    audio_input = None  # text only
 
     def __init__(self, args: ModelArgs):
         super().__init__()

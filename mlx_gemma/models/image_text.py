@@ -41,6 +41,8 @@ class ImageTextLM(nn.Module):
     """The contract's methods shared by the image-and-text models; each subclass sets `args`
     (with `tie_word_embeddings`, `final_logit_softcapping`, `head_dim`), `model` and, untied, `lm_head`."""
 
+    audio_input = None  # images only, no audio tower (base.GemmaModel)
+
     def logits(self, hidden: mx.array) -> mx.array:
         """Output logits for hidden states [..., hidden] (a final soft-cap where the decoder has one)."""
         if self.args.tie_word_embeddings:
