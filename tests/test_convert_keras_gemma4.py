@@ -23,6 +23,7 @@ h5py = pytest.importorskip("h5py", reason="reading Keras presets needs h5py")
 import mlx_gemma  # noqa: E402
 from mlx_gemma.convert import convert  # noqa: E402
 from mlx_gemma.convert.keras import read_keras_preset  # noqa: E402
+from mlx_gemma.convert.keras_common import stop_ids  # noqa: E402
 from mlx_gemma.errors import ConfigError, UnsupportedModelError, WeightsMismatchError  # noqa: E402
 from mlx_gemma.loading import load_model_from  # noqa: E402
 
@@ -103,6 +104,15 @@ def test_converted_folder_loads(tmp_path):
     assert tokenizer.chat_format == "gemma4"
     assert tokenizer.eos_token_ids == {1, tokenizer.piece_to_id("<turn|>"), tokenizer.piece_to_id("<|tool_response>")}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gemma4_text"
+
+
+def test_stop_ids_follow_the_vocabulary():
+    """Any Keras preset's generation_config: Gemma 4's stops for a Gemma 4 vocabulary, <end_of_turn> else."""
+    g4 = (FIXTURES / "gemma4_tokenizer" / "tokenizer.model").read_bytes()
+    tok = mlx_gemma.GemmaTokenizer(g4)
+    assert stop_ids(g4) == (tok.piece_to_id("<turn|>"), tok.piece_to_id("<|tool_response>"))
+    g3 = (FIXTURES / "tokenizer" / "tokenizer.model").read_bytes()
+    assert stop_ids(g3) == (mlx_gemma.GemmaTokenizer(g3).piece_to_id("<end_of_turn>"),)
 
 
 def edited(tmp_path, fn, name="e2b") -> Path:

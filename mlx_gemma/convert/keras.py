@@ -12,7 +12,8 @@
 * `tokenizer_model`   -- the bytes of `assets/tokenizer/vocabulary.spm` (a
                          SentencePiece model: HF's `tokenizer.model`);
 * `generation_config` -- `bos_token_id`, `eos_token_id` (a list that includes
-                         `<end_of_turn>` when the vocabulary has it), `pad_token_id`.
+                         `<end_of_turn>` when the vocabulary has it; for a Gemma 4
+                         vocabulary `<turn|>` and `<|tool_response>`), `pad_token_id`.
 
 A preset folder (what `keras_hub.models.Backbone.save_to_preset` writes and
 Kaggle serves) holds `config.json` (`{"class_name": "GemmaBackbone",
@@ -99,6 +100,7 @@ from .keras_common import (
     int_setting,
     keras_config_to_hf,
     read_tokenizer,
+    stop_ids,
     to_hf_layout,
 )
 from .keras_h5 import read_json, read_variables
@@ -192,7 +194,7 @@ def read_keras_preset(
     keras_cfg = _check_class(config_path, top)
     # The vocabulary size bounds the tokenizer check; validate it first.
     vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
-    tokenizer_model, specials, end_of_turn = read_tokenizer(folder, vocab)
+    tokenizer_model, specials, _ = read_tokenizer(folder, vocab)
     cfg = keras_config_to_hf(keras_cfg, config_path, special_ids=specials)
     _validate_with_model_args(cfg, config_path)
 
@@ -205,7 +207,7 @@ def read_keras_preset(
     weights = {names[k]: np.ascontiguousarray(to_hf_layout(names[k], v)) for k, v in variables.items()}
     del variables
 
-    generation = generation_config(specials["bos"], specials["eos"], specials["pad"], end_of_turn)
+    generation = generation_config(specials["bos"], specials["eos"], specials["pad"], *stop_ids(tokenizer_model))
     source = dtype_name(keras_cfg)
     if len(dtypes) == 1:
         source = next(iter(dtypes))

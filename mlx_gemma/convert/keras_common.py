@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..arguments import is_integer
+from ..chat_template import GEMMA4_STOP_PIECES
 from ..errors import ConfigError, TokenizerError, UnsupportedModelError
 from ..tokenizer import GemmaTokenizer
 
@@ -223,6 +224,14 @@ def read_tokenizer(folder: str, vocab_size: int) -> tuple[bytes, dict, int | Non
     with open(path, "rb") as f:
         data = f.read()
     return data, ids, end_of_turn
+
+
+def stop_ids(tokenizer_model: bytes) -> tuple[int, ...]:
+    """The stop ids after `<eos>` for the vocabulary's generation_config: Gemma 4's `<turn|>` and
+    `<|tool_response>` (its generation_config.json), else `<end_of_turn>` where the vocabulary has it."""
+    tok = GemmaTokenizer(tokenizer_model)
+    pieces = GEMMA4_STOP_PIECES if tok.chat_format == "gemma4" else ("<end_of_turn>",)
+    return tuple(i for i in map(tok.piece_to_id, pieces) if i is not None)
 
 
 # --------------------------------------------------------------------------- variable map

@@ -60,12 +60,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..chat_template import GEMMA4_STOP_PIECES
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import MODELS
-from ..tokenizer import GemmaTokenizer
 from .checkpoint import Checkpoint, generation_config
-from .keras_common import bool_setting, dtype_name, float_setting, int_setting, read_tokenizer, to_hf_layout
+from .keras_common import (
+    bool_setting, dtype_name, float_setting, int_setting, read_tokenizer, stop_ids, to_hf_layout,
+)
 from .keras_h5 import read_variables
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -259,12 +259,6 @@ def _join_experts(weights: dict[str, np.ndarray]) -> None:
     for name in [k for k in weights if k.endswith(".experts.gate")]:
         base = name[: -len("gate")]
         weights[base + "gate_up_proj"] = np.concatenate([weights.pop(name), weights.pop(base + "up")], axis=1)
-
-
-def stop_ids(tokenizer_model: bytes) -> tuple[int, ...]:
-    """Stop ids after `<eos>`: `<turn|>` and `<|tool_response>`, as Gemma 4's generation_config."""
-    tok = GemmaTokenizer(tokenizer_model)
-    return tuple(i for i in map(tok.piece_to_id, GEMMA4_STOP_PIECES) if i is not None)
 
 
 def read_gemma4_preset(
