@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 from conftest import FIXTURES
 from test_loading import prepare_hub_cache
 
@@ -46,6 +47,17 @@ def test_prompts_are_laid_out_as_keras_hubs_preprocessor():
     packed = lm.preprocessor.generate_preprocess(PROMPTS)
     assert packed["token_ids"].tolist() == ref["token_ids"].tolist()
     assert packed["padding_mask"].tolist() == ref["padding_mask"].astype(bool).tolist()
+
+
+def test_chat_prompt_control_pieces_become_their_tokens():
+    """keras-hub's tokenizer is SentencePiece, which matches user-defined pieces such as `<|turn>` in text."""
+    lm = Gemma4CausalLM.from_preset(PRESETS["e2b"], sequence_length=32)
+    prompt = "<|turn>user\nWhy is the sky blue?<turn|>\n<|turn>model\n"
+    sp = spm.SentencePieceProcessor(model_file=str(PRESETS["e2b"] / "assets" / "tokenizer" / "vocabulary.spm"))
+    want = [sp.bos_id(), *sp.encode(prompt)]
+    packed = lm.preprocessor.generate_preprocess(prompt)
+    assert packed["token_ids"][:len(want)].tolist() == want and packed["padding_mask"].sum() == len(want)
+    assert lm.preprocessor.tokenizer.piece_to_id("<|turn>") in want
 
 
 @pytest.mark.parametrize("name", ["e2b", "moe"])
@@ -90,6 +102,16 @@ def test_auto_stop_ids_are_gemma4s():
          "padding_mask": np.pad(ref["padding_mask"], ((0, 0), (0, GREEDY)))}, stop_token_ids=[first])
     n = int(ref["padding_mask"][0].sum())
     assert out["padding_mask"][0].sum() == n + 1 and out["token_ids"][0, n] == first
+
+
+def test_fit_with_lora_lowers_the_loss():
+    lm = Gemma4CausalLM.from_preset(PRESETS["e2b"], sequence_length=16)
+    lm.backbone.enable_lora(2)
+    lm.compile(learning_rate=1e-2)
+    history = lm.fit(["The capital of France is Paris.", "Why is the sky blue?"] * 2, batch_size=2, epochs=3,
+                     verbose=0, shuffle=False)
+    losses = history.history["loss"]
+    assert losses[2] < losses[1] < losses[0]
 
 
 def keras_hub_gemma4_presets() -> dict:
