@@ -19,7 +19,7 @@ from typing import Sequence
 from mlx.utils import tree_flatten
 
 from .cli import run_command
-from .convert import mlx_lm_compatible
+from .convert import as_mlx_lm_folder
 from .convert.checkpoint import as_mx
 from .convert.hf import read_hf
 from .convert.quantize import dequantize_model
@@ -34,16 +34,17 @@ def fuse_model(model_path: str | os.PathLike, adapter_path: str | os.PathLike, s
     """Load `model_path`, add the adapters of `adapter_path`, merge them, write `save_path`; returns it."""
     checkpoint = read_hf(model_path)
     config = dict(checkpoint.config)
-    if "text_config" in config:
-        raise UnsupportedModelError(checkpoint.source, "fusing adapters into multimodal (PaliGemma) folders "
-                                    "is not supported yet; fuse the text model only")
     model = load_model_from(config, as_mx(checkpoint.weights), path=checkpoint.source)
+    if model.image_input is not None:  # a gemma3 / gemma4 config without towers is a text model: fused as one
+        raise UnsupportedModelError(checkpoint.source, "fusing adapters into models with images (PaliGemma, "
+                                    "Gemma 3 with images) is not supported yet; fuse the text model only")
     load_adapters(model, adapter_path)
     fuse(model, dequantize=dequantize)
     if dequantize:
         config = dequantize_model(model, config)  # the layers without adapters too
+    config, weights = as_mlx_lm_folder(config, dict(tree_flatten(model.parameters())))  # MoE: mlx-lm's expert names
     return write_model_folder(
-        save_path, mlx_lm_compatible(config), dict(tree_flatten(model.parameters())), checkpoint.tokenizer_model,
+        save_path, config, weights, checkpoint.tokenizer_model,
         checkpoint.generation_config, overwrite=overwrite, extra_files=checkpoint.extra_files,
         source=[checkpoint.source, adapter_path])
 

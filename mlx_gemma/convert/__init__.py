@@ -97,6 +97,13 @@ def mlx_lm_weights(config: dict, weights: dict) -> dict:
     return to_mlx_lm_layout(weights) if config.get("model_type") == "gemma4_text" else weights
 
 
+def as_mlx_lm_folder(config: dict, weights: dict) -> tuple[dict, dict]:
+    """The config and weights of a text model as we write its folder (fuse, full fine-tunes too):
+    a tower-less multimodal config as its text model, in the spellings and names mlx-lm reads."""
+    config = mlx_lm_compatible(_text_only(config))
+    return config, mlx_lm_weights(config, weights)
+
+
 def _readable_quantization(config: dict) -> dict:
     """mlx-lm's per-layer expert settings (switch_glu names) under our module paths, so a mixed-precision
     mlx-community Gemma 4 folder loads here (moe.sanitize_quantization; typed error if gate and up differ)."""

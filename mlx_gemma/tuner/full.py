@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..convert import mlx_lm_compatible
+from ..convert import as_mlx_lm_folder
 from ..convert.hf import read_hf
 from ..convert.writer import write_model_folder
 from ..errors import TrainingError
@@ -98,6 +98,6 @@ def save_full_model(path: str | os.PathLike, model: nn.Module) -> Path:
     """Write the trained model as a complete folder at `path`, atomically (an earlier one is replaced):
     the source folder's config, tokenizer and generation config, the model's current weights."""
     source = read_hf(model.path)
-    return write_model_folder(path, mlx_lm_compatible(dict(source.config)), dict(tree_flatten(model.parameters())),
-                              source.tokenizer_model, source.generation_config, overwrite=True,
+    config, weights = as_mlx_lm_folder(dict(source.config), dict(tree_flatten(model.parameters())))
+    return write_model_folder(path, config, weights, source.tokenizer_model, source.generation_config, overwrite=True,
                               extra_files=source.extra_files, source=source.source)

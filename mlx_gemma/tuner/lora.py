@@ -134,16 +134,20 @@ class DoRALinear(LoRALinear):
         return _as_linear(adapted, self.linear, dequantize)
 
 
-def _resolve_keys(block: nn.Module, target_names) -> list[str]:
-    """Block-relative module paths for short names ("q_proj") or paths ("self_attn.q_proj")."""
-    modules = dict(block.named_modules())
-    adapted = {p for p, m in modules.items() if isinstance(m, LoRALinear)}
-    linears = [p for p, m in modules.items() if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
-               and p.rpartition(".")[0] not in adapted]  # an adapter's own base is not a target
+def _resolve_keys(blocks, target_names, required: bool = True) -> list[str]:
+    """Block-relative module paths for short names ("q_proj") or paths ("self_attn.q_proj"), over
+    every block: blocks may differ (Gemma 4's KV-shared blocks have no k/v projections, its
+    k_eq_v global blocks no v_proj).  A name no block has is an error when `required`."""
+    linears = []
+    for block in blocks:
+        modules = dict(block.named_modules())
+        adapted = {p for p, m in modules.items() if isinstance(m, LoRALinear)}
+        linears += [p for p, m in modules.items() if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+                    and p.rpartition(".")[0] not in adapted and p not in linears]  # an adapter's own base is not a target
     keys = []
     for name in target_names:
         found = [p for p in linears if p == name or p.endswith("." + name)]
-        if not found:
+        if not found and required:
             raise AdapterError(None, f"no projection named {name!r} in a block; choose from {', '.join(TARGETS)}")
         keys += [p for p in found if p not in keys]
     return keys
@@ -168,7 +172,7 @@ def lora_config(model: nn.Module, rank: int = 8, target_names=DEFAULT_TARGETS, n
         target_names = (target_names,)
     # mlx-lm's default scale is 20; alpha is PEFT's and keras-hub's spelling (scale = alpha / rank).
     scale = float(alpha) / rank if alpha is not None else 20.0 if scale is None else float(scale)
-    keys = _resolve_keys(model.layers[-1], target_names or DEFAULT_TARGETS)
+    keys = _resolve_keys(model.layers, target_names or DEFAULT_TARGETS)
     args = model.args
     return {
         "fine_tune_type": "dora" if dora else "lora",
@@ -179,10 +183,14 @@ def lora_config(model: nn.Module, rank: int = 8, target_names=DEFAULT_TARGETS, n
 
 
 def apply_lora(model: nn.Module, config: dict) -> None:
-    """Freeze `model` and wrap the linears `config` names in LoRA/DoRA layers, in place."""
+    """Freeze `model` and wrap the linears `config` names in LoRA/DoRA layers, in place.
+
+    A block without one of the named projections (a Gemma 4 KV-shared block has no k_proj / v_proj)
+    is left without that adapter, as mlx-lm does; mlx-lm's adapters then carry the same names."""
     params = config["lora_parameters"]
     layer_class = DoRALinear if config.get("fine_tune_type") == "dora" else LoRALinear
     model.freeze()
+    count = 0
     for block in model.layers[-config["num_layers"]:]:
         modules = dict(block.named_modules())
         wrapped = []
@@ -190,10 +198,15 @@ def apply_lora(model: nn.Module, config: dict) -> None:
             base = modules.get(key)
             if isinstance(base, LoRALinear):
                 raise AdapterError(None, f"{key} already has an adapter; fuse or reload the model first")
+            if base is None:
+                continue  # absent from this block by design
             if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
                 raise AdapterError(None, f"the model has no linear {key!r} to adapt")
             wrapped.append((key, layer_class(base, params["rank"], params["scale"], params.get("dropout", 0.0))))
         block.update_modules(tree_unflatten(wrapped))
+        count += len(wrapped)
+    if not count:
+        raise AdapterError(None, f"none of {params['keys']} is in the last {config['num_layers']} blocks")
     model.train(model.training)  # new layers start in training mode: give them the model's (dropout off in eval)
 
 
@@ -286,9 +299,9 @@ def _check_fits(model: nn.Module, config: dict, file: Path) -> dict:
         raise AdapterError(file, f"adapts {num_layers} blocks but the model has {n_blocks}")
     params = dict(config["lora_parameters"])
     if params.get("keys") is None:  # mlx-lm's default: every linear of a block
-        params["keys"] = _resolve_keys(model.layers[-1], TARGETS)
+        params["keys"] = _resolve_keys(model.layers, TARGETS, required=False)
     try:
-        _resolve_keys(model.layers[-1], params["keys"])
+        _resolve_keys(model.layers, params["keys"])
     except AdapterError as e:
         raise AdapterError(file, e.problem) from None
     return {**config, "num_layers": num_layers, "lora_parameters": params}
