@@ -20,7 +20,7 @@ from conftest import FIXTURES
 from test_loading import prepare_hub_cache
 
 import mlx_gemma
-from mlx_gemma.errors import MlxGemmaError, UnsupportedModelError
+from mlx_gemma.errors import MlxGemmaError, ModelFileError, UnsupportedModelError
 from mlx_gemma.tasks import GEMMA4_PRESETS, Gemma4CausalLM
 
 pytest.importorskip("h5py", reason="reading Keras presets needs h5py")
@@ -158,6 +158,8 @@ def test_bad_uses_are_refused():
         Gemma4CausalLM.from_preset("gemma4_2b", load_weights=False)
     with pytest.raises(UnsupportedModelError, match="Gemma 4"):
         Gemma4CausalLM.from_preset(FIXTURES / "tiny_gemma3")
+    with pytest.raises(ModelFileError, match="Did you mean: gemma4_instruct_26b_a4b"):
+        Gemma4CausalLM.from_preset("instruct_26b")
 
 
 def test_exported_at_the_top():

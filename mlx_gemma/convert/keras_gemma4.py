@@ -50,6 +50,9 @@ tests/test_convert_keras_gemma4.py:
   KV sharing over every layer (the MTP assistant drafters), and vision / audio encoders: the
   mapping to our towers is not checked against keras-hub yet, so such presets are refused rather
   than converted without their media (use the model's Hugging Face checkpoint for images / audio).
+  Where keras-hub's vision encoder differs from transformers', seen while reading it: it pools each
+  image with the pooled-grid width of the batch's widest image (`Gemma4VisionAveragePooling`; HF
+  uses each image's own) and keeps every pooled slot, padding ones included.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def preset_names() -> list[str]:
 
 
 def _unknown(handle: str) -> ModelFileError:
-    close = [n for n in PRESETS if handle.lower().replace("-", "_") in n][:5]
+    close = [n for n in (*PRESETS, *GEMMA4_PRESETS) if handle.lower().replace("-", "_") in n][:5]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return ModelFileError(
         handle, "not a known preset name, an 'hf://org/repo' or 'kaggle://...' handle, or an existing folder."
