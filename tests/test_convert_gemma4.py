@@ -182,6 +182,35 @@ def test_an_mlx_lm_written_folder_converts(tmp_path, recipe):
     assert rel_err(load_model(floats)(IDS), theirs(IDS)) < 1e-4
 
 
+@pytest.mark.oracle
+def test_an_mlx_lm_written_multimodal_layout_folder_converts(tmp_path):
+    """mlx-lm's own convert of a tower-less `gemma4` folder keeps model_type gemma4 and writes weights
+    and per-layer quantization keys under `language_model.model.` (its mixed recipe's 6-bit layers):
+    converted here to gemma4_text, giving what mlx-lm computes on its folder."""
+    mlx_lm_convert = pytest.importorskip("mlx_lm.convert").convert
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    src = tmp_path / "hf"
+    shutil.copytree(fixture("31b"), src)
+    config = json.loads((src / "config.json").read_text())
+    # mlx-lm 0.32 reads the global layers' shape from these keys only, and the vocabulary from the top level
+    config["text_config"].update(global_head_dim=64, num_global_key_value_heads=1)
+    config["vocab_size"] = config["text_config"]["vocab_size"]
+    (src / "config.json").write_text(json.dumps(config))
+    community = tmp_path / "community"
+    mlx_lm_convert(str(src), mlx_path=str(community), quantize=True, q_group_size=32, q_bits=4,
+                   quant_predicate="mixed_4_6")
+    written = json.loads((community / "config.json").read_text())
+    assert written["model_type"] == "gemma4"
+    assert any(k.startswith("language_model.model.") and v["bits"] == 6 for k, v in written["quantization"].items()
+               if isinstance(v, dict))
+    theirs, _ = mlx_lm_utils.load_model(community)
+    dest = convert(community, mlx_path=tmp_path / "out", progress=False)
+    assert json.loads((dest / "config.json").read_text())["model_type"] == "gemma4_text"
+    assert rel_err(load_model(dest)(IDS), theirs(IDS)) < 1e-4
+    again, _ = mlx_lm_utils.load_model(dest)
+    assert rel_err(again(IDS), theirs(IDS)) < 1e-4
+
+
 # ----- refusals ----------------------------------------------------------------------------------
 
 

@@ -104,16 +104,26 @@ def as_mlx_lm_folder(config: dict, weights: dict) -> tuple[dict, dict]:
     return config, mlx_lm_weights(config, weights)
 
 
+# Module-path prefixes of an mlx-lm / mlx-vlm `gemma4` folder's per-layer quantization keys -> ours.
+_MLX_LM_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head", "lm_head"))
+
+
 def _readable_quantization(config: dict) -> dict:
-    """mlx-lm's per-layer expert settings (switch_glu names) under our module paths, so a mixed-precision
-    mlx-community Gemma 4 folder loads here (moe.sanitize_quantization; typed error if gate and up differ)."""
+    """An mlx-community Gemma 4 config's per-layer quantization settings under our module paths, so
+    its mixed-precision layers (the router's 8 bits at least) load here: mlx-lm's `gemma4` keys sit
+    under `language_model.model.`, its experts under switch_glu names (moe.sanitize_quantization;
+    a typed error if gate and up differ)."""
     inner = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     if inner.get("model_type", config.get("model_type")) not in ("gemma4", "gemma4_text"):
         return config
     out = dict(config)
     for key in ("quantization", "quantization_config"):
         if isinstance(out.get(key), dict):
-            out[key] = sanitize_quantization(out[key])
+            renamed = {}
+            for name, value in out[key].items():
+                old, new = next(((o, n) for o, n in _MLX_LM_PREFIXES if name.startswith(o)), ("", ""))
+                renamed[new + name[len(old):]] = value
+            out[key] = sanitize_quantization(renamed)
     return out
 
 
