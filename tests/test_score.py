@@ -83,9 +83,8 @@ def test_loss_is_the_cross_entropy_of_the_logits(preset):
     assert_close(score(model, mx.array(ids), scoring_mode="loss", target_ids=mx.array(targets)), by_hand, rtol=1e-5)
 
 
-def test_intercepts_see_every_layer_and_change_the_result(preset):
-    model, ids, mask, _ = preset
-    ids = mx.array(ids[:1])
+def score_seeing_every_layer(model, ids):
+    """score's logits; an identity intercept changes nothing and sees [B, T, hidden] at -1 and each block."""
     seen = []
 
     def identity(x, i):
@@ -94,8 +93,14 @@ def test_intercepts_see_every_layer_and_change_the_result(preset):
 
     plain = score(model, ids)
     assert mx.array_equal(score(model, ids, layer_intercept_fn=identity), plain)
-    hidden = model.args.hidden_size
-    assert seen == [(i, (1, 12, hidden)) for i in range(-1, len(model.layers))]
+    assert seen == [(i, (*ids.shape, model.args.hidden_size)) for i in range(-1, len(model.layers))]
+    return plain
+
+
+def test_intercepts_see_every_layer_and_change_the_result(preset):
+    model, ids, mask, _ = preset
+    ids = mx.array(ids[:1])
+    plain = score_seeing_every_layer(model, ids)
     for layer in (-1, 0, len(model.layers) - 1):
         zeroed = score(model, ids, layer_intercept_fn=lambda x, i: mx.zeros_like(x) if i == layer else x)
         assert not np.allclose(np.asarray(zeroed), np.asarray(plain)), layer
@@ -273,15 +278,7 @@ def test_gemma4_log_probs_match_transformers(name):
 def test_gemma4_intercepts_see_every_block_and_trimming_keeps_real_positions():
     model, ref = gemma4_fixture("e2b")
     ids = mx.array(ref["input_ids"])
-    seen = []
-
-    def identity(x, i):
-        seen.append((i, tuple(x.shape)))
-        return x
-
-    plain = score(model, ids)
-    assert mx.array_equal(score(model, ids, layer_intercept_fn=identity), plain)
-    assert seen == [(i, (*ids.shape, model.args.hidden_size)) for i in range(-1, len(model.layers))]
+    plain = score_seeing_every_layer(model, ids)
     for layer in (-1, 0, len(model.layers) - 1):  # the last block is KV-shared
         zeroed = score(model, ids, layer_intercept_fn=lambda x, i: x * 0.5 if i == layer else x)
         assert not np.allclose(np.asarray(zeroed), np.asarray(plain)), layer
