@@ -13,6 +13,12 @@ libraries: `adapters.safetensors` holds `model.layers.N.<path>.lora_a` /
 `lora_parameters` = {rank, scale, dropout, keys}, keys relative to a block
 (e.g. "self_attn.q_proj").  We add `base_model` (the base's shapes) to refuse
 an adapter trained for another model with a clear error.
+
+Gemma 4's blocks differ: KV-shared blocks have no k_proj / v_proj, `attention_k_eq_v`
+global blocks no v_proj, MoE blocks carry experts.  A key goes on every block that has
+it (mlx-lm does the same, so its adapters carry the same names); the experts and the
+router take no adapters (models/moe.py): adapters train the attention and the dense
+MLP, and the gradient flows through the frozen experts.
 """
 
 from __future__ import annotations
