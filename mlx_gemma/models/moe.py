@@ -29,11 +29,13 @@ its index selects; never a Python loop over experts.  When there are many pairs
 (`SORT_MIN_PAIRS`, mlx-lm's threshold) on a GPU, the pairs are sorted by expert
 first and `sorted_indices=True` is passed, as mlx-lm does: consecutive rows then
 share an expert, so MLX's GPU kernels multiply each expert's run of rows as one
-matrix product, reading its weights once instead of once per pair (prefill); a
-decode step has too few pairs for the sort to pay.  On the CPU, MLX 0.32's
+matrix product, reading its weights once instead of once per pair (prefill; not
+measured here, where no GPU was at hand); a decode step has too few pairs for the
+sort to pay.  On the CPU, MLX 0.32's
 gather_mm multiplies every pair on its own, sorted or not, so there we do not sort:
-measured on a 26B-A4B-shaped layer (E=128, H=2816, I=704, K=8, fp32), sorting
-gave 0.9x-1.3x the time (noise and the sort's own cost), and grouping each
+measured on a 26B-A4B-shaped layer (E=128, H=2816, I=704, K=8, fp32, 8 to 1024
+pairs, on a shared 2-core machine), sorting took 0.8x-1.3x the time, no steady
+gain, while it copies each token's row once per pair; grouping each
 expert's rows into zero-padded tiles (one product per tile) took twice as long,
 as MLX's CPU float product is compute-bound there (about the same FLOP/s for 1
 row as for 128), so only fewer operations help.  bf16 / fp16 products run in
