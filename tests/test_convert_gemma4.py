@@ -151,6 +151,18 @@ def test_quantized_moe_equals_its_dequantized_weights(tmp_path, bits):
         assert float(mx.abs(deq - src_w).max()) <= step * 1.001, name
 
 
+def test_narrow_layers_stay_float_with_a_note(tmp_path):
+    """e2b's per-layer table is 6 x 8 = 48 wide: no group size divides it, so it stays float (named
+    in a warning) while the rest of the folder quantizes."""
+    with pytest.warns(UserWarning, match="embed_tokens_per_layer"):
+        dest = convert(fixture("e2b"), mlx_path=tmp_path / "q", quantize=True, q_bits=8, q_group_size=32,
+                       progress=False)
+    mods = _modules(load_model(dest))
+    assert isinstance(mods["model.embed_tokens_per_layer"], nn.Embedding)
+    assert not isinstance(mods["model.embed_tokens_per_layer"], nn.QuantizedEmbedding)
+    assert isinstance(mods["model.layers.0.self_attn.o_proj"], nn.QuantizedLinear)
+
+
 @pytest.mark.oracle
 @pytest.mark.parametrize("recipe", [None, "mixed_4_6"])
 def test_quantized_output_loads_in_mlx_lm_with_our_logits(tmp_path, recipe):

@@ -11,10 +11,18 @@ way mlx-community folders do, so mlx-lm and mlx_gemma load them as they are.
 Gemma 4's MoE experts (models/moe.py `ExpertLinear`, [E, out, in]) quantize per
 expert like any other layer; its router projection always gets 8 bits at group
 size 64, as mlx-lm 0.32 quantizes it (its `quant_predicate` for gemma4), so the
-folders of both libraries hold the same layers.
+folders of both libraries hold the same layers.  The per-layer embedding table
+(`embed_tokens_per_layer`, layers x P wide: 35 x 256 for E2B) and its projections
+quantize like the other embeddings and linears.  What stays float, as in mlx-lm:
+everything that is not a matrix (RMSNorm weights, `layer_scalar`, the router's
+`scale` / `per_expert_scale`: a few thousand values, read by every token), and a
+layer whose input width is no multiple of the group size (MLX quantizes in whole
+groups along it); those are named in a warning, and the rest of the model quantizes.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,12 +61,15 @@ def quantize_model(model: nn.Module, config: dict, bits: int = 4, group_size: in
     settings = {"group_size": group_size, "bits": low, "mode": "affine"}
 
     float_prefixes = model.float_prefixes  # parts a model keeps in float (vision towers)
+    narrow = []  # (path, input width, group size) of the layers that stay float for their width
 
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized") or path.startswith(float_prefixes):
             return False
         router = path.endswith("router.proj")  # mlx-lm 0.32 gemma4_text.py quant_predicate: 8 bits, group 64
-        if module.weight.shape[-1] % (ROUTER_QUANTIZATION["group_size"] if router else group_size):
+        group = ROUTER_QUANTIZATION["group_size"] if router else group_size
+        if module.weight.shape[-1] % group:
+            narrow.append((path, module.weight.shape[-1], group))
             return False  # MLX quantizes along the input width, in whole groups
         if router:
             settings[path] = dict(ROUTER_QUANTIZATION)
@@ -69,8 +80,21 @@ def quantize_model(model: nn.Module, config: dict, bits: int = 4, group_size: in
         return True
 
     nn.quantize(model, group_size=group_size, bits=low, class_predicate=predicate)
+    if narrow:
+        _warn_float(narrow)
     prepare_for_device(model)  # the new quantized layers are plain ones
     return {**config, "quantization": settings, "quantization_config": settings}
+
+
+def _warn_float(narrow: list[tuple[str, int, int]]) -> None:
+    """Name the layers left in float because no whole number of groups fits their input width."""
+    kinds = {}  # one entry per kind of layer: model.layers.*.mlp.gate_proj stands for every block's
+    for path, width, group in narrow:
+        head, sep, rest = path.partition(".layers.")
+        name = f"{head}.layers.*.{rest.partition('.')[2]}" if sep and rest.partition(".")[0].isdigit() else path
+        kinds.setdefault(f"{name} ({width} wide, group {group})", None)
+    warnings.warn(f"{len(narrow)} layers stay float, their input width no multiple of the group size: "
+                  + ", ".join(kinds), UserWarning, stacklevel=3)
 
 
 def dequantize_model(model: nn.Module, config: dict) -> dict:
