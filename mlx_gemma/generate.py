@@ -29,6 +29,7 @@ from .models.kv_cache import KVCacheOptions
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .engine import SampleStep, prefill, run, token_budget
 from .errors import GenerationError, MlxGemmaError
+from .gemma4_prompts import Gemma4Media, media_rows
 from .prompt_cache import continuation_ids, load_prompt_cache
 from .image_chat import chat_image_rows
 from .prompts import RowText, prompt_ids, stop_settings
@@ -66,8 +67,8 @@ class GenerationResponse:
 
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
                   prefill_step_size: int | None = None, max_tokens: int = 256, *, left_padding=None,
-                  cached_ids=None, pixel_values=None, kv_options: KVCacheOptions | None = None,
-                  **kv_fields) -> Iterator[tuple[list[int], mx.array]]:
+                  cached_ids=None, pixel_values=None, media: dict | None = None,
+                  kv_options: KVCacheOptions | None = None, **kv_fields) -> Iterator[tuple[list[int], mx.array]]:
     """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
 
     `cache` is `model.make_cache(...)` (made here, with `left_padding` and
@@ -77,7 +78,8 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     `left_padding[b]` counts row b's leading pad slots, which the logits processors
     then ignore.  Stops after `max_tokens` steps or at the context length.  A NaN
     in a row's logits raises GenerationError.  Settings are checked when called.
-    `pixel_values` [B, H, W, 3] go with the prompt's `<image>` tokens (PaliGemma).
+    `pixel_values` [B, H, W, 3] go with the prompt's `<image>` tokens (PaliGemma); `media`, the
+    model's other inputs for the prompt (Gemma 4: `gemma4_prompts.Gemma4Media.inputs()`).
     """
     ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(prompt_ids)
     if ids.ndim == 1:
@@ -93,11 +95,12 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     elif options != KVCacheOptions():
         raise GenerationError("cache options (max_kv_size, kv_bits, ...) go to the cache when it is made")
     budget = token_budget(model, cache[0].offset + ids.shape[1], max_tokens)
+    inputs = {**({} if pixel_values is None else {"pixel_values": pixel_values}), **(media or {})}
     return _decode(model, ids.astype(mx.int32), cache, sampler, list(logits_processors or []),
-                   prefill_step_size, budget, pad, cached_ids, pixel_values)
+                   prefill_step_size, budget, pad, cached_ids, inputs)
 
 
-def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids, pixel_values):
+def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids, inputs):
     """The generator behind `generate_step` (its checks run before the first `next`)."""
     if budget == 0:
         return
@@ -106,8 +109,7 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
         history = ids if pad is None else mx.where(mx.arange(ids.shape[1])[None] < pad[:, None], -1, ids)
         if cached_ids is not None:
             history = mx.concatenate([mx.array(cached_ids, mx.int32).reshape(ids.shape[0], -1), history], axis=1)
-    images = {} if pixel_values is None else {"pixel_values": pixel_values}
-    hidden = prefill(model, ids, cache, step_size, **images)
+    hidden = prefill(model, ids, cache, step_size, **inputs)
     yield from run(SampleStep(model, cache, sampler, processors, history), hidden, budget)
 
 
@@ -118,7 +120,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
                     stop_strings: str | Iterable[str] | None = None, stop_token_ids: Iterable[int] | None = None,
                     chat: bool | None = None, system: str | None = None, prefill_step_size: int | None = None,
                     skip_special_tokens: bool = False, prompt_cache=None, image=None, pan_and_scan=None,
-                    kv_options: KVCacheOptions | None = None, **kv_fields) -> Iterator[GenerationResponse]:
+                    audio=None, enable_thinking: bool = False, kv_options: KVCacheOptions | None = None,
+                    **kv_fields) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
 
     `prompt`: a string (encoded with <bos>), token ids, or chat messages (see
@@ -143,11 +146,20 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     if it is the same image).  `pan_and_scan` (Gemma 3; off by default; with a prompt cache too): True or a
     `mlx_gemma.pan_and_scan.PanAndScan` adds crops of wide and tall images, as transformers'
     `do_pan_and_scan`.
+
+    Gemma 4 (a `gemma4` folder with its towers): `image` (one or a list) and `audio` (a WAV/FLAC
+    path, bytes or 16 kHz samples; one or a list) go at the prompt's `<|image|>` / `<|audio|>`
+    markers, or first when it has none, or at the chat messages' `{"type": "image"}` /
+    `{"type": "audio"}` parts, each image with its own number of soft tokens, as Gemma4Processor lays
+    them out (see `mlx_gemma.gemma4_prompts`); with a `prompt_cache`, an image or clip already cached
+    is reused only if it is the same.  `enable_thinking` turns on Gemma 4's thinking mode in the chat
+    template.
     """
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
     rows_ids, pixels = _encode(model, tokenizer, [prompt], chat, system, None if image is None else [image],
-                               prompt_cache is not None, pan_and_scan)
+                               prompt_cache is not None, pan_and_scan, None if audio is None else [audio],
+                               enable_thinking)
     if prompt_cache is not None:
         if request.kv != KVCacheOptions():
             raise GenerationError("KV-cache options go to the PromptCache when it is made, not to each call")
@@ -166,8 +178,8 @@ def _only_row(batch) -> Iterator[GenerationResponse]:
 def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, sampler=None,
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
                           system: str | None = None, prefill_step_size: int | None = None, skip_special_tokens: bool = False,
-                          image=None, pan_and_scan=None, kv_options: KVCacheOptions | None = None,
-                          **kv_fields) -> Iterator[list[GenerationResponse | None]]:
+                          image=None, pan_and_scan=None, audio=None, enable_thinking: bool = False,
+                          kv_options: KVCacheOptions | None = None, **kv_fields) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 
     Arguments as `stream_generate`'s.  Prompts are left-padded to the longest;
@@ -176,14 +188,17 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
     row's tokens equal that prompt's alone.  The context limit applies to the
     padded length.  Speeds are batch-wide (all rows' tokens per second).
     `image`: one image for every prompt, or a list with one per prompt (Gemma 3: an entry may
-    be a list of images for that prompt).
+    be a list of images for that prompt).  `audio` likewise (Gemma 4: a list with one entry per prompt,
+    each None, a clip or a list of clips; a single clip goes with every prompt).
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError("prompts must be a non-empty list of prompts")
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
     images = image if image is None or isinstance(image, (list, tuple)) else [image] * len(prompts)
-    rows_ids, pixels = _encode(model, tokenizer, prompts, chat, system, images, False, pan_and_scan)
+    clips = audio if audio is None or isinstance(audio, (list, tuple)) else [audio] * len(prompts)
+    rows_ids, pixels = _encode(model, tokenizer, prompts, chat, system, images, False, pan_and_scan, clips,
+                               enable_thinking)
     return _start(model, tokenizer, rows_ids, request, pixels)
 
 
@@ -215,12 +230,19 @@ class _Request:
         return [RowText(tokenizer, self.stop_ids, self.stop_strings, self.skip_special_tokens) for _ in range(n)]
 
 
-def _encode(model, tokenizer, prompts, chat, system, images, cached: bool,
-            pan_and_scan=None) -> tuple[list[list[int]], Any]:
-    """Each prompt's token ids, and the pixels of its images (PaliGemma, Gemma 3) or None."""
+def _encode(model, tokenizer, prompts, chat, system, images, cached: bool, pan_and_scan=None, clips=None,
+            enable_thinking: bool = False) -> tuple[list[list[int]], Any]:
+    """Each prompt's token ids, and the pixels of its images (PaliGemma, Gemma 3), a Gemma4Media
+    (Gemma 4's images and clips, or any prompt with audio or thinking) or None."""
+    spec = model.image_input
+    gemma4 = spec is not None and spec.variable
+    if clips is not None or enable_thinking or (gemma4 and images is not None):
+        if pan_and_scan:
+            raise GenerationError("pan & scan is Gemma 3's (its processor's); Gemma 4 sizes each image itself")
+        none = [None] * len(prompts)
+        return media_rows(model, tokenizer, prompts, images or none, clips or none, chat, system, enable_thinking)
     if images is None:
         return [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts], None
-    spec = model.image_input
     if spec is not None and spec.start_id is not None and (chat or system or cached or not all(
             isinstance(p, str) for p in prompts)):  # Gemma 3: the chat template, token ids, a cache
         return chat_image_rows(model, tokenizer, prompts, images, chat, system, pan_and_scan)
@@ -234,10 +256,12 @@ def _start(model, tokenizer, rows_ids, request: _Request, pixel_values=None):
     T = max(len(r) for r in rows_ids)
     pads = [T - len(r) for r in rows_ids]
     filler = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0  # masked out; any valid id would do
+    media = pixel_values.inputs() if isinstance(pixel_values, Gemma4Media) else None
     steps = generate_step(model, mx.array([[filler] * p + r for p, r in zip(pads, rows_ids)]), sampler=request.sampler,
                           logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
                           max_tokens=request.max_tokens, left_padding=pads if any(pads) else None,
-                          pixel_values=pixel_values, kv_options=request.kv)
+                          pixel_values=None if media is not None else pixel_values, media=media,
+                          kv_options=request.kv)
     return _responses(steps, request.rows(tokenizer, len(rows_ids)), [len(r) for r in rows_ids],
                       token_budget(model, T, request.max_tokens))
 
@@ -247,13 +271,18 @@ def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache, pixels
     with `pixels` (Gemma 3), only the images the cache does not hold go through the vision tower."""
     prompt_cache.check(model)
     budget = token_budget(model, len(ids), request.max_tokens)  # before the cache is touched
-    if model.image_input is None or model.image_input.start_id is None:
+    media = None
+    if isinstance(pixels, Gemma4Media) or model.audio_input is not None or (
+            model.image_input is not None and model.image_input.variable):  # Gemma 4: images and clips by digest
+        feed, fed = prompt_cache.prepare_media(ids, pixels or Gemma4Media(), model.image_input, model.audio_input)
+        media, pixels = fed.inputs(), None
+    elif model.image_input is None or model.image_input.start_id is None:
         feed = prompt_cache.prepare(ids)
     else:
         feed, pixels = prompt_cache.prepare(ids, pixels, model.image_input.token_id)
     steps = generate_step(model, feed, cache=prompt_cache.caches, sampler=request.sampler,
                           logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
-                          max_tokens=request.max_tokens, pixel_values=pixels,
+                          max_tokens=request.max_tokens, pixel_values=pixels, media=media,
                           cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None)
     return prompt_cache.recorded(_responses(steps, request.rows(tokenizer, 1), [len(feed)], budget), ids)
 
@@ -360,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image for the prompt (repeatable): PaliGemma answers once per image (-p 'caption en'); "
                         "Gemma 3 takes them all in one prompt, at its <start_of_image> markers or first, "
                         "in the chat template's user turn with --chat (the default for instruct models)")
+    p.add_argument("--audio", action="append", metavar="PATH",
+                   help="Gemma 4 (E2B / E4B): an audio clip (WAV, FLAC, OGG) for the prompt (repeatable), at its "
+                        "<|audio|> markers or first, or in the chat template's user turn")
+    p.add_argument("--enable-thinking", action="store_true",
+                   help="Gemma 4: turn on its thinking mode in the chat template")
     p.add_argument("--pan-and-scan", action="store_true",
                    help="Gemma 3: also give the model crops of wide or tall images (transformers' do_pan_and_scan)")
     add_cache_flags(p)
@@ -406,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                         logits_processors=processors, stop_strings=args.stop, chat=chat,
                                         system=args.system, prompt_cache=prompt_cache, image=image,
-                                        pan_and_scan=args.pan_and_scan or None,
+                                        pan_and_scan=args.pan_and_scan or None, audio=args.audio,
+                                        enable_thinking=args.enable_thinking,
                                         kv_options=None if prompt_cache is not None else kv_options):
                 if last.text:
                     print(last.text, end="", file=out, flush=True)

@@ -87,31 +87,59 @@ class PromptCache:
         image is kept only if its pixels are the same, the prefix never ends inside an image
         (its tokens attend to each other in one call), and only the images fed are returned.
         """
-        n = 0
-        for cached, new in zip(self.tokens, ids):
-            if cached != new:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)
-        blocks = []
+        blocks = None
         if image_token is not None:
             spans = image_spans(ids, image_token)
             digests = image_digests(pixel_values)
             if len(spans) != len(digests):
                 raise GenerationError(f"the prompt holds {len(spans)} image(s), {len(digests)} were given")
             blocks = [(a, b, d) for (a, b), d in zip(spans, digests)]
+        n = self._keep(ids, blocks)
+        if image_token is None:
+            return list(ids[n:])
+        fed = [i for i, (a, _, _) in enumerate(blocks) if a >= n]
+        return list(ids[n:]), (pixel_values[mx.array(fed)] if fed else None)
+
+    def prepare_media(self, ids: list[int], media, image_input=None, audio_input=None):
+        """As `prepare` for Gemma 4: `media` (a gemma4_prompts.Gemma4Media) holds one image per run of
+        `image_input.token_id` and one clip per run of `audio_input.token_id` in `ids`; a cached image or
+        clip is kept only if it is the same.  Returns (ids to feed, a Gemma4Media of the items fed)."""
+        spans = [image_spans(ids, spec.token_id) if spec is not None else [] for spec in (image_input, audio_input)]
+        counts = (len(media.image_tokens), len(media.audio_tokens))
+        if any(len(s) != c and c for s, c in zip(spans, counts)):  # without media, the held ones must cover them
+            raise GenerationError(f"the prompt holds {len(spans[0])} image(s) and {len(spans[1])} clip(s); "
+                                  f"{counts[0]} and {counts[1]} were given")
+        digests = iter(media.digests())
+        blocks = [(a, b, next(digests)) for s, c in zip(spans, counts) if c for a, b in s]
+        unnamed = [(a, b, None) for s, c in zip(spans, counts) if not c for a, b in s]  # only a held one may match
+        held = {(a, b): d for a, b, d in self.images}
+        blocks += [(a, b, held.get((a, b))) for a, b, _ in unnamed]
+        if any(d is None for _, _, d in blocks):  # it would have to be fed, with nothing to feed
+            raise GenerationError("the prompt holds media placeholders the cache does not hold and no media were given")
+        n = self._keep(ids, sorted(blocks))
+        fed = [[i for i, (a, _) in enumerate(s) if c and a >= n] for s, c in zip(spans, counts)]
+        return list(ids[n:]), media.select(*fed)
+
+    def _keep(self, ids: list[int], blocks: list[tuple[int, int, str]] | None) -> int:
+        """Trim the caches to the longest prefix they share with `ids` (at most all but the last id)
+        that ends outside every media block of `blocks` ((start, end, digest), None: no media
+        tracked) and holds only blocks cached with the same digest; record it; return its length."""
+        n = 0
+        for cached, new in zip(self.tokens, ids):
+            if cached != new:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        if blocks is not None:
             held = set(self.images)
             n = min([n] + [a for a, b, d in blocks if a < n and ((a, b, d) not in held or b > n)])
         if n < self.offset and not all(c.trim_to(n) for c in self.caches):
             self.reset()  # a wrapped window cannot go back: start over
             n = 0
         self.tokens = list(ids[:n])
-        # Those past n are fed now; without image_token, the cached ones in the prefix stay.
-        self.images = blocks if image_token is not None else [blk for blk in self.images if blk[1] <= n]
-        if image_token is None:
-            return list(ids[n:])
-        fed = [i for i, (a, _, _) in enumerate(blocks) if a >= n]
-        return list(ids[n:]), (pixel_values[mx.array(fed)] if fed else None)
+        # Those past n are fed now; without blocks, the cached ones in the prefix stay.
+        self.images = list(blocks) if blocks is not None else [blk for blk in self.images if blk[1] <= n]
+        return n
 
     def extend(self, model, ids: list[int], step_size: int | None = None) -> None:
         """Feed `ids` after what the cache holds, generating nothing (the cache_prompt flow).

@@ -8,14 +8,23 @@ position and its logits at every 10th position and the last.
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 
 import mlx.core as mx
+from PIL import Image
 
-from mlx_gemma.errors import AudioError, ImageError
+from mlx_gemma.api import load
+from mlx_gemma.engine import prefill
+from mlx_gemma.errors import AudioError, GenerationError, ImageError
+from mlx_gemma.gemma4_prompts import media_rows
+from mlx_gemma.generate import batch_generate, generate_step, main, stream_generate
 from mlx_gemma.loading import load_model
 from mlx_gemma.models import gemma4_mm
+from mlx_gemma.prompt_cache import PromptCache
 
 from conftest import FIXTURES
 
@@ -118,6 +127,166 @@ def test_audio_on_a_model_without_an_audio_tower_is_a_typed_error(ref):
 
 
 def _config() -> dict:
-    import json
-
     return json.loads((FOLDER / "config.json").read_text())
+
+
+# ----- prompts and generation ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load(str(FOLDER))
+
+
+def tone(ref) -> np.ndarray:
+    return ref["pcm"].astype(np.float32) / 32768.0
+
+
+def greedy(model, ids, media=None, step=None, n=8) -> list[int]:
+    steps = generate_step(model, mx.array(ids), max_tokens=n, prefill_step_size=step, media=media)
+    return [tokens[0] for tokens, _ in steps]
+
+
+def test_audio_prompt_ids_and_features_equal_the_processor(loaded, ref):
+    """A plain prompt with a clip: ids equal Gemma4Processor's; features within 1e-5 of its extractor's."""
+    model, tok = loaded
+    rows, media = media_rows(model, tok, ["<|audio|> Transcribe this."], [None], [tone(ref)])
+    assert rows[0] == ref["audio_input_ids"][0].tolist()
+    assert np.abs(np.array(media.audio_features) - ref["audio_input_features"]).max() < 1e-5
+    assert np.array_equal(np.array(media.audio_mask), ref["audio_input_features_mask"])
+
+
+@pytest.mark.parametrize("case,step", [("one", None), ("audio", None), ("both", None), ("both", 5)])
+def test_greedy_tokens_equal_transformers(model, ref, case, step):
+    """Our engine (chunked prefill of 5 positions too: images stay whole) gives transformers' greedy tokens."""
+    assert greedy(model, ref[f"{case}_input_ids"], media(ref, case), step) == ref[f"{case}_greedy"].tolist()
+
+
+def test_stream_generate_with_audio_equals_transformers(loaded, ref):
+    model, tok = loaded
+    tokens = [r.token for r in stream_generate(model, tok, "<|audio|> Transcribe this.", audio=tone(ref), max_tokens=8)]
+    assert tokens == ref["audio_greedy"].tolist()
+
+
+def test_cached_decoding_equals_a_full_call(model, ref):
+    """Prefill in chunks into a cache, then feed transformers' greedy tokens one at a time: each
+    step's logits equal one full call's over the whole sequence (image, audio, window wrap)."""
+    ids = np.concatenate([ref["both_input_ids"][0], ref["both_greedy"]])[None]
+    inputs = media(ref, "both")
+    full = model(mx.array(ids), **inputs)  # [1, T + 8, V]
+    T = ref["both_input_ids"].shape[1]
+    cache = model.make_cache()
+    hidden = prefill(model, mx.array(ids[:, :T]), cache, 6, **inputs)
+    steps = [model.logits(hidden[:, -1])]
+    for t in range(T, ids.shape[1] - 1):
+        steps.append(model(mx.array(ids[:, t:t + 1]), cache=cache)[:, -1])
+    ours = mx.stack(steps, axis=1)
+    assert rel(ours, np.array(full[:, T - 1:-1])) < 1e-5
+
+
+def test_batch_generate_rows_equal_each_prompt_alone(loaded, ref):
+    """A left-padded batch of two audio prompts gives what each gives alone (greedy)."""
+    model, tok = loaded
+    clip = tone(ref)
+    prompts = ["<|audio|> Transcribe this.", "Say what <|audio|> sounds like, in a few words please."]
+    together = batch_generate(model, tok, prompts, max_tokens=5, audio=[clip, clip[:8000]])
+    alone = [batch_generate(model, tok, [p], max_tokens=5, audio=[c])[0] for p, c in zip(prompts, [clip, clip[:8000]])]
+    assert together == alone
+
+
+def test_prompt_cache_reuses_a_clip_only_if_it_is_the_same(loaded, ref):
+    """A turn that continues what the cache holds feeds only its new tokens while the clip is the
+    same (no tower run); another clip behind the same ids is fed again; each reply equals a fresh run's."""
+    model, tok = loaded
+    clip, other = tone(ref), -tone(ref)[::-1].copy()
+    chat = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is it?"}]}]
+    cache = PromptCache(model)
+    first = list(stream_generate(model, tok, chat, audio=clip, max_tokens=3, prompt_cache=cache))
+    follow = cache.tokens + tok.encode(" Louder?", add_bos=False)  # the cached ids (media blocks in them), then more
+    second = list(stream_generate(model, tok, follow, audio=clip, max_tokens=3, prompt_cache=cache))
+    fresh = list(stream_generate(model, tok, follow, audio=clip, max_tokens=3))
+    assert [r.token for r in second] == [r.token for r in fresh]
+    assert second[0].prompt_tokens <= len(follow) - first[0].prompt_tokens  # the first prompt and its clip held
+    again = list(stream_generate(model, tok, follow, audio=other, max_tokens=3, prompt_cache=cache))
+    assert again[0].prompt_tokens == len(follow)  # the clip differs: the prompt is fed again, clip and all
+    assert [r.token for r in again] == [r.token for r in stream_generate(model, tok, follow, audio=other, max_tokens=3)]
+
+
+def test_generate_refuses_media_the_model_cannot_take(loaded, ref):
+    model, tok = loaded
+    text_model, text_tok = load(str(FIXTURES / "tiny_gemma4_e2b"))
+    with pytest.raises(AudioError, match="no audio tower"):
+        list(stream_generate(text_model, text_tok, "Hi <|audio|>", audio=tone(ref), max_tokens=1))
+    with pytest.raises(ImageError, match="takes no images"):
+        list(stream_generate(text_model, text_tok, "Hi", image=np.zeros((8, 8, 3), np.uint8), max_tokens=1))
+    clip = tone(ref)
+    with pytest.raises(AudioError, match="1 <\\|audio\\|> markers for 2"):  # more media than placeholders
+        list(stream_generate(model, tok, "<|audio|> twice?", audio=[clip, clip], max_tokens=1))
+    with pytest.raises(AudioError, match="2 <\\|audio\\|> markers for 1"):  # fewer
+        list(stream_generate(model, tok, "<|audio|> and <|audio|>", audio=clip, max_tokens=1))
+    with pytest.raises(AudioError, match="1 audio parts for 2"):
+        list(stream_generate(model, tok, [{"role": "user", "content": [{"type": "audio"}]}], audio=[clip, clip],
+                             max_tokens=1))
+    with pytest.raises(GenerationError, match="chat template"):
+        list(stream_generate(model, tok, "Hi", enable_thinking=True, chat=False, max_tokens=1))
+
+
+def test_cli_takes_an_image_and_a_clip(tmp_path, ref, capsys):
+    soundfile = pytest.importorskip("soundfile")  # optional: soundfile reads the clip
+
+    wav, png = tmp_path / "tone.wav", tmp_path / "look.png"
+    soundfile.write(wav, ref["pcm"], 16_000, subtype="PCM_16")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(png)
+    argv = ["--model", str(FOLDER), "--image", str(png), "--audio", str(wav), "--prompt", "<|image|> and <|audio|>?",
+            "--max-tokens", "3", "--no-chat"]
+    assert main(argv) == 0
+    assert main(argv[:-1] + ["--chat", "--enable-thinking"]) == 0
+    assert main(["--model", str(FIXTURES / "tiny_gemma4_e2b"), "--audio", str(wav), "--max-tokens", "1"]) == 2
+    assert "no audio tower" in capsys.readouterr().err
+
+
+@pytest.mark.oracle
+def test_prompts_equal_gemma4_processor(loaded, ref):
+    """Plain prompts with one and several images, a padded batch, an image with a clip, and the chat
+    template with image and audio parts: our ids equal Gemma4Processor's, row by row (padding aside),
+    and so do the patches and their positions."""
+    sys.path.insert(0, str(FIXTURES))
+    import make_tiny_gemma4_mm as fixture  # deferred: imports torch and transformers (the live oracle)
+
+    model, tok = loaded
+    proc = fixture.processor()
+    cases = fixture.cases(ref["pcm"])
+    for name, case in cases.items():
+        theirs = proc(text=case["text"], images=case.get("images"), audio=case.get("audio"), return_tensors="np",
+                      padding=True, add_special_tokens=name != "chat")
+        n = len(case["text"])
+        images, clips = case.get("images") or [None] * n, case.get("audio") or [None] * n
+        prompts = case["text"]
+        if name == "chat":  # from the messages themselves, through our template
+            prompts = [[{"role": "system", "content": "Look and listen."},
+                        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"},
+                                                     {"type": "audio"}, {"type": "text", "text": "What is it?"}]}]]
+        rows, media = media_rows(model, tok, prompts, images, clips)
+        for row, ids, mask in zip(rows, theirs["input_ids"], theirs["attention_mask"]):
+            assert row == ids[mask.astype(bool)].tolist(), name
+        if "pixel_values" in theirs:
+            assert np.abs(np.array(media.pixel_values) - theirs["pixel_values"]).max() < 1e-6
+            assert np.array_equal(np.array(media.image_positions), theirs["image_position_ids"])
+
+
+def test_sanitize_reads_mlx_vlm_names(model, ref):
+    """mlx-vlm 0.7.10's names (no `model.` prefix, `language_model.model.*`, conv kernels already
+    channels-last) and Hugging Face's map to ours; loaded that way, the logits are the same."""
+    hf = dict(mx.load(str(FOLDER / "model.safetensors")))
+    ours = model.sanitize(hf)
+    vlm = {}
+    for key, value in ours.items():
+        name = key.removeprefix("model.")
+        vlm["language_model.model." + name[len("language_model."):] if name.startswith("language_model.") else name] = value
+    again = model.sanitize(vlm)
+    assert set(again) == set(ours) and all(mx.array_equal(again[k], ours[k]).item() for k in ours)
+    assert "model.audio_tower.subsample_conv_projection.layer0.conv.weight" in ours
+    fresh = gemma4_mm.Model(gemma4_mm.ModelArgs.from_dict(_config()))
+    fresh.load_weights(list(again.items()))
+    ids = mx.array(ref["both_input_ids"])
+    assert rel(fresh(ids, **media(ref, "both"))[:, -1], np.array(model(ids, **media(ref, "both"))[:, -1])) < 1e-6

@@ -170,17 +170,19 @@ class Gemma4MMModel(nn.Module):
               audio_features: mx.array | None = None, audio_mask: mx.array | None = None) -> mx.array:
         """Scaled token embeddings [B, T, hidden] with the image features at the `<|image|>` positions and
         the audio features at the `<|audio|>` positions (unscaled: transformers scales inside the
-        embedding layer and scatters the features in after)."""
+        embedding layer and scatters the features in after).  A prompt (T > 1) with placeholders
+        needs their media; one generated token is embedded as the pad id, as transformers does."""
         h = self.language_model.embed(self.text_ids(input_ids))
+        prompt = input_ids.shape[1] > 1
         if pixel_values is not None:
             features = self.image_features(pixel_values, image_positions)
             h = scatter_features(h, input_ids == self.args.image_token_id, features, ImageError, "image")
-        elif (input_ids == self.args.image_token_id).any().item():
+        elif prompt and (input_ids == self.args.image_token_id).any().item():
             raise ImageError("image", "input_ids hold <|image|> placeholders but no images were given")
         if audio_features is not None:
             features = self.audio_features(audio_features, audio_mask)
             h = scatter_features(h, input_ids == self.args.audio_token_id, features, AudioError, "audio")
-        elif (input_ids == self.args.audio_token_id).any().item():
+        elif prompt and (input_ids == self.args.audio_token_id).any().item():
             raise AudioError("audio", "input_ids hold <|audio|> placeholders but no audio was given")
         return h
 
