@@ -11,6 +11,7 @@ the range) and ours / mlx-lm.
 
     python benchmarks/bench_generate.py                       # every case (slow on a CPU)
     python benchmarks/bench_generate.py --models 270m-bf16 270m-4bit --batch-sizes 1
+    python benchmarks/bench_generate.py --models e2b-bf16 e2b-4bit      # Gemma 4 E2B-shaped, 10 layers
 
 Figures: prefill tokens/s (prompt tokens / time to the first token), decode
 tokens/s (tokens after the first, all rows, per second), time to first token,
@@ -124,23 +125,27 @@ def llama_cpp_runner(gguf: Path, prompt: list[int], max_tokens: int, eos: set[in
     return lambda: common.Run(body())
 
 
-def model_folder(name: str, gemma2_layers: int | None) -> Path:
+def model_folder(name: str, gemma2_layers: int | None, gemma4_layers: int = 10) -> Path:
     family, precision = name.rsplit("-", 1)
     bits = None if precision == "bf16" else int(precision.removesuffix("bit"))
     if family == "270m":
         return models.gemma3_270m(bits)
+    if family == "e2b":
+        return models.gemma4_e2b_random(bits, gemma4_layers)
     return models.gemma2_2b_random(bits, gemma2_layers)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["270m-bf16", "270m-4bit", "2b-bf16", "2b-4bit"],
-                   choices=["270m-bf16", "270m-4bit", "2b-bf16", "2b-4bit"])
+    cases = ["270m-bf16", "270m-4bit", "2b-bf16", "2b-4bit", "e2b-bf16", "e2b-4bit"]
+    p.add_argument("--models", nargs="+", default=cases, choices=cases)
     p.add_argument("--prompt-lengths", nargs="+", type=int, default=[128, 1024])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--gemma2-layers", type=int, default=None, help="cut the 2B-shaped model to this many layers")
+    p.add_argument("--gemma4-layers", type=int, default=10,
+                   help="cut the Gemma 4 E2B-shaped model to this many layers (a multiple of 5; 35 is E2B)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     p.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--section", default=None, help="record under a section of this name in RESULTS.md")
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     payload = {"bandwidth_gbs": bandwidth, "cases": []}
     folders = []
     for name in args.models:
-        folder = model_folder(name, args.gemma2_layers)
+        folder = model_folder(name, args.gemma2_layers, args.gemma4_layers)
         folders.append(f"{name} = `{folder.name}`")
         ours_model, ours_tok = mlx_gemma.load(folder)
         theirs_model, theirs_tok = mlx_lm.load(str(folder))
