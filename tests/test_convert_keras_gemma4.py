@@ -1,9 +1,10 @@
 """keras-hub `Gemma4Backbone` presets -> our Gemma 4 text model (convert/keras_gemma4.py).
 
-The fast tests read the tiny presets keras-hub wrote in tests/fixtures/keras_gemma4_{e2b,moe}/
+The fast tests read the tiny presets keras-hub wrote in tests/fixtures/keras_gemma4_{e2b,moe,vision}/
 (make_keras_gemma4.py: E2B-like with per-layer inputs, KV sharing and a double-wide MLP; MoE-like
-with K = V global layers and top-2 of 4 experts; both with windows shorter than the prompts and
-global head dims of their own) and compare with keras-hub's logits recorded beside them (fp32,
+with K = V global layers and top-2 of 4 experts; with a vision encoder (clipped linears,
+standardized soft tokens, bidirectional image attention); all with windows shorter than the prompts
+and global head dims of their own) and compare with keras-hub's logits recorded beside them (fp32,
 within 1e-4 of the largest logit).  The `oracle` test builds a fresh random backbone with keras-hub.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,11 +26,12 @@ import mlx_gemma  # noqa: E402
 from mlx_gemma.convert import convert  # noqa: E402
 from mlx_gemma.convert.keras import read_keras_preset  # noqa: E402
 from mlx_gemma.convert.keras_common import stop_ids  # noqa: E402
-from mlx_gemma.errors import ConfigError, UnsupportedModelError, WeightsMismatchError  # noqa: E402
+from mlx_gemma.errors import ConfigError, TokenizerError, UnsupportedModelError, WeightsMismatchError  # noqa: E402
 from mlx_gemma.loading import load_model_from  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-PRESETS = {"e2b": FIXTURES / "keras_gemma4_e2b", "moe": FIXTURES / "keras_gemma4_moe"}
+PRESETS = {"e2b": FIXTURES / "keras_gemma4_e2b", "moe": FIXTURES / "keras_gemma4_moe",
+           "vision": FIXTURES / "keras_gemma4_vision"}
 RTOL = 1e-4  # of the reference logits' largest magnitude
 S, F = "sliding_attention", "full_attention"
 
@@ -131,9 +134,59 @@ def test_layer_kinds_from_the_pattern(tmp_path):
     assert cfg["layer_types"] == [S, S, F]
 
 
+def vision_inputs(ref) -> dict:
+    """keras-hub's image inputs as our model takes them: [images, patches, 3 p^2] and [images, patches, 2]."""
+    return {"pixel_values": mx.array(ref["pixel_values"][0]), "image_positions": mx.array(ref["pixel_position_ids"][0])}
+
+
+def test_vision_config_follows_the_backbone():
+    ck = read_keras_preset(PRESETS["vision"])
+    cfg, tok = ck.config, mlx_gemma.GemmaTokenizer(ck.tokenizer_model)
+    assert (cfg["model_type"], cfg["architectures"]) == ("gemma4", ["Gemma4ForConditionalGeneration"])
+    assert [cfg[k] for k in ("image_token_id", "boi_token_id", "eoi_token_id")] == \
+        [tok.piece_to_id(p) for p in ("<|image|>", "<|image>", "<image|>")]
+    assert cfg["text_config"]["use_bidirectional_attention"] == "vision"
+    v = cfg["vision_config"]
+    assert (v["patch_size"], v["pooling_kernel_size"], v["position_embedding_size"], v["num_key_value_heads"],
+            v["use_clipped_linears"], v["standardize"]) == (4, 2, 8, 1, True, True)
+    assert ck.weights["model.vision_tower.encoder.layers.1.mlp.up_proj.input_max"].shape == ()
+    assert ck.weights["model.embed_vision.embedding_projection.weight"].shape == (32, 16)
+
+
+def test_vision_logits_match_keras_hub():
+    """One image (4 x 4 patches pooled to 4 soft tokens, clip bounds that bite, standardized, each image's
+    tokens both ways on sliding layers) in a prompt longer than the window."""
+    ref = reference("vision")
+    logits = model_of(PRESETS["vision"])(mx.array(ref["token_ids"]), **vision_inputs(ref))
+    assert rel_err(logits, ref["logits"]) < RTOL
+
+
+def test_converted_vision_folder_loads(tmp_path):
+    convert(keras_path=PRESETS["vision"], mlx_path=tmp_path / "out")
+    loaded, _ = mlx_gemma.load(tmp_path / "out")
+    ref = reference("vision")
+    assert loaded.model_type == "gemma4" and loaded.image_input is not None
+    assert rel_err(loaded(mx.array(ref["token_ids"]), **vision_inputs(ref)), ref["logits"]) < RTOL
+
+
 @pytest.mark.parametrize("mutate, error, match", [
-    (lambda c: c.update(vision_encoder={"class_name": "Gemma4VisionEncoder", "config": {}}),
-     UnsupportedModelError, "vision_encoder"),
+    (lambda c: c["vision_encoder"].update(class_name="Other"), UnsupportedModelError, "Gemma4VisionEncoder"),
+    (lambda c: c["vision_encoder"]["config"].update(output_dim=16), ConfigError, "output_dim"),
+    (lambda c: c.update(vision_encoder=[1]), ConfigError, "vision_encoder"),
+])
+def test_refused_vision_configs(tmp_path, mutate, error, match):
+    with pytest.raises(error, match=match):
+        read_keras_preset(edited(tmp_path, mutate, "vision"))
+
+
+def test_vocabulary_without_image_pieces_refused(tmp_path):
+    folder = edited(tmp_path, lambda c: None, "vision")
+    shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", folder / "assets" / "tokenizer" / "vocabulary.spm")
+    with pytest.raises(TokenizerError, match=re.escape("<|image|>")):
+        read_keras_preset(folder)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
     (lambda c: c.update(audio_encoder={"class_name": "Gemma4AudioEncoder", "config": {}}),
      UnsupportedModelError, "audio_encoder"),
     (lambda c: c.update(layer_types=[S, S, F, F, S]), UnsupportedModelError, "last layer"),
@@ -201,3 +254,22 @@ def test_transformers_reads_the_converted_preset_as_keras_hub_runs_it(name):
         with torch.no_grad():
             logits = hf(torch.tensor(ref["token_ids"][b:b + 1, :n]).long()).logits.numpy()
         assert rel_err(logits, ref["logits"][b:b + 1, :n]) < RTOL
+
+
+@pytest.mark.oracle
+def test_transformers_reads_the_converted_vision_preset_as_keras_hub_runs_it():
+    """The same for the preset with a vision encoder, through Gemma4ForConditionalGeneration (measured 3e-6)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    ck = read_keras_preset(PRESETS["vision"])
+    cfg = {k: v for k, v in ck.config.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(**cfg)).eval()
+    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in ck.weights.items()}, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected
+    ref = reference("vision")
+    ids = torch.tensor(ref["token_ids"]).long()
+    with torch.no_grad():
+        logits = hf(input_ids=ids, pixel_values=torch.tensor(ref["pixel_values"][0]),
+                    image_position_ids=torch.tensor(ref["pixel_position_ids"][0]).long(),
+                    mm_token_type_ids=(ids == cfg["image_token_id"]).long()).logits.numpy()
+    assert rel_err(logits, ref["logits"]) < RTOL

@@ -1,5 +1,6 @@
-"""Read a keras-hub `Gemma4Backbone` preset (Gemma 4 text: dense, per-layer inputs, KV sharing, K = V, MoE)
-into HF-format pieces: a transformers `Gemma4TextConfig` (`gemma4_text`) and HF weight names.
+"""Read a keras-hub `Gemma4Backbone` preset (Gemma 4 text: dense, per-layer inputs, KV sharing, K = V, MoE;
+with its `Gemma4VisionEncoder`) into HF-format pieces: a transformers `Gemma4TextConfig` (`gemma4_text`),
+or with the vision encoder a `Gemma4Config` (`gemma4`, models/gemma4_mm.py), and HF weight names.
 
 What keras-hub 0.32 does (`keras_hub/src/models/gemma4/gemma4_backbone.py`, `gemma4_decoder_block.py`,
 `gemma4_attention.py`, `gemma4_layers.py`, `gemma4_moe.py`; its HF -> Keras map
@@ -44,15 +45,30 @@ tests/test_convert_keras_gemma4.py:
   (HF's `attention_k_eq_v`).  A KV-shared layer reads the last earlier non-shared layer of its kind,
   as HF's.  The preset records no context length: we write 131,072 (E2B / E4B; Gemma 4's default).
   `query_head_dim_normalize` is unused by Gemma 4 (attention is unscaled in both).
-* Refused (typed errors naming the field): what HF's Gemma 4 text model cannot express or our
-  model does not run -- a last layer that is not global (transformers forces it global; keras-hub
-  does not), `use_sliding_window_attention=false`, an attention soft-cap, embedding backbones,
-  KV sharing over every layer (the MTP assistant drafters), and vision / audio encoders: the
-  mapping to our towers is not checked against keras-hub yet, so such presets are refused rather
-  than converted without their media (use the model's Hugging Face checkpoint for images / audio).
-  Where keras-hub's vision encoder differs from transformers', seen while reading it: it pools each
-  image with the pooled-grid width of the batch's widest image (`Gemma4VisionAveragePooling`; HF
-  uses each image's own) and keeps every pooled slot, padding ones included.
+* Vision (`layers/gemma4_vision_encoder/layers/...`; keras-hub's `gemma4_vision_encoder.py`), Keras
+  shape -> HF name under `model.vision_tower.` (D tower width, d its head dim):
+
+      gemma4_vision_encoder_block/patch_embedder/input_proj [3p^2,D]  patch_embedder.input_proj [D,3p^2]
+      gemma4_vision_encoder_block/patch_embedder/vars/0     [2,S,D]   patch_embedder.position_embedding_table
+      .../encoder_blocks/gemma4_vision_decoder_block[_i]/   -> encoder.layers.i.: the text block's norms
+          attention/{query,key,value,output}_dense/dense     self_attn.{q,k,v,o}_proj.linear (as the text's)
+          gating_ffw, gating_ffw_2, ffw_linear /dense        mlp.{gate,up,down}_proj.linear [out,in]
+          <each of those>/vars/0..3  []                      .input_min, .input_max, .output_min, .output_max
+      gemma4_vision_output/vars/0, 1 (standardize)          std_bias, std_scale
+      gemma4_vision_output/vision_input_projection [D,H]    model.embed_vision.embedding_projection [H,D]
+
+  Patches arrive flat in [0, 1] and are mapped to [-1, 1] inside (both); the output norm is
+  weightless (HF's embedder pre-projection norm).  keras-hub's image placeholders are
+  `<|image>` `<|image|>`... `<image|>`, transformers' boi / image / eoi ids.  Where keras-hub's
+  vision encoder differs from transformers' (read, not met by one image): it pools with the
+  pooled-grid width of the batch's widest image (`Gemma4VisionAveragePooling`; HF uses each image's
+  own) and keeps every pooled slot, padding ones included.  Images are preprocessed by the model's
+  own image code (mlx_gemma.gemma4_images, transformers' processor), not by keras-hub's converter.
+* Refused (typed errors naming the field): what HF's Gemma 4 model cannot express or our model
+  does not run -- a last layer that is not global (transformers forces it global; keras-hub does
+  not), `use_sliding_window_attention=false`, an attention soft-cap, embedding backbones, KV
+  sharing over every layer (the MTP assistant drafters), and the audio encoder (its conformer is
+  not mapped yet; the E2B / E4B presets carry one: use their Hugging Face checkpoints).
 """
 
 from __future__ import annotations
@@ -63,8 +79,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, TokenizerError, UnsupportedModelError
 from ..models import MODELS
+from ..tokenizer import GemmaTokenizer
 from .checkpoint import Checkpoint, generation_config
 from .keras_common import (
     bool_setting, dtype_name, float_setting, int_setting, read_tokenizer, stop_ids, to_hf_layout,
@@ -74,6 +91,7 @@ from .keras_h5 import read_variables
 FULL, SLIDING = "full_attention", "sliding_attention"
 MAX_POSITION_EMBEDDINGS = 131_072  # not in Keras presets; Gemma4TextConfig's default (E2B / E4B)
 _BLOCK = "layers/gemma4_text_decoder_block"
+_VISION = "layers/gemma4_vision_encoder/layers"
 
 
 def _int(path, c: dict, key: str, default: int, **limits) -> int:
@@ -115,12 +133,11 @@ def _rope(c: dict, path, kind: str, head_dim: int) -> dict:
 
 
 def _refuse_unsupported(c: dict, path) -> None:
-    for key in ("vision_encoder", "audio_encoder"):
-        if c.get(key) is not None:
-            raise UnsupportedModelError(
-                path, f"{key}: Gemma 4 presets with a vision or audio encoder are not converted yet (only the "
-                      "text model is; its media towers are not mapped); load the model's Hugging Face "
-                      "checkpoint instead (Gemma4CausalLM.from_preset with a preset name does)")
+    if c.get("audio_encoder") is not None:
+        raise UnsupportedModelError(
+            path, "audio_encoder: Gemma 4 presets with an audio encoder are not converted yet (its conformer is "
+                  "not mapped); load the model's Hugging Face checkpoint instead (Gemma4CausalLM.from_preset "
+                  "with a preset name does)")
     for key in ("use_bidirectional_attention", "is_embedding_model"):
         if bool_setting(path, c, key, False):
             raise UnsupportedModelError(path, f"{key}=true: an embedding backbone, not a causal LM")
@@ -264,6 +281,107 @@ def _join_experts(weights: dict[str, np.ndarray]) -> None:
         weights[base + "gate_up_proj"] = np.concatenate([weights.pop(name), weights.pop(base + "up")], axis=1)
 
 
+def _vision_config(c: dict, path) -> dict | None:
+    """HF `gemma4_vision` config of the backbone's Gemma4VisionEncoder, or None without one."""
+    enc = c.get("vision_encoder")
+    if enc is None:
+        return None
+    if not isinstance(enc, dict) or not isinstance(enc.get("config"), dict):
+        raise ConfigError(path, "vision_encoder must be null or a serialized Gemma4VisionEncoder")
+    if enc.get("class_name") != "Gemma4VisionEncoder":
+        raise UnsupportedModelError(path, f"vision_encoder class {enc.get('class_name')!r:.80} is not Gemma4VisionEncoder")
+    v, where = enc["config"], f"{path} (vision_encoder)"
+    if int_setting(where, v, "output_dim", limit=1 << 16) != int_setting(path, c, "hidden_dim", limit=1 << 16):
+        raise ConfigError(path, "the vision encoder's output_dim must equal the decoder's hidden_dim")
+    heads = int_setting(where, v, "num_heads", limit=1024)
+    return {
+        "model_type": "gemma4_vision",
+        "hidden_size": int_setting(where, v, "hidden_dim", limit=1 << 16),
+        "intermediate_size": int_setting(where, v, "intermediate_dim", limit=1 << 20),
+        "num_hidden_layers": int_setting(where, v, "num_layers", limit=1024),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _int(where, v, "num_key_value_heads", heads, limit=1024),
+        "head_dim": int_setting(where, v, "head_dim", limit=4096),
+        "hidden_activation": "gelu_pytorch_tanh",  # Gemma4VisionDecoderBlock: gelu(approximate=True)
+        "rms_norm_eps": float_setting(where, v, "layer_norm_epsilon", 1e-6),  # the output norm's too, as HF
+        "rope_parameters": {"rope_type": "axial", "rope_theta": float_setting(where, v, "rope_max_wavelength", 100.0)},
+        "pooling_kernel_size": int_setting(where, v, "pool_size", 3, limit=64),
+        "patch_size": int_setting(where, v, "patch_size", limit=1024),
+        "position_embedding_size": int_setting(where, v, "position_embedding_size", 1024, limit=1 << 20),
+        "use_clipped_linears": bool_setting(where, v, "use_clipped_linears", True),
+        "standardize": bool_setting(where, v, "standardize", False),
+    }
+
+
+# keras-hub's Gemma4Tokenizer pieces -> transformers' Gemma4Config id fields
+_MEDIA_PIECES = {"image_token_id": "<|image|>", "boi_token_id": "<|image>", "eoi_token_id": "<image|>",
+                 "video_token_id": "<|video|>", "audio_token_id": "<|audio|>", "boa_token_id": "<|audio>",
+                 "eoa_token_index": "<audio|>"}
+
+
+def gemma4_config(text: dict, vision: dict, tokenizer_model: bytes, tokenizer_path) -> dict:
+    """HF `gemma4` (Gemma4ForConditionalGeneration) config: the text config, the tower's, the media ids."""
+    tok = GemmaTokenizer(tokenizer_model)
+    ids = {key: tok.piece_to_id(piece) for key, piece in _MEDIA_PIECES.items()}
+    for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+        if ids[key] is None:
+            raise TokenizerError(tokenizer_path, f"the vocabulary has no {_MEDIA_PIECES[key]} piece: this preset "
+                                                 "cannot take images")
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
+        "text_config": {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype")},
+        "vision_config": vision, "audio_config": None, **{k: v for k, v in ids.items() if v is not None},
+        "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def vision_variables(v: dict, text_hidden: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Keras dataset path -> (HF name, Keras shape) for the vision tower and its embedder."""
+    d, f, hd, p = v["hidden_size"], v["intermediate_size"], v["head_dim"], v["patch_size"]
+    n, k, tower = v["num_attention_heads"], v["num_key_value_heads"], "model.vision_tower"
+    enc, out = f"{_VISION}/gemma4_vision_encoder_block", f"{_VISION}/gemma4_vision_output"
+    found = {
+        f"{enc}/patch_embedder/input_proj/vars/0": (f"{tower}.patch_embedder.input_proj.weight", (3 * p * p, d)),
+        f"{enc}/patch_embedder/vars/0": (f"{tower}.patch_embedder.position_embedding_table",
+                                         (2, v["position_embedding_size"], d)),
+        f"{out}/vision_input_projection/vars/0": ("model.embed_vision.embedding_projection.weight", (d, text_hidden)),
+    }
+    if v["standardize"]:
+        found[f"{out}/vars/0"] = (f"{tower}.std_bias", (d,))
+        found[f"{out}/vars/1"] = (f"{tower}.std_scale", (d,))
+    dense = {"attention/query_dense": ("self_attn.q_proj", (n, d, hd)), "attention/key_dense": ("self_attn.k_proj", (k, d, hd)),
+             "attention/value_dense": ("self_attn.v_proj", (k, d, hd)),
+             "attention/output_dense": ("self_attn.o_proj", (n, hd, d)),
+             "gating_ffw": ("mlp.gate_proj", (d, f)), "gating_ffw_2": ("mlp.up_proj", (d, f)),
+             "ffw_linear": ("mlp.down_proj", (f, d))}
+    norms = {"pre_attention_norm": ("input_layernorm", d), "post_attention_norm": ("post_attention_layernorm", d),
+             "pre_ffw_norm": ("pre_feedforward_layernorm", d), "post_ffw_norm": ("post_feedforward_layernorm", d),
+             "attention/query_norm": ("self_attn.q_norm", hd), "attention/key_norm": ("self_attn.k_norm", hd)}
+    for i in range(v["num_hidden_layers"]):
+        block, hf = f"{enc}/encoder_blocks/gemma4_vision_decoder_block" + (f"_{i}" if i else ""), \
+            f"{tower}.encoder.layers.{i}"
+        for sub, (name, width) in norms.items():
+            found[f"{block}/{sub}/vars/0"] = (f"{hf}.{name}.weight", (width,))
+        for sub, (name, shape) in dense.items():
+            found[f"{block}/{sub}/dense/vars/0"] = (f"{hf}.{name}.linear.weight", shape)
+            if v["use_clipped_linears"]:  # Gemma4ClippableEinsumDense's scalar bounds, in this order
+                for j, bound in enumerate(("input_min", "input_max", "output_min", "output_max")):
+                    found[f"{block}/{sub}/vars/{j}"] = (f"{hf}.{name}.{bound}", ())
+    return found
+
+
+def _vision_to_hf(name: str, a: np.ndarray) -> np.ndarray:
+    if name.endswith(("_min", "_max")):
+        return a.reshape(())  # a clip bound: a scalar, as HF's buffers
+    if name.endswith(("input_proj.weight", "embedding_projection.weight")) or ".mlp." in name and a.ndim == 2:
+        return a.T  # Keras kernels are [in, out]
+    if name.endswith(("q_proj.linear.weight", "k_proj.linear.weight", "v_proj.linear.weight")):
+        return to_hf_layout("q_proj.weight", a)  # [heads, in, head_dim] -> [heads * head_dim, in]
+    if name.endswith("o_proj.linear.weight"):
+        return to_hf_layout("o_proj.weight", a)  # [heads, head_dim, out] -> [out, heads * head_dim]
+    return a
+
+
 def read_gemma4_preset(
     folder: str, top: dict, *, progress: Callable[[int, int, str], None] | None = None
 ) -> Checkpoint:
@@ -274,15 +392,22 @@ def read_gemma4_preset(
         raise ConfigError(config_path, "has no 'config' object with the backbone's settings")
     vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
     tokenizer_model, specials, _ = read_tokenizer(folder, vocab)
-    cfg = gemma4_text_config(keras_cfg, config_path, specials)
+    text = gemma4_text_config(keras_cfg, config_path, specials)
+    vision = _vision_config(keras_cfg, config_path)
+    cfg = text if vision is None else gemma4_config(
+        text, vision, tokenizer_model, os.path.join(folder, "assets", "tokenizer", "vocabulary.spm"))
     MODELS[cfg["model_type"]].ModelArgs.from_dict(cfg, config_path)  # refuse what the model would refuse
 
-    expected = gemma4_variables(cfg)
+    expected = gemma4_variables(text)
+    if vision is not None:  # the text model under Gemma4ForConditionalGeneration's prefix, and the tower
+        expected = {k: ("model.language_model." + hf[len("model."):], shape) for k, (hf, shape) in expected.items()}
+        expected.update(vision_variables(vision, text["hidden_size"]))
     names = {k: hf for k, (hf, _) in expected.items()}
     variables, dtypes = read_variables(
         folder, {k: shape for k, (_, shape) in expected.items()}, "Gemma 4",
         None if progress is None else (lambda done, total, name: progress(done, total, names[name])))
-    weights = {names[k]: np.ascontiguousarray(_to_hf(names[k], v)) for k, v in variables.items()}
+    weights = {names[k]: np.asarray((_vision_to_hf if ".vision_tower." in names[k] or ".embed_vision."
+                                               in names[k] else _to_hf)(names[k], v), order="C") for k, v in variables.items()}  # C order, 0-d kept
     del variables
     _join_experts(weights)
     generation = generation_config(specials["bos"], specials["eos"], specials["pad"], *stop_ids(tokenizer_model))
