@@ -109,6 +109,10 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
         history = ids if pad is None else mx.where(mx.arange(ids.shape[1])[None] < pad[:, None], -1, ids)
         if cached_ids is not None:
             history = mx.concatenate([mx.array(cached_ids, mx.int32).reshape(ids.shape[0], -1), history], axis=1)
+    if inputs and model.image_input is None and not model.prefix_lm:
+        # Audio on a Gemma 4 without a vision tower: the engine keeps only image blocks whole and
+        # hands the media to the first chunk, so the prompt goes in one call (every clip in it).
+        step_size = ids.shape[1]
     hidden = prefill(model, ids, cache, step_size, **inputs)
     yield from run(SampleStep(model, cache, sampler, processors, history), hidden, budget)
 

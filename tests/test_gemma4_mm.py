@@ -290,3 +290,15 @@ def test_sanitize_reads_mlx_vlm_names(model, ref):
     fresh.load_weights(list(again.items()))
     ids = mx.array(ref["both_input_ids"])
     assert rel(fresh(ids, **media(ref, "both"))[:, -1], np.array(model(ids, **media(ref, "both"))[:, -1])) < 1e-6
+
+
+def test_a_model_with_audio_only_generates_from_a_clip(model, ref):
+    """A config without a vision_config builds the audio tower alone; with the same weights it gives
+    transformers' greedy tokens on the clip, also when asked to prefill in chunks of 4."""
+    audio_only = gemma4_mm.Model(gemma4_mm.ModelArgs.from_dict({**_config(), "vision_config": None}))
+    weights = audio_only.sanitize(dict(mx.load(str(FOLDER / "model.safetensors"))))
+    audio_only.load_weights(list(weights.items()))
+    assert audio_only.image_input is None and audio_only.float_prefixes == ("model.audio_tower.", "model.embed_audio.")
+    assert greedy(audio_only, ref["audio_input_ids"], media(ref, "audio"), step=4) == ref["audio_greedy"].tolist()
+    with pytest.raises(ImageError, match="no vision tower"):
+        audio_only.model(mx.array(ref["one_input_ids"]), **media(ref, "one"))
