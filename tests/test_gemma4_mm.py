@@ -302,3 +302,14 @@ def test_a_model_with_audio_only_generates_from_a_clip(model, ref):
     assert greedy(audio_only, ref["audio_input_ids"], media(ref, "audio"), step=4) == ref["audio_greedy"].tolist()
     with pytest.raises(ImageError, match="no vision tower"):
         audio_only.model(mx.array(ref["one_input_ids"]), **media(ref, "one"))
+
+
+def test_batch_generate_with_several_images_equals_each_prompt_alone(loaded):
+    """Left-padded prompts with one and two images (each its own soft-token count) give what each gives alone."""
+    model, tok = loaded
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((40, 60, 3), (30, 30, 3), (90, 20, 3)))
+    prompts, images = ["<|image|> what is it?", "Compare <|image|> and <|image|>, please."], [a, [b, c]]
+    together = batch_generate(model, tok, prompts, max_tokens=4, image=images)
+    alone = [batch_generate(model, tok, [p], max_tokens=4, image=[im])[0] for p, im in zip(prompts, images)]
+    assert together == alone
