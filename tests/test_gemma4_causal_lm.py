@@ -88,6 +88,18 @@ def test_score_and_predict_give_keras_hubs_logits():
     assert np.abs(predicted[mask] - ref["logits"][mask]).max() < RTOL * scale
 
 
+def test_a_preset_with_a_vision_encoder_serves_text():
+    """Its language half: keras-hub's logits for the prompt's text before the image (which those
+    positions cannot see) are the task's score of that text alone."""
+    ref = dict(np.load(FIXTURES / "keras_gemma4_vision" / "reference.npz"))
+    lm = Gemma4CausalLM.from_preset(FIXTURES / "keras_gemma4_vision", preprocessor=None)
+    assert lm.backbone.model.args.model_type == "gemma4_text"
+    boi = mlx_gemma.GemmaTokenizer.from_folder(FIXTURES / "keras_gemma4_vision").piece_to_id("<|image>")
+    n = int(np.argmax(ref["token_ids"][0] == boi)) + 1  # through <|image>, before the first soft token
+    logits = np.asarray(lm.score(ref["token_ids"][:, :n], np.ones((1, n), bool)))
+    assert np.abs(logits - ref["logits"][:, :n]).max() < RTOL * np.abs(ref["logits"][:, :n]).max()
+
+
 def test_auto_stop_ids_are_gemma4s():
     """<eos>, <turn|> and <|tool_response> (Gemma 4's generation_config; keras-hub's "auto" has the first two)."""
     lm = Gemma4CausalLM.from_preset(PRESETS["e2b"])

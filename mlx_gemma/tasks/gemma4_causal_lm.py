@@ -18,9 +18,9 @@ Stop ids, `"auto"`: `<eos>`, `<turn|>` and `<|tool_response>`, as Gemma 4's gene
 (Google's release); keras-hub's Gemma4CausalLM stops at the first two only, so a model that opens a
 tool response stops here where keras-hub would go on.
 
-A multimodal checkpoint (a `gemma4` folder, as every Hugging Face Gemma 4 repository is) serves text
-through its language half; images and audio go through `mlx_gemma.generate` (`--image` / `--audio`),
-not through this task yet.
+A multimodal checkpoint (a `gemma4` folder, as every Hugging Face Gemma 4 repository is, or a keras-hub
+preset with a vision encoder) serves text through its language half; images and audio go through
+`mlx_gemma.generate` (`--image` / `--audio`), not through this task yet.
 """
 
 from __future__ import annotations
