@@ -313,3 +313,14 @@ def test_batch_generate_with_several_images_equals_each_prompt_alone(loaded):
     together = batch_generate(model, tok, prompts, max_tokens=4, image=images)
     alone = [batch_generate(model, tok, [p], max_tokens=4, image=[im])[0] for p, im in zip(prompts, images)]
     assert together == alone
+
+
+def test_enable_thinking_reaches_the_chat_template(loaded):
+    """generate's enable_thinking renders the template's thinking mode (text-only prompts too)."""
+    model, tok = loaded
+    messages = [{"role": "user", "content": "Why?"}]
+    thinking = tok.apply_chat_template(messages, tokenize=True, enable_thinking=True)
+    assert thinking != tok.apply_chat_template(messages, tokenize=True)
+    first = next(iter(stream_generate(model, tok, "Why?", chat=True, enable_thinking=True, max_tokens=1)))
+    assert first.prompt_tokens == len(thinking)
+    assert first.token == greedy(model, [thinking], n=1)[0]
