@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_gemma import lora
 from mlx_gemma.convert import convert
-from mlx_gemma.errors import AdapterError
+from mlx_gemma.errors import AdapterError, UnsupportedModelError
 from mlx_gemma.fuse import fuse_model
 from mlx_gemma.loading import load_model
 from mlx_gemma.lora import main as lora_main
@@ -176,3 +176,10 @@ def test_cli_trains_adapters_and_a_full_fine_tune(tmp_path, capsys, name):
                if not mx.array_equal(v, dict(tree_flatten(before.parameters()))[k])]
     assert changed and all(k.startswith(("model.layers.4.", "model.layers.5.")) for k in changed)
     assert np.isfinite(np.asarray(trained(mx.array(IDS)))).all()
+
+
+def test_fuse_still_refuses_models_with_images(tmp_path):
+    """Only tower-less multimodal configs fuse as text models; PaliGemma is refused, nothing written."""
+    with pytest.raises(UnsupportedModelError, match="images"):
+        fuse_model(FIXTURES / "tiny_paligemma", tmp_path / "no_adapter", tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()

@@ -6,7 +6,9 @@ One reader per source format hands over an HF-style config and HF-named
 weights; the model is built and loaded strictly from them (so a bad
 checkpoint fails here, not at the user's first generation), optionally
 quantized, and written atomically in the mlx-community layout, which mlx-lm
-also loads as it is.
+also loads as it is.  A tower-less multimodal folder (`gemma3` / `gemma4` with only a
+`text_config`) is written as its text model; Gemma 4's config also gets the keys
+mlx-lm 0.32 reads and its experts mlx-lm's names (`as_mlx_lm_folder`).
 """
 
 from __future__ import annotations
