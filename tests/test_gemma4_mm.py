@@ -324,3 +324,18 @@ def test_enable_thinking_reaches_the_chat_template(loaded):
     first = next(iter(stream_generate(model, tok, "Why?", chat=True, enable_thinking=True, max_tokens=1)))
     assert first.prompt_tokens == len(thinking)
     assert first.token == greedy(model, [thinking], n=1)[0]
+
+
+def test_prompt_cache_holds_an_image_and_a_clip_together(loaded, ref):
+    """An image and a clip in a cached chat: the next turn feeds neither again, and equals a fresh run."""
+    model, tok = loaded
+    image = np.random.default_rng(5).integers(0, 256, (36, 48, 3), dtype=np.uint8)
+    cache = PromptCache(model)
+    list(stream_generate(model, tok, "<|image|> and <|audio|>?", chat=True, image=image, audio=tone(ref),
+                         max_tokens=2, prompt_cache=cache))
+    assert [d.split(":")[0] for _, _, d in cache.images] == ["image", "audio"]
+    more = tok.encode(" More.", add_bos=False)
+    follow = cache.tokens + more
+    cached = list(stream_generate(model, tok, follow, image=image, audio=tone(ref), max_tokens=3, prompt_cache=cache))
+    fresh = list(stream_generate(model, tok, follow, image=image, audio=tone(ref), max_tokens=3))
+    assert cached[0].prompt_tokens == len(more) and [r.token for r in cached] == [r.token for r in fresh]
