@@ -309,3 +309,25 @@ def test_gemma4_gradient_with_respect_to_the_embeddings():
         eps = 1e-6
         numeric = (total(eps * direction) - total(-eps * direction)).item() / (2 * eps)
         assert abs((grad * direction).sum().item() - numeric) <= 1e-3 * abs(numeric)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["e2b", "moe"])
+def test_gemma4_losses_are_transformers_log_probs_on_fresh_ids(name):
+    """transformers' own Gemma4ForCausalLM on a fresh right-padded batch: its log-probs of the next
+    token, at real positions, are our per-token losses (negated)."""
+    import torch  # heavy optional dependency
+    import transformers
+
+    folder = FIXTURES / f"tiny_gemma4_{name}"
+    reference = transformers.Gemma4ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = np.random.default_rng(11).integers(3, 512, size=(2, 14))
+    mask = np.ones(ids.shape, dtype=np.int64)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        logits = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    targets = np.roll(ids, -1, axis=1)
+    expected = -np.take_along_axis(log_softmax(logits), targets[..., None], -1)[..., 0]
+    ours = score(load_model(folder), mx.array(ids), mx.array(mask), "loss", target_ids=mx.array(targets))
+    real_mask = mask.astype(bool)
+    assert_close(real(ours, real_mask), real(expected, real_mask), rtol=1e-4)
