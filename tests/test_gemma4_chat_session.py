@@ -166,3 +166,21 @@ def test_cli_enable_thinking_equals_the_session(model, tmp_path):
     m, tok = load(folder)
     chat = ChatSession(m, tok, max_tokens=5, enable_thinking=True)
     assert done.stdout == "".join(chat.reply(t) + "\n" for t in ("Hello", "Tell me more"))
+
+
+def test_a_reply_the_template_keeps_as_is_is_not_prefilled_again(model):
+    """Thinking off, E2B's prompt, a reply without thoughts or edge whitespace: nothing in the history
+    changes, so the next turn prefills only its own tokens (even past the sliding window)."""
+    from test_prompt_cache import Counting
+
+    tok, script, counting = gemma4_tokenizer(False), Script(), Counting(model)
+    chat = ChatSession(counting, tok, max_tokens=8, logits_processors=[script])
+    script.queue = tok.encode("Hello!", add_bos=False) + [tok.end_of_turn_id]
+    list(chat.send("Hi there"))
+    before, cached, counting.fed = list(chat.history), chat.cache.offset, 0
+    assert cached > model.args.sliding_window  # the window has wrapped: going back would mean starting over
+    second = [r.token for r in chat.send("How are you?")]
+    full = next_turn_ids(tok, before, "How are you?")
+    assert full[:len(before)] == before and chat.history == full + second
+    # The new turn, then the decode steps (the last one fed or not): never the conversation again.
+    assert len(full) - cached <= counting.fed <= len(full) - cached + len(second) < len(full)
