@@ -29,6 +29,7 @@ import os
 
 from ..chat_template import GEMMA4_STOP_PIECES
 from ..errors import MlxGemmaError, UnsupportedModelError
+from ..models import gemma4_mm
 from .backbone import GemmaBackbone
 from .causal_lm import GemmaCausalLM
 from .preprocessor import GemmaCausalLMPreprocessor
@@ -39,7 +40,7 @@ class Gemma4CausalLM(GemmaCausalLM):
 
     def __init__(self, backbone: GemmaBackbone, preprocessor: GemmaCausalLMPreprocessor | None = None):
         model = backbone.model
-        if model.args.model_type != "gemma4_text" and hasattr(model, "text_model"):
+        if isinstance(model, gemma4_mm.Model):
             backbone = GemmaBackbone.from_model(model.text_model())  # a `gemma4` folder: its language half
         if backbone.model.args.model_type != "gemma4_text":
             raise UnsupportedModelError(None, f"Gemma4CausalLM needs a Gemma 4 model, got "
