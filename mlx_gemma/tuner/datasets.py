@@ -43,6 +43,9 @@ PAD_TO = 32  # round batch lengths up so a compiled step sees few distinct shape
 UNTRAINABLE = {
     "gemma3": "Gemma 3 with images (its image layout is not PaliGemma's, and adapters for its language "
               "half are not supported yet; a Gemma 3 text folder, model_type gemma3_text, trains)",
+    # A loaded `gemma4` model has a vision or audio tower (a tower-less config loads as gemma4_text).
+    "gemma4": "Gemma 4 with images or audio (its media layout is not PaliGemma's, and adapters for its language "
+              "half are not supported yet; a Gemma 4 text folder, model_type gemma4_text, trains)",
     "shieldgemma2": "ShieldGemma 2 (an image classifier, not a causal LM to fine-tune here)",
     "embedding_gemma": "EmbeddingGemma (a sentence encoder: no next-token loss to train)",
 }

@@ -42,20 +42,28 @@ from .optimizers import build_optimizer, build_schedule  # noqa: F401  (the task
 
 
 def _image_size(model: nn.Module) -> int | None:
-    """PaliGemma's input resolution (None for text models)."""
-    return None if model.image_input is None else model.image_input.image_size
+    """PaliGemma's input resolution; None for text models and for layouts the tuner refuses
+    (datasets.training_images): Gemma 3's images in the text, Gemma 4's of any size (image_size 0)."""
+    spec = model.image_input
+    paligemma = spec is not None and spec.start_id is None and not spec.variable
+    return spec.image_size if paligemma else None
 
 
 @functools.cache
 def _checkpointed(cls: type) -> type:
-    """A subclass of a block class whose call is recomputed in the backward pass."""
+    """A subclass of a block class whose call is recomputed in the backward pass.
 
-    def __call__(self, x, mask, cache=None):
-        def run(params, x):
+    Any call signature passes through: mx.checkpoint takes the arguments as trees, so every array in
+    them (the hidden state, Gemma 4's per-layer input and shared keys/values, a mask) is an input of
+    the recomputed function and gets its gradient; other leaves (a cache, an offset, None) pass as they are.
+    """
+
+    def __call__(self, *args, **kwargs):
+        def run(params, args, kwargs):
             self.update(params, strict=False)  # bind the traced parameters: checkpoint ignores captures
-            return cls.__call__(self, x, mask, cache)
+            return cls.__call__(self, *args, **kwargs)
 
-        return mx.checkpoint(run)(self.trainable_parameters(), x)
+        return mx.checkpoint(run)(self.trainable_parameters(), args, kwargs)
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "_checkpointed_from": cls})
 
