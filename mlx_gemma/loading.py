@@ -28,6 +28,7 @@ from .embedding_folder import (
 )
 from .json_input import all_finite, expect, field, json_type, read_json
 from .models import ENCODERS, MODELS, TEXT_PART_OF, supported_model_types
+from .models.gemma4 import readable_quantization
 from .model_folder import load_weights_from_folder
 from .tokenizer import GemmaTokenizer, check_vocab_fits
 
@@ -130,8 +131,13 @@ def quantize_like(model: nn.Module, config: dict[str, Any], weights: dict[str, m
     mlx-community configs carry `"quantization": {"group_size", "bits"[, "mode"]}`
     and may override single layers by path (`{"model.layers.0.mlp.down_proj":
     {"bits": 8, ...}}` or `false`); a layer is quantized when its `.scales`
-    tensor is present, as mlx-lm decides.
+    tensor is present, as mlx-lm decides.  A Gemma 4 folder mlx-lm or mlx-vlm wrote names those
+    layers under its own module paths; they are read under ours (gemma4.readable_quantization).
     """
+    try:
+        config = readable_quantization(config)
+    except ConfigError as e:  # moe.sanitize_quantization knows no file: name this one
+        raise ConfigError(path, e.problem) from None
     key = "quantization" if config.get("quantization") else "quantization_config"
     q = config.get(key)
     if not q:

@@ -24,7 +24,7 @@ from ..cli import run_command
 from ..errors import MlxGemmaError
 from ..loading import is_encoder_config, load_encoder, load_model_from
 from ..models import gemma4
-from ..models.moe import sanitize_quantization, to_mlx_lm_layout, to_mlx_lm_quantization
+from ..models.moe import to_mlx_lm_layout, to_mlx_lm_quantization
 from ..progress import Progress
 from .checkpoint import DTYPES, as_mx
 from .encoder import encoder_files
@@ -106,29 +106,6 @@ def as_mlx_lm_folder(config: dict, weights: dict) -> tuple[dict, dict]:
     return config, mlx_lm_weights(config, weights)
 
 
-# Module-path prefixes of an mlx-lm / mlx-vlm `gemma4` folder's per-layer quantization keys -> ours.
-_MLX_LM_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head", "lm_head"))
-
-
-def _readable_quantization(config: dict) -> dict:
-    """An mlx-community Gemma 4 config's per-layer quantization settings under our module paths, so
-    its mixed-precision layers (the router's 8 bits at least) load here: mlx-lm's `gemma4` keys sit
-    under `language_model.model.`, its experts under switch_glu names (moe.sanitize_quantization;
-    a typed error if gate and up differ)."""
-    inner = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    if inner.get("model_type", config.get("model_type")) not in ("gemma4", "gemma4_text"):
-        return config
-    out = dict(config)
-    for key in ("quantization", "quantization_config"):
-        if isinstance(out.get(key), dict):
-            renamed = {}
-            for name, value in out[key].items():
-                old, new = next(((o, n) for o, n in _MLX_LM_PREFIXES if name.startswith(o)), ("", ""))
-                renamed[new + name[len(old):]] = value
-            out[key] = sanitize_quantization(renamed)
-    return out
-
-
 def convert(
     hf_path: str | os.PathLike | None = None,
     *,
@@ -157,7 +134,7 @@ def convert(
     if gguf_path is not None:
         dtype = dtype or "bfloat16"
 
-    config = _readable_quantization(dict(checkpoint.config))
+    config = gemma4.readable_quantization(dict(checkpoint.config))  # as loading reads them; written so
     target = DTYPES[dtype] if dtype else None
     encoder = checkpoint.source is not None and hf_path is not None and is_encoder_config(config)
     if encoder:  # EmbeddingGemma: the backbone and its sentence-transformers modules (Dense weights)

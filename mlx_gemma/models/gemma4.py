@@ -35,7 +35,7 @@ from .decoder import layer_mask
 from .image_blocks import with_image_blocks
 from .kv_cache import KVCacheOptions, make_layer_caches
 from .layers import GeGLU, attention, embedding_scale, gelu_for, residual_add, softcap
-from .moe import Experts, Router, sanitize_experts
+from .moe import Experts, Router, sanitize_experts, sanitize_quantization
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -459,3 +459,24 @@ _TEXT_PREFIXES = (
 # What a multimodal checkpoint holds besides the language model (towers and their embedders).
 _OTHER_PREFIXES = tuple(p + n for p in ("", "model.") for n in (
     "vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector."))
+
+
+def readable_quantization(config: dict) -> dict:
+    """A Gemma 4 config with its per-layer quantization settings under our text model's module paths,
+    so an mlx-community folder's mixed-precision layers load: mlx-lm 0.32 and mlx-vlm write them under
+    `language_model.model.` (their gemma4 sanitize), the experts under switch_glu names (moe.py;
+    a typed error if gate and up differ).  Other configs come back as they are, and so do configs with
+    a tower: those build gemma4_mm, whose text layers sit under `model.language_model.` as HF names them."""
+    inner = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    towers = config.get("vision_config") is not None or config.get("audio_config") is not None
+    if towers or inner.get("model_type", config.get("model_type")) not in ("gemma4", "gemma4_text"):
+        return config
+    out = dict(config)
+    for key in ("quantization", "quantization_config"):
+        if isinstance(out.get(key), dict):
+            renamed = {}
+            for name, value in out[key].items():  # module paths: matched with a trailing dot
+                old, new = next(((o, n) for o, n in _TEXT_PREFIXES if f"{name}.".startswith(o)), ("", ""))
+                renamed[(new + f"{name}."[len(old):])[:-1]] = value
+            out[key] = sanitize_quantization(renamed)
+    return out
