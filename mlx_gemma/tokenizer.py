@@ -28,6 +28,7 @@ from .chat_template import (GEMMA4_STOP_PIECES, Gemma4Vocab, check_messages, che
                             primes_empty_thought)
 from .detokenizer import StreamingDetokenizer
 from .errors import GenerationError, MlxGemmaError, TokenizerError
+from .hf_tokenizer import model_proto_from_tokenizer_json
 from .json_input import json_type, read_json
 
 MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # Gemma 3's is ~4.5 MiB; anything this big is not a tokenizer
@@ -169,20 +170,23 @@ class GemmaTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> GemmaTokenizer:
-        """Load `tokenizer.model` (HF / mlx layout) or `assets/tokenizer/vocabulary.spm` (Keras
-        preset); stop ids come from `generation_config.json` when there is one."""
+        """Load `tokenizer.model` (HF / mlx layout), `assets/tokenizer/vocabulary.spm` (Keras
+        preset) or else `tokenizer.json` (rebuilt by hf_tokenizer.py); stop ids come from
+        `generation_config.json` when there is one."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise TokenizerError(folder, "folder not found")
-        for rel in ("tokenizer.model", os.path.join("assets", "tokenizer", "vocabulary.spm")):
+        # Gemma 4 hub folders ship only tokenizer.json: rebuilt as the SentencePiece model it describes.
+        for rel in ("tokenizer.model", os.path.join("assets", "tokenizer", "vocabulary.spm"), "tokenizer.json"):
             path = os.path.join(folder, rel)
             if os.path.isfile(path):
                 break
         else:
-            raise TokenizerError(folder, "no tokenizer.model or assets/tokenizer/vocabulary.spm in folder")
+            raise TokenizerError(folder, "no tokenizer.model, assets/tokenizer/vocabulary.spm or tokenizer.json in folder")
         config_path = os.path.join(folder, "generation_config.json")
         eos = _read_generation_eos(config_path)
-        tokenizer = cls(path)
+        tokenizer = cls(model_proto_from_tokenizer_json(path) if rel == "tokenizer.json" else path)
+        tokenizer.path = path
         if tokenizer.chat_format == "gemma4":
             tokenizer.empty_thought = primes_empty_thought(_read_chat_template(folder))
         if eos is not None:
