@@ -120,15 +120,16 @@ def test_tokenizer_json_only_folder_loads_and_generates(tmp_path):
     assert text and text == mlx_gemma.generate(ref_model, ref_tok, prompt, max_tokens=8)
 
 
-def test_tokenizer_json_only_folder_converts(tmp_path):
-    # The converter copies tokenizer.json beside the weights; the written folder loads through it.
+def test_tokenizer_json_only_folder_converts_with_a_tokenizer_model(tmp_path):
+    # The converter writes the rebuilt tokenizer.model beside the copied tokenizer.json.
     src = tmp_path / "src"
     shutil.copytree(FIXTURES / "tiny_gemma4_e2b", src, ignore=shutil.ignore_patterns("tokenizer.model"))
     shutil.copy(JSON, src / "tokenizer.json")
     convert(str(src), mlx_path=str(tmp_path / "out"))
-    assert not (tmp_path / "out" / "tokenizer.model").exists()
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == model_proto_from_tokenizer_json(JSON)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == JSON.read_bytes()
     _, tok = mlx_gemma.load(str(tmp_path / "out"))
+    assert tok.path == str(tmp_path / "out" / "tokenizer.model")
     assert tok.encode("Hello <|turn>", parse_special=True) == GemmaTokenizer(str(SPM)).encode("Hello <|turn>", parse_special=True)
 
 
@@ -183,6 +184,15 @@ def test_unlisted_split_is_refused(tmp_path, drop):
     path = _edited(tmp_path, lambda d: d["model"].update(merges=kept))
     with pytest.raises(TokenizerError, match="made by no merge"):
         model_proto_from_tokenizer_json(path)
+
+
+def test_converter_refuses_a_bad_tokenizer_json_before_writing(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "tiny_gemma4_e2b", src, ignore=shutil.ignore_patterns("tokenizer.model"))
+    (src / "tokenizer.json").write_text(JSON.read_text().replace('"BPE"', '"WordPiece"'))
+    with pytest.raises(TokenizerError, match="only Gemma") as info:
+        convert(str(src), mlx_path=str(tmp_path / "out"))
+    assert info.value.path == str(src / "tokenizer.json") and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..hf_tokenizer import model_proto_from_tokenizer_json
 from ..json_input import all_finite, json_type, read_json
 from ..loading import MAX_CONFIG_BYTES, is_encoder_config, load_config, model_args, resolve_model_path
 from ..model_folder import load_weights_from_folder
@@ -31,11 +32,18 @@ def read_hf(path_or_repo, revision: str | None = None) -> Checkpoint:
     return Checkpoint(
         config=config,
         weights=load_weights_from_folder(folder),
-        tokenizer_model=tokenizer if tokenizer.is_file() else None,
+        tokenizer_model=tokenizer if tokenizer.is_file() else _rebuilt_tokenizer(folder),
         generation_config=generation_config,
         source=folder,
         extra_files=read_side_files(folder),
     )
+
+
+def _rebuilt_tokenizer(folder: Path) -> bytes | None:
+    """A folder with only tokenizer.json (Gemma 4's hub folders) gets the tokenizer.model it describes,
+    written beside it, so that loading the output need not rebuild it (seconds for a real vocabulary)."""
+    path = folder / "tokenizer.json"
+    return model_proto_from_tokenizer_json(path) if path.is_file() else None
 
 
 # The small files beside the weights that tokenizers, processors and chat templates live in,
