@@ -225,3 +225,40 @@ def test_gemma3_shaped_tokenizer_converted_by_transformers(tmp_path):
         want = hf.encode(text, add_special_tokens=False).ids
         if not {"<bos>", "<eos>", "<pad>", "<unk>"} & {hf.id_to_token(i) for i in want}:
             assert sp.encode(text) == want, text
+
+
+def _synthetic_tokenizer_json(path: Path, n_pieces: int) -> list[str]:
+    """A Gemma-shaped tokenizer.json with a long merge list: random pieces joined from earlier ones,
+    every split of each listed as a merge, in piece order (as transformers' extractor lists them);
+    returns the characters it is built on."""
+    rng = random.Random(1)
+    data = json.loads(JSON.read_text())
+    chars = [chr(c) for c in range(0x61, 0x7B)] + ["\u2581", "\n"] + [chr(0x4E00 + i) for i in range(40)]
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{b:02X}>" for b in range(256)), *chars]
+    seen, pool = set(pieces), list(chars)
+    while len(pieces) < n_pieces:
+        p = rng.choice(pool) + rng.choice(pool)
+        if p not in seen and len(p) <= 10:
+            seen.add(p)
+            pieces.append(p)
+            pool.append(p)
+    merges = [[p[:k], p[k:]] for p in pieces[260 + len(chars):] for k in range(1, len(p))
+              if p[:k] in seen and p[k:] in seen]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < 4]  # <pad> <eos> <bos> <unk>
+    data["model"].update(vocab={p: i for i, p in enumerate(pieces)}, merges=merges)
+    path.write_text(json.dumps(data))
+    return chars
+
+
+@pytest.mark.oracle
+def test_long_merge_list_equals_tokenizers_library(tmp_path):
+    from tokenizers import Tokenizer  # the reference implementation, imported only by this test
+
+    path = tmp_path / "tokenizer.json"
+    chars = _synthetic_tokenizer_json(path, 4000)
+    assert len(json.loads(path.read_text())["model"]["merges"]) > 3600  # some pieces have several splits
+    hf, sp = Tokenizer.from_file(str(path)), spm.SentencePieceProcessor(model_proto=model_proto_from_tokenizer_json(path))
+    rng = random.Random(2)
+    for _ in range(300):
+        text = "".join(rng.choice(chars + [" ", "  ", "😀"]) for _ in range(rng.randint(1, 120)))
+        assert sp.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
