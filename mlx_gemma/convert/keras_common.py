@@ -201,6 +201,16 @@ def _check_hf_equivalent(path, s: _DecoderSettings, gemma2: bool, query_scalar) 
 # --------------------------------------------------------------------------- tokenizer
 
 
+def backbone_header(folder: str, top: dict) -> tuple[str, dict, int]:
+    """(config.json's path, the backbone's settings, its vocabulary size) of a preset folder whose
+    parsed config.json is `top`: what every backbone reader checks first."""
+    config_path = os.path.join(folder, "config.json")
+    keras_cfg = top.get("config")
+    if not isinstance(keras_cfg, dict):
+        raise ConfigError(config_path, "has no 'config' object with the backbone's settings")
+    return config_path, keras_cfg, int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
+
+
 def read_tokenizer(folder: str, vocab_size: int) -> tuple[bytes, dict, int | None]:
     path = os.path.join(folder, VOCAB_FILE)
     if not os.path.isfile(path):

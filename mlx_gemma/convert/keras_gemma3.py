@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -65,6 +65,7 @@ from ..models import MODELS
 from ..tokenizer import GemmaTokenizer
 from .checkpoint import Checkpoint, generation_config
 from .keras_common import (
+    backbone_header,
     DEFAULT_MAX_POSITION_EMBEDDINGS, bool_setting, decoder_variables, dtype_name, float_setting, int_setting,
     read_tokenizer, to_hf_layout,
 )
@@ -254,11 +255,7 @@ def read_gemma3_preset(
     folder: str, top: dict, *, progress: Callable[[int, int, str], None] | None = None
 ) -> Checkpoint:
     """Read a Gemma3Backbone preset folder whose parsed config.json is `top`."""
-    config_path = os.path.join(folder, "config.json")
-    keras_cfg: Any = top.get("config")
-    if not isinstance(keras_cfg, dict):
-        raise ConfigError(config_path, "has no 'config' object with the backbone's settings")
-    vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
+    config_path, keras_cfg, vocab = backbone_header(folder, top)
     tokenizer_model, specials, end_of_turn = read_tokenizer(folder, vocab)
     cfg = gemma3_config_to_hf(keras_cfg, config_path, specials, GemmaTokenizer(tokenizer_model),
                               os.path.join(folder, "assets", "tokenizer", "vocabulary.spm"))

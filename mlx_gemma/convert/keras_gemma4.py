@@ -84,6 +84,7 @@ from ..models import MODELS
 from ..tokenizer import GemmaTokenizer
 from .checkpoint import Checkpoint, generation_config
 from .keras_common import (
+    backbone_header,
     bool_setting, dtype_name, float_setting, int_setting, read_tokenizer, stop_ids, to_hf_layout,
 )
 from .keras_h5 import read_variables
@@ -386,11 +387,7 @@ def read_gemma4_preset(
     folder: str, top: dict, *, progress: Callable[[int, int, str], None] | None = None
 ) -> Checkpoint:
     """Read a Gemma4Backbone preset folder whose parsed config.json is `top`."""
-    config_path = os.path.join(folder, "config.json")
-    keras_cfg: Any = top.get("config")
-    if not isinstance(keras_cfg, dict):
-        raise ConfigError(config_path, "has no 'config' object with the backbone's settings")
-    vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
+    config_path, keras_cfg, vocab = backbone_header(folder, top)
     tokenizer_model, specials, _ = read_tokenizer(folder, vocab)
     text = gemma4_text_config(keras_cfg, config_path, specials)
     vision = _vision_config(keras_cfg, config_path)

@@ -34,17 +34,17 @@ checked numerically against keras-hub by tests/test_convert_keras_paligemma.py:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..models.paligemma import ModelArgs
 from ..tokenizer import GemmaTokenizer
 from .checkpoint import Checkpoint, generation_config
 from .keras_common import (
+    backbone_header,
     decoder_variables, dtype_name, int_setting, keras_config_to_hf, read_tokenizer, to_hf_layout,
 )
 from .keras_h5 import read_variables
@@ -146,11 +146,7 @@ def read_paligemma_preset(
     folder: str, top: dict, *, progress: Callable[[int, int, str], None] | None = None
 ) -> Checkpoint:
     """Read a PaliGemmaBackbone preset folder whose parsed config.json is `top`."""
-    config_path = os.path.join(folder, "config.json")
-    keras_cfg = top.get("config")
-    if not isinstance(keras_cfg, dict):
-        raise ConfigError(config_path, "has no 'config' object with the backbone's settings")
-    vocab = int_setting(config_path, keras_cfg, "vocabulary_size", limit=1 << 22)
+    config_path, keras_cfg, vocab = backbone_header(folder, top)
     tokenizer_model, specials, end_of_turn = read_tokenizer(folder, vocab)
     tokenizer = GemmaTokenizer(tokenizer_model)
     # Google's PaliGemma vocabulary has no <image> piece (keras-hub needs none: it puts the
