@@ -2,7 +2,13 @@
 
 Gemma's tokenizer.json (transformers' GemmaTokenizer, `"backend": "tokenizers"`) is a BPE model
 with byte fallback: spaces become '▁' (normalizer), no pre-splitting that matters, merges applied
-in rank order, and the special tokens as added tokens.  SentencePiece's BPE instead merges the
+in rank order, and the special tokens as added tokens.  transformers' generic SentencePiece converter
+(what `AutoTokenizer` writes for a tokenizer.model-only folder, so what mlx-lm's convert leaves) has
+only <pad>/<eos>/<bos>/<unk> as added tokens and instead isolates the user-defined pieces with a
+pre-tokenizer regex, setting `ignore_merges` so each comes out whole: those pieces become USER_DEFINED
+here too.  `ignore_merges` also emits any whole chunk that is a piece; SentencePiece merges such a
+chunk to itself unless the piece's own merges cannot reach it, and there this follows SentencePiece,
+the tokenizer Google trains with and the one the file was converted from.  SentencePiece's BPE instead merges the
 adjacent pair whose joined piece has the highest score, so the merge of rank r gives its piece the
 score -r: the same pair wins at every step.  Byte pieces `<0xXX>` become BYTE pieces; added
 tokens become CONTROL (<bos>, <eos>, <pad>), UNKNOWN (<unk>) or USER_DEFINED (matched whole in
@@ -26,6 +32,7 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 # The normalizer a Gemma tokenizer.json has (transformers' GemmaConverter.normalizer: Replace(" ", "▁")),
 # and the pre-tokenizers that change nothing after it (GemmaConverter.pre_tokenizer splits on " ").
 _REPLACE_SPACE = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+_REGEX_SYNTAX = set(".^$*+?{}[]()")
 _NO_OP_SPLIT = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
 
 
@@ -35,9 +42,9 @@ def model_proto_from_tokenizer_json(path: str | os.PathLike) -> bytes:
     model = field(data, "model", dict, path)
     pieces = _vocabulary(path, model)
     added = _added_tokens(path, data, pieces)
-    _check_text_handling(path, data)
+    isolated = _check_text_handling(path, data, pieces)
     scores, pairs = _merge_scores(path, model, pieces)
-    types = _piece_types(path, added, model, pieces)
+    types = _piece_types(path, added + isolated, model, pieces)
     _check_reachable(path, pieces, pairs, types)
 
     proto = spm_pb2.ModelProto()
@@ -57,7 +64,7 @@ def _vocabulary(path, model: dict) -> list[str]:
         raise TokenizerError(path, f"model.type is {model.get('type')!r:.40}: only Gemma's BPE is supported")
     if model.get("byte_fallback") is not True:
         raise TokenizerError(path, "model.byte_fallback is not true: Gemma's BPE falls back to bytes")
-    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "ignore_merges"):
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         if model.get(key) not in (None, False):
             raise TokenizerError(path, f"model.{key} is set ({model[key]!r:.40}); Gemma's BPE has none")
     vocab = model.get("vocab")
@@ -72,14 +79,52 @@ def _vocabulary(path, model: dict) -> list[str]:
     return pieces
 
 
-def _check_text_handling(path, data: dict) -> None:
-    """Refuse text handling other than Gemma's: spaces become '▁', nothing else (no dummy prefix)."""
+def _check_text_handling(path, data: dict, pieces: list[str]) -> list[tuple[int, str]]:
+    """Refuse text handling other than Gemma's: spaces become '▁', nothing else (no dummy prefix).
+    Returns (id, piece) of the pieces a pre-tokenizer regex isolates (the generic converter's layout)."""
     norm = data.get("normalizer")
     steps = norm.get("normalizers") if isinstance(norm, dict) and norm.get("type") == "Sequence" else [norm]
     if steps != [_REPLACE_SPACE]:
         raise TokenizerError(path, f"normalizer {norm!r:.120} is not Gemma's (spaces replaced by '▁')")
-    if data.get("pre_tokenizer") not in (None, _NO_OP_SPLIT):
-        raise TokenizerError(path, f"pre_tokenizer {data.get('pre_tokenizer')!r:.120} is not Gemma's")
+    pre = data.get("pre_tokenizer")
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    isolated: list[tuple[int, str]] = []
+    for step in steps:
+        if step in (None, _NO_OP_SPLIT):
+            continue
+        literals = _isolated_literals(step)
+        if literals is None:
+            raise TokenizerError(path, f"pre_tokenizer {pre!r:.120} is not Gemma's")
+        ids = {p: i for i, p in enumerate(pieces)}
+        for literal in literals:
+            if literal not in ids:
+                raise ConfigError(path, f"pre_tokenizer isolates {literal!r:.40}, which is not in model.vocab")
+            isolated.append((ids[literal], literal))
+    return isolated
+
+
+def _isolated_literals(step) -> list[str] | None:
+    """The pieces of a Split(Regex("a|b|..."), Isolated) whose alternatives are escaped literals, or None."""
+    if not (isinstance(step, dict) and step.get("type") == "Split" and step.get("behavior") == "Isolated"
+            and step.get("invert") is False and isinstance(step.get("pattern"), dict)
+            and isinstance(step["pattern"].get("Regex"), str)):
+        return None
+    literals, current, chars = [], [], iter(step["pattern"]["Regex"])
+    for c in chars:
+        if c == "\\":
+            escaped = next(chars, "")
+            if not escaped or escaped.isalnum():  # \d, \s, ... are classes, not literals
+                return None
+            current.append(escaped)
+        elif c == "|":
+            literals.append("".join(current))
+            current = []
+        elif c in _REGEX_SYNTAX:
+            return None
+        else:
+            current.append(c)
+    literals.append("".join(current))
+    return literals if all(literals) else None
 
 
 def _merge_scores(path, model: dict, pieces: list[str]) -> tuple[dict[int, float], set[tuple[str, str]]]:

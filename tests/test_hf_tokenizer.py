@@ -97,6 +97,44 @@ def test_rebuilt_encodes_as_source_model(rebuilt, json_folder):
         assert ours.encode(text) == theirs.encode(text)  # typed specials stay text in both
 
 
+@pytest.fixture(scope="module")
+def generic_json(tmp_path_factory) -> Path:
+    """tokenizer.json as transformers' generic SentencePiece converter writes it (AutoTokenizer on a
+    tokenizer.model-only folder, so what mlx-lm's convert leaves): the user-defined pieces isolated
+    by a pre-tokenizer regex, `ignore_merges` set, and only <pad>/<eos>/<bos>/<unk> as added tokens."""
+    from transformers import AutoTokenizer  # the reference writer, imported only by these tests
+
+    folder = tmp_path_factory.mktemp("generic")
+    shutil.copy(SPM, folder / "tokenizer.model")
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder / "out")
+    path = folder / "out" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    assert data["model"]["ignore_merges"] is True and len(data["added_tokens"]) == 4
+    assert data["pre_tokenizer"]["pretokenizers"][0]["behavior"] == "Isolated"
+    return path
+
+
+@pytest.mark.oracle
+def test_generic_converter_layout_encodes_as_source_and_library(generic_json):
+    from tokenizers import Tokenizer  # the reference implementation, imported only by this test
+
+    source = spm.SentencePieceProcessor(model_file=str(SPM))
+    sp = spm.SentencePieceProcessor(model_proto=model_proto_from_tokenizer_json(generic_json))
+    hf = Tokenizer.from_file(str(generic_json))
+    assert [(sp.id_to_piece(i), sp.is_control(i), sp.is_byte(i), sp.is_unknown(i)) for i in range(sp.get_piece_size())] \
+        == [(source.id_to_piece(i), source.is_control(i), source.is_byte(i), source.is_unknown(i))
+            for i in range(source.get_piece_size())]
+    # every piece typed whole is where `ignore_merges` could part from SentencePiece's merges
+    whole = [source.id_to_piece(i).replace("\u2581", " ") for i in range(source.get_piece_size())
+             if not (source.is_control(i) or source.is_byte(i) or source.is_unknown(i))]
+    for text in TEXTS + _random_texts(300) + whole:
+        want = source.encode(text)
+        assert sp.encode(text) == want, text
+        theirs = hf.encode(text, add_special_tokens=False).ids
+        if not {"<bos>", "<eos>", "<pad>", "<unk>"} & {hf.id_to_token(i) for i in theirs}:
+            assert theirs == want, text  # the library matches CONTROL literals typed in text; SentencePiece does not
+
+
 def test_tokenizer_model_wins_over_tokenizer_json(tmp_path):
     shutil.copy(JSON, tmp_path / "tokenizer.json")
     shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", tmp_path / "tokenizer.model")
@@ -156,7 +194,10 @@ def _drop_byte(d):
     (lambda d: d.update(pre_tokenizer={"type": "ByteLevel"}), TokenizerError, "pre_tokenizer"),
     (lambda d: d.update(normalizer={"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
                                                                        d["normalizer"]]}), TokenizerError, "normalizer"),
-    (lambda d: d["model"].update(ignore_merges=True), TokenizerError, "ignore_merges"),
+    (lambda d: d.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "\\s+|<mask>"},
+                                       "behavior": "Isolated", "invert": False}), TokenizerError, "pre_tokenizer"),
+    (lambda d: d.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "<mask>|<nope>"},
+                                       "behavior": "Isolated", "invert": False}), ConfigError, "<nope>"),
     (lambda d: d["added_tokens"][5].update(lstrip=True), TokenizerError, "strips spaces"),
     (_drop_byte, TokenizerError, "byte pieces"),
     (lambda d: d["model"]["vocab"].update({"<pad>": 7}), ConfigError, "ids must be"),
