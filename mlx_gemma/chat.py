@@ -14,7 +14,11 @@ each `<start_of_image>` in the text, or first), and `/image PATH` at the prompt 
 the next turn.  Earlier images stay in the prompt cache: the vision tower sees each image once.
 
 With a Gemma 4 model (its `<|turn>` format), `--enable-thinking` / `ChatSession(enable_thinking=True)`
-turns thinking on; earlier replies lose their thoughts as Gemma 4's template drops them.
+turns thinking on; earlier replies lose their thoughts as Gemma 4's template drops them.  A Gemma 4
+model with towers takes images and (E2B / E4B) audio clips in any turn, `send(text, images=[...],
+audio=[...])` or `/image PATH` and `/audio PATH` at the prompt: each at its `<|image|>` / `<|audio|>`
+in the text, or, without markers, images then clips before the text (as Gemma 4's examples place
+them); each image with its own number of soft tokens, as Gemma4Processor lays it out.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from .api import load
-from .errors import GenerationError, MlxGemmaError, TokenizerError
+from .audio import load_audio
+from .errors import AudioError, GenerationError, ImageError, MlxGemmaError, TokenizerError
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
+from .gemma4_prompts import AUDIO_MARKER, IMAGE_MARKER, blocks_of, media_settings, preprocess_media
+from .gemma4_prompts import user_content as gemma4_content
 from .generate import GenerationResponse, format_stats, stream_generate
 from .models.kv_cache import KVCacheOptions
 from .samplers import SamplingSettings
@@ -37,14 +44,15 @@ from .vision import image_segments, load_image, with_crops
 
 def next_turn_ids(tokenizer, history: list[int], text, system: str | None = None,
                   image_block: list | None = None, enable_thinking: bool = False,
-                  reply_start: int | None = None) -> list[int]:
+                  reply_start: int | None = None, audio_block: list | None = None) -> list[int]:
     """The conversation's ids with a new user turn `text` and the model's turn opened.
 
     `history` is the ids so far (empty for the first turn, where `system` goes),
     ending with the last reply; a reply that did not end with <end_of_turn>
     (cut short, or ended by <eos>) is closed with one, as Gemma's template
     closes every model turn.  `text` may be a list of content parts (`{"type": "image"}`
-    among them, laid out as `image_block`: `mlx_gemma.image_chat.image_block`).
+    among them, laid out as `image_block`: `mlx_gemma.image_chat.image_block`; Gemma 4: a list with
+    each image's block, and `audio_block` likewise for `{"type": "audio"}` parts).
 
     Gemma 4 (`chat_format == "gemma4"`): `enable_thinking` puts `<|think|>` in the first turn's
     system turn; the last reply (from `reply_start`, by default just after the last
@@ -56,7 +64,7 @@ def next_turn_ids(tokenizer, history: list[int], text, system: str | None = None
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         thinking = {"enable_thinking": True} if enable_thinking else {}  # Gemma 1-3 refuse it (typed)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                             image_block=image_block, **thinking)
+                                             image_block=image_block, audio_block=audio_block, **thinking)
     eot = tokenizer.end_of_turn_id
     if history[-1] != eot and history[-1] in tokenizer.eos_token_ids:
         history = history[:-1]  # another stop id (<eos>) ends the reply: the template has <end_of_turn> there
@@ -67,7 +75,7 @@ def next_turn_ids(tokenizer, history: list[int], text, system: str | None = None
     # closes an empty thought channel on 26B / 31B unless thinking is on (chat_template.py).
     later = {"empty_thought": tokenizer.empty_thought and not enable_thinking} if gemma4 else {}
     turn = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                         image_block=image_block, **later)[1:]  # no <bos>
+                                         image_block=image_block, audio_block=audio_block, **later)[1:]  # no <bos>
     return history + closing + tokenizer.encode("\n", add_bos=False) + turn
 
 
@@ -126,6 +134,9 @@ class ChatSession:
     blocks (and a 26B / 31B generation prompt's empty one) are dropped as the template drops them
     (`last_reply_as_rendered`), and the prompt cache trims back to where the reply changed and
     refills from there, so each turn's ids are the whole conversation as the template renders it.
+    With its towers, `send(text, images=..., audio=...)` adds images and clips to any turn (see the
+    module's text); each is read once, when sent, and stays in the history and the cache with its turn.
+    Media the model has no tower for raise ImageError / AudioError, and the session stays as it was.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = 256, sampler=None,
@@ -153,20 +164,44 @@ class ChatSession:
         self.settings["stop_token_ids"] = [tokenizer.end_of_turn_id, *(generate_kwargs.get("stop_token_ids") or [])]
         self.history: list[int] = []  # the conversation's ids, replies included
         self.images: list = []  # the conversation's images (RGB PIL images, crops after theirs), in order
+        self.clips: list = []  # Gemma 4: the conversation's audio clips (samples at the extractor's rate), in order
         self.reply_start: int | None = None  # Gemma 4: where the last reply begins in `history`
 
     def reset(self) -> None:
         """Start a new conversation (same system prompt and settings)."""
-        self.history, self.images, self.reply_start = [], [], None
+        self.history, self.images, self.clips, self.reply_start = [], [], [], None
         self.cache.reset()
 
-    def send(self, text: str, images=None) -> Iterator[GenerationResponse]:
+    def send(self, text: str, images=None, audio=None) -> Iterator[GenerationResponse]:
         """Add a user turn (with `images`: paths, PIL images or arrays, at each `<start_of_image>`
-        in `text` or first) and stream the model's reply (recorded in `history` as it comes)."""
+        in `text` or first; Gemma 4: at each `<|image|>`, and `audio`: paths, file bytes or 16 kHz
+        samples, at each `<|audio|>`) and stream the model's reply (recorded in `history` as it comes)."""
+        images, clips = _as_list(images), _as_list(audio)
+        turn = self._gemma4_turn if self.tokenizer.chat_format == "gemma4" else self._gemma3_turn
+        ids, new_images, new_clips = turn(text, images, clips)  # typed errors here leave the session as it was
+        every, sounds = self.images + new_images, self.clips + new_clips
+        responses = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
+                                    image=every or None, audio=sounds or None, **self.settings)
+        generated: list[int] = []
+        try:
+            for r in responses:
+                generated.append(r.token)
+                yield r
+        finally:
+            responses.close()  # so the cache records its tokens now, not whenever collected
+            self.history, self.images, self.clips = ids + generated, every, sounds
+            if self.tokenizer.chat_format == "gemma4":
+                self.reply_start = reply_start_of(self.tokenizer, ids)
+
+    def reply(self, text: str, images=None, audio=None) -> str:
+        """`send`, returning the reply's text."""
+        return "".join(r.text for r in self.send(text, images, audio))
+
+    def _gemma3_turn(self, text: str, images: list, clips: list) -> tuple[list[int], list, list]:
+        """(the conversation's ids with a Gemma 1-3 user turn, its images read (crops after each), no clips)."""
         spec = self.model.image_input
-        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-        if images and self.tokenizer.chat_format == "gemma4":
-            raise GenerationError("images in a Gemma 4 chat are not supported yet (ChatSession takes Gemma 4 text)")
+        if clips:
+            raise AudioError("audio", f"this {self.model.model_type} model takes no audio (Gemma 4 E2B / E4B do)")
         if images and (spec is None or spec.start_id is None):
             raise GenerationError("this model takes no images in a chat (Gemma 3 vision-language models do)")
         new = [load_image(im, f"images[{i}]") for i, im in enumerate(images)]  # read once, kept as read
@@ -177,30 +212,56 @@ class ChatSession:
         content = user_content(text, len(new), self.tokenizer.id_to_piece(spec.start_id)) if new else text
         ids = next_turn_ids(self.tokenizer, self.history, content, self.system, block, self.enable_thinking,
                             self.reply_start)
-        every = self.images + flat
-        responses = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
-                                    image=every or None, **self.settings)
-        generated: list[int] = []
-        try:
-            for r in responses:
-                generated.append(r.token)
-                yield r
-        finally:
-            responses.close()  # so the cache records its tokens now, not whenever collected
-            self.history, self.images = ids + generated, every
-            if self.tokenizer.chat_format == "gemma4":
-                self.reply_start = reply_start_of(self.tokenizer, ids)
+        return ids, flat, []
 
-    def reply(self, text: str, images=None) -> str:
-        """`send`, returning the reply's text."""
-        return "".join(r.text for r in self.send(text, images))
+    def _gemma4_turn(self, text: str, images: list, clips: list) -> tuple[list[int], list, list]:
+        """(the conversation's ids with a Gemma 4 user turn, its images read, its clips read): each image
+        and clip read once, its block as long as Gemma4Processor makes it (`gemma4_prompts.blocks_of`)."""
+        model = self.model
+        if images and (model.image_input is None or not model.image_input.variable):
+            raise ImageError("images", f"this {model.model_type} model has no vision tower: it takes no images")
+        if clips and model.audio_input is None:
+            raise AudioError("audio", f"this {model.model_type} model has no audio tower: it takes no audio")
+        new = [load_image(im, f"images[{i}]") for i, im in enumerate(images)]
+        rate = media_settings(model)[1].sampling_rate if clips else None
+        sounds = [load_audio(c, rate, name=f"audio[{i}]") for i, c in enumerate(clips)]
+        content = text
+        if new or sounds:
+            image_blocks, audio_blocks = blocks_of(model, preprocess_media(model, new, sounds))
+            content = gemma4_content(marked_text(text, len(new), len(sounds)))
+        else:
+            image_blocks = audio_blocks = None  # no media: the text is plain text, markers and all
+        ids = next_turn_ids(self.tokenizer, self.history, content, self.system, image_blocks or None,
+                            self.enable_thinking, self.reply_start, audio_blocks or None)
+        return ids, new, sounds
+
+
+def marked_text(text: str, n_images: int, n_clips: int) -> str:
+    """Gemma 4: `text` with one `<|image|>` per image and one `<|audio|>` per clip: as written, or,
+    without markers, the images' and then the clips' markers first (the chat template then renders
+    them before the text, where Gemma 4's examples put media).  Other counts are typed errors."""
+    if IMAGE_MARKER not in text and AUDIO_MARKER not in text:
+        return IMAGE_MARKER * n_images + AUDIO_MARKER * n_clips + text
+    for marker, n, error, kind in ((IMAGE_MARKER, n_images, ImageError, "images"),
+                                   (AUDIO_MARKER, n_clips, AudioError, "audio")):
+        if text.count(marker) != n:
+            raise error(kind, f"the message holds {text.count(marker)} {marker} markers for {n} {kind} "
+                              "input(s); give one per marker (or no markers)")
+    return text
+
+
+def _as_list(items) -> list:
+    return [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma.chat",
-                                description="Chat with a Gemma instruct model (/reset: new conversation, "
+                                description="Chat with a Gemma instruct model (/reset: new conversation; "
                                             "/image PATH: attach an image to your next message, Gemma 3 "
-                                            "vision-language models; /quit: leave).")
+                                            "vision-language models and Gemma 4; /audio PATH: attach an audio "
+                                            "clip (WAV, FLAC, OGG), Gemma 4 E2B / E4B; the next message may place "
+                                            "them with <start_of_image> (Gemma 3) or <|image|> / <|audio|> (Gemma 4), "
+                                            "else they come first; /quit: leave).")
     p.add_argument("--model", default=None, help="model folder or hub repo id (default: the packaged model)")
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for every conversation")
     add_sampling_flags(p)
@@ -223,8 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,
                               kv_options=kv_options_from(args), pan_and_scan=args.pan_and_scan or None,
                               enable_thinking=args.enable_thinking)
-        print("[/reset starts a new conversation; /image PATH attaches an image; /quit or Ctrl-D leaves]", file=err)
-        pending: list = []  # images attached to the next message
+        print("[/reset starts a new conversation; /image PATH attaches an image, /audio PATH a clip; "
+              "/quit or Ctrl-D leaves]", file=err)
+        pending: dict = {"image": [], "audio": []}  # media attached to the next message
         while True:
             line = input(">> ") if interactive else sys.stdin.readline()
             if not line:  # EOF
@@ -234,20 +296,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             if text == "/reset":
                 session.reset()
-                pending = []
+                pending = {"image": [], "audio": []}
                 print("[new conversation]", file=err)
                 continue
-            if text.startswith("/image "):
-                pending.append(_attach(text[len("/image "):].strip(), err))
-                pending = [im for im in pending if im is not None]
+            kind = next((k for k in pending if text.startswith(f"/{k} ")), None)
+            if kind is not None:
+                attached = _attach(kind, text[len(kind) + 2:].strip(), err)
+                pending[kind] += [] if attached is None else [attached]
                 continue
             if not text:
                 continue
             last = None
             try:
-                images, pending = pending, []
-                for last in session.send(text, images):
+                media, pending = pending, {"image": [], "audio": []}
+                for last in session.send(text, media["image"], media["audio"]):
                     print(last.text, end="", file=out, flush=True)
+            except (ImageError, AudioError) as e:  # media the model cannot take: the conversation is as it was
+                print(f"{error_line(e)} (message not sent)", file=err)
+                continue
             except GenerationError as e:  # e.g. the conversation outgrew the context: say so, go on
                 print(f"{error_line(e)} (/reset starts a new conversation)", file=err)
                 continue
@@ -266,15 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _attach(path: str, err):
-    """`/image PATH`: the image read now (said so on stderr), or None with the reason."""
+def _attach(kind: str, path: str, err):
+    """`/image PATH` or `/audio PATH`: the image or clip (its samples at 16 kHz) read now (said so on
+    stderr), or None with the reason."""
     try:
-        image = load_image(path)
+        item = load_image(path) if kind == "image" else load_audio(path)
     except MlxGemmaError as e:
         print(f"{error_line(e)} (not attached)", file=err)
         return None
-    print(f"[image {path} attached to your next message]", file=err)
-    return image
+    print(f"[{'image' if kind == 'image' else 'audio clip'} {path} attached to your next message]", file=err)
+    return item
 
 
 if __name__ == "__main__":
