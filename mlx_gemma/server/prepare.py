@@ -1,0 +1,152 @@
+"""A validated request turned into the scheduler's jobs: the prompt's ids, sampling, stops, budget.
+
+Chat messages are rendered with the model's own chat format (`GemmaTokenizer.apply_chat_template`:
+Gemma 1-3's turns or Gemma 4's, message text encoded as plain text so a user cannot forge a turn);
+completion prompts are encoded with <bos>, or taken as token ids.  Everything a user can get wrong
+that pydantic cannot see (roles out of order, a token id past the vocabulary, a prompt past the
+context, a feature this server does not have yet) becomes an `ApiError` 400 here, before any job
+is submitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..batching import Job
+from ..errors import MlxGemmaError
+from ..prompts import prompt_ids
+from ..samplers import SamplingSettings
+from .api_errors import ApiError
+from .schemas import ChatRequest, CompletionRequest, Message
+from .served import Defaults, ServedModel
+
+NOT_YET = "not supported yet by this server"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the response side needs besides the jobs themselves."""
+
+    jobs: list  # one Job per choice, in choice order
+    prompt_tokens: int  # the request's prompt tokens (each prompt once, however many choices)
+    stop_ids: frozenset  # ids that end a choice (the job's, for the text side)
+    stop_strings: tuple  # strings that end a choice, never sent
+    logprobs: bool  # whether choices carry logprobs
+    top_logprobs: int  # alternatives per token
+
+
+def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults) -> Prepared:
+    _refuse_chat_features(request)
+    messages = [_message_dict(m, i) for i, m in enumerate(request.messages)]
+    thinking = request.chat_template_kwargs.enable_thinking if request.chat_template_kwargs else False
+    try:
+        ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   enable_thinking=thinking)
+    except MlxGemmaError as e:
+        raise ApiError(400, str(e), "messages", "invalid_messages") from None
+    stop_ids = frozenset(served.tokenizer.eos_token_ids)
+    if served.tokenizer.end_of_turn_id is not None:  # a reply ends with its turn, as ChatSession stops
+        stop_ids |= {served.tokenizer.end_of_turn_id}
+    limit = request.max_completion_tokens or request.max_tokens
+    top = (request.top_logprobs or 0) if request.logprobs else 0
+    return _jobs(served, request, defaults, [ids], limit, stop_ids, request.logprobs, top)
+
+
+def prepare_completion(served: ServedModel, request: CompletionRequest, defaults: Defaults) -> Prepared:
+    if request.echo:
+        raise ApiError(400, f"echo is {NOT_YET}", "echo", "unsupported_parameter")
+    if request.suffix:
+        raise ApiError(400, f"suffix (insertion) is {NOT_YET}", "suffix", "unsupported_parameter")
+    if request.best_of is not None and request.best_of != request.n:
+        raise ApiError(400, f"best_of other than n is {NOT_YET}", "best_of", "unsupported_parameter")
+    prompts = request.prompt
+    if isinstance(prompts, str) or isinstance(prompts[0], int):
+        prompts = [prompts]
+    rows = []
+    for i, p in enumerate(prompts):
+        try:
+            rows.append(prompt_ids(served.tokenizer, p, chat=False, vocab_size=served.model.args.vocab_size))
+        except MlxGemmaError as e:
+            raise ApiError(400, f"prompt {i}: {e}", "prompt", "invalid_prompt") from None
+    stop_ids = frozenset(served.tokenizer.eos_token_ids)
+    wants = request.logprobs is not None
+    return _jobs(served, request, defaults, rows, request.max_tokens, stop_ids, wants, request.logprobs or 0)
+
+
+def _jobs(served, request, defaults: Defaults, rows: list[list[int]], limit, stop_ids, logprobs: bool,
+          top: int) -> Prepared:
+    """One Job per (prompt, choice), prompt-major as OpenAI numbers choices."""
+    limit = limit or defaults.max_tokens
+    stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    bias = _logit_bias(request.logit_bias, served.model.args.vocab_size)
+    jobs = []
+    for p, ids in enumerate(rows):
+        if len(ids) >= served.context:
+            param = "messages" if isinstance(request, ChatRequest) else "prompt"
+            raise ApiError(400, f"This model's maximum context length is {served.context} tokens, but the "
+                                f"prompt{'' if len(rows) == 1 else f' {p}'} is {len(ids)} tokens. Shorten it.",
+                           param, "context_length_exceeded")
+        budget = min(limit, served.context - len(ids))  # the whole sequence must fit the context
+        for c in range(request.n):
+            seed = None if request.seed is None else (request.seed + c) % 2 ** 63  # n different draws
+            jobs.append(Job(prompt_ids=list(ids), max_tokens=budget, sampling=_sampling(request, defaults, seed, bias),
+                            stop_ids=stop_ids, top_logprobs=top))
+    return Prepared(jobs, sum(len(r) for r in rows), stop_ids, stops, logprobs, top)
+
+
+def _sampling(request, defaults: Defaults, seed, bias) -> SamplingSettings:
+    def pick(value, default):
+        return default if value is None else value
+
+    try:
+        return SamplingSettings(
+            temp=pick(request.temperature, defaults.temp), top_k=pick(request.top_k, defaults.top_k),
+            top_p=pick(request.top_p, defaults.top_p), min_p=pick(request.min_p, defaults.min_p), seed=seed,
+            repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, logit_bias=bias)
+    except MlxGemmaError as e:  # pydantic checked the ranges; this is a second line
+        raise ApiError(400, str(e), None, "invalid_value") from None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit() or int(key) >= vocab_size:
+            raise ApiError(400, f"logit_bias: {key[:40]!r} is not a token id of this model (0..{vocab_size - 1})",
+                           "logit_bias", "invalid_value")
+        out[int(key)] = value
+    return out
+
+
+def _refuse_chat_features(request: ChatRequest) -> None:
+    for name in ("tools", "tool_choice", "functions", "function_call", "audio", "reasoning_effort"):
+        if getattr(request, name) not in (None, []):
+            raise ApiError(400, f"{name} is {NOT_YET}", name, "unsupported_parameter")
+    if request.response_format is not None and request.response_format != {"type": "text"}:
+        raise ApiError(400, f"response_format other than {{'type': 'text'}} is {NOT_YET}", "response_format",
+                       "unsupported_parameter")
+    if request.modalities not in (None, ["text"]):
+        raise ApiError(400, f"modalities other than ['text'] are {NOT_YET}", "modalities", "unsupported_parameter")
+
+
+def _message_dict(m: Message, i: int) -> dict:
+    """A message as the chat template takes it: role and text (a string or text parts)."""
+    where = f"messages.{i}"
+    if m.role in ("tool", "function") or m.tool_calls or m.function_call is not None or m.tool_call_id:
+        raise ApiError(400, f"{where}: tool messages and tool calls are {NOT_YET}", where, "unsupported_content")
+    if m.content is None:
+        raise ApiError(400, f"{where}.content: a message needs content", f"{where}.content", "invalid_value")
+    if isinstance(m.content, list):
+        media = next((p.type for p in m.content if p.type != "text"), None)
+        if media is not None:
+            raise ApiError(400, f"{where}.content: {media} parts are {NOT_YET} (text only)", f"{where}.content",
+                           "unsupported_content")
+        content = [{"type": "text", "text": p.text} for p in m.content]
+    else:
+        content = m.content
+    out = {"role": "system" if m.role == "developer" else m.role, "content": content}  # OpenAI's new name
+    if m.reasoning_content is not None:
+        out["reasoning_content"] = m.reasoning_content  # Gemma 4 keeps the last turn's thoughts
+    return out
