@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,10 +69,15 @@ def _usable_cores() -> int:  # asked once: cpu_threads() runs at every product
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-@functools.cache
+_thread_streams = threading.local()  # MLX 0.32 streams belong to the thread that made them
+
+
 def _helper_streams(n: int) -> tuple[mx.Stream, ...]:
-    """n CPU streams (threads) besides the caller's, made once per process."""
-    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+    """n CPU streams (threads) besides the caller's, made once per calling thread."""
+    made = _thread_streams.__dict__.setdefault("by_count", {})
+    if n not in made:
+        made[n] = tuple(mx.new_stream(mx.cpu) for _ in range(n))
+    return made[n]
 
 
 def spread(product, rows: int, *sliced: mx.array) -> mx.array:

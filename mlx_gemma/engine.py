@@ -14,13 +14,14 @@ caches and chat all run through the two functions here:
   (search.py) and keras-hub's PaliGemma loop bring their own.
 
 New decoding schemes are policies, not loops: a batch whose rows join and leave is a policy
-whose `advance` (not pipelined at the steps where the batch changes) takes or merges cache rows;
+whose `advance` takes or merges cache rows (batching.BatchPolicy: lazily, so it stays pipelined);
 speculative decoding is a policy whose `advance` feeds several proposed tokens in one forward
 pass and whose `read` returns the accepted ones, rolling the caches back with `trim_to`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,15 +46,18 @@ CPU_PREFILL_STEP_SIZE = 32
 CPU_QUANTIZED_PREFILL_STEP_SIZE = 256
 _CLEAR_CACHE_EVERY = 256  # decode steps between returns of freed buffers to the allocator
 
-_streams: dict[str, mx.Stream] = {}
+# MLX streams belong to the thread that made them (MLX 0.32 refuses another thread's), so each
+# thread makes its own: the batch scheduler's MLX thread and the caller's may both generate.
+_streams = threading.local()
 
 
 def generation_stream() -> mx.Stream:
-    """A stream of its own for generation on the current default device (made once per device)."""
+    """A stream of its own for generation on the current default device (made once per device and thread)."""
     device = mx.default_device()
-    if repr(device) not in _streams:
-        _streams[repr(device)] = mx.new_stream(device)
-    return _streams[repr(device)]
+    made = _streams.__dict__.setdefault("by_device", {})
+    if repr(device) not in made:
+        made[repr(device)] = mx.new_stream(device)
+    return made[repr(device)]
 
 
 def token_budget(model, prompt_length: int, max_tokens: int) -> int:

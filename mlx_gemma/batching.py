@@ -1,0 +1,473 @@
+"""Continuous batching: concurrent generation requests sharing one decode batch on one MLX thread.
+
+The server submits `Job`s from any thread and gets `Event`s back (one per token, then a final
+one).  All model work runs on the scheduler's own thread, inside the engine's one decode loop
+(`engine.run`) driven by `BatchPolicy`.  Each step of that loop:
+
+1. takes what arrived (new jobs queue for prefill; cancelled rows leave now, with a final
+   "cancelled" event), and drops the rows that finished (`take`, which also trims the padding
+   every remaining row shares, so memory follows the rows that remain);
+2. queues one decoding step of every running row: one forward pass over the batch, then each
+   row's own logits processors (its history: its prompt and its tokens) and its own sampler
+   (its own seed), so a row's tokens are what it would get alone;
+3. prefills one chunk (`prefill_chunk` positions) of the oldest waiting prompt into caches of
+   its own, so a long prompt never freezes the other streams; when its last chunk is in, its
+   first token is sampled and its caches join the batch as a new row (models/batch_rows.py:
+   rows of different lengths, windows that have wrapped, Gemma 4's shared KV layers).
+
+The loop is pipelined throughout: taking and merging rows are lazy array operations, so step
+n + 1 can be queued before the host reads step n.  A row that finishes at step n is still
+computed at step n + 1 (its output ignored) and leaves at step n + 2.  When nothing runs and
+nothing waits, the thread sleeps on its inbox.
+
+A failure in one job (NaN logits in its row, a processor that raises, media that does not fit)
+ends that job with an "error" event; an exception in the loop itself fails every current job
+and the thread serves on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .arguments import is_integer
+from .cpu_spread import streams as cpu_streams
+from .engine import Pending, default_prefill_step, generation_stream, prefill, run, token_budget
+from .errors import GenerationError, MlxGemmaError
+from .models.batch_rows import batch_caches_like, merge_rows, take_rows
+from .models.kv_cache import KVCacheOptions
+from .samplers import SamplingSettings, apply_processors, greedy, logsumexp
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation request."""
+
+    prompt_ids: list[int]  # the whole prompt, <bos> included
+    max_tokens: int  # tokens to generate at most (fewer at the context length)
+    sampling: SamplingSettings = SamplingSettings()  # per request: temp/top_k/top_p/min_p/seed/penalties/logit_bias
+    stop_ids: frozenset[int] = frozenset()  # ids that end the row (the tokenizer's eos ids + the caller's)
+    top_logprobs: int = 0  # how many alternatives to report per token (0..20)
+    media: Any = field(default=None, hash=False)  # engine.prefill's **inputs for the prompt; None for text
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one step gave one job; the last event of a job has a finish_reason."""
+
+    job_id: int
+    token: int | None  # None on the final event of a cancelled/failed job
+    logprob: float | None  # the token's log-probability after processors, before temperature/top-p (OpenAI's)
+    top_logprobs: list[tuple[int, float]]  # the job's top_logprobs alternatives, best first
+    finish_reason: str | None  # None while running; "stop" (a stop id, emitted), "length", "cancelled", "error"
+    error: str | None = None  # a message safe to show a client when finish_reason == "error"
+    prompt_tokens: int = 0  # on the first event: the prompt's length
+    cached_tokens: int = 0  # on the first event: prompt tokens reused (0 until the prefix cache exists)
+
+
+class _Row:
+    """A job on the MLX thread: waiting, prefilling into caches of its own, then a batch row."""
+
+    def __init__(self, job_id: int, job: Job, on_event: Callable[[Event], None], budget: int):
+        self.id, self.job, self.on_event, self.budget = job_id, job, on_event, budget
+        self.sampler = self.processors = self.prompt = self.history = None  # made on the MLX thread
+        self.caches: list | None = None  # its own caches while its prompt is prefilled
+        self.fed = 0  # prompt positions prefilled
+        self.produced = 0  # tokens emitted
+        self.last: mx.array | None = None  # its latest token [1] (lazy), fed at the next step
+        self.done = False  # finished, failed or cancelled: no more events
+
+    def begin(self) -> None:
+        """Build what the MLX thread needs: sampler (its own key), processors, the prompt array."""
+        self.sampler = self.job.sampling.sampler()
+        self.processors = self.job.sampling.processors()
+        self.prompt = mx.array(self.job.prompt_ids, dtype=mx.int32)[None]  # [1, L]
+        self.history = self.prompt if self.processors else None
+
+
+@dataclass
+class _Out:
+    """One row's output of one step, lazy until `read`."""
+
+    row: _Row
+    token: mx.array  # [1] the id, or -1 when the row's logits held a NaN or nothing finite
+    logprob: mx.array  # [1]
+    top: tuple | None  # (ids [k], logprobs [k]) when the job asks for alternatives
+
+    def arrays(self) -> list[mx.array]:
+        return [self.token, self.logprob, *(self.top or ())]
+
+
+def _error_text(e: BaseException) -> str:
+    """A message a client may see: our own errors say what was wrong; others only their kind."""
+    return str(e) if isinstance(e, MlxGemmaError) else f"internal error ({type(e).__name__})"
+
+
+class BatchPolicy:
+    """The engine's step policy for a batch whose rows join and leave (see the module docstring)."""
+
+    pipelined = True  # a step never needs the host's values of the step before
+
+    def __init__(self, model, inbox: queue.Queue, chunk: int, kv_options: KVCacheOptions, finished,
+                 max_batch: int = 8):
+        self.model, self.inbox, self.chunk, self.kv_options = model, inbox, chunk, kv_options
+        self.max_batch = max_batch  # rows decoding at once; a prompt waits for room before its prefill
+        self.finished = finished  # called once per job when its final event is out
+        self.rows: list[_Row] = []  # the batch, in cache row order
+        self.waiting: deque[_Row] = deque()  # prompts to prefill, oldest first
+        self.caches = batch_caches_like(model.make_cache(None, kv_options))
+        self.closing = False
+
+    # ----- events ---------------------------------------------------------------------------
+
+    def emit(self, row: _Row, event: Event) -> None:
+        if event.finish_reason is not None:
+            row.done = True
+        try:
+            row.on_event(event)
+        except Exception:  # a broken callback ends its own job, never the loop
+            row.done = True
+        if row.done:
+            self.finished()
+
+    def end(self, row: _Row, reason: str, error: str | None = None) -> None:
+        """The final event of a job that ends without a token."""
+        if not row.done:
+            self.emit(row, Event(row.id, None, None, [], reason, error,
+                                 prompt_tokens=0 if row.produced else len(row.job.prompt_ids)))
+
+    def fail_all(self, e: BaseException) -> None:
+        """An exception in the loop: every current job ends with an error; the batch starts afresh."""
+        for row in [*self.rows, *self.waiting]:
+            self.end(row, "error", _error_text(e))
+        self.rows, self.waiting = [], deque()
+        self.caches = batch_caches_like(self.model.make_cache(None, self.kv_options))
+
+    # ----- the inbox ------------------------------------------------------------------------
+
+    def _take_inbox(self) -> None:
+        """Handle what arrived; sleep until something does when nothing runs or waits."""
+        while True:
+            idle = not any(not r.done for r in self.rows) and not self.waiting and not self.closing
+            if idle:
+                mx.clear_cache()  # nothing runs: give the freed buffers back before sleeping
+            try:
+                kind, value = self.inbox.get(block=idle)
+            except queue.Empty:
+                return
+            if kind == "job":
+                self.waiting.append(value)
+            elif kind == "cancel":
+                for row in [r for r in [*self.rows, *self.waiting] if r.id == value]:
+                    self.end(row, "cancelled")
+                self.waiting = deque(r for r in self.waiting if not r.done)
+            elif kind == "close":
+                self.closing = True
+                for row in [*self.rows, *self.waiting]:
+                    self.end(row, "cancelled")
+                self.waiting = deque()
+
+    def _drop_done(self) -> None:
+        keep = [b for b, r in enumerate(self.rows) if not r.done]
+        if len(keep) < len(self.rows):
+            take_rows(self.caches, keep)
+            self.rows = [self.rows[b] for b in keep]
+
+    # ----- one step -------------------------------------------------------------------------
+
+    def first(self, hidden) -> Pending:
+        return self._step()
+
+    def advance(self, step: Pending, read) -> Pending:
+        return self._step()
+
+    def _step(self) -> Pending:
+        self._drop_done()  # before the inbox, which may sleep: an idle batch holds no rows
+        self._take_inbox()
+        self._drop_done()
+        outs = self._decode() if self.rows and not self.closing else []
+        if self.waiting and not self.closing and len(self.rows) < self.max_batch:
+            joined = self._prefill_next()
+            if joined is not None:
+                outs.append(joined)
+        return Pending(tuple(a for o in outs for a in o.arrays()), outs)
+
+    def _decode(self) -> list[_Out]:
+        """One forward pass over the batch and each row's own sampling (lazy)."""
+        y = mx.concatenate([r.last for r in self.rows])[:, None]  # [B, 1]
+        hidden = self.model.model(y, cache=self.caches)  # [B, 1, D]
+        logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)  # [B, V]
+        outs = []
+        for b, row in enumerate(self.rows):
+            if row.done:  # finished at the step being read: computed, ignored, dropped next step
+                continue
+            out = self._sample(row, logits[b : b + 1], y[b : b + 1])
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _sample(self, row: _Row, logits: mx.array, fed: mx.array | None) -> _Out | None:
+        """The row's next token from its logits [1, V] (as engine.SampleStep samples it)."""
+        try:
+            if row.processors:
+                if fed is not None:
+                    row.history = mx.concatenate([row.history, fed], axis=1)
+                logits = apply_processors(row.processors, row.history, logits)
+            lse = logsumexp(logits)  # [1]
+            logprobs = logits - lse[:, None]
+            token = (mx.argmax(logits, axis=-1) if row.sampler is greedy else row.sampler(logprobs)).astype(mx.int32)
+        except Exception as e:  # this row's settings fail: it ends, the batch goes on
+            row.last = mx.zeros((1,), mx.int32)
+            self.end(row, "error", _error_text(e))
+            return None
+        finite = mx.isfinite(lse)
+        row.last = mx.where(finite, token, 0)  # a failed row still feeds a valid id until it leaves
+        chosen = mx.take_along_axis(logprobs, row.last[:, None], axis=-1)[:, 0]
+        top = None
+        if row.job.top_logprobs:
+            ids = mx.argpartition(-logprobs[0], kth=row.job.top_logprobs - 1)[: row.job.top_logprobs]
+            top = (ids, logprobs[0][ids])
+        return _Out(row, mx.where(finite, token, -1), chosen, top)
+
+    def _prefill_next(self) -> _Out | None:
+        """One chunk of the oldest waiting prompt; its first token once all of it is in."""
+        row = self.waiting[0]
+        try:
+            hidden = self._prefill_chunk(row)
+        except Exception as e:  # a prompt the model cannot take (its media, say) ends that job only
+            self.waiting.popleft()
+            row.caches = None
+            self.end(row, "error", _error_text(e))
+            return None
+        if hidden is None:
+            return None
+        self.waiting.popleft()
+        logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)  # [1, V]
+        out = self._sample(row, logits, None)
+        if out is None:
+            row.caches = None
+            return None
+        merge_rows(self.caches, row.caches)
+        row.caches = None
+        self.rows.append(row)
+        return out
+
+    def _prefill_chunk(self, row: _Row) -> mx.array | None:
+        """Feed the next chunk of the row's prompt; its last hidden states when the prompt is in."""
+        if row.caches is None:
+            row.begin()
+            row.caches = self.model.make_cache(None, self.kv_options)
+        L = row.prompt.shape[1]
+        media = dict(row.job.media or {})
+        if media:  # media go whole: the engine's prefill keeps image blocks in one chunk, audio in one call
+            step = L if self.model.image_input is None else self.chunk
+            hidden, row.fed = prefill(self.model, row.prompt, row.caches, step, **media), L
+        else:
+            end = min(L, row.fed + self.chunk)
+            hidden, row.fed = prefill(self.model, row.prompt[:, row.fed : end], row.caches, self.chunk), end
+        if row.fed < L:
+            mx.eval([c.state for c in row.caches])
+            return None
+        return hidden
+
+    # ----- reading a step -------------------------------------------------------------------
+
+    def read(self, step: Pending, n: int) -> int:
+        """Emit the step's events; the number of rows it held."""
+        outs: list[_Out] = step.rest
+        if outs:
+            mx.eval(*step.queue)
+        for out in outs:
+            row = out.row
+            if row.done:
+                continue
+            token = out.token.item()
+            if token < 0:
+                self.end(row, "error", "the logits held a NaN or no finite value (the weights, the dtype or a "
+                                       "logits processor are at fault)")
+                continue
+            row.produced += 1
+            finish = "stop" if token in row.job.stop_ids else ("length" if row.produced >= row.budget else None)
+            top = []
+            if out.top is not None:
+                top = sorted(zip(out.top[0].tolist(), out.top[1].tolist()), key=lambda t: -t[1])
+            first = len(row.job.prompt_ids) if row.produced == 1 else 0
+            self.emit(row, Event(row.id, token, out.logprob.item(), top, finish, prompt_tokens=first))
+        return len(outs)
+
+    @property
+    def cache_bytes(self) -> int:
+        own = [c for r in self.waiting if r.caches is not None for c in r.caches]
+        return sum(c.nbytes for c in [*self.caches, *own])
+
+
+class _MlxThread:
+    """A daemon thread that runs one scheduler's loop at a time, then waits for the next one.
+
+    These threads never end: MLX 0.32 makes streams per thread, and a process whose thread that
+    made streams has ended may abort at exit ("terminate called without an active exception",
+    seen here on the CPU).  So a closed scheduler's thread is kept, parked, for the next scheduler.
+    """
+
+    NAME = "mlx_gemma-batch"
+    _parked: list[_MlxThread] = []
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.tasks: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, name=self.NAME, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            task, done = self.tasks.get()
+            try:
+                task()
+            finally:
+                with self._lock:
+                    self._parked.append(self)
+                done.set()
+
+    @classmethod
+    def serve(cls, task: Callable[[], None]) -> threading.Event:
+        """Run `task` on a parked thread (or a new one); the event is set when it returns."""
+        with cls._lock:
+            thread = cls._parked.pop() if cls._parked else None
+        done = threading.Event()
+        (thread or cls()).tasks.put((task, done))
+        return done
+
+
+class Scheduler:
+    """Runs submitted jobs in one continuously batched decode loop on its own MLX thread.
+
+    `submit`, `cancel` and `close` may be called from any thread; `on_event` callbacks run on
+    the MLX thread and must return quickly (hand the event to the caller's own queue).
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int | None = None,
+                 kv_options: KVCacheOptions | None = None):
+        if getattr(model, "prefix_lm", False):
+            raise GenerationError("a prefix-LM model (PaliGemma) attends its prompt both ways and is not "
+                                  "batched yet: generate with mlx_gemma.generate instead")
+        if not is_integer(max_batch) or max_batch < 1:
+            raise GenerationError(f"max_batch must be an integer >= 1, got {max_batch!r:.80}")
+        if prefill_chunk is not None and (not is_integer(prefill_chunk) or prefill_chunk < 1):
+            raise GenerationError(f"prefill_chunk must be an integer >= 1 (or None), got {prefill_chunk!r:.80}")
+        self.model, self.max_batch = model, int(max_batch)
+        self.kv_options = KVCacheOptions.of(kv_options)
+        batch_caches_like(model.make_cache(None, self.kv_options))  # refuses what cannot be batched, now
+        # Arrays still lazy (constants such as Gemma 4's RoPE frequencies) name the stream of the
+        # thread that made them, which MLX 0.32 will not run from another thread: settle them here.
+        mx.eval([v for _, v in tree_flatten(model) if isinstance(v, mx.array)])
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._active = 0
+        self._closed = False
+        self._served: threading.Event | None = None  # set when the serving loop has ended
+        self._policy = BatchPolicy(model, self._inbox, int(prefill_chunk or default_prefill_step(model)),
+                                   self.kv_options, self._finished, self.max_batch)
+
+    @property
+    def active(self) -> int:
+        """Rows decoding plus prompts waiting or prefilling."""
+        with self._lock:
+            return self._active
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the batch's KV caches and the prompts being prefilled hold now."""
+        return self._policy.cache_bytes
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def start(self) -> None:
+        """Start the MLX thread (a daemon); every model call happens on it from now on."""
+        with self._lock:
+            if self._closed:
+                raise GenerationError("the scheduler is closed")
+            if self._served is None:
+                self._served = _MlxThread.serve(self._serve)
+
+    def submit(self, job: Job, on_event: Callable[[Event], None]) -> int:
+        """Queue `job`; its events go to `on_event`.  Bad jobs raise GenerationError here."""
+        budget = self._check(job, on_event)
+        with self._lock:
+            if self._closed:
+                raise GenerationError("the scheduler is closed")
+            job_id = next(self._ids)
+            self._active += 1
+            self._inbox.put(("job", _Row(job_id, job, on_event, budget)))
+        return job_id
+
+    def cancel(self, job_id: int) -> None:
+        """End a job at the next step with a final "cancelled" event (nothing if it has ended)."""
+        self._inbox.put(("cancel", job_id))
+
+    def close(self) -> None:
+        """Stop the thread; jobs still running or waiting get a final "cancelled" event."""
+        with self._lock:
+            self._closed = True
+            served = self._served
+        self._inbox.put(("close", None))
+        if served is None:  # never started: end the queued jobs here
+            self._policy._take_inbox()
+        elif threading.current_thread().name != _MlxThread.NAME:  # (from a callback it cannot wait)
+            served.wait()
+
+    def _serve(self) -> None:
+        policy = self._policy
+        while not policy.closing:
+            try:
+                for _ in run(policy, None, sys.maxsize):
+                    if policy.closing:
+                        break
+            except Exception as e:  # the loop itself failed: every current job ends, the thread serves on
+                policy.fail_all(e)
+        # Nothing queued may outlive the thread that queued it: MLX 0.32 aborts the process at exit
+        # when a finished thread's streams still hold work (cpu_spread's helpers included).
+        for stream in (generation_stream(), *cpu_streams(sys.maxsize)):
+            mx.synchronize(stream)
+
+    def _check(self, job: Job, on_event) -> int:
+        """The job's token budget, if every field is usable."""
+        if not isinstance(job, Job):
+            raise GenerationError(f"submit takes a Job, got {type(job).__name__}")
+        if not callable(on_event):
+            raise GenerationError("on_event must be callable")
+        vocab = self.model.args.vocab_size
+        ids = job.prompt_ids
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise GenerationError("Job.prompt_ids must be a non-empty list of token ids")
+        bad = next((t for t in ids if not is_integer(t) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise GenerationError(f"Job.prompt_ids holds {bad!r:.40}, not a token id of this model (0..{vocab - 1})")
+        if not is_integer(job.max_tokens) or job.max_tokens < 1:
+            raise GenerationError(f"Job.max_tokens must be an integer >= 1, got {job.max_tokens!r:.80}")
+        if not isinstance(job.sampling, SamplingSettings):
+            raise GenerationError(f"Job.sampling must be a SamplingSettings, got {type(job.sampling).__name__}")
+        outside = [t for t in (job.sampling.logit_bias or {}) if t >= vocab]
+        if outside:
+            raise GenerationError(f"Job.sampling.logit_bias names token id {outside[0]}, outside the vocabulary "
+                                  f"(0..{vocab - 1})")
+        if not isinstance(job.stop_ids, (set, frozenset)) or not all(is_integer(t) for t in job.stop_ids):
+            raise GenerationError("Job.stop_ids must be a set of token ids")
+        if not is_integer(job.top_logprobs) or not 0 <= job.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise GenerationError(f"Job.top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, "
+                                  f"got {job.top_logprobs!r:.80}")
+        if job.media is not None and not isinstance(job.media, Mapping):
+            raise GenerationError("Job.media must be the model's prompt inputs as a mapping (or None)")
+        return token_budget(self.model, len(ids), int(job.max_tokens))
