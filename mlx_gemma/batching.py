@@ -225,19 +225,25 @@ class BatchPolicy:
                     row.history = mx.concatenate([row.history, fed], axis=1)
                 logits = apply_processors(row.processors, row.history, logits)
             lse = logsumexp(logits)  # [1]
-            logprobs = logits - lse[:, None]
-            token = (mx.argmax(logits, axis=-1) if row.sampler is greedy else row.sampler(logprobs)).astype(mx.int32)
+            # Greedy takes the argmax of the logits, and the chosen token's log-probability is one
+            # logit minus lse: the vocabulary-sized log-softmax is made only when a sampler or
+            # the alternatives need it (as engine.SampleStep).
+            if row.sampler is greedy:
+                token = mx.argmax(logits, axis=-1).astype(mx.int32)
+            else:
+                token = row.sampler(logits - lse[:, None]).astype(mx.int32)
         except Exception as e:  # this row's settings fail: it ends, the batch goes on
             row.last = mx.zeros((1,), mx.int32)
             self.end(row, "error", _error_text(e))
             return None
         finite = mx.isfinite(lse)
         row.last = mx.where(finite, token, 0)  # a failed row still feeds a valid id until it leaves
-        chosen = mx.take_along_axis(logprobs, row.last[:, None], axis=-1)[:, 0]
+        chosen = mx.take_along_axis(logits, row.last[:, None], axis=-1)[:, 0] - lse
         top = None
-        if row.job.top_logprobs:
-            ids = mx.argpartition(-logprobs[0], kth=row.job.top_logprobs - 1)[: row.job.top_logprobs]
-            top = (ids, logprobs[0][ids])
+        k = row.job.top_logprobs
+        if k:
+            ids = mx.argpartition(-logits[0], kth=k - 1)[:k]
+            top = (ids, logits[0][ids] - lse)
         return _Out(row, mx.where(finite, token, -1), chosen, top)
 
     def _prefill_next(self) -> _Out | None:

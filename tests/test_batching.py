@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_gemma.batching import MAX_TOP_LOGPROBS, Event, Job, Scheduler
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.generate import generate_step
-from mlx_gemma.loading import load
+from mlx_gemma.loading import load, load_model
 from mlx_gemma.models.batch_rows import BatchKVCache
 from mlx_gemma.models.kv_cache import KVCacheOptions
 from mlx_gemma.samplers import SamplingSettings
@@ -378,3 +378,24 @@ def test_batch_cache_trims_padding_every_row_shares():
     assert (cache.used, cache.pad, cache.positions, cache.keys.shape[2]) == (3, [0], [3], 3)
     cache.take([])
     assert cache.nbytes == 0 and cache.rows == 0
+
+
+# ----- media -----------------------------------------------------------------------------
+
+
+def test_a_job_with_an_image_and_a_clip_gives_transformers_tokens_beside_a_text_job(scheduler):
+    """Gemma 4 with both towers: the prompt's media go to its prefill (image blocks kept whole)."""
+    folder = FIXTURES / "tiny_gemma4_mm"
+    model, ref = load_model(folder), dict(np.load(folder / "reference.npz"))
+    inputs = {"pixel_values": mx.array(ref["one_pixel_values"].astype(np.float32) / 255.0),
+              "image_positions": mx.array(ref["one_image_position_ids"]),
+              "audio_features": mx.array(ref["audio_input_features"]),
+              "audio_mask": mx.array(ref["audio_input_features_mask"])}  # test_gemma4_mm's "both" case
+    expected = ref["both_greedy"].tolist()  # transformers' greedy tokens
+    s, got = scheduler(model), Collector()
+    text = s.submit(Job(prompt(9, 4), 12), got)
+    got.wait(lambda: len(got.events[text]) >= 2)
+    both = s.submit(Job(ref["both_input_ids"][0].tolist(), len(expected), media=inputs), got)
+    got.wait_done([text, both])
+    assert got.tokens(both) == expected
+    assert got.tokens(text) == alone(model, prompt(9, 4), 12)[0]
