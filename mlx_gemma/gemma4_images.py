@@ -1,4 +1,4 @@
-"""Images (and video frames) in, Gemma 4 vision inputs out, as transformers 5.25 prepares them.
+"""Images in, Gemma 4 vision inputs out, as transformers 5.25 prepares them (videos: gemma4_video).
 
 Gemma 4 sees an image at a variable resolution: it is resized, keeping its aspect ratio, to the
 largest size whose sides are multiples of `pooling_kernel_size * patch_size` and that fits the
@@ -12,13 +12,6 @@ row-major order, each with its (x, y) grid position, and padded to the budget's 
   position ids [B, max_patches, 2], soft tokens per image), as `Gemma4ImageProcessorPil`.
 - `expand_image_tokens`: a prompt's `<|image|>` placeholders -> `<|image>`, n x `<|image|>`,
   `<image|>` (Gemma4Processor's `replace_image_token`).
-- `sample_frame_indices` / `video_frames` / `expand_video_tokens`: the video processor's uniform frame
-  sampling, its frames' patches, and its per-frame "mm:ss" prompt text.
-
-Video frames are resized with Pillow, as images are; transformers' video processor resizes with
-torchvision (antialiased bicubic on tensors), which may round a pixel differently.  Frame pixels
-are not checked against it (torchvision is not installed with the references); the frame choice,
-the token counts, positions and prompt text are.
 """
 
 from __future__ import annotations
@@ -37,8 +30,8 @@ from .vision import load_image
 
 # The budgets Gemma 4 was trained with (image_processing_gemma4.py `_SUPPORTED_SOFT_TOKENS`).
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
-# The prompt's markers (the Gemma 4 tokenizer's image_token, boi_token, eoi_token, video token).
-IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN, VIDEO_TOKEN = "<|image|>", "<|image>", "<image|>", "<|video|>"
+# The prompt's markers (the Gemma 4 tokenizer's image_token, boi_token, eoi_token).
+IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<|image|>", "<|image>", "<image|>"
 # Pillow's filter codes, as a processor file stores `resample` (3: bicubic, Gemma 4's).
 _FILTERS = {int(f): f for f in Image.Resampling}
 
@@ -228,71 +221,3 @@ def expand_image_tokens(text: str | None, num_soft_tokens: list[int]) -> str:
     for n, rest in zip(num_soft_tokens, parts[1:]):
         out += [image_block(n), rest]
     return "".join(out)
-
-
-# ----- video -------------------------------------------------------------------------
-
-# The video processor's defaults (video_processing_gemma4.py): 70 soft tokens a frame, 32 frames.
-VIDEO_SETTINGS = ImageSettings(max_soft_tokens=70)
-VIDEO_FRAMES = 32
-DEFAULT_FPS = 24.0  # processing_gemma4.py `replace_video_token` when a video's fps is unknown
-
-
-def sample_frame_indices(total: int, num_frames: int | None = VIDEO_FRAMES, fps: float | None = None,
-                         video_fps: float | None = None) -> np.ndarray:
-    """Frames taken from a video of `total` frames: `num_frames` uniformly, i * total // num_frames,
-    or, with `fps` (and the video's own `video_fps`), max(1, int(total / video_fps * fps)) of them
-    (transformers' `default_sample_indices_fn`; asking for more frames than there are is an error)."""
-    if num_frames is not None and fps is not None:
-        raise ImageError("video", "give num_frames or fps, not both")
-    if num_frames is None and fps is not None:
-        if not video_fps or video_fps <= 0:
-            raise ImageError("video", "sampling by fps needs the video's own frame rate (video_fps)")
-        num_frames = max(1, int(total / video_fps * fps))
-    if num_frames is None:
-        return np.arange(total)
-    if not 0 < num_frames <= total:
-        raise ImageError("video", f"cannot sample {num_frames} frames from a video of {total} frames")
-    return np.arange(num_frames) * total // num_frames
-
-
-@dataclass
-class Gemma4Video:
-    pixel_values: mx.array  # [frames, max_patches, 3 * patch^2]
-    position_ids: mx.array  # [frames, max_patches, 2]
-    num_soft_tokens: int  # per frame (all frames share the video's size)
-    timestamps: list[float]  # seconds of each sampled frame: index / fps
-
-
-def video_frames(frames: np.ndarray, fps: float | None = None, num_frames: int | None = VIDEO_FRAMES,
-                 settings: ImageSettings = VIDEO_SETTINGS, sample_fps: float | None = None) -> Gemma4Video:
-    """Decoded frames [T, H, W, 3] (uint8) -> the sampled frames' tower inputs and timestamps.
-
-    Each frame is prepared as an image (`image_pixels`; Pillow's resize, see the module's notes).
-    `fps` is the video's frame rate (24 if unknown, as the processor assumes); `sample_fps` samples
-    that many frames a second instead of `num_frames`.
-    """
-    if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps < math.inf):
-        raise ImageError("video", f"fps must be a positive number, got {fps!r}")
-    if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ImageError("video", f"frames must be an array [T, H, W, 3], got "
-                                  f"{getattr(frames, 'shape', type(frames).__name__)}")
-    indices = sample_frame_indices(len(frames), None if sample_fps else num_frames, sample_fps, fps)
-    rows, positions = [], []
-    for i in indices:
-        patches, pos = patchify(image_pixels(frames[i], settings, f"video[{i}]"), settings.patch_size)
-        tokens = len(patches) // settings.pooling_kernel_size**2
-        patches, pos = pad_patches(patches, pos, settings.max_patches)
-        rows.append(patches)
-        positions.append(pos)
-    rate = fps or DEFAULT_FPS
-    return Gemma4Video(mx.array(np.stack(rows)), mx.array(np.stack(positions)), tokens,
-                       [float(i) / rate for i in indices])
-
-
-def expand_video_tokens(video: Gemma4Video) -> str:
-    """A video's prompt text: per frame "mm:ss " and its block of `<|video|>` soft tokens, joined by
-    " " (processing_gemma4.py `replace_video_token`)."""
-    blocks = [f"{int(t // 60):02d}:{int(t % 60):02d} {BOI_TOKEN}{VIDEO_TOKEN * video.num_soft_tokens}{EOI_TOKEN}"
-              for t in video.timestamps]
-    return " ".join(blocks)

@@ -125,7 +125,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
                     chat: bool | None = None, system: str | None = None, prefill_step_size: int | None = None,
                     skip_special_tokens: bool = False, prompt_cache=None, image=None, pan_and_scan=None,
                     audio=None, enable_thinking: bool = False, kv_options: KVCacheOptions | None = None,
-                    **kv_fields) -> Iterator[GenerationResponse]:
+                    video=None, **kv_fields) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
 
     `prompt`: a string (encoded with <bos>), token ids, or chat messages (see
@@ -157,13 +157,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     `{"type": "audio"}` parts, each image with its own number of soft tokens, as Gemma4Processor lays
     them out (see `mlx_gemma.gemma4_prompts`); with a `prompt_cache`, an image or clip already cached
     is reused only if it is the same.  `enable_thinking` turns on Gemma 4's thinking mode in the chat
-    template.
+    template.  `video` (Gemma 4; one or a list: a file path, decoded with PyAV, or uint8 frames
+    [T, H, W, 3]) goes at `<|video|>` markers or `{"type": "video"}` parts (else after the images), as
+    sampled frames with their "mm:ss" times (see `mlx_gemma.gemma4_video`).
     """
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
     rows_ids, pixels = _encode(model, tokenizer, [prompt], chat, system, None if image is None else [image],
                                prompt_cache is not None, pan_and_scan, None if audio is None else [audio],
-                               enable_thinking)
+                               enable_thinking, None if video is None else [video])
     if prompt_cache is not None:
         if request.kv != KVCacheOptions():
             raise GenerationError("KV-cache options go to the PromptCache when it is made, not to each call")
@@ -183,7 +185,8 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
                           logits_processors=None, stop_strings=None, stop_token_ids=None, chat: bool | None = None,
                           system: str | None = None, prefill_step_size: int | None = None, skip_special_tokens: bool = False,
                           image=None, pan_and_scan=None, audio=None, enable_thinking: bool = False,
-                          kv_options: KVCacheOptions | None = None, **kv_fields) -> Iterator[list[GenerationResponse | None]]:
+                          kv_options: KVCacheOptions | None = None, video=None,
+                          **kv_fields) -> Iterator[list[GenerationResponse | None]]:
     """Generate from several prompts at once; yields per step a list with one entry per prompt.
 
     Arguments as `stream_generate`'s.  Prompts are left-padded to the longest;
@@ -193,7 +196,7 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
     padded length.  Speeds are batch-wide (all rows' tokens per second).
     `image`: one image for every prompt, or a list with one per prompt (Gemma 3: an entry may
     be a list of images for that prompt).  `audio` likewise (Gemma 4: a list with one entry per prompt,
-    each None, a clip or a list of clips; a single clip goes with every prompt).
+    each None, a clip or a list of clips; a single clip goes with every prompt); `video` as `audio`.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError("prompts must be a non-empty list of prompts")
@@ -201,8 +204,9 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int =
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
     images = image if image is None or isinstance(image, (list, tuple)) else [image] * len(prompts)
     clips = audio if audio is None or isinstance(audio, (list, tuple)) else [audio] * len(prompts)
+    videos = video if video is None or isinstance(video, (list, tuple)) else [video] * len(prompts)
     rows_ids, pixels = _encode(model, tokenizer, prompts, chat, system, images, False, pan_and_scan, clips,
-                               enable_thinking)
+                               enable_thinking, videos)
     return _start(model, tokenizer, rows_ids, request, pixels)
 
 
@@ -235,16 +239,17 @@ class _Request:
 
 
 def _encode(model, tokenizer, prompts, chat, system, images, cached: bool, pan_and_scan=None, clips=None,
-            enable_thinking: bool = False) -> tuple[list[list[int]], Any]:
+            enable_thinking: bool = False, videos=None) -> tuple[list[list[int]], Any]:
     """Each prompt's token ids, and the pixels of its images (PaliGemma, Gemma 3), a Gemma4Media
     (Gemma 4's images and clips, or any prompt with audio or thinking) or None."""
     spec = model.image_input
     gemma4 = spec is not None and spec.variable
-    if clips is not None or enable_thinking or (gemma4 and images is not None):
+    if clips is not None or videos is not None or enable_thinking or (gemma4 and images is not None):
         if pan_and_scan:
             raise GenerationError("pan & scan is Gemma 3's (its processor's); Gemma 4 sizes each image itself")
         none = [None] * len(prompts)
-        return media_rows(model, tokenizer, prompts, images or none, clips or none, chat, system, enable_thinking)
+        return media_rows(model, tokenizer, prompts, images or none, clips or none, chat, system, enable_thinking,
+                          videos or none)
     if images is None:
         return [prompt_ids(tokenizer, p, chat, system, model.args.vocab_size) for p in prompts], None
     if spec is not None and spec.start_id is not None and (chat or system or cached or not all(
@@ -396,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", metavar="PATH",
                    help="Gemma 4 (E2B / E4B): an audio clip (WAV, FLAC, OGG) for the prompt (repeatable), at its "
                         "<|audio|> markers or first, or in the chat template's user turn")
+    p.add_argument("--video", action="append", metavar="PATH",
+                   help="Gemma 4: a video file (needs PyAV: pip install 'mlx_gemma[video]'; repeatable), its sampled "
+                        "frames at the prompt's <|video|> markers or after the images")
     p.add_argument("--enable-thinking", action="store_true",
                    help="Gemma 4: turn on its thinking mode in the chat template")
     p.add_argument("--pan-and-scan", action="store_true",
@@ -444,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                         logits_processors=processors, stop_strings=args.stop, chat=chat,
                                         system=args.system, prompt_cache=prompt_cache, image=image,
-                                        pan_and_scan=args.pan_and_scan or None, audio=args.audio,
+                                        pan_and_scan=args.pan_and_scan or None, audio=args.audio, video=args.video,
                                         enable_thinking=args.enable_thinking,
                                         kv_options=None if prompt_cache is not None else kv_options):
                 if last.text:

@@ -1,9 +1,8 @@
-"""Gemma 4's image (and video frame) preprocessing against transformers 5.25.
+"""Gemma 4's image preprocessing against transformers 5.25 (video frames: test_gemma4_video.py).
 
 References, live: `Gemma4ImageProcessorPil` (transformers' backend without torchvision, which the
 references do not install), `get_aspect_ratio_preserving_size`, `Gemma4Processor`'s placeholder
-expansion (its input ids for our text and its own), `default_sample_indices_fn` and
-`replace_video_token`.
+expansion (its input ids for our text and its own).
 """
 
 from __future__ import annotations
@@ -19,15 +18,11 @@ from PIL import Image
 from mlx_gemma.errors import ConfigError, ImageError
 from mlx_gemma.gemma4_images import (
     SUPPORTED_SOFT_TOKENS,
-    VIDEO_SETTINGS,
     ImageSettings,
     expand_image_tokens,
-    expand_video_tokens,
     image_block,
     preprocess_images,
-    sample_frame_indices,
     target_size,
-    video_frames,
 )
 
 
@@ -143,41 +138,6 @@ def test_expansion_text_and_placeholder_count():
     assert expand_image_tokens("", [1, 1]) == "<|image><|image|><image|> <|image><|image|><image|>"
     with pytest.raises(ImageError, match="placeholders"):
         expand_image_tokens("a <|image|> b", [1, 2])
-
-
-@pytest.mark.oracle
-def test_frame_sampling_and_video_text_equal_transformers():
-    from transformers import Gemma4Processor  # oracle
-    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
-
-    for total, num, fps, video_fps in [(100, 32, None, 25.0), (32, 32, None, 30.0), (97, 7, None, None),
-                                       (300, None, 1.0, 30.0), (10, None, 0.01, 30.0), (50, None, None, None)]:
-        metadata = VideoMetadata(total_num_frames=total, fps=video_fps)
-        expected = default_sample_indices_fn(metadata, num_frames=num, fps=fps)
-        assert np.array_equal(sample_frame_indices(total, num, fps, video_fps), expected)
-
-    frames = np.stack([np.asarray(noise(40, 60, i)) for i in range(90)])
-    video = video_frames(frames, fps=1.5, num_frames=6)
-    metadata = VideoMetadata(total_num_frames=90, fps=1.5, frames_indices=sample_frame_indices(90, 6))
-    shim = type("Shim", (), {"boi_token": "<|image>", "eoi_token": "<image|>", "video_token": "<|video|>"})()
-    inputs = {"num_soft_tokens_per_video": [video.num_soft_tokens], "video_metadata": [metadata]}
-    assert expand_video_tokens(video) == Gemma4Processor.replace_video_token(shim, inputs, 0)
-    assert video.timestamps == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
-
-
-def test_video_frames_are_the_sampled_frames_as_images():
-    frames = np.stack([np.asarray(smooth(64, 96, i / 10)) for i in range(40)])
-    video = video_frames(frames)  # 32 of 40 frames at the default 24 fps
-    still = preprocess_images([frames[i] for i in sample_frame_indices(40, 32)], VIDEO_SETTINGS)
-    assert np.array_equal(np.array(video.pixel_values), np.array(still.pixel_values))
-    assert np.array_equal(np.array(video.position_ids), np.array(still.position_ids))
-    assert video.num_soft_tokens == still.num_soft_tokens[0] and video.timestamps[1] == 1 / 24
-    with pytest.raises(ImageError, match="32 frames"):
-        video_frames(frames[:20])
-    with pytest.raises(ImageError, match="T, H, W, 3"):
-        video_frames(frames[0])
-    with pytest.raises(ImageError, match="fps"):
-        video_frames(frames, fps=0)
 
 
 @pytest.mark.oracle
