@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from dataclasses import dataclass
@@ -234,6 +235,26 @@ def test_max_tokens_and_max_completion_tokens(client):
     assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (5, "length")
 
 
+def test_concurrent_streams_each_get_what_they_get_alone(client, gemma3):
+    prompts = [[{"role": "user", "content": f"Count to {i}, then stop."}] for i in range(6)]
+    refs = [reference(gemma3, p, 12 + 3 * i, chat=True).text for i, p in enumerate(prompts)]
+
+    def ask(i: int) -> str:
+        stream = client.chat.completions.create(model=GEMMA3, messages=prompts[i], max_tokens=12 + 3 * i,
+                                                temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(ask, range(len(prompts)))) == refs
+
+
+def test_startup_errors_are_one_line_and_exit_2():
+    r = subprocess.run([sys.executable, "-m", "mlx_gemma.server", "--model", str(FIXTURES / "no-such-model"),
+                        "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert "serving on" not in r.stdout
+
+
 # ----- completions ------------------------------------------------------------------------------
 
 
@@ -336,14 +357,14 @@ class FailingScheduler:
 
 
 class RecordingScheduler:
-    """Records each job and ends it at once (one token, then "length")."""
+    """Records each job and ends it at once (one token, "length"), reporting 3 cached prompt tokens."""
 
     def __init__(self):
         self.jobs = []
 
     def submit(self, job, on_event):
         self.jobs.append(job)
-        on_event(Event(len(self.jobs), 10, -1.0, [], "length", prompt_tokens=len(job.prompt_ids)))
+        on_event(Event(len(self.jobs), 10, -1.0, [], "length", prompt_tokens=len(job.prompt_ids), cached_tokens=3))
         return len(self.jobs)
 
     def cancel(self, job_id):
@@ -366,6 +387,7 @@ def test_gemma4_chat_format_and_thinking_reach_the_job(gemma4):
             assert r.status_code == 200 and scheduler.jobs[-1].prompt_ids == ids
             assert scheduler.jobs[-1].stop_ids == tok.eos_token_ids | {tok.end_of_turn_id}
             assert r.json()["usage"]["prompt_tokens"] == len(ids)
+            assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}  # the scheduler's figure
         assert scheduler.jobs[0].prompt_ids != scheduler.jobs[1].prompt_ids
 
 

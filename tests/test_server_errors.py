@@ -164,6 +164,8 @@ def test_the_suite_has_at_least_40_cases():
 def test_field_errors_name_the_field(server):
     error = send(server, "POST", CHAT, chat(temperature=7), {}).json()["error"]
     assert error["param"] == "temperature" and error["code"] == "invalid_value"
+    part = chat(messages=[{"role": "user", "content": [{"type": "text"}]}])
+    assert send(server, "POST", CHAT, part, {}).json()["error"]["param"] == "messages.0.content.0.text"
     error = send(server, "POST", CHAT, chat(frobnicate=1), {}).json()["error"]
     assert (error["param"], error["code"]) == ("frobnicate", "unknown_parameter")
     error = send(server, "POST", CHAT, chat(messages=[{"role": "user", "content": "a " * 400}]), {}).json()["error"]

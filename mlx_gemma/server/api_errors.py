@@ -34,16 +34,27 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def from_validation(error: ValidationError) -> ApiError:
-    """A pydantic error as a 400 naming the first offending field (its dotted path)."""
-    first = error.errors(include_url=False, include_input=False)[0]
-    path = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    """A pydantic error as a 400 naming the offending field (its dotted path).
+
+    Of a union's errors (one per member tried) the deepest is the most specific: a bad content
+    part is named as such, not as "content should be a string".
+    """
+    errors = error.errors(include_url=False, include_input=False)
+    first = max(errors, key=lambda e: len(e["loc"]))
+    loc = [p for p in first["loc"] if not _is_union_tag(p)]
+    # A discriminated union (content parts) puts the tag it chose after the part's index.
+    loc = [p for i, p in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and p in _PART_TAGS)]
+    path = ".".join(str(p) for p in loc)
     kind = first["type"]
     if kind == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {path}", path or None, "unknown_parameter")
-    message = first["msg"]
-    if len(error.errors()) > 1:
-        message += f" (and {len(error.errors()) - 1} more problems)"
+    message = first["msg"].removeprefix("Value error, ")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
     return ApiError(400, f"{path}: {message}" if path else message, path or None, "invalid_value")
+
+
+_PART_TAGS = {"text", "image_url", "input_audio", "file", "image", "audio"}
 
 
 def _is_union_tag(part) -> bool:

@@ -43,12 +43,27 @@ async def answer(request: Request, served: ServedModel, prepared: Prepared, kind
     jobs, choices = start(served, prepared)
     envelope = Envelope(kind, served.name, served.tokenizer)
     if stream:
-        return EventSourceResponse(_stream(jobs, choices, envelope, prepared, include_usage), ping=15,
-                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _JobsStream(jobs, _stream(jobs, choices, envelope, prepared, include_usage), ping=15,
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         return await _whole(request, jobs, choices, envelope, prepared)
     finally:
         jobs.close()
+
+
+class _JobsStream(EventSourceResponse):
+    """An SSE response that cancels its jobs however it ends: a client gone before the first event
+    never starts the generator, so the generator's own `finally` cannot be relied on alone."""
+
+    def __init__(self, jobs: JobStream, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.jobs = jobs
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.jobs.close()
 
 
 async def _collect(jobs: JobStream, choices: list[Choice]) -> None:
