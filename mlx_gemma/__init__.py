@@ -26,6 +26,7 @@ from .tasks import (
     Gemma3CausalLMPreprocessor,
     Gemma3TextEmbedder,
     Gemma4CausalLM,
+    Gemma4CausalLMPreprocessor,
     GemmaBackbone,
     GemmaCausalLM,
     GemmaCausalLMPreprocessor,
@@ -44,4 +45,5 @@ __version__ = "0.1.0"
 __all__ = ["load", "load_model", "generate", "stream_generate", "batch_generate", "embed", "MlxGemmaError",
            "GemmaCausalLM", "GemmaBackbone", "GemmaCausalLMPreprocessor", "GemmaTokenizer",
            "PaliGemmaCausalLM", "PaliGemmaBackbone", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
-           "Gemma3TextEmbedder", "Gemma3CausalLM", "Gemma3CausalLMPreprocessor", "Gemma4CausalLM"]
+           "Gemma3TextEmbedder", "Gemma3CausalLM", "Gemma3CausalLMPreprocessor", "Gemma4CausalLM",
+           "Gemma4CausalLMPreprocessor"]

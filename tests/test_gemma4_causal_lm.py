@@ -3,8 +3,12 @@
 References are keras-hub 0.32's, recorded by tests/fixtures/make_keras_gemma4.py: the prompts packed as
 its Gemma4CausalLMPreprocessor packs them (`<bos>` + SentencePiece ids, right-padded, no `<eos>`; its
 preprocessor itself needs TensorFlow, which the test environment lacks), the backbone's logits, and
-`Gemma4CausalLM(preprocessor=None).generate`'s greedy ids.  Preset names are checked against
-keras-hub's own preset table and resolved through a fake, offline Hugging Face cache.
+`Gemma4CausalLM(preprocessor=None).generate`'s greedy ids; with an image on the vision preset, recorded
+by tests/fixtures/make_keras_gemma4_generate.py.  Prompts with images and audio on the tiny model with
+both towers (tests/fixtures/tiny_gemma4_mm) must give `mlx_gemma.generate`'s ids and greedy tokens
+(themselves checked against transformers' Gemma4Processor and model in test_gemma4_mm.py).  Preset
+names are checked against keras-hub's own preset table and resolved through a fake, offline Hugging
+Face cache.
 """
 
 from __future__ import annotations
@@ -176,3 +180,98 @@ def test_bad_uses_are_refused():
 
 def test_exported_at_the_top():
     assert mlx_gemma.Gemma4CausalLM is Gemma4CausalLM
+    assert mlx_gemma.Gemma4CausalLMPreprocessor is mlx_gemma.tasks.Gemma4CausalLMPreprocessor
+
+
+# ----- images and audio -------------------------------------------------------------------------
+
+VISION = FIXTURES / "keras_gemma4_vision"
+MM = FIXTURES / "tiny_gemma4_mm"
+
+
+@pytest.mark.parametrize("case", ["single", "batch", "stop"])
+def test_generate_with_an_image_reproduces_keras_hub(case):
+    """keras-hub's Gemma4CausalLM(preprocessor=None).generate on the vision preset, greedy, recorded by
+    tests/fixtures/make_keras_gemma4_generate.py: one image prompt, a right-padded batch of two, and
+    the batch with a stop id (its returned padding_mask too); ids equal."""
+    ref = dict(np.load(FIXTURES / "keras_gemma4_vision_generate.npz"))
+    keys = ("token_ids", "padding_mask", "pixel_values", "pixel_position_ids")
+    inputs = {k: ref[f"{case}_{k}"] for k in keys}
+    stops = ref["stop_stop_ids"].tolist() if case == "stop" else None
+    lm = Gemma4CausalLM.from_preset(VISION, preprocessor=None)
+    out = lm.generate(inputs, stop_token_ids=stops)
+    assert out["token_ids"].tolist() == ref[f"{case}_greedy_ids"].tolist()
+    assert out["padding_mask"].tolist() == ref[f"{case}_greedy_mask"].astype(bool).tolist()
+    assert out["pixel_values"] is not None and np.array_equal(out["pixel_values"], inputs["pixel_values"])
+    if case == "single":  # the unbatched form: the same row
+        one = lm.generate({k: v[0] for k, v in inputs.items()}, stop_token_ids=stops)
+        assert one["token_ids"].tolist() == out["token_ids"][0].tolist()
+
+
+@pytest.fixture(scope="module")
+def mm_media():
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((40, 60, 3), (30, 90, 3), (64, 32, 3))]
+    clip = np.load(MM / "reference.npz")["pcm"].astype(np.float32) / 32768.0
+    return images, clip
+
+
+def test_media_prompts_equal_our_generate(mm_media):
+    """{"prompts", "images", "audio"} for a batch (an image and a clip; two images): each row's ids are
+    `mlx_gemma.generate`'s for that prompt alone (Gemma4Processor's layout), its media keras-hub's packed
+    arrays, and its greedy tokens a lone stream_generate's with the same media; the string form is the
+    postprocessed dict form."""
+    from mlx_gemma.gemma4_prompts import media_rows
+    from mlx_gemma.generate import stream_generate
+
+    (a, b, c), clip = mm_media
+    prompts = ["Describe <|image|> and <|audio|>.", "<|image|> versus <|image|>: which is wider?"]
+    x = {"prompts": prompts, "images": [[a], [b, c]], "audio": [clip, None]}
+    lm = Gemma4CausalLM.from_preset(MM, sequence_length=200)
+    packed = lm.preprocessor.generate_preprocess(x)
+    assert packed["pixel_values"].shape[:2] == (2, 2) and packed["audio_mel"].shape[:2] == (2, 1)
+    assert (packed["pixel_position_ids"][0, 1] == -1).all() and not packed["audio_mel_mask"][1].any()  # padding items
+    model, tok = mlx_gemma.load(str(MM))
+    stops = lm._stop_ids("auto")
+    out = Gemma4CausalLM.from_preset(MM, preprocessor=None).generate(packed, stop_token_ids=stops)
+    for row, (prompt, images, audio) in enumerate(zip(prompts, x["images"], x["audio"])):
+        ids = media_rows(model, tok, [prompt], [images], [audio])[0][0]
+        n = int(packed["padding_mask"][row].sum())
+        assert packed["token_ids"][row, :n].tolist() == ids
+        ours = [r.token for r in stream_generate(model, tok, prompt, image=images, audio=audio, max_tokens=200 - n,
+                                                 stop_token_ids=stops)]
+        assert out["token_ids"][row, n:n + len(ours)].tolist() == ours
+        assert int(out["padding_mask"][row].sum()) == n + len(ours)  # kept up to its stop (or the end)
+    texts = lm.generate(x, stop_token_ids=stops)
+    assert texts == lm.preprocessor.generate_postprocess(out)
+    assert "<|image>" in texts[0] and not any(p in texts[0] for p in ("<|image|>", "<image|>", "<|audio|>"))
+    one = lm.generate({"prompts": prompts[0], "images": a, "audio": clip}, stop_token_ids=stops)
+    assert one == texts[0]
+
+
+def test_bad_media_inputs_are_typed_errors(mm_media):
+    from mlx_gemma.errors import AudioError, ImageError
+
+    (a, b, c), clip = mm_media
+    lm = Gemma4CausalLM.from_preset(MM, sequence_length=200)
+    with pytest.raises(ImageError, match="1 <\\|image\\|> markers for 2"):
+        lm.generate({"prompts": "<|image|>", "images": [a, b]})
+    with pytest.raises(ImageError, match="0 <\\|image\\|> markers for 1"):  # keras-hub places media at markers only
+        lm.generate({"prompts": "Describe it.", "images": a})
+    with pytest.raises(AudioError, match="most per prompt is 1"):
+        lm.generate({"prompts": "<|audio|> <|audio|>", "audio": [clip, clip]})
+    with pytest.raises(ImageError, match="one entry"):
+        lm.generate({"prompts": ["<|image|>", "<|image|>"], "images": [a]})
+    with pytest.raises(ImageError, match="cuts a media block"):
+        lm.generate({"prompts": "<|image|> Describe it", "images": a}, max_length=8)
+    packed = lm.preprocessor.generate_preprocess({"prompts": "<|image|> and <|image|>", "images": [a, b]})
+    bare = Gemma4CausalLM.from_preset(MM, preprocessor=None)
+    with pytest.raises(ImageError, match="at least 2 items"):
+        bare.generate({**packed, "pixel_values": packed["pixel_values"][:1], "pixel_position_ids":
+                       packed["pixel_position_ids"][:1]}, stop_token_ids=None)
+    text_only = Gemma4CausalLM.from_preset(PRESETS["e2b"])
+    with pytest.raises(ImageError, match="no vision or audio tower"):
+        text_only.generate({"prompts": "<|image|>", "images": a})
+    with pytest.raises(ImageError, match="no vision or audio tower"):
+        Gemma4CausalLM.from_preset(PRESETS["e2b"], preprocessor=None).generate(
+            packed, stop_token_ids=None)

@@ -1,7 +1,7 @@
 """keras-hub style tasks: `GemmaCausalLM`, `GemmaBackbone`, `GemmaCausalLMPreprocessor`, presets;
 `PaliGemmaCausalLM` and its backbone / preprocessor / tokenizer (`pali_gemma*.py`);
 `Gemma3TextEmbedder` (EmbeddingGemma, `text_embedder.py`); `Gemma3CausalLM` with images (`gemma3_causal_lm.py`);
-`Gemma4CausalLM` (`gemma4_causal_lm.py`).
+`Gemma4CausalLM` with images and audio (`gemma4_causal_lm.py`).
 
     lm = mlx_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
     lm.generate("<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n", max_length=64)
@@ -18,7 +18,7 @@ which also speaks keras-hub's tokenizer interface, plus `from_preset`.
 from .backbone import GemmaBackbone
 from .causal_lm import GemmaCausalLM
 from .gemma3_causal_lm import Gemma3CausalLM, Gemma3CausalLMPreprocessor
-from .gemma4_causal_lm import Gemma4CausalLM
+from .gemma4_causal_lm import Gemma4CausalLM, Gemma4CausalLMPreprocessor
 from .pali_gemma import PaliGemmaCausalLM, PaliGemmaCausalLMPreprocessor, PaliGemmaTokenizer
 from .pali_gemma_backbone import PaliGemmaBackbone
 from .pali_gemma_presets import PALI_PRESETS, pali_preset_names
@@ -41,7 +41,7 @@ __all__ = [
     "GemmaBackbone", "GemmaCausalLM", "GemmaCausalLMPreprocessor", "GemmaTokenizer", "PRESETS", "preset_names",
     "PaliGemmaBackbone", "PaliGemmaCausalLM", "PaliGemmaCausalLMPreprocessor", "PaliGemmaTokenizer",
     "PALI_PRESETS", "pali_preset_names", "Gemma3TextEmbedder", "Gemma3CausalLM", "Gemma3CausalLMPreprocessor",
-    "Gemma4CausalLM", "GEMMA4_PRESETS",
+    "Gemma4CausalLM", "Gemma4CausalLMPreprocessor", "GEMMA4_PRESETS",
     "Sampler", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
     "ContrastiveSampler", "get_sampler",
 ]

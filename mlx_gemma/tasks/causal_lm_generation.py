@@ -73,7 +73,9 @@ def strip_prompt(out: dict, prompt_mask: np.ndarray) -> dict:
 def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids, images: list | None = None) -> np.ndarray:
     """`ids` with the generated ids written in, as keras-hub's loop leaves them.
 
-    `images` (Gemma 3): per row, the pixels [k, S, S, 3] of its k image blocks, or None.
+    `images` (Gemma 3): per row, the pixels [k, S, S, 3] of its k image blocks, or None; Gemma 4:
+    per row, a dict of its media's model inputs (pixel_values, image_positions, audio_features,
+    audio_mask; a row's items in its blocks' order), or None.
     """
     B, L = ids.shape
     out = ids.copy()
@@ -94,16 +96,24 @@ def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids, images:
     groups = [list(range(B))] if width + steps_needed <= context else [[b] for b in range(B)]
     stop_at: list[int | None] = [None] * B
     for rows in groups:
-        pixels = [images[b] for b in rows if images[b] is not None] if images is not None else []
+        given = [images[b] for b in rows if images[b] is not None] if images is not None else []
         _decode_rows(model, out, lengths, rows, sampler.step_sampler(), stops, stop_at, early=len(groups) == 1,
-                     pixels=mx.concatenate(pixels) if pixels else None)
+                     pixels=mx.concatenate(given) if given and not isinstance(given[0], dict) else None,
+                     media=_joined(given) if given and isinstance(given[0], dict) else None)
     if stops and all(p is not None for p in stop_at):
         end = max(stop_at)  # keras-hub's loop ends here: later positions keep their input ids
         out[:, end + 1:] = ids[:, end + 1:]
     return out
 
 
-def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early: bool, pixels=None) -> None:
+def _joined(media: list[dict]) -> dict:
+    """Gemma 4 rows' media inputs, key by key in row order (the model takes a batch's items in order)."""
+    keys = dict.fromkeys(k for m in media for k in m)
+    return {k: mx.concatenate([m[k] for m in media if k in m]) for k in keys}
+
+
+def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early: bool, pixels=None,
+                 media=None) -> None:
     L = out.shape[1]
     row_len = [int(lengths[b]) for b in rows]
     width = max(row_len)
@@ -112,7 +122,7 @@ def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early:
         batch[i, width - n:] = out[b, :n]
     pads = [width - n for n in row_len]
     steps = generate_step(model, batch, sampler=step_sampler, max_tokens=L - min(row_len),
-                          left_padding=pads if any(pads) else None, pixel_values=pixels)
+                          left_padding=pads if any(pads) else None, pixel_values=pixels, media=media)
     try:
         for n, (tokens, _) in enumerate(steps):
             for i, b in enumerate(rows):
