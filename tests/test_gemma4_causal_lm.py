@@ -275,3 +275,18 @@ def test_bad_media_inputs_are_typed_errors(mm_media):
     with pytest.raises(ImageError, match="no vision or audio tower"):
         Gemma4CausalLM.from_preset(PRESETS["e2b"], preprocessor=None).generate(
             packed, stop_token_ids=None)
+
+
+def test_generate_with_a_clip_reproduces_keras_hub():
+    """keras-hub's greedy Gemma4CausalLM.generate with a clip on the tiny audio preset (its log-mel
+    frames and mask packed as keras-hub's preprocessor hands them over; recorded by make_keras_gemma4.py
+    as `greedy`): ids equal."""
+    folder = FIXTURES / "keras_gemma4_audio"
+    if not (folder / "reference.npz").is_file():
+        pytest.skip("the keras-hub audio preset fixture is not in this tree")
+    ref = dict(np.load(folder / "reference.npz"))
+    pad = ((0, 0), (0, ref["greedy"].shape[1] - ref["token_ids"].shape[1]))
+    inputs = {"token_ids": np.pad(ref["token_ids"], pad), "padding_mask": np.pad(ref["padding_mask"], pad),
+              "audio_mel": ref["audio_mel"], "audio_mel_mask": ref["audio_mel_mask"]}
+    lm = Gemma4CausalLM.from_preset(folder, preprocessor=None)
+    assert lm.generate(inputs, stop_token_ids=None)["token_ids"].tolist() == ref["greedy"].tolist()
