@@ -1,11 +1,12 @@
 """keras-hub `Gemma4Backbone` presets -> our Gemma 4 text model (convert/keras_gemma4.py).
 
 The fast tests read the tiny presets keras-hub wrote in tests/fixtures/keras_gemma4_{e2b,moe,vision}/
-(make_keras_gemma4.py: E2B-like with per-layer inputs, KV sharing and a double-wide MLP; MoE-like
-with K = V global layers and top-2 of 4 experts; with a vision encoder (clipped linears,
-standardized soft tokens, bidirectional image attention); all with windows shorter than the prompts
-and global head dims of their own) and compare with keras-hub's logits recorded beside them (fp32,
-within 1e-4 of the largest logit).  The `oracle` test builds a fresh random backbone with keras-hub.
+and keras_gemma4_audio/ (make_keras_gemma4.py: E2B-like with per-layer inputs, KV sharing and a
+double-wide MLP; MoE-like with K = V global layers and top-2 of 4 experts; with a vision encoder
+(clipped linears, standardized soft tokens, bidirectional image attention); with an audio encoder
+(a 2-layer conformer) and its audio converter; all with windows shorter than the prompts and global
+head dims of their own) and compare with keras-hub's logits recorded beside them (fp32, within 1e-4
+of the largest logit).  The `oracle` test builds a fresh random backbone with keras-hub.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import mlx_gemma  # noqa: E402
 from mlx_gemma.convert import convert  # noqa: E402
 from mlx_gemma.convert.keras import read_keras_preset  # noqa: E402
 from mlx_gemma.convert.keras_common import stop_ids  # noqa: E402
+from mlx_gemma.gemma4_prompts import media_rows  # noqa: E402
 from mlx_gemma.errors import ConfigError, TokenizerError, UnsupportedModelError, WeightsMismatchError  # noqa: E402
 from mlx_gemma.loading import load_model_from  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PRESETS = {"e2b": FIXTURES / "keras_gemma4_e2b", "moe": FIXTURES / "keras_gemma4_moe",
-           "vision": FIXTURES / "keras_gemma4_vision"}
+           "vision": FIXTURES / "keras_gemma4_vision", "audio": FIXTURES / "keras_gemma4_audio"}
 RTOL = 1e-4  # of the reference logits' largest magnitude
 S, F = "sliding_attention", "full_attention"
 
@@ -186,9 +188,143 @@ def test_vocabulary_without_image_pieces_refused(tmp_path):
         read_keras_preset(folder)
 
 
+AUDIO_PROMPT = "Listen to <|audio|> and say"  # make_keras_gemma4.AUDIO_PROMPT
+
+
+def audio_inputs(ref) -> dict:
+    """keras-hub's clip features as our model takes them: [clips, frames, mels] and [clips, frames]."""
+    return {"audio_features": mx.array(ref["audio_mel"][0]), "audio_mask": mx.array(ref["audio_mel_mask"][0] > 0)}
+
+
+def test_audio_config_follows_the_backbone():
+    ck = read_keras_preset(PRESETS["audio"])
+    cfg, tok = ck.config, mlx_gemma.GemmaTokenizer(ck.tokenizer_model)
+    assert (cfg["model_type"], cfg["vision_config"]) == ("gemma4", None)
+    assert [cfg[k] for k in ("audio_token_id", "boa_token_id", "eoa_token_index")] == \
+        [tok.piece_to_id(p) for p in ("<|audio|>", "<|audio>", "<audio|>")]
+    a = cfg["audio_config"]
+    assert (a["hidden_size"], a["num_hidden_layers"], a["num_attention_heads"], a["subsampling_conv_channels"],
+            a["attention_chunk_size"], a["attention_context_left"], a["attention_context_right"],
+            a["attention_logit_cap"], a["output_proj_dims"]) == (16, 2, 2, [128, 4], 4, 5, 0, 10.0, 24)
+    w = ck.weights  # transformers' (torch) layouts
+    assert w["model.audio_tower.subsample_conv_projection.layer1.conv.weight"].shape == (4, 128, 3, 3)
+    assert w["model.audio_tower.subsample_conv_projection.input_proj_linear.weight"].shape == (16, 128)
+    assert w["model.audio_tower.layers.1.lconv1d.depthwise_conv1d.weight"].shape == (16, 1, 5)
+    assert w["model.audio_tower.layers.1.lconv1d.linear_start.linear.weight"].shape == (32, 16)
+    assert w["model.audio_tower.layers.0.self_attn.post.output_max"].shape == ()
+    assert w["model.embed_audio.embedding_projection.weight"].shape == (32, 24)
+    extractor = json.loads(ck.extra_files["processor_config.json"])["feature_extractor"]
+    assert (extractor["feature_size"], extractor["hop_length"], extractor["fft_length"], extractor["mel_floor"],
+            extractor["max_length"]) == (128, 160, 512, 1e-3, 16_000)
+
+
+def test_audio_tower_matches_keras_hub():
+    """The clip's 15 valid soft tokens (keras-hub returns all 25, its padded ones computed differently:
+    it zeroes padded frames before the light conv; transformers and we drop them)."""
+    ref, model = reference("audio"), model_of(PRESETS["audio"])
+    inputs = audio_inputs(ref)
+    tokens, valid = model.model.audio_tower(inputs["audio_features"], inputs["audio_mask"])
+    valid = np.array(valid)[0]
+    assert valid.sum() == 15 and not valid[15:].any()
+    want = ref["audio_embeddings"][0, :15]
+    assert rel_err(model.model.embed_audio(tokens)[0, :15], want) < RTOL
+
+
+def test_audio_logits_match_keras_hub():
+    """The prompt with the clip's 15 placeholders (per-layer inputs read them as the pad id)."""
+    ref = reference("audio")
+    assert rel_err(model_of(PRESETS["audio"])(mx.array(ref["token_ids"]), **audio_inputs(ref)), ref["logits"]) < RTOL
+
+
+def test_converted_audio_folder_generates_as_keras_hub(tmp_path):
+    """The converted folder (the previously refused kind) keeps its audio tower and the preset's
+    converter settings; our features for the clip equal keras-hub's converter's on every valid frame,
+    the prompt's ids keras-hub's, and stream_generate(audio=clip) gives Gemma4CausalLM.generate's ids."""
+    convert(keras_path=PRESETS["audio"], mlx_path=tmp_path / "out")
+    model, tokenizer = mlx_gemma.load(tmp_path / "out")
+    ref = reference("audio")
+    assert model.model_type == "gemma4" and model.audio_input is not None
+    ids, media = media_rows(model, tokenizer, [AUDIO_PROMPT], [None], [ref["clip"]])
+    assert ids == ref["token_ids"].tolist()
+    mask, want = np.array(media.audio_mask)[0], ref["audio_mel"][0, 0]
+    assert np.array_equal(mask, ref["audio_mel_mask"][0, 0, :len(mask)] > 0) and mask.sum() == 59
+    assert np.abs(np.array(media.audio_features)[0][mask] - want[:len(mask)][mask]).max() < 1e-5
+    tokens = [r.token for r in mlx_gemma.stream_generate(model, tokenizer, AUDIO_PROMPT, audio=ref["clip"],
+                                                         max_tokens=8)]
+    assert tokens == ref["greedy"][0, ref["token_ids"].shape[1]:].tolist()
+
+
+def corrupt_audio_weight(folder: Path, name: str, shape: tuple | None) -> None:
+    """Replace (or, with shape None, delete) one dataset of the preset's weights file."""
+    with h5py.File(folder / "model.weights.h5", "r+") as f:
+        del f[name]
+        if shape is not None:
+            f.create_dataset(name, data=np.zeros(shape, dtype="float32"))
+
+
+@pytest.mark.parametrize("shape", [None, (5, 16)])
+def test_malformed_audio_weights_refused_before_writing(tmp_path, shape):
+    """A missing or misshapen audio variable: a typed error naming the weights file and the variable,
+    and no output folder."""
+    folder = edited(tmp_path, lambda c: None, "audio")
+    name = "layers/gemma4_audio_encoder/conformer_blocks/gemma4_audio_conformer_block_1/lconv/depthwise_conv/vars/0"
+    corrupt_audio_weight(folder, name, shape)
+    with pytest.raises(WeightsMismatchError, match="model.weights.h5") as e:
+        convert(keras_path=folder, mlx_path=tmp_path / "out")
+    assert "depthwise_conv" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("mutate, error, match", [
-    (lambda c: c.update(audio_encoder={"class_name": "Gemma4AudioEncoder", "config": {}}),
-     UnsupportedModelError, "audio_encoder"),
+    (lambda a: a.update(context_right=2), UnsupportedModelError, "context_right"),
+    (lambda a: a.update(chunk_size=8), UnsupportedModelError, "chunk_size"),
+    (lambda a: a.update(reduction_factor=2), UnsupportedModelError, "reduction_factor"),
+    (lambda a: a.update(sscp_kernel_sizes=[[5, 5], [3, 3]]), UnsupportedModelError, "sscp_kernel_sizes"),
+    (lambda a: a.update(norm_eps=1e-5), UnsupportedModelError, "norm_eps"),
+    (lambda a: a.update(input_feat_size=80), UnsupportedModelError, "input_feat_size"),
+    (lambda a: a.update(output_proj_dims=None), UnsupportedModelError, "output_proj_dims"),
+    (lambda a: a.update(output_dim=16), ConfigError, "output_dim"),
+    (lambda a: a.update(sscp_conv_channels=[128]), ConfigError, "sscp_conv_channels"),
+    (lambda a: a.update(invalid_logit_value="low"), ConfigError, "invalid_logit_value"),
+])
+def test_refused_audio_configs(tmp_path, mutate, error, match):
+    with pytest.raises(error, match=match):
+        read_keras_preset(edited(tmp_path, lambda c: mutate(c["audio_encoder"]["config"]), "audio"))
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda c: c.update(num_fft_bins=400), UnsupportedModelError, "num_fft_bins"),
+    (lambda c: c.update(num_mels=0), ConfigError, "num_mels"),
+    (lambda c: c.update(max_frequency=-1), ConfigError, "max_frequency"),
+])
+def test_refused_audio_converters(tmp_path, mutate, error, match):
+    folder = edited(tmp_path, lambda c: None, "audio")
+    top = json.loads((folder / "audio_converter.json").read_text())
+    mutate(top["config"])
+    (folder / "audio_converter.json").write_text(json.dumps(top))
+    with pytest.raises(error, match=match) as e:
+        read_keras_preset(folder)
+    assert "audio_converter.json" in str(e.value)
+
+
+def test_audio_converter_not_json_and_absent(tmp_path):
+    folder = edited(tmp_path, lambda c: None, "audio")
+    (folder / "audio_converter.json").write_text("{")
+    with pytest.raises(ConfigError, match="audio_converter.json"):
+        read_keras_preset(folder)
+    (folder / "audio_converter.json").unlink()  # no converter: transformers' extractor defaults apply
+    assert "processor_config.json" not in read_keras_preset(folder).extra_files
+
+
+def test_vocabulary_without_audio_pieces_refused(tmp_path):
+    folder = edited(tmp_path, lambda c: None, "audio")
+    shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", folder / "assets" / "tokenizer" / "vocabulary.spm")
+    with pytest.raises(TokenizerError, match=re.escape("<|audio|>")):
+        read_keras_preset(folder)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda c: c.update(audio_encoder={"class_name": "Gemma4AudioEncoder", "config": {}}), ConfigError, "output_dim"),
     (lambda c: c.update(layer_types=[S, S, F, F, S]), UnsupportedModelError, "last layer"),
     (lambda c: c.update(layer_types=[S, S]), ConfigError, "layer_types"),
     (lambda c: c.update(use_sliding_window_attention=False), UnsupportedModelError, "use_sliding_window_attention"),
@@ -256,20 +392,39 @@ def test_transformers_reads_the_converted_preset_as_keras_hub_runs_it(name):
         assert rel_err(logits, ref["logits"][b:b + 1, :n]) < RTOL
 
 
-@pytest.mark.oracle
-def test_transformers_reads_the_converted_vision_preset_as_keras_hub_runs_it():
-    """The same for the preset with a vision encoder, through Gemma4ForConditionalGeneration (measured 3e-6)."""
+def transformers_multimodal(name: str):
+    """(torch, transformers' Gemma4ForConditionalGeneration holding our config and weights of preset
+    `name`, the config) -- every weight taken, the head tied to the embedding."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    ck = read_keras_preset(PRESETS["vision"])
+    ck = read_keras_preset(PRESETS[name])
     cfg = {k: v for k, v in ck.config.items() if k not in ("architectures", "model_type", "torch_dtype")}
     hf = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(**cfg)).eval()
     missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in ck.weights.items()}, strict=False)
     assert missing == ["lm_head.weight"] and not unexpected
+    return torch, hf, cfg
+
+
+@pytest.mark.oracle
+def test_transformers_reads_the_converted_vision_preset_as_keras_hub_runs_it():
+    """The same for the preset with a vision encoder, through Gemma4ForConditionalGeneration (measured 3e-6)."""
+    torch, hf, cfg = transformers_multimodal("vision")
     ref = reference("vision")
     ids = torch.tensor(ref["token_ids"]).long()
     with torch.no_grad():
         logits = hf(input_ids=ids, pixel_values=torch.tensor(ref["pixel_values"][0]),
                     image_position_ids=torch.tensor(ref["pixel_position_ids"][0]).long(),
                     mm_token_type_ids=(ids == cfg["image_token_id"]).long()).logits.numpy()
+    assert rel_err(logits, ref["logits"]) < RTOL
+
+
+@pytest.mark.oracle
+def test_transformers_reads_the_converted_audio_preset_as_keras_hub_runs_it():
+    """The same for the preset with an audio encoder: transformers' Gemma4ForConditionalGeneration on
+    our config and HF-layout weights, fed keras-hub's clip features, gives keras-hub's logits."""
+    torch, hf, _ = transformers_multimodal("audio")
+    ref = reference("audio")
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(ref["token_ids"]).long(), input_features=torch.tensor(ref["audio_mel"][0]),
+                    input_features_mask=torch.tensor(ref["audio_mel_mask"][0] > 0)).logits.numpy()
     assert rel_err(logits, ref["logits"]) < RTOL

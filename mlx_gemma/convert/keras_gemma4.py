@@ -1,6 +1,7 @@
 """Read a keras-hub `Gemma4Backbone` preset (Gemma 4 text: dense, per-layer inputs, KV sharing, K = V, MoE;
-with its `Gemma4VisionEncoder`) into HF-format pieces: a transformers `Gemma4TextConfig` (`gemma4_text`),
-or with the vision encoder a `Gemma4Config` (`gemma4`, models/gemma4_mm.py), and HF weight names.
+with its `Gemma4VisionEncoder` and / or `Gemma4AudioEncoder`) into HF-format pieces: a transformers
+`Gemma4TextConfig` (`gemma4_text`), or with an encoder a `Gemma4Config` (`gemma4`, models/gemma4_mm.py),
+and HF weight names.
 
 What keras-hub 0.32 does (`keras_hub/src/models/gemma4/gemma4_backbone.py`, `gemma4_decoder_block.py`,
 `gemma4_attention.py`, `gemma4_layers.py`, `gemma4_moe.py`; its HF -> Keras map
@@ -64,15 +65,18 @@ tests/test_convert_keras_gemma4.py:
   pooled-grid width of the batch's widest image (`Gemma4VisionAveragePooling`; HF uses each image's
   own) and keeps every pooled slot, padding ones included.  Images are preprocessed by the model's
   own image code (mlx_gemma.gemma4_images, transformers' processor), not by keras-hub's converter.
+* Audio (E2B / E4B's `Gemma4AudioEncoder`): keras_gemma4_audio.py maps it to `model.audio_tower.` /
+  `model.embed_audio.` and the preset's audio_converter.json to processor_config.json.  keras-hub's
+  audio placeholders are `<|audio>` `<|audio|>`... `<audio|>`, transformers' boa / audio / eoa ids.
 * Refused (typed errors naming the field): what HF's Gemma 4 model cannot express or our model
   does not run -- a last layer that is not global (transformers forces it global; keras-hub does
-  not), `use_sliding_window_attention=false`, an attention soft-cap, embedding backbones, KV
-  sharing over every layer (the MTP assistant drafters), and the audio encoder (its conformer is
-  not mapped yet; the E2B / E4B presets carry one: use their Hugging Face checkpoints).
+  not), `use_sliding_window_attention=false`, an attention soft-cap, embedding backbones, and KV
+  sharing over every layer (the MTP assistant drafters).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -86,6 +90,9 @@ from .checkpoint import Checkpoint, generation_config
 from .keras_common import (
     backbone_header,
     bool_setting, dtype_name, float_setting, int_setting, read_tokenizer, stop_ids, to_hf_layout,
+)
+from .keras_gemma4_audio import (
+    audio_config, audio_to_hf, audio_variables, encoder_settings, feature_extractor, is_audio_weight,
 )
 from .keras_h5 import read_variables
 
@@ -134,11 +141,6 @@ def _rope(c: dict, path, kind: str, head_dim: int) -> dict:
 
 
 def _refuse_unsupported(c: dict, path) -> None:
-    if c.get("audio_encoder") is not None:
-        raise UnsupportedModelError(
-            path, "audio_encoder: Gemma 4 presets with an audio encoder are not converted yet (its conformer is "
-                  "not mapped); load the model's Hugging Face checkpoint instead (Gemma4CausalLM.from_preset "
-                  "with a preset name does)")
     for key in ("use_bidirectional_attention", "is_embedding_model"):
         if bool_setting(path, c, key, False):
             raise UnsupportedModelError(path, f"{key}=true: an embedding backbone, not a causal LM")
@@ -284,14 +286,9 @@ def _join_experts(weights: dict[str, np.ndarray]) -> None:
 
 def _vision_config(c: dict, path) -> dict | None:
     """HF `gemma4_vision` config of the backbone's Gemma4VisionEncoder, or None without one."""
-    enc = c.get("vision_encoder")
-    if enc is None:
+    v, where = encoder_settings(c, path, "vision_encoder", "Gemma4VisionEncoder"), f"{path} (vision_encoder)"
+    if v is None:
         return None
-    if not isinstance(enc, dict) or not isinstance(enc.get("config"), dict):
-        raise ConfigError(path, "vision_encoder must be null or a serialized Gemma4VisionEncoder")
-    if enc.get("class_name") != "Gemma4VisionEncoder":
-        raise UnsupportedModelError(path, f"vision_encoder class {enc.get('class_name')!r:.80} is not Gemma4VisionEncoder")
-    v, where = enc["config"], f"{path} (vision_encoder)"
     if int_setting(where, v, "output_dim", limit=1 << 16) != int_setting(path, c, "hidden_dim", limit=1 << 16):
         raise ConfigError(path, "the vision encoder's output_dim must equal the decoder's hidden_dim")
     heads = int_setting(where, v, "num_heads", limit=1024)
@@ -320,18 +317,22 @@ _MEDIA_PIECES = {"image_token_id": "<|image|>", "boi_token_id": "<|image>", "eoi
                  "eoa_token_index": "<audio|>"}
 
 
-def gemma4_config(text: dict, vision: dict, tokenizer_model: bytes, tokenizer_path) -> dict:
-    """HF `gemma4` (Gemma4ForConditionalGeneration) config: the text config, the tower's, the media ids."""
+def gemma4_config(text: dict, vision: dict | None, audio: dict | None, tokenizer_model: bytes,
+                  tokenizer_path) -> dict:
+    """HF `gemma4` (Gemma4ForConditionalGeneration) config: the text config, the towers', the media ids."""
     tok = GemmaTokenizer(tokenizer_model)
     ids = {key: tok.piece_to_id(piece) for key, piece in _MEDIA_PIECES.items()}
-    for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
-        if ids[key] is None:
-            raise TokenizerError(tokenizer_path, f"the vocabulary has no {_MEDIA_PIECES[key]} piece: this preset "
-                                                 "cannot take images")
+    needed = {"images": ("image_token_id", "boi_token_id", "eoi_token_id") if vision else (),
+              "audio": ("audio_token_id", "boa_token_id", "eoa_token_index") if audio else ()}
+    for media, keys in needed.items():
+        for key in keys:
+            if ids[key] is None:
+                raise TokenizerError(tokenizer_path, f"the vocabulary has no {_MEDIA_PIECES[key]} piece: this "
+                                                     f"preset cannot take {media}")
     return {
         "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
         "text_config": {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype")},
-        "vision_config": vision, "audio_config": None, **{k: v for k, v in ids.items() if v is not None},
+        "vision_config": vision, "audio_config": audio, **{k: v for k, v in ids.items() if v is not None},
         "tie_word_embeddings": True, "torch_dtype": "float32",
     }
 
@@ -391,23 +392,43 @@ def read_gemma4_preset(
     tokenizer_model, specials, _ = read_tokenizer(folder, vocab)
     text = gemma4_text_config(keras_cfg, config_path, specials)
     vision = _vision_config(keras_cfg, config_path)
-    cfg = text if vision is None else gemma4_config(
-        text, vision, tokenizer_model, os.path.join(folder, "assets", "tokenizer", "vocabulary.spm"))
+    audio = audio_config(keras_cfg, config_path, text["hidden_size"])
+    cfg = text if vision is None and audio is None else gemma4_config(
+        text, vision, audio, tokenizer_model, os.path.join(folder, "assets", "tokenizer", "vocabulary.spm"))
     MODELS[cfg["model_type"]].ModelArgs.from_dict(cfg, config_path)  # refuse what the model would refuse
+    extra = {} if audio is None else _processor_files(folder)
 
     expected = gemma4_variables(text)
-    if vision is not None:  # the text model under Gemma4ForConditionalGeneration's prefix, and the tower
+    if cfg is not text:  # the text model under Gemma4ForConditionalGeneration's prefix, and the towers
         expected = {k: ("model.language_model." + hf[len("model."):], shape) for k, (hf, shape) in expected.items()}
+    if vision is not None:
         expected.update(vision_variables(vision, text["hidden_size"]))
+    if audio is not None:
+        expected.update(audio_variables(audio, text["hidden_size"]))
     names = {k: hf for k, (hf, _) in expected.items()}
     variables, dtypes = read_variables(
         folder, {k: shape for k, (_, shape) in expected.items()}, "Gemma 4",
         None if progress is None else (lambda done, total, name: progress(done, total, names[name])))
-    weights = {names[k]: np.asarray((_vision_to_hf if ".vision_tower." in names[k] or ".embed_vision."
-                                               in names[k] else _to_hf)(names[k], v), order="C") for k, v in variables.items()}  # C order, 0-d kept
+    weights = {names[k]: np.asarray(_layout(names[k])(names[k], v), order="C") for k, v in variables.items()}  # C order, 0-d kept
     del variables
     _join_experts(weights)
     generation = generation_config(specials["bos"], specials["eos"], specials["pad"], *stop_ids(tokenizer_model))
     source = next(iter(dtypes)) if len(dtypes) == 1 else (dtype_name(keras_cfg) or "float32")
     return Checkpoint(cfg, weights, tokenizer_model, generation, source=Path(folder), source_dtype=source,
-                      metadata=keras_cfg)
+                      metadata=keras_cfg, extra_files=extra)
+
+
+def _layout(name: str) -> Callable[[str, np.ndarray], np.ndarray]:
+    """The Keras -> HF layout function for HF weight `name`: the vision tower's, the audio tower's, the text's."""
+    if ".vision_tower." in name or ".embed_vision." in name:
+        return _vision_to_hf
+    return audio_to_hf if is_audio_weight(name) else _to_hf
+
+
+def _processor_files(folder: str) -> dict[str, bytes]:
+    """processor_config.json with the preset's audio converter as transformers' feature extractor
+    (none without audio_converter.json: the extractor's defaults apply), checked as loading reads it."""
+    extractor = feature_extractor(folder)
+    if extractor is None:
+        return {}
+    return {"processor_config.json": (json.dumps({"feature_extractor": extractor}, indent=2) + "\n").encode()}
