@@ -158,6 +158,8 @@ class ChatSession:
         self.enable_thinking = bool(enable_thinking)
         # Crops are cut here, per turn; stream_generate gets them as images of token-id prompts.
         self.pan_and_scan = pan_and_scan_settings(generate_kwargs.pop("pan_and_scan", None))
+        if self.pan_and_scan and tokenizer.chat_format == "gemma4":
+            raise GenerationError("pan & scan is Gemma 3's (its processor's); Gemma 4 sizes each image itself")
         self.cache = PromptCache(model, kv_options, **{k: v for k, v in kv.items() if v is not None})
         self.settings = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
                              **generate_kwargs)

@@ -319,6 +319,26 @@ def test_media_the_model_cannot_take_are_typed_errors_and_change_nothing(mm, mod
     gemma3_model, gemma3_tok = load(FIXTURES / "tiny_gemma3")
     with pytest.raises(AudioError, match="takes no audio"):
         list(ChatSession(gemma3_model, gemma3_tok).send("Hi", audio=[clip]))
+    with pytest.raises(GenerationError, match="pan & scan is Gemma 3's"):
+        ChatSession(mm_model, tok, pan_and_scan=True)
+
+
+def test_unreadable_media_are_typed_errors_and_change_nothing(mm, clip, tmp_path):
+    model, tok = mm
+    chat = ChatSession(model, tok, max_tokens=3)
+    first = [r.token for r in chat.send("What is <|image|>?", images=[picture(9, 30, 30)])]
+    state = (list(chat.history), list(chat.cache.tokens), list(chat.images), list(chat.clips))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not a wave")
+    for media, error in ((dict(images=[tmp_path / "bad.png"]), ImageError),
+                         (dict(audio=[tmp_path / "bad.wav"]), AudioError),
+                         (dict(audio=[np.full(16_000 * 31, 0.1, np.float32)]), AudioError)):  # over 30 s
+        with pytest.raises(error):
+            list(chat.send("And this?", **media))
+        assert (chat.history, chat.cache.tokens, chat.images, chat.clips) == state
+    redo = ChatSession(model, tok, max_tokens=3)  # the same conversation without the failed turns
+    assert [r.token for r in redo.send("What is <|image|>?", images=[picture(9, 30, 30)])] == first
+    assert chat.reply("Go on.") == redo.reply("Go on.")
 
 
 def test_cli_attaches_images_and_clips(mm, clip, tmp_path):
