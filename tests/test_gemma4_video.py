@@ -22,7 +22,7 @@ from fixtures.make_gemma4_video import clip, write_video
 
 from mlx_gemma.api import load
 from mlx_gemma.errors import ConfigError, GenerationError, ImageError
-from mlx_gemma.gemma4_images import ImageSettings
+from mlx_gemma.gemma4_images import ImageSettings, pad_patches
 from mlx_gemma.gemma4_prompts import media_rows
 from mlx_gemma.gemma4_video import (
     VideoSettings,
@@ -35,6 +35,7 @@ from mlx_gemma.gemma4_video import (
     video_text,
 )
 from mlx_gemma.generate import generate, main, stream_batch_generate, stream_generate
+from mlx_gemma.prompt_cache import PromptCache
 
 REF = FIXTURES / "gemma4_video.npz"
 TINY = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)  # make_gemma4_video.py's processor
@@ -235,3 +236,39 @@ def test_frame_sampling_and_video_text_equal_transformers():
     inputs = {"num_soft_tokens_per_video": [video.num_soft_tokens], "video_metadata": [metadata]}
     assert video_text(video) == Gemma4Processor.replace_video_token(shim, inputs, 0)
     assert video.timestamps == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
+
+
+def test_chunked_prefill_and_prompt_cache_keep_video_frames_whole(loaded, ref):
+    """Prefill in 16-token chunks (each frame's block kept in one call: the model attends it both
+    ways) gives transformers' greedy tokens; a second chat turn over a prompt cache feeds only its
+    new tokens while the video is the same, and replies as a fresh run does."""
+    model, tok = loaded
+    up = load_video(ref["up_frames"], SETTINGS, fps=8.0)
+    tokens = [r.token for r in stream_generate(model, tok, "Watch <|video|> closely.", max_tokens=8, video=up,
+                                               chat=False, prefill_step_size=16)]
+    assert tokens == ref["up_greedy"].tolist()
+    cache = PromptCache(model)  # the tiny model's 24-token window cannot go back: each turn continues the last
+    first = list(stream_generate(model, tok, "Watch <|video|> closely.", video=up, max_tokens=1, chat=False,
+                                 prompt_cache=cache))
+    follow = "Watch <|video|> closely. And then?"
+    second = list(stream_generate(model, tok, follow, video=up, max_tokens=3, chat=False, prompt_cache=cache))
+    fresh = list(stream_generate(model, tok, follow, video=up, max_tokens=3, chat=False))
+    assert [r.token for r in second] == [r.token for r in fresh]
+    assert second[0].prompt_tokens == fresh[0].prompt_tokens - first[0].prompt_tokens  # the frames were held
+    other = load_video(ref["up_frames"][::-1].copy(), SETTINGS, fps=8.0)
+    again = list(stream_generate(model, tok, follow, video=other, max_tokens=3, chat=False, prompt_cache=cache))
+    assert again[0].prompt_tokens == fresh[0].prompt_tokens  # other frames: fed again from the start
+    assert [r.token for r in again] == [r.token for r in stream_generate(model, tok, follow, video=other,
+                                                                         max_tokens=3, chat=False)]
+
+
+def test_frames_padded_to_an_image_budget_give_the_same_features(loaded, ref):
+    """A prompt with images (280-token budget) and a video (70) pads the frames' patches to the
+    images' count: the tower masks padding, so each frame's soft tokens stay the same."""
+    model, _ = loaded
+    video = load_video(ref["up_frames"], SETTINGS, fps=8.0)
+    pixels, positions = np.array(video.pixel_values), np.array(video.position_ids)
+    wide = [pad_patches(p, q, 4 * pixels.shape[1]) for p, q in zip(pixels, positions)]
+    short = model.model.image_features(video.pixel_values, video.position_ids)
+    long = model.model.image_features(mx.array(np.stack([p for p, _ in wide])), mx.array(np.stack([q for _, q in wide])))
+    assert float(mx.abs(short - long).max()) < 1e-5 * float(mx.abs(short).max())
