@@ -212,7 +212,10 @@ def load_model_from(
 
 def _fill(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array], path, dtype, config_path):
     """`model` with `weights` (sanitized, quantized as the config says, strictly checked) loaded."""
-    weights = model.sanitize(weights)
+    try:
+        weights = model.sanitize(weights)
+    except WeightsMismatchError as e:  # a model's sanitize knows no file (e.g. an expert half missing): name it
+        raise WeightsMismatchError(path if e.path is None else e.path, e.problem) from None
     quantize_like(model, config, weights, config_path)
     check_weights(model, weights, path)
     if dtype is not None:

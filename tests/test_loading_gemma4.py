@@ -94,8 +94,16 @@ def test_readable_quantization_names():
         "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6},
         "model.layers.1.experts.gate_up_proj": {"group_size": 64, "bits": 8},
         "model.layers.1.experts.down_proj": {"group_size": 64, "bits": 6}}
-    with_tower = {**config, "vision_config": {}}  # gemma4_mm's own paths: left as written
-    assert gemma4.readable_quantization(with_tower) is with_tower
+    with_tower = {**config, "vision_config": {}}  # gemma4_mm's paths: the text under model.language_model.
+    with_tower["quantization"] = {**config["quantization"], "vision_tower.encoder.layers.0.mlp.up_proj.linear": False,
+                                  "model.language_model.layers.2.mlp.up_proj": {"group_size": 32, "bits": 8}}
+    assert gemma4.readable_quantization(with_tower)["quantization"] == {
+        "group_size": 64, "bits": 4, "lm_head": False,
+        "model.language_model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6},
+        "model.language_model.layers.1.experts.gate_up_proj": {"group_size": 64, "bits": 8},
+        "model.language_model.layers.1.experts.down_proj": {"group_size": 64, "bits": 6},
+        "model.vision_tower.encoder.layers.0.mlp.up_proj.linear": False,
+        "model.language_model.layers.2.mlp.up_proj": {"group_size": 32, "bits": 8}}  # HF's paths: ours already
     other = {"model_type": "gemma3_text", "quantization": {"bits": 4, "language_model.model.x": False}}
     assert gemma4.readable_quantization(other) is other
 

@@ -24,6 +24,7 @@ from ..cli import run_command
 from ..errors import MlxGemmaError
 from ..loading import is_encoder_config, load_encoder, load_model_from
 from ..models import gemma4
+from ..models.gemma4_mm import mlx_vlm_quantization
 from ..models.moe import to_mlx_lm_layout, to_mlx_lm_quantization
 from ..progress import Progress
 from .checkpoint import DTYPES, as_mx
@@ -51,10 +52,13 @@ def _text_only(config: dict) -> dict:
 def mlx_lm_compatible(config: dict) -> dict:
     """Also spell the settings the way mlx-lm (0.32) reads them; both describe the same model.
 
-    Gemma 3: transformers 5's `rope_parameters` the pre-5.0 way.  Gemma 4: see `_gemma4_for_mlx_lm`.
+    Gemma 3: transformers 5's `rope_parameters` the pre-5.0 way.  Gemma 4: see `_gemma4_for_mlx_lm`;
+    with towers, `_gemma4_for_mlx_vlm`.
     """
     if config.get("model_type") == "gemma4_text":
         return _gemma4_for_mlx_lm(config)
+    if config.get("model_type") == "gemma4" and isinstance(config.get("text_config"), dict):
+        return _gemma4_for_mlx_vlm(config)
     rope = config.get("rope_parameters")
     if config.get("model_type") != "gemma3_text" or not isinstance(rope, dict):
         return config
@@ -93,10 +97,23 @@ def _gemma4_for_mlx_lm(config: dict) -> dict:
     return out
 
 
+def _gemma4_for_mlx_vlm(config: dict) -> dict:
+    """A gemma4 config with towers as mlx-vlm 0.7.10 reads it (and mlx-lm 0.32's gemma4, for the text): the
+    text settings as `_gemma4_for_mlx_lm` spells them (mlx-vlm's gemma4 config.py has the same defaults),
+    the vocabulary also at the top level (mlx-lm's gemma4.py ModelArgs writes its own 262144 default over
+    text_config's), per-layer quantization under their module paths (gemma4_mm.mlx_vlm_quantization)."""
+    text = _gemma4_for_mlx_lm(config["text_config"])
+    out = {**config, "text_config": text, "vocab_size": text["vocab_size"]}
+    for key in ("quantization", "quantization_config"):
+        if isinstance(out.get(key), dict):
+            out[key] = mlx_vlm_quantization(out[key])
+    return out
+
+
 def mlx_lm_weights(config: dict, weights: dict) -> dict:
-    """The weights under the names mlx-lm reads: Gemma 4's experts as its switch_glu halves
-    (mlx_gemma reads both, moe.sanitize_experts)."""
-    return to_mlx_lm_layout(weights) if config.get("model_type") == "gemma4_text" else weights
+    """The weights under the names mlx-lm and mlx-vlm read: Gemma 4's experts as their switch_glu halves
+    (mlx-lm 0.32's gemma4.py splits only bare `gate_up_proj` tensors; mlx_gemma reads both, moe.sanitize_experts)."""
+    return to_mlx_lm_layout(weights) if config.get("model_type") in ("gemma4_text", "gemma4") else weights
 
 
 def as_mlx_lm_folder(config: dict, weights: dict) -> tuple[dict, dict]:
@@ -145,6 +162,8 @@ def convert(
         config = dequantize_model(model, config)
     if quantize:
         config = quantize_model(model, config, q_bits, q_group_size, quant_recipe)
+    if model.image_input is not None or model.audio_input is not None:  # towers kept: mlx-vlm's spellings
+        config = mlx_lm_compatible(config)
     if dtype:
         config["torch_dtype"] = dtype
     extra = dict(checkpoint.extra_files)

@@ -456,6 +456,10 @@ _TEXT_PREFIXES = (
     ("language_model.model.", "model."),  # mlx-lm / mlx-vlm gemma4
     ("language_model.lm_head.", "lm_head."),
 )
+# mlx-vlm 0.7.10's module paths -> gemma4_mm's (its gemma4.py sanitize drops `model.` and puts the text
+# under `language_model.model.`); transformers' own `model.*` paths are gemma4_mm's already.
+_MM_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")) + tuple(
+    (n, "model." + n) for n in ("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio."))
 # What a multimodal checkpoint holds besides the language model (towers and their embedders).
 _OTHER_PREFIXES = tuple(p + n for p in ("", "model.") for n in (
     "vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector."))
@@ -465,18 +469,19 @@ def readable_quantization(config: dict) -> dict:
     """A Gemma 4 config with its per-layer quantization settings under our text model's module paths,
     so an mlx-community folder's mixed-precision layers load: mlx-lm 0.32 and mlx-vlm write them under
     `language_model.model.` (their gemma4 sanitize), the experts under switch_glu names (moe.py;
-    a typed error if gate and up differ).  Other configs come back as they are, and so do configs with
-    a tower: those build gemma4_mm, whose text layers sit under `model.language_model.` as HF names them."""
+    a typed error if gate and up differ).  A config with a tower builds gemma4_mm: mlx-vlm's names go
+    under its paths (`model.language_model.`, `model.vision_tower.`, ...).  Other configs come back as they are."""
     inner = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     towers = config.get("vision_config") is not None or config.get("audio_config") is not None
-    if towers or inner.get("model_type", config.get("model_type")) not in ("gemma4", "gemma4_text"):
+    if inner.get("model_type", config.get("model_type")) not in ("gemma4", "gemma4_text"):
         return config
+    prefixes = _MM_PREFIXES if towers else _TEXT_PREFIXES
     out = dict(config)
     for key in ("quantization", "quantization_config"):
         if isinstance(out.get(key), dict):
             renamed = {}
             for name, value in out[key].items():  # module paths: matched with a trailing dot
-                old, new = next(((o, n) for o, n in _TEXT_PREFIXES if f"{name}.".startswith(o)), ("", ""))
+                old, new = next(((o, n) for o, n in prefixes if f"{name}.".startswith(o)), ("", ""))
                 renamed[(new + f"{name}."[len(old):])[:-1]] = value
             out[key] = sanitize_quantization(renamed)
     return out

@@ -14,7 +14,9 @@ Audio tokens are causal.
 Without media this is exactly the Gemma 4 text model.  Weight names: Hugging Face's
 (`model.language_model.*`, `model.vision_tower.*`, `model.embed_vision.*`, `model.audio_tower.*`,
 `model.embed_audio.*`); `sanitize` also takes mlx-vlm 0.7.10's (`language_model.model.*`,
-`vision_tower.*`, `embed_vision.*`, `audio_tower.*`, `embed_audio.*`).
+`vision_tower.*`, `embed_vision.*`, `audio_tower.*`, `embed_audio.*`) and either library's experts
+(switch_glu halves).  The converter writes the experts as switch_glu halves and per-layer quantization
+under mlx-vlm's module paths (`mlx_vlm_quantization`), so mlx-vlm loads the folder and mlx-lm its text.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .gemma4_vision import Gemma4VisionArgs, Gemma4VisionModel, MultimodalEmbedd
 from .image_blocks import image_block_ids
 from .kv_cache import KVCacheOptions, make_layer_caches
 from .layers import softcap
+from .moe import sanitize_experts, to_mlx_lm_quantization
 
 # transformers' Gemma4Config spells the end-of-audio id `eoa_token_index`; a config may say `eoa_token_id`.
 ALIASES = {"eoa_token_id": "eoa_token_index"}
@@ -294,6 +297,7 @@ class Model(nn.Module):
             else:
                 text[key] = value
         out = {}
+        text = sanitize_experts(text)  # expert halves joined first, so a missing one is named as the file names it
         for key, value in self.text_model().sanitize(text).items():
             out["model.language_model." + key[len("model."):] if key.startswith("model.") else key] = value
         if "vision_tower" in self.model:
@@ -306,3 +310,20 @@ class Model(nn.Module):
 # A tower's (or embedder's) first name -> the tower that must exist for its weights to load.
 _TOWERS = {"vision_tower": "vision_tower", "embed_vision": "vision_tower", "audio_tower": "audio_tower",
            "embed_audio": "audio_tower"}
+
+
+# Our module paths -> mlx-vlm 0.7.10's (its gemma4.py `sanitize` drops `model.` and puts the text under
+# `language_model.model.`; mlx-lm 0.32's gemma4.py reads the text's the same way).
+_MLX_VLM_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")) \
+    + tuple((f"model.{name}.", f"{name}.") for name in _TOWERS)
+
+
+def mlx_vlm_quantization(quantization: dict) -> dict:
+    """A `quantization` entry with our per-layer keys under mlx-vlm's module paths, the experts as its
+    switch_glu halves (moe.to_mlx_lm_quantization), so mlx-vlm and mlx-lm load a folder we write with
+    each layer's own settings; gemma4.readable_quantization reads them back."""
+    out = {}
+    for name, value in quantization.items():  # module paths: matched with a trailing dot
+        old, new = next(((o, n) for o, n in _MLX_VLM_PREFIXES if f"{name}.".startswith(o)), ("", ""))
+        out[(new + f"{name}."[len(old):])[:-1]] = value
+    return to_mlx_lm_quantization(out)
