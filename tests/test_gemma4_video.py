@@ -272,3 +272,32 @@ def test_frames_padded_to_an_image_budget_give_the_same_features(loaded, ref):
     short = model.model.image_features(video.pixel_values, video.position_ids)
     long = model.model.image_features(mx.array(np.stack([p for p, _ in wide])), mx.array(np.stack([q for _, q in wide])))
     assert float(mx.abs(short - long).max()) < 1e-5 * float(mx.abs(short).max())
+
+
+def test_a_container_without_a_frame_count_is_counted(tmp_path):
+    """Matroska states no frame count (PyAV's stream.frames is 0, where transformers' reader would
+    sample nothing): the frames are counted by decoding, then sampled as for an MP4."""
+    pytest.importorskip("av")
+    frames = clip(9, 30, 40, 0.5)
+    write_video(tmp_path / "clip.mkv", frames, 12, codec="ffv1", pix_fmt="bgr0", options={})  # lossless
+    decoded, fps, indices = read_video(tmp_path / "clip.mkv", SETTINGS)
+    assert indices.tolist() == sample_frame_indices(9, 4).tolist() and fps == 12.0
+    assert np.array_equal(decoded, frames[indices])
+
+
+@pytest.mark.oracle
+def test_lossy_file_decodes_as_transformers_read_video_pyav(tmp_path):
+    """An ordinary H.264 (yuv420p, lossy) clip: our frames, indices and fps are those of transformers'
+    `read_video_pyav` with the video processor's sampling (32 frames of 45, and 2 a second)."""
+    pytest.importorskip("av")
+    from transformers.video_utils import default_sample_indices_fn, read_video_pyav  # oracle
+
+    write_video(tmp_path / "clip.mp4", clip(45, 48, 64, 0.2), 30, codec="libx264", pix_fmt="yuv420p",
+                options={"crf": "30"})
+    for settings, kwargs in ((VideoSettings(), {"num_frames": 32}), (VideoSettings(num_frames=None, fps=2.0),
+                                                                       {"fps": 2.0})):
+        ours, fps, indices = read_video(tmp_path / "clip.mp4", settings)
+        sample = lambda metadata, **_: default_sample_indices_fn(metadata, **kwargs)  # noqa: E731
+        theirs, meta = read_video_pyav(str(tmp_path / "clip.mp4"), sample_indices_fn=sample)
+        assert indices.tolist() == list(meta.frames_indices) and fps == meta.fps
+        assert np.array_equal(ours, theirs)
