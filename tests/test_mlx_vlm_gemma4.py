@@ -47,9 +47,14 @@ def e2b_source(path: Path) -> Path:
     shutil.copytree(MM, path)
     config = json.loads((path / "config.json").read_text())
     config["text_config"].update(VLM_TEXT_KEYS, use_bidirectional_attention=None)
-    config["audio_config"]["use_clipped_linears"] = True
+    config["audio_config"].update(use_clipped_linears=True, output_proj_dims=32)
     weights = dict(mx.load(str(path / "model.safetensors")))
     rng = np.random.default_rng(0)
+    # audio soft tokens 32 wide (the fixture's 24), so that mlx-vlm's recipes quantize the audio embedder
+    # (its skip_multimodal_module spares `audio_tower` and anything named `vision`, not `embed_audio`)
+    for key, shape in (("model.audio_tower.output_proj.weight", (32, 16)), ("model.audio_tower.output_proj.bias", (32,)),
+                       ("model.embed_audio.embedding_projection.weight", (32, 32))):
+        weights[key] = mx.array(rng.normal(0, 0.3, shape).astype(np.float32))
     for key in [k for k in weights if k.startswith("model.audio_tower.layers.") and k.endswith(".linear.weight")]:
         base = key[: -len(".linear.weight")]
         for side in ("input", "output"):
@@ -147,6 +152,14 @@ def layer_bits(model) -> dict[str, int]:
     return {name: m.bits for name, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "scales")}
 
 
+def ours_name(name: str) -> str:
+    """An mlx-vlm module path as ours (the gate half of its experts stands for our joined gate_up)."""
+    name = name.replace("switch_glu.gate_proj", "gate_up_proj").replace("switch_glu.", "")
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name[len("language_model.model."):]
+    return name if name.startswith("language_model.") else "model." + name
+
+
 @pytest.mark.oracle
 @pytest.mark.parametrize("kind,quant", CASES)
 def test_an_mlx_vlm_folder_loads_with_its_logits(tmp_path, sources, kind, quant):
@@ -158,10 +171,11 @@ def test_an_mlx_vlm_folder_loads_with_its_logits(tmp_path, sources, kind, quant)
     theirs = mlx_vlm_model(folder)
     same_logits(model, theirs, kind)
     ours_bits = layer_bits(model)
-    expected = {name.replace("language_model.model.", "model.language_model.")
-                .replace("switch_glu.gate_proj", "gate_up_proj").replace("switch_glu.", ""): bits
-                for name, bits in layer_bits(theirs).items() if ".switch_glu.up_proj" not in name}
+    expected = {ours_name(name): bits for name, bits in layer_bits(theirs).items() if ".switch_glu.up_proj" not in name}
     assert ours_bits == expected and bool(ours_bits) == (quant != "float")
+    if kind == "e2b" and quant != "float":  # a tower's embedder quantized, the towers float
+        assert "model.embed_audio.embedding_projection" in ours_bits
+        assert not [name for name in ours_bits if "_tower." in name]
     if quant == "mixed_4_6":
         assert 6 in ours_bits.values()
 
