@@ -7,8 +7,11 @@ ends only its request (in-process, with a scheduler that fails).
 
 from __future__ import annotations
 
+import atexit
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,13 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import mlx.core as mx
+import numpy as np
 import openai
 import pytest
+import soundfile
 import uvicorn
 from conftest import FIXTURES, TESTS
+from PIL import Image
 from starlette.testclient import TestClient
 
 import mlx_gemma
@@ -34,7 +41,9 @@ from mlx_gemma.server.cli import bind
 
 GEMMA3 = str(FIXTURES / "tiny_gemma3")
 GEMMA1 = str(FIXTURES / "tiny_gemma")  # a second model, served beside GEMMA3
-GEMMA4 = str(FIXTURES / "tiny_gemma4_mm")  # a Gemma 4 vocabulary (its chat format, thinking mode)
+GEMMA4 = str(FIXTURES / "tiny_gemma4_mm")  # a Gemma 4 vocabulary (its chat format, thinking mode), images, audio
+VLM3 = str(FIXTURES / "tiny_gemma3_vlm")  # Gemma 3 with images
+BODY_LIMIT = 64 * 1024  # the shared server's --max-body-bytes
 KEY = "s3cret-key"
 ORIGIN = "http://app.example"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
@@ -75,11 +84,59 @@ def stop_server(proc) -> None:
         proc.kill()
 
 
+def solid_png(color) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def noise_png(seed: int, size=(40, 30)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def wav_bytes(seconds: float = 0.4) -> bytes:
+    t = np.arange(int(16000 * seconds)) / 16000
+    out = io.BytesIO()
+    soundfile.write(out, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, format="WAV")
+    return out.getvalue()
+
+
+_SHARED: dict = {}  # the one server (and its media folder) test_server*.py share in a test process
+
+
+def media_folder() -> Path:
+    """allowed/ (the shared server's --allow-image-dir) with a red image and a link out; beside it, more media."""
+    if "folder" not in _SHARED:
+        root = Path(tempfile.mkdtemp(prefix="mlx_gemma-server-test-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        (root / "allowed").mkdir()
+        (root / "allowed" / "a.png").write_bytes(solid_png((255, 0, 0)))  # the tiny Gemma 3 tells it from white
+        (root / "white.png").write_bytes(solid_png((255, 255, 255)))
+        (root / "outside.png").write_bytes(noise_png(1))
+        (root / "clip.wav").write_bytes(wav_bytes())
+        (root / "allowed" / "link.png").symlink_to(root / "outside.png")
+        _SHARED["folder"] = root
+    return _SHARED["folder"]
+
+
+def shared_server() -> str:
+    """The URL of one server for all test_server*.py modules: four models, local images under
+    media_folder()/allowed, a 64 KiB body limit; started once per test process, stopped at exit."""
+    if "url" not in _SHARED:
+        proc, url = start_server("--model", GEMMA3, "--model", GEMMA1, "--model", GEMMA4, "--model", VLM3,
+                                 "--allow-image-dir", str(media_folder() / "allowed"),
+                                 "--max-body-bytes", str(BODY_LIMIT))
+        atexit.register(stop_server, proc)
+        _SHARED["url"] = url
+    return _SHARED["url"]
+
+
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server("--model", GEMMA3, "--model", GEMMA1, "--model", GEMMA4)
-    yield url
-    stop_server(proc)
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +201,7 @@ def check_logprobs(tok, ref: Reference, entries, top: int) -> None:
 
 def test_health_and_models(server, client):
     assert httpx.get(server + "/health").json() == {"status": "ok"}
-    assert [m.id for m in client.models.list().data] == [GEMMA3, GEMMA1, GEMMA4]
+    assert [m.id for m in client.models.list().data] == [GEMMA3, GEMMA1, GEMMA4, VLM3]
     card = client.models.retrieve(GEMMA3)
     assert (card.id, card.object, card.owned_by) == (GEMMA3, "model", "mlx_gemma")
 

@@ -11,9 +11,9 @@ import socket
 
 import httpx
 import pytest
-from test_server import GEMMA3, start_server, stop_server
+from test_server import BODY_LIMIT as LIMIT
+from test_server import GEMMA3, shared_server
 
-LIMIT = 64 * 1024  # --max-body-bytes for this server
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
 
@@ -50,11 +50,13 @@ CASES = [
     ("unknown role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), {}, 400),
     ("content a number", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), {}, 400),
     ("unknown part type", "POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "video"}]}]), {}, 400),
+    ("file part (not yet)", "POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "file",
+                                                                                       "file": {}}]}]), {}, 400),
     ("text part without text", "POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), {},
      400),
-    ("image part (not yet)", "POST", CHAT, chat(messages=[{"role": "user", "content": [
+    ("image to a text-only model", "POST", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), {}, 400),
-    ("audio part (not yet)", "POST", CHAT, chat(messages=[{"role": "user", "content": [
+    ("audio to a text-only model", "POST", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]), {}, 400),
     ("tool message (not yet)", "POST", CHAT, chat(messages=[*USER, {"role": "tool", "content": "x",
                                                                       "tool_call_id": "1"}]), {}, 400),
@@ -118,9 +120,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server("--model", GEMMA3, "--max-body-bytes", str(LIMIT))
-    yield url
-    stop_server(proc)
+    return shared_server()
 
 
 def send(url: str, method: str, path: str, body, headers: dict) -> httpx.Response:

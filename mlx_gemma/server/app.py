@@ -11,6 +11,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
+from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -33,8 +36,10 @@ OPEN_PATHS = ("/health",)  # answered without a key: liveness probes carry none
 
 
 def create_app(models: list[ServedModel], *, api_key: str | None = None, allowed_origins=(),
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, defaults: Defaults = Defaults()) -> FastAPI:
-    """The server's app for these (loaded, started) models."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, defaults: Defaults = Defaults(),
+               allow_image_dir: str | os.PathLike | None = None) -> FastAPI:
+    """The server's app for these (loaded, started) models; local image paths only under `allow_image_dir`."""
+    media_dir = None if allow_image_dir is None else Path(allow_image_dir)
     served = {m.name: m for m in models}
     app = FastAPI(title="mlx_gemma", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(ApiError, _api_error)
@@ -66,7 +71,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, allowed
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await generate(request, ChatRequest, prepare_chat, CHAT)
+        return await generate(request, ChatRequest, partial(prepare_chat, media_dir=media_dir), CHAT)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

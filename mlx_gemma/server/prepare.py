@@ -10,17 +10,18 @@ is submitted.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..batching import Job
 from ..errors import MlxGemmaError
 from ..prompts import prompt_ids
 from ..samplers import SamplingSettings
 from .api_errors import ApiError
+from .media import NOT_YET, MediaParts, media_prompt
 from .schemas import ChatRequest, CompletionRequest, Message
 from .served import Defaults, ServedModel
-
-NOT_YET = "not supported yet by this server"
 
 
 @dataclass(frozen=True)
@@ -35,21 +36,32 @@ class Prepared:
     top_logprobs: int  # alternatives per token
 
 
-def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults) -> Prepared:
+def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
+                 media_dir: Path | None = None) -> Prepared:
+    """The jobs of a chat request; image and audio parts are read under `media_dir` rules (media.py)."""
     _refuse_chat_features(request)
-    messages = [_message_dict(m, i) for i, m in enumerate(request.messages)]
     thinking = request.chat_template_kwargs.enable_thinking if request.chat_template_kwargs else False
-    try:
-        ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   enable_thinking=thinking)
-    except MlxGemmaError as e:
-        raise ApiError(400, str(e), "messages", "invalid_messages") from None
+    with tempfile.TemporaryDirectory(prefix="mlx_gemma-request-") as folder:
+        media = MediaParts(Path(folder), media_dir)
+        messages = [_message_dict(m, i, media) for i, m in enumerate(request.messages)]
+        if media.images or media.clips:
+            ids, inputs = media_prompt(served, messages, media, thinking, Path(folder))
+        else:
+            ids, inputs = _text_prompt(served, messages, thinking), None
     stop_ids = frozenset(served.tokenizer.eos_token_ids)
     if served.tokenizer.end_of_turn_id is not None:  # a reply ends with its turn, as ChatSession stops
         stop_ids |= {served.tokenizer.end_of_turn_id}
     limit = request.max_completion_tokens or request.max_tokens
     top = (request.top_logprobs or 0) if request.logprobs else 0
-    return _jobs(served, request, defaults, [ids], limit, stop_ids, request.logprobs, top)
+    return _jobs(served, request, defaults, [ids], limit, stop_ids, request.logprobs, top, inputs)
+
+
+def _text_prompt(served: ServedModel, messages: list[dict], thinking: bool) -> list[int]:
+    try:
+        return served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    enable_thinking=thinking)
+    except MlxGemmaError as e:
+        raise ApiError(400, str(e), "messages", "invalid_messages") from None
 
 
 def prepare_completion(served: ServedModel, request: CompletionRequest, defaults: Defaults) -> Prepared:
@@ -74,7 +86,7 @@ def prepare_completion(served: ServedModel, request: CompletionRequest, defaults
 
 
 def _jobs(served, request, defaults: Defaults, rows: list[list[int]], limit, stop_ids, logprobs: bool,
-          top: int) -> Prepared:
+          top: int, media: dict | None = None) -> Prepared:
     """One Job per (prompt, choice), prompt-major as OpenAI numbers choices."""
     limit = limit or defaults.max_tokens
     stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
@@ -90,7 +102,7 @@ def _jobs(served, request, defaults: Defaults, rows: list[list[int]], limit, sto
         for c in range(request.n):
             seed = None if request.seed is None else (request.seed + c) % 2 ** 63  # n different draws
             jobs.append(Job(prompt_ids=list(ids), max_tokens=budget, sampling=_sampling(request, defaults, seed, bias),
-                            stop_ids=stop_ids, top_logprobs=top))
+                            stop_ids=stop_ids, top_logprobs=top, media=media))
     return Prepared(jobs, sum(len(r) for r in rows), stop_ids, stops, logprobs, top)
 
 
@@ -131,21 +143,17 @@ def _refuse_chat_features(request: ChatRequest) -> None:
         raise ApiError(400, f"modalities other than ['text'] are {NOT_YET}", "modalities", "unsupported_parameter")
 
 
-def _message_dict(m: Message, i: int) -> dict:
-    """A message as the chat template takes it: role and text (a string or text parts)."""
+def _message_dict(m: Message, i: int, media: MediaParts) -> dict:
+    """A message as the chat template takes it: role and text (a string or parts; media as media.py reads them)."""
     where = f"messages.{i}"
     if m.role in ("tool", "function") or m.tool_calls or m.function_call is not None or m.tool_call_id:
         raise ApiError(400, f"{where}: tool messages and tool calls are {NOT_YET}", where, "unsupported_content")
     if m.content is None:
         raise ApiError(400, f"{where}.content: a message needs content", f"{where}.content", "invalid_value")
-    if isinstance(m.content, list):
-        media = next((p.type for p in m.content if p.type != "text"), None)
-        if media is not None:
-            raise ApiError(400, f"{where}.content: {media} parts are {NOT_YET} (text only)", f"{where}.content",
-                           "unsupported_content")
-        content = [{"type": "text", "text": p.text} for p in m.content]
-    else:
-        content = m.content
+    content = m.content
+    if isinstance(content, list):
+        content = [{"type": "text", "text": p.text} if p.type == "text" else media.part(p, f"{where}.content.{j}")
+                   for j, p in enumerate(content)]
     out = {"role": "system" if m.role == "developer" else m.role, "content": content}  # OpenAI's new name
     if m.reasoning_content is not None:
         out["reasoning_content"] = m.reasoning_content  # Gemma 4 keeps the last turn's thoughts

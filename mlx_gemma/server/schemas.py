@@ -32,14 +32,34 @@ class TextPart(_Strict):
     text: StrictStr
 
 
-class MediaPart(BaseModel):
-    """An image_url / input_audio / file part: its shape is checked when the feature lands."""
+class ImageUrl(_Strict):
+    url: Annotated[str, Field(min_length=1)]  # a data URL, or a path under --allow-image-dir
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's resolution hint: each model has one size
+
+
+class ImageUrlPart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class InputAudio(_Strict):
+    data: Annotated[str, Field(min_length=1)]  # base64 of the file
+    format: Literal["wav", "mp3", "flac", "ogg"]
+
+
+class InputAudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FilePart(BaseModel):
+    """OpenAI's file part: refused in prepare.py (its shape is not checked here)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["image_url", "input_audio", "file", "image", "audio"]
+    type: Literal["file"]
 
 
-ContentPart = Annotated[Union[TextPart, MediaPart], Field(discriminator="type")]
+ContentPart = Annotated[Union[TextPart, ImageUrlPart, InputAudioPart, FilePart], Field(discriminator="type")]
 
 
 class Message(_Strict):
