@@ -31,13 +31,8 @@ def folder():
 
 
 @pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+def client():
+    return openai.OpenAI(base_url=shared_server() + "/v1", api_key="unused", max_retries=0)
 
 
 def reference(folder_name: str, messages, max_tokens: int, **media) -> str:
@@ -102,16 +97,16 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
-def test_bad_media_is_a_400_naming_no_server_path(server, folder, case):
+def test_bad_media_is_a_400_naming_no_server_path(folder, case):
     _, code, model, messages = case
-    r = httpx.post(server + CHAT, json={"model": model, "messages": messages, "max_tokens": 2}, timeout=30)
+    r = httpx.post(shared_server() + CHAT, json={"model": model, "messages": messages, "max_tokens": 2}, timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"] and error["code"] == code
     assert str(folder) not in r.text and "/tmp" not in r.text and "Traceback" not in r.text
 
 
-def test_thinking_with_a_gemma3_image_is_refused(server, folder):
-    r = httpx.post(server + CHAT, json={"model": VLM3, "messages": image_message("a.png"),
+def test_thinking_with_a_gemma3_image_is_refused():
+    r = httpx.post(shared_server() + CHAT, json={"model": VLM3, "messages": image_message("a.png"),
                                         "chat_template_kwargs": {"enable_thinking": True}}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
