@@ -428,3 +428,48 @@ def test_transformers_reads_the_converted_audio_preset_as_keras_hub_runs_it():
         logits = hf(input_ids=torch.tensor(ref["token_ids"]).long(), input_features=torch.tensor(ref["audio_mel"][0]),
                     input_features_mask=torch.tensor(ref["audio_mel_mask"][0] > 0)).logits.numpy()
     assert rel_err(logits, ref["logits"]) < RTOL
+
+
+@pytest.mark.oracle
+def test_live_keras_hub_fresh_preset_with_image_and_clip(tmp_path):
+    """A fresh random Gemma4Backbone with both encoders (as E2B / E4B), built and saved by keras-hub,
+    read by us: its logits for a prompt holding one image and one clip whose last 8 frames are padding."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras_hub = pytest.importorskip("keras_hub", reason="the live oracle needs keras-hub (pip install keras-hub jax)")
+    import keras
+
+    vision = keras_hub.models.Gemma4VisionEncoder(
+        image_size=8, patch_size=4, num_heads=2, hidden_dim=16, num_layers=1, intermediate_dim=24, head_dim=8,
+        output_dim=32, pool_size=1, position_embedding_size=4, dtype="float32")
+    audio = keras_hub.models.Gemma4AudioEncoder(
+        hidden_size=16, num_heads=4, num_layers=2, chunk_size=5, context_left=6, sscp_conv_channels=(128, 2),
+        output_proj_dims=8, output_dim=32, dtype="float32")
+    backbone = keras_hub.models.Gemma4Backbone(
+        vocabulary_size=512, image_size=8, num_layers=3, num_query_heads=2, num_key_value_heads=1, hidden_dim=32,
+        intermediate_dim=16, head_dim=8, global_head_dim=16, sliding_window_size=6, layer_types=[S, S, F],
+        hidden_size_per_layer_input=4, vision_encoder=vision, audio_encoder=audio, dtype="float32")
+    rng = np.random.default_rng(8)
+    for v in backbone.weights:
+        bound = v.path.endswith(("_min", "_max"))
+        value = (rng.uniform(1.0, 3.0) * (-1 if v.path.endswith("_min") else 1) if bound else
+                 rng.uniform(0.6, 1.4, v.shape) if v.path.endswith(("scale", "gamma")) or v.shape == () else
+                 rng.normal(0, 0.3, v.shape))
+        v.assign(np.asarray(value, dtype="float32"))
+    backbone.save_to_preset(str(tmp_path / "p"))
+    shutil.copytree(PRESETS["audio"] / "assets", tmp_path / "p" / "assets")
+    tok = mlx_gemma.GemmaTokenizer((PRESETS["audio"] / "assets" / "tokenizer" / "vocabulary.spm").read_bytes())
+    image, clip = tok.piece_to_id("<|image|>"), tok.piece_to_id("<|audio|>")
+    ids = np.array([[2, 40, tok.piece_to_id("<|image>"), *[image] * 4, tok.piece_to_id("<image|>"), 41,
+                     tok.piece_to_id("<|audio>"), *[clip] * 8, tok.piece_to_id("<audio|>"), 42, 43]], dtype="int32")
+    mel, mel_mask = rng.normal(0, 1, (1, 1, 40, 128)).astype("float32"), (np.arange(40) < 32)[None, None]
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None],
+              "pixel_values": rng.uniform(0, 1, (1, 1, 4, 48)).astype("float32"),
+              "pixel_position_ids": np.array([[[[0, 0], [1, 0], [0, 1], [1, 1]]]], dtype="int32"),
+              "vision_mask": (ids == image).astype("int32"), "vision_indices": np.nonzero(ids[0] == image)[0][None],
+              "audio_mel": mel, "audio_mel_mask": mel_mask.astype("int32"), "audio_mask": (ids == clip).astype("int32"),
+              "audio_indices": np.nonzero(ids[0] == clip)[0][None]}
+    want = np.asarray(keras.ops.convert_to_numpy(backbone.token_embedding(backbone(inputs), reverse=True)))
+    ours = model_of(tmp_path / "p")(mx.array(ids), pixel_values=mx.array(inputs["pixel_values"][0]),
+                                    image_positions=mx.array(inputs["pixel_position_ids"][0]),
+                                    audio_features=mx.array(mel[0]), audio_mask=mx.array(mel_mask[0]))
+    assert rel_err(ours, want) < RTOL
