@@ -8,6 +8,7 @@ inside a handler is logged with its traceback on the server and answered with a 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -67,7 +68,10 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, allowed
     async def generate(request: Request, schema, prepare, kind: str):
         body = schema.model_validate(await read_json(request, max_body_bytes))
         model = _model(served, body.model)
-        return await answer(request, model, prepare(model, body, defaults), kind, body.stream, _include_usage(body))
+        # Tokenizing a long prompt and decoding images take a while: off the event loop, so the other
+        # streams keep flowing (media.py evaluates its arrays on that worker thread).
+        prepared = await asyncio.to_thread(prepare, model, body, defaults)
+        return await answer(request, model, prepared, kind, body.stream, _include_usage(body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
