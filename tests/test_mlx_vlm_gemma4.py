@@ -255,6 +255,23 @@ def test_our_moe_folder_with_towers_serves_text_in_mlx_lm(tmp_path, sources, qua
     assert rel_err(model(TEXT_IDS), theirs(TEXT_IDS)) < RTOL
 
 
+@pytest.mark.oracle
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_an_mlx_vlm_mixed_folder_converts(tmp_path, sources, dequantize):
+    """`convert` takes mlx-vlm's mixed MoE folder as its source: written again (each layer at its bits) or
+    dequantized, the result gives the source folder's logits and loads in mlx-vlm with them."""
+    folder = mlx_vlm_convert(sources["moe"], tmp_path / "vlm", **QUANT["mixed_4_6"][1])
+    dest = convert(folder, mlx_path=tmp_path / "out", dequantize=dequantize, progress=False)
+    source, _ = mlx_gemma.load(folder)
+    model, _ = mlx_gemma.load(dest)
+    bits = layer_bits(model)
+    assert (not bits) if dequantize else bits == layer_bits(source)
+    ids, kw, theirs_kw = PROMPTS["image"]
+    expected = source(ids, **kw)
+    assert rel_err(model(ids, **kw), expected) < RTOL
+    assert rel_err(mlx_vlm_model(dest)(ids, **theirs_kw).logits, expected) < RTOL
+
+
 # ----- what a folder gets wrong (folders in mlx-vlm's layout, written by our converter) -------------------
 
 
