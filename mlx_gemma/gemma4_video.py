@@ -74,8 +74,10 @@ class VideoSettings:
             known["fps"] = fps
         if "do_sample_frames" in config:
             known["do_sample_frames"] = expect(config.pop("do_sample_frames"), bool, path, where + "do_sample_frames")
-        if known.get("num_frames") is not None and known.get("fps") is not None:
-            raise ConfigError(path, f"{where}num_frames and fps exclude each other (the processor refuses both)")
+        if known.get("num_frames", cls.num_frames) is not None and known.get("fps") is not None:
+            # Gemma4VideoProcessor refuses fps beside its default of 32 frames too.
+            raise ConfigError(path, f"{where}num_frames and fps exclude each other: sampling by fps needs "
+                                    "num_frames null (the processor refuses both)")
         image = ImageSettings.from_dict({"max_soft_tokens": 70, **config}, path, where)
         if image.resample != _BICUBIC:
             raise ConfigError(path, f"{where}resample = {image.resample} is not supported (only 3, bicubic)")

@@ -188,9 +188,13 @@ def test_settings_from_the_processor_file():
     settings = VideoSettings.from_dict(saved)
     assert settings.num_frames == 32 and settings.image.max_patches == 630 and settings.do_sample_frames
     assert settings.extra == {"return_metadata": False, "video_processor_type": "Gemma4VideoProcessor"}
-    assert VideoSettings.from_dict({"fps": 2}).fps == 2 and VideoSettings.from_dict({}).num_frames == 32
-    with pytest.raises(ConfigError, match="exclude"):
-        VideoSettings.from_dict({"num_frames": 8, "fps": 1.0})
+    by_rate = VideoSettings.from_dict({"fps": 2, "num_frames": None})
+    # Gemma4VideoProcessor(fps=2, num_frames=None) took frames 0, 5, ..., 35 of 40 at 10 fps (run with torchvision).
+    assert sampled_indices(40, by_rate, 10.0).tolist() == list(range(0, 40, 5))
+    assert VideoSettings.from_dict({}).num_frames == 32
+    for both in ({"num_frames": 8, "fps": 1.0}, {"fps": 2}):  # the processor refuses fps beside 32 frames too
+        with pytest.raises(ConfigError, match="exclude"):
+            VideoSettings.from_dict(both)
     with pytest.raises(ConfigError, match="resample"):
         VideoSettings.from_dict({"resample": 2})
     with pytest.raises(ConfigError, match="num_frames"):
