@@ -41,7 +41,12 @@ What keras-hub 0.32 does (`keras_hub/src/models/gemma4/gemma4_audio_encoder.py`,
   the conv is causal and padding trails the clip, so valid tokens agree; keras-hub returns the
   padded tokens too, which HF (and we) drop.  keras-hub's converter pads every clip to
   `max_audio_length` seconds and does not zero padded frames; transformers' extractor (ours)
-  pads to a multiple of 128 samples and masks them: the valid frames agree.
+  pads to a multiple of 128 samples and masks them: the valid frames agree.  keras-hub's
+  preprocessor counts a clip's valid frames as samples // hop and its soft tokens as
+  ceil(frames / 4); transformers counts only frames whose window lies inside the clip, and tokens
+  through the two stride-2 masks, so a clip may get one token fewer.  We follow transformers (whose
+  processor settings Google's checkpoints carry).  The backbone's `num_audio_tokens_per_clip` is
+  not read (keras-hub's preprocessor no longer uses it either).
 """
 
 from __future__ import annotations
