@@ -282,6 +282,27 @@ def written(tmp_path_factory, sources):
             for quant in ("float", "mixed_4_6")}
 
 
+def test_our_folder_is_in_mlx_vlm_layout(written):
+    """Without mlx-vlm at hand: the experts as switch_glu halves, per-layer settings under mlx-vlm's module paths
+    (8-bit routers, 6-bit layers of the recipe), the global layers' shape and the vocabulary where mlx-vlm and
+    mlx-lm read them; loaded back, each layer at its bits."""
+    config = json.loads((written["mixed_4_6"] / "config.json").read_text())
+    names = set(mx.load(str(written["mixed_4_6"] / "model.safetensors")))
+    assert {f"model.language_model.layers.0.experts.switch_glu.{p}.{leaf}" for p in ("gate_proj", "up_proj", "down_proj")
+            for leaf in ("weight", "scales", "biases")} <= names
+    assert not [n for n in names if "gate_up_proj" in n]
+    q = config["quantization"]
+    assert q["language_model.model.layers.0.router.proj"] == {"group_size": 64, "bits": 8}
+    assert q["language_model.model.layers.0.experts.switch_glu.down_proj"]["bits"] == 6
+    assert not [k for k in q if k.startswith("model.") or "gate_up_proj" in k]
+    assert config["text_config"]["global_head_dim"] == 64 and config["vocab_size"] == 512
+    model, _ = mlx_gemma.load(written["mixed_4_6"])
+    bits = layer_bits(model)
+    assert bits["model.language_model.layers.0.experts.gate_up_proj"] == 4
+    assert bits["model.language_model.layers.0.experts.down_proj"] == 6
+    assert bits["model.language_model.layers.0.router.proj"] == 8
+
+
 def broken(src: Path, dest: Path, config_edit=None, drop: str | None = None) -> Path:
     """A copy of folder `src` with its config edited and / or tensor `drop` gone (from the index too)."""
     shutil.copytree(src, dest)
