@@ -460,6 +460,24 @@ def test_a_failed_generation_ends_only_its_request(gemma3):
         assert http.get("/health").status_code == 200
 
 
+class GarbageScheduler(FailingScheduler):
+    """Sends an id no tokenizer has: a bug on our side of the bridge, not a failed generation."""
+
+    def submit(self, job, on_event):
+        on_event(Event(1, -5, -1.0, [], None))
+        return 1
+
+
+def test_an_internal_error_reaches_the_client_without_a_traceback(gemma3):
+    app = create_app([ServedModel("m", *gemma3, GarbageScheduler(), 0)])
+    with TestClient(app, raise_server_exceptions=False) as http:
+        r = http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and "Traceback" not in r.text
+        lines = [ln for ln in http.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+                 .text.splitlines() if ln.startswith("data: ")]
+        assert json.loads(lines[-2][6:])["error"]["code"] == "internal_error" and lines[-1] == "data: [DONE]"
+
+
 class SlowScheduler:
     """Emits a token every 10 ms for 2000 steps per job, on a thread of its own; records cancellations."""
 

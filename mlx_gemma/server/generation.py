@@ -120,6 +120,9 @@ async def _stream(jobs: JobStream, choices: list[Choice], envelope: Envelope, pr
     except GenerationFailed as e:
         log.warning("generation failed mid-stream: %s", e)
         yield _data(error_body(500, f"the generation failed: {e}", None, "generation_failed"))
+    except Exception:  # a bug of ours: logged here, an error event (no traceback) to the client
+        log.exception("internal error mid-stream")
+        yield _data(error_body(500, "internal server error", None, "internal_error"))
     finally:
         jobs.close()
     yield {"data": "[DONE]"}
