@@ -34,6 +34,7 @@ from starlette.testclient import TestClient
 
 import mlx_gemma
 from mlx_gemma.batching import Event
+from mlx_gemma.tuner import lora
 from mlx_gemma.generate import stream_generate
 from mlx_gemma.samplers import RepetitionPenalty, make_sampler
 from mlx_gemma.server import ServedModel, create_app
@@ -361,10 +362,32 @@ def test_sampled_completion_follows_the_seed(client, gemma3):
 
 
 @pytest.fixture(scope="module")
-def locked():
-    proc, url = start_server("--model", GEMMA3, "--allowed-origins", ORIGIN, env={"MLX_GEMMA_API_KEY": KEY})
+def adapter(tmp_path_factory):
+    """A LoRA adapter for GEMMA3 whose random weights change its answers."""
+    model = mlx_gemma.load_model(GEMMA3)
+    config = lora.enable_lora(model, rank=4, num_layers=2)
+    rng = np.random.default_rng(0)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_a = mx.array(rng.normal(0, 0.2, layer.lora_a.shape).astype(np.float32))
+        layer.lora_b = mx.array(rng.normal(0, 0.3, layer.lora_b.shape).astype(np.float32))
+    return lora.save_adapters(tmp_path_factory.mktemp("adapter") / "a", model, config)
+
+
+@pytest.fixture(scope="module")
+def locked(adapter):
+    """GEMMA3 with an adapter, behind a key (from the environment), CORS for ORIGIN."""
+    proc, url = start_server("--model", GEMMA3, "--adapter-path", str(adapter), "--allowed-origins", ORIGIN,
+                             env={"MLX_GEMMA_API_KEY": KEY})
     yield url
     stop_server(proc)
+
+
+def test_adapter_path_serves_the_adapted_model(locked, adapter, gemma3):
+    ref = reference(mlx_gemma.load(GEMMA3, adapter_path=adapter), MESSAGES, 16, chat=True)
+    assert ref.text != reference(gemma3, MESSAGES, 16, chat=True).text  # the adapter matters
+    good = openai.OpenAI(base_url=locked + "/v1", api_key=KEY, max_retries=0)
+    r = good.chat.completions.create(model=GEMMA3, messages=MESSAGES, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == ref.text
 
 
 def test_api_key_is_required_when_set(locked):
