@@ -102,7 +102,7 @@ def scheduler():
 # ----- greedy parity with one prompt alone ------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3", "gemma4_e2b"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "gemma4_e2b"])
 def test_staggered_greedy_jobs_equal_each_prompt_alone(name, scheduler):
     model = tiny(name)
     lengths, n = [3, 17, 9, 30, 5], 12
@@ -399,3 +399,18 @@ def test_a_job_with_an_image_and_a_clip_gives_transformers_tokens_beside_a_text_
     got.wait_done([text, both])
     assert got.tokens(both) == expected
     assert got.tokens(text) == alone(model, prompt(9, 4), 12)[0]
+
+
+def test_a_gemma3_job_with_two_images_gives_transformers_tokens_beside_a_text_job(scheduler):
+    """Gemma 3 with its vision tower: pixel values go with the prompt (test_gemma3_vlm's "two" case)."""
+    folder = FIXTURES / "tiny_gemma3_vlm"
+    model, ref = load_model(folder), dict(np.load(folder / "reference.npz"))
+    pixels = mx.array(ref["two_pixel_values"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+    expected = ref["two_greedy"][0].tolist()  # transformers' greedy tokens
+    s, got = scheduler(model), Collector()
+    text = s.submit(Job(prompt(7, 5), 10), got)
+    got.wait(lambda: len(got.events[text]) >= 2)
+    two = s.submit(Job(ref["two_input_ids"][0].tolist(), len(expected), media={"pixel_values": pixels}), got)
+    got.wait_done([text, two])
+    assert got.tokens(two) == expected
+    assert got.tokens(text) == alone(model, prompt(7, 5), 10)[0]
