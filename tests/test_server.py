@@ -44,6 +44,7 @@ GEMMA3 = str(FIXTURES / "tiny_gemma3")
 GEMMA1 = str(FIXTURES / "tiny_gemma")  # a second model, served beside GEMMA3
 GEMMA4 = str(FIXTURES / "tiny_gemma4_mm")  # a Gemma 4 vocabulary (its chat format, thinking mode), images, audio
 VLM3 = str(FIXTURES / "tiny_gemma3_vlm")  # Gemma 3 with images
+EMBED = str(FIXTURES / "tiny_embedding_gemma")  # a sentence encoder (/v1/embeddings)
 BODY_LIMIT = 64 * 1024  # the shared server's --max-body-bytes
 KEY = "s3cret-key"
 ORIGIN = "http://app.example"
@@ -124,10 +125,10 @@ def media_folder() -> Path:
 
 
 def shared_server() -> str:
-    """The URL of one server for all test_server*.py modules: four models, local images under
+    """The URL of one server for all test_server*.py modules: five models, local images under
     media_folder()/allowed, a 64 KiB body limit; started once per test process, stopped at exit."""
     if "url" not in _SHARED:
-        proc, url = start_server("--model", GEMMA3, "--model", GEMMA1, "--model", GEMMA4, "--model", VLM3,
+        proc, url = start_server("--model", GEMMA3, "--model", GEMMA1, "--model", GEMMA4, "--model", VLM3, "--model", EMBED,
                                  "--allow-image-dir", str(media_folder() / "allowed"),
                                  "--max-body-bytes", str(BODY_LIMIT))
         atexit.register(stop_server, proc)
@@ -202,7 +203,7 @@ def check_logprobs(tok, ref: Reference, entries, top: int) -> None:
 
 def test_health_and_models(server, client):
     assert httpx.get(server + "/health").json() == {"status": "ok"}
-    assert [m.id for m in client.models.list().data] == [GEMMA3, GEMMA1, GEMMA4, VLM3]
+    assert [m.id for m in client.models.list().data] == [GEMMA3, GEMMA1, GEMMA4, VLM3, EMBED]
     card = client.models.retrieve(GEMMA3)
     assert (card.id, card.object, card.owned_by) == (GEMMA3, "model", "mlx_gemma")
 

@@ -12,9 +12,9 @@ import socket
 import httpx
 import pytest
 from test_server import BODY_LIMIT as LIMIT
-from test_server import GEMMA3, shared_server
+from test_server import EMBED, GEMMA3, shared_server
 
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -111,6 +111,20 @@ CASES = [
     ("completion logprobs too many", "POST", COMPLETIONS, completion(logprobs=10), {}, 400),
     ("completion prompt past the context", "POST", COMPLETIONS, completion(prompt=[2] * 300), {}, 400),
     ("completion chat field", "POST", COMPLETIONS, completion(messages=USER), {}, 400),
+    ("embeddings from a generative model", "POST", EMBEDDINGS, {"model": GEMMA3, "input": "hi"}, {}, 400),
+    ("chat with a sentence encoder", "POST", CHAT, chat(model=EMBED), {}, 400),
+    ("embeddings without input", "POST", EMBEDDINGS, {"model": EMBED}, {}, 400),
+    ("embeddings empty string", "POST", EMBEDDINGS, {"model": EMBED, "input": ""}, {}, 400),
+    ("embeddings empty list", "POST", EMBEDDINGS, {"model": EMBED, "input": []}, {}, 400),
+    ("embeddings token ids (not yet)", "POST", EMBEDDINGS, {"model": EMBED, "input": [2, 3]}, {}, 400),
+    ("embeddings too many inputs", "POST", EMBEDDINGS, {"model": EMBED, "input": ["a"] * 257}, {}, 400),
+    ("embeddings dimensions zero", "POST", EMBEDDINGS, {"model": EMBED, "input": "a", "dimensions": 0}, {}, 400),
+    ("embeddings dimensions past the model", "POST", EMBEDDINGS, {"model": EMBED, "input": "a", "dimensions": 4096},
+     {}, 400),
+    ("embeddings unknown prompt_name", "POST", EMBEDDINGS, {"model": EMBED, "input": "a", "prompt_name": "x"}, {},
+     400),
+    ("embeddings unknown encoding", "POST", EMBEDDINGS, {"model": EMBED, "input": "a", "encoding_format": "hex"}, {},
+     400),
     ("GET on a POST route", "GET", CHAT, None, {}, 405),
     ("POST on a GET route", "POST", "/v1/models", {}, {}, 405),
     ("unknown path", "GET", "/v1/nothing-here", None, {}, 404),
@@ -154,7 +168,7 @@ def test_bad_request_is_a_4xx_with_an_openai_error(server, case):
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["type"] == "invalid_request_error"
-    assert "Traceback" not in r.text and "/work/" not in error["message"].replace(GEMMA3, "")
+    assert "Traceback" not in r.text and "/work/" not in error["message"].replace(GEMMA3, "").replace(EMBED, "")
 
 
 def test_the_suite_has_at_least_40_cases():

@@ -24,10 +24,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
 from .api_errors import ApiError, error_body, from_validation
+from .embeddings import create_embeddings
 from .generation import answer
 from .prepare import prepare_chat, prepare_completion
 from .responses import CHAT, COMPLETION
-from .schemas import ChatRequest, CompletionRequest
+from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 from .served import Defaults, ServedModel
 
 log = logging.getLogger("mlx_gemma.server")
@@ -68,6 +69,9 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, allowed
     async def generate(request: Request, schema, prepare, kind: str):
         body = schema.model_validate(await read_json(request, max_body_bytes))
         model = _model(served, body.model)
+        if model.scheduler is None:
+            raise ApiError(400, f"`{model.name}` is a sentence encoder: it serves /v1/embeddings only", "model",
+                           "not_a_generative_model")
         # Tokenizing a long prompt and decoding images take a while: off the event loop, so the other
         # streams keep flowing (media.py evaluates its arrays on that worker thread).
         prepared = await asyncio.to_thread(prepare, model, body, defaults)
@@ -80,6 +84,11 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, allowed
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await generate(request, CompletionRequest, prepare_completion, COMPLETION)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = EmbeddingRequest.model_validate(await read_json(request, max_body_bytes))
+        return await create_embeddings(_model(served, body.model), body)
 
     return app
 

@@ -23,8 +23,10 @@ from ..api import load
 from ..batching import Scheduler
 from ..cli import add_cache_flags, error_line, kv_options_from
 from ..errors import MlxGemmaError
+from ..models.embedding_gemma import Model as EncoderModel
 from ..samplers import SamplingSettings
 from .app import DEFAULT_MAX_BODY_BYTES, create_app
+from .embeddings import Embedder
 from .served import Defaults, ServedModel
 
 API_KEY_ENV = "MLX_GEMMA_API_KEY"
@@ -78,6 +80,9 @@ def serve_models(args) -> list[ServedModel]:
         # Every weight materialized here: a lazy array left for the scheduler's thread would be
         # evaluated on a stream of this thread, which MLX refuses there (seen with tiny_gemma4_mm).
         mx.eval(model.parameters())
+        if isinstance(model, EncoderModel):  # EmbeddingGemma: /v1/embeddings
+            served.append(ServedModel(name, model, tokenizer, None, int(time.time()), Embedder(model, tokenizer)))
+            continue
         scheduler = Scheduler(model, max_batch=args.max_batch, prefill_chunk=args.prefill_step_size, kv_options=kv)
         scheduler.start()
         served.append(ServedModel(name, model, tokenizer, scheduler, int(time.time())))
@@ -124,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         for m in served:
-            m.scheduler.close()
+            if m.scheduler is not None:
+                m.scheduler.close()
+            if m.embedder is not None:
+                m.embedder.close()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ MAX_CHOICES = 16  # n: a local server's rows are few (OpenAI allows 128)
 MAX_PROMPTS = 16  # /v1/completions prompts per request
 MAX_MESSAGES = 1024
 MAX_LOGIT_BIAS = 1024  # entries
+MAX_EMBEDDING_INPUTS = 256  # texts per /v1/embeddings request (OpenAI allows 2048)
 
 
 class _Strict(BaseModel):
@@ -160,3 +161,17 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: StrictStr | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+
+
+class EmbeddingRequest(_Strict):
+    model: StrictStr
+    input: Union[
+        Annotated[str, Field(min_length=1)],
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],  # token ids: refused in embeddings.py
+        Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1)],
+    ]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None  # Matryoshka: the first D components, renormalized
+    prompt_name: StrictStr | None = None  # EmbeddingGemma's task prompts ("query", "document", ...); not OpenAI's
+    user: StrictStr | None = None  # accepted and ignored

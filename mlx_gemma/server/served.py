@@ -26,8 +26,9 @@ class ServedModel:
     name: str  # what requests put in "model"
     model: Any  # the loaded mlx_gemma model
     tokenizer: Any  # its GemmaTokenizer
-    scheduler: Any  # a started mlx_gemma.batching.Scheduler
+    scheduler: Any  # a started mlx_gemma.batching.Scheduler (None for a sentence encoder)
     created: int  # unix time the server loaded it
+    embedder: Any = None  # a sentence encoder's embeddings.Embedder (None for a generative model)
 
     @property
     def context(self) -> int:
