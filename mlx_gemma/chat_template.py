@@ -3,9 +3,10 @@
 `GemmaTokenizer.apply_chat_template` renders Gemma 1-3's `<start_of_turn>` format itself and
 Gemma 4's through `gemma4_segments` here; neither runs a checkpoint's Jinja.  The rules are those
 of Google's Gemma 4 chat template (the "Canonical Chat Template" of 2026-07-09, as shipped in the
-gemma-4-*-it folders' chat_template.jinja), for conversations without tools:
+gemma-4-*-it folders' chat_template.jinja; for tools, the copy in
+tests/fixtures/gemma4_chat_template, its source noted in tests/test_tool_calls.py):
 
-    <bos><|turn>system\\n[<|think|>\\n]{system, trimmed}<turn|>\\n     (only with a system message or thinking)
+    <bos><|turn>system\\n[<|think|>\\n]{system, trimmed}{<|tool>declaration<tool|> per tool}<turn|>\\n
     <|turn>user\\n{text, trimmed; <|image|> <|audio|> <|video|> for media parts}<turn|>\\n
     <|turn>model\\n{reply without its <|channel>...<channel|> thoughts, trimmed}<turn|>\\n
     <|turn>model\\n[<|channel>thought\\n<channel|>]                  (add_generation_prompt)
@@ -16,19 +17,29 @@ gemma-4-*-it folders' chat_template.jinja), for conversations without tools:
   thought channel after the generation prompt while the E2B / E4B ones do not (`empty_thought`).
 * An assistant message's `reasoning` / `reasoning_content` after the last user message is kept
   as `<|channel>thought\\n...\\n<channel|>`; earlier thoughts are dropped, as the template does.
-* Tool declarations, calls and responses are not rendered: a `tool` message or a `tool_calls` /
-  `tool_responses` field is a typed error, never dropped in silence.
+* Tools (OpenAI `tools`, checked by mlx_gemma.tool_calls.check_tools) are declared in the system
+  turn.  An assistant message's `tool_calls` become `<|tool_call>call:NAME{args}<tool_call|>` and
+  the `tool` messages right after it `<|tool_response>response:NAME{value:...}<tool_response|>`
+  in the same model turn, NAME found by `tool_call_id`; a call with no response yet ends the
+  prompt with `<|tool_response>` (the model's stop piece) and no new model turn.  The value syntax
+  is mlx_gemma.tool_formats.literals' (strings between `<|"|>` tokens).  A `tool` message that
+  follows no call is a typed error: the template would drop it in silence.
 
 The same module holds what both formats check: the message list and the text's Unicode.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import GenerationError, TokenizerError
 from .json_input import json_type
+from .tool_calls import check_tools
+from .tool_formats.gemma4 import QUOTE, format_declaration
+from .tool_formats.literals import format_fields, format_value
 
 # The turn markers that tell a Gemma 4 vocabulary from Gemma 1-3's <start_of_turn> / <end_of_turn>.
 GEMMA4_TURN, GEMMA4_END_TURN = "<|turn>", "<turn|>"
@@ -43,7 +54,13 @@ _ROLES = ("user", "assistant", "model", *_SYSTEM_ROLES)
 # Content-part types and the placeholder each becomes (the OpenAI-style names the template accepts too).
 _MEDIA_PIECES = {"image": "<|image|>", "image_url": "<|image|>", "audio": "<|audio|>",
                  "input_audio": "<|audio|>", "video": "<|video|>"}
-_TOOL_FIELDS = ("tool_calls", "tool_responses")
+# The pieces of Gemma 4's tool syntax: each is one token (its tokenizer_config's std/etd, stc/etc,
+# str/etr and escape tokens), so template text holding them is split into their ids.
+TOOL_PIECES = ("<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", QUOTE)
+_TOOL_SPLIT = re.compile("(" + "|".join(re.escape(p) for p in TOOL_PIECES) + ")")
+# What a message's type is after it, as the template's ns.prev_message_type: after a call awaiting
+# its response, or after responses, the generation prompt opens no new model turn.
+_CALL, _RESPONSE = "tool_call", "tool_response"
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,7 @@ class Gemma4Vocab:
     channel: int | None  # <|channel>: opens a thought ("thought\n...")
     end_channel: int | None  # <channel|>: closes it
     media: dict  # {"<|image|>": id or None, "<|audio|>": ..., "<|video|>": ...}
+    tools: dict = field(default_factory=dict)  # each of TOOL_PIECES: id or None
 
     @classmethod
     def from_lookup(cls, bos: int, piece_id: Callable[[str], int | None]) -> Gemma4Vocab | None:
@@ -65,7 +83,8 @@ class Gemma4Vocab:
         if turn is None or end_turn is None:
             return None
         media = {p: piece_id(p) for p in set(_MEDIA_PIECES.values())}
-        return cls(bos, turn, end_turn, piece_id("<|think|>"), piece_id("<|channel>"), piece_id("<channel|>"), media)
+        return cls(bos, turn, end_turn, piece_id("<|think|>"), piece_id("<|channel>"), piece_id("<channel|>"), media,
+                   {p: piece_id(p) for p in TOOL_PIECES})
 
 
 def primes_empty_thought(template: str) -> bool:
@@ -101,40 +120,67 @@ def check_messages(messages) -> list[Mapping]:
 
 
 def gemma4_segments(vocab: Gemma4Vocab, messages, add_generation_prompt: bool, enable_thinking: bool,
-                    empty_thought: bool, path: str | None) -> list:
-    """The conversation in Gemma 4's format, as a list of special-token ids (int) and text (str)."""
+                    empty_thought: bool, path: str | None, tools=None) -> list:
+    """The conversation in Gemma 4's format, as a list of special-token ids (int) and text (str);
+    `tools` are OpenAI tool declarations (a list of {"type": "function", "function": {...}})."""
     messages = check_messages(messages)
     _check_roles(messages)
+    tools = check_tools(tools)
     if enable_thinking and vocab.think is None:
         raise TokenizerError(path, "vocabulary has no <|think|>: this model has no thinking mode")
     segments: list = [vocab.bos]
     rest, system = messages, messages[0]["role"] in _SYSTEM_ROLES
-    if enable_thinking or system:
+    if enable_thinking or system or tools:
         segments += [vocab.turn, "system\n"]
         if enable_thinking:
             segments += [vocab.think, "\n"]
         if system:
             segments += _system_content(messages[0]["content"])
             rest = messages[1:]
+        for tool in tools:
+            segments += tool_pieces(vocab, "<|tool>" + format_declaration(tool["function"]) + "<tool|>", path)
         segments += [vocab.end_turn, "\n"]
     offset = len(messages) - len(rest)
     last_user = max((i for i, m in enumerate(rest) if m["role"] == "user"), default=-1)
-    for i in range(len(rest)):
-        segments += _turn(vocab, rest, i, i > last_user, offset, path)
-    if add_generation_prompt:
+    answered: set = set()  # the tool messages rendered as responses
+    last = None
+    for i, m in enumerate(rest):
+        if m["role"] != "tool":
+            turn, last = _turn(vocab, rest, i, i > last_user, offset, path, answered)
+            segments += turn
+    stray = [i + offset for i, m in enumerate(rest) if m["role"] == "tool" and i not in answered]
+    if stray:
+        raise GenerationError(f"message {stray[0]}: tool use: a 'tool' message must follow an assistant message "
+                              "with 'tool_calls' (and other 'tool' messages); the template would drop it")
+    if add_generation_prompt and last not in (_CALL, _RESPONSE):
         segments += [vocab.turn, "model\n"]
         if empty_thought and not enable_thinking:
             segments += _thought(vocab, "", path)
     return segments
 
 
+def tool_pieces(vocab: Gemma4Vocab, text: str, path: str | None) -> list:
+    """Template text of the tool syntax, its TOOL_PIECES as their ids (as the reference tokenizes them)."""
+    out: list = []
+    for k, part in enumerate(_TOOL_SPLIT.split(text)):
+        if k % 2 == 0:
+            if part:
+                out.append(part)
+        elif vocab.tools.get(part) is None:
+            raise TokenizerError(path, f"vocabulary has no {part}: this model has no tool use")
+        else:
+            out.append(vocab.tools[part])
+    return out
+
+
 def _check_roles(messages: list[Mapping]) -> None:
     for i, m in enumerate(messages):
-        if m["role"] == "tool" or any(m.get(k) for k in _TOOL_FIELDS):
-            raise GenerationError(f"message {i}: tool use (a 'tool' message, 'tool_calls', 'tool_responses') "
-                                  "is not rendered by mlx_gemma's Gemma 4 chat format")
-        if m["role"] not in _ROLES:
-            raise GenerationError(f"message {i} has role {m['role']!r}; Gemma 4's roles are {', '.join(_ROLES)}")
+        if m["role"] not in (*_ROLES, "tool"):
+            raise GenerationError(f"message {i} has role {m['role']!r}; Gemma 4's roles are "
+                                  f"{', '.join(_ROLES)}, tool")
+        if m["role"] not in ("assistant", "model") and (m.get("tool_calls") or m.get("tool_responses")):
+            raise GenerationError(f"message {i}: tool use: only an assistant message has 'tool_calls' / "
+                                  "'tool_responses'")
 
 
 def _system_content(content) -> list:
@@ -149,12 +195,13 @@ def _system_content(content) -> list:
 
 
 def _turn(vocab: Gemma4Vocab, messages: list[Mapping], i: int, after_last_user: bool, offset: int,
-          path: str | None) -> list:
-    """One message's turn.  Consecutive assistant messages share a turn: the template neither closes
-    the first nor opens the second (its `continue_same_model_turn` / `continues_into_next`)."""
+          path: str | None, answered: set) -> tuple[list, str | None]:
+    """One message's turn, and its type for what follows (_CALL, _RESPONSE or None).  Consecutive
+    assistant messages share a turn, tool messages between them aside: the template does not open
+    the second (its `continue_same_model_turn`), nor close the first (`continues_into_next`)."""
     m, index = messages[i], i + offset
     role = "model" if m["role"] == "assistant" else m["role"]
-    before = messages[i - 1]["role"] if i else None
+    before = next((p["role"] for p in reversed(messages[:i]) if p["role"] != "tool"), None)
     after = messages[i + 1]["role"] if i + 1 < len(messages) else None
     out: list = [] if role == "model" and before == "assistant" else [vocab.turn, f"{role}\n"]
     thought = m.get("reasoning") or m.get("reasoning_content")
@@ -162,10 +209,90 @@ def _turn(vocab: Gemma4Vocab, messages: list[Mapping], i: int, after_last_user: 
         if not isinstance(thought, str):
             raise GenerationError(f"message {index}: 'reasoning' must be a string, found {json_type(thought)}")
         out += _thought(vocab, f"{check_unicode(thought, f'message {index}: reasoning')}\n", path)
-    out += _content(vocab, m["content"], role == "model", index, path)
-    if not (role == "model" and after == "assistant"):
+    calls = tool_call_arguments(m.get("tool_calls"), index)
+    kind = _CALL if calls else None
+    for name, arguments in calls:
+        out += tool_pieces(vocab, f"<|tool_call>call:{name}{{{format_fields(arguments, QUOTE)}}}<tool_call|>", path)
+    responses = _responses(vocab, messages, i, offset, calls, path, answered)
+    out += responses
+    kind = _RESPONSE if responses else kind
+    body = [] if m["content"] is None and role == "model" else _content(vocab, m["content"], role == "model",
+                                                                         index, path)
+    out += body
+    if any(isinstance(s, int) for s in body):
+        kind = "media"  # the template's prev_message_type becomes the last media part's type
+    if kind == _CALL:
+        out.append(vocab.tools["<|tool_response>"])  # the model's turn goes on with the response
+    elif responses and not any(isinstance(s, int) or s.strip() for s in body):
+        pass  # the template keeps the turn open after responses with no text
+    elif not (role == "model" and after == "assistant" and not calls):
         out += [vocab.end_turn, "\n"]
+    return out, kind
+
+
+def tool_call_arguments(calls, index: int) -> list[tuple[str, dict]]:
+    """An assistant message's OpenAI `tool_calls` as (name, arguments) pairs; `arguments` may be the
+    JSON string OpenAI sends or an object (as the template takes it)."""
+    if not calls:
+        return []
+    if isinstance(calls, (str, Mapping)) or not isinstance(calls, Sequence):
+        raise GenerationError(f"message {index}: tool use: 'tool_calls' must be a list, found {json_type(calls)}")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"message {index}: tool use: tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise GenerationError(f"{where} needs a 'function' with a non-empty string 'name'")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as e:
+                raise GenerationError(f"{where}.function.arguments is not JSON: {e}") from None
+        if not isinstance(arguments, Mapping):
+            raise GenerationError(f"{where}.function.arguments must be a JSON object, found {json_type(arguments)}")
+        out.append((function["name"], dict(arguments)))
     return out
+
+
+def _responses(vocab: Gemma4Vocab, messages: list[Mapping], i: int, offset: int, calls: list, path: str | None,
+               answered: set) -> list:
+    """The responses rendered in message i's turn: its own `tool_responses` (Google's native form), or
+    else, after `tool_calls`, the run of `tool` messages that follows it (OpenAI's form)."""
+    m = messages[i]
+    if m.get("tool_responses"):
+        if not isinstance(m["tool_responses"], Sequence) or not all(isinstance(r, Mapping)
+                                                                    for r in m["tool_responses"]):
+            raise GenerationError(f"message {i + offset}: tool use: 'tool_responses' must be a list of objects")
+        return sum((_response(vocab, str(r.get("name", "unknown")), r.get("response"), path)
+                    for r in m["tool_responses"]), [])
+    out: list = []
+    k = i + 1
+    while calls and k < len(messages) and messages[k]["role"] == "tool":
+        follow, name = messages[k], messages[k].get("name", "unknown")
+        for call in m["tool_calls"]:  # the template: the last call whose id is this message's tool_call_id
+            if call.get("id") == follow.get("tool_call_id"):
+                name = call["function"]["name"]
+        body = follow["content"]
+        if isinstance(body, str):
+            out += _response(vocab, name, check_unicode(body, f"message {k + offset}: 'content'"), path)
+        elif isinstance(body, Sequence) and not isinstance(body, Mapping):
+            text = "".join(p.get("text", "") for p in body if isinstance(p, Mapping) and p.get("type") == "text")
+            out += _response(vocab, name, text, path)
+            out += [vocab.media[_MEDIA_PIECES[p["type"]]] for p in body
+                    if isinstance(p, Mapping) and p.get("type") in ("image", "audio", "video")]
+        else:
+            out += _response(vocab, name, body, path)
+        answered.add(k)
+        k += 1
+    return out
+
+
+def _response(vocab: Gemma4Vocab, name: str, response, path: str | None) -> list:
+    # The template's format_tool_response_block: an object's fields, anything else as `value`.
+    body = format_fields(response, QUOTE) if isinstance(response, Mapping) else \
+        "value:" + format_value(response, QUOTE, quote_keys=False)
+    return tool_pieces(vocab, f"<|tool_response>response:{name}{{{body}}}<tool_response|>", path)
 
 
 def _thought(vocab: Gemma4Vocab, text: str, path: str | None) -> list:

@@ -342,7 +342,7 @@ class GemmaTokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
                             tokenize: bool = False, image_block: Sequence | None = None,
                             audio_block: Sequence | None = None, enable_thinking: bool = False,
-                            empty_thought: bool | None = None) -> str | list[int]:
+                            empty_thought: bool | None = None, tools: Sequence | None = None) -> str | list[int]:
         """Gemma's turn format (matching the official Gemma 2/3 templates, content trimmed):
 
             <bos><start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n...
@@ -357,16 +357,19 @@ class GemmaTokenizer:
         tokenizing, as the processor expands it in the rendered string (Gemma 3:
         `mlx_gemma.image_chat.image_block`); a list of such blocks gives each image its own, in order
         (pan & scan: an image and its crops; Gemma 4: each image's own number of soft tokens).
-        `audio_block` does the same for audio parts.
+        `audio_block` does the same for audio parts.  `tools` (OpenAI function tools, Gemma 4 only;
+        see mlx_gemma.tool_calls) are declared in the system turn.
         """
         if self._gemma4 is not None:
             thought = self.empty_thought if empty_thought is None else empty_thought
             segments = gemma4_segments(self._gemma4, messages, add_generation_prompt, enable_thinking, thought,
-                                       self.path)
+                                       self.path, tools)
             markers = (self._gemma4.media["<|image|>"], self._gemma4.media["<|audio|>"])
         else:
             if enable_thinking:
                 raise GenerationError("enable_thinking: Gemma 1-3 have no thinking mode (Gemma 4 has)")
+            if tools:
+                raise GenerationError("tools: mlx_gemma renders tool declarations in Gemma 4's format only")
             segments, markers = self._chat_segments(messages, add_generation_prompt), (self._start_of_image_id, None)
         for marker, block in zip(markers, (image_block, audio_block)):
             if block is not None:

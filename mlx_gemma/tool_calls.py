@@ -1,0 +1,263 @@
+"""OpenAI tool calling over Gemma's own function-calling formats: check `tools`, honour
+`tool_choice`, and parse model output back into OpenAI `tool_calls`, whole or streamed.
+
+The server calls, in order:
+
+    tools = select_tools(check_tools(request.tools), request.tool_choice)   # what the prompt declares
+    ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)  # Gemma 4 renders them
+    fmt = tool_format_for(tokenizer)               # None: this model has no tool syntax we read
+    content, calls = parse_tool_calls(text, fmt)    # a whole reply
+    stream = ToolCallStream(fmt); stream.feed(delta) ... stream.finish()   # a streamed one
+
+`tool_choice`: "none" declares no tools (the model cannot know of them) and the reply is all
+content; "auto" (the default with tools) and "required" declare them all; a named function
+declares that one only.  Nothing here forces a call: `forced_prefix` gives, for "required" or a
+named function, the text a reply must start with, for a constrained decoder to enforce.
+
+A call is `<start>call:NAME{key:value,...}<end>` in both Gemma 4 (`<|tool_call>` / `<tool_call|>`,
+strings between `<|"|>`; its chat_template.jinja and mlx-lm's tool_parsers/gemma4.py) and
+FunctionGemma (`<start_function_call>` / `<end_function_call>`, strings between `<escape>`;
+mlx-lm's tool_parsers/function_gemma.py).  Text the parser cannot read as a call (no closing
+marker, arguments that do not parse) stays content, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import GenerationError
+from .json_input import json_type
+from .tool_formats.literals import LiteralSyntaxError, parse_fields
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one model family writes a call in its output."""
+
+    name: str  # "gemma4" or "function_gemma"
+    call_start: str  # the token opening a call
+    call_end: str  # the token closing it
+    quote: str  # the token around string values
+    response_start: str  # the token the model stops at after its calls (it then awaits the response)
+
+
+GEMMA4 = ToolCallFormat("gemma4", "<|tool_call>", "<tool_call|>", '<|"|>', "<|tool_response>")
+# FunctionGemma's tokens: its tokenizer_config and Google's "FunctionGemma formatting" guide.
+FUNCTION_GEMMA = ToolCallFormat("function_gemma", "<start_function_call>", "<end_function_call>", "<escape>",
+                                "<start_function_response>")
+FORMATS = (GEMMA4, FUNCTION_GEMMA)
+# A call's body: `call:NAME{...}`; names as mlx-lm's gemma4 parser takes them (word characters and '-').
+_CALL = re.compile(r"\s*call:([\w\-.]+)\{(.*)\}\s*", re.DOTALL)
+_NAME = re.compile(r"[A-Za-z0-9_\-.]{1,64}")  # OpenAI's function-name rule (plus '.')
+
+
+def tool_format_for(tokenizer) -> ToolCallFormat | None:
+    """The tool-call format a tokenizer's vocabulary has the tokens of, or None."""
+    for fmt in FORMATS:
+        if tokenizer.piece_to_id(fmt.call_start) is not None and tokenizer.piece_to_id(fmt.call_end) is not None:
+            return fmt
+    return None
+
+
+# ----- the request: tools and tool_choice ---------------------------------------------------------
+
+
+def check_tools(tools) -> list[dict]:
+    """OpenAI `tools` as a list of {"type": "function", "function": {...}}; a typed error naming the
+    field for anything else (not a list, no name, a duplicate name, parameters that are no JSON
+    schema of an object)."""
+    if tools is None:
+        return []
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise GenerationError(f"tools must be a list of function tools, found {json_type(tools)}")
+    seen: set = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
+            raise GenerationError(f"{where} must be {{'type': 'function', 'function': {{...}}}}")
+        function = tool.get("function")
+        if not isinstance(function, Mapping):
+            raise GenerationError(f"{where}.function must be an object, found {json_type(function)}")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise GenerationError(f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.', got {name!r}")
+        if name in seen:
+            raise GenerationError(f"{where}.function.name {name!r} is declared twice")
+        seen.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise GenerationError(f"{where}.function.description must be a string")
+        _check_schema(function.get("parameters"), f"{where}.function.parameters")
+    return [dict(t, type="function") for t in tools]
+
+
+def _check_schema(schema, where: str) -> None:
+    """A JSON schema of an object (or absent): an object whose `properties` are schemas themselves."""
+    if schema is None:
+        return
+    if not isinstance(schema, Mapping):
+        raise GenerationError(f"{where} must be a JSON schema object, found {json_type(schema)}")
+    if schema.get("type", "object") != "object":
+        raise GenerationError(f"{where}.type must be 'object' (a function takes named arguments), "
+                              f"got {schema.get('type')!r}")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, Mapping) or not all(isinstance(v, Mapping) for v in properties.values()):
+        raise GenerationError(f"{where}.properties must map each argument name to a JSON schema object")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise GenerationError(f"{where}.required must be a list of argument names")
+
+
+def select_tools(tools: list[dict], tool_choice=None) -> list[dict]:
+    """The tools to declare in the prompt for `tool_choice` (see the module docstring)."""
+    if tool_choice is None or tool_choice in ("auto", "required"):
+        if tool_choice == "required" and not tools:
+            raise GenerationError("tool_choice 'required' needs tools")
+        return tools
+    if tool_choice == "none":
+        return []
+    name = _chosen_name(tool_choice)
+    chosen = [t for t in tools if t["function"]["name"] == name]
+    if not chosen:
+        raise GenerationError(f"tool_choice names the function {name!r}, which is not among the tools")
+    return chosen
+
+
+def _chosen_name(tool_choice) -> str:
+    function = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise GenerationError("tool_choice must be 'none', 'auto', 'required' or "
+                              f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r:.80}")
+    return function["name"]
+
+
+def forced_prefix(fmt: ToolCallFormat, tool_choice) -> str | None:
+    """The text a reply must begin with under `tool_choice`, for a constrained decoder; None if free."""
+    if tool_choice == "required":
+        return fmt.call_start + "call:"
+    if tool_choice is None or tool_choice in ("auto", "none"):
+        return None
+    return f"{fmt.call_start}call:{_chosen_name(tool_choice)}{{"
+
+
+# ----- the reply: parsing calls -------------------------------------------------------------------
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def read_call(body: str, fmt: ToolCallFormat) -> tuple[str, str] | None:
+    """(name, arguments as a JSON string) of the text between a call's markers; None if malformed."""
+    match = _CALL.fullmatch(body)
+    if match is None:
+        return None
+    try:
+        arguments = parse_fields(match.group(2), fmt.quote)
+    except LiteralSyntaxError:
+        return None
+    return match.group(1), json.dumps(arguments, ensure_ascii=False)
+
+
+def _openai_call(index: int, call_id: str, name: str, arguments: str) -> dict:
+    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def parse_tool_calls(text: str, fmt: ToolCallFormat | None,
+                     make_id: Callable[[], str] = new_call_id) -> tuple[str, list[dict]]:
+    """(content, tool_calls) of a whole reply: the calls as OpenAI's {index, id, type, function},
+    the content what is left (a malformed or unclosed call included, as text).  A reply with calls
+    that ends with the format's response_start (the stop piece, if the decoder kept it) loses it."""
+    if fmt is None:
+        return text, []
+    content, calls, pos = [], [], 0
+    while True:
+        start = text.find(fmt.call_start, pos)
+        end = -1 if start < 0 else text.find(fmt.call_end, start + len(fmt.call_start))
+        if end < 0:
+            content.append(text[pos:])
+            return _without_stop("".join(content), fmt, calls), calls
+        content.append(text[pos:start])
+        call = read_call(text[start + len(fmt.call_start):end], fmt)
+        pos = end + len(fmt.call_end)
+        if call is None:
+            content.append(text[start:pos])
+        else:
+            calls.append(_openai_call(len(calls), make_id(), *call))
+
+
+def _without_stop(content: str, fmt: ToolCallFormat, calls: list) -> str:
+    if calls and content.endswith(fmt.response_start):
+        return content[:-len(fmt.response_start)]
+    return content
+
+
+def _held(text: str, fmt: ToolCallFormat) -> int:
+    """How many characters at the end of `text` to hold back from content: what could begin a call
+    marker, or a response_start (whole or begun) that may yet end the reply."""
+    for k in range(min(len(text), max(len(fmt.call_start) - 1, len(fmt.response_start))), 0, -1):
+        if fmt.call_start.startswith(text[-k:]) or fmt.response_start.startswith(text[-k:]):
+            return k
+    return 0
+
+
+class ToolCallStream:
+    """Parses a reply fed as text deltas: `feed` and `finish` return events, each {"content": str}
+    or {"tool_call": {index, id, type, function: {name, arguments}}} (a whole call, sent when it
+    closes).  Text that may begin a call marker is held back until it is known not to; the events
+    of any split of a text add up to `parse_tool_calls` of the whole."""
+
+    def __init__(self, fmt: ToolCallFormat | None, make_id: Callable[[], str] = new_call_id):
+        self.fmt, self.make_id = fmt, make_id
+        self.buffer, self.in_call, self.count = "", False, 0
+
+    def feed(self, delta: str) -> list[dict]:
+        if self.fmt is None:
+            return [{"content": delta}] if delta else []
+        self.buffer += delta
+        events: list[dict] = []
+        while self._step(events):
+            pass
+        return events
+
+    def _step(self, events: list[dict]) -> bool:
+        """Consumes what it can from the buffer; True if it should be called again."""
+        fmt, buf = self.fmt, self.buffer
+        if self.in_call:
+            end = buf.find(fmt.call_end)
+            if end < 0:
+                return False
+            call = read_call(buf[:end], fmt)
+            self.buffer, self.in_call = buf[end + len(fmt.call_end):], False
+            if call is None:
+                _content(events, fmt.call_start + buf[:end + len(fmt.call_end)])
+            else:
+                events.append({"tool_call": _openai_call(self.count, self.make_id(), *call)})
+                self.count += 1
+            return True
+        start = buf.find(fmt.call_start)
+        if start >= 0:
+            _content(events, buf[:start])
+            self.buffer, self.in_call = buf[start + len(fmt.call_start):], True
+            return True
+        keep = _held(buf, fmt)
+        _content(events, buf[:len(buf) - keep])
+        self.buffer = buf[len(buf) - keep:]
+        return False
+
+    def finish(self) -> list[dict]:
+        """The events of what is left when the reply ends: an unclosed call or held text, as content."""
+        events: list[dict] = []
+        if self.fmt is not None:
+            rest = self.fmt.call_start + self.buffer if self.in_call else self.buffer
+            _content(events, _without_stop(rest, self.fmt, [None] * self.count))
+        self.buffer, self.in_call = "", False
+        return events
+
+
+def _content(events: list[dict], text: str) -> None:
+    if text:
+        events.append({"content": text})
