@@ -279,8 +279,9 @@ class BatchPolicy:
         if media:  # media go whole: the engine's prefill keeps image blocks in one chunk, audio in one call
             step = L if self.model.image_input is None else self.chunk
             hidden, row.fed = prefill(self.model, row.prompt, row.caches, step, **media), L
-        else:
-            end = min(L, row.fed + self.chunk)
+        else:  # a chunk per step between decoding steps; the rest at once (in chunks) when none run
+            decoding = any(not r.done for r in self.rows)
+            end = min(L, row.fed + self.chunk) if decoding else L
             hidden, row.fed = prefill(self.model, row.prompt[:, row.fed : end], row.caches, self.chunk), end
         if row.fed < L:
             mx.eval([c.state for c in row.caches])
@@ -476,4 +477,6 @@ class Scheduler:
                                   f"got {job.top_logprobs!r:.80}")
         if job.media is not None and not isinstance(job.media, Mapping):
             raise GenerationError("Job.media must be the model's prompt inputs as a mapping (or None)")
+        if job.media and self.model.image_input is None and self.model.audio_input is None:
+            raise GenerationError("Job.media holds images or audio, but this model has no tower to take them")
         return token_budget(self.model, len(ids), int(job.max_tokens))

@@ -44,9 +44,9 @@ def tiny(name: str):
 
 
 def prompt(n: int, seed: int) -> list[int]:
-    """<bos> then n - 1 random ids above the special ones."""
+    """<bos> then n - 1 random ids above the special ones (Gemma 4's media markers are 17..23 here)."""
     rng = np.random.default_rng(seed)
-    return [2] + rng.integers(4, 500, size=n - 1).tolist()
+    return [2] + rng.integers(30, 500, size=n - 1).tolist()
 
 
 def alone(model, ids, n, sampling: SamplingSettings = SamplingSettings()):
@@ -414,3 +414,19 @@ def test_a_gemma3_job_with_two_images_gives_transformers_tokens_beside_a_text_jo
     got.wait_done([text, two])
     assert got.tokens(two) == expected
     assert got.tokens(text) == alone(model, prompt(7, 5), 10)[0]
+
+
+def test_media_the_model_cannot_take_end_that_job_only(scheduler):
+    model = load_model(FIXTURES / "tiny_gemma4_mm")
+    with pytest.raises(GenerationError, match="no tower"):  # a text-only model refuses media at once
+        Scheduler(tiny("gemma4_e2b")).submit(Job(prompt(5, 2), 8, media={"pixel_values": mx.zeros((1, 4))}),
+                                             lambda e: None)
+    s, got = scheduler(model), Collector()
+    good = s.submit(Job(prompt(6, 1), 8), got)
+    got.wait(lambda: len(got.events[good]) >= 2)
+    bad = s.submit(Job(prompt(5, 2), 8, media={"pixel_values": mx.zeros((1, 4))}), got)  # no image, bad shape
+    got.wait_done([good, bad])
+    final = got.events[bad][-1]
+    assert (len(got.events[bad]), final.finish_reason, final.prompt_tokens) == (1, "error", 5)
+    assert final.error
+    assert got.tokens(good) == alone(model, prompt(6, 1), 8)[0]
