@@ -30,14 +30,13 @@ The same module holds what both formats check: the message list and the text's U
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import GenerationError, TokenizerError
 from .json_input import json_type
-from .tool_calls import check_tools
+from .tool_formats.checks import check_tools, tool_call_arguments
 from .tool_formats.gemma4 import QUOTE, format_declaration
 from .tool_formats.literals import format_fields, format_value
 
@@ -228,31 +227,6 @@ def _turn(vocab: Gemma4Vocab, messages: list[Mapping], i: int, after_last_user: 
     elif not (role == "model" and after == "assistant" and not calls):
         out += [vocab.end_turn, "\n"]
     return out, kind
-
-
-def tool_call_arguments(calls, index: int) -> list[tuple[str, dict]]:
-    """An assistant message's OpenAI `tool_calls` as (name, arguments) pairs; `arguments` may be the
-    JSON string OpenAI sends or an object (as the template takes it)."""
-    if not calls:
-        return []
-    if isinstance(calls, (str, Mapping)) or not isinstance(calls, Sequence):
-        raise GenerationError(f"message {index}: tool use: 'tool_calls' must be a list, found {json_type(calls)}")
-    out = []
-    for j, call in enumerate(calls):
-        where = f"message {index}: tool use: tool_calls[{j}]"
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise GenerationError(f"{where} needs a 'function' with a non-empty string 'name'")
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError as e:
-                raise GenerationError(f"{where}.function.arguments is not JSON: {e}") from None
-        if not isinstance(arguments, Mapping):
-            raise GenerationError(f"{where}.function.arguments must be a JSON object, found {json_type(arguments)}")
-        out.append((function["name"], dict(arguments)))
-    return out
 
 
 def _responses(vocab: Gemma4Vocab, messages: list[Mapping], i: int, offset: int, calls: list, path: str | None,

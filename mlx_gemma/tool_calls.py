@@ -3,8 +3,7 @@
 
 The server calls, in order:
 
-    tools = select_tools(check_tools(request.tools), request.tool_choice)   # what the prompt declares
-    ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)  # Gemma 4 renders them
+    ids = render_chat(tokenizer, messages, tools, tool_choice, tokenize=True)   # the prompt
     fmt = tool_format_for(tokenizer)               # None: this model has no tool syntax we read
     content, calls = parse_tool_calls(text, fmt)    # a whole reply
     stream = ToolCallStream(fmt); stream.feed(delta) ... stream.finish()   # a streamed one
@@ -14,7 +13,8 @@ content; "auto" (the default with tools) and "required" declare them all; a name
 declares that one only.  Nothing here forces a call: `forced_prefix` gives, for "required" or a
 named function, the text a reply must start with, for a constrained decoder to enforce.
 
-A call is `<start>call:NAME{key:value,...}<end>` in both Gemma 4 (`<|tool_call>` / `<tool_call|>`,
+Gemma 3 has no tool tokens: its calls are the JSON objects of Google's prompt-based format
+(mlx_gemma.tool_formats.gemma3).  Otherwise a call is `<start>call:NAME{key:value,...}<end>` in both Gemma 4 (`<|tool_call>` / `<tool_call|>`,
 strings between `<|"|>`; its chat_template.jinja and mlx-lm's tool_parsers/gemma4.py) and
 FunctionGemma (`<start_function_call>` / `<end_function_call>`, strings between `<escape>`;
 mlx-lm's tool_parsers/function_gemma.py).  Text the parser cannot read as a call (no closing
@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import GenerationError
-from .json_input import json_type
+from .tool_formats import gemma3
+from .tool_formats.checks import check_tools
 from .tool_formats.literals import LiteralSyntaxError, parse_fields
 
 
@@ -43,72 +44,37 @@ class ToolCallFormat:
     call_end: str  # the token closing it
     quote: str  # the token around string values
     response_start: str  # the token the model stops at after its calls (it then awaits the response)
+    prompted: bool = False  # no call tokens: a reply is calls only if all of it is (Gemma 3's JSON format)
 
 
 GEMMA4 = ToolCallFormat("gemma4", "<|tool_call>", "<tool_call|>", '<|"|>', "<|tool_response>")
 # FunctionGemma's tokens: its tokenizer_config and Google's "FunctionGemma formatting" guide.
 FUNCTION_GEMMA = ToolCallFormat("function_gemma", "<start_function_call>", "<end_function_call>", "<escape>",
                                 "<start_function_response>")
-FORMATS = (GEMMA4, FUNCTION_GEMMA)
+GEMMA3 = ToolCallFormat("gemma3", "", "", '"', "", prompted=True)
 # A call's body: `call:NAME{...}`; names as mlx-lm's gemma4 parser takes them (word characters and '-').
 _CALL = re.compile(r"\s*call:([\w\-.]+)\{(.*)\}\s*", re.DOTALL)
-_NAME = re.compile(r"[A-Za-z0-9_\-.]{1,64}")  # OpenAI's function-name rule (plus '.')
 
 
 def tool_format_for(tokenizer) -> ToolCallFormat | None:
-    """The tool-call format a tokenizer's vocabulary has the tokens of, or None."""
-    for fmt in FORMATS:
+    """The tool-call format of a tokenizer: the one whose tokens its vocabulary has, else Gemma 1-3's
+    prompted format for a `<start_of_turn>` chat model, else None."""
+    for fmt in (GEMMA4, FUNCTION_GEMMA):
         if tokenizer.piece_to_id(fmt.call_start) is not None and tokenizer.piece_to_id(fmt.call_end) is not None:
             return fmt
-    return None
+    return GEMMA3 if tokenizer.chat_format == "gemma" else None
+
+
+def render_chat(tokenizer, messages, tools=None, tool_choice=None, **kwargs):
+    """The prompt for an OpenAI chat request with tools: `tokenizer.apply_chat_template`'s result
+    (text, or ids with tokenize=True; `kwargs` go to it), tools declared as `tool_choice` says."""
+    declared = select_tools(check_tools(tools), tool_choice)
+    if tool_format_for(tokenizer) is GEMMA3:
+        return tokenizer.apply_chat_template(gemma3.messages_with_tools(messages, declared), **kwargs)
+    return tokenizer.apply_chat_template(messages, tools=declared, **kwargs)
 
 
 # ----- the request: tools and tool_choice ---------------------------------------------------------
-
-
-def check_tools(tools) -> list[dict]:
-    """OpenAI `tools` as a list of {"type": "function", "function": {...}}; a typed error naming the
-    field for anything else (not a list, no name, a duplicate name, parameters that are no JSON
-    schema of an object)."""
-    if tools is None:
-        return []
-    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
-        raise GenerationError(f"tools must be a list of function tools, found {json_type(tools)}")
-    seen: set = set()
-    for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
-        if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
-            raise GenerationError(f"{where} must be {{'type': 'function', 'function': {{...}}}}")
-        function = tool.get("function")
-        if not isinstance(function, Mapping):
-            raise GenerationError(f"{where}.function must be an object, found {json_type(function)}")
-        name = function.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise GenerationError(f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.', got {name!r}")
-        if name in seen:
-            raise GenerationError(f"{where}.function.name {name!r} is declared twice")
-        seen.add(name)
-        if not isinstance(function.get("description", ""), str):
-            raise GenerationError(f"{where}.function.description must be a string")
-        _check_schema(function.get("parameters"), f"{where}.function.parameters")
-    return [dict(t, type="function") for t in tools]
-
-
-def _check_schema(schema, where: str) -> None:
-    """A JSON schema of an object (or absent): an object whose `properties` are schemas themselves."""
-    if schema is None:
-        return
-    if not isinstance(schema, Mapping):
-        raise GenerationError(f"{where} must be a JSON schema object, found {json_type(schema)}")
-    if schema.get("type", "object") != "object":
-        raise GenerationError(f"{where}.type must be 'object' (a function takes named arguments), "
-                              f"got {schema.get('type')!r}")
-    properties = schema.get("properties", {})
-    if not isinstance(properties, Mapping) or not all(isinstance(v, Mapping) for v in properties.values()):
-        raise GenerationError(f"{where}.properties must map each argument name to a JSON schema object")
-    required = schema.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        raise GenerationError(f"{where}.required must be a list of argument names")
 
 
 def select_tools(tools: list[dict], tool_choice=None) -> list[dict]:
@@ -136,6 +102,8 @@ def _chosen_name(tool_choice) -> str:
 
 def forced_prefix(fmt: ToolCallFormat, tool_choice) -> str | None:
     """The text a reply must begin with under `tool_choice`, for a constrained decoder; None if free."""
+    if fmt.prompted and tool_choice not in (None, "auto", "none"):
+        return '{"name": "' if tool_choice == "required" else f'{{"name": "{_chosen_name(tool_choice)}", '
     if tool_choice == "required":
         return fmt.call_start + "call:"
     if tool_choice is None or tool_choice in ("auto", "none"):
@@ -173,6 +141,9 @@ def parse_tool_calls(text: str, fmt: ToolCallFormat | None,
     that ends with the format's response_start (the stop piece, if the decoder kept it) loses it."""
     if fmt is None:
         return text, []
+    if fmt.prompted:
+        calls = gemma3.read_calls(text)
+        return ("", [_openai_call(i, make_id(), *c) for i, c in enumerate(calls)]) if calls else (text, [])
     content, calls, pos = [], [], 0
     while True:
         start = text.find(fmt.call_start, pos)
@@ -213,11 +184,14 @@ class ToolCallStream:
     def __init__(self, fmt: ToolCallFormat | None, make_id: Callable[[], str] = new_call_id):
         self.fmt, self.make_id = fmt, make_id
         self.buffer, self.in_call, self.count = "", False, 0
+        self.passing = fmt is None  # text goes straight to content from now on
 
     def feed(self, delta: str) -> list[dict]:
-        if self.fmt is None:
+        if self.passing:
             return [{"content": delta}] if delta else []
         self.buffer += delta
+        if self.fmt.prompted:
+            return self._prompted()
         events: list[dict] = []
         while self._step(events):
             pass
@@ -248,10 +222,24 @@ class ToolCallStream:
         self.buffer = buf[len(buf) - keep:]
         return False
 
+    def _prompted(self) -> list[dict]:
+        """Gemma 3: a reply that starts like JSON or a code fence is held whole (parsed at the end)."""
+        head = self.buffer.lstrip()
+        if not head or head[0] in "{[`":
+            return []
+        self.passing, events = True, []
+        _content(events, self.buffer)
+        self.buffer = ""
+        return events
+
     def finish(self) -> list[dict]:
         """The events of what is left when the reply ends: an unclosed call or held text, as content."""
         events: list[dict] = []
-        if self.fmt is not None:
+        if self.fmt is not None and self.fmt.prompted and not self.passing:
+            content, calls = parse_tool_calls(self.buffer, self.fmt, self.make_id)
+            events += [{"tool_call": c} for c in calls]
+            _content(events, content)
+        elif not self.passing:
             rest = self.fmt.call_start + self.buffer if self.in_call else self.buffer
             _content(events, _without_stop(rest, self.fmt, [None] * self.count))
         self.buffer, self.in_call = "", False

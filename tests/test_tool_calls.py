@@ -26,8 +26,8 @@ from conftest import FIXTURES
 
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.tokenizer import GemmaTokenizer
-from mlx_gemma.tool_calls import (FUNCTION_GEMMA, GEMMA4, ToolCallStream, check_tools, forced_prefix,
-                                  parse_tool_calls, select_tools, tool_format_for)
+from mlx_gemma.tool_calls import (FUNCTION_GEMMA, GEMMA3, GEMMA4, ToolCallStream, check_tools, forced_prefix,
+                                  parse_tool_calls, render_chat, select_tools, tool_format_for)
 
 TEMPLATE = (FIXTURES / "gemma4_chat_template" / "chat_template.jinja").read_text(encoding="utf-8")
 Q = '<|"|>'
@@ -140,6 +140,7 @@ def test_forced_prefix_for_required_and_named_choices():
     assert forced_prefix(GEMMA4, "required") == "<|tool_call>call:"
     assert forced_prefix(GEMMA4, {"type": "function", "function": {"name": "now"}}) == "<|tool_call>call:now{"
     assert forced_prefix(FUNCTION_GEMMA, "auto") is None and forced_prefix(GEMMA4, "none") is None
+    assert forced_prefix(GEMMA3, {"type": "function", "function": {"name": "now"}}) == '{"name": "now", '
 
 
 # ----- parsing ------------------------------------------------------------------------------------
@@ -240,9 +241,10 @@ def test_function_gemma_parse_equals_mlx_lm(body):
 def test_tool_format_for_a_vocabulary(tok):
     assert tool_format_for(tok) is GEMMA4
     gemma3 = GemmaTokenizer.from_file(FIXTURES / "tokenizer" / "tokenizer.model")
-    assert tool_format_for(gemma3) is None
-    with pytest.raises(GenerationError, match="tools"):
+    with pytest.raises(GenerationError, match="tools"):  # Gemma 3's tools go through render_chat
         gemma3.apply_chat_template([USER], tools=TOOLS)
+    assert render_chat(tok, _openai(CONVERSATIONS["a call"]), TOOLS, tokenize=True) == \
+        tok.apply_chat_template(_openai(CONVERSATIONS["a call"]), tools=TOOLS, tokenize=True)
 
 
 # ----- bad input ----------------------------------------------------------------------------------
@@ -287,3 +289,75 @@ def test_bad_tool_choice_is_a_typed_error(choice, match):
 def test_bad_tool_messages_are_typed_errors(tok, messages, match):
     with pytest.raises(GenerationError, match=match):
         tok.apply_chat_template(messages, tools=TOOLS)
+
+
+# ----- Gemma 3: Google's prompt-based JSON format -------------------------------------------------
+
+# The JSON variant's instruction in Google's guide (ai.google.dev/gemma/docs/capabilities/function-calling).
+GUIDE = ("You have access to functions. If you decide to invoke any of the function(s),\n"
+         "you MUST put it in the format of\n"
+         '{"name": function name, "parameters": dictionary of argument name and its value}\n'
+         "You SHOULD NOT include any other text in the response if you call a function")
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> GemmaTokenizer:
+    return GemmaTokenizer.from_file(FIXTURES / "tokenizer" / "tokenizer.model")
+
+
+def test_gemma3_prompt_is_the_guides(gemma3):
+    functions = json.dumps([t["function"] for t in TOOLS], indent=2)
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATIONS["call, response, answer"]]
+    text = render_chat(gemma3, _openai(messages), TOOLS)
+    call = json.dumps({"name": "get_weather", "parameters": {"city": "Paris"}})
+    assert text == (f"<bos><start_of_turn>user\nBe brief.\n\n{GUIDE}\n{functions}\n\n{USER['content']}<end_of_turn>\n"
+                    f"<start_of_turn>model\n{call}<end_of_turn>\n"
+                    "<start_of_turn>user\n```tool_output\nsunny, 21C\n```<end_of_turn>\n"
+                    "<start_of_turn>model\nIt is sunny.<end_of_turn>\n<start_of_turn>user\nThanks<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+    assert render_chat(gemma3, [USER], TOOLS, "none") == gemma3.apply_chat_template([USER])
+    assert tool_format_for(gemma3) is GEMMA3
+
+
+def test_gemma3_parse_round_trips_rendering(gemma3):
+    messages = _openai(CONVERSATIONS["several calls"][:2])
+    del messages[1]["reasoning"]
+    text = render_chat(gemma3, messages, TOOLS, add_generation_prompt=False)
+    reply = text[text.rindex("<start_of_turn>model\n") + 21:-len("<end_of_turn>\n")]
+    content, calls = parse_tool_calls(reply, GEMMA3, _ids())
+    assert content == "" and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+        [(c["function"]["name"], c["function"]["arguments"]) for c in messages[1]["tool_calls"]]
+
+
+GEMMA3_REPLIES = [
+    '{"name": "now", "parameters": {}}\n{"name": "get_weather", "parameters": {"city": "Ro\\"me, {x}"}}',
+    '  ```json\n[{"name": "now", "arguments": {"a": [1, {"b": null}]}}]\n```\n',
+    "The weather is fine.",
+    '{"name": "now", "parameters": {}} and some text',
+    '{"name": "now", "parameters": [1]}',
+    '```tool_code\n{"name": "now"',
+    "\n  Sure: {\"name\": 1}",
+]
+
+
+@pytest.mark.parametrize("reply", GEMMA3_REPLIES)
+def test_gemma3_streaming_equals_the_whole_parse(reply):
+    whole = parse_tool_calls(reply, GEMMA3, _ids())
+    assert bool(whole[1]) == (GEMMA3_REPLIES.index(reply) < 2) and (whole[0] == reply) == (not whole[1])
+    rng = random.Random(reply)
+    for cuts in [list(range(1, len(reply))), *(sorted(rng.sample(range(1, len(reply)), 5)) for _ in range(20))]:
+        stream, events = ToolCallStream(GEMMA3, _ids()), []
+        for a, b in zip([0, *cuts], [*cuts, len(reply)]):
+            events += stream.feed(reply[a:b])
+        events += stream.finish()
+        assert ("".join(e.get("content", "") for e in events), [e["tool_call"] for e in events if "tool_call" in e]) \
+            == whole
+
+
+@pytest.mark.oracle
+def test_gemma3_parse_equals_mlx_lm_json_tools():
+    json_tools = pytest.importorskip("mlx_lm.tool_parsers.json_tools")
+    for obj in ({"name": "now", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "a\"b", "n": [1.5]}}):
+        (call,) = parse_tool_calls(json.dumps(obj), GEMMA3)[1]
+        assert json_tools.parse_tool_call(json.dumps(obj)) == {
+            "name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}
