@@ -14,8 +14,9 @@ keeps at most `max_size` past tokens (it drops the oldest slots when its buffer 
 so the copy is paid once per `step` tokens); slots every row leaves empty are trimmed when
 rows leave or the buffer grows, so memory follows the rows that remain.
 
-Quantized storage (kv_bits) and capped global layers (max_kv_size with attention sinks) are
-not batched here: `batch_caches_like` refuses them with a GenerationError.
+Under `max_kv_size` a capped global layer keeps each row's first `keep` tokens (attention sinks,
+as RotatingKVCache) in a small buffer of their own, attended beside the recent slots.  Quantized
+storage (kv_bits) is not batched here: `batch_caches_like` refuses it with a GenerationError.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ class BatchKVCache:
 
     step = 256  # slots a buffer grows by, so decoding writes in place
 
-    def __init__(self, max_size: int | None = None):
-        self.max_size = max_size  # None: keep every token (global layer); else the window kept
+    def __init__(self, max_size: int | None = None, keep: int = 0):
+        self.max_size = max_size  # None: keep every token (global layer); else the tokens kept, sinks included
+        self.keep = keep  # each row's first tokens kept for good (attention sinks: max_kv_size on global layers)
+        self.recent = None if max_size is None else max_size - keep  # recent tokens kept (the ring, as RotatingKVCache's)
+        self.sinks: tuple[mx.array, mx.array] | None = None  # keys, values [B, kv_heads, keep, head_dim]
         self.keys: mx.array | None = None  # [B, kv_heads, capacity, head_dim]
         self.values: mx.array | None = None
         self.used = 0  # slots holding tokens (or padding), the same for every row
@@ -64,11 +68,21 @@ class BatchKVCache:
             raise GenerationError("a prefix-LM prompt is prefilled alone, not in a running batch")
         self._reserve(T)  # before the mask: making room may drop old slots
         S = self.used + T
-        if not any(self.pad) and (window is None or window >= S):
+        if self.recent is not None:  # what the cache keeps narrows the window (RotatingKVCache.make_mask)
+            window = self.recent if window is None else min(window, self.recent)
+        if not self.keep and not any(self.pad) and (window is None or window >= S):
             return None if T == 1 else "causal"
         slots = mx.arange(S)
         valid = slots[None, :] >= self.left_padding[:, None]  # [B, S]
-        return build_mask(mx.arange(self.used, S), slots, window=window, key_valid=valid)
+        mask = build_mask(mx.arange(self.used, S), slots, window=window, key_valid=valid)  # [B, 1, T, S]
+        if not self.keep:
+            return mask
+        # Sink j (position j) is seen through the sinks only once it has left the window: inside
+        # the window the recent slots hold it too, and attending to it twice would weigh it double.
+        q = self.offset[:, None] + mx.arange(T)[None]  # [B, T] query positions
+        j = mx.arange(self.keep)[None, None]
+        seen = (j <= q[..., None]) & (q[..., None] - j >= window)  # [B, T, keep]
+        return mx.concatenate([seen[:, None], mask], axis=-1)  # keys: the sinks, then the slots
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         T = keys.shape[2]  # keys: [B, kv_heads, T, head_dim]
@@ -76,9 +90,26 @@ class BatchKVCache:
         self.keys[..., self.used : self.used + T, :] = keys
         self.values[..., self.used : self.used + T, :] = values
         self.used += T
+        if self.keep:
+            self._write_sinks(keys, values)
         self.positions = [p + T for p in self.positions]
         self._offset = None
+        if self.keep:
+            return (mx.concatenate([self.sinks[0], self.keys[..., : self.used, :]], axis=2),
+                    mx.concatenate([self.sinks[1], self.values[..., : self.used, :]], axis=2))
         return self.keys[..., : self.used, :], self.values[..., : self.used, :]
+
+    def _write_sinks(self, keys: mx.array, values: mx.array) -> None:
+        """Rows still within their first `keep` tokens also keep the new one as a sink."""
+        young = [b for b, p in enumerate(self.positions) if p < self.keep]
+        if young and keys.shape[2] != 1:
+            raise GenerationError("a batch with attention sinks takes one token per row at a time")
+        sink_keys, sink_values = self.sinks
+        for b in young:
+            p = self.positions[b]
+            sink_keys[b : b + 1, :, p : p + 1, :] = keys[b : b + 1]
+            sink_values[b : b + 1, :, p : p + 1, :] = values[b : b + 1]
+        self.sinks = (sink_keys, sink_values)
 
     # ----- rows ---------------------------------------------------------------------------
 
@@ -90,12 +121,12 @@ class BatchKVCache:
         if self.keys is not None and self.used + T <= self.keys.shape[2]:
             return
         drop = min(self.pad, default=0)  # slots every row leaves empty
-        if self.max_size is not None:  # a window never looks further back than max_size tokens
-            drop = max(drop, self.used - self.max_size)
+        if self.recent is not None:  # a window never looks further back than the recent tokens kept
+            drop = max(drop, self.used - self.recent)
         kept = self.used - drop
         capacity = -(-(kept + T) // self.step) * self.step
-        if self.max_size is not None:
-            capacity = min(capacity, self.max_size + max(T, self.step))
+        if self.recent is not None:
+            capacity = min(capacity, self.recent + max(T, self.step))
         grown = []
         for old in (self.keys, self.values):
             B, H, _, D = old.shape
@@ -112,13 +143,15 @@ class BatchKVCache:
         self.pad = [self.pad[r] for r in rows]
         self._offset = None
         if not rows:
-            self.keys = self.values = None
+            self.keys = self.values = self.sinks = None
             self.used = 0
             return
         drop = min(self.pad)
         if rows == list(range(self.keys.shape[0])) and not drop:
             return  # every row stays, nothing to trim: no copy
         index = mx.array(rows, dtype=mx.int32)
+        if self.sinks is not None:
+            self.sinks = (self.sinks[0][index], self.sinks[1][index])
         self.keys = self.keys[index][..., drop:, :]
         self.values = self.values[index][..., drop:, :]
         self.used -= drop
@@ -129,13 +162,17 @@ class BatchKVCache:
         if single.keys is None or single.quantized or single.keys[0].shape[0] != 1:
             raise GenerationError("only a float cache holding one prefilled sequence can join a batch")
         if isinstance(single, RotatingKVCache):
-            if single.keep:
-                raise GenerationError("a cache that keeps attention sinks (max_kv_size) cannot join a batch")
+            if single.keep != self.keep:
+                raise GenerationError(f"a cache keeping {single.keep} first tokens cannot join rows keeping {self.keep}")
             keys, values = single._in_time_order(single.keys)[0], single._in_time_order(single.values)[0]
         else:
             keys, values = single.keys[0][..., : single.offset, :], single.values[0][..., : single.offset, :]
-        if self.max_size is not None and keys.shape[2] > self.max_size:
-            keys, values = keys[..., -self.max_size :, :], values[..., -self.max_size :, :]
+        if self.keep:  # time order starts at position 0: the first `keep` are the row's sinks
+            self._merge_sinks(keys[..., : self.keep, :], values[..., : self.keep, :])
+            if single.offset > single.max_size:  # wrapped: past the sinks come only the recent tokens
+                keys, values = keys[..., self.keep :, :], values[..., self.keep :, :]
+        if self.recent is not None and keys.shape[2] > self.recent:
+            keys, values = keys[..., -self.recent :, :], values[..., -self.recent :, :]
         n = keys.shape[2]
         if self.keys is None:
             self.keys, self.values, self.used, self.pad = keys, values, n, [0]
@@ -150,9 +187,18 @@ class BatchKVCache:
         self.positions = self.positions + [single.offset]
         self._offset = None
 
+    def _merge_sinks(self, keys: mx.array, values: mx.array) -> None:
+        """Add a row's first tokens [1, H, <= keep, D] as its sinks (empty slots, if fewer, filled as it decodes)."""
+        missing = [(0, 0), (0, 0), (0, self.keep - keys.shape[2]), (0, 0)]
+        keys, values = mx.pad(keys, missing), mx.pad(values, missing)
+        if self.sinks is not None:
+            keys = mx.concatenate([self.sinks[0], keys], axis=0)
+            values = mx.concatenate([self.sinks[1], values], axis=0)
+        self.sinks = (keys, values)
+
     @property
     def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+        return ([] if self.keys is None else [self.keys, self.values]) + list(self.sinks or ())
 
     @property
     def nbytes(self) -> int:
@@ -174,11 +220,8 @@ def batch_caches_like(caches: list) -> list:
             out.append(SharedKVCache(out[c.source_index], c.source_index))
         elif c.bits is not None:
             raise GenerationError("a quantized KV cache (kv_bits) is not batched yet: serve without kv_bits")
-        elif isinstance(c, RotatingKVCache) and c.keep:
-            raise GenerationError("max_kv_size caps global layers with attention sinks, which are not "
-                                  "batched yet: serve without max_kv_size")
         elif isinstance(c, RotatingKVCache):
-            out.append(BatchKVCache(c.max_size))
+            out.append(BatchKVCache(c.max_size, c.keep))
         elif isinstance(c, KVCache):
             out.append(BatchKVCache(None))
         else:
