@@ -23,6 +23,10 @@ nothing waits, the thread sleeps on its inbox.
 A failure in one job (NaN logits in its row, a processor that raises, media that does not fit)
 ends that job with an "error" event; an exception in the loop itself fails every current job
 and the thread serves on.
+
+Not batched yet (refused by `Scheduler` with a GenerationError): a quantized KV cache (kv_bits)
+and prefix-LM models (PaliGemma, whose prompt attends both ways).  A prompt with media is
+prefilled in one step (the engine's prefill keeps its image blocks whole), not chunk by chunk.
 """
 
 from __future__ import annotations
@@ -341,9 +345,9 @@ class _MlxThread:
             try:
                 task()
             finally:
-                with self._lock:
-                    self._parked.append(self)
-                done.set()
+                done.set()  # (a task that raised ends its thread, which is then not parked)
+            with self._lock:
+                self._parked.append(self)
 
     @classmethod
     def serve(cls, task: Callable[[], None]) -> threading.Event:
