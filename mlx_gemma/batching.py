@@ -416,6 +416,8 @@ class Scheduler:
     def submit(self, job: Job, on_event: Callable[[Event], None]) -> int:
         """Queue `job`; its events go to `on_event`.  Bad jobs raise GenerationError here."""
         budget = self._check(job, on_event)
+        if job.media:  # lazy arrays made on this thread cannot be run from the MLX thread (see __init__)
+            mx.eval([v for _, v in tree_flatten(dict(job.media)) if isinstance(v, mx.array)])
         with self._lock:
             if self._closed:
                 raise GenerationError("the scheduler is closed")

@@ -426,7 +426,8 @@ def test_a_gemma3_job_with_two_images_gives_transformers_tokens_beside_a_text_jo
     s, got = scheduler(model), Collector()
     text = s.submit(Job(prompt(7, 5), 10), got)
     got.wait(lambda: len(got.events[text]) >= 2)
-    two = s.submit(Job(ref["two_input_ids"][0].tolist(), len(expected), media={"pixel_values": pixels}), got)
+    lazy = pixels * 1.0  # not yet computed, and on this thread's stream: submit computes it here
+    two = s.submit(Job(ref["two_input_ids"][0].tolist(), len(expected), media={"pixel_values": lazy}), got)
     got.wait_done([text, two])
     assert got.tokens(two) == expected
     assert got.tokens(text) == alone(model, prompt(7, 5), 10)[0]
