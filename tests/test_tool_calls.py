@@ -37,7 +37,9 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "required": ["city"], "properties": {
         "city": {"type": "string", "description": "A city"},
         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        "Days": {"type": "array", "items": {"type": "integer"}, "description": "Days ahead"}}}}}
+        "Days": {"type": "array", "items": {"type": "integer", "minimum": 1}, "description": "Days ahead"},
+        "note": {"type": ["string", "null"], "default": None, "format": "x"},  # kept and dropped as the template does
+        "extra": {"type": "object", "additionalProperties": False, "title": {"type": "string"}}}}}}
 BOOK = {"type": "function", "function": {
     "name": "book-trip", "description": "Books a trip",
     "parameters": {"type": "object", "required": ["legs", "who"], "properties": {
@@ -78,8 +80,16 @@ CONVERSATIONS = {
                          {"role": "tool", "tool_call_id": "t", "content": "booked"}],
     "escapes": [USER, {"role": "assistant", "content": None, "tool_calls": [_call("e", "get_weather", ESCAPES)]},
                 {"role": "tool", "tool_call_id": "e", "content": 'a "quoted", {braced} reply\n'}],
+    "media and no ids": [USER, {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"type": "function", "function": {"name": "now", "arguments": {}}}]},
+        {"role": "tool", "name": "now", "content": [{"type": "text", "text": "see"}, {"type": "image"}]},
+        {"role": "assistant", "content": "Done."}, {"role": "user", "content": "ok"}],
     "tool_responses": [USER, {"role": "assistant", "content": "", "tool_calls": [_call("x", "now", {})],
-                              "tool_responses": [{"name": "now", "response": {"time": "12:00", "ok": True}}]}],
+                              "media and no ids": [USER, {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"type": "function", "function": {"name": "now", "arguments": {}}}]},
+        {"role": "tool", "name": "now", "content": [{"type": "text", "text": "see"}, {"type": "image"}]},
+        {"role": "assistant", "content": "Done."}, {"role": "user", "content": "ok"}],
+    "tool_responses": [{"name": "now", "response": {"time": "12:00", "ok": True}}]}],
 }
 
 
@@ -183,8 +193,16 @@ REPLIES = [
 ]
 
 
-def _stream(text: str, cuts: list[int]) -> tuple[str, list[dict]]:
-    stream, events = ToolCallStream(GEMMA4, _ids()), []
+def _as(fmt, text: str) -> str:
+    """A Gemma 4 reply in another marker format (FunctionGemma's tokens for the same roles)."""
+    for a, b in zip((GEMMA4.call_start, GEMMA4.call_end, GEMMA4.quote, GEMMA4.response_start),
+                    (fmt.call_start, fmt.call_end, fmt.quote, fmt.response_start)):
+        text = text.replace(a, b)
+    return text
+
+
+def _stream(text: str, cuts: list[int], fmt=GEMMA4) -> tuple[str, list[dict]]:
+    stream, events = ToolCallStream(fmt, _ids()), []
     for a, b in zip([0, *cuts], [*cuts, len(text)]):
         events += stream.feed(text[a:b])
     events += stream.finish()
@@ -192,14 +210,19 @@ def _stream(text: str, cuts: list[int]) -> tuple[str, list[dict]]:
     return "".join(e.get("content", "") for e in events), [e["tool_call"] for e in events if "tool_call" in e]
 
 
+@pytest.mark.parametrize("fmt", [GEMMA4, FUNCTION_GEMMA], ids=["gemma4", "function_gemma"])
 @pytest.mark.parametrize("reply", REPLIES)
-def test_streaming_in_every_split_equals_the_whole_parse(reply):
-    whole = parse_tool_calls(reply, GEMMA4, _ids())
+def test_streaming_in_every_split_equals_the_whole_parse(reply, fmt):
+    original, reply = reply, _as(fmt, reply)
+    whole = parse_tool_calls(reply, fmt, _ids())
     rng = random.Random(reply)
     splits = [list(range(1, len(reply))), []]
     splits += [sorted(rng.sample(range(1, len(reply)), rng.randint(1, min(12, len(reply) - 1)))) for _ in range(30)]
     for cuts in splits:
-        assert _stream(reply, cuts) == whole
+        assert _stream(reply, cuts, fmt) == whole
+    if fmt is FUNCTION_GEMMA:  # the same calls as the Gemma 4 reply it was made from
+        assert whole == (_as(fmt, parse_tool_calls(original, GEMMA4, _ids())[0]), parse_tool_calls(original, GEMMA4,
+                                                                                                   _ids())[1])
 
 
 def test_what_the_parser_reads_and_what_it_leaves_as_content():

@@ -23,8 +23,9 @@ _STANDARD = ("description", "type", "properties", "required", "nullable")
 
 
 def _upper(value) -> str:
-    # Jinja's `upper` filter prints a non-string first (a list as Python's repr), then upper-cases it.
-    return ("" if value is None else str(value)).upper()
+    # Jinja's `upper` filter prints a non-string first (a list as Python's repr, None as "None"),
+    # then upper-cases it; a missing key is an undefined value, printed as "" (callers pass "").
+    return str(value).upper()
 
 
 def _quoted_list(items) -> str:
@@ -50,9 +51,11 @@ def _items(items: Mapping) -> str:
     return "items:{" + ",".join(out) + "}"
 
 
-def _property(value: Mapping) -> str:
+def _property(value) -> str:
     """One property's schema, without its name (the body of format_parameters' loop)."""
-    kind = _upper(value.get("type"))
+    if not isinstance(value, Mapping):
+        value = {}  # e.g. `additionalProperties: false`: the template's lookups in it are all undefined
+    kind = _upper(value.get("type", ""))
     parts = []
     if value.get("description"):
         parts.append(f"description:{QUOTE}{value['description']}{QUOTE}")
@@ -90,12 +93,12 @@ def format_declaration(function: Mapping) -> str:
         if params.get("required"):
             out += "required:" + _quoted_list(params["required"]) + ","
         if params.get("type"):
-            out += f"type:{QUOTE}{_upper(params['type'])}{QUOTE}}}"
+            out += f"type:{QUOTE}{_upper(params['type'])}{QUOTE}}}"  # no type: no closing brace, as the template
     if "response" in function:
         response = function["response"]
         out += ",response:{"
         if response.get("description"):
             out += f"description:{QUOTE}{response['description']}{QUOTE},"
-        if _upper(response.get("type")) == "OBJECT":
+        if _upper(response.get("type", "")) == "OBJECT":
             out += f"type:{QUOTE}OBJECT{QUOTE}}}"
     return (out + "}").strip()
