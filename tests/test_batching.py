@@ -244,6 +244,17 @@ def test_close_cancels_what_runs_and_waits():
         s.submit(Job(prompt(4, 2), 5), got)
 
 
+def test_close_before_start_cancels_what_was_submitted():
+    s, got = Scheduler(tiny("gemma2")), Collector()
+    job = s.submit(Job(prompt(3, 1), 5), got)
+    assert s.active == 1
+    s.close()
+    assert got.events[job] == [Event(job, None, None, [], "cancelled", prompt_tokens=3)]
+    assert s.active == 0
+    with pytest.raises(GenerationError, match="closed"):
+        s.start()
+
+
 # ----- chunked prefill between decoding steps --------------------------------------------
 
 
