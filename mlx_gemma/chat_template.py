@@ -161,7 +161,7 @@ def gemma4_segments(vocab: Gemma4Vocab, messages, add_generation_prompt: bool, e
 def tool_pieces(vocab: Gemma4Vocab, text: str, path: str | None) -> list:
     """Template text of the tool syntax, its TOOL_PIECES as their ids (as the reference tokenizes them)."""
     out: list = []
-    for k, part in enumerate(_TOOL_SPLIT.split(text)):
+    for k, part in enumerate(_TOOL_SPLIT.split(check_unicode(text, f"tool use: {text[:40]!r}"))):
         if k % 2 == 0:
             if part:
                 out.append(part)

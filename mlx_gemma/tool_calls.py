@@ -183,7 +183,7 @@ class ToolCallStream:
 
     def __init__(self, fmt: ToolCallFormat | None, make_id: Callable[[], str] = new_call_id):
         self.fmt, self.make_id = fmt, make_id
-        self.buffer, self.in_call, self.count = "", False, 0
+        self.buffer, self.in_call, self.count, self.scanned = "", False, 0, 0
         self.passing = fmt is None  # text goes straight to content from now on
 
     def feed(self, delta: str) -> list[dict]:
@@ -201,9 +201,12 @@ class ToolCallStream:
         """Consumes what it can from the buffer; True if it should be called again."""
         fmt, buf = self.fmt, self.buffer
         if self.in_call:
-            end = buf.find(fmt.call_end)
+            # Only the new text (and a marker begun before it) can hold the end: no rescans of a long call.
+            end = buf.find(fmt.call_end, max(0, self.scanned - len(fmt.call_end) + 1))
             if end < 0:
+                self.scanned = len(buf)
                 return False
+            self.scanned = 0
             call = read_call(buf[:end], fmt)
             self.buffer, self.in_call = buf[end + len(fmt.call_end):], False
             if call is None:

@@ -308,6 +308,8 @@ def test_bad_tool_choice_is_a_typed_error(choice, match):
     ([USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}], r"tool_calls\[0\] needs"),
     ([USER, {"role": "assistant", "content": None, "tool_calls": {"id": "x"}}], "must be a list"),
     ([{"role": "user", "content": "x", "tool_calls": [_call("x", "f", "{}")]}], "only an assistant"),
+    ([USER, {"role": "assistant", "content": None, "tool_calls": [_call("x", "f", '{"a": "\\ud800"}')]}], "Unicode"),
+    ([USER, CALL, {"role": "tool", "tool_call_id": "c1", "content": {"a": "\ud800"}}], "Unicode"),
 ])
 def test_bad_tool_messages_are_typed_errors(tok, messages, match):
     with pytest.raises(GenerationError, match=match):
