@@ -204,6 +204,8 @@ def _turn(vocab: Gemma4Vocab, messages: list[Mapping], i: int, after_last_user: 
     after = messages[i + 1]["role"] if i + 1 < len(messages) else None
     out: list = [] if role == "model" and before == "assistant" else [vocab.turn, f"{role}\n"]
     thought = m.get("reasoning") or m.get("reasoning_content")
+    # The tools template keeps thoughts only beside tool calls; the tool-free rules kept here (and
+    # tested in test_gemma4_chat.py) keep any after the last user message: the same for a call.
     if thought and after_last_user:
         if not isinstance(thought, str):
             raise GenerationError(f"message {index}: 'reasoning' must be a string, found {json_type(thought)}")
