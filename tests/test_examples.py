@@ -8,6 +8,7 @@ themselves checked against transformers and keras-hub in their own test files).
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from conftest import FIXTURES
 
 import mlx_gemma
 from mlx_gemma.chat import ChatSession
-from mlx_gemma.generate import generate
+from mlx_gemma.generate import generate, stream_generate
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 MODEL = FIXTURES / "tiny_gemma3"
@@ -95,3 +96,22 @@ def test_chat(loaded):
     session = ChatSession(model, tokenizer, max_tokens=N)
     want = [session.reply("Hello"), session.reply("How are you?")]
     assert done.stdout == f">> {want[0]}\n>> {want[1]}\n>> ({len(session.history)} tokens in the conversation)\n"
+
+
+def test_server_client(tmp_path):
+    # The script starts the server on the tiny Gemma 3 vision fixture and sends its drawn picture as a data URL.
+    model = FIXTURES / "tiny_gemma3_vlm"
+    done = run("server_client.py", model=model)
+    spec = importlib.util.spec_from_file_location("server_client", EXAMPLES / "server_client.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lm, tokenizer = mlx_gemma.load(model)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}]
+
+    image = tmp_path / "picture.png"
+    image.write_bytes(script.picture())
+    want = list(stream_generate(lm, tokenizer, messages, max_tokens=N, image=[str(image)],
+                                stop_token_ids=[tokenizer.end_of_turn_id]))
+    assert done.stdout == "".join(r.text for r in want) + "\n"
+    # The server counted the image's tokens in the prompt, as generate lays them out.
+    assert f"prompt tokens: {want[-1].prompt_tokens} (image included), completion tokens: {N}" in done.stderr
