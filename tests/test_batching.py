@@ -374,6 +374,41 @@ def test_a_callback_that_raises_ends_only_its_job(scheduler):
     assert s.active == 0
 
 
+def test_jobs_submitted_and_cancelled_from_several_threads(scheduler):
+    """Every job gets exactly one final event; finished jobs hold their prompt's tokens alone, cancelled
+    ones a prefix of them; nothing stays active."""
+    model = tiny("gemma3")
+    s, got = scheduler(model, max_batch=4), Collector()
+    prompts = {}
+
+    def client(seed):
+        rng = np.random.default_rng(seed)
+        for k in range(6):
+            ids = prompt(int(rng.integers(2, 20)), 100 * seed + k)
+            job = s.submit(Job(ids, 30), got)
+            prompts[job] = ids
+            if rng.random() < 0.4:
+                time.sleep(float(rng.random()) * 0.3)
+                s.cancel(job)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got.wait_done(list(prompts))
+    for job, ids in prompts.items():
+        events = got.events[job]
+        assert sum(e.finish_reason is not None for e in events) == 1 and events[-1].finish_reason
+        tokens = [e.token for e in events if e.token is not None]
+        reference = alone(model, ids, 30)[0]
+        if events[-1].finish_reason == "cancelled":
+            assert tokens == reference[: len(tokens)]
+        else:
+            assert (events[-1].finish_reason, tokens) == ("length", reference)
+    assert s.active == 0
+
+
 # ----- memory ----------------------------------------------------------------------------
 
 
