@@ -64,6 +64,9 @@ class Job:
     stop_ids: frozenset[int] = frozenset()  # ids that end the row (the tokenizer's eos ids + the caller's)
     top_logprobs: int = 0  # how many alternatives to report per token (0..20)
     media: Any = field(default=None, hash=False)  # engine.prefill's **inputs for the prompt; None for text
+    # This job's own logits processors, run after the sampling ones (stateful ones, e.g. a grammar:
+    # one instance per job); each is called with the row's history [1, n] and logits [1, V].
+    processors: tuple = field(default=(), hash=False)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class _Row:
     def begin(self) -> None:
         """Build what the MLX thread needs: sampler (its own key), processors, the prompt array."""
         self.sampler = self.job.sampling.sampler()
-        self.processors = self.job.sampling.processors()
+        self.processors = self.job.sampling.processors() + list(self.job.processors)
         self.prompt = mx.array(self.job.prompt_ids, dtype=mx.int32)[None]  # [1, L]
         self.history = self.prompt if self.processors else None
 
@@ -201,11 +204,28 @@ class BatchPolicy:
         self._take_inbox()
         self._drop_done()
         outs = self._decode() if self.rows and not self.closing else []
-        if self.waiting and not self.closing and len(self.rows) < self.max_batch:
+        if not self.closing:
+            outs += self._prefill_some()
+        return Pending(tuple(a for o in outs for a in o.arrays()), outs)
+
+    def _prefill_some(self) -> list[_Out]:
+        """A chunk of the oldest waiting prompt, then whole prompts while the step's `chunk` positions last.
+
+        A prompt that fits what is left goes in one call, as it would alone, so short prompts
+        arriving together join in one step (on a GPU, whose chunks are long, most prompts do)."""
+        outs, budget = [], self.chunk
+        while self.waiting and len(self.rows) < self.max_batch and budget > 0:
+            row = self.waiting[0]
+            if budget < self.chunk and (row.fed or len(row.job.prompt_ids) > budget):
+                break  # not begun and not whole: it waits for the next step's chunk
+            fed = row.fed
             joined = self._prefill_next()
             if joined is not None:
                 outs.append(joined)
-        return Pending(tuple(a for o in outs for a in o.arrays()), outs)
+            if self.waiting and self.waiting[0] is row:
+                break  # still prefilling: its chunk was this step's
+            budget -= max(1, row.fed - fed)
+        return outs
 
     def _decode(self) -> list[_Out]:
         """One forward pass over the batch and each row's own sampling (lazy)."""

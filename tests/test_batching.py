@@ -493,3 +493,20 @@ def test_media_the_model_cannot_take_end_that_job_only(scheduler):
     assert (len(got.events[bad]), final.finish_reason, final.prompt_tokens) == (1, "error", 5)
     assert final.error
     assert got.tokens(good) == alone(model, prompt(6, 1), 8)[0]
+
+
+def test_short_prompts_arriving_together_join_in_one_step():
+    """Prompts that fit the step's chunk whole are prefilled in the same step (the batch grows by 3 at once)."""
+    model = tiny("gemma2")
+    s, got = Scheduler(model, prefill_chunk=16), Collector()
+    sizes = []
+    decode = s._policy._decode
+    s._policy._decode = lambda: (sizes.append(len(s._policy.rows)), decode())[1]
+    prompts = [prompt(5, 1), prompt(6, 2), prompt(4, 3), prompt(9, 4)]  # 5 + 6 + 4 fit 16; 9 waits
+    ids = [s.submit(Job(p, 6), got) for p in prompts]
+    s.start()
+    got.wait_done(ids)
+    s.close()
+    assert sizes[:2] == [3, 4]
+    for job, p in zip(ids, prompts):
+        assert got.tokens(job) == alone(model, p, 6)[0]
