@@ -47,6 +47,7 @@ from .arguments import is_integer
 from .cpu_spread import streams as cpu_streams
 from .engine import Pending, default_prefill_step, generation_stream, prefill, run, token_budget
 from .errors import GenerationError, MlxGemmaError
+from .mlx_thread import MlxThread
 from .models.batch_rows import batch_caches_like, merge_rows, take_rows
 from .models.kv_cache import KVCacheOptions
 from .samplers import SamplingSettings, apply_processors, greedy, logsumexp
@@ -343,42 +344,6 @@ class BatchPolicy:
         return sum(c.nbytes for c in [*self.caches, *own])
 
 
-class _MlxThread:
-    """A daemon thread that runs one scheduler's loop at a time, then waits for the next one.
-
-    These threads never end: MLX 0.32 makes streams per thread, and a process whose thread that
-    made streams has ended may abort at exit ("terminate called without an active exception",
-    seen here on the CPU).  So a closed scheduler's thread is kept, parked, for the next scheduler.
-    """
-
-    NAME = "mlx_gemma-batch"
-    _parked: list[_MlxThread] = []
-    _lock = threading.Lock()
-
-    def __init__(self):
-        self.tasks: queue.Queue = queue.Queue()
-        threading.Thread(target=self._work, name=self.NAME, daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            task, done = self.tasks.get()
-            try:
-                task()
-            finally:
-                done.set()  # (a task that raised ends its thread, which is then not parked)
-            with self._lock:
-                self._parked.append(self)
-
-    @classmethod
-    def serve(cls, task: Callable[[], None]) -> threading.Event:
-        """Run `task` on a parked thread (or a new one); the event is set when it returns."""
-        with cls._lock:
-            thread = cls._parked.pop() if cls._parked else None
-        done = threading.Event()
-        (thread or cls()).tasks.put((task, done))
-        return done
-
-
 class Scheduler:
     """Runs submitted jobs in one continuously batched decode loop on its own MLX thread.
 
@@ -431,7 +396,7 @@ class Scheduler:
             if self._closed:
                 raise GenerationError("the scheduler is closed")
             if self._served is None:
-                self._served = _MlxThread.serve(self._serve)
+                self._served = MlxThread.serve(self._serve)
 
     def submit(self, job: Job, on_event: Callable[[Event], None]) -> int:
         """Queue `job`; its events go to `on_event`.  Bad jobs raise GenerationError here."""
@@ -458,7 +423,7 @@ class Scheduler:
         self._inbox.put(("close", None))
         if served is None:  # never started: end the queued jobs here
             self._policy._take_inbox()
-        elif threading.current_thread().name != _MlxThread.NAME:  # (from a callback it cannot wait)
+        elif threading.current_thread().name != MlxThread.NAME:  # (from a callback it cannot wait)
             served.wait()
 
     def _serve(self) -> None:
