@@ -429,15 +429,20 @@ def test_hundred_jobs_leave_no_cache_behind(scheduler):
 
 
 def test_batch_cache_trims_padding_every_row_shares():
-    cache = BatchKVCache(None)
+    cache, rows = BatchKVCache(None), []
     for n in (3, 8):
         single = tiny("gemma2").make_cache()[1]  # a global layer's cache
-        kv = mx.random.normal((1, 2, n, 16))
-        single.update_and_fetch(kv, kv)
+        rows.append(mx.random.normal((1, 2, n, 16)))
+        single.update_and_fetch(rows[-1], rows[-1])
         cache.merge(single)
     assert (cache.used, cache.pad, cache.positions) == (8, [5, 0], [3, 8])
+    assert mx.array_equal(cache.keys[1:, :, :8], rows[1]).item() and not cache.keys[:1, :, :5].any().item()
+    assert mx.array_equal(cache.keys[:1, :, 5:8], rows[0]).item()
+    capacity = cache.keys.shape[2]  # room for the next token without a copy
+    assert capacity > 8
     cache.take([0])  # the long row leaves: its padding-only slots go
-    assert (cache.used, cache.pad, cache.positions, cache.keys.shape[2]) == (3, [0], [3], 3)
+    assert (cache.used, cache.pad, cache.positions, cache.keys.shape[2]) == (3, [0], [3], capacity - 5)
+    assert mx.array_equal(cache.keys[:, :, :3], rows[0]).item()
     cache.take([])
     assert cache.nbytes == 0 and cache.rows == 0
 

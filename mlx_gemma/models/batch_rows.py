@@ -124,9 +124,7 @@ class BatchKVCache:
         if self.recent is not None:  # a window never looks further back than the recent tokens kept
             drop = max(drop, self.used - self.recent)
         kept = self.used - drop
-        capacity = -(-(kept + T) // self.step) * self.step
-        if self.recent is not None:
-            capacity = min(capacity, self.recent + max(T, self.step))
+        capacity = self._capacity(kept, T)
         grown = []
         for old in (self.keys, self.values):
             B, H, _, D = old.shape
@@ -136,6 +134,11 @@ class BatchKVCache:
         self.keys, self.values = grown
         self.used = kept
         self.pad = [max(0, p - drop) for p in self.pad]
+
+    def _capacity(self, kept: int, T: int) -> int:
+        """Slots for `kept` tokens and T more, rounded up to `step` (a window's: at most T or `step` past it)."""
+        capacity = -(-(kept + T) // self.step) * self.step
+        return capacity if self.recent is None else min(capacity, self.recent + max(T, self.step))
 
     def take(self, rows: list[int]) -> None:
         """Keep rows `rows` (in that order) and trim the slots all of them leave empty."""
@@ -177,11 +180,10 @@ class BatchKVCache:
         if self.keys is None:
             self.keys, self.values, self.used, self.pad = keys, values, n, [0]
         else:
-            width = max(self.used, n)
-            self.keys = mx.concatenate([_left_pad(self.keys[..., : self.used, :], width),
-                                        _left_pad(keys, width)], axis=0)
-            self.values = mx.concatenate([_left_pad(self.values[..., : self.used, :], width),
-                                          _left_pad(values, width)], axis=0)
+            width = max(self.used, n)  # rows right-aligned at slot `width`; room for the next token
+            capacity = self._capacity(width, 1)
+            self.keys = _stacked(self.keys[..., : self.used, :], keys, width, capacity)
+            self.values = _stacked(self.values[..., : self.used, :], values, width, capacity)
             self.pad = [p + width - self.used for p in self.pad] + [width - n]
             self.used = width
         self.positions = self.positions + [single.offset]
@@ -205,10 +207,14 @@ class BatchKVCache:
         return sum(a.nbytes for a in self.state)
 
 
-def _left_pad(x: mx.array, width: int) -> mx.array:
-    """x [B, H, n, D] with width - n empty slots in front."""
-    missing = width - x.shape[2]
-    return x if missing == 0 else mx.pad(x, [(0, 0), (0, 0), (missing, 0), (0, 0)])
+def _stacked(rows: mx.array, row: mx.array, width: int, capacity: int) -> mx.array:
+    """`rows` [B, H, u, D] and one more `row` [1, H, n, D], each ending at slot `width`, in a buffer
+    of `capacity` slots (empty slots zero)."""
+    B, H, u, D = rows.shape
+    buffer = mx.zeros((B + 1, H, capacity, D), rows.dtype)
+    buffer[:B, :, width - u : width, :] = rows
+    buffer[B:, :, width - row.shape[2] : width, :] = row
+    return buffer
 
 
 def batch_caches_like(caches: list) -> list:
