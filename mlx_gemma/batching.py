@@ -11,9 +11,11 @@ one).  All model work runs on the scheduler's own thread, inside the engine's on
    row's own logits processors (its history: its prompt and its tokens) and its own sampler
    (its own seed), so a row's tokens are what it would get alone;
 3. prefills one chunk (`prefill_chunk` positions) of the oldest waiting prompt into caches of
-   its own, so a long prompt never freezes the other streams; when its last chunk is in, its
-   first token is sampled and its caches join the batch as a new row (models/batch_rows.py:
-   rows of different lengths, windows that have wrapped, Gemma 4's shared KV layers).
+   its own, so a long prompt never freezes the other streams (then whole waiting prompts that
+   fit what is left of the chunk; with no row decoding, the whole prompt); when its last chunk
+   is in, its first token is sampled and its caches join the batch as a new row
+   (models/batch_rows.py: rows of different lengths, each at its own RoPE positions, windows
+   that have wrapped, max_kv_size's attention sinks, Gemma 4's shared KV layers).
 
 The loop is pipelined throughout: taking and merging rows are lazy array operations, so step
 n + 1 can be queued before the host reads step n.  A row that finishes at step n is still
