@@ -142,14 +142,15 @@ class BatchPolicy:
     # ----- events ---------------------------------------------------------------------------
 
     def emit(self, row: _Row, event: Event) -> None:
-        if event.finish_reason is not None:
+        if event.finish_reason is not None:  # counted out first: whoever sees the last event sees it gone
             row.done = True
+            self.finished()
         try:
             row.on_event(event)
         except Exception:  # a broken callback ends its own job, never the loop
-            row.done = True
-        if row.done:
-            self.finished()
+            if not row.done:
+                row.done = True
+                self.finished()
 
     def end(self, row: _Row, reason: str, error: str | None = None) -> None:
         """The final event of a job that ends without a token."""
