@@ -340,8 +340,8 @@ def test_an_exception_in_the_loop_fails_current_jobs_and_the_thread_serves_on(sc
     policy, decode, calls = s._policy, s._policy._decode, []
 
     def broken():
-        calls.append(1)
-        if len(calls) == 3:
+        if len(policy.rows) == 2 and not calls:  # once, with both jobs in the batch
+            calls.append(1)
             raise RuntimeError("device lost")
         return decode()
 
