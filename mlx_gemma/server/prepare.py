@@ -1,7 +1,9 @@
 """A validated request turned into the scheduler's jobs: the prompt's ids, sampling, stops, budget.
 
 Chat messages are rendered with the model's own chat format (`GemmaTokenizer.apply_chat_template`:
-Gemma 1-3's turns or Gemma 4's, message text encoded as plain text so a user cannot forge a turn);
+Gemma 1-3's turns or Gemma 4's, message text encoded as plain text so a user cannot forge a turn;
+with tools, earlier calls or tool results, by `tool_calls.render_chat` in the model's own
+function-calling format, see tools.py);
 completion prompts are encoded with <bos>, or taken as token ids.  Everything a user can get wrong
 that pydantic cannot see (roles out of order, a token id past the vocabulary, a prompt past the
 context, a feature this server does not have yet) becomes an `ApiError` 400 here, before any job
@@ -11,17 +13,19 @@ is submitted.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..batching import Job
 from ..errors import MlxGemmaError
 from ..prompts import prompt_ids
 from ..samplers import SamplingSettings
+from ..tool_calls import ToolCallFormat, render_chat
 from .api_errors import ApiError
 from .media import NOT_YET, MediaParts, media_prompt
 from .schemas import ChatRequest, CompletionRequest, Message
 from .served import Defaults, ServedModel
+from .tools import ForcedPrefix, ToolPlan, plan_tools, uses_tools
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Prepared:
     stop_strings: tuple  # strings that end a choice, never sent
     logprobs: bool  # whether choices carry logprobs
     top_logprobs: int  # alternatives per token
+    thinking: bool = False  # Gemma 4's thinking was on: thoughts are split out of the reply
+    tool_format: ToolCallFormat | None = None  # the format replies are parsed in for tool calls; None: not parsed
 
 
 def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
@@ -41,27 +47,45 @@ def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
     """The jobs of a chat request; image and audio parts are read under `media_dir` rules (media.py)."""
     _refuse_chat_features(request)
     thinking = request.chat_template_kwargs.enable_thinking if request.chat_template_kwargs else False
+    tools = plan_tools(served.tokenizer, request, served.name) if uses_tools(request) else None
     with tempfile.TemporaryDirectory(prefix="mlx_gemma-request-") as folder:
         media = MediaParts(Path(folder), media_dir)
         messages = [_message_dict(m, i, media) for i, m in enumerate(request.messages)]
+        if (media.images or media.clips) and tools is not None:
+            raise ApiError(400, f"tools beside image or audio parts are {NOT_YET}", "tools", "unsupported_parameter")
         if media.images or media.clips:
             ids, inputs = media_prompt(served, messages, media, thinking, Path(folder))
         else:
-            ids, inputs = _text_prompt(served, messages, thinking), None
+            ids, inputs = _text_prompt(served, messages, thinking, request if tools else None), None
     stop_ids = frozenset(served.tokenizer.eos_token_ids)
     if served.tokenizer.end_of_turn_id is not None:  # a reply ends with its turn, as ChatSession stops
         stop_ids |= {served.tokenizer.end_of_turn_id}
+    if tools is not None:
+        stop_ids |= tools.stop_ids
     limit = request.max_completion_tokens or request.max_tokens
     top = (request.top_logprobs or 0) if request.logprobs else 0
-    return _jobs(served, request, defaults, [ids], limit, stop_ids, request.logprobs, top, inputs)
+    prepared = _jobs(served, request, defaults, [ids], limit, stop_ids, request.logprobs, top, inputs,
+                     _forcing(tools))
+    return replace(prepared, thinking=thinking, tool_format=tools.fmt if tools and tools.parse else None)
 
 
-def _text_prompt(served: ServedModel, messages: list[dict], thinking: bool) -> list[int]:
+def _text_prompt(served: ServedModel, messages: list[dict], thinking: bool, tools: ChatRequest | None) -> list[int]:
+    """The prompt's ids: with the request's tools (`tools`: the request, when it uses them) by render_chat."""
     try:
+        if tools is not None:
+            return render_chat(served.tokenizer, messages, tools.tools, tools.tool_choice,
+                               add_generation_prompt=True, tokenize=True, enable_thinking=thinking)
         return served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     enable_thinking=thinking)
     except MlxGemmaError as e:
         raise ApiError(400, str(e), "messages", "invalid_messages") from None
+
+
+def _forcing(tools: ToolPlan | None):
+    """The per-job processors for a reply forced to begin with the tool-call opening; None if free."""
+    if tools is None or not tools.prefix:
+        return None
+    return lambda prompt_length: (ForcedPrefix(tools.prefix, prompt_length),)
 
 
 def prepare_completion(served: ServedModel, request: CompletionRequest, defaults: Defaults) -> Prepared:
@@ -86,8 +110,9 @@ def prepare_completion(served: ServedModel, request: CompletionRequest, defaults
 
 
 def _jobs(served, request, defaults: Defaults, rows: list[list[int]], limit, stop_ids, logprobs: bool,
-          top: int, media: dict | None = None) -> Prepared:
-    """One Job per (prompt, choice), prompt-major as OpenAI numbers choices."""
+          top: int, media: dict | None = None, processors=None) -> Prepared:
+    """One Job per (prompt, choice), prompt-major as OpenAI numbers choices; `processors(prompt length)`
+    makes each job's own logits processors (stateful ones: each job its own)."""
     limit = limit or defaults.max_tokens
     stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     bias = _logit_bias(request.logit_bias, served.model.args.vocab_size)
@@ -102,7 +127,8 @@ def _jobs(served, request, defaults: Defaults, rows: list[list[int]], limit, sto
         for c in range(request.n):
             seed = None if request.seed is None else (request.seed + c) % 2 ** 63  # n different draws
             jobs.append(Job(prompt_ids=list(ids), max_tokens=budget, sampling=_sampling(request, defaults, seed, bias),
-                            stop_ids=stop_ids, top_logprobs=top, media=media))
+                            stop_ids=stop_ids, top_logprobs=top, media=media,
+                            processors=processors(len(ids)) if processors else ()))
     return Prepared(jobs, sum(len(r) for r in rows), stop_ids, stops, logprobs, top)
 
 
@@ -133,7 +159,7 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
 
 
 def _refuse_chat_features(request: ChatRequest) -> None:
-    for name in ("tools", "tool_choice", "functions", "function_call", "audio", "reasoning_effort"):
+    for name in ("functions", "function_call", "audio", "reasoning_effort"):
         if getattr(request, name) not in (None, []):
             raise ApiError(400, f"{name} is {NOT_YET}", name, "unsupported_parameter")
     if request.response_format is not None and request.response_format != {"type": "text"}:
@@ -146,15 +172,26 @@ def _refuse_chat_features(request: ChatRequest) -> None:
 def _message_dict(m: Message, i: int, media: MediaParts) -> dict:
     """A message as the chat template takes it: role and text (a string or parts; media as media.py reads them)."""
     where = f"messages.{i}"
-    if m.role in ("tool", "function") or m.tool_calls or m.function_call is not None or m.tool_call_id:
-        raise ApiError(400, f"{where}: tool messages and tool calls are {NOT_YET}", where, "unsupported_content")
-    if m.content is None:
+    if m.role == "function" or m.function_call is not None:
+        raise ApiError(400, f"{where}: the legacy function-call messages are {NOT_YET}: use tools", where,
+                       "unsupported_content")
+    if m.tool_calls is not None and m.role != "assistant":
+        raise ApiError(400, f"{where}.tool_calls: only an assistant message has tool calls", f"{where}.tool_calls",
+                       "invalid_value")
+    if m.tool_call_id is not None and m.role != "tool":
+        raise ApiError(400, f"{where}.tool_call_id: only a tool message answers a call", f"{where}.tool_call_id",
+                       "invalid_value")
+    if m.content is None and not m.tool_calls:
         raise ApiError(400, f"{where}.content: a message needs content", f"{where}.content", "invalid_value")
     content = m.content
     if isinstance(content, list):
         content = [{"type": "text", "text": p.text} if p.type == "text" else media.part(p, f"{where}.content.{j}")
                    for j, p in enumerate(content)]
     out = {"role": "system" if m.role == "developer" else m.role, "content": content}  # OpenAI's new name
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls  # checked where they are rendered (tool_formats/checks.py)
+    if m.role == "tool":  # the call it answers: by id, or by the function's name
+        out.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", m.name)) if v is not None})
     if m.reasoning_content is not None:
         out["reasoning_content"] = m.reasoning_content  # Gemma 4 keeps the last turn's thoughts
     return out

@@ -33,8 +33,8 @@ class Envelope:
     def _full_choice(self, index: int, choice: Choice) -> dict:
         logprobs = self.logprobs(choice.logprobs, 0) if choice.wants_logprobs else None
         if self.kind == CHAT:
-            return {"index": index, "message": {"role": "assistant", "content": choice.text, "refusal": None},
-                    "logprobs": logprobs, "finish_reason": choice.finish_reason}
+            return {"index": index, "message": _message(choice), "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason}
         return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
     # ----- stream chunks ------------------------------------------------------------------
@@ -43,7 +43,13 @@ class Envelope:
         """The chunk for one event of one choice; `offset` is the choice's text length before it."""
         logprobs = self.logprobs(delta.logprobs, offset) if choice.wants_logprobs else None
         if self.kind == CHAT:
-            body = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
+            body = {"role": "assistant"} if first else {}
+            if delta.reasoning:
+                body["reasoning_content"] = delta.reasoning
+            if delta.tool_calls:  # each call whole, in one chunk (OpenAI streams its arguments in pieces)
+                body["tool_calls"] = delta.tool_calls
+            if delta.text or not (delta.reasoning or delta.tool_calls):
+                body["content"] = delta.text
             entry = {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": choice.finish_reason}
             name = "chat.completion.chunk"
         else:
@@ -80,6 +86,19 @@ class Envelope:
             t_text, t_raw = token_text(self.tokenizer, t)
             top.append({"token": t_text, "logprob": lp, "bytes": t_raw})
         return {"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top}
+
+
+def _message(choice: Choice) -> dict:
+    """A whole chat reply as OpenAI's assistant message: content null when the reply is only calls;
+    `reasoning_content` (vLLM's name) when the request turned thinking on."""
+    content = choice.text
+    out = {"role": "assistant", "content": None if choice.tool_calls and not content.strip() else content,
+           "refusal": None}
+    if choice.thinking:
+        out["reasoning_content"] = choice.reasoning or None
+    if choice.tool_calls:  # a whole message's calls carry no stream index
+        out["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in choice.tool_calls]
+    return out
 
 
 def usage(prompt_tokens: int, choices: list[Choice]) -> dict:

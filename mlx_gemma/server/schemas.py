@@ -4,8 +4,10 @@ Each model mirrors an OpenAI request object field for field, with OpenAI's range
 strict (no "0.5" for a number, no 1 for a boolean) and unknown fields are refused, as OpenAI's own
 API refuses them ("Unrecognized request argument").  A few OpenAI fields that change nothing a
 local server does (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`) are accepted
-and ignored; fields naming a feature this server does not have yet (tools, response_format other
-than text, audio output) are accepted here and refused by `prepare.py` with a clear message.
+and ignored; fields naming a feature this server does not have yet (response_format other than
+text, audio output, the legacy `functions`) are accepted here and refused by `prepare.py` with a
+clear message.  Tools, tool calls and tool results are shaped by OpenAI's spec and checked where
+they are rendered (mlx_gemma/tool_formats/checks.py), each error naming its field.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ ContentPart = Annotated[Union[TextPart, ImageUrlPart, InputAudioPart, FilePart],
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[StrictStr, list[ContentPart], None] = None
-    name: StrictStr | None = None  # OpenAI's participant name: accepted, not rendered
-    # Tool use arrives with issue 21's tool-call session; refused in prepare.py until then.
+    name: StrictStr | None = None  # a tool message: the function answered; otherwise accepted, not rendered
+    # An assistant's earlier calls and a tool message's answer (checked in tool_formats/checks.py).
     tool_calls: list[Any] | None = None
     tool_call_id: StrictStr | None = None
     function_call: Any = None
@@ -128,9 +130,9 @@ class ChatRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     parallel_tool_calls: bool | None = None  # meaningful only with tools: ignored
+    tools: list[Any] | None = None  # OpenAI function tools (server/tools.py)
+    tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name"}}
     # Refused with a clear message in prepare.py until their sessions land.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
