@@ -27,7 +27,7 @@ from .embedding_folder import (
     mlx_embeddings_settings,
 )
 from .json_input import all_finite, expect, field, json_type, read_json
-from .models import ENCODERS, MODELS, TEXT_PART_OF, supported_model_types
+from .models import DRAFTERS, ENCODERS, MODELS, TEXT_PART_OF, supported_model_types
 from .models.gemma4 import readable_quantization
 from .model_folder import load_weights_from_folder
 from .tokenizer import GemmaTokenizer, check_vocab_fits
@@ -106,7 +106,7 @@ def text_config(config: dict[str, Any], path=None) -> dict[str, Any]:
         if not isinstance(nested, dict):
             raise ConfigError(path, f"a {model_type!r} config needs a text_config object")
         return {**nested, "model_type": TEXT_PART_OF[model_type]}
-    if model_type not in MODELS:
+    if model_type not in MODELS and model_type not in DRAFTERS:
         raise UnsupportedModelError(
             path, f"model_type {model_type!r:.80} is not supported; supported: {', '.join(supported_model_types())}"
         )
@@ -116,13 +116,16 @@ def text_config(config: dict[str, Any], path=None) -> dict[str, Any]:
 def model_args(config: dict[str, Any], path=None):
     """The model's settings for a config dict, every value checked (ConfigError naming `path`)."""
     config = text_config(config, path)
-    return MODELS[config["model_type"]].ModelArgs.from_dict(config, path)
+    return _BUILDERS[config["model_type"]].ModelArgs.from_dict(config, path)
 
 
 def build_model(config: dict[str, Any], path=None) -> nn.Module:
     """An un-loaded model (random weights) for a config dict, prepared for the device."""
     args = model_args(config, path)
-    return prepare_for_device(MODELS[args.model_type].Model(args))
+    return prepare_for_device(_BUILDERS[args.model_type].Model(args))
+
+
+_BUILDERS = {**MODELS, **DRAFTERS}  # a drafter (models.DRAFTERS) loads and converts as a model does
 
 
 def quantize_like(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array], path=None) -> None:
@@ -278,6 +281,9 @@ def load_model(
     return model
 
 
+_TOKENIZER_FILES = ("tokenizer.model", "assets/tokenizer/vocabulary.spm", "tokenizer.json")
+
+
 def load(
     path_or_repo: str | os.PathLike,
     *,
@@ -285,9 +291,12 @@ def load(
     lazy: bool = False,
     revision: str | None = None,
 ):
-    """(model, tokenizer) for a folder or a hub repo id (`mlx_gemma.load` also takes None and adapters)."""
+    """(model, tokenizer) for a folder or a hub repo id (`mlx_gemma.load` also takes None and adapters);
+    (drafter, None) for a drafter folder without a tokenizer."""
     folder = resolve_model_path(path_or_repo, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy)
+    if model.model_type in DRAFTERS and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return model, None  # a drafter speaks its target's tokenizer; its folder need not hold one
     tokenizer = GemmaTokenizer.from_folder(folder)
     check_vocab_fits(tokenizer, model.args.vocab_size, tokenizer.path or folder)
     return model, tokenizer

@@ -5,10 +5,10 @@ An explicit table, never a name taken from a checkpoint and imported: a
 `GemmaModel` (base.py): the one list of what the rest of the package may use.
 """
 
-from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, gemma4, gemma4_mm, paligemma, shieldgemma2
+from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, gemma4, gemma4_assistant, gemma4_mm, paligemma, shieldgemma2
 from .base import AudioInput, Block, GemmaArgs, GemmaModel, ImageInput
 
-__all__ = ["ENCODERS", "MODELS", "TEXT_PART_OF", "AudioInput", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
+__all__ = ["DRAFTERS", "ENCODERS", "MODELS", "TEXT_PART_OF", "AudioInput", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
 
 # model_type -> module with `ModelArgs.from_dict` and `Model`.
 MODELS = {
@@ -31,6 +31,10 @@ TEXT_PART_OF = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 # contract (`Model(ids, padding_mask) -> embeddings`), not `GemmaModel`.
 ENCODERS = {"gemma3_text": embedding_gemma}
 
+# Draft models: not causal LMs on their own (no cache, no token input), so not `GemmaModel`s.  Each
+# keeps its own contract (its module docstring) and loads and converts like a registered model.
+DRAFTERS = {"gemma4_assistant": gemma4_assistant}  # Gemma 4's assistant: reads its target's states
+
 
 def supported_model_types() -> list[str]:
-    return sorted({*MODELS, *TEXT_PART_OF})
+    return sorted({*MODELS, *TEXT_PART_OF, *DRAFTERS})
