@@ -172,6 +172,19 @@ def test_logit_cap_is_the_targets_softcap(drafter, target, ref):
     assert int(mx.argmax(raw)) == int(mx.argmax(capped))
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_precision_drafts_stay_in_their_dtype(target, ref, dtype):
+    """Loaded in bf16 / fp16 (target too), a step computes in that dtype, near the fp32 reference
+    (bf16 keeps 8 significant bits: a few parts in a thousand per rounding, a tiny stack of them)."""
+    model, half_target = load_model(FOLDER, dtype=dtype), load_model(FIXTURES / "tiny_gemma4_e2b", dtype=dtype)
+    kv = {kind: (k.astype(dtype), v.astype(dtype)) for kind, (k, v) in recorded_kv(ref, "short").items()}
+    ids = ref["short_ids"]
+    logits, state = model(half_target.model.embed(mx.array(ids[:, -1:])), mx.array(ref["short_hidden"]).astype(dtype),
+                          kv, ids.shape[1] - 1)
+    assert logits.dtype == dtype and state.dtype == dtype
+    assert rel_err(logits.astype(mx.float32)[:, 0], ref["short_logits"][:, 0]) < 3e-2
+
+
 def test_load_registers_the_drafter_without_a_tokenizer(ref):
     model, tokenizer = mlx_gemma.load(FOLDER)
     assert tokenizer is None  # the folder has none: a drafter's ids are its target's
@@ -240,6 +253,7 @@ def test_bad_text_config_is_a_config_error(change, words):
     ({"centroid_intermediate_top_k": 17}, "centroid_intermediate_top_k"),
     ({"backbone_hidden_size": 0}, "backbone_hidden_size"),
     ({"text_config": None}, "text_config object"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings false"),
 ])
 def test_bad_drafter_config_is_a_config_error(change, words):
     config = {**json.loads((FOLDER / "config.json").read_text()), **change}

@@ -97,6 +97,8 @@ class ModelArgs:
                                     f"got {self.backbone_hidden_size!r:.40}")
         if not self.use_ordered_embeddings:
             return
+        if not self.tie_word_embeddings:  # our masked head gathers the embedding's rows (float or quantized)
+            raise ConfigError(path, f"{where}use_ordered_embeddings with tie_word_embeddings false is not supported")
         c, k = self.num_centroids, self.centroid_intermediate_top_k
         if not is_integer(c) or not 0 < c <= self.vocab_size or self.vocab_size % c:
             raise ConfigError(path, f"{where}num_centroids must divide vocab_size ({self.vocab_size}), got {c!r:.40}")
@@ -251,9 +253,7 @@ class Model(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         """Logits [B, T, vocab] for the drafter's normed hidden states (no soft-cap: transformers has none)."""
         table = self.model.embed_tokens
-        if self.args.use_ordered_embeddings:
-            if not self.args.tie_word_embeddings:  # the rows the masked head gathers are the head's own
-                raise GenerationError("the centroid-masked head needs tie_word_embeddings (its rows are the embedding)")
+        if self.args.use_ordered_embeddings:  # tied (ModelArgs.check): the rows it gathers are the head's
             return self.masked_embedding(h, table, self.args.vocab_size)
         return table.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
 
