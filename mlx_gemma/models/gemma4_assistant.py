@@ -198,14 +198,14 @@ class DrafterStack(nn.Module):
         self.norm = gemma4.RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def __call__(self, h: mx.array, kv: dict, position: int, padding_mask: mx.array | None) -> mx.array:
-        masks = {kind: _mask(kind, kv[kind][0].shape[2], layer.window, padding_mask)
+        masks = {kind: _mask(kv[kind][0].shape[2], layer.window, padding_mask)
                  for kind, layer in zip(self.args.layer_types, self.layers)}
         for kind, layer in zip(self.args.layer_types, self.layers):
             h, _ = layer(h, masks[kind], None, position, None, kv[kind])
         return self.norm(h)
 
 
-def _mask(kind: str, length: int, window: int | None, padding_mask: mx.array | None) -> mx.array | None:
+def _mask(length: int, window: int | None, padding_mask: mx.array | None) -> mx.array | None:
     """bool [B|1, 1, 1, S] for a query at the last of `length` key positions: the real ones, and on a
     sliding layer only the last `window` (keras-hub's Gemma4 sliding mask at `cache_update_index`)."""
     valid = None
