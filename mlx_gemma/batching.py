@@ -17,6 +17,11 @@ one).  All model work runs on the scheduler's own thread, inside the engine's on
    (models/batch_rows.py: rows of different lengths, each at its own RoPE positions, windows
    that have wrapped, max_kv_size's attention sinks, Gemma 4's shared KV layers).
 
+With the prefix cache on (`prefix_cache_bytes`, mlx_gemma/prefix_cache.py), a prompt starts
+from a copy of the cached caches sharing its longest prefix and prefills only the rest
+(`Event.cached_tokens`); a prompt's caches are stored once it is prefilled, and a row's (prompt +
+tokens) as it leaves.  Prompts are then prefilled into rings with slack, which can go back.
+
 The loop is pipelined throughout: taking and merging rows are lazy array operations, so step
 n + 1 can be queued before the host reads step n.  A row that finishes at step n is still
 computed at step n + 1 (its output ignored) and leaves at step n + 2.  When nothing runs and
@@ -38,52 +43,22 @@ import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .arguments import is_integer
 from .cpu_spread import streams as cpu_streams
-from .engine import Pending, default_prefill_step, generation_stream, prefill, run, token_budget
+from .engine import Pending, default_prefill_step, generation_stream, prefill, run
 from .errors import GenerationError, MlxGemmaError
 from .mlx_thread import MlxThread
-from .models.batch_rows import batch_caches_like, merge_rows, take_rows
+from .jobs import MAX_TOP_LOGPROBS, Event, Job, check_job  # noqa: F401 (re-exported)
+from .models.batch_rows import batch_caches_like, merge_rows, row_caches, take_rows, with_slack
 from .models.kv_cache import KVCacheOptions
-from .samplers import SamplingSettings, apply_processors, greedy, logsumexp
-
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
-
-
-@dataclass(frozen=True)
-class Job:
-    """One generation request."""
-
-    prompt_ids: list[int]  # the whole prompt, <bos> included
-    max_tokens: int  # tokens to generate at most (fewer at the context length)
-    sampling: SamplingSettings = SamplingSettings()  # per request: temp/top_k/top_p/min_p/seed/penalties/logit_bias
-    stop_ids: frozenset[int] = frozenset()  # ids that end the row (the tokenizer's eos ids + the caller's)
-    top_logprobs: int = 0  # how many alternatives to report per token (0..20)
-    media: Any = field(default=None, hash=False)  # engine.prefill's **inputs for the prompt; None for text
-    # This job's own logits processors, run after the sampling ones (stateful ones, e.g. a grammar:
-    # one instance per job); each is called with the row's history [1, n] and logits [1, V].
-    processors: tuple = field(default=(), hash=False)
-
-
-@dataclass(frozen=True)
-class Event:
-    """What one step gave one job; the last event of a job has a finish_reason."""
-
-    job_id: int
-    token: int | None  # None on the final event of a cancelled/failed job
-    logprob: float | None  # the token's log-probability after processors, before temperature/top-p (OpenAI's)
-    top_logprobs: list[tuple[int, float]]  # the job's top_logprobs alternatives, best first
-    finish_reason: str | None  # None while running; "stop" (a stop id, emitted), "length", "cancelled", "error"
-    error: str | None = None  # a message safe to show a client when finish_reason == "error"
-    prompt_tokens: int = 0  # on the first event: the prompt's length
-    cached_tokens: int = 0  # on the first event: prompt tokens reused (0 until the prefix cache exists)
+from .prefix_cache import DEFAULT_BYTES, SLACK, PrefixCache
+from .samplers import apply_processors, greedy, logsumexp
 
 
 class _Row:
@@ -94,7 +69,10 @@ class _Row:
         self.sampler = self.processors = self.prompt = self.history = None  # made on the MLX thread
         self.caches: list | None = None  # its own caches while its prompt is prefilled
         self.fed = 0  # prompt positions prefilled
+        self.cached = 0  # prompt positions taken from the prefix cache
         self.produced = 0  # tokens emitted
+        self.tokens: list[int] = []  # tokens emitted (the prefix cache stores prompt + these)
+        self.finish: str | None = None  # the final event's finish_reason
         self.last: mx.array | None = None  # its latest token [1] (lazy), fed at the next step
         self.done = False  # finished, failed or cancelled: no more events
 
@@ -130,8 +108,9 @@ class BatchPolicy:
     pipelined = True  # a step never needs the host's values of the step before
 
     def __init__(self, model, inbox: queue.Queue, chunk: int, kv_options: KVCacheOptions, finished,
-                 max_batch: int = 8):
+                 max_batch: int = 8, prefix: PrefixCache | None = None):
         self.model, self.inbox, self.chunk, self.kv_options = model, inbox, chunk, kv_options
+        self.prefix = prefix  # earlier prompts' caches (None: off)
         self.max_batch = max_batch  # rows decoding at once; a prompt waits for room before its prefill
         self.finished = finished  # called once per job when its final event is out
         self.rows: list[_Row] = []  # the batch, in cache row order
@@ -143,7 +122,7 @@ class BatchPolicy:
 
     def emit(self, row: _Row, event: Event) -> None:
         if event.finish_reason is not None:  # counted out first: whoever sees the last event sees it gone
-            row.done = True
+            row.done, row.finish = True, event.finish_reason
             self.finished()
         try:
             row.on_event(event)
@@ -191,9 +170,24 @@ class BatchPolicy:
 
     def _drop_done(self) -> None:
         keep = [b for b, r in enumerate(self.rows) if not r.done]
+        for b, row in enumerate(self.rows):
+            if row.done and self.prefix is not None and row.finish in ("stop", "length", "cancelled"):
+                self._store_row(b, row)
         if len(keep) < len(self.rows):
             take_rows(self.caches, keep)
             self.rows = [self.rows[b] for b in keep]
+
+    def _fresh_caches(self) -> list:
+        caches = self.model.make_cache(None, self.kv_options)
+        return caches if self.prefix is None else with_slack(caches, SLACK)
+
+    def _store_row(self, b: int, row: _Row) -> None:
+        """Store a leaving row's prompt + tokens (as many as its caches hold) in the prefix cache."""
+        held = next(c.positions[b] for c in self.caches if hasattr(c, "positions"))
+        tokens = [*row.job.prompt_ids, *row.tokens]
+        caches = row_caches(self.caches, b, self._fresh_caches()) if held <= len(tokens) else None
+        if caches is not None:
+            self.prefix.store(tokens[:held], caches)
 
     # ----- one step -------------------------------------------------------------------------
 
@@ -210,7 +204,8 @@ class BatchPolicy:
         outs = self._decode() if self.rows and not self.closing else []
         if not self.closing:
             outs += self._prefill_some()
-        return Pending(tuple(a for o in outs for a in o.arrays()), outs)
+        settle = self.prefix.settle() if self.prefix is not None else []  # new entries, computed with the step
+        return Pending(tuple(a for o in outs for a in o.arrays()) + tuple(settle), outs)
 
     def _prefill_some(self) -> list[_Out]:
         """A chunk of the oldest waiting prompt, then whole prompts while the step's `chunk` positions last.
@@ -287,6 +282,8 @@ class BatchPolicy:
         if hidden is None:
             return None
         self.waiting.popleft()
+        if self.prefix is not None:  # the prompt alone, before any decoding (a next chat turn starts with it)
+            self.prefix.store(row.job.prompt_ids, row.caches)
         logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)  # [1, V]
         out = self._sample(row, logits, None)
         if out is None:
@@ -301,12 +298,16 @@ class BatchPolicy:
         """Feed the next chunk of the row's prompt; its last hidden states when the prompt is in."""
         if row.caches is None:
             row.begin()
-            row.caches = self.model.make_cache(None, self.kv_options)
+            if self.prefix is not None:  # a prefix stops before the first media block: every item is fed
+                row.cached, row.caches = self.prefix.lookup(row.job.prompt_ids)
+                row.fed = row.cached
+            if row.caches is None:
+                row.caches = self._fresh_caches()
         L = row.prompt.shape[1]
         media = dict(row.job.media or {})
         if media:  # media go whole: the engine's prefill keeps image blocks in one chunk, audio in one call
             step = L if self.model.image_input is None else self.chunk
-            hidden, row.fed = prefill(self.model, row.prompt, row.caches, step, **media), L
+            hidden, row.fed = prefill(self.model, row.prompt[:, row.fed :], row.caches, step, **media), L
         else:  # a chunk per step between decoding steps; the rest at once (in chunks) when none run
             decoding = any(not r.done for r in self.rows)
             end = min(L, row.fed + self.chunk) if decoding else L
@@ -321,7 +322,7 @@ class BatchPolicy:
     def read(self, step: Pending, n: int) -> int:
         """Emit the step's events; the number of rows it held."""
         outs: list[_Out] = step.rest
-        if outs:
+        if step.queue:
             mx.eval(*step.queue)
         for out in outs:
             row = out.row
@@ -333,12 +334,15 @@ class BatchPolicy:
                                        "logits processor are at fault)")
                 continue
             row.produced += 1
+            row.tokens.append(token)
             finish = "stop" if token in row.job.stop_ids else ("length" if row.produced >= row.budget else None)
             top = []
             if out.top is not None:
                 top = sorted(zip(out.top[0].tolist(), out.top[1].tolist()), key=lambda t: -t[1])
-            first = len(row.job.prompt_ids) if row.produced == 1 else 0
-            self.emit(row, Event(row.id, token, out.logprob.item(), top, finish, prompt_tokens=first))
+            first = row.produced == 1
+            self.emit(row, Event(row.id, token, out.logprob.item(), top, finish,
+                                 prompt_tokens=len(row.job.prompt_ids) if first else 0,
+                                 cached_tokens=row.cached if first else 0))
         return len(outs)
 
     @property
@@ -355,7 +359,7 @@ class Scheduler:
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int | None = None,
-                 kv_options: KVCacheOptions | None = None):
+                 kv_options: KVCacheOptions | None = None, prefix_cache_bytes: int = DEFAULT_BYTES):
         if getattr(model, "prefix_lm", False):
             raise GenerationError("a prefix-LM model (PaliGemma) attends its prompt both ways and is not "
                                   "batched yet: generate with mlx_gemma.generate instead")
@@ -363,6 +367,8 @@ class Scheduler:
             raise GenerationError(f"max_batch must be an integer >= 1, got {max_batch!r:.80}")
         if prefill_chunk is not None and (not is_integer(prefill_chunk) or prefill_chunk < 1):
             raise GenerationError(f"prefill_chunk must be an integer >= 1 (or None), got {prefill_chunk!r:.80}")
+        if not is_integer(prefix_cache_bytes) or prefix_cache_bytes < 0:
+            raise GenerationError(f"prefix_cache_bytes must be an integer >= 0 (0: off), got {prefix_cache_bytes!r:.80}")
         self.model, self.max_batch = model, int(max_batch)
         self.kv_options = KVCacheOptions.of(kv_options)
         batch_caches_like(model.make_cache(None, self.kv_options))  # refuses what cannot be batched, now
@@ -375,8 +381,10 @@ class Scheduler:
         self._active = 0
         self._closed = False
         self._served: threading.Event | None = None  # set when the serving loop has ended
+        media_ids = frozenset(spec.token_id for spec in (model.image_input, model.audio_input) if spec is not None)
+        self._prefix = PrefixCache(int(prefix_cache_bytes), media_ids) if prefix_cache_bytes else None
         self._policy = BatchPolicy(model, self._inbox, int(prefill_chunk or default_prefill_step(model)),
-                                   self.kv_options, self._finished, self.max_batch)
+                                   self.kv_options, self._finished, self.max_batch, self._prefix)
 
     @property
     def active(self) -> int:
@@ -388,6 +396,11 @@ class Scheduler:
     def cache_bytes(self) -> int:
         """Bytes the batch's KV caches and the prompts being prefilled hold now."""
         return self._policy.cache_bytes
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes the prefix cache's entries hold now (bounded by `prefix_cache_bytes`)."""
+        return 0 if self._prefix is None else self._prefix.nbytes
 
     def _finished(self) -> None:
         with self._lock:
@@ -403,7 +416,7 @@ class Scheduler:
 
     def submit(self, job: Job, on_event: Callable[[Event], None]) -> int:
         """Queue `job`; its events go to `on_event`.  Bad jobs raise GenerationError here."""
-        budget = self._check(job, on_event)
+        budget = check_job(self.model, job, on_event)
         if job.media:  # lazy arrays made on this thread cannot be run from the MLX thread (see __init__)
             mx.eval([v for _, v in tree_flatten(dict(job.media)) if isinstance(v, mx.array)])
         with self._lock:
@@ -442,35 +455,3 @@ class Scheduler:
         # when a finished thread's streams still hold work (cpu_spread's helpers included).
         for stream in (generation_stream(), *cpu_streams(sys.maxsize)):
             mx.synchronize(stream)
-
-    def _check(self, job: Job, on_event) -> int:
-        """The job's token budget, if every field is usable."""
-        if not isinstance(job, Job):
-            raise GenerationError(f"submit takes a Job, got {type(job).__name__}")
-        if not callable(on_event):
-            raise GenerationError("on_event must be callable")
-        vocab = self.model.args.vocab_size
-        ids = job.prompt_ids
-        if not isinstance(ids, (list, tuple)) or not ids:
-            raise GenerationError("Job.prompt_ids must be a non-empty list of token ids")
-        bad = next((t for t in ids if not is_integer(t) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise GenerationError(f"Job.prompt_ids holds {bad!r:.40}, not a token id of this model (0..{vocab - 1})")
-        if not is_integer(job.max_tokens) or job.max_tokens < 1:
-            raise GenerationError(f"Job.max_tokens must be an integer >= 1, got {job.max_tokens!r:.80}")
-        if not isinstance(job.sampling, SamplingSettings):
-            raise GenerationError(f"Job.sampling must be a SamplingSettings, got {type(job.sampling).__name__}")
-        outside = [t for t in (job.sampling.logit_bias or {}) if t >= vocab]
-        if outside:
-            raise GenerationError(f"Job.sampling.logit_bias names token id {outside[0]}, outside the vocabulary "
-                                  f"(0..{vocab - 1})")
-        if not isinstance(job.stop_ids, (set, frozenset)) or not all(is_integer(t) for t in job.stop_ids):
-            raise GenerationError("Job.stop_ids must be a set of token ids")
-        if not is_integer(job.top_logprobs) or not 0 <= job.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise GenerationError(f"Job.top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, "
-                                  f"got {job.top_logprobs!r:.80}")
-        if job.media is not None and not isinstance(job.media, Mapping):
-            raise GenerationError("Job.media must be the model's prompt inputs as a mapping (or None)")
-        if job.media and self.model.image_input is None and self.model.audio_input is None:
-            raise GenerationError("Job.media holds images or audio, but this model has no tower to take them")
-        return token_budget(self.model, len(ids), int(job.max_tokens))

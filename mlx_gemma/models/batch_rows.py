@@ -17,14 +17,20 @@ rows leave or the buffer grows, so memory follows the rows that remain.
 Under `max_kv_size` a capped global layer keeps each row's first `keep` tokens (attention sinks,
 as RotatingKVCache) in a small buffer of their own, attended beside the recent slots.  Quantized
 storage (kv_bits) is not batched here: `batch_caches_like` refuses it with a GenerationError.
+
+The prefix cache (mlx_gemma/prefix_cache.py) keeps single-row caches across requests:
+`with_slack` gives a fresh set's rings room to go back, `copy_caches` copies a set (new arrays,
+never shared with a live row), and `row_caches` takes one batch row out as single-row caches.
 """
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 
 from ..errors import GenerationError
-from .kv_cache import KVCache, RotatingKVCache, SharedKVCache
+from .kv_cache import KVCache, RotatingKVCache, SharedKVCache, time_slice
 from .layers import build_mask
 
 
@@ -247,3 +253,71 @@ def take_rows(batch: list, rows: list[int]) -> None:
     for b in batch:
         if isinstance(b, BatchKVCache):
             b.take(rows)
+
+
+# ----- single-row caches for the prefix cache ---------------------------------------------
+
+
+def with_slack(caches: list, slack: int) -> list:
+    """Fresh single-row caches as `caches` (empty, as `model.make_cache()` gives them), each
+    rotating one with `slack` extra slots (RotatingKVCache: it can then go back `slack` tokens)."""
+    out = []
+    for c in caches:
+        if c.keys is not None or getattr(c, "offset", 0):
+            raise GenerationError("with_slack takes fresh caches")
+        if isinstance(c, SharedKVCache):
+            out.append(SharedKVCache(out[c.source_index], c.source_index))
+            continue
+        if isinstance(c, RotatingKVCache):
+            new = RotatingKVCache(c.visible + c.keep, c.left_padding, c.keep, c.bits, c.group_size,
+                                  c.quantize_from, slack=slack)
+            new.kv_shape = c.kv_shape
+            c = new
+        out.append(c)
+    return out
+
+
+def copy_caches(caches: list, compact: bool = False) -> list:
+    """A copy of single-row caches: new cache objects over new arrays (MLX writes a shared buffer
+    by copying it, so a copy and its source never see each other's writes).  `compact` copies
+    the data too, without the spare capacity (what an entry holds: its real bytes only)."""
+    out = []
+    for c in caches:
+        if isinstance(c, SharedKVCache):
+            out.append(SharedKVCache(out[c.source_index], c.source_index))
+            continue
+        new = copy.copy(c)
+        if c.keys is not None:
+            held = c._stored if isinstance(c, RotatingKVCache) else c.offset
+            new.keys, new.values = (tuple(mx.contiguous(p) if compact else p for p in time_slice(parts, None, held))
+                                    for parts in (c.keys, c.values))
+        out.append(new)
+    return out
+
+
+def row_caches(batch: list, b: int, fresh: list) -> list | None:
+    """Row b of `batch` as the single-row caches `fresh` (empty, as `with_slack` makes them),
+    filled with compact copies; None where a layer cannot give it back (attention sinks).
+
+    A windowed layer gets the row's last slots in its ring, up to the ring's size; slots of a ring
+    the row never held read as positions below the cache's `floor` (zero, masked)."""
+    for layer, c in zip(batch, fresh):
+        if isinstance(layer, SharedKVCache):
+            continue
+        if layer.keep or layer.keys is None or c.quantized:
+            return None
+        pad, offset = layer.pad[b], layer.positions[b]
+        keys, values = (mx.contiguous(a[b : b + 1, :, pad : layer.used, :]) for a in (layer.keys, layer.values))
+        held = layer.used - pad
+        if isinstance(c, KVCache):
+            if held != offset:
+                return None
+            c.keys, c.values, c.offset = (keys,), (values,), offset
+            continue
+        held = min(held, c.max_size)
+        keys, values = keys[..., keys.shape[2] - held :, :], values[..., values.shape[2] - held :, :]
+        slots = min(offset, c.max_size)  # what the ring holds at this offset
+        missing = [(0, 0), (0, 0), (slots - held, 0), (0, 0)]
+        c.offset, c.floor = offset, offset - held
+        c.keys, c.values = c._kept((mx.pad(keys, missing),)), c._kept((mx.pad(values, missing),))
+    return fresh

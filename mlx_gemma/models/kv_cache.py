@@ -186,12 +186,19 @@ class RotatingKVCache(_Cache):
     """
 
     def __init__(self, max_size: int, left_padding: mx.array | None = None, keep: int = 0,
-                 bits: int | None = None, group_size: int = 64, quantize_from: int = 0):
+                 bits: int | None = None, group_size: int = 64, quantize_from: int = 0, slack: int = 0):
         if not 0 <= keep < max_size:
             raise GenerationError(f"a rotating cache of {max_size} tokens cannot keep {keep} first tokens")
+        if not isinstance(slack, int) or slack < 0:
+            raise GenerationError(f"a rotating cache's slack must be an integer >= 0, got {slack!r:.40}")
         super().__init__(left_padding, bits, group_size, quantize_from)
-        self.max_size, self.keep = max_size, keep
-        self.ring = max_size - keep  # slots that rotate
+        # With `slack`, the ring holds `slack` more old tokens than attention sees (masked by
+        # position), so `trim_to` can go back up to `slack` tokens after the ring has wrapped.
+        self.slack = slack
+        self.visible = max_size - keep  # recent tokens a query may see (the ring without its slack)
+        self.max_size, self.keep = max_size + slack, keep  # max_size: slots stored
+        self.ring = self.max_size - keep  # slots that rotate
+        self.floor = 0  # below this position (past the sinks) the ring's slots hold nothing valid
 
     @property
     def _stored(self) -> int:
@@ -218,10 +225,10 @@ class RotatingKVCache(_Cache):
 
     def make_mask(self, T: int, window: int | None = None, prefix_length: mx.array | None = None):
         # Recent keys seen: the layer's window, narrowed to what the ring holds (max_kv_size).
-        window = self.ring if window is None else min(window, self.ring)
+        window = self.visible if window is None else min(window, self.visible)
         if self.left_padding is None and prefix_length is None:
-            if T == 1:
-                return None  # everything kept is visible to the next token
+            if T == 1 and (not self.slack or self.offset < window):
+                return None  # everything kept is visible to the next token (the slack's old ones are not)
             if self.offset + T <= min(window, self.max_size):
                 return "causal"  # nothing dropped, nothing out of the window: the fused kernel's fast path
         key_positions = self._key_positions(T)
@@ -285,14 +292,32 @@ class RotatingKVCache(_Cache):
         self.keys, self.values = self._kept(new_k), self._kept(new_v)
         return self._fetched(new_k), self._fetched(new_v)
 
+    @property
+    def reach(self) -> int:
+        """The shortest length `trim_to` can go back to: a query there must see only the sinks and
+        tokens the ring holds (not dropped, not below `floor`), the last `visible` before it."""
+        held_from = max(self.floor, self.offset - self.ring, self.keep)  # oldest ring position held
+        return 0 if held_from <= self.keep else min(self.offset, held_from + self.visible)
+
+    def can_trim_to(self, length: int) -> bool:
+        """Whether `trim_to(length)` can go back there (see `reach`)."""
+        return length >= self.reach or length <= self.keep
+
     def trim_to(self, length: int) -> bool:
         """Forget every token from position `length` on; False (nothing changed) when that
-        needs tokens the ring has already dropped: then the caller must recompute."""
+        needs tokens the ring has already dropped: then the caller must recompute.
+
+        A wrapped ring goes back in place: position p sits in slot keep + (p - keep) % ring,
+        so the slots of the forgotten positions read as positions a ring earlier, which lie
+        below `floor`, out of every later query's window (masked), and are overwritten as the
+        text goes on.  Below `max_size` the slots before `length` are already in time order."""
         if length >= self.offset:
             return True
-        if self.offset > self.max_size:
+        if not self.can_trim_to(length):
             return False
-        if self.keys is not None:
+        if self.offset > self.max_size:
+            self.floor = max(self.floor, self.offset - self.ring)
+        if length <= self.max_size and self.keys is not None:
             self.keys, self.values = time_slice(self.keys, None, length), time_slice(self.values, None, length)
         self.offset = length
         return True

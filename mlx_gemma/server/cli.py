@@ -2,7 +2,7 @@
 
 Flags follow mlx-lm's server where they apply (--model, --adapter-path, --host, --port,
 --allowed-origins comma-separated, --temp/--top-p/--top-k/--min-p/--max-tokens as defaults,
---prefill-step-size, the KV-cache flags, --log-level).  The default host is loopback.  The port
+--prefill-step-size, --prompt-cache-bytes, the KV-cache flags, --log-level).  The default host is loopback.  The port
 actually bound (`--port 0` picks a free one) is printed as "serving on http://HOST:PORT".
 """
 
@@ -21,6 +21,7 @@ import uvicorn
 
 from ..api import load
 from ..batching import Scheduler
+from ..prefix_cache import DEFAULT_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from ..cli import add_cache_flags, error_line, kv_options_from
 from ..errors import MlxGemmaError
 from ..models.embedding_gemma import Model as EncoderModel
@@ -30,6 +31,20 @@ from .embeddings import Embedder
 from .served import Defaults, ServedModel
 
 API_KEY_ENV = "MLX_GEMMA_API_KEY"
+
+
+def byte_size(text: str) -> int:
+    """A byte count as mlx-lm's --prompt-cache-bytes takes it: digits, then nothing, M / MB or G / GB (10**6, 10**9)."""
+    units = {"": 1, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
+    number = text.strip().rstrip("bBgGmM ")
+    unit = text.strip()[len(number):].strip().upper()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r:.40} (e.g. 1000000, 512M, 2G)") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a byte count must be >= 0, got {text!r:.40}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="most rows decoded at once per model")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
     p.add_argument("--prefill-step-size", type=int, default=None, help="prompt positions per prefill chunk")
+    p.add_argument("--prompt-cache-bytes", type=byte_size, default=DEFAULT_PREFIX_CACHE_BYTES,
+                   help="bytes of KV caches kept across requests for prefix reuse, per model (512M, 2G; "
+                        "0 turns it off; default 1 GiB)")
     p.add_argument("--max-tokens", type=int, default=Defaults.max_tokens, help="default max_tokens of a request")
     p.add_argument("--temp", type=float, default=Defaults.temp, help="default temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=Defaults.top_p, help="default top_p")
@@ -83,7 +101,8 @@ def serve_models(args) -> list[ServedModel]:
         if isinstance(model, EncoderModel):  # EmbeddingGemma: /v1/embeddings
             served.append(ServedModel(name, model, tokenizer, None, int(time.time()), Embedder(model, tokenizer)))
             continue
-        scheduler = Scheduler(model, max_batch=args.max_batch, prefill_chunk=args.prefill_step_size, kv_options=kv)
+        scheduler = Scheduler(model, max_batch=args.max_batch, prefill_chunk=args.prefill_step_size, kv_options=kv,
+                              prefix_cache_bytes=args.prompt_cache_bytes)
         scheduler.start()
         served.append(ServedModel(name, model, tokenizer, scheduler, int(time.time())))
     return served
