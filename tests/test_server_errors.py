@@ -116,8 +116,15 @@ CASES = [
     ("legacy functions field", "POST", CHAT, chat(functions=[{"name": "f"}]), {}, 400),
     ("tools beside an image", "POST", CHAT, chat(model=VLM3, tools=[TOOL], messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), {}, 400),
-    ("json_object output (not yet)", "POST", CHAT, chat(response_format={"type": "json_object"}), {}, 400),
-    ("json_schema output (not yet)", "POST", CHAT, chat(response_format={"type": "json_schema"}), {}, 400),
+    ("json_schema without its json_schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), {}, 400),
+    ("response_format of an unknown type", "POST", CHAT, chat(response_format={"type": "xml"}), {}, 400),
+    ("json_schema name with a space", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "a b", "schema": {"type": "object"}}}), {}, 400),
+    ("json_schema not a schema", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}), {}, 400),
+    ("json_object with an unknown field", "POST", CHAT, chat(response_format={"type": "json_object", "x": 1}), {}, 400),
+    ("response_format beside tools", "POST", CHAT, chat(tools=[TOOL], response_format={"type": "json_object"}), {},
+     400),
     ("unknown chat_template_kwargs", "POST", CHAT, chat(chat_template_kwargs={"add_vision_id": True}), {}, 400),
     ("thinking on Gemma 3", "POST", CHAT, chat(chat_template_kwargs={"enable_thinking": True}), {}, 400),
     ("prompt past the context", "POST", CHAT, chat(messages=[{"role": "user", "content": "a b " * 400}]), {}, 400),

@@ -4,7 +4,9 @@ Chat messages are rendered with the model's own chat format (`GemmaTokenizer.app
 Gemma 1-3's turns or Gemma 4's, message text encoded as plain text so a user cannot forge a turn;
 with tools, earlier calls or tool results, by `tool_calls.render_chat` in the model's own
 function-calling format, see tools.py);
-completion prompts are encoded with <bos>, or taken as token ids.  Everything a user can get wrong
+completion prompts are encoded with <bos>, or taken as token ids.  A chat's `response_format`
+(json_object / json_schema) becomes a `grammar.GrammarConstraint` per job (each choice its own
+parser; a JSON reply from its first token, so no thoughts beside it).  Everything a user can get wrong
 that pydantic cannot see (roles out of order, a token id past the vocabulary, a prompt past the
 context, a feature this server does not have yet) becomes an `ApiError` 400 here, before any job
 is submitted.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from ..batching import Job
 from ..errors import MlxGemmaError
+from ..grammar import GrammarConstraint, compile_response_format
 from ..prompts import prompt_ids
 from ..samplers import SamplingSettings
 from ..tool_calls import ToolCallFormat, render_chat
@@ -48,6 +51,7 @@ def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
     _refuse_chat_features(request)
     thinking = request.chat_template_kwargs.enable_thinking if request.chat_template_kwargs else False
     tools = plan_tools(served.tokenizer, request, served.name) if uses_tools(request) else None
+    grammar = _grammar(served, request, tools)
     with tempfile.TemporaryDirectory(prefix="mlx_gemma-request-") as folder:
         media = MediaParts(Path(folder), media_dir)
         messages = [_message_dict(m, i, media) for i, m in enumerate(request.messages)]
@@ -65,7 +69,7 @@ def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
     limit = request.max_completion_tokens or request.max_tokens
     top = (request.top_logprobs or 0) if request.logprobs else 0
     prepared = _jobs(served, request, defaults, [ids], limit, stop_ids, request.logprobs, top, inputs,
-                     _forcing(tools))
+                     _job_processors(served.tokenizer, tools, grammar))
     return replace(prepared, thinking=thinking, tool_format=tools.fmt if tools and tools.parse else None)
 
 
@@ -81,11 +85,32 @@ def _text_prompt(served: ServedModel, messages: list[dict], thinking: bool, tool
         raise ApiError(400, str(e), "messages", "invalid_messages") from None
 
 
-def _forcing(tools: ToolPlan | None):
-    """The per-job processors for a reply forced to begin with the tool-call opening; None if free."""
-    if tools is None or not tools.prefix:
+def _grammar(served: ServedModel, request: ChatRequest, tools: ToolPlan | None) -> str | None:
+    """The JSON grammar of the request's `response_format` (grammar.py; None for text)."""
+    if request.response_format is None:
         return None
-    return lambda prompt_length: (ForcedPrefix(tools.prefix, prompt_length),)
+    try:
+        grammar = compile_response_format(request.response_format, served.tokenizer)
+    except MlxGemmaError as e:
+        raise ApiError(400, str(e), "response_format", "invalid_value") from None
+    if grammar is not None and tools is not None and tools.parse:
+        # A reply that must be JSON cannot also be free to call a tool (or be forced to).
+        raise ApiError(400, f"response_format beside declared tools is {NOT_YET}", "response_format",
+                       "unsupported_parameter")
+    return grammar
+
+
+def _job_processors(tokenizer, tools: ToolPlan | None, grammar: str | None):
+    """`processors(prompt length)` for each job: the forced tool-call opening, the JSON grammar (each
+    job its own parser); None when the reply is free."""
+    forced = tools.prefix if tools is not None else ()
+    if not forced and grammar is None:
+        return None
+
+    def make(prompt_length: int) -> tuple:
+        return ((ForcedPrefix(forced, prompt_length),) if forced else ()) + \
+            ((GrammarConstraint(tokenizer, grammar),) if grammar is not None else ())
+    return make
 
 
 def prepare_completion(served: ServedModel, request: CompletionRequest, defaults: Defaults) -> Prepared:
@@ -162,9 +187,6 @@ def _refuse_chat_features(request: ChatRequest) -> None:
     for name in ("functions", "function_call", "audio", "reasoning_effort"):
         if getattr(request, name) not in (None, []):
             raise ApiError(400, f"{name} is {NOT_YET}", name, "unsupported_parameter")
-    if request.response_format is not None and request.response_format != {"type": "text"}:
-        raise ApiError(400, f"response_format other than {{'type': 'text'}} is {NOT_YET}", "response_format",
-                       "unsupported_parameter")
     if request.modalities not in (None, ["text"]):
         raise ApiError(400, f"modalities other than ['text'] are {NOT_YET}", "modalities", "unsupported_parameter")
 

@@ -4,10 +4,10 @@ Each model mirrors an OpenAI request object field for field, with OpenAI's range
 strict (no "0.5" for a number, no 1 for a boolean) and unknown fields are refused, as OpenAI's own
 API refuses them ("Unrecognized request argument").  A few OpenAI fields that change nothing a
 local server does (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`) are accepted
-and ignored; fields naming a feature this server does not have yet (response_format other than
-text, audio output, the legacy `functions`) are accepted here and refused by `prepare.py` with a
-clear message.  Tools, tool calls and tool results are shaped by OpenAI's spec and checked where
-they are rendered (mlx_gemma/tool_formats/checks.py), each error naming its field.
+and ignored; fields naming a feature this server does not have yet (audio output, the legacy
+`functions`) are accepted here and refused by `prepare.py` with a clear message.  Tools, tool
+calls, tool results and `response_format` are shaped by OpenAI's spec and checked where they are
+used (mlx_gemma/tool_formats/checks.py, mlx_gemma/grammar.py), each error naming its field.
 """
 
 from __future__ import annotations
