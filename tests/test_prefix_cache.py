@@ -97,15 +97,15 @@ def test_slack_decoding_equals_no_slack():
 def test_four_turn_chat_reuses_each_earlier_turn_and_equals_from_scratch(name, scheduler):
     model = tiny(name)
     s, n = scheduler(model), 8
-    ids, previous = prompt(11, 0), 0
+    ids, previous, echoed = prompt(11, 0), 0, 0
     for turn in range(4):
         tokens, events = run_one(s, ids, n, top_logprobs=2)
         assert_alone(model, ids, n, tokens, events)
         assert events[0].prompt_tokens == len(ids)
-        assert previous <= events[0].cached_tokens < len(ids)
-        previous = len(ids)
+        assert max(previous, echoed) <= events[0].cached_tokens < len(ids)
+        previous, echoed = len(ids), len(ids) + n - 1  # a reply echoed verbatim: the row's entry holds it
         if turn == 1:  # the client re-renders the reply: only the prompt's own entry fits
-            tokens = tokens[::-1]
+            tokens, echoed = tokens[::-1], 0
         ids = ids + tokens + prompt(6, 10 + turn)[1:]
     assert s.prefix_cache_bytes > 0
 

@@ -13,6 +13,8 @@ import pytest
 
 import mlx_gemma
 from conftest import FIXTURES
+from mlx_gemma.prefix_cache import DEFAULT_BYTES
+from mlx_gemma.server.cli import build_parser
 from test_server import reference, start_server, stop_server
 
 GEMMA2 = str(FIXTURES / "tiny_gemma2")
@@ -60,3 +62,18 @@ def test_streamed_second_turn_reports_cached_tokens(client):
     usage = chunks[-1].usage
     assert usage.prompt_tokens == ref.prompt_tokens
     assert usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("value, expected", [(None, DEFAULT_BYTES), ("0", 0), ("1000", 1000), ("512M", 512 * 10**6),
+                                             ("2G", 2 * 10**9), ("1.5GB", 15 * 10**8)])
+def test_prompt_cache_bytes_flag(value, expected):
+    args = ["--model", GEMMA2] + ([] if value is None else ["--prompt-cache-bytes", value])
+    assert build_parser().parse_args(args).prompt_cache_bytes == expected
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "5K", "nan", "inf"])
+def test_prompt_cache_bytes_flag_refuses_what_is_not_a_size(value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", GEMMA2, "--prompt-cache-bytes", value])
+    err = capsys.readouterr().err
+    assert "not a byte count" in err or "must be >= 0" in err
