@@ -182,7 +182,8 @@ class RotatingKVCache(_Cache):
     sits in slot keep + (p - keep) % (max_size - keep), so a one-token decode
     step overwrites exactly the token that left the window.  A multi-token call
     (prefill) attends over the kept tokens plus the new ones, then keeps the
-    first `keep` and the last `max_size - keep` of them.
+    first `keep` and the last `max_size - keep` of them.  With `slack` (the prefix cache's) the
+    ring is `slack` slots longer than the window it shows, so it can go back after wrapping.
     """
 
     def __init__(self, max_size: int, left_padding: mx.array | None = None, keep: int = 0,
