@@ -53,6 +53,7 @@ from .arguments import is_integer
 from .cpu_spread import streams as cpu_streams
 from .engine import Pending, default_prefill_step, generation_stream, prefill, run
 from .errors import GenerationError, MlxGemmaError
+from .image_chat import image_digests, image_spans
 from .mlx_thread import MlxThread
 from .jobs import MAX_TOP_LOGPROBS, Event, Job, check_job  # noqa: F401 (re-exported)
 from .models.batch_rows import batch_caches_like, merge_rows, row_caches, take_rows, with_slack
@@ -70,6 +71,7 @@ class _Row:
         self.caches: list | None = None  # its own caches while its prompt is prefilled
         self.fed = 0  # prompt positions prefilled
         self.cached = 0  # prompt positions taken from the prefix cache
+        self.blocks: tuple = ()  # (start, end, digest) of its image blocks, when the prefix cache names them
         self.produced = 0  # tokens emitted
         self.tokens: list[int] = []  # tokens emitted (the prefix cache stores prompt + these)
         self.finish: str | None = None  # the final event's finish_reason
@@ -187,7 +189,16 @@ class BatchPolicy:
         tokens = [*row.job.prompt_ids, *row.tokens]
         caches = row_caches(self.caches, b, self._fresh_caches()) if held <= len(tokens) else None
         if caches is not None:
-            self.prefix.store(tokens[:held], caches)
+            self.prefix.store(tokens[:held], caches, row.blocks)
+
+    def _image_blocks(self, job: Job) -> tuple:
+        """(start, end, digest) of each image block when the job's media are one image per block
+        (Gemma 3's pixel values alone), so the prefix cache may reuse a block holding the same image."""
+        media, spec = job.media or {}, self.model.image_input
+        if set(media) != {"pixel_values"} or spec is None or self.model.audio_input is not None:
+            return ()
+        spans, digests = image_spans(job.prompt_ids, spec.token_id), image_digests(media["pixel_values"])
+        return tuple((a, b, d) for (a, b), d in zip(spans, digests)) if len(spans) == len(digests) else ()
 
     # ----- one step -------------------------------------------------------------------------
 
@@ -283,7 +294,7 @@ class BatchPolicy:
             return None
         self.waiting.popleft()
         if self.prefix is not None:  # the prompt alone, before any decoding (a next chat turn starts with it)
-            self.prefix.store(row.job.prompt_ids, row.caches)
+            self.prefix.store(row.job.prompt_ids, row.caches, row.blocks)
         logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)  # [1, V]
         out = self._sample(row, logits, None)
         if out is None:
@@ -298,14 +309,18 @@ class BatchPolicy:
         """Feed the next chunk of the row's prompt; its last hidden states when the prompt is in."""
         if row.caches is None:
             row.begin()
-            if self.prefix is not None:  # a prefix stops before the first media block: every item is fed
-                row.cached, row.caches = self.prefix.lookup(row.job.prompt_ids)
+            if self.prefix is not None:  # a prefix holds only the same images (named blocks), else stops before
+                row.blocks = self._image_blocks(row.job)
+                row.cached, row.caches = self.prefix.lookup(row.job.prompt_ids, row.blocks)
                 row.fed = row.cached
             if row.caches is None:
                 row.caches = self._fresh_caches()
         L = row.prompt.shape[1]
         media = dict(row.job.media or {})
         if media:  # media go whole: the engine's prefill keeps image blocks in one chunk, audio in one call
+            if row.fed and row.blocks:  # the images past the reused prefix (those before it are cached)
+                fed = [i for i, (a, _, _) in enumerate(row.blocks) if a >= row.fed]
+                media = {"pixel_values": media["pixel_values"][mx.array(fed)]} if fed else {}
             step = L if self.model.image_input is None else self.chunk
             hidden, row.fed = prefill(self.model, row.prompt[:, row.fed :], row.caches, step, **media), L
         else:  # a chunk per step between decoding steps; the rest at once (in chunks) when none run

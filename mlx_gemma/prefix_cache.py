@@ -16,8 +16,10 @@ or block hashes: the byte bound keeps entries to tens or hundreds, a compare of 
 ids costs microseconds beside the prefill it saves, and trimming rules (a ring's slack, media)
 decide per entry whether a common prefix is usable, which a trie's longest match alone cannot.
 
-Media: a prefix never reaches a media soft token (image or audio) of the new prompt or of the
-entry, so cached image or audio blocks are never reused (same media included: left for later).
+Media: a prefix takes an image block only if the entry holds the same image there (a digest of
+its pixels, as PromptCache does), and never ends inside one; the caller names each block when its
+media are one image per block (Gemma 3), and feeds the images past the prefix.  Other media
+(audio, Gemma 4's images) are not named: a prefix stops at their first soft token.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class _Entry:
     tokens: np.ndarray  # [n] int64 the ids the caches hold
     caches: list  # single-row caches (compact copies), holding `tokens`
     nbytes: int
-    clean: int  # ids before the entry's first media soft token: a reused prefix stops there
+    blocks: frozenset  # (start, end, digest) of each named image block the entry holds
+    clean: int  # ids before the entry's first media soft token outside a named block: a prefix stops there
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:
@@ -51,6 +54,11 @@ def _common(a: np.ndarray, b: np.ndarray) -> int:
     k = min(len(a), len(b))
     diff = np.flatnonzero(a[:k] != b[:k])
     return int(diff[0]) if len(diff) else k
+
+
+def _media(blocks, clean: int, n: int) -> tuple:
+    """What the first n ids hold of media: the named blocks within them, where unnamed ones start."""
+    return frozenset(blk for blk in blocks if blk[1] <= n), min(clean, n)
 
 
 def _can_trim(caches: list, n: int) -> bool:
@@ -73,22 +81,27 @@ class PrefixCache:
         self.unsettled: list[mx.array] = []  # new entries' arrays, still lazy: computed with the next step
         self._keys = iter(range(1 << 62))
 
-    def _clean(self, ids: np.ndarray) -> int:
-        """Ids before the first media soft token."""
-        hits = np.flatnonzero(np.isin(ids, self.media_ids)) if len(self.media_ids) else []
+    def _clean(self, ids: np.ndarray, blocks=()) -> int:
+        """Ids before the first media soft token outside the named `blocks`."""
+        media = np.isin(ids, self.media_ids) if len(self.media_ids) else np.zeros(len(ids), bool)
+        for a, b, _ in blocks:
+            media[a:b] = False
+        hits = np.flatnonzero(media)
         return int(hits[0]) if len(hits) else len(ids)
 
-    def lookup(self, prompt_ids: list[int]) -> tuple[int, list | None]:
+    def lookup(self, prompt_ids: list[int], blocks=()) -> tuple[int, list | None]:
         """(n, caches holding the prompt's first n ids) for the longest reusable prefix; (0, None) if none.
 
-        n leaves at least the last id to prefill (its hidden states give the first token)."""
+        `blocks`: (start, end, digest) of the prompt's named image blocks.  n leaves at least the
+        last id to prefill (its hidden states give the first token)."""
         if not self.entries:
             return 0, None
         ids = np.asarray(prompt_ids, dtype=np.int64)
-        limit = min(len(ids) - 1, self._clean(ids))
+        limit = min(len(ids) - 1, self._clean(ids, blocks))
         best, best_n = None, 0
         for key, e in self.entries.items():  # the latest use wins a tie
             n = min(_common(e.tokens, ids), limit, e.clean)
+            n = min([n] + [a for a, b, d in blocks if a < n and (b > n or (a, b, d) not in e.blocks)])
             if n >= best_n and n > 0 and _can_trim(e.caches, n):
                 best, best_n = key, n
         if best is None:
@@ -99,26 +112,35 @@ class PrefixCache:
             c.trim_to(best_n)  # checked by _can_trim; KV-shared entries trim nothing
         return best_n, caches
 
-    def store(self, tokens: list[int], caches: list) -> None:
-        """Keep a compact copy of `caches` (holding `tokens`) unless an entry already serves it."""
+    def store(self, tokens: list[int], caches: list, blocks=()) -> None:
+        """Keep a compact copy of `caches` (holding `tokens`, with the named image `blocks`) unless
+        an entry already serves it."""
         if self.max_bytes <= 0 or not tokens:
             return
         ids, reach = np.asarray(tokens, dtype=np.int64), _reach(caches)
-        # An entry serves any prefix down to its reach: one holding these ids that goes back as
-        # far makes this one redundant, and this one makes such shorter entries redundant.
+        blocks = frozenset(blk for blk in blocks if blk[1] <= len(ids))
+        clean = self._clean(ids, blocks)
+
+        def holds(long: _Entry | None, short: _Entry | None) -> bool:  # (None: the new one)
+            lt, lb, lc = (ids, blocks, clean) if long is None else (long.tokens, long.blocks, long.clean)
+            st, sb, sc = (ids, blocks, clean) if short is None else (short.tokens, short.blocks, short.clean)
+            m = len(st)
+            return len(lt) >= m and _common(lt, st) == m and _media(lb, lc, m) == _media(sb, sc, m)
+
+        # An entry serves any prefix down to its reach: one holding these ids (and media) that goes
+        # back as far makes this one redundant, and this one makes such shorter entries redundant.
         for key, e in self.entries.items():
-            if len(e.tokens) >= len(ids) and _common(e.tokens, ids) == len(ids) and _reach(e.caches) <= reach:
+            if holds(e, None) and _reach(e.caches) <= reach:
                 self.entries.move_to_end(key)
                 return
         copies = copy_caches(caches, compact=True)
         nbytes = sum(c.nbytes for c in copies if isinstance(c, (KVCache, RotatingKVCache)))
         if nbytes > self.max_bytes:
             return
-        for key in [k for k, e in self.entries.items()
-                    if _common(e.tokens, ids) == len(e.tokens) and reach <= _reach(e.caches)]:
+        for key in [k for k, e in self.entries.items() if holds(None, e) and reach <= _reach(e.caches)]:
             self._drop(key)
         self.unsettled += [a for c in copies for a in c.state]
-        self.entries[next(self._keys)] = _Entry(ids, copies, nbytes, self._clean(ids))
+        self.entries[next(self._keys)] = _Entry(ids, copies, nbytes, blocks, clean)
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
             self._drop(next(iter(self.entries)))

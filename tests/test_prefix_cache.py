@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx_gemma.batching import Job, Scheduler
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.generate import generate_step
+from mlx_gemma.image_chat import image_spans
 from mlx_gemma.loading import load_model
 from mlx_gemma.models.batch_rows import copy_caches, with_slack
 from mlx_gemma.models.kv_cache import KVCache, RotatingKVCache
@@ -151,22 +152,27 @@ def test_rows_running_beside_a_reused_prefix_are_unchanged(scheduler):
 # ----- media -----------------------------------------------------------------------------
 
 
-def test_different_images_never_reuse_a_cached_image_block(scheduler):
-    """Gemma 3 with images: the second prompt's text before the image is reused, its image never."""
+def test_same_images_are_reused_and_different_ones_never(scheduler):
+    """Gemma 3 with images: a cached image block is reused only if the same image fills it."""
     folder = FIXTURES / "tiny_gemma3_vlm"
     model, ref = load_model(folder), dict(np.load(folder / "reference.npz"))
     ids = ref["two_input_ids"][0].tolist()
     pixels = mx.array(ref["two_pixel_values"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
-    first_image = ids.index(model.image_input.token_id)
+    (first, _), (second_start, second) = image_spans(ids, model.image_input.token_id)  # the two blocks
     s = scheduler(model)
     expected = ref["two_greedy"][0].tolist()  # transformers' greedy tokens
-    tokens, events = run_one(s, ids, len(expected), media={"pixel_values": pixels})
-    assert tokens == expected
-    swapped = pixels[::-1]  # the same prompt with its two images the other way round
-    tokens, events = run_one(s, ids, len(expected), media={"pixel_values": swapped})
-    assert 0 < events[0].cached_tokens <= first_image
-    ref_tokens = [t for t, _ in alone_media(model, ids, len(expected), swapped)]
-    assert tokens == ref_tokens
+    n = len(expected)
+    assert run_one(s, ids, n, media={"pixel_values": pixels})[0] == expected
+    tokens, events = run_one(s, ids, n, media={"pixel_values": pixels})  # the same images: both blocks reused
+    assert tokens == expected and events[0].cached_tokens >= second
+    other = mx.concatenate([pixels[:1], pixels[1:] * 0.5])  # the same first image, another second
+    tokens, events = run_one(s, ids, n, media={"pixel_values": other})
+    assert first < events[0].cached_tokens <= second_start
+    assert tokens == [t for t, _ in alone_media(model, ids, n, other)]
+    swapped = pixels[::-1]  # both images the other way round: no block reused
+    tokens, events = run_one(s, ids, n, media={"pixel_values": swapped})
+    assert 0 < events[0].cached_tokens <= first
+    assert tokens == [t for t, _ in alone_media(model, ids, n, swapped)]
 
 
 def alone_media(model, ids, n, pixels):
@@ -203,6 +209,22 @@ def test_an_entry_held_by_another_is_not_stored_twice_and_the_bound_holds():
     n, caches = small.lookup(prompt(20, 104) + [50])
     assert n == 20 and all(c.offset == 20 for c in caches)
     assert small.lookup(prompt(20, 100))[0] <= 1  # evicted (only <bos> may match)
+
+
+def test_entries_with_other_images_in_the_same_ids_are_kept_apart():
+    model = tiny("gemma")
+    ids = prompt(12, 3)
+    ids[3:6] = [7, 7, 7]  # an "image block" of soft token 7
+    cache = PrefixCache(1 << 30, frozenset({7}))
+    cache.store(ids, filled(model, ids), [(3, 6, "x")])
+    cache.store(ids, filled(model, ids), [(3, 6, "y")])  # other pixels: not the same entry
+    cache.store(ids, filled(model, ids), [(3, 6, "y")])  # the same: not stored twice
+    assert len(cache.entries) == 2
+    longer = ids + [50, 51]
+    assert cache.lookup(longer, [(3, 6, "y")])[0] == len(ids)
+    assert cache.lookup(longer, [(3, 6, "z")])[0] == 3  # stops before a block it does not hold
+    assert cache.lookup(longer)[0] == 3  # an unnamed block is never reused
+    assert cache.lookup(ids[:5] + [50], [(3, 5, "y")])[0] == 3  # a block cut short is not the same block
 
 
 def test_a_copy_never_sees_the_entrys_writes():
