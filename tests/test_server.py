@@ -218,7 +218,8 @@ def test_chat_greedy_equals_generate_with_logprobs(client, gemma3):
     assert choice.finish_reason == ref.finish
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, len(ref.tokens))
     assert r.usage.total_tokens == ref.prompt_tokens + len(ref.tokens)
-    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # the prefix cache may hold this prompt from an earlier test; at least its last token is fed
+    assert 0 <= r.usage.prompt_tokens_details.cached_tokens < ref.prompt_tokens
     check_logprobs(gemma3[1], ref, choice.logprobs.content, 3)
 
 
