@@ -1,14 +1,20 @@
 """mlx_gemma.server on the packaged Gemma 3 270M (real weights, 4-bit): a greedy chat, streamed and
 not, equals `mlx_gemma.generate` on the same messages token for token, with the same logprobs; a
 chat with tools (Gemma 3's prompted format, too long for the tiny fixtures' context) is prompted
-with `tool_calls.render_chat`'s ids and parsed as its reply parses, streamed and not."""
+with `tool_calls.render_chat`'s ids and parsed as its reply parses, streamed and not; 20 sampled
+requests (temperature 1) with a JSON schema as response_format validate with `jsonschema`."""
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
 import mlx.core as mx
 import openai
 import pytest
 from test_server import start_server, stop_server
+from test_server_json import SCHEMA, SCHEMA_FORMAT
 from test_server_tools import EARLIER, TOOLS, stream_parts, whole_parts
 
 import mlx_gemma
@@ -65,3 +71,18 @@ def test_real_model_tool_chat_equals_generate_on_render_chat(client, folder):
     assert got["content"] == content
     assert [(c[2], c[3]) for c in got["calls"]] == [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
     assert stream_parts(client.chat.completions.create(**ask, stream=True)) == got
+
+
+def test_real_model_json_schema_replies_validate(client, folder):
+    def ask(seed: int):
+        return client.chat.completions.create(model=folder, messages=[{"role": "user", "content": "Describe a pet."}],
+                                              max_tokens=120, temperature=1.0, seed=seed, response_format=SCHEMA_FORMAT)
+
+    with ThreadPoolExecutor(8) as pool:  # 20 requests, batched as they arrive, each with its own parser
+        replies = list(pool.map(ask, range(20)))
+    values = []
+    for r in replies:
+        assert r.choices[0].finish_reason == "stop"
+        values.append(json.loads(r.choices[0].message.content))
+        jsonschema.validate(values[-1], SCHEMA)
+    assert len({json.dumps(v) for v in values}) > 10  # sampled, not one answer
