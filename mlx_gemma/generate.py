@@ -15,7 +15,6 @@ import argparse
 import os
 import re
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ import mlx.core as mx
 
 from .api import load
 from .arguments import integer_arg
+from .models.batch_rows import with_slack
 from .models.kv_cache import KVCacheOptions
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .engine import SampleStep, prefill, run, token_budget
@@ -33,33 +33,12 @@ from .gemma4_prompts import Gemma4Media, media_rows
 from .prompt_cache import continuation_ids, load_prompt_cache
 from .image_chat import chat_image_rows
 from .prompts import RowText, prompt_ids, stop_settings
+from .proposers import Speculation
+from .responses import GenerationResponse, format_stats, responses_of
+from .speculative import SpeculativeStats, SpeculativeStep, one_token_at_a_time
 from .vision import prompt_rows
 
 DEFAULT_PROMPT = "hello"  # as mlx-lm's CLI
-
-
-@dataclass
-class GenerationResponse:
-    """One generated token and what it adds.
-
-    `text` may be "" (an unfinished UTF-8 character, or text held back because it
-    could begin a stop string).  `logprobs` is the step's log-softmax [V] after the
-    logits processors.  `prompt_tokens` counts the prompt tokens fed (with a prompt
-    cache, those it did not already hold).  Speeds are tokens/s: `prompt_tps` over
-    the prefill (up to the first token), `generation_tps` since the first token.  `peak_memory` is in
-    GB.  `finish_reason` is None until the last response: "stop" (a stop id or
-    string) or "length" (max_tokens or the context length).
-    """
-
-    text: str
-    token: int
-    logprobs: mx.array
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float
-    finish_reason: str | None = None
 
 
 # ----- the decode loop ------------------------------------------------------------------
@@ -68,7 +47,8 @@ class GenerationResponse:
 def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors=None,
                   prefill_step_size: int | None = None, max_tokens: int = 256, *, left_padding=None,
                   cached_ids=None, pixel_values=None, media: dict | None = None,
-                  kv_options: KVCacheOptions | None = None, **kv_fields) -> Iterator[tuple[list[int], mx.array]]:
+                  kv_options: KVCacheOptions | None = None, proposer=None, num_draft_tokens: int = 3,
+                  draft_stats: SpeculativeStats | None = None, **kv_fields) -> Iterator[tuple[list[int], mx.array]]:
     """Generate from `prompt_ids` [B, T] (or [T]); yields per step (ids: list of B ints, logprobs [B, V]).
 
     `cache` is `model.make_cache(...)` (made here, with `left_padding` and
@@ -80,6 +60,8 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
     in a row's logits raises GenerationError.  Settings are checked when called.
     `pixel_values` [B, H, W, 3] go with the prompt's `<image>` tokens (PaliGemma); `media`, the
     model's other inputs for the prompt (Gemma 4: `gemma4_prompts.Gemma4Media.inputs()`).
+    A `proposer` (proposers.py; one prompt only) makes it speculative: up to `num_draft_tokens`
+    proposals checked per forward pass, still one token per item, counted in `draft_stats`.
     """
     ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(prompt_ids)
     if ids.ndim == 1:
@@ -90,17 +72,24 @@ def generate_step(model, prompt_ids, cache=None, sampler=None, logits_processors
         integer_arg("prefill_step_size", prefill_step_size, 1, error=GenerationError)
     pad = None if left_padding is None else mx.array(left_padding, mx.int32)
     options = KVCacheOptions.of(kv_options, **kv_fields)
+    if proposer is not None:
+        if ids.shape[0] != 1:
+            raise GenerationError(f"speculative decoding runs one prompt at a time, got a batch of {ids.shape[0]}")
+        integer_arg("num_draft_tokens", num_draft_tokens, 1, error=GenerationError)
     if cache is None:
         cache = model.make_cache(pad, options)
+        if proposer is not None:  # sliding windows keep k more slots, to go back k tokens after wrapping
+            cache = with_slack(cache, num_draft_tokens)
     elif options != KVCacheOptions():
         raise GenerationError("cache options (max_kv_size, kv_bits, ...) go to the cache when it is made")
     budget = token_budget(model, cache[0].offset + ids.shape[1], max_tokens)
     inputs = {**({} if pixel_values is None else {"pixel_values": pixel_values}), **(media or {})}
+    speculative = None if proposer is None else (proposer, num_draft_tokens, draft_stats)
     return _decode(model, ids.astype(mx.int32), cache, sampler, list(logits_processors or []),
-                   prefill_step_size, budget, pad, cached_ids, inputs)
+                   prefill_step_size, budget, pad, cached_ids, inputs, speculative)
 
 
-def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids, inputs):
+def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cached_ids, inputs, speculative):
     """The generator behind `generate_step` (its checks run before the first `next`)."""
     if budget == 0:
         return
@@ -114,7 +103,13 @@ def _decode(model, ids, cache, sampler, processors, step_size, budget, pad, cach
         # hands the media to the first chunk, so the prompt goes in one call (every clip in it).
         step_size = ids.shape[1]
     hidden = prefill(model, ids, cache, step_size, **inputs)
-    yield from run(SampleStep(model, cache, sampler, processors, history), hidden, budget)
+    if speculative is None:
+        yield from run(SampleStep(model, cache, sampler, processors, history), hidden, budget)
+        return
+    proposer, k, stats = speculative
+    tokens = (list(cached_ids[0]) if cached_ids is not None else []) + ids[0].tolist()
+    policy = SpeculativeStep(model, cache, proposer, tokens, budget, k, sampler, processors, history, stats=stats)
+    yield from one_token_at_a_time(run(policy, hidden, budget), budget)
 
 
 # ----- streaming, full and batched generation ------------------------------------------
@@ -125,7 +120,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
                     chat: bool | None = None, system: str | None = None, prefill_step_size: int | None = None,
                     skip_special_tokens: bool = False, prompt_cache=None, image=None, pan_and_scan=None,
                     audio=None, enable_thinking: bool = False, kv_options: KVCacheOptions | None = None,
-                    video=None, **kv_fields) -> Iterator[GenerationResponse]:
+                    video=None, draft_model=None, num_draft_tokens: int | None = None,
+                    prompt_lookup: int | None = None, **kv_fields) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a `GenerationResponse` per token.
 
     `prompt`: a string (encoded with <bos>), token ids, or chat messages (see
@@ -160,13 +156,20 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     template.  `video` (Gemma 4; one or a list: a file path, decoded with PyAV, or uint8 frames
     [T, H, W, 3]) goes at `<|video|>` markers or `{"type": "video"}` parts (else after the images), as
     sampled frames with their "mm:ss" times (see `mlx_gemma.gemma4_video`).
+
+    Speculative decoding (`mlx_gemma.speculative`; exact, greedy or sampled; no `prompt_cache`): `draft_model`
+    (a model with this vocabulary, or `load`'s pair) or `prompt_lookup=N` (n-grams up to N) proposes up to
+    `num_draft_tokens` (3) per step; responses count `draft_accepted` / `draft_proposed`.
     """
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
-                               stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields)
+                               stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields,
+                               Speculation.of(draft_model, num_draft_tokens, prompt_lookup))
     rows_ids, pixels = _encode(model, tokenizer, [prompt], chat, system, None if image is None else [image],
                                prompt_cache is not None, pan_and_scan, None if audio is None else [audio],
                                enable_thinking, None if video is None else [video])
     if prompt_cache is not None:
+        if request.speculation is not None:
+            raise GenerationError("speculative decoding does not continue a prompt cache yet")
         if request.kv != KVCacheOptions():
             raise GenerationError("KV-cache options go to the PromptCache when it is made, not to each call")
         return _only_row(_start_cached(model, tokenizer, rows_ids[0], request, prompt_cache, pixels))
@@ -222,17 +225,18 @@ class _Request:
     skip_special_tokens: bool
     prefill_step_size: int | None  # None: the device's default
     kv: KVCacheOptions
+    speculation: Speculation | None = None  # None: one token per forward pass
 
     @classmethod
     def checked(cls, model, tokenizer, max_tokens, sampler, processors, stop_strings, stop_token_ids,
-                skip_special_tokens, prefill_step_size, kv_options, kv_fields) -> _Request:
+                skip_special_tokens, prefill_step_size, kv_options, kv_fields, speculation=None) -> _Request:
         integer_arg("max_tokens", max_tokens, 0, error=GenerationError)
         if prefill_step_size is not None:
             integer_arg("prefill_step_size", prefill_step_size, 1, error=GenerationError)
         stop_ids, stops = stop_settings(model, tokenizer, stop_strings, stop_token_ids)
         kv = KVCacheOptions.of(kv_options, **kv_fields)
         return cls(max_tokens, sampler, list(processors or []), stop_ids, stops, skip_special_tokens,
-                   prefill_step_size, kv)
+                   prefill_step_size, kv, speculation)
 
     def rows(self, tokenizer, n: int) -> list[RowText]:
         return [RowText(tokenizer, self.stop_ids, self.stop_strings, self.skip_special_tokens) for _ in range(n)]
@@ -266,13 +270,17 @@ def _start(model, tokenizer, rows_ids, request: _Request, pixel_values=None):
     pads = [T - len(r) for r in rows_ids]
     filler = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0  # masked out; any valid id would do
     media = pixel_values.inputs() if isinstance(pixel_values, Gemma4Media) else None
+    spec, stats, proposer = request.speculation, SpeculativeStats(), None
+    if spec is not None:
+        proposer = spec.proposer(tokenizer, request.sampler, model.args.vocab_size)
     steps = generate_step(model, mx.array([[filler] * p + r for p, r in zip(pads, rows_ids)]), sampler=request.sampler,
                           logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
                           max_tokens=request.max_tokens, left_padding=pads if any(pads) else None,
                           pixel_values=None if media is not None else pixel_values, media=media,
-                          kv_options=request.kv)
-    return _responses(steps, request.rows(tokenizer, len(rows_ids)), [len(r) for r in rows_ids],
-                      token_budget(model, T, request.max_tokens))
+                          kv_options=request.kv, proposer=proposer, draft_stats=stats,
+                          num_draft_tokens=spec.num_draft_tokens if spec is not None else 3)
+    return responses_of(steps, request.rows(tokenizer, len(rows_ids)), [len(r) for r in rows_ids],
+                     token_budget(model, T, request.max_tokens), stats if spec is not None else None)
 
 
 def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache, pixels=None):
@@ -293,37 +301,7 @@ def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache, pixels
                           logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
                           max_tokens=request.max_tokens, pixel_values=pixels, media=media,
                           cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None)
-    return prompt_cache.recorded(_responses(steps, request.rows(tokenizer, 1), [len(feed)], budget), ids)
-
-
-def _responses(steps, rows, n_prompts, budget) -> Iterator[list[GenerationResponse | None]]:
-    tic = time.perf_counter()
-    prompt_tps, produced = 0.0, 0
-    active = [True] * len(rows)
-    try:
-        for n, (tokens, logprobs) in enumerate(steps, start=1):
-            if n == 1:  # the prefill ends when the first token is known
-                now = time.perf_counter()
-                tic, prompt_tps = now, sum(n_prompts) / max(now - tic, 1e-9)
-            produced += sum(active)
-            tps, memory = produced / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9
-            out: list[GenerationResponse | None] = []
-            for b, row in enumerate(rows):
-                if not active[b]:
-                    out.append(None)
-                    continue
-                text, finish = row.add(tokens[b])
-                if finish is None and n == budget:
-                    tail, finish = row.finish()
-                    text, finish = text + tail, finish or "length"
-                active[b] = finish is None
-                out.append(GenerationResponse(text, tokens[b], logprobs[b], n_prompts[b], prompt_tps, n, tps,
-                                              memory, finish))
-            yield out
-            if not any(active):
-                return
-    finally:
-        steps.close()  # stop the decode loop (and its queued step) with us
+    return prompt_cache.recorded(responses_of(steps, request.rows(tokenizer, 1), [len(feed)], budget), ids)
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
@@ -339,12 +317,6 @@ def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
         print("\n" + "=" * 10)
         print(format_stats(last) if last is not None else "No text generated for this prompt")
     return "".join(parts)
-
-
-def format_stats(r: GenerationResponse) -> str:
-    return (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
-            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
-            f"Peak memory: {r.peak_memory:.3f} GB")
 
 
 def batch_generate(model, tokenizer, prompts: Sequence, max_tokens: int = 256, verbose: bool = False,
@@ -411,8 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(p)
     p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
                                                "the prompt continues the cached text")
+    p.add_argument("--draft-model", help="speculative decoding: a smaller model folder or hub id with the same vocabulary")
+    p.add_argument("--num-draft-tokens", type=int, default=None, help="most tokens proposed per step (default 3)")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding without a draft: propose what followed the last N-gram in the text")
     p.add_argument("--verbose", action="store_true", help="also print settings and the finish reason to stderr")
     return p
+
+
+def speculation_from(args) -> dict:
+    """The speculative-decoding keywords of `stream_generate` from the flags (loading a draft model)."""
+    return dict(draft_model=load(args.draft_model) if args.draft_model else None,
+                num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -430,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "when the cache was made (python -m mlx_gemma.cache_prompt)")
             prompt_cache = load_prompt_cache(args.prompt_cache_file)
             model_arg = args.model or prompt_cache.metadata.get("model")
-        model, tokenizer = load(model_arg, adapter_path=args.adapter_path)
+        (model, tokenizer), speculation = load(model_arg, adapter_path=args.adapter_path), speculation_from(args)
         folder = model.path
         gemma3_images = model.image_input is not None and model.image_input.start_id is not None
         chat = args.chat if args.chat is not None else (
@@ -453,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         logits_processors=processors, stop_strings=args.stop, chat=chat,
                                         system=args.system, prompt_cache=prompt_cache, image=image,
                                         pan_and_scan=args.pan_and_scan or None, audio=args.audio, video=args.video,
-                                        enable_thinking=args.enable_thinking,
+                                        enable_thinking=args.enable_thinking, **speculation,
                                         kv_options=None if prompt_cache is not None else kv_options):
                 if last.text:
                     print(last.text, end="", file=out, flush=True)
