@@ -260,3 +260,15 @@ def test_adaptive_k_and_switching_off_with_injected_timings():
     for _ in range(5):
         control.record(0, 1, 0.010)
     assert control.plan() > 0  # probing again after probe_every plain steps
+
+
+@pytest.mark.parametrize("name", ["gemma3_vlm", "paligemma"])
+def test_image_prompts_keep_their_prefix(name):
+    """Rollbacks never reach below the prompt: an image prompt (Gemma 3's causal image block,
+    PaliGemma's two-way prefix) speculates to plain greedy's tokens."""
+    model, tok = tiny(name)
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    plain = [r.token for r in stream_generate(model, tok, "a b a b", image=image, max_tokens=20)]
+    responses = list(stream_generate(model, tok, "a b a b", image=image, max_tokens=20, prompt_lookup=2))
+    assert [r.token for r in responses] == plain
+    assert responses[-1].draft_proposed is not None
