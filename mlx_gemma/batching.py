@@ -375,7 +375,7 @@ class Scheduler:
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int | None = None,
                  kv_options: KVCacheOptions | None = None, prefix_cache_bytes: int = DEFAULT_BYTES):
-        if getattr(model, "prefix_lm", False):
+        if model.prefix_lm:
             raise GenerationError("a prefix-LM model (PaliGemma) attends its prompt both ways and is not "
                                   "batched yet: generate with mlx_gemma.generate instead")
         if not is_integer(max_batch) or max_batch < 1:

@@ -133,6 +133,7 @@ class Model(nn.Module):
     # format (`linear.weight`) has no quantized form, so its subfolders stay readable.
     float_prefixes = ("dense.",)
     image_input = None  # text only
+    audio_input = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -140,6 +141,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.path = None  # set by the loader to the folder it read
         self.image_input = None  # text only; read by the tuner's refusal of encoders
+        self.audio_input = None  # no audio tower (read by the converter, as for every model)
         self.embedding_settings = None  # set by the loader: prompts, special tokens, length (embedding_folder.py)
         self.model = DecoderStack(args.text, gemma3.TransformerBlock)  # weights `model.*`
         self.dense = [Dense(d) for d in args.dense]
