@@ -377,13 +377,7 @@ def test_live_keras_hub_fresh_preset(tmp_path):
 def test_transformers_reads_the_converted_preset_as_keras_hub_runs_it(name):
     """The config and HF-named weights we write, given to transformers 5.25's Gemma4ForCausalLM, give
     keras-hub's recorded logits too (measured <= 1e-5): the two references agree on these presets."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    ck = read_keras_preset(PRESETS[name])
-    cfg = {k: v for k, v in ck.config.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**cfg)).eval()
-    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in ck.weights.items()}, strict=False)
-    assert missing == ["lm_head.weight"] and not unexpected  # the head is tied to the embedding
+    torch, hf, _ = transformers_model(name, "Gemma4ForCausalLM", "Gemma4TextConfig")
     ref = reference(name)
     for b in range(len(ref["token_ids"])):
         n = int(ref["padding_mask"][b].sum())
@@ -392,17 +386,22 @@ def test_transformers_reads_the_converted_preset_as_keras_hub_runs_it(name):
         assert rel_err(logits, ref["logits"][b:b + 1, :n]) < RTOL
 
 
-def transformers_multimodal(name: str):
-    """(torch, transformers' Gemma4ForConditionalGeneration holding our config and weights of preset
-    `name`, the config) -- every weight taken, the head tied to the embedding."""
+def transformers_model(name: str, model_class: str, config_class: str):
+    """(torch, transformers' `model_class` holding our config and weights of preset `name`, the
+    config) -- every weight taken, the head tied to the embedding."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ck = read_keras_preset(PRESETS[name])
     cfg = {k: v for k, v in ck.config.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    hf = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(**cfg)).eval()
+    hf = getattr(transformers, model_class)(getattr(transformers, config_class)(**cfg)).eval()
     missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in ck.weights.items()}, strict=False)
-    assert missing == ["lm_head.weight"] and not unexpected
+    assert missing == ["lm_head.weight"] and not unexpected  # the head is tied to the embedding
     return torch, hf, cfg
+
+
+def transformers_multimodal(name: str):
+    """transformers_model for Gemma4ForConditionalGeneration (towers included)."""
+    return transformers_model(name, "Gemma4ForConditionalGeneration", "Gemma4Config")
 
 
 @pytest.mark.oracle
