@@ -73,3 +73,8 @@ class TrainingError(MlxGemmaError):
 
 class PromptCacheError(ModelFileError):
     """A prompt-cache file is not ours, is malformed, or was made for another model."""
+
+
+class DistributedError(MlxGemmaError):
+    """A distributed setup that cannot work: a rank count that does not fit the model, ranks that disagree
+    on the model, or a peer that died or went silent."""
