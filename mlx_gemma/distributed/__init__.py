@@ -1,0 +1,1 @@
+"""Running one Gemma across several processes on mx.distributed: pipeline and tensor parallel."""
