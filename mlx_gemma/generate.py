@@ -27,6 +27,7 @@ from .arguments import integer_arg
 from .models.batch_rows import with_slack
 from .models.kv_cache import KVCacheOptions
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
+from .distributed.cli import add_distributed_flags, distributed_from, rank_console, running
 from .engine import SampleStep, prefill, run, token_budget
 from .errors import GenerationError, MlxGemmaError
 from .gemma4_prompts import Gemma4Media, media_rows
@@ -157,9 +158,11 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
     [T, H, W, 3]) goes at `<|video|>` markers or `{"type": "video"}` parts (else after the images), as
     sampled frames with their "mm:ss" times (see `mlx_gemma.gemma4_video`).
 
-    Speculative decoding (`mlx_gemma.speculative`; exact, greedy or sampled; no `prompt_cache`): `draft_model`
+    Speculative decoding (`mlx_gemma.speculative`; exact, greedy or sampled): `draft_model`
     (a model with this vocabulary, or `load`'s pair) or `prompt_lookup=N` (n-grams up to N) proposes up to
-    `num_draft_tokens` (3) per step; responses count `draft_accepted` / `draft_proposed`.
+    `num_draft_tokens` (3) per step; responses count `draft_accepted` / `draft_proposed`.  With a
+    `prompt_cache`, its sliding windows get that much slack (`PromptCache.make_room`), it ends holding
+    exactly the tokens kept, and a draft model's caches stay paired with it from call to call.
     """
     request = _Request.checked(model, tokenizer, max_tokens, sampler, logits_processors, stop_strings,
                                stop_token_ids, skip_special_tokens, prefill_step_size, kv_options, kv_fields,
@@ -168,8 +171,6 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, sampler=Non
                                prompt_cache is not None, pan_and_scan, None if audio is None else [audio],
                                enable_thinking, None if video is None else [video])
     if prompt_cache is not None:
-        if request.speculation is not None:
-            raise GenerationError("speculative decoding does not continue a prompt cache yet")
         if request.kv != KVCacheOptions():
             raise GenerationError("KV-cache options go to the PromptCache when it is made, not to each call")
         return _only_row(_start_cached(model, tokenizer, rows_ids[0], request, prompt_cache, pixels))
@@ -289,6 +290,9 @@ def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache, pixels
     prompt_cache.check(model)
     budget = token_budget(model, len(ids), request.max_tokens)  # before the cache is touched
     media = None
+    spec, stats, proposer = request.speculation, SpeculativeStats(), None
+    if spec is not None:  # the windows' slack first: a rollback after a wrap needs it
+        prompt_cache.make_room(spec.num_draft_tokens)
     if isinstance(pixels, Gemma4Media) or model.audio_input is not None or (
             model.image_input is not None and model.image_input.variable):  # Gemma 4: images and clips by digest
         feed, fed = prompt_cache.prepare_media(ids, pixels or Gemma4Media(), model.image_input, model.audio_input)
@@ -297,11 +301,16 @@ def _start_cached(model, tokenizer, ids, request: _Request, prompt_cache, pixels
         feed = prompt_cache.prepare(ids)
     else:
         feed, pixels = prompt_cache.prepare(ids, pixels, model.image_input.token_id)
+    if spec is not None:
+        proposer = (spec.proposer(tokenizer, request.sampler, model.args.vocab_size) if spec.draft_model is None
+                    else prompt_cache.paired_draft(spec, tokenizer, request.sampler, model.args.vocab_size, ids))
     steps = generate_step(model, feed, cache=prompt_cache.caches, sampler=request.sampler,
                           logits_processors=request.processors, prefill_step_size=request.prefill_step_size,
                           max_tokens=request.max_tokens, pixel_values=pixels, media=media,
-                          cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None)
-    return prompt_cache.recorded(responses_of(steps, request.rows(tokenizer, 1), [len(feed)], budget), ids)
+                          cached_ids=[prompt_cache.tokens] if prompt_cache.tokens else None, proposer=proposer,
+                          draft_stats=stats, num_draft_tokens=spec.num_draft_tokens if spec is not None else 3)
+    return prompt_cache.recorded(responses_of(steps, request.rows(tokenizer, 1), [len(feed)], budget,
+                                              stats if spec is not None else None), ids)
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
@@ -388,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="speculative decoding without a draft: propose what followed the last N-gram in the text")
     p.add_argument("--verbose", action="store_true", help="also print settings and the finish reason to stderr")
+    add_distributed_flags(p)
     return p
 
 
@@ -412,7 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "when the cache was made (python -m mlx_gemma.cache_prompt)")
             prompt_cache = load_prompt_cache(args.prompt_cache_file)
             model_arg = args.model or prompt_cache.metadata.get("model")
-        (model, tokenizer), speculation = load(model_arg, adapter_path=args.adapter_path), speculation_from(args)
+        ranks = distributed_from(args)  # --pipeline / --tensor-parallel: group= and strategy= for load
+        model, tokenizer = load(model_arg, adapter_path=args.adapter_path, **ranks)
+        speculation = speculation_from(args)
+        out, err = rank_console(ranks, out, err)
         folder = model.path
         gemma3_images = model.image_input is not None and model.image_input.start_id is not None
         chat = args.chat if args.chat is not None else (
@@ -431,15 +444,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for image in images:
             if len(images) > 1:
                 print(f"[{image}]", file=out, flush=True)
-            for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-                                        logits_processors=processors, stop_strings=args.stop, chat=chat,
-                                        system=args.system, prompt_cache=prompt_cache, image=image,
-                                        pan_and_scan=args.pan_and_scan or None, audio=args.audio, video=args.video,
-                                        enable_thinking=args.enable_thinking, **speculation,
-                                        kv_options=None if prompt_cache is not None else kv_options):
-                if last.text:
-                    print(last.text, end="", file=out, flush=True)
-                    wrote = True
+            with running(ranks, "generating"):
+                for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+                                            logits_processors=processors, stop_strings=args.stop, chat=chat,
+                                            system=args.system, prompt_cache=prompt_cache, image=image,
+                                            pan_and_scan=args.pan_and_scan or None, audio=args.audio,
+                                            video=args.video, enable_thinking=args.enable_thinking, **speculation,
+                                            kv_options=None if prompt_cache is not None else kv_options):
+                    if last.text:
+                        print(last.text, end="", file=out, flush=True)
+                        wrote = True
             print(file=out, flush=True)
         if last is not None:
             print("=" * 10 + "\n" + format_stats(last), file=err)

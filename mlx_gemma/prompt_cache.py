@@ -8,6 +8,11 @@ prefills only itself).  Going back to a shorter prefix trims the caches; a
 sliding-window cache that has wrapped has dropped the tokens it would need,
 so then everything is recomputed from scratch.
 
+Speculative decoding (speculative.py) continues a prompt cache too: `make_room(k)` gives its
+sliding windows k slots of slack (`RotatingKVCache`), laid out again in place when a window has
+already wrapped, so each verify step can go back over rejected proposals; a draft model's own
+caches stay paired with the prompt cache (`paired_draft`) and follow its tokens from turn to turn.
+
 `save_prompt_cache` / `load_prompt_cache` store it as safetensors with our
 own metadata (format marker, cache layout, the model's shape), checked on load.
 """
@@ -19,14 +24,17 @@ import os
 
 import mlx.core as mx
 
-from .arguments import is_integer
+from .arguments import integer_arg, is_integer
 from .engine import prefill
 from .image_chat import image_digests, image_spans
+from .models.batch_rows import with_slack
 from .models.kv_cache import (KVCacheOptions, RotatingKVCache, SharedKVCache, cache_layout, make_layer_caches,
                               time_slice)
 from .errors import GenerationError, MlxGemmaError, PromptCacheError
 from .json_input import expect, field, number_in
 from .models.config import LIMITS
+from .proposers import DraftModel
+from .speculative import roll_back
 from .tensorfile import load_file_with_metadata, save_file
 
 FORMAT = "mlx_gemma.prompt_cache"
@@ -48,23 +56,66 @@ class PromptCache:
     `PromptCache(model, KVCacheOptions(...))` (or the options' fields as keywords:
     `PromptCache(model, max_kv_size=...)`) makes an empty one; the options are fixed from
     then on.
-    `metadata` (str -> str) travels with it to and from files.
+    `metadata` (str -> str) travels with it to and from files.  `slack`: extra ring slots of each
+    sliding window, so speculative decoding can go back that many tokens after a wrap (0 unless
+    speculation asks for it; `make_room` adds them to a cache already in use).
     """
 
-    def __init__(self, model, options: KVCacheOptions | None = None, **kv_fields):
+    def __init__(self, model, options: KVCacheOptions | None = None, slack: int = 0, **kv_fields):
         self.fingerprint = model_fingerprint(model)
         self.options = KVCacheOptions.of(options, **kv_fields).check_head_dim(self.fingerprint["head_dim"])
         self.metadata: dict[str, str] = {}
         self.path: str | None = None  # the file it was loaded from
+        self.slack = integer_arg("slack", slack, 0, error=GenerationError)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything (a new conversation)."""
         fp = self.fingerprint  # a KV-shared layer's entry holds nothing: its tokens are stored once
-        self.caches = make_layer_caches(fp["windows"], options=self.options, shared_from=fp.get("kv_sources"),
-                                        kv_shapes=fp.get("kv_shapes"))
+        self.caches = with_slack(make_layer_caches(fp["windows"], options=self.options,
+                                                   shared_from=fp.get("kv_sources"), kv_shapes=fp.get("kv_shapes")),
+                                 self.slack)
         self.tokens: list[int] = []
         self.images: list[tuple[int, int, str]] = []  # (start, end, digest) of each image block held
+        self.draft: DraftModel | None = None  # speculative decoding's draft, its caches paired with these
+        self.draft_tokens: list[int] = []  # what the draft's caches hold
+
+    def make_room(self, slack: int) -> None:
+        """Give every sliding window at least `slack` slots of slack (see `_widen`), keeping what it holds."""
+        if slack > self.slack:
+            for c in self.caches:
+                if isinstance(c, RotatingKVCache):
+                    _widen(c, slack)
+            self.slack = slack
+
+    def paired_draft(self, speculation, target_tokenizer, sampler, rows: int, ids: list[int]) -> DraftModel:
+        """The draft proposer for a generation from `ids`, its caches trimmed to the longest prefix they
+        share with `ids` (kept from the last generation that used this draft model), else a fresh one:
+        the draft then prefills the whole conversation at its first proposal (as a loaded cache does,
+        whose file holds no draft)."""
+        model = speculation.draft_model[0] if isinstance(speculation.draft_model, tuple) else speculation.draft_model
+        draft = self.draft
+        if draft is not None and draft.model is model and _slack(draft.cache) >= speculation.num_draft_tokens:
+            n = 0
+            for held, new in zip(self.draft_tokens, ids):
+                if held != new:
+                    break
+                n += 1
+            n = min(n, len(ids))  # at least one new token: its hidden state starts the first proposal
+            if n < draft.fed and not all(c.can_trim_to(n) for c in draft.cache if isinstance(c, RotatingKVCache)):
+                draft = None  # a wrapped window cannot go back there
+            elif n < draft.fed:
+                roll_back(draft.cache, n)
+                draft.fed = n
+        else:
+            draft = None
+        if draft is None:
+            draft = speculation.proposer(target_tokenizer, sampler, rows)
+            if not isinstance(draft, DraftModel):  # a drafter with no caches of its own (Gemma 4's assistant)
+                return draft
+        self.draft = draft.bind(sampler, rows)
+        self.draft_tokens = list(ids[: draft.fed])
+        return draft
 
     @property
     def offset(self) -> int:
@@ -163,13 +214,58 @@ class PromptCache:
                 generated.append(out[0].token)
                 yield out
         finally:
-            # The decode loop may have fed the last token already (it runs a step ahead).
-            held = (list(ids) + generated)[: self.offset]
+            # The decode loop may have fed the last token already (it runs a step ahead); a speculative
+            # step may have fed accepted proposals past where the caller stopped: those go back.
+            full = list(ids) + generated
+            if self.offset > len(full) and not all(c.trim_to(len(full)) for c in self.caches):
+                self.reset()
+            held = full[: self.offset]
             if len(held) != self.offset:  # cannot happen; never keep a cache that lies
                 self.reset()
             else:
                 self.tokens = held
                 self.images = [blk for blk in self.images if blk[1] <= len(held)]
+            self._follow_draft(full)
+
+    def _follow_draft(self, full: list[int]) -> None:
+        """Record what the paired draft's caches hold of `full` (prompt + tokens generated)."""
+        if self.draft is None:
+            return
+        if self.draft.fed > len(full):
+            if not all(c.trim_to(len(full)) for c in self.draft.cache):
+                self.draft, self.draft_tokens = None, []
+                return
+            self.draft.fed = len(full)
+        self.draft_tokens = full[: self.draft.fed]
+
+
+def _slack(caches) -> int:
+    """The least slack of the sliding windows in `caches` (a large number without one)."""
+    return min((c.slack for c in caches if isinstance(c, RotatingKVCache)), default=1 << 30)
+
+
+def _widen(c: RotatingKVCache, slack: int) -> None:
+    """Make ring `c` `slack` slots longer than its window (in place: Gemma 4's shared layers point at it).
+
+    A ring that has not wrapped is in time order and just grows.  A wrapped one is laid out again
+    for the longer ring: its tokens in time order, with zeros for the positions it no longer holds
+    (below `floor`: out of every later query's window, so masked, and never a rollback target).
+    """
+    extra = slack - c.slack
+    wrapped = c.keys is not None and c.offset > c.max_size
+    parts = (c._in_time_order(c.keys), c._in_time_order(c.values)) if wrapped else None
+    old_ring = c.ring
+    c.slack, c.max_size, c.ring = slack, c.max_size + extra, c.ring + extra
+    if not wrapped:
+        return
+    missing = min(c.offset, c.max_size) - (c.max_size - extra)  # slots of the longer ring nothing holds
+    laid = []
+    for p in parts:  # sinks, zeros, the ring's tokens: time order, ending at offset
+        laid.append(c._kept(tuple(mx.concatenate([a[..., :c.keep, :], mx.zeros(a.shape[:2] + (missing,) + a.shape[3:],
+                                                                                a.dtype), a[..., c.keep:, :]], axis=2)
+                                  for a in p)))
+    c.keys, c.values = laid
+    c.floor = max(c.floor, c.offset - old_ring)
 
 
 def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None = None) -> None:
@@ -187,7 +283,8 @@ def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None 
         if c.left_padding is not None or (c.keys is not None and c.keys[0].shape[0] != 1):
             raise GenerationError("only a single-sequence cache without padding can be saved")
         rotating = isinstance(c, RotatingKVCache)
-        layers.append({"offset": c.offset, "quantized": c.quantized, "rotating": rotating})
+        layers.append({"offset": c.offset, "quantized": c.quantized, "rotating": rotating,
+                       **({"floor": c.floor} if rotating and c.floor else {})})
         if c.keys is None:
             continue
         filled = min(c.offset, c.max_size) if rotating else c.offset  # buffers grow ahead of their tokens
@@ -197,7 +294,8 @@ def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None 
                 arrays[f"layers.{i}.{name}.{j}"] = p
     save_file(path, arrays, {
         "format": FORMAT, "version": VERSION, "options": json.dumps(cache.options.as_dict()),
-        "model": json.dumps(cache.fingerprint), "layers": json.dumps(layers), "metadata": json.dumps(user)})
+        "model": json.dumps(cache.fingerprint), "layers": json.dumps(layers), "metadata": json.dumps(user),
+        **({"slack": str(cache.slack)} if cache.slack else {})})  # rings stored with their slack slots
 
 
 def load_prompt_cache(path, model=None) -> PromptCache:
@@ -228,12 +326,15 @@ def load_prompt_cache(path, model=None) -> PromptCache:
                   key + ".offset", low=0, error=PromptCacheError)
         for flag in ("quantized", "rotating"):
             field(entry, flag, bool, path, error=PromptCacheError, where=key + ".")
+        if "floor" in entry:
+            number_in(entry["floor"], int, path, key + ".floor", low=0, high=entry["offset"], error=PromptCacheError)
     for k, v in user.items():
         expect(v, str, path, f"metadata.{k}", PromptCacheError)
     try:
         options = KVCacheOptions(**options).check_head_dim(fingerprint["head_dim"])
         pc = PromptCache.__new__(PromptCache)
         pc.fingerprint, pc.options, pc.metadata, pc.path = fingerprint, options, dict(user), path
+        pc.slack = _slack_of(meta, path)
         pc.reset()  # no images: a cache holding images is never saved
         tokens = arrays.pop("tokens")
         if tokens.ndim != 1 or tokens.dtype != mx.int32:
@@ -268,6 +369,14 @@ def _metadata_json(meta: dict, key: str, kind: type, path):
     except RecursionError:
         raise PromptCacheError(path, f"metadata {key!r} is nested too deeply") from None
     return expect(value, kind, path, f"metadata {key}", PromptCacheError)
+
+
+def _slack_of(meta: dict, path) -> int:
+    """The rings' slack a file was saved with (none before speculation came to prompt caches)."""
+    text = meta.get("slack", "0")
+    if not text.isdigit() or len(text) > 6:
+        raise PromptCacheError(path, f"metadata 'slack' must be a small integer >= 0, got {text!r:.40}")
+    return int(text)
 
 
 def _fingerprint(fp: dict, path) -> dict:
@@ -328,6 +437,8 @@ def _restore(c, i: int, entry: dict, arrays: dict, pc: PromptCache, n_tokens: in
             raise ValueError(f"layer {i} {name}: wrong dtypes")
         parts[name] = tuple(got)
     c.offset, c.quantized = n_tokens, bool(entry["quantized"])
+    if entry["rotating"]:
+        c.floor = entry.get("floor", 0)
     if parts:
         c.keys, c.values = parts["keys"], parts["values"]
 
