@@ -33,12 +33,13 @@ from .errors import AudioError, GenerationError, ImageError, MlxGemmaError, Toke
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
 from .gemma4_prompts import AUDIO_MARKER, IMAGE_MARKER, blocks_of, media_settings, preprocess_media
 from .gemma4_prompts import user_content as gemma4_content
-from .generate import GenerationResponse, format_stats, stream_generate
+from .generate import GenerationResponse, add_speculation_flags, format_stats, speculation_from, stream_generate
 from .models.kv_cache import KVCacheOptions
 from .samplers import SamplingSettings
 from .image_chat import image_block, user_content
 from .pan_and_scan import pan_and_scan_settings
 from .prompt_cache import PromptCache
+from .proposers import Speculation
 from .vision import image_segments, load_image, with_crops
 
 
@@ -137,12 +138,18 @@ class ChatSession:
     With its towers, `send(text, images=..., audio=...)` adds images and clips to any turn (see the
     module's text); each is read once, when sent, and stays in the history and the cache with its turn.
     Media the model has no tower for raise ImageError / AudioError, and the session stays as it was.
+
+    Speculative decoding (exact; see `stream_generate`): `draft_model` (a model with this vocabulary
+    or `load`'s pair) or `prompt_lookup=N`, up to `num_draft_tokens` proposals per step.  The session's cache keeps the windows' slack and the draft's
+    own caches from turn to turn (`PromptCache.paired_draft`); each response counts `draft_accepted` /
+    `draft_proposed` for its turn.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = 256, sampler=None,
                  logits_processors=None, kv_options: KVCacheOptions | None = None, max_kv_size=None, kv_bits=None,
                  kv_group_size=None, quantized_kv_start=None, sampling: SamplingSettings | None = None,
-                 enable_thinking: bool = False, **generate_kwargs):
+                 enable_thinking: bool = False, draft_model=None, num_draft_tokens: int | None = None,
+                 prompt_lookup: int | None = None, **generate_kwargs):
         if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
             raise TokenizerError(tokenizer.path, "vocabulary has no <start_of_turn>/<end_of_turn>: not a chat model")
         if enable_thinking and tokenizer.chat_format != "gemma4":
@@ -160,9 +167,14 @@ class ChatSession:
         self.pan_and_scan = pan_and_scan_settings(generate_kwargs.pop("pan_and_scan", None))
         if self.pan_and_scan and tokenizer.chat_format == "gemma4":
             raise GenerationError("pan & scan is Gemma 3's (its processor's); Gemma 4 sizes each image itself")
-        self.cache = PromptCache(model, kv_options, **{k: v for k, v in kv.items() if v is not None})
+        speculation = Speculation.of(draft_model, num_draft_tokens, prompt_lookup)  # a draft loaded once
+        self.cache = PromptCache(model, kv_options, slack=speculation.num_draft_tokens if speculation else 0,
+                                 **{k: v for k, v in kv.items() if v is not None})
         self.settings = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
                              **generate_kwargs)
+        if speculation is not None:
+            self.settings.update(draft_model=speculation.draft_model, prompt_lookup=speculation.prompt_lookup,
+                                 num_draft_tokens=speculation.num_draft_tokens)
         self.settings["stop_token_ids"] = [tokenizer.end_of_turn_id, *(generate_kwargs.get("stop_token_ids") or [])]
         self.history: list[int] = []  # the conversation's ids, replies included
         self.images: list = []  # the conversation's images (RGB PIL images, crops after theirs), in order
@@ -268,11 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for every conversation")
     add_sampling_flags(p)
     add_cache_flags(p)
+    add_speculation_flags(p)
     p.add_argument("--pan-and-scan", action="store_true",
                    help="Gemma 3: also give the model crops of wide or tall images (transformers' do_pan_and_scan)")
     p.add_argument("--enable-thinking", action="store_true",
                    help="Gemma 4: turn its thinking mode on (replies may open with a thought, dropped from later turns)")
-    p.add_argument("--verbose", action="store_true", help="print each reply's statistics to stderr")
+    p.add_argument("--verbose", action="store_true",
+                   help="print each reply's statistics to stderr (with speculation: proposed tokens accepted)")
     return p
 
 
@@ -285,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = load(args.model)
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,
                               kv_options=kv_options_from(args), pan_and_scan=args.pan_and_scan or None,
-                              enable_thinking=args.enable_thinking)
+                              enable_thinking=args.enable_thinking, **speculation_from(args))
         print("[/reset starts a new conversation; /image PATH attaches an image, /audio PATH a clip; "
               "/quit or Ctrl-D leaves]", file=err)
         pending: dict = {"image": [], "audio": []}  # media attached to the next message
@@ -322,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(file=out, flush=True)
             if args.verbose and last is not None:
                 print(format_stats(last), file=err)
+            elif last is not None and last.draft_proposed is not None:  # speculating: say what it kept
+                print(f"[speculation: {last.draft_accepted}/{last.draft_proposed} proposed tokens accepted]", file=err)
         return 0
     except EOFError:  # Ctrl-D at an interactive prompt
         print(file=out)

@@ -392,13 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(p)
     p.add_argument("--prompt-cache-file", help="start from a prompt cache written by python -m mlx_gemma.cache_prompt; "
                                                "the prompt continues the cached text")
+    add_speculation_flags(p)
+    p.add_argument("--verbose", action="store_true", help="also print settings and the finish reason to stderr")
+    add_distributed_flags(p)
+    return p
+
+
+def add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    """--draft-model, --num-draft-tokens, --prompt-lookup (generate's and chat's command lines)."""
     p.add_argument("--draft-model", help="speculative decoding: a smaller model folder or hub id with the same vocabulary")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="most tokens proposed per step (default 3)")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="speculative decoding without a draft: propose what followed the last N-gram in the text")
-    p.add_argument("--verbose", action="store_true", help="also print settings and the finish reason to stderr")
-    add_distributed_flags(p)
-    return p
 
 
 def speculation_from(args) -> dict:
