@@ -12,6 +12,7 @@ Both follow `speculative.Proposer`: `propose(history, k) -> (tokens [n], q log-p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,17 @@ class DraftModel:
         self.fed = len(history) + k - 1
         drafted = mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32)
         return drafted, (None if not qs or qs[0] is None else mx.concatenate(qs, axis=0))
+
+    def step_seconds(self) -> float:
+        """Seconds one draft step takes alone (one token, head included, on a throwaway cache: a lower
+        bound), the faster of two; `Adaptive` weighs it before this draft reads the prompt."""
+        best = float("inf")
+        for _ in range(2):
+            tic = time.perf_counter()
+            hidden = self.model.model(mx.array([[0]], mx.int32), cache=self.model.make_cache())
+            mx.eval(self.model.logits(hidden[:, -1]))
+            best = min(best, time.perf_counter() - tic)
+        return best
 
     def accept(self, n: int) -> None:
         """Keep the n accepted drafts the caches hold (at most the k - 1 fed)."""

@@ -15,8 +15,8 @@ follows its source).  The output is the target's exactly:
   History-dependent processors (penalties) run position by position over the
   k + 1 rows, each seeing the history extended by the proposals before it.
 
-`Adaptive` sizes k from the measured acceptance and turns speculation off while
-its measured time per token is above plain decoding's, probing again now and then.
+`Adaptive` (speculative_control.py) sizes k from the measured acceptance and step costs and
+turns speculation off where it would be slower than plain decoding, probing again ever more rarely.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .engine import Pending
 from .errors import GenerationError
 from .models.kv_cache import RotatingKVCache, SharedKVCache
 from .samplers import apply_processors, greedy, logsumexp
+from .speculative_control import Adaptive, FixedK
 
 
 class Proposer(Protocol):
@@ -126,69 +127,6 @@ class SpeculativeStats:
     plain_steps: int = 0  # one-token steps (speculation off, out of room, or nothing proposed)
 
 
-class Adaptive:
-    """Draft length and on/off from measurements; `plan()` before a step, `record(...)` after it.
-
-    k moves within [1, k_max]: +2 after a step kept every proposal, -1 after one that did not
-    (Hugging Face's "heuristic" schedule).  Seconds per emitted token are averaged
-    (exponentially, `alpha`) for plain and speculative steps; while speculation's is the larger,
-    it stays off for `probe_every` steps, then is tried again with a fresh average.  The first
-    `plain_probe` steps are plain, to measure plain decoding.
-    """
-
-    def __init__(self, k_max: int, probe_every: int = 64, plain_probe: int = 2, alpha: float = 0.3,
-                 settle: int = 3):
-        self.k_max, self.k = k_max, k_max
-        self.probe_every, self.alpha, self.settle = probe_every, alpha, settle
-        self.plain_left = plain_probe  # plain steps still to run before speculating
-        self.off_left = 0  # steps still to run with speculation off
-        self.plain_cost: float | None = None  # seconds per token, plain steps
-        self.spec_cost: float | None = None  # seconds per emitted token, speculative steps
-        self.spec_seen = 0  # speculative steps in the current average
-
-    def plan(self) -> int:
-        """Tokens to propose next step; 0 for a plain step."""
-        if self.plain_left > 0 or self.off_left > 0:
-            return 0
-        return self.k
-
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
-
-    def record(self, proposed: int, emitted: int, seconds: float) -> None:
-        """A step that proposed `proposed` tokens and emitted `emitted` took `seconds`."""
-        if proposed == 0:
-            self.plain_cost = self._average(self.plain_cost, seconds / max(emitted, 1))
-            self.plain_left = max(0, self.plain_left - 1)
-            if self.off_left > 0:
-                self.off_left -= 1
-                if self.off_left == 0:
-                    self.spec_cost, self.spec_seen = None, 0  # a fresh measurement when probing again
-            return
-        self.k = min(self.k + 2, self.k_max) if emitted == proposed + 1 else max(1, self.k - 1)
-        self.spec_cost = self._average(self.spec_cost, seconds / emitted)
-        self.spec_seen += 1
-        if self.plain_cost is not None and self.spec_seen >= self.settle and self.spec_cost > self.plain_cost:
-            self.off_left = self.probe_every
-
-    @property
-    def speculating(self) -> bool:
-        return self.plain_left == 0 and self.off_left == 0
-
-
-class FixedK:
-    """A controller that always proposes k tokens (tests; measuring acceptance alone)."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def plan(self) -> int:
-        return self.k
-
-    def record(self, proposed: int, emitted: int, seconds: float) -> None:
-        """Nothing adapts."""
-
-
 # ----- the step policy -------------------------------------------------------------------
 
 
@@ -214,7 +152,8 @@ class SpeculativeStep:
         self.key = mx.random.key(getattr(self.sampler, "seed", 0))
         self.processors, self.history = list(processors or []), history
         self.tokens, self.left = list(tokens), budget
-        self.control = controller or Adaptive(num_draft_tokens)
+        # A proposer that can time its own step (DraftModel) lets Adaptive skip it before it reads the prompt.
+        self.control = controller or Adaptive(num_draft_tokens, proposer_seconds=getattr(proposer, "step_seconds", None))
         self.stats = stats if stats is not None else SpeculativeStats()
         self.clock, self.started = clock, 0.0
 
