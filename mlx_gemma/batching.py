@@ -31,9 +31,15 @@ A failure in one job (NaN logits in its row, a processor that raises, media that
 ends that job with an "error" event; an exception in the loop itself fails every current job
 and the thread serves on.
 
-Not batched yet (refused by `Scheduler` with a GenerationError): a quantized KV cache (kv_bits)
-and prefix-LM models (PaliGemma, whose prompt attends both ways).  A prompt with media is
-prefilled in one step (the engine's prefill keeps its image blocks whole), not chunk by chunk.
+A quantized KV cache (kv_bits): a row alone stores float keys until it holds
+`quantized_kv_start` tokens, then quantized ones, and attention takes another path for each;
+so the scheduler decodes two batches per step, float rows and quantized rows (one forward pass
+each while both hold rows), and a row moves to the quantized batch before the step whose update
+would switch it alone (models/batch_rows.py: `move_row`).
+
+Not batched yet (refused by `Scheduler` with a GenerationError): prefix-LM models (PaliGemma,
+whose prompt attends both ways).  A prompt with media is prefilled in one step (the engine's
+prefill keeps its image blocks whole), not chunk by chunk.
 """
 
 from __future__ import annotations
@@ -44,7 +50,6 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -52,56 +57,24 @@ from mlx.utils import tree_flatten
 from .arguments import is_integer
 from .cpu_spread import streams as cpu_streams
 from .engine import Pending, default_prefill_step, generation_stream, prefill, run
-from .errors import GenerationError, MlxGemmaError
+from .errors import GenerationError
 from .image_chat import image_digests, image_spans
 from .mlx_thread import MlxThread
-from .jobs import MAX_TOP_LOGPROBS, Event, Job, check_job  # noqa: F401 (re-exported)
-from .models.batch_rows import batch_caches_like, merge_rows, row_caches, take_rows, with_slack
+from .jobs import MAX_TOP_LOGPROBS, Event, Job, Row, RowOut, check_job, error_text, sample_row  # noqa: F401 (re-exported)
+from .models.batch_rows import BatchKVCache, batch_caches_like, merge_rows, move_row, row_caches, take_rows, with_slack
 from .models.kv_cache import KVCacheOptions
 from .prefix_cache import DEFAULT_BYTES, SLACK, PrefixCache
-from .samplers import apply_processors, greedy, logsumexp
 
 
-class _Row:
-    """A job on the MLX thread: waiting, prefilling into caches of its own, then a batch row."""
+class _Batch:
+    """Rows decoded together in one forward pass, and their batch caches (in row order)."""
 
-    def __init__(self, job_id: int, job: Job, on_event: Callable[[Event], None], budget: int):
-        self.id, self.job, self.on_event, self.budget = job_id, job, on_event, budget
-        self.sampler = self.processors = self.prompt = self.history = None  # made on the MLX thread
-        self.caches: list | None = None  # its own caches while its prompt is prefilled
-        self.fed = 0  # prompt positions prefilled
-        self.cached = 0  # prompt positions taken from the prefix cache
-        self.blocks: tuple = ()  # (start, end, digest) of its image blocks, when the prefix cache names them
-        self.produced = 0  # tokens emitted
-        self.tokens: list[int] = []  # tokens emitted (the prefix cache stores prompt + these)
-        self.finish: str | None = None  # the final event's finish_reason
-        self.last: mx.array | None = None  # its latest token [1] (lazy), fed at the next step
-        self.done = False  # finished, failed or cancelled: no more events
+    def __init__(self, caches: list):
+        self.caches, self.rows = caches, []
 
-    def begin(self) -> None:
-        """Build what the MLX thread needs: sampler (its own key), processors, the prompt array."""
-        self.sampler = self.job.sampling.sampler()
-        self.processors = self.job.sampling.processors() + list(self.job.processors)
-        self.prompt = mx.array(self.job.prompt_ids, dtype=mx.int32)[None]  # [1, L]
-        self.history = self.prompt if self.processors else None
-
-
-@dataclass
-class _Out:
-    """One row's output of one step, lazy until `read`."""
-
-    row: _Row
-    token: mx.array  # [1] the id, or -1 when the row's logits held a NaN or nothing finite
-    logprob: mx.array  # [1]
-    top: tuple | None  # (ids [k], logprobs [k]) when the job asks for alternatives
-
-    def arrays(self) -> list[mx.array]:
-        return [self.token, self.logprob, *(self.top or ())]
-
-
-def _error_text(e: BaseException) -> str:
-    """A message a client may see: our own errors say what was wrong; others only their kind."""
-    return str(e) if isinstance(e, MlxGemmaError) else f"internal error ({type(e).__name__})"
+    def position(self, b: int) -> int:
+        """Row b's next position (every storing layer holds the same)."""
+        return next(c.positions[b] for c in self.caches if isinstance(c, BatchKVCache))
 
 
 class BatchPolicy:
@@ -115,14 +88,30 @@ class BatchPolicy:
         self.prefix = prefix  # earlier prompts' caches (None: off)
         self.max_batch = max_batch  # rows decoding at once; a prompt waits for room before its prefill
         self.finished = finished  # called once per job when its final event is out
-        self.rows: list[_Row] = []  # the batch, in cache row order
-        self.waiting: deque[_Row] = deque()  # prompts to prefill, oldest first
-        self.caches = batch_caches_like(model.make_cache(None, kv_options))
+        # kv_bits: where a row switches to quantized storage (None: never)
+        self.quantize_from = kv_options.quantized_kv_start if kv_options.kv_bits is not None else None
+        self.batches = self._empty_batches()  # float rows, then (kv_bits) quantized rows
+        self.waiting: deque[Row] = deque()  # prompts to prefill, oldest first
         self.closing = False
+
+    def _empty_batches(self) -> list[_Batch]:
+        fresh = self.model.make_cache(None, self.kv_options)
+        quantized = [_Batch(batch_caches_like(fresh, quantized=True))] if self.quantize_from is not None else []
+        return [_Batch(batch_caches_like(fresh)), *quantized]
+
+    @property
+    def rows(self) -> list[Row]:
+        """Every decoding row (float rows first)."""
+        return [r for batch in self.batches for r in batch.rows]
+
+    @property
+    def caches(self) -> list:
+        """The float rows' batch caches."""
+        return self.batches[0].caches
 
     # ----- events ---------------------------------------------------------------------------
 
-    def emit(self, row: _Row, event: Event) -> None:
+    def emit(self, row: Row, event: Event) -> None:
         if event.finish_reason is not None:  # counted out first: whoever sees the last event sees it gone
             row.done, row.finish = True, event.finish_reason
             self.finished()
@@ -133,7 +122,7 @@ class BatchPolicy:
                 row.done = True
                 self.finished()
 
-    def end(self, row: _Row, reason: str, error: str | None = None) -> None:
+    def end(self, row: Row, reason: str, error: str | None = None) -> None:
         """The final event of a job that ends without a token."""
         if not row.done:
             self.emit(row, Event(row.id, None, None, [], reason, error,
@@ -142,9 +131,8 @@ class BatchPolicy:
     def fail_all(self, e: BaseException) -> None:
         """An exception in the loop: every current job ends with an error; the batch starts afresh."""
         for row in [*self.rows, *self.waiting]:
-            self.end(row, "error", _error_text(e))
-        self.rows, self.waiting = [], deque()
-        self.caches = batch_caches_like(self.model.make_cache(None, self.kv_options))
+            self.end(row, "error", error_text(e))
+        self.batches, self.waiting = self._empty_batches(), deque()
 
     # ----- the inbox ------------------------------------------------------------------------
 
@@ -171,23 +159,40 @@ class BatchPolicy:
                 self.waiting = deque()
 
     def _drop_done(self) -> None:
-        keep = [b for b, r in enumerate(self.rows) if not r.done]
-        for b, row in enumerate(self.rows):
-            if row.done and self.prefix is not None and row.finish in ("stop", "length", "cancelled"):
-                self._store_row(b, row)
-        if len(keep) < len(self.rows):
-            take_rows(self.caches, keep)
-            self.rows = [self.rows[b] for b in keep]
+        for batch in self.batches:
+            keep = [b for b, r in enumerate(batch.rows) if not r.done]
+            for b, row in enumerate(batch.rows):
+                if row.done and self.prefix is not None and row.finish in ("stop", "length", "cancelled"):
+                    self._store_row(batch, b, row)
+            if len(keep) < len(batch.rows):
+                take_rows(batch.caches, keep)
+                batch.rows = [batch.rows[b] for b in keep]
+
+    def _switch_rows(self) -> None:
+        """Float rows whose next update would switch them to quantized storage alone move to the
+        quantized batch (kv_bits), their keys quantized as the switch quantizes them."""
+        if self.quantize_from is None:
+            return
+        floats, quantized = self.batches
+        moving = [b for b, r in enumerate(floats.rows) if not r.done and floats.position(b) >= self.quantize_from]
+        if not moving:
+            return
+        for b in moving:
+            move_row(floats.caches, b, quantized.caches)
+            quantized.rows.append(floats.rows[b])
+        keep = [b for b in range(len(floats.rows)) if b not in moving]
+        take_rows(floats.caches, keep)
+        floats.rows = [floats.rows[b] for b in keep]
 
     def _fresh_caches(self) -> list:
         caches = self.model.make_cache(None, self.kv_options)
         return caches if self.prefix is None else with_slack(caches, SLACK)
 
-    def _store_row(self, b: int, row: _Row) -> None:
+    def _store_row(self, batch: _Batch, b: int, row: Row) -> None:
         """Store a leaving row's prompt + tokens (as many as its caches hold) in the prefix cache."""
-        held = next(c.positions[b] for c in self.caches if hasattr(c, "positions"))
+        held = batch.position(b)
         tokens = [*row.job.prompt_ids, *row.tokens]
-        caches = row_caches(self.caches, b, self._fresh_caches()) if held <= len(tokens) else None
+        caches = row_caches(batch.caches, b, self._fresh_caches()) if held <= len(tokens) else None
         if caches is not None:
             self.prefix.store(tokens[:held], caches, row.blocks)
 
@@ -218,7 +223,7 @@ class BatchPolicy:
         settle = self.prefix.settle() if self.prefix is not None else []  # new entries, computed with the step
         return Pending(tuple(a for o in outs for a in o.arrays()) + tuple(settle), outs)
 
-    def _prefill_some(self) -> list[_Out]:
+    def _prefill_some(self) -> list[RowOut]:
         """A chunk of the oldest waiting prompt, then whole prompts while the step's `chunk` positions last.
 
         A prompt that fits what is left goes in one call, as it would alone, so short prompts
@@ -237,13 +242,17 @@ class BatchPolicy:
             budget -= max(1, row.fed - fed)
         return outs
 
-    def _decode(self) -> list[_Out]:
-        """One forward pass over the batch and each row's own sampling (lazy)."""
-        y = mx.concatenate([r.last for r in self.rows])[:, None]  # [B, 1]
-        hidden = self.model.model(y, cache=self.caches)  # [B, 1, D]
+    def _decode(self) -> list[RowOut]:
+        """One forward pass over each batch holding rows, and each row's own sampling (lazy)."""
+        self._switch_rows()
+        return [out for batch in self.batches if batch.rows for out in self._decode_batch(batch)]
+
+    def _decode_batch(self, batch: _Batch) -> list[RowOut]:
+        y = mx.concatenate([r.last for r in batch.rows])[:, None]  # [B, 1]
+        hidden = self.model.model(y, cache=batch.caches)  # [B, 1, D]
         logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)  # [B, V]
         outs = []
-        for b, row in enumerate(self.rows):
+        for b, row in enumerate(batch.rows):
             if row.done:  # finished at the step being read: computed, ignored, dropped next step
                 continue
             out = self._sample(row, logits[b : b + 1], y[b : b + 1])
@@ -251,36 +260,16 @@ class BatchPolicy:
                 outs.append(out)
         return outs
 
-    def _sample(self, row: _Row, logits: mx.array, fed: mx.array | None) -> _Out | None:
-        """The row's next token from its logits [1, V] (as engine.SampleStep samples it)."""
+    def _sample(self, row: Row, logits: mx.array, fed: mx.array | None) -> RowOut | None:
+        """The row's next token (jobs.sample_row); a row whose settings fail ends here, the batch goes on."""
         try:
-            if row.processors:
-                if fed is not None:
-                    row.history = mx.concatenate([row.history, fed], axis=1)
-                logits = apply_processors(row.processors, row.history, logits)
-            lse = logsumexp(logits)  # [1]
-            # Greedy takes the argmax of the logits, and the chosen token's log-probability is one
-            # logit minus lse: the vocabulary-sized log-softmax is made only when a sampler or
-            # the alternatives need it (as engine.SampleStep).
-            if row.sampler is greedy:
-                token = mx.argmax(logits, axis=-1).astype(mx.int32)
-            else:
-                token = row.sampler(logits - lse[:, None]).astype(mx.int32)
-        except Exception as e:  # this row's settings fail: it ends, the batch goes on
-            row.last = mx.zeros((1,), mx.int32)
-            self.end(row, "error", _error_text(e))
+            return sample_row(row, logits, fed)
+        except Exception as e:
+            row.last = mx.zeros((1,), mx.int32)  # a failed row still feeds a valid id until it leaves
+            self.end(row, "error", error_text(e))
             return None
-        finite = mx.isfinite(lse)
-        row.last = mx.where(finite, token, 0)  # a failed row still feeds a valid id until it leaves
-        chosen = mx.take_along_axis(logits, row.last[:, None], axis=-1)[:, 0] - lse
-        top = None
-        k = row.job.top_logprobs
-        if k:
-            ids = mx.argpartition(-logits[0], kth=k - 1)[:k]
-            top = (ids, logits[0][ids] - lse)
-        return _Out(row, mx.where(finite, token, -1), chosen, top)
 
-    def _prefill_next(self) -> _Out | None:
+    def _prefill_next(self) -> RowOut | None:
         """One chunk of the oldest waiting prompt; its first token once all of it is in."""
         row = self.waiting[0]
         try:
@@ -288,7 +277,7 @@ class BatchPolicy:
         except Exception as e:  # a prompt the model cannot take (its media, say) ends that job only
             self.waiting.popleft()
             row.caches = None
-            self.end(row, "error", _error_text(e))
+            self.end(row, "error", error_text(e))
             return None
         if hidden is None:
             return None
@@ -300,12 +289,14 @@ class BatchPolicy:
         if out is None:
             row.caches = None
             return None
-        merge_rows(self.caches, row.caches)
+        # A row at its kv_bits switch joins the quantized rows (merge quantizes its float keys).
+        batch = self.batches[-1] if self.quantize_from is not None and len(row.job.prompt_ids) >= self.quantize_from else self.batches[0]
+        merge_rows(batch.caches, row.caches)
         row.caches = None
-        self.rows.append(row)
+        batch.rows.append(row)
         return out
 
-    def _prefill_chunk(self, row: _Row) -> mx.array | None:
+    def _prefill_chunk(self, row: Row) -> mx.array | None:
         """Feed the next chunk of the row's prompt; its last hidden states when the prompt is in."""
         if row.caches is None:
             row.begin()
@@ -336,7 +327,7 @@ class BatchPolicy:
 
     def read(self, step: Pending, n: int) -> int:
         """Emit the step's events; the number of rows it held."""
-        outs: list[_Out] = step.rest
+        outs: list[RowOut] = step.rest
         if step.queue:
             mx.eval(*step.queue)
         for out in outs:
@@ -363,7 +354,7 @@ class BatchPolicy:
     @property
     def cache_bytes(self) -> int:
         own = [c for r in self.waiting if r.caches is not None for c in r.caches]
-        return sum(c.nbytes for c in [*self.caches, *own])
+        return sum(c.nbytes for c in [*(c for batch in self.batches for c in batch.caches), *own])
 
 
 class Scheduler:
@@ -439,7 +430,7 @@ class Scheduler:
                 raise GenerationError("the scheduler is closed")
             job_id = next(self._ids)
             self._active += 1
-            self._inbox.put(("job", _Row(job_id, job, on_event, budget)))
+            self._inbox.put(("job", Row(job_id, job, on_event, budget)))
         return job_id
 
     def cancel(self, job_id: int) -> None:

@@ -1,17 +1,20 @@
 """What the batching scheduler takes and gives: a `Job` (one generation request), its `Event`s,
 and the checks a job passes before it is queued (bad fields raise GenerationError in the caller's
-thread, never on the MLX thread)."""
+thread, never on the MLX thread); a job's state on the MLX thread (`Row`) and how one step
+samples its next token (`sample_row`, as engine.SampleStep samples)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from .arguments import is_integer
 from .engine import token_budget
-from .errors import GenerationError
-from .samplers import SamplingSettings
+from .errors import GenerationError, MlxGemmaError
+from .samplers import SamplingSettings, apply_processors, greedy, logsumexp
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
@@ -76,3 +79,72 @@ def check_job(model, job: Job, on_event) -> int:
     if job.media and model.image_input is None and model.audio_input is None:
         raise GenerationError("Job.media holds images or audio, but this model has no tower to take them")
     return token_budget(model, len(ids), int(job.max_tokens))
+
+
+def error_text(e: BaseException) -> str:
+    """A message a client may see: our own errors say what was wrong; others only their kind."""
+    return str(e) if isinstance(e, MlxGemmaError) else f"internal error ({type(e).__name__})"
+
+
+class Row:
+    """A job on the MLX thread: waiting, prefilling into caches of its own, then a batch row."""
+
+    def __init__(self, job_id: int, job: Job, on_event: Callable[[Event], None], budget: int):
+        self.id, self.job, self.on_event, self.budget = job_id, job, on_event, budget
+        self.sampler = self.processors = self.prompt = self.history = None  # made on the MLX thread
+        self.caches: list | None = None  # its own caches while its prompt is prefilled
+        self.fed = 0  # prompt positions prefilled
+        self.cached = 0  # prompt positions taken from the prefix cache
+        self.blocks: tuple = ()  # (start, end, digest) of its media blocks, when the prefix cache names them
+        self.produced = 0  # tokens emitted
+        self.tokens: list[int] = []  # tokens emitted (the prefix cache stores prompt + these)
+        self.finish: str | None = None  # the final event's finish_reason
+        self.last: mx.array | None = None  # its latest token [1] (lazy), fed at the next step
+        self.done = False  # finished, failed or cancelled: no more events
+
+    def begin(self) -> None:
+        """Build what the MLX thread needs: sampler (its own key), processors, the prompt array."""
+        self.sampler = self.job.sampling.sampler()
+        self.processors = self.job.sampling.processors() + list(self.job.processors)
+        self.prompt = mx.array(self.job.prompt_ids, dtype=mx.int32)[None]  # [1, L]
+        self.history = self.prompt if self.processors else None
+
+
+@dataclass
+class RowOut:
+    """One row's output of one step, lazy until the host reads it."""
+
+    row: Row
+    token: mx.array  # [1] the id, or -1 when the row's logits held a NaN or nothing finite
+    logprob: mx.array  # [1]
+    top: tuple | None  # (ids [k], logprobs [k]) when the job asks for alternatives
+
+    def arrays(self) -> list[mx.array]:
+        return [self.token, self.logprob, *(self.top or ())]
+
+
+def sample_row(row: Row, logits: mx.array, fed: mx.array | None) -> RowOut:
+    """The row's next token from its logits [1, V] (as engine.SampleStep samples it), lazy; `fed`:
+    the token the row was fed at this step (its history grows by it).  Raises what the row's
+    processors or sampler raise."""
+    if row.processors:
+        if fed is not None:
+            row.history = mx.concatenate([row.history, fed], axis=1)
+        logits = apply_processors(row.processors, row.history, logits)
+    lse = logsumexp(logits)  # [1]
+    # Greedy takes the argmax of the logits, and the chosen token's log-probability is one
+    # logit minus lse: the vocabulary-sized log-softmax is made only when a sampler or
+    # the alternatives need it (as engine.SampleStep).
+    if row.sampler is greedy:
+        token = mx.argmax(logits, axis=-1).astype(mx.int32)
+    else:
+        token = row.sampler(logits - lse[:, None]).astype(mx.int32)
+    finite = mx.isfinite(lse)
+    row.last = mx.where(finite, token, 0)  # a failed row still feeds a valid id until it leaves
+    chosen = mx.take_along_axis(logits, row.last[:, None], axis=-1)[:, 0] - lse
+    top = None
+    k = row.job.top_logprobs
+    if k:
+        ids = mx.argpartition(-logits[0], kth=k - 1)[:k]
+        top = (ids, logits[0][ids] - lse)
+    return RowOut(row, mx.where(finite, token, -1), chosen, top)

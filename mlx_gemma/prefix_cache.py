@@ -62,7 +62,10 @@ def _media(blocks, clean: int, n: int) -> tuple:
 
 
 def _can_trim(caches: list, n: int) -> bool:
-    return all(c.can_trim_to(n) for c in caches if isinstance(c, RotatingKVCache))
+    """Whether the caches can go back to n ids as a prompt alone would hold them: a ring must still
+    hold what a query at n sees, and a quantized cache (kv_bits) held float keys below its switch."""
+    return all(c.can_trim_to(n) for c in caches if isinstance(c, RotatingKVCache)) and \
+        all(n >= c.quantize_from for c in caches if getattr(c, "quantized", False))
 
 
 def _reach(caches: list) -> int:
