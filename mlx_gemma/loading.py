@@ -200,25 +200,30 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], path) -> None:
 
 def load_model_from(
     config: dict[str, Any], weights: dict[str, mx.array], *, path=None, dtype: mx.Dtype | None = None,
-    config_path=None,
+    config_path=None, shard=None,
 ) -> nn.Module:
     """A model built from a config dict and its weights (already in memory).
 
     Errors in the config name `config_path` (default: the config.json of folder `path`, else
-    `path`), those in the weights `path`.
+    `path`), those in the weights `path`.  `shard(model, weights) -> weights`, when given, runs
+    after the weights are sanitized: it cuts the model down to one rank's share in place and
+    returns the weights that share needs (mlx_gemma.distributed), which are then checked strictly.
     """
     if config_path is None:
         in_folder = None if path is None else Path(path) / "config.json"
         config_path = in_folder if in_folder is not None and in_folder.is_file() else path
-    return _fill(build_model(config, config_path), config, weights, path, dtype, config_path)
+    return _fill(build_model(config, config_path), config, weights, path, dtype, config_path, shard)
 
 
-def _fill(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array], path, dtype, config_path):
+def _fill(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array], path, dtype, config_path,
+          shard=None):
     """`model` with `weights` (sanitized, quantized as the config says, strictly checked) loaded."""
     try:
         weights = model.sanitize(weights)
     except WeightsMismatchError as e:  # a model's sanitize knows no file (e.g. an expert half missing): name it
         raise WeightsMismatchError(path if e.path is None else e.path, e.problem) from None
+    if shard is not None:
+        weights = shard(model, weights)
     quantize_like(model, config, weights, config_path)
     check_weights(model, weights, path)
     if dtype is not None:

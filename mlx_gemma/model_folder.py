@@ -92,11 +92,13 @@ def _read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _load_indexed(folder: Path, index_path: Path) -> dict[str, mx.array]:
+def _load_indexed(folder: Path, index_path: Path, wanted=None) -> dict[str, mx.array]:
     weight_map = _read_index(index_path)
     by_shard: dict[str, set[str]] = {}
     for tensor, shard in weight_map.items():
         by_shard.setdefault(shard, set()).add(tensor)
+    if wanted is not None:  # only the shards holding a wanted tensor are opened (a pipeline rank's share)
+        by_shard = {shard: names for shard, names in by_shard.items() if any(map(wanted, names))}
     # Check every shard's header against the index before loading anything.
     paths = {}
     for shard, expected in sorted(by_shard.items()):
@@ -118,14 +120,17 @@ def _load_indexed(folder: Path, index_path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def load_weights_from_folder(folder) -> dict[str, mx.array]:
+def load_weights_from_folder(folder, wanted=None) -> dict[str, mx.array]:
     """All tensors of a model folder: `model.safetensors`, or
-    `model.safetensors.index.json` + its shards, or every `*.safetensors`."""
+    `model.safetensors.index.json` + its shards, or every `*.safetensors`.
+
+    `wanted(tensor_name) -> bool`, when given, limits which shards of an index are opened to
+    those holding a wanted tensor (they come whole, lazily: only what is used is read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFileError(folder, "model folder not found (or not a folder)")
     if (folder / INDEX_NAME).exists():
-        return _load_indexed(folder, _weight_file(folder, INDEX_NAME, folder))
+        return _load_indexed(folder, _weight_file(folder, INDEX_NAME, folder), wanted)
     if (folder / SINGLE_NAME).exists():
         return load_file(_weight_file(folder, SINGLE_NAME, folder))
 
@@ -158,3 +163,20 @@ def load_weights_from_folder(folder) -> dict[str, mx.array]:
                     "safetensors version of the model")
     raise ModelFileError(folder, "no model weights found (expected model.safetensors, "
                                  f"{INDEX_NAME} + shards, or *.safetensors files)")
+
+
+def weight_files(folder) -> dict[str, Path]:
+    """Tensor name -> the file holding it, from the index or the files' headers (no data read)."""
+    folder = Path(folder)
+    if (folder / INDEX_NAME).exists():
+        index = _weight_file(folder, INDEX_NAME, folder)
+        return {name: _weight_file(folder, shard, index) for name, shard in _read_index(index).items()}
+    if (folder / SINGLE_NAME).exists():
+        names = [SINGLE_NAME]
+    else:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") and not n.startswith("."))
+    out = {}
+    for name in names:
+        path = _weight_file(folder, name, folder)
+        out.update(dict.fromkeys(read_header(path).tensors, path))
+    return out
