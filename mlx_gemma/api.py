@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import loading
+from .distributed import load_pipeline
+from .errors import DistributedError
 from .default_model import default_model_path
 from .tokenizer import GemmaTokenizer
 from .tuner.lora import load_adapters
@@ -59,10 +61,32 @@ def load(
     lazy: bool = False,
     revision: str | None = None,
     adapter_path: str | os.PathLike | None = None,
+    group: mx.distributed.Group | None = None,
+    strategy: str = "pipeline",
 ) -> tuple[nn.Module, GemmaTokenizer]:
     """(model, tokenizer) for a folder, a hub repo id, or None for the packaged default model.
 
     `adapter_path`: a LoRA adapter folder to apply on top (see `load_model`).
+    `group` (e.g. `mx.distributed.init()` in a process `mlx.launch` started): this rank's share of
+    the model, by `strategy` "pipeline" (a range of layers per rank; mlx_gemma.distributed) or
+    "tensor" (heads, widths and experts split across ranks).  Every rank then runs the same
+    generation calls and gets the same tokens.
     """
+    if group is not None:
+        return _load_distributed(_folder_or_default(path_or_repo), group, strategy, dtype, revision, adapter_path)
     model, tokenizer = loading.load(_folder_or_default(path_or_repo), dtype=dtype, lazy=True, revision=revision)
     return _with_adapters(model, adapter_path, lazy), tokenizer
+
+
+STRATEGIES = ("pipeline", "tensor")
+
+
+def _load_distributed(path_or_repo, group, strategy, dtype, revision, adapter_path):
+    if strategy not in STRATEGIES:
+        raise DistributedError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r:.40}")
+    if adapter_path is not None:
+        raise DistributedError("adapter_path with a distributed group: fuse the adapters into the model first "
+                               "(python -m mlx_gemma.fuse) and load the fused folder")
+    if strategy == "pipeline":
+        return load_pipeline(path_or_repo, group, dtype=dtype, revision=revision)
+    raise DistributedError('strategy "tensor": not wired yet')

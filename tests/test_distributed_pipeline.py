@@ -1,0 +1,271 @@
+"""Pipeline-parallel Gemma (mlx_gemma.distributed): the split, per-rank loading, and 2-rank runs.
+
+The fast tests check the planning and the shard selection in this process.  The others launch
+`mlx.launch -n 2 --backend ring` (MLX's CPU backend over localhost) on the scripts in
+tests/distributed_scripts/, each checking several models per launch: starting two ranks costs
+tens of seconds here (each imports MLX and mlx_gemma), so the launches are few and long.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_gemma
+from conftest import FIXTURES
+from mlx_gemma import model_folder
+from mlx_gemma.convert import convert
+from mlx_gemma.distributed.sharded_loading import (
+    allowed_cuts, plan_split, split_for, tensor_role, tensor_sizes, wanted_by,
+)
+from mlx_gemma.errors import DistributedError
+from mlx_gemma.loading import load_config, model_args
+from mlx_gemma.tensorfile import INDEX_NAME, load_file, save_sharded
+
+SCRIPTS = Path(__file__).parent / "distributed_scripts"
+LAUNCH_TIMEOUT = 900  # seconds: two ranks importing MLX and mlx_gemma on a busy machine take a while
+
+
+def launch(*args: str, env: dict | None = None, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring python ARGS...` from the repository root."""
+    # a port of our own: other test runs on this machine may be launching at the same time
+    port = str(20_000 + (os.getpid() * 7 + time.monotonic_ns() // 1000) % 20_000)
+    cmd = [sys.executable, "-m", "mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", port,
+           sys.executable, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent,
+                          env={**os.environ, **(env or {})})
+
+
+def sharded_copy(src: Path, dst: Path, max_shard_bytes: int) -> Path:
+    """`src` with its weights cut into many shards and an index (save_sharded)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "reference.npz"))
+    save_sharded(dst, load_file(src / "model.safetensors"), max_shard_bytes=max_shard_bytes)
+    assert (dst / INDEX_NAME).exists()
+    return dst
+
+
+# ----- planning, in this process ------------------------------------------------------------
+
+
+def brute_force(layer_bytes, first, last, size, cuts):
+    """The smallest largest rank load over every allowed split (the reference for plan_split)."""
+    best = None
+    for chosen in itertools.combinations(cuts, size - 1):
+        bounds = [0, *chosen, len(layer_bytes)]
+        loads = [sum(layer_bytes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[0] += first
+        loads[-1] += last
+        best = max(loads) if best is None else min(best, max(loads))
+    return best
+
+
+@pytest.mark.parametrize("layer_bytes,first,last,size", [
+    ([10] * 8, 0, 0, 2), ([10] * 8, 35, 0, 2), ([5, 5, 40, 5, 5, 5, 30, 5], 10, 10, 3),
+    ([1, 100, 1, 1, 1, 100, 1], 0, 50, 4), ([7, 3, 9, 1, 4, 4, 8, 2, 6], 12, 3, 4),
+])
+def test_plan_split_minimises_the_largest_rank(layer_bytes, first, last, size):
+    cuts = list(range(1, len(layer_bytes)))
+    starts = plan_split(layer_bytes, first, last, size, cuts)
+    assert starts[0] == 0 and len(starts) == size and starts == sorted(set(starts))
+    bounds = [*starts, len(layer_bytes)]
+    loads = [sum(layer_bytes[a:b]) for a, b in zip(bounds, bounds[1:])]
+    loads[0] += first
+    loads[-1] += last
+    assert max(loads) == brute_force(layer_bytes, first, last, size, cuts)
+
+
+def test_split_counts_bytes_not_layers():
+    # a heavy layer (a MoE block, say) at the front moves the cut forward
+    assert plan_split([100, 10, 10, 10, 10, 10], 0, 0, 2, [1, 2, 3, 4, 5]) == [0, 1]
+    # rank 0's embeddings (and Gemma 4's per-layer table) count against it
+    assert plan_split([10] * 6, 25, 0, 2, [1, 2, 3, 4, 5]) == [0, 2]  # 45 | 40, not 35 | 50 or 55 | 30
+
+
+def test_kv_shared_layers_stay_with_the_layer_they_read():
+    # tiny E2B: layers 4 and 5 read layers 3 (sliding) and 2 (global): no cut from 3 on
+    e2b = model_args(load_config(FIXTURES / "tiny_gemma4_e2b"))
+    assert e2b.kv_sources() == [None, None, None, None, 3, 2]
+    assert allowed_cuts(e2b) == [1, 2]
+    # tiny Gemma 4 with towers: layers 2 and 3 read layers 0 and 1: one stage only
+    mm = model_args(load_config(FIXTURES / "tiny_gemma4_mm")).text
+    assert allowed_cuts(mm) == []
+    assert allowed_cuts(model_args(load_config(FIXTURES / "tiny_gemma3"))) == [1, 2, 3, 4, 5]
+    with pytest.raises(DistributedError, match="2 pipeline ranks cannot split a model of 4 layers"):
+        split_for(load_config(FIXTURES / "tiny_gemma4_mm"), tensor_sizes(FIXTURES / "tiny_gemma4_mm"), 2)
+
+
+def test_more_ranks_than_layers_is_an_error():
+    folder = FIXTURES / "tiny_gemma3"
+    with pytest.raises(DistributedError, match="7 pipeline ranks cannot split a model of 6 layers.*at most 6"):
+        split_for(load_config(folder), tensor_sizes(folder), 7)
+    starts, tied = split_for(load_config(folder), tensor_sizes(folder), 6)
+    assert starts == [0, 1, 2, 3, 4, 5] and tied == load_config(folder).get("tie_word_embeddings", True)
+
+
+@pytest.mark.parametrize("name,role", [
+    ("model.layers.3.mlp.down_proj.weight", ("layer", 3)),
+    ("model.language_model.layers.11.self_attn.q_proj.scales", ("layer", 11)),
+    ("language_model.model.layers.0.input_layernorm.weight", ("layer", 0)),
+    ("model.vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight", ("tower", None)),
+    ("vision_tower.encoder.layers.0.mlp.fc1.weight", ("tower", None)),
+    ("model.embed_audio.embedding_projection.weight", ("tower", None)),
+    ("model.multi_modal_projector.mm_input_projection_weight", ("tower", None)),
+    ("model.embed_tokens.weight", ("embed", None)), ("lm_head.weight", ("head", None)),
+    ("model.language_model.embed_tokens_per_layer.weight", ("per_layer", None)),
+    ("model.per_layer_model_projection.weight", ("per_layer", None)), ("model.norm.weight", ("other", None)),
+])
+def test_tensor_roles_in_every_layout(name, role):
+    assert tensor_role(name) == role
+
+
+def test_each_rank_opens_only_the_shards_holding_its_tensors(tmp_path, monkeypatch):
+    folder = sharded_copy(FIXTURES / "tiny_gemma3", tmp_path / "sharded", max_shard_bytes=60_000)
+    sizes = tensor_sizes(folder)
+    every = {file for file, _ in sizes.values()}
+    assert len(every) > 6
+    starts, tied = split_for(load_config(folder), sizes, 2)
+    opened = {}
+    real = model_folder.load_file
+    for rank, (start, end) in enumerate(zip(starts, [*starts[1:], 6])):
+        wanted = wanted_by(rank, 2, start, end, tied)
+        seen = []
+        monkeypatch.setattr(model_folder, "load_file", lambda path: seen.append(path.name) or real(path))
+        weights = model_folder.load_weights_from_folder(folder, wanted)
+        opened[rank] = set(seen)
+        assert opened[rank] == {sizes[n][0] for n in sizes if wanted(n)}  # every needed shard, no other
+        assert {tensor_role(n)[1] for n in weights if tensor_role(n)[0] == "layer"} >= set(range(start, end))
+    assert opened[0] | opened[1] == every
+    assert opened[0] != every and opened[1] != every
+
+
+def test_a_one_rank_group_loads_the_whole_model():
+    folder = FIXTURES / "tiny_gemma3"
+    group = mx.distributed.init()
+    if group.size() != 1:
+        pytest.skip("run inside mlx.launch")  # pytest itself is never launched so: this never skips in CI
+    model, _ = mlx_gemma.load(folder, group=group, strategy="pipeline")
+    reference, _ = mlx_gemma.load(folder)
+    ref = np.load(folder / "reference.npz")
+    ids = mx.array(ref["input_ids"])
+    assert np.array_equal(np.array(model(ids)), np.array(reference(ids)))
+    assert len(model.make_cache()) == len(reference.layers) == len(model.layers)
+
+
+def test_bad_strategy_and_adapters_are_refused():
+    group = mx.distributed.init()
+    with pytest.raises(DistributedError, match="strategy must be one of pipeline, tensor"):
+        mlx_gemma.load(FIXTURES / "tiny_gemma3", group=group, strategy="data")
+    with pytest.raises(DistributedError, match="fuse the adapters"):
+        mlx_gemma.load(FIXTURES / "tiny_gemma3", group=group, adapter_path=FIXTURES)
+
+
+# ----- two ranks ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Fixture folders plus: tiny Gemma 3 cut into shards with an index, and 4-bit copies of tiny
+    Gemma 3 (sharded too) and Gemma 2 (the Gemma 4 fixtures' width 48 takes no group size convert allows)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    out = {name: FIXTURES / f"tiny_{name}" for name in
+           ("gemma", "gemma2", "gemma4_e2b", "gemma4_moe", "gemma4_31b", "gemma3_vlm", "paligemma2")}
+    out["gemma3_sharded"] = sharded_copy(FIXTURES / "tiny_gemma3", tmp / "gemma3_sharded", 60_000)
+    q3 = convert(FIXTURES / "tiny_gemma3", mlx_path=tmp / "q3", quantize=True, q_group_size=32, progress=False)
+    out["gemma3_q4_sharded"] = sharded_copy(q3, tmp / "gemma3_q4_sharded", 30_000)
+    out["gemma2_q4"] = convert(FIXTURES / "tiny_gemma2", mlx_path=tmp / "gemma2_q4", quantize=True,
+                               q_group_size=32, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def parity(folders, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("parity") / "out.json"
+    start = time.monotonic()
+    done = launch(str(SCRIPTS / "pipeline_parity.py"), str(out), *map(str, folders.values()))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    results["seconds"] = time.monotonic() - start
+    return {name: results[str(path)] for name, path in folders.items()}
+
+
+# One launch checks all of them (minutes here: two ranks, eleven models, each against one process).
+def test_pipeline_logits_and_tokens_equal_one_process(parity):
+    for name, ranks in parity.items():
+        assert [r["rank"] for r in ranks] == [0, 1], name
+        assert ranks[0]["start"] == 0 and ranks[0]["end"] == ranks[1]["start"] and ranks[1]["end"] == ranks[0]["layers"]
+        for r in ranks:
+            assert r["full_err"] <= 1e-5 and r["cached_err"] <= 1e-5, (name, r)
+            assert r["caches"] == r["end"] - r["start"], (name, r)  # each rank's caches hold its layers only
+            if "transformers_err" in r:
+                assert r["transformers_err"] < 1e-4, (name, r)
+
+
+def test_each_rank_loads_about_half(parity, folders):
+    """Each rank's parameter bytes: its layers as stored, plus the replicated embedding (tied head)
+    and, on rank 0, the towers.  Checked: the two ranks' layer bytes differ by at most one layer's
+    bytes plus the fixed costs the split balances against; each rank holds less than the whole."""
+    for name, (r0, r1) in parity.items():
+        sizes = tensor_sizes(folders[name])
+        layer = {}
+        for n, (_, b) in sizes.items():
+            role, i = tensor_role(n)
+            if role == "layer":
+                layer[i] = layer.get(i, 0) + b
+        fixed = sum(b for n, (_, b) in sizes.items() if tensor_role(n)[0] != "layer")
+        total = r0["total_bytes"]
+        assert r0["bytes"] < total and r1["bytes"] < total, name
+        mine = [sum(layer.get(i, 0) for i in range(r["start"], r["end"])) for r in (r0, r1)]
+        assert abs(mine[0] - mine[1]) <= max(layer.values()) + fixed, (name, mine)
+        # the whole model is held once, except what both ranks need (tied embedding, the final norm)
+        assert r0["bytes"] + r1["bytes"] - total <= fixed, name
+
+
+def test_mismatched_folders_and_too_many_ranks_fail_on_every_rank(tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURES / "tiny_gemma3", other)
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(config))
+    done = launch(str(SCRIPTS / "pipeline_failures.py"), "mismatch", str(FIXTURES / "tiny_gemma3"), str(other))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: DistributedError: rank {rank}: the ranks load different models" in done.stdout
+    done = launch(str(SCRIPTS / "pipeline_failures.py"), "too_many", str(FIXTURES / "tiny_gemma4_mm"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: DistributedError: 2 pipeline ranks cannot split a model of 4 layers" in done.stdout
+
+
+@pytest.mark.parametrize("case", ["dies", "hangs"])
+def test_a_lost_rank_ends_the_others_with_an_error(case):
+    start = time.monotonic()
+    done = launch(str(SCRIPTS / "pipeline_failures.py"), case, str(FIXTURES / "tiny_gemma3"),
+                  env={"MLX_GEMMA_DISTRIBUTED_TIMEOUT": "10"}, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode != 0 or "rank 0: RuntimeError" in done.stdout
+    assert ("rank 0: RuntimeError: [ring] connection to a peer was lost" in done.stdout
+            or "error: distributed: no progress for 10 s while generating" in done.stderr), \
+        done.stdout[-2000:] + done.stderr[-2000:]
+    assert "generation ended without an error" not in done.stdout + done.stderr
+    assert time.monotonic() - start < LAUNCH_TIMEOUT
+
+
+def test_generate_cli_pipeline_prints_once_and_matches_one_process(capsys):
+    prompt = "The quick brown fox"
+    folder = FIXTURES / "tiny_gemma3"
+    done = launch("-m", "mlx_gemma.generate", "--model", str(folder), "--pipeline", "--prompt", prompt,
+                  "--max-tokens", "12", "--no-chat")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    model, tokenizer = mlx_gemma.load(folder)
+    want = mlx_gemma.generate(model, tokenizer, prompt, max_tokens=12)
+    assert done.stdout.count("==========") == 0 and done.stderr.count("==========") == 1  # rank 0's stats only
+    assert done.stdout.strip() == want.strip()
