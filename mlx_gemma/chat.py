@@ -31,6 +31,7 @@ from .api import load
 from .audio import load_audio
 from .errors import AudioError, GenerationError, ImageError, MlxGemmaError, TokenizerError
 from .cli import add_cache_flags, add_sampling_flags, console, error_line, kv_options_from, sampling_from
+from .distributed.cli import add_distributed_flags, distributed_from, rank_console, running, shared_line
 from .gemma4_prompts import AUDIO_MARKER, IMAGE_MARKER, blocks_of, media_settings, preprocess_media
 from .gemma4_prompts import user_content as gemma4_content
 from .generate import GenerationResponse, add_speculation_flags, format_stats, speculation_from, stream_generate
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gemma 4: turn its thinking mode on (replies may open with a thought, dropped from later turns)")
     p.add_argument("--verbose", action="store_true",
                    help="print each reply's statistics to stderr (with speculation: proposed tokens accepted)")
+    add_distributed_flags(p)
     return p
 
 
@@ -296,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     interactive = sys.stdin.isatty()
     try:
         sampling = sampling_from(args)
-        model, tokenizer = load(args.model)
+        ranks = distributed_from(args)  # --pipeline / --tensor-parallel: rank 0 reads, every rank answers
+        model, tokenizer = load(args.model, **ranks)
+        out, err = rank_console(ranks, out, err)
         session = ChatSession(model, tokenizer, args.system, args.max_tokens, sampling=sampling,
                               kv_options=kv_options_from(args), pan_and_scan=args.pan_and_scan or None,
                               enable_thinking=args.enable_thinking, **speculation_from(args))
@@ -304,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "/quit or Ctrl-D leaves]", file=err)
         pending: dict = {"image": [], "audio": []}  # media attached to the next message
         while True:
-            line = input(">> ") if interactive else sys.stdin.readline()
+            line = shared_line(ranks, lambda: _read_line(interactive))
             if not line:  # EOF
                 break
             text = line.strip()
@@ -325,8 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             last = None
             try:
                 media, pending = pending, {"image": [], "audio": []}
-                for last in session.send(text, media["image"], media["audio"]):
-                    print(last.text, end="", file=out, flush=True)
+                with running(ranks, "answering"):
+                    for last in session.send(text, media["image"], media["audio"]):
+                        print(last.text, end="", file=out, flush=True)
             except (ImageError, AudioError) as e:  # media the model cannot take: the conversation is as it was
                 print(f"{error_line(e)} (message not sent)", file=err)
                 continue
@@ -348,6 +353,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MlxGemmaError as e:
         print(error_line(e), file=err)
         return 2
+
+
+def _read_line(interactive: bool) -> str:
+    """The next line of input ("" at its end: Ctrl-D at a prompt, as an empty line there, leaves)."""
+    if not interactive:
+        return sys.stdin.readline()
+    try:
+        return input(">> ")
+    except EOFError:
+        return ""
 
 
 def _attach(kind: str, path: str, err):
