@@ -46,6 +46,15 @@ class Proposer(Protocol):
         """The target kept the first n tokens of the last proposal (a proposer with caches rolls back)."""
 
 
+class TargetReader(Proposer, Protocol):
+    """A proposer that also reads the target's states (the Gemma 4 assistant drafter, assistant_proposer.py):
+    `SpeculativeStep` calls `observe` after every target pass, before `accept`."""
+
+    def observe(self, model, cache: Sequence, hidden: mx.array) -> None:
+        """`hidden` [T, D]: the target's final normed hidden states at the positions just fed (the prompt's
+        last, or a step's 1 + k); `model` and `cache`: the target and its caches after that pass."""
+
+
 # ----- rolling caches back -------------------------------------------------------------
 
 
@@ -156,6 +165,7 @@ class SpeculativeStep:
         self.control = controller or Adaptive(num_draft_tokens, proposer_seconds=getattr(proposer, "step_seconds", None))
         self.stats = stats if stats is not None else SpeculativeStats()
         self.clock, self.started = clock, 0.0
+        self.observe = getattr(proposer, "observe", None)  # a TargetReader's
 
     def _next_key(self) -> mx.array:
         self.key, key = mx.random.split(self.key)
@@ -182,6 +192,8 @@ class SpeculativeStep:
 
     def first(self, hidden: mx.array) -> Pending:
         self.started = self.clock()
+        if self.observe is not None:
+            self.observe(self.model, self.cache, hidden[0, -1:])
         logprobs, finite = self._shaped(self.model.logits(hidden[:, -1, :]), None)
         return Pending((self._draw(logprobs), finite), ("first", 0, logprobs))
 
@@ -198,6 +210,8 @@ class SpeculativeStep:
         if self.processors:
             self.history = mx.concatenate([self.history, fed[None, :1]], axis=1)
         hidden = self.model.model(fed[None], cache=self.cache)  # [1, k + 1, D]
+        if self.observe is not None:
+            self.observe(self.model, self.cache, hidden[0])
         logprobs, finite = self._shaped(self.model.logits(hidden[0]), proposals)
         if k == 0:
             return Pending((self._draw(logprobs), finite), ("plain", 0, logprobs))
