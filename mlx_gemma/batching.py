@@ -37,9 +37,13 @@ so the scheduler decodes two batches per step, float rows and quantized rows (on
 each while both hold rows), and a row moves to the quantized batch before the step whose update
 would switch it alone (models/batch_rows.py: `move_row`).
 
-Not batched yet (refused by `Scheduler` with a GenerationError): prefix-LM models (PaliGemma,
-whose prompt attends both ways).  A prompt with media is prefilled in one step (the engine's
-prefill keeps its image blocks whole), not chunk by chunk.
+Prefix-LM models (PaliGemma): a prompt attends both ways, so it is prefilled alone in one call
+(its own caches, as everywhere here), and only its decoding is batched, which is causal: each
+decode step passes `prefix_length` 0 (every row is past its prompt).  The prefix cache is off for
+them: a prompt's keys depend on all of it, so no shorter or longer prompt can reuse them.
+
+A prompt with media is prefilled in one step (the engine's prefill keeps its image blocks whole),
+not chunk by chunk.
 """
 
 from __future__ import annotations
@@ -249,7 +253,10 @@ class BatchPolicy:
 
     def _decode_batch(self, batch: _Batch) -> list[RowOut]:
         y = mx.concatenate([r.last for r in batch.rows])[:, None]  # [B, 1]
-        hidden = self.model.model(y, cache=batch.caches)  # [B, 1, D]
+        # A prefix-LM's decode steps are past every row's prompt: no prefix (PaliGemma would
+        # otherwise take a call at offset 0 for a prompt).
+        suffix = {"prefix_length": mx.zeros((y.shape[0],), mx.int32)} if self.model.prefix_lm else {}
+        hidden = self.model.model(y, cache=batch.caches, **suffix)  # [B, 1, D]
         logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)  # [B, V]
         outs = []
         for b, row in enumerate(batch.rows):
@@ -316,7 +323,8 @@ class BatchPolicy:
             hidden, row.fed = prefill(self.model, row.prompt[:, row.fed :], row.caches, step, **media), L
         else:  # a chunk per step between decoding steps; the rest at once (in chunks) when none run
             decoding = any(not r.done for r in self.rows)
-            end = min(L, row.fed + self.chunk) if decoding else L
+            # (a prefix-LM prompt goes whole: its tokens attend both ways)
+            end = min(L, row.fed + self.chunk) if decoding and not self.model.prefix_lm else L
             hidden, row.fed = prefill(self.model, row.prompt[:, row.fed : end], row.caches, self.chunk), end
         if row.fed < L:
             mx.eval([c.state for c in row.caches])
@@ -366,9 +374,6 @@ class Scheduler:
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int | None = None,
                  kv_options: KVCacheOptions | None = None, prefix_cache_bytes: int = DEFAULT_BYTES):
-        if model.prefix_lm:
-            raise GenerationError("a prefix-LM model (PaliGemma) attends its prompt both ways and is not "
-                                  "batched yet: generate with mlx_gemma.generate instead")
         if not is_integer(max_batch) or max_batch < 1:
             raise GenerationError(f"max_batch must be an integer >= 1, got {max_batch!r:.80}")
         if prefill_chunk is not None and (not is_integer(prefill_chunk) or prefill_chunk < 1):
@@ -388,7 +393,9 @@ class Scheduler:
         self._closed = False
         self._served: threading.Event | None = None  # set when the serving loop has ended
         media_ids = frozenset(spec.token_id for spec in (model.image_input, model.audio_input) if spec is not None)
-        self._prefix = PrefixCache(int(prefix_cache_bytes), media_ids) if prefix_cache_bytes else None
+        # (off for a prefix-LM: a prompt's keys depend on the whole prompt, see the module docstring)
+        reuse = prefix_cache_bytes and not model.prefix_lm
+        self._prefix = PrefixCache(int(prefix_cache_bytes), media_ids) if reuse else None
         self._policy = BatchPolicy(model, self._inbox, int(prefill_chunk or default_prefill_step(model)),
                                    self.kv_options, self._finished, self.max_batch, self._prefix)
 

@@ -14,16 +14,18 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import mlx.core as mx
 
 from mlx_gemma.batching import MAX_TOP_LOGPROBS, Event, Job, Scheduler
 from mlx_gemma.errors import GenerationError
-from mlx_gemma.generate import generate_step
+from mlx_gemma.generate import generate_step, stream_generate
 from mlx_gemma.loading import load, load_model
 from mlx_gemma.models.batch_rows import BatchKVCache
 from mlx_gemma.models.kv_cache import KVCacheOptions
 from mlx_gemma.samplers import SamplingSettings
+from mlx_gemma.vision import prompt_rows
 
 from conftest import FIXTURES
 
@@ -529,6 +531,34 @@ def test_media_the_model_cannot_take_end_that_job_only(scheduler):
     assert (len(got.events[bad]), final.finish_reason, final.prompt_tokens) == (1, "error", 5)
     assert final.error
     assert got.tokens(good) == alone(model, prompt(6, 1), 8)[0]
+
+
+@pytest.mark.parametrize("name", ["paligemma", "paligemma2"])
+def test_paligemma_rows_are_batched_and_equal_generate(name, scheduler, tmp_path):
+    """PaliGemma's prompts (image, <bos>, text, "\n") attend both ways: each is prefilled alone in one
+    call, then decoded causally in the batch beside the others (image rows, a text row, staggered);
+    each equals mlx_gemma's stream_generate with the same image (itself checked against transformers)."""
+    model, tokenizer = load(FIXTURES / f"tiny_{name}")
+    images = []
+    for seed in (1, 2):
+        images.append(tmp_path / f"{seed}.png")
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(images[-1])
+    asks, n = [("caption en", images[0]), ("answer en what is this?", images[1]), ("detect car", images[0])], 10
+    s, got = scheduler(model), Collector()
+    assert s._prefix is None  # a prefix-LM prompt's keys depend on all of it: nothing to reuse
+    jobs = []
+    for text, image in asks:
+        rows, pixels = prompt_rows(model, tokenizer, [text], [str(image)])
+        jobs.append(Job(rows[0], n, stop_ids=frozenset(tokenizer.eos_token_ids), media={"pixel_values": pixels}))
+    jobs.append(Job(prompt(7, 3), n))  # text only: all of it a prefix too
+    ids = [s.submit(jobs[0], got)]
+    got.wait(lambda: len(got.events[ids[0]]) >= 3)  # the others join while the first decodes
+    ids += [s.submit(job, got) for job in jobs[1:]]
+    got.wait_done(ids)
+    for job_id, (text, image) in zip(ids, asks):
+        expected = [r.token for r in stream_generate(model, tokenizer, text, image=str(image), max_tokens=n)]
+        assert got.tokens(job_id) == expected
+    assert got.tokens(ids[-1]) == alone(model, jobs[-1].prompt_ids, n)[0]
 
 
 def test_short_prompts_arriving_together_join_in_one_step():

@@ -90,9 +90,10 @@ class BatchKVCache:
         return mx.array(self.pad, dtype=mx.int32)
 
     def make_mask(self, T: int, window: int | None = None, prefix_length: mx.array | None = None):
-        """Mask for the next `update_and_fetch` of T tokens over the `used + T` slots it returns."""
-        if prefix_length is not None:
-            raise GenerationError("a prefix-LM prompt is prefilled alone, not in a running batch")
+        """Mask for the next `update_and_fetch` of T tokens over the `used + T` slots it returns.
+
+        `prefix_length` is taken and ignored: a prefix-LM's prompt is prefilled alone, and a batch
+        only decodes past it, where a prefix changes nothing (the scheduler passes zeros)."""
         self._reserve(T)  # before the mask: making room may drop old slots
         S = self.used + T
         if self.recent is not None:  # what the cache keeps narrows the window (RotatingKVCache.make_mask)

@@ -8,6 +8,12 @@ temporary folder and read by mlx_gemma's loaders, with their caps on bytes, pixe
 (`vision.load_image`, `audio.load_audio`); the model's inputs are then laid out as `generate` lays
 them out (Gemma 3: `image_chat.chat_image_rows`; Gemma 4: `gemma4_prompts.media_rows`) and made
 concrete here, so the scheduler's thread only runs the model on them.
+
+PaliGemma takes no chat template: it answers one task prompt ("caption en", "detect car").  A chat
+request's prompt is its last message, which must be a user message: its text parts joined by a
+space (as mlx-vlm's server reads the last message for PaliGemma) and its image, one at most, laid out
+as `generate(prompt, image=...)` lays them out (`[<image> x N] <bos> text "\n"`; without an image,
+`<bos> text`).  Earlier messages are not part of the prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import mlx.core as mx
 from ..errors import MlxGemmaError
 from ..gemma4_prompts import media_rows
 from ..image_chat import chat_image_rows
+from ..vision import prompt_rows
 from .api_errors import ApiError
 from .served import ServedModel
 
@@ -116,9 +123,42 @@ def media_prompt(served: ServedModel, messages: list[dict], media: MediaParts, t
             rows, pixels = chat_image_rows(model, tokenizer, [messages], [media.images], chat=True, system=None)
             inputs = {"pixel_values": pixels}
         mx.eval(list(inputs.values()))  # concrete before another thread's graph uses them
-    except MlxGemmaError as e:
-        message = str(e).replace(f"{folder}{os.sep}", "")  # no server paths in the answer
-        if media.allow_dir is not None:
-            message = message.replace(f"{media.allow_dir.resolve()}{os.sep}", "")
-        raise ApiError(400, message, "messages", "invalid_media") from None
+    except MlxGemmaError as e:  # no server paths in the answer
+        raise ApiError(400, _no_paths(str(e), media, folder), "messages", "invalid_media") from None
     return rows[0], inputs
+
+
+def prefix_lm_prompt(served: ServedModel, messages: list[dict], media: MediaParts, thinking: bool,
+                     folder: Path) -> tuple[list[int], dict | None]:
+    """(prompt ids, the model's inputs or None) of a chat for PaliGemma (see the module docstring)."""
+    last = messages[-1]
+    if last["role"] != "user":
+        raise ApiError(400, "PaliGemma takes no chat template: its prompt is the last message, which must be a "
+                            "user message", "messages", "invalid_messages")
+    if thinking:
+        raise ApiError(400, "enable_thinking: PaliGemma has no thinking mode", "chat_template_kwargs", "invalid_value")
+    if media.clips:
+        raise ApiError(400, f"the model `{served.name}` takes no audio", "messages", "unsupported_content")
+    content = last["content"] if isinstance(last["content"], list) else [{"type": "text", "text": last["content"]}]
+    text = " ".join(p["text"] for p in content if p["type"] == "text").strip()
+    n = sum(p["type"] == "image" for p in content)  # the last message's images are the last collected
+    if n > 1:
+        raise ApiError(400, "PaliGemma takes one image per prompt", "messages", "too_many_media")
+    if not text:
+        raise ApiError(400, "PaliGemma's prompt (the last message's text) is empty", "messages", "invalid_messages")
+    if not n:
+        return served.tokenizer.encode(text, add_bos=True), None
+    try:
+        rows, pixels = prompt_rows(served.model, served.tokenizer, [text], [str(media.images[-1])])
+        mx.eval(pixels)  # concrete before another thread's graph uses them
+    except MlxGemmaError as e:
+        raise ApiError(400, _no_paths(str(e), media, folder), "messages", "invalid_media") from None
+    return rows[0], {"pixel_values": pixels}
+
+
+def _no_paths(message: str, media: MediaParts, folder: Path) -> str:
+    """A loader's message without the server's folders in it."""
+    message = message.replace(f"{folder}{os.sep}", "")
+    if media.allow_dir is not None:
+        message = message.replace(f"{media.allow_dir.resolve()}{os.sep}", "")
+    return message

@@ -25,7 +25,7 @@ from ..prompts import prompt_ids
 from ..samplers import SamplingSettings
 from ..tool_calls import ToolCallFormat, render_chat
 from .api_errors import ApiError
-from .media import NOT_YET, MediaParts, media_prompt
+from .media import NOT_YET, MediaParts, media_prompt, prefix_lm_prompt
 from .schemas import ChatRequest, CompletionRequest, Message
 from .served import Defaults, ServedModel
 from .tools import ForcedPrefix, ToolPlan, plan_tools, uses_tools
@@ -55,14 +55,20 @@ def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
     with tempfile.TemporaryDirectory(prefix="mlx_gemma-request-") as folder:
         media = MediaParts(Path(folder), media_dir)
         messages = [_message_dict(m, i, media) for i, m in enumerate(request.messages)]
-        if (media.images or media.clips) and tools is not None:
+        if served.model.prefix_lm:  # PaliGemma: no chat template (media.py says what its prompt is)
+            if tools is not None:
+                raise ApiError(400, "PaliGemma has no function-calling format: it takes no tools", "tools",
+                               "unsupported_parameter")
+            ids, inputs = prefix_lm_prompt(served, messages, media, thinking, Path(folder))
+        elif (media.images or media.clips) and tools is not None:
             raise ApiError(400, f"tools beside image or audio parts are {NOT_YET}", "tools", "unsupported_parameter")
-        if media.images or media.clips:
+        elif media.images or media.clips:
             ids, inputs = media_prompt(served, messages, media, thinking, Path(folder))
         else:
             ids, inputs = _text_prompt(served, messages, thinking, request if tools else None), None
     stop_ids = frozenset(served.tokenizer.eos_token_ids)
-    if served.tokenizer.end_of_turn_id is not None:  # a reply ends with its turn, as ChatSession stops
+    if served.tokenizer.end_of_turn_id is not None and not served.model.prefix_lm:
+        # a reply ends with its turn, as ChatSession stops (PaliGemma has no turns: <eos>, as generate)
         stop_ids |= {served.tokenizer.end_of_turn_id}
     if tools is not None:
         stop_ids |= tools.stop_ids
