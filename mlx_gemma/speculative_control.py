@@ -22,7 +22,7 @@ The first speculative step of each burst is not timed into b: a draft model then
 missed -- the whole prompt, at first, which can cost as much as many plain steps.  So before a burst
 a proposer that can time one of its own steps (`DraftModel.step_seconds`) is asked to: when that
 alone makes speculating slower than plain decoding even with 4 in 5 proposals kept, the burst is
-skipped as a failed probe would be, and the draft never reads the prompt.
+skipped as a failed probe would be, and the draft never reads the prompt (timed once per generation).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class Adaptive:
         self.since_plain = 0  # speculative steps since the last plain one
         self.proposer_seconds = proposer_seconds  # seconds of one proposing step alone, where known
         self.vetted = False  # the proposer's own step time has cleared this burst
+        self.floor: float | None = None  # the proposer's step over a plain step's: b is at least this
 
     # ----- what the model says
 
@@ -99,8 +100,9 @@ class Adaptive:
         """Whether a burst could pay, judged by the proposer's own step time before it catches up."""
         if self.vetted or self.proposer_seconds is None or not self.plain_times:
             return True
-        floor = self.proposer_seconds() / statistics.median(self.plain_times)  # b is at least this
-        if max(gain(HOPEFUL, floor, k) for k in range(1, self.k_max + 1)) >= 1:
+        if self.floor is None:  # timed once: a ratio of two step times holds while the machine's load changes
+            self.floor = self.proposer_seconds() / statistics.median(self.plain_times)
+        if max(gain(HOPEFUL, self.floor, k) for k in range(1, self.k_max + 1)) >= 1:
             self.vetted = True
             return True
         self._switch_off(hopeless=True)
