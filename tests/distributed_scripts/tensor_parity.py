@@ -1,0 +1,156 @@
+"""Run under `mlx.launch -n 2 --backend ring` by tests/test_distributed_tensor.py: tensor parallel against one process.
+
+For each model (fixtures, in-memory variants, the quantized folders named on the command line) every
+rank loads it twice: once whole (the single-process reference, run in this same process) and once
+sharded with `shard_tensor_parallel`.  It records, per model, the largest logit difference of a
+full-sequence batch call and of chunked prefill + cached greedy decoding past the sliding windows (the
+logprobs of every step, fed the reference's tokens), whether the greedy tokens of both are equal, and
+the parameter bytes this rank holds beside what the split should leave (replicated parts whole, the
+split parts / N).  Rank r writes <out>/rank<r>.json; the test asserts on them.
+
+usage: tensor_parity.py OUT_DIR [NAME=QUANTIZED_FOLDER ...]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_gemma.cpu_spread import prepare_for_device
+from mlx_gemma.distributed.tensor_parallel import shard_tensor_parallel
+from mlx_gemma.generate import generate_step
+from mlx_gemma.loading import build_model, load_config, load_model, load_model_from
+from mlx_gemma.model_folder import load_weights_from_folder
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+PROMPT_LENGTH, NEW_TOKENS, CHUNK = 9, 8, 4  # 17 positions: past every tiny model's window (5 or 6)
+
+
+def one_kv_head_gemma3():
+    """tiny_gemma3 with one KV head (as Gemma 3 1B): its first KV head's weights, built in memory."""
+    folder = FIXTURES / "tiny_gemma3"
+    config = {**load_config(folder), "num_key_value_heads": 1}
+    weights = load_weights_from_folder(folder)
+    rows = config["head_dim"]
+    for name in list(weights):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            weights[name] = weights[name][:rows]
+
+    def make():
+        model = load_model_from(config, dict(weights), path=folder)
+        mx.eval(model.parameters())
+        return model
+
+    return make
+
+
+def quantized_moe():
+    """A Gemma 4 MoE as tiny_gemma4_moe but 64 wide (MLX quantizes in groups of 32 and up, which 48 does not
+    divide), random weights drawn alike on every rank, every linear layer and expert bank quantized (4 bits,
+    groups of 32): the quantized expert banks are split too."""
+    config = {**load_config(FIXTURES / "tiny_gemma4_moe"), "hidden_size": 64, "intermediate_size": 64,
+              "moe_intermediate_size": 32}
+
+    def make():
+        mx.random.seed(3)
+        model = build_model(config)
+        nn.quantize(model, group_size=32, bits=4, class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+        model = prepare_for_device(model)
+        mx.eval(model.parameters())
+        return model
+
+    return make
+
+
+def cases(quantized: dict[str, str]):
+    """(name, make, decode): every model gets a full-sequence call; those with decode also the chunked
+    prefill and cached decoding (each step a round of all_sums: on a loaded 2-core machine, the slow part)."""
+    for name, decode in (("gemma", False), ("gemma2", True), ("gemma3", False), ("gemma3_vlm", False),
+                         ("gemma4_e2b", True), ("gemma4_31b", False), ("gemma4_moe", True)):
+        yield name, lambda name=name: load_model(FIXTURES / f"tiny_{name}"), decode
+    yield "gemma3_one_kv_head", one_kv_head_gemma3(), True
+    yield "gemma4_moe_q4_in_memory", quantized_moe(), True
+    for name, folder in quantized.items():
+        yield name, lambda folder=folder: load_model(folder), True
+
+
+def kv_heads_below(model, n: int) -> set[int]:
+    """Layers whose KV heads are fewer than the ranks: their k/v projections are replicated whole."""
+    return {i for i, layer in enumerate(model.layers) if layer.self_attn.n_kv_heads < n}
+
+
+def expected_bytes(whole, n: int) -> tuple[int, int, int]:
+    """(replicated bytes, bytes of the split parts, bytes this rank should hold) of the whole model: the
+    decoder blocks' q/k/v/o, gate/up/down and expert banks are split (k/v replicated where the KV heads are
+    fewer than the ranks), everything else (embeddings, norms, towers, router, per-layer inputs) is whole."""
+    split = 0
+    for layer in whole.layers:
+        names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "experts"]
+        if layer.self_attn.n_kv_heads >= n:
+            names += ["self_attn.k_proj", "self_attn.v_proj"]
+        modules = dict(layer.named_modules())
+        split += sum(parameter_bytes(modules[name]) for name in names if name in modules)
+    total = parameter_bytes(whole)
+    return total - split, split, total - split + split // n
+
+
+def parameter_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def decode(model, ids: mx.array) -> tuple[list[list[int]], list[mx.array]]:
+    """Greedy tokens and the logprobs of each step: chunked prefill, then cached decoding."""
+    tokens, logprobs = [], []
+    for step_ids, lp in generate_step(model, ids, prefill_step_size=CHUNK, max_tokens=NEW_TOKENS):
+        tokens.append(step_ids)
+        logprobs.append(lp)
+    return tokens, logprobs
+
+
+def compare(name: str, make, decoding: bool, group) -> dict:
+    n = group.size()
+    whole = make()
+    vocab = whole.args.vocab_size
+    ids = mx.random.randint(3, vocab, (2, PROMPT_LENGTH), key=mx.random.key(7))  # the same on every rank
+    before = mx.get_active_memory()
+    sharded = make()
+    loaded = mx.get_active_memory() - before
+    shard_tensor_parallel(sharded, group)
+    gc.collect()
+    held = mx.get_active_memory() - before
+
+    full_diff = mx.abs(sharded(ids) - whole(ids)).max().item()
+    tokens = ref_tokens = step_diff = None
+    if decoding:
+        ref_tokens, ref_logprobs = decode(whole, ids)
+        tokens, logprobs = decode(sharded, ids)
+        step_diff = max(mx.abs(a - b).max().item() for a, b in zip(logprobs, ref_logprobs))
+    replicated, split, expected = expected_bytes(whole, n)
+    return {
+        "name": name, "full_logits_diff": full_diff, "decode_logprobs_diff": step_diff,
+        "tokens_equal": tokens == ref_tokens, "steps": len(tokens or ()), "whole_bytes": parameter_bytes(whole),
+        "replicated_bytes": replicated, "split_bytes": split, "expected_bytes": expected,
+        "held_bytes": parameter_bytes(sharded), "active_bytes_after_load": loaded, "active_bytes_held": held,
+        "kv_replicated_layers": sorted(kv_heads_below(whole, n)),
+    }
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    quantized = dict(arg.split("=", 1) for arg in sys.argv[2:])
+    group = mx.distributed.init()
+    results = []
+    for name, make, decoding in cases(quantized):
+        results.append(compare(name, make, decoding, group))
+        print(f"rank {group.rank()}: {name} done", flush=True)
+    (out / f"rank{group.rank()}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
