@@ -197,6 +197,9 @@ class GrammarConstraint:
         self._seen = 0  # history length at the last call
         self._ended: list[bool] = []  # the row emitted an eos id
         self._bitmask = None  # [B, ceil(vocab / 32)] int32, reused every step
+        # Per row, what each id fed did (True: the matcher consumed it; False: the row ended there;
+        # None: the row had ended), so `rollback` can undo the last ones.
+        self._log: list[list[bool | None]] = []
 
     def _start(self, rows: int) -> None:
         first = llguidance.LLMatcher(self.vocab, self.grammar, log_level=0)
@@ -204,6 +207,7 @@ class GrammarConstraint:
             raise GenerationError(f"the grammar does not compile: {first.get_error()}")
         self._matchers = [first] + [first.deep_copy() for _ in range(rows - 1)]
         self._ended = [False] * rows
+        self._log = [[] for _ in range(rows)]
         self._bitmask = allocate_token_bitmask(rows, self.vocab.vocab_size)
 
     def _feed(self, tokens: mx.array) -> None:
@@ -217,13 +221,35 @@ class GrammarConstraint:
         for b, ids in enumerate(new):
             for token in ids:
                 if self._ended[b]:
+                    self._log[b].append(None)
                     continue
                 if token in self._eos and self._matchers[b].is_accepting():
                     self._ended[b] = True
-                elif not self._matchers[b].consume_token(token):
+                    self._log[b].append(False)
+                    continue
+                self._log[b].append(True)
+                if not self._matchers[b].consume_token(token):
                     piece = self._tokenizer.id_to_piece(token) if 0 <= token < self.vocab.vocab_size else "?"
                     raise GenerationError(f"batch row {b}: token {token} ({piece!r}) breaks the JSON grammar: "
                                           f"{self._matchers[b].get_error()}")
+
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` ids fed, in every row (speculative decoding: proposals the target
+        rejected, which the processor saw while it masked the positions after them)."""
+        if n <= 0:
+            return
+        if any(n > len(log) for log in self._log) or not self._log:
+            raise GenerationError(f"a grammar constraint cannot go back {n} ids: it was fed fewer")
+        for b, log in enumerate(self._log):
+            undone = log[-n:]
+            del log[-n:]
+            consumed = sum(1 for m in undone if m)
+            if consumed and not self._matchers[b].rollback(consumed):
+                raise GenerationError(f"batch row {b}: the grammar's parser cannot go back {consumed} tokens: "
+                                      f"{self._matchers[b].get_error()}")
+            if False in undone:
+                self._ended[b] = False
+        self._seen -= n
 
     def allowed(self) -> np.ndarray:
         """Which ids each row may take next: bool [B, vocab] (host side)."""
