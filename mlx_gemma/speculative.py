@@ -165,6 +165,10 @@ class SpeculativeStep:
         self.control = controller or Adaptive(num_draft_tokens, proposer_seconds=getattr(proposer, "step_seconds", None))
         self.stats = stats if stats is not None else SpeculativeStats()
         self.clock, self.started = clock, 0.0
+        # Processors with state of their own (grammar.py's parser) must see only kept tokens: they
+        # take back the proposals they were fed beyond what the step kept (`rollback(n)`).
+        self.rolling = [p for p in self.processors if callable(getattr(p, "rollback", None))]
+        self.fed_to_processors = 0  # proposals the processors saw in the last step
         self.observe = getattr(proposer, "observe", None)  # a TargetReader's
 
     def _next_key(self) -> mx.array:
@@ -173,13 +177,20 @@ class SpeculativeStep:
 
     def _shaped(self, logits: mx.array, proposals: mx.array | None) -> tuple[mx.array, mx.array]:
         """(processed log-probabilities [T, V], whether every row is finite) of logits [T, V];
-        row i's processors see the history extended by proposals[:i]."""
+        row i's processors see the history extended by proposals[:i].  With stateful processors, the
+        rows stop after the first proposal its own row rules out (a grammar parser cannot take it): the
+        target rejects it there, so the rows after it are never read and are copies."""
         logits = logits.astype(mx.float32)
+        self.fed_to_processors = 0
         if self.processors:
             rows = []
             for i in range(logits.shape[0]):
+                if i and self.rolling and not bool(mx.isfinite(rows[-1][0, proposals[i - 1]])):
+                    rows += [rows[-1]] * (logits.shape[0] - i)
+                    break
                 seen = self.history if i == 0 else mx.concatenate([self.history, proposals[None, :i]], axis=1)
                 rows.append(apply_processors(self.processors, seen, logits[i : i + 1]))
+                self.fed_to_processors = i
             logits = mx.concatenate(rows, axis=0)
         lse = logsumexp(logits)
         # A NaN anywhere in a row, or a row with no finite logit, leaves its logsumexp non-finite.
@@ -237,6 +248,8 @@ class SpeculativeStep:
             emitted = drafts[:kept] + [fallback[kept]]
             roll_back(self.cache, self.cache_offset() - (k - kept))
             self.proposer.accept(kept)
+            for p in self.rolling:  # they saw proposals up to the last row they masked
+                p.rollback(self.fed_to_processors - kept)
             if self.processors:
                 self.history = mx.concatenate([self.history, mx.array([drafts[:kept]], mx.int32)], axis=1)
         self._account(kind, k, kept, len(emitted))
