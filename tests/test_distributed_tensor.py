@@ -146,6 +146,15 @@ def test_each_rank_holds_its_share_of_the_weights(ranks):
                 assert abs(r["active_bytes_held"] - r["held_bytes"]) <= 0.05 * r["held_bytes"] + 65536, name
 
 
+def test_one_all_sum_per_attention_per_mlp_and_per_expert_bank(ranks):
+    """What a decoding step sends: per block, one all_sum of one hidden vector per token after attention and
+    one after the MLP (and one after the experts with MoE), in the activation dtype; counted on the calls."""
+    for name, r in ranks[0].items():
+        per_block = 3 if r["moe"] else 2
+        assert r["step_all_sums"] == per_block * r["layers"], name
+        assert r["step_bytes_per_row"] == per_block * r["layers"] * r["hidden_size"] * r["activation_bytes"], name
+
+
 # --- refusals, before anything is loaded or changed ----------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from mlx_gemma.distributed.tensor_parallel import shard_tensor_parallel
 from mlx_gemma.generate import generate_step
 from mlx_gemma.loading import build_model, load_config, load_model, load_model_from
 from mlx_gemma.model_folder import load_weights_from_folder
+from mlx_gemma.models import gemma4
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPT_LENGTH, NEW_TOKENS, CHUNK = 9, 8, 4  # 17 positions: past every tiny model's window (5 or 6)
@@ -113,6 +114,32 @@ def decode(model, ids: mx.array) -> tuple[list[list[int]], list[mx.array]]:
     return tokens, logprobs
 
 
+class AllSumCount:
+    """Counts the all_sums (and the bytes handed to them) while it is entered: the module calls
+    mx.distributed.all_sum by attribute, so the counting function stands in for it."""
+
+    def __enter__(self):
+        self.calls, self.bytes, self.original = 0, 0, mx.distributed.all_sum
+        mx.distributed.all_sum = self.count
+        return self
+
+    def count(self, x, *args, **kwargs):
+        self.calls, self.bytes = self.calls + 1, self.bytes + x.nbytes
+        return self.original(x, *args, **kwargs)
+
+    def __exit__(self, *exc):
+        mx.distributed.all_sum = self.original
+
+
+def one_step_traffic(model, ids: mx.array) -> tuple[int, int]:
+    """(all_sums, bytes all_sum'ed) for one cached decoding step of the batch, after its prompt."""
+    cache = model.make_cache()
+    mx.eval(model(ids, cache=cache))
+    with AllSumCount() as counted:
+        mx.eval(model(ids[:, -1:], cache=cache))
+    return counted.calls, counted.bytes
+
+
 def compare(name: str, make, decoding: bool, group) -> dict:
     n = group.size()
     whole = make()
@@ -125,7 +152,9 @@ def compare(name: str, make, decoding: bool, group) -> dict:
     gc.collect()
     held = mx.get_active_memory() - before
 
-    full_diff = mx.abs(sharded(ids) - whole(ids)).max().item()
+    logits = whole(ids)
+    full_diff = mx.abs(sharded(ids) - logits).max().item()
+    calls, sent = one_step_traffic(sharded, ids)
     tokens = ref_tokens = step_diff = None
     if decoding:
         ref_tokens, ref_logprobs = decode(whole, ids)
@@ -138,6 +167,9 @@ def compare(name: str, make, decoding: bool, group) -> dict:
         "replicated_bytes": replicated, "split_bytes": split, "expected_bytes": expected,
         "held_bytes": parameter_bytes(sharded), "active_bytes_after_load": loaded, "active_bytes_held": held,
         "kv_replicated_layers": sorted(kv_heads_below(whole, n)),
+        "step_all_sums": calls, "step_bytes_per_row": sent // ids.shape[0], "layers": len(whole.layers),
+        "hidden_size": whole.args.hidden_size, "activation_bytes": logits.dtype.size,
+        "moe": isinstance(whole.layers[0], gemma4.DecoderLayer) and whole.layers[0].moe,
     }
 
 
