@@ -43,7 +43,7 @@ decode step passes `prefix_length` 0 (every row is past its prompt).  The prefix
 them: a prompt's keys depend on all of it, so no shorter or longer prompt can reuse them.
 
 A prompt with media is prefilled in one step (the engine's prefill keeps its image blocks whole),
-not chunk by chunk.
+not chunk by chunk; the prefix cache reuses a media block only where it held the same item there.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from .arguments import is_integer
 from .cpu_spread import streams as cpu_streams
 from .engine import Pending, default_prefill_step, generation_stream, prefill, run
 from .errors import GenerationError
+from .gemma4_prompts import Gemma4Media
 from .image_chat import image_digests, image_spans
 from .mlx_thread import MlxThread
 from .jobs import MAX_TOP_LOGPROBS, Event, Job, Row, RowOut, check_job, error_text, sample_row  # noqa: F401 (re-exported)
@@ -200,14 +201,41 @@ class BatchPolicy:
         if caches is not None:
             self.prefix.store(tokens[:held], caches, row.blocks)
 
-    def _image_blocks(self, job: Job) -> tuple:
-        """(start, end, digest) of each image block when the job's media are one image per block
-        (Gemma 3's pixel values alone), so the prefix cache may reuse a block holding the same image."""
-        media, spec = job.media or {}, self.model.image_input
-        if set(media) != {"pixel_values"} or spec is None or self.model.audio_input is not None:
-            return ()
-        spans, digests = image_spans(job.prompt_ids, spec.token_id), image_digests(media["pixel_values"])
-        return tuple((a, b, d) for (a, b), d in zip(spans, digests)) if len(spans) == len(digests) else ()
+    def _media_blocks(self, job: Job) -> tuple:
+        """(start, end, digest) of each media block, in prompt order, when every item of the job's media
+        has its own run of soft tokens (Gemma 3's images; Gemma 4's images, video frames and clips), so
+        the prefix cache may reuse a block holding the same item; () when they cannot be named."""
+        media, ids = dict(job.media or {}), job.prompt_ids
+        if {k for keys, _ in self._media_kinds() for k in keys if keys[0] in media} != set(media):
+            return ()  # inputs of a kind not named here, or an item's arrays not all there
+        blocks = []
+        for keys, spec in self._media_kinds():
+            if keys[0] not in media:
+                continue
+            spans = image_spans(ids, spec.token_id)
+            # Gemma 4: each item's arrays named together, as its PromptCache names them
+            digests = image_digests(media[keys[0]]) if len(keys) == 1 else Gemma4Media(**{k: media[k] for k in keys}).digests()
+            if len(spans) != len(digests):
+                return ()
+            blocks += [(a, b, d) for (a, b), d in zip(spans, digests)]
+        return tuple(sorted(blocks))
+
+    def _media_kinds(self) -> list:
+        """(the model's input keys of one kind of media, its soft-token spec) per kind it takes."""
+        image, audio = self.model.image_input, self.model.audio_input
+        if image is not None and not image.variable and audio is None:  # Gemma 3 (PaliGemma has no prefix cache)
+            return [(("pixel_values",), image)]
+        kinds = [(("pixel_values", "image_positions"), image)] if image is not None else []
+        return kinds + ([(("audio_features", "audio_mask"), audio)] if audio is not None else [])
+
+    def _media_past(self, row: Row) -> dict:
+        """The job's media items whose blocks lie past the reused prefix (those before it are cached)."""
+        media, out = dict(row.job.media), {}
+        for keys, spec in self._media_kinds():
+            if keys[0] in media:
+                fed = [i for i, (a, _) in enumerate(image_spans(row.job.prompt_ids, spec.token_id)) if a >= row.fed]
+                out.update({k: media[k][mx.array(fed)] for k in keys if fed})
+        return out
 
     # ----- one step -------------------------------------------------------------------------
 
@@ -307,8 +335,8 @@ class BatchPolicy:
         """Feed the next chunk of the row's prompt; its last hidden states when the prompt is in."""
         if row.caches is None:
             row.begin()
-            if self.prefix is not None:  # a prefix holds only the same images (named blocks), else stops before
-                row.blocks = self._image_blocks(row.job)
+            if self.prefix is not None:  # a prefix holds only the same media (named blocks), else stops before
+                row.blocks = self._media_blocks(row.job)
                 row.cached, row.caches = self.prefix.lookup(row.job.prompt_ids, row.blocks)
                 row.fed = row.cached
             if row.caches is None:
@@ -316,9 +344,8 @@ class BatchPolicy:
         L = row.prompt.shape[1]
         media = dict(row.job.media or {})
         if media:  # media go whole: the engine's prefill keeps image blocks in one chunk, audio in one call
-            if row.fed and row.blocks:  # the images past the reused prefix (those before it are cached)
-                fed = [i for i, (a, _, _) in enumerate(row.blocks) if a >= row.fed]
-                media = {"pixel_values": media["pixel_values"][mx.array(fed)]} if fed else {}
+            if row.fed and row.blocks:  # the items past the reused prefix (those before it are cached)
+                media = self._media_past(row)
             step = L if self.model.image_input is None else self.chunk
             hidden, row.fed = prefill(self.model, row.prompt[:, row.fed :], row.caches, step, **media), L
         else:  # a chunk per step between decoding steps; the rest at once (in chunks) when none run

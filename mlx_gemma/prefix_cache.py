@@ -16,10 +16,11 @@ or block hashes: the byte bound keeps entries to tens or hundreds, a compare of 
 ids costs microseconds beside the prefill it saves, and trimming rules (a ring's slack, media)
 decide per entry whether a common prefix is usable, which a trie's longest match alone cannot.
 
-Media: a prefix takes an image block only if the entry holds the same image there (a digest of
-its pixels, as PromptCache does), and never ends inside one; the caller names each block when its
-media are one image per block (Gemma 3), and feeds the images past the prefix.  Other media
-(audio, Gemma 4's images) are not named: a prefix stops at their first soft token.
+Media: a prefix takes a media block only if the entry holds the same item there (a digest of its
+pixels or features, as PromptCache does), and never ends inside one; the caller names each block
+when every item has a run of soft tokens of its own (Gemma 3's images; Gemma 4's images, video
+frames and clips), and feeds the items past the prefix.  Media it cannot name stop a prefix at
+their first soft token.
 """
 
 from __future__ import annotations

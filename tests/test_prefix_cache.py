@@ -181,6 +181,34 @@ def alone_media(model, ids, n, pixels):
                                                        pixel_values=pixels)]
 
 
+def test_gemma4_image_and_clip_blocks_are_reused_by_the_next_turn(scheduler):
+    """Gemma 4 with both towers (test_gemma4_mm's "both" case): a second turn reuses the first turn's
+    prompt with its image and clip blocks (named by a digest of each item's pixels / features) and
+    equals the whole prompt generated alone; another image with the same ids reuses nothing past
+    the text before its block."""
+    folder = FIXTURES / "tiny_gemma4_mm"
+    model, ref = load_model(folder), dict(np.load(folder / "reference.npz"))
+    inputs = {"pixel_values": mx.array(ref["one_pixel_values"].astype(np.float32) / 255.0),
+              "image_positions": mx.array(ref["one_image_position_ids"]),
+              "audio_features": mx.array(ref["audio_input_features"]),
+              "audio_mask": mx.array(ref["audio_input_features_mask"])}
+    ids = ref["both_input_ids"][0].tolist()
+    (image_start, _), = image_spans(ids, model.image_input.token_id)
+    s, n = scheduler(model), 6
+    first, _ = run_one(s, ids, n, media=inputs)
+    assert first == ref["both_greedy"].tolist()[:n]  # transformers' greedy tokens
+    turn = ids + first + prompt(5, 3)[1:]
+    tokens, events = run_one(s, turn, n, media=inputs)
+    assert events[0].cached_tokens >= len(ids)
+    assert tokens == [step[0] for step, _ in generate_step(model, turn, max_tokens=n, prefill_step_size=CHUNK,
+                                                            media=inputs)]
+    other = {**inputs, "pixel_values": inputs["pixel_values"] * 0.5}
+    tokens, events = run_one(s, turn, n, media=other)
+    assert 0 < events[0].cached_tokens <= image_start
+    assert tokens == [step[0] for step, _ in generate_step(model, turn, max_tokens=n, prefill_step_size=CHUNK,
+                                                            media=other)]
+
+
 # ----- the store -------------------------------------------------------------------------
 
 
