@@ -5,13 +5,16 @@
   pays where the answer quotes its input (summaries, code edits, RAG answers).
 - `DraftModel(model, tokenizer)`: a smaller Gemma with the target's vocabulary drafts token by
   token with KV caches of its own, rolled back with the target's.
+- `AssistantDrafter(drafter)` (assistant_proposer.py): a Gemma 4 `gemma4_assistant` drafter, reading
+  the target's hidden states and KV caches; `Speculation` picks it for such a `draft_model`.
 
-Both follow `speculative.Proposer`: `propose(history, k) -> (tokens [n], q log-probabilities
+All follow `speculative.Proposer`: `propose(history, k) -> (tokens [n], q log-probabilities
 [n, V] or None)` and `accept(n)`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +22,9 @@ from typing import Any
 import mlx.core as mx
 
 from .arguments import integer_arg
+from .assistant_proposer import AssistantDrafter, is_assistant
 from .engine import prefill
+from .loading import load
 from .models.batch_rows import with_slack
 from .errors import GenerationError
 from .samplers import greedy, log_softmax
@@ -160,7 +165,7 @@ class DraftModel:
 class Speculation:
     """How a generation call speculates: a draft model or prompt lookup, k tokens at most per step."""
 
-    draft_model: Any = None  # a model, or (model, tokenizer) as `load` returns them
+    draft_model: Any = None  # a model, (model, tokenizer) as `load` returns them, or a folder / hub id to load
     prompt_lookup: int | None = None  # the longest n-gram prompt lookup matches
     num_draft_tokens: int = 3  # most tokens proposed per step (mlx-lm's default)
 
@@ -175,6 +180,8 @@ class Speculation:
             raise GenerationError("give draft_model or prompt_lookup, not both")
         k = 3 if num_draft_tokens is None else num_draft_tokens
         integer_arg("num_draft_tokens", k, 1, error=GenerationError)
+        if isinstance(draft_model, (str, os.PathLike)):  # a folder or hub id, as the CLI's --draft-model
+            draft_model = load(draft_model)
         if prompt_lookup is not None:
             integer_arg("prompt_lookup", prompt_lookup, 1, error=GenerationError)
         return cls(draft_model, prompt_lookup, k)
@@ -184,4 +191,6 @@ class Speculation:
         if self.prompt_lookup is not None:
             return PromptLookup(self.prompt_lookup)
         model, tokenizer = self.draft_model if isinstance(self.draft_model, tuple) else (self.draft_model, None)
+        if is_assistant(model):  # drafts from the target's states, in the target's vocabulary (check_target)
+            return AssistantDrafter(model).bind(sampler, rows)
         return DraftModel(model, tokenizer, target_tokenizer, slack=self.num_draft_tokens).bind(sampler, rows)

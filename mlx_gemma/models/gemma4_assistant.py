@@ -9,29 +9,35 @@ reads the target's states and drafts one token per call; it never runs alone.
 The contract (what a speculative policy hands in, per draft step; B rows, one query each):
 - `embedding` [B, 1, H]: the target's scaled input embedding of the last token (gemma4.Gemma4Stack
   `.embed(ids)`: the embedding row times sqrt(H) rounded to the dtype), H = the target's hidden size
-  (`backbone_hidden_size`).  The first step of a round: the last accepted token; later steps: the
+  (`backbone_hidden_size`).  The first step of a round: the last token of the text; later steps: the
   token this drafter proposed at the step before.
-- `hidden` [B, 1, H]: the first step of a round: the target's final *normed* hidden state at that
-  last accepted token (transformers' `hidden_states[-1]`, what the target's head reads); later steps:
-  the `state` this drafter returned at the step before (its `post_projection`, H wide).
+- `hidden` [B, 1, H]: the first step of a round: a final *normed* hidden state of the target
+  (transformers' `hidden_states[-1]`, what the target's head reads); later steps: the `state` this
+  drafter returned at the step before (its `post_projection`, H wide).
 - `kv`: {"sliding_attention" / "full_attention": (keys, values)}, each [B, kv_heads, S, head_dim]
-  in time order, the keys after k_norm and RoPE, the values after v_norm, as the target attended
-  with them: those of the target's *last non-shared layer of that kind* (`target_sources`), for
-  positions 0..`position` (the last entry is `position`'s; entries past it, e.g. from rejected
-  drafts, must be cut off first).  A sliding kind may hold only the last positions (a rotating
-  cache's window, in time order).  They stay the same for every step of a round.
-- `position` (int): the position of the last accepted token (prompt length - 1 after a prefill);
-  the drafter's query is rotated there at every step of the round (the same RoPE position).
+  in time order (or a quantized KV cache's `mx.quantize` parts of them), the keys after k_norm and
+  RoPE, the values after v_norm, as the target attended with them: those of the target's *last
+  non-shared layer of that kind* (`target_sources`), for positions up to `position` at most, the last
+  entry the latest position.  A sliding kind may hold only the last positions (a rotating cache's
+  window, in time order).  They stay the same for every step of a round.
+- `position` (int): the drafter's query position, the same at every step of a round (the same RoPE).
 - `padding_mask` (bool [B, position + 1], optional): False at left padding; each kind's K/V are
   aligned with its last entries.
 Returns `(logits [B, 1, vocab], state [B, 1, H])`.  The state between the steps of a round is the
-drafted token and `state`; nothing else is carried.  After verification the next round starts from
-the target's hidden state at the last accepted token, and its K/V cut to that position.
+drafted token and `state`; nothing else is carried.
+
+How the references start a round differs.  transformers' generation loop
+(`SinglePositionMultiTokenCandidateGenerator`, which assistant_proposer.py follows): the last token t
+at position p (emitted by the target, not yet fed to it), the target's hidden state at p - 1 (whose
+logits chose t), `position` p, the K/V of positions 0..p - 1.  keras-hub's first round after the
+prefill: the last prompt token and the hidden state at its own position, `position` and K/V up to it;
+its later rounds as transformers', though its mask also shows its cache's slot at p (what the last
+verify pass wrote there: a rejected proposal's K/V).
 
 Where the references differ (we follow keras-hub, Google's code, and say so):
-- sliding layers see the last `sliding_window` positions up to `position` (keras-hub masks as the
-  target's own query there; transformers' bidirectional sliding mask, `|q - k| <= window`, shows one
-  more).  Both agree while the K/V hold at most `sliding_window` positions.
+- sliding layers see the last `sliding_window` entries of the K/V handed in (keras-hub masks as the
+  target's own query at `position`; transformers' bidirectional sliding mask, `|q - k| <= window`,
+  shows one more).  Both agree while the K/V hold at most `sliding_window` positions.
 - keras-hub caps the draft logits with the *target's* `final_logit_softcapping`, transformers does
   not: `logit_cap` (default None, transformers).  Greedy drafts are the same either way.
 
@@ -198,11 +204,16 @@ class DrafterStack(nn.Module):
         self.norm = gemma4.RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def __call__(self, h: mx.array, kv: dict, position: int, padding_mask: mx.array | None) -> mx.array:
-        masks = {kind: _mask(kv[kind][0].shape[2], layer.window, padding_mask)
+        masks = {kind: _mask(_length(kv[kind][0]), layer.window, padding_mask)
                  for kind, layer in zip(self.args.layer_types, self.layers)}
         for kind, layer in zip(self.args.layer_types, self.layers):
             h, _ = layer(h, masks[kind], None, position, None, kv[kind])
         return self.norm(h)
+
+
+def _length(keys) -> int:
+    """Positions held by keys [B, heads, S, D], or by a quantized KV cache's (w_q, scales, biases) of them."""
+    return (keys[0] if isinstance(keys, (tuple, list)) else keys).shape[2]
 
 
 def _mask(length: int, window: int | None, padding_mask: mx.array | None) -> mx.array | None:
@@ -271,10 +282,18 @@ class Model(nn.Module):
                 raise GenerationError(f"kv has no {kind!r} keys/values, which drafter layer {i} reads")
             keys, values = kv[kind]
             heads, dim = self.args.text.layer_shape(i)
-            B, S = embedding.shape[0], keys.shape[2] if keys.ndim == 4 else -1
-            if keys.shape != values.shape or keys.ndim != 4 or keys.shape[:2] != (B, heads) or keys.shape[3] != dim:
-                raise GenerationError(f"kv[{kind!r}] must be [{B}, {heads}, S, {dim}] keys and values, "
-                                      f"got {tuple(keys.shape)} / {tuple(values.shape)}")
+            B = embedding.shape[0]
+            if isinstance(keys, (tuple, list)):  # a quantized cache's parts: models.layers.attention takes them
+                k0, v0 = keys[0], values[0] if isinstance(values, (tuple, list)) else values
+                if len(keys) != 3 or k0.shape != v0.shape or k0.ndim != 4 or k0.shape[:2] != (B, heads):
+                    raise GenerationError(f"kv[{kind!r}] must be quantized [{B}, {heads}, S, ...] keys and values "
+                                          "as mx.quantize gives them")
+                S = k0.shape[2]
+            else:
+                S = keys.shape[2] if keys.ndim == 4 else -1
+                if keys.shape != values.shape or keys.ndim != 4 or keys.shape[:2] != (B, heads) or keys.shape[3] != dim:
+                    raise GenerationError(f"kv[{kind!r}] must be [{B}, {heads}, S, {dim}] keys and values, "
+                                          f"got {tuple(keys.shape)} / {tuple(values.shape)}")
             if S > position + 1:
                 raise GenerationError(f"kv[{kind!r}] holds {S} positions, more than 0..{position}: cut it at position")
         if padding_mask is not None and tuple(padding_mask.shape) != (embedding.shape[0], position + 1):
