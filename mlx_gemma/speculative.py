@@ -148,7 +148,13 @@ class SpeculativeStep:
     the rejection rule needs the distribution it draws from.
     """
 
-    pipelined = False  # what the host reads (how many were accepted) decides the next step
+    @property
+    def pipelined(self) -> bool:
+        """Whether the next step is queued before the host reads this one: a plain step after a plain one
+        (speculation off) is, as plain decoding's are, so that being off costs what plain decoding costs;
+        otherwise what the host reads (how many were accepted) decides the next step."""
+        return (self._chain and not self.processors and getattr(self.proposer, "observe", None) is None
+                and self.control.plan() == 0)
 
     def __init__(self, model, cache, proposer: Proposer, tokens: list[int], budget: int, num_draft_tokens: int,
                  sampler=None, processors=None, history: mx.array | None = None, controller: Adaptive | FixedK | None = None,
@@ -165,6 +171,7 @@ class SpeculativeStep:
         self.control = controller or Adaptive(num_draft_tokens, proposer_seconds=getattr(proposer, "step_seconds", None))
         self.stats = stats if stats is not None else SpeculativeStats()
         self.clock, self.started = clock, 0.0
+        self._chain, self.last_read = False, float("-inf")  # the last step queued was plain; when a read ended
         # Processors with state of their own (grammar.py's parser) must see only kept tokens: they
         # take back the proposals they were fed beyond what the step kept (`rollback(n)`).
         self.rolling = [p for p in self.processors if callable(getattr(p, "rollback", None))]
@@ -202,14 +209,18 @@ class SpeculativeStep:
         return mx.random.categorical(self.sampler.filter(logprobs), axis=-1, key=self._next_key()).astype(mx.int32)
 
     def first(self, hidden: mx.array) -> Pending:
-        self.started = self.clock()
+        started, self._chain = self.clock(), True
         if self.observe is not None:
             self.observe(self.model, self.cache, hidden[0, -1:])
         logprobs, finite = self._shaped(self.model.logits(hidden[:, -1, :]), None)
-        return Pending((self._draw(logprobs), finite), ("first", 0, logprobs))
+        return Pending((self._draw(logprobs), finite), ("first", 0, logprobs, started))
 
     def advance(self, step: Pending, read) -> Pending:
-        self.started = self.clock()
+        started = self.clock()
+        if read is None:  # pipelined: a plain step fed the plain step before's token, not read yet
+            hidden = self.model.model(step.queue[0].astype(mx.int32)[None], cache=self.cache)
+            logprobs, finite = self._shaped(self.model.logits(hidden[0]), None)
+            return Pending((self._draw(logprobs), finite), ("plain", 0, logprobs, started))
         last = self.tokens[-1]
         k = min(self.control.plan(), self.left - 1)
         while k > 0 and not can_roll_back(self.cache, k + 1, k):
@@ -224,17 +235,18 @@ class SpeculativeStep:
         if self.observe is not None:
             self.observe(self.model, self.cache, hidden[0])
         logprobs, finite = self._shaped(self.model.logits(hidden[0]), proposals)
+        self._chain = k == 0
         if k == 0:
-            return Pending((self._draw(logprobs), finite), ("plain", 0, logprobs))
+            return Pending((self._draw(logprobs), finite), ("plain", 0, logprobs, started))
         if self.sampler is greedy:  # keep a proposal while it is the target's argmax; then the argmax
             fallback = mx.argmax(logprobs, axis=-1).astype(mx.int32)
             accepted = proposals == fallback[:k]
         else:  # p: the distribution the sampler would draw from, row by row
             accepted, fallback = accept_proposals(self.sampler.filter(logprobs), q, proposals, self._next_key())
-        return Pending((fallback, proposals, accepted, finite), ("verify", k, logprobs))
+        return Pending((fallback, proposals, accepted, finite), ("verify", k, logprobs, started))
 
     def read(self, step: Pending, n: int):
-        kind, k, logprobs = step.rest
+        kind, k, logprobs, started = step.rest
         values = [a.tolist() for a in step.queue]
         if not values[-1]:
             raise GenerationError(f"the logits at generated token {n} hold a NaN or no finite value; the weights, "
@@ -252,7 +264,8 @@ class SpeculativeStep:
                 p.rollback(self.fed_to_processors - kept)
             if self.processors:
                 self.history = mx.concatenate([self.history, mx.array([drafts[:kept]], mx.int32)], axis=1)
-        self._account(kind, k, kept, len(emitted))
+        self._account(kind, k, kept, len(emitted), started)
+        self.last_read = self.clock()
         self.tokens += emitted
         self.left -= len(emitted)
         return emitted, logprobs[: len(emitted)]
@@ -260,7 +273,7 @@ class SpeculativeStep:
     def cache_offset(self) -> int:
         return self.cache[0].offset
 
-    def _account(self, kind: str, k: int, kept: int, emitted: int) -> None:
+    def _account(self, kind: str, k: int, kept: int, emitted: int, started: float) -> None:
         if kind == "first":
             return
         if kind == "verify":
@@ -269,7 +282,8 @@ class SpeculativeStep:
             self.stats.accepted += kept
         else:
             self.stats.plain_steps += 1
-        self.control.record(k, emitted, self.clock() - self.started)
+        # A pipelined step was queued before the step ahead of it was read: it is timed from that read.
+        self.control.record(k, emitted, self.clock() - max(started, self.last_read))
 
 
 def one_token_at_a_time(steps: Iterator, budget: int) -> Iterator[tuple[list[int], mx.array]]:

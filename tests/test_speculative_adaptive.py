@@ -130,3 +130,49 @@ def test_k_is_the_models_best(a, b):
     control.costs.extend([b])
     best = max(range(1, 9), key=lambda k: gain(a, b, k))
     assert control.best()[0] == best
+
+
+class Scripted:
+    """A controller that plans k from a fixed script (then 0), recording nothing."""
+
+    def __init__(self, script):
+        self.script, self.n = list(script), 0
+
+    def plan(self) -> int:
+        return self.script[self.n] if self.n < len(self.script) else 0
+
+    def record(self, proposed: int, emitted: int, seconds: float) -> None:
+        self.n += 1
+
+
+def test_plain_runs_are_pipelined_and_switching_keeps_plain_greedy():
+    """Plain steps after plain ones are queued ahead of the host's read (as plain decoding's); a script
+    switching speculation on and off mid-text still gives plain greedy decoding's tokens."""
+    import mlx.core as mx
+
+    from mlx_gemma.engine import prefill, run
+    from mlx_gemma.generate import generate_step
+    from mlx_gemma.loading import load
+    from mlx_gemma.models.batch_rows import with_slack
+    from mlx_gemma.proposers import DraftModel, PromptLookup
+    from mlx_gemma.speculative import SpeculativeStep, one_token_at_a_time
+
+    from conftest import FIXTURES
+
+    model, tokenizer = load(FIXTURES / "tiny_gemma3")
+    prompt = [17, 17, 5, 17, 17]
+    plain = [t[0] for t, _ in generate_step(model, mx.array(prompt), max_tokens=30)]
+    for proposer in (PromptLookup(2), DraftModel(model, tokenizer, tokenizer)):
+        control = Scripted([0, 0, 0, 3, 3, 0, 0, 2, 0, 0, 0, 3, 1])
+        cache = with_slack(model.make_cache(), 3)  # windows of 5-6: room to go back after the wrap
+        policy = SpeculativeStep(model, cache, proposer, prompt, 30, 3, controller=control)
+        seen = []
+        steps = run(policy, prefill(model, mx.array([prompt]), cache), 30)
+        tokens = []
+        for t, _ in one_token_at_a_time(steps, 30):
+            tokens.append(t[0])
+            seen.append(policy.pipelined)
+        assert tokens == plain
+        assert any(seen) and not all(seen) and policy.stats.plain_steps > 0
+        if isinstance(proposer, DraftModel):  # it always proposes (lookup finds no match in random text)
+            assert policy.stats.verify_steps >= 2
