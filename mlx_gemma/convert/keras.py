@@ -106,6 +106,7 @@ from .keras_common import (
 from .keras_h5 import read_json, read_variables
 from .keras_gemma3 import read_gemma3_preset
 from .keras_gemma4 import read_gemma4_preset
+from .keras_gemma4_assistant import is_assistant_backbone, read_gemma4_assistant_preset
 from .keras_paligemma import read_paligemma_preset
 
 __all__ = [
@@ -190,6 +191,8 @@ def read_keras_preset(
         return read_gemma3_preset(folder, top, progress=progress)
     if isinstance(top, dict) and top.get("class_name") == "Gemma4Backbone" and (
             registered is None or (isinstance(registered, str) and registered in _GEMMA4)):
+        if is_assistant_backbone(top.get("config")):  # every layer KV-shared: a drafter's task preset
+            return read_gemma4_assistant_preset(folder, top, progress=progress)
         return read_gemma4_preset(folder, top, progress=progress)
     keras_cfg = _check_class(config_path, top)
     # The vocabulary size bounds the tokenizer check; validate it first.

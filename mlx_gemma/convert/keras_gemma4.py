@@ -70,8 +70,8 @@ tests/test_convert_keras_gemma4.py:
   audio placeholders are `<|audio>` `<|audio|>`... `<audio|>`, transformers' boa / audio / eoa ids.
 * Refused (typed errors naming the field): what HF's Gemma 4 model cannot express or our model
   does not run -- a last layer that is not global (transformers forces it global; keras-hub does
-  not), `use_sliding_window_attention=false`, an attention soft-cap, embedding backbones, and KV
-  sharing over every layer (the MTP assistant drafters).
+  not), `use_sliding_window_attention=false`, an attention soft-cap, embedding backbones.  KV sharing
+  over every layer is an MTP assistant drafter's backbone: keras_gemma4_assistant.py reads its task preset.
 """
 
 from __future__ import annotations
@@ -150,17 +150,20 @@ def _refuse_unsupported(c: dict, path) -> None:
         raise UnsupportedModelError(path, "attention_logit_soft_cap: Gemma 4 has no attention soft-cap")
 
 
-def gemma4_text_config(c: dict, path, specials: dict) -> dict:
-    """HF `gemma4_text` config for a Gemma4Backbone's `config` object (see the module docstring)."""
+def gemma4_text_config(c: dict, path, specials: dict, drafter: bool = False) -> dict:
+    """HF `gemma4_text` config for a Gemma4Backbone's `config` object (see the module docstring);
+    `drafter`: an assistant's stack, every layer KV-shared (keras_gemma4_assistant.py)."""
     _refuse_unsupported(c, path)
     layers = int_setting(path, c, "num_layers", limit=1024)
     head_dim = int_setting(path, c, "head_dim", limit=4096)
     global_dim = _int(path, c, "global_head_dim", head_dim, limit=4096)
     global_kv = c.get("num_global_key_value_heads")
     shared = _int(path, c, "num_kv_shared_layers", 0, minimum=0, limit=layers)
-    if shared == layers:
+    if (shared == layers) != drafter:
         raise UnsupportedModelError(path, "num_kv_shared_layers equals num_layers: an MTP assistant drafter "
-                                          "(its keys and values come from another model)")
+                                          "(its keys and values come from another model), read from its task "
+                                          "preset (task.json)" if not drafter else
+                                    "an assistant drafter's backbone must share every layer's keys and values")
     vocab = int_setting(path, c, "vocabulary_size", limit=1 << 22)
     moe = bool_setting(path, c, "enable_moe_block", False)
     per_layer = _int(path, c, "hidden_size_per_layer_input", 0, minimum=0, limit=1 << 16)
@@ -185,7 +188,8 @@ def gemma4_text_config(c: dict, path, specials: dict) -> dict:
         "hidden_activation": "gelu_pytorch_tanh",  # Gemma4TextDecoderBlock: gelu(approximate=True)
         "num_kv_shared_layers": shared,
         "hidden_size_per_layer_input": per_layer,
-        "vocab_size_per_layer_input": _int(path, c, "vocab_size_per_layer_input", vocab, limit=1 << 22),
+        "vocab_size_per_layer_input": 0 if drafter else _int(path, c, "vocab_size_per_layer_input", vocab,
+                                                             limit=1 << 22),
         "use_double_wide_mlp": bool_setting(path, c, "use_double_wide_mlp", False),
         "use_bidirectional_attention": "vision" if bool_setting(path, c, "use_vision_bidirectional_attention",
                                                                 False) else None,

@@ -41,6 +41,7 @@ from ..errors import ModelFileError, UnsupportedModelError, WeightsMismatchError
 
 WEIGHTS_FILE = "model.weights.h5"
 SHARDED_INDEX_FILE = "model.weights.json"
+TASK_WEIGHTS_FILE = "task.weights.h5"  # a task preset's own layers (beside its backbone's model.weights.h5)
 MAX_JSON_BYTES = 4 << 20  # config.json is ~1 KB; a shard index a few KB
 MAX_SHARDS = 4096
 _MAX_H5_DEPTH = 12
@@ -114,8 +115,9 @@ def _dataset_dtype(path: str, name: str, dset) -> str:
     return kind
 
 
-def _walk(path: str, f, found: dict[str, _Var]) -> None:
-    """Collect every dataset of `f`, hard links only, checking what reading it would do."""
+def _walk(path: str, f, found: dict[str, _Var], skip: tuple[str, ...] = ()) -> None:
+    """Collect every dataset of `f` (but the groups `skip` names, "optimizer/"), hard links only,
+    checking what reading it would do."""
     h5py = _h5()
     file_size = os.path.getsize(path)
     count = 0
@@ -129,6 +131,8 @@ def _walk(path: str, f, found: dict[str, _Var]) -> None:
             if count > _MAX_H5_OBJECTS:
                 raise ModelFileError(path, f"more than {_MAX_H5_OBJECTS} HDF5 objects: not a Gemma preset")
             name = f"{prefix}{key}"
+            if f"{name}/".startswith(skip):
+                continue
             link = group.get(key, getlink=True)
             if not isinstance(link, h5py.HardLink):
                 raise ModelFileError(path, f"{name!r} is a {type(link).__name__}: links are not followed")
@@ -236,13 +240,30 @@ def read_variables(
     return out, dtypes
 
 
-def _find_variables(files: list[str], handles: list) -> dict[str, _Var]:
+def read_task_variables(folder: str, expected: dict[str, tuple[int, ...]], what: str) -> dict[str, np.ndarray]:
+    """{dataset path: float32 array} for exactly the `expected` variables of a task preset's
+    `task.weights.h5` (what `Task.save_to_preset` writes: the task's own layers; the optimizer's
+    variables, also saved there, are skipped)."""
+    path = os.path.join(folder, TASK_WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise ModelFileError(path, f"missing: a {what} task preset keeps its own layers' weights there")
+    handles: list = []
+    try:
+        found = _find_variables([path], handles, skip=("optimizer/",))
+        _check_variables(path, found, expected, what)
+        return _read_arrays(found, expected, {path: handles[0]}, None)
+    finally:
+        for h in handles:
+            h.close()
+
+
+def _find_variables(files: list[str], handles: list, skip: tuple[str, ...] = ()) -> dict[str, _Var]:
     """{dataset path: variable} over every weights file; each file opened is appended to `handles`."""
     found: dict[str, _Var] = {}
     for file in files:
         handles.append(_open_h5(file))
         try:
-            _walk(file, handles[-1], found)
+            _walk(file, handles[-1], found, skip)
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             if isinstance(e, ModelFileError):
                 raise
