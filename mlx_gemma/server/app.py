@@ -16,6 +16,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+import mlx.core as mx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -57,6 +58,16 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, allowed
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats():
+        # What an operator (and tests/test_server_load.py) watches: jobs each model holds (rows
+        # decoding + prompts waiting; a cancelled stream's row is gone from it at the next step),
+        # the prefix cache's bytes, and MLX's allocator.  Behind the key, unlike /health.
+        jobs = [{"id": m.name, "active_jobs": m.scheduler.active, "prefix_cache_bytes": m.scheduler.prefix_cache_bytes}
+                for m in models if m.scheduler is not None]
+        return {"models": jobs, "mlx_active_memory": mx.get_active_memory(), "mlx_peak_memory": mx.get_peak_memory(),
+                "mlx_cache_memory": mx.get_cache_memory()}
 
     @app.get("/v1/models")
     async def list_models():
