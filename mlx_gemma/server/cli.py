@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"require 'Authorization: Bearer KEY' on every path but /health (or set {API_KEY_ENV})")
     p.add_argument("--allowed-origins", type=lambda s: [o.strip() for o in s.split(",") if o.strip()], default=[],
                    help="comma-separated origins allowed by CORS ('*' for any; default: CORS off)")
-    p.add_argument("--allow-image-dir", metavar="DIR",
-                   help="accept local image paths (plain or file://) inside DIR; data URLs are always accepted")
+    p.add_argument("--allow-media-dir", "--allow-image-dir", dest="allow_image_dir", metavar="DIR",
+                   help="accept local image and video paths (plain or file://) inside DIR; data URLs are always "
+                        "accepted (--allow-image-dir: the old name)")
     p.add_argument("--max-batch", type=int, default=8, help="most rows decoded at once per model")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
     p.add_argument("--prefill-step-size", type=int, default=None, help="prompt positions per prefill chunk")
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_body_bytes < 1024:
             raise MlxGemmaError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
         if args.allow_image_dir is not None and not os.path.isdir(args.allow_image_dir):
-            raise MlxGemmaError(f"--allow-image-dir {args.allow_image_dir}: no such folder")
+            raise MlxGemmaError(f"--allow-media-dir {args.allow_image_dir}: no such folder")
         sock = bind(args.host, args.port)
         served = serve_models(args)
         app = create_app(served, api_key=api_key, allowed_origins=args.allowed_origins,

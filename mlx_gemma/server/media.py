@@ -1,9 +1,12 @@
-"""Images and audio in chat messages: OpenAI's `image_url` and `input_audio` parts made model inputs.
+"""Images, audio and video in chat messages: OpenAI's `image_url` and `input_audio` parts, and the
+`video_url` part of vLLM's and mlx-vlm's servers, made model inputs.
 
-An image comes as a data URL (`data:image/png;base64,...`), always accepted, or as a local path
-(plain or `file://`) only when the server was started with `--allow-image-dir DIR` and the path,
-symlinks resolved, lies inside DIR.  Remote URLs are refused: the server fetches nothing.  A clip
-comes as `input_audio` (base64 file bytes).  Decoded items are written to the request's own
+An image or a video comes as a data URL (`data:image/png;base64,...`, `data:video/mp4;base64,...`),
+always accepted, or as a local path (plain or `file://`) only when the server was started with
+`--allow-media-dir DIR` (or its old name `--allow-image-dir`) and the path, symlinks resolved, lies
+inside DIR.  Remote URLs are refused: the server fetches nothing.  A clip comes as `input_audio`
+(base64 file bytes).  Videos go to Gemma 4 only, decoded with PyAV (the `video` extra; without it,
+a 400 says so) and sampled as `generate(video=...)` samples them.  Decoded items are written to the request's own
 temporary folder and read by mlx_gemma's loaders, with their caps on bytes, pixels and seconds
 (`vision.load_image`, `audio.load_audio`); the model's inputs are then laid out as `generate` lays
 them out (Gemma 3: `image_chat.chat_image_rows`; Gemma 4: `gemma4_prompts.media_rows`) and made
@@ -44,46 +47,50 @@ class MediaParts:
         self.folder, self.allow_dir = folder, allow_dir
         self.images: list[Path] = []
         self.clips: list[Path] = []
+        self.videos: list[Path] = []
 
     def part(self, part, where: str) -> dict:
         """The chat template's part for one media part (`{"type": "image"}` / `{"type": "audio"}`)."""
-        if len(self.images) + len(self.clips) >= MAX_MEDIA_ITEMS:
-            raise ApiError(400, f"{where}: more than {MAX_MEDIA_ITEMS} images and clips in one request", where,
-                           "too_many_media")
+        if len(self.images) + len(self.clips) + len(self.videos) >= MAX_MEDIA_ITEMS:
+            raise ApiError(400, f"{where}: more than {MAX_MEDIA_ITEMS} images, clips and videos in one request",
+                           where, "too_many_media")
         if part.type == "image_url":
-            self.images.append(self._image(part.image_url.url, where))
+            self.images.append(self._file(part.image_url.url, where, "image"))
             return {"type": "image"}
+        if part.type == "video_url":
+            self.videos.append(self._file(part.video_url.url, where, "video"))
+            return {"type": "video"}
         if part.type == "input_audio":
             raw = _base64(part.input_audio.data, where)
             self.clips.append(self._write(raw, where, _AUDIO_TYPES[part.input_audio.format]))
             return {"type": "audio"}
         raise ApiError(400, f"{where}: {part.type} parts are {NOT_YET}", where, "unsupported_content")
 
-    def _image(self, url: str, where: str) -> Path:
+    def _file(self, url: str, where: str, kind: str) -> Path:
+        """An image's or a video's file: a data URL's bytes written here, or a local path under the folder."""
+        code = f"invalid_{kind}_url"
         if url.startswith("data:"):
             head, comma, data = url.partition(",")
-            if not comma or not head.endswith(";base64") or not head[5:].lower().startswith("image/"):
-                raise ApiError(400, f"{where}: a data URL must be data:image/...;base64,<data>", where,
-                               "invalid_image_url")
+            if not comma or not head.endswith(";base64") or not head[5:].lower().startswith(f"{kind}/"):
+                raise ApiError(400, f"{where}: a data URL must be data:{kind}/...;base64,<data>", where, code)
             return self._write(_base64(data, where), where, "")
         path = url[len("file://"):] if url.startswith("file://") else url
         if "://" in path or path.startswith("//"):
-            raise ApiError(400, f"{where}: remote image URLs are refused (this server fetches nothing); send a "
-                                "data URL", where, "invalid_image_url")
-        return self._local(path, where)
+            raise ApiError(400, f"{where}: remote {kind} URLs are refused (this server fetches nothing); send a "
+                                "data URL", where, code)
+        return self._local(path, where, kind, code)
 
-    def _local(self, path: str, where: str) -> Path:
+    def _local(self, path: str, where: str, kind: str, code: str) -> Path:
         if self.allow_dir is None:
-            raise ApiError(400, f"{where}: local image paths are refused unless the server is started with "
-                                "--allow-image-dir; send a data URL", where, "invalid_image_url")
+            raise ApiError(400, f"{where}: local {kind} paths are refused unless the server is started with "
+                                "--allow-media-dir (--allow-image-dir); send a data URL", where, code)
         root = self.allow_dir.resolve()
         try:
             resolved = (root / path).resolve()  # an absolute path replaces the root
         except (OSError, ValueError, RuntimeError):  # NUL bytes, symlink loops
             resolved = None
         if resolved is None or not resolved.is_relative_to(root) or not resolved.is_file():
-            raise ApiError(400, f"{where}: no such image file under the server's --allow-image-dir", where,
-                           "invalid_image_url")
+            raise ApiError(400, f"{where}: no such {kind} file under the server's --allow-media-dir", where, code)
         return resolved
 
     def _write(self, raw: bytes, where: str, suffix: str) -> Path:
@@ -111,10 +118,13 @@ def media_prompt(served: ServedModel, messages: list[dict], media: MediaParts, t
         raise ApiError(400, f"the model `{served.name}` takes no audio", "messages", "unsupported_content")
     if media.images and spec is None:
         raise ApiError(400, f"the model `{served.name}` takes no images", "messages", "unsupported_content")
+    if media.videos and (spec is None or not spec.variable):
+        raise ApiError(400, f"the model `{served.name}` takes no video (Gemma 4 does)", "messages",
+                       "unsupported_content")
     try:
         if (spec is not None and spec.variable) or model.audio_input is not None:  # Gemma 4
             rows, found = media_rows(model, tokenizer, [messages], [media.images], [media.clips], chat=True,
-                                     enable_thinking=thinking)
+                                     enable_thinking=thinking, videos=[[str(v) for v in media.videos]])
             inputs = found.inputs()
         else:  # Gemma 3: images at its chat template's image parts, as transformers' processor lays them out
             if thinking:
@@ -137,8 +147,8 @@ def prefix_lm_prompt(served: ServedModel, messages: list[dict], media: MediaPart
                             "user message", "messages", "invalid_messages")
     if thinking:
         raise ApiError(400, "enable_thinking: PaliGemma has no thinking mode", "chat_template_kwargs", "invalid_value")
-    if media.clips:
-        raise ApiError(400, f"the model `{served.name}` takes no audio", "messages", "unsupported_content")
+    if media.clips or media.videos:
+        raise ApiError(400, f"the model `{served.name}` takes no audio or video", "messages", "unsupported_content")
     content = last["content"] if isinstance(last["content"], list) else [{"type": "text", "text": last["content"]}]
     text = " ".join(p["text"] for p in content if p["type"] == "text").strip()
     n = sum(p["type"] == "image" for p in content)  # the last message's images are the last collected

@@ -60,9 +60,10 @@ def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
                 raise ApiError(400, "PaliGemma has no function-calling format: it takes no tools", "tools",
                                "unsupported_parameter")
             ids, inputs = prefix_lm_prompt(served, messages, media, thinking, Path(folder))
-        elif (media.images or media.clips) and tools is not None:
-            raise ApiError(400, f"tools beside image or audio parts are {NOT_YET}", "tools", "unsupported_parameter")
-        elif media.images or media.clips:
+        elif (media.images or media.clips or media.videos) and tools is not None:
+            raise ApiError(400, f"tools beside image, audio or video parts are {NOT_YET}", "tools",
+                           "unsupported_parameter")
+        elif media.images or media.clips or media.videos:
             ids, inputs = media_prompt(served, messages, media, thinking, Path(folder))
         else:
             ids, inputs = _text_prompt(served, messages, thinking, request if tools else None), None

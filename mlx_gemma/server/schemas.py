@@ -55,6 +55,17 @@ class InputAudioPart(_Strict):
     input_audio: InputAudio
 
 
+class VideoUrl(_Strict):
+    url: Annotated[str, Field(min_length=1)]  # a data URL (data:video/...), or a path under --allow-media-dir
+
+
+class VideoUrlPart(_Strict):
+    """vLLM's and mlx-vlm's video part (Gemma 4)."""
+
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
 class FilePart(BaseModel):
     """OpenAI's file part: refused in prepare.py (its shape is not checked here)."""
 
@@ -62,7 +73,8 @@ class FilePart(BaseModel):
     type: Literal["file"]
 
 
-ContentPart = Annotated[Union[TextPart, ImageUrlPart, InputAudioPart, FilePart], Field(discriminator="type")]
+ContentPart = Annotated[Union[TextPart, ImageUrlPart, InputAudioPart, VideoUrlPart, FilePart],
+                        Field(discriminator="type")]
 
 
 class Message(_Strict):
