@@ -30,7 +30,7 @@ from ..loading import load_model
 from ..score import score
 from ..tokenizer import check_vocab_fits
 from .backbone import GemmaBackbone, as_dtype
-from .causal_lm_generation import check_packed, fill, output_mask, strip_prompt
+from .causal_lm_generation import check_packed, fill, output_mask, speculation_of, strip_prompt
 from .preprocessor import GemmaCausalLMPreprocessor, as_texts
 from .presets import keras_preprocessor_settings, preset_of, resolve_preset
 from .samplers import get_sampler
@@ -86,15 +86,25 @@ class GemmaCausalLM:
 
     # ----- compile / generate ------------------------------------------------------------
 
-    def compile(self, sampler="greedy", **training_settings) -> None:
+    def compile(self, sampler="greedy", speculative: dict | None = None, **training_settings) -> None:
         """Choose generate()'s sampler: a name ("greedy", "top_k", "top_p", "random",
         "beam", "contrastive") or a sampler object (mlx_gemma.tasks.samplers or keras_hub.samplers).
+
+        `speculative` (mlx_gemma's own; keras-hub has no speculative decoding): a dict of settings beside
+        the sampler, as keras takes an optimizer or sampler by name and settings, not a second argument per
+        knob: `{"prompt_lookup": N}` (n-grams of the prompt and text so far) or `{"draft_model": lm}` (a
+        GemmaCausalLM, GemmaBackbone or MLX model with this vocabulary), with `"num_draft_tokens": k`
+        (default 3).  generate() then checks up to k proposed tokens per forward pass, one prompt at a
+        time; the output is the compiled sampler's exactly (greedy: the same tokens).  Greedy or a
+        sampling sampler only (not beam / contrastive search).
 
         `optimizer` ("auto" = Adam, as keras-hub; "adamw", "sgd", "adafactor", or an
         `mlx.optimizers` optimizer), `learning_rate` (default 2e-5) and `weight_decay`
         are kept in `self.training_settings` for `fit`.
         """
         self.sampler = get_sampler(sampler)
+        tokenizer = self.preprocessor.tokenizer if self.preprocessor is not None else None
+        self.speculation = speculation_of(speculative, self.sampler, tokenizer)
         self.training_settings = training_settings
 
     @property
@@ -225,6 +235,6 @@ class GemmaCausalLM:
 
     def _generate_packed(self, token_ids, padding_mask, stops, strip: bool) -> dict:
         ids, prompt_mask, lengths = check_packed(token_ids, padding_mask, self.backbone.vocabulary_size)
-        generated = fill(self.model, ids, lengths, self.sampler, stops)
+        generated = fill(self.model, ids, lengths, self.sampler, stops, speculation=self.speculation)
         out = {"token_ids": generated, "padding_mask": output_mask(generated, prompt_mask, stops)}
         return strip_prompt(out, prompt_mask) if strip else out

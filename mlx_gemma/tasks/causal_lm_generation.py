@@ -22,7 +22,12 @@ import numpy as np
 
 from ..errors import GenerationError
 from ..generate import generate_step
+from ..proposers import Speculation, same_vocabulary
+from ..samplers import greedy
 from ..search import beam_search, contrastive_search
+from .backbone import GemmaBackbone
+
+_SPECULATIVE_KEYS = {"draft_model", "prompt_lookup", "num_draft_tokens"}
 
 
 def check_packed(token_ids, padding_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,12 +75,39 @@ def strip_prompt(out: dict, prompt_mask: np.ndarray) -> dict:
     return {"token_ids": roll(out["token_ids"]), "padding_mask": roll(prompt_mask) ^ roll(out["padding_mask"])}
 
 
-def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids, images: list | None = None) -> np.ndarray:
+def speculation_of(speculative, sampler, tokenizer=None) -> Speculation | None:
+    """`compile(speculative=...)`'s dict as checked settings (None: off).  A draft may be a
+    GemmaCausalLM (its vocabulary compared with `tokenizer`'s, piece by piece), a GemmaBackbone or an
+    MLX model; the compiled sampler must be greedy or draw from a distribution (not beam / contrastive)."""
+    if speculative is None:
+        return None
+    if not isinstance(speculative, dict) or not speculative or set(speculative) - _SPECULATIVE_KEYS:
+        raise GenerationError(f"compile(speculative=...) takes a dict of {sorted(_SPECULATIVE_KEYS)}, e.g. "
+                              f"{{'prompt_lookup': 3}} or {{'draft_model': lm, 'num_draft_tokens': 4}}; "
+                              f"got {speculative!r:.80}")
+    step = None if sampler.search is not None else sampler.step_sampler()
+    if step is None or (step is not greedy and not callable(getattr(step, "filter", None))):
+        raise GenerationError(f"speculative decoding needs greedy or a sampling sampler (random, top_k, top_p), "
+                              f"not {type(sampler).__name__}: its rejection rule needs the distribution drawn from")
+    draft = speculative.get("draft_model")
+    if draft is not None and hasattr(draft, "backbone"):  # a GemmaCausalLM (or one of its task subclasses)
+        theirs = getattr(draft.preprocessor, "tokenizer", None) if draft.preprocessor is not None else None
+        if tokenizer is not None and theirs is not None:
+            same_vocabulary(tokenizer, theirs)
+        draft = draft.backbone
+    if isinstance(draft, GemmaBackbone):
+        draft = draft.model
+    return Speculation.of(draft, speculative.get("num_draft_tokens"), speculative.get("prompt_lookup"))
+
+
+def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids, images: list | None = None,
+         speculation: Speculation | None = None) -> np.ndarray:
     """`ids` with the generated ids written in, as keras-hub's loop leaves them.
 
     `images` (Gemma 3): per row, the pixels [k, S, S, 3] of its k image blocks, or None; Gemma 4:
     per row, a dict of its media's model inputs (pixel_values, image_positions, audio_features,
-    audio_mask; a row's items in its blocks' order), or None.
+    audio_mask; a row's items in its blocks' order), or None.  With `speculation` each row is decoded
+    on its own, speculatively (the same tokens under greedy; the sampler's distribution otherwise).
     """
     B, L = ids.shape
     out = ids.copy()
@@ -93,13 +125,15 @@ def fill(model, ids: np.ndarray, lengths: np.ndarray, sampler, stop_ids, images:
     steps_needed = L - int(lengths.min())
     # Left-padded rows need width + steps positions; if that overflows the context,
     # decode the rows one by one (each within L <= context).
-    groups = [list(range(B))] if width + steps_needed <= context else [[b] for b in range(B)]
+    together = width + steps_needed <= context and speculation is None  # speculation: one prompt at a time
+    groups = [list(range(B))] if together else [[b] for b in range(B)]
     stop_at: list[int | None] = [None] * B
     for rows in groups:
         given = [images[b] for b in rows if images[b] is not None] if images is not None else []
         _decode_rows(model, out, lengths, rows, sampler.step_sampler(), stops, stop_at, early=len(groups) == 1,
                      pixels=mx.concatenate(given) if given and not isinstance(given[0], dict) else None,
-                     media=_joined(given) if given and isinstance(given[0], dict) else None)
+                     media=_joined(given) if given and isinstance(given[0], dict) else None,
+                     speculation=speculation)
     if stops and all(p is not None for p in stop_at):
         end = max(stop_at)  # keras-hub's loop ends here: later positions keep their input ids
         out[:, end + 1:] = ids[:, end + 1:]
@@ -113,7 +147,7 @@ def _joined(media: list[dict]) -> dict:
 
 
 def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early: bool, pixels=None,
-                 media=None) -> None:
+                 media=None, speculation: Speculation | None = None) -> None:
     L = out.shape[1]
     row_len = [int(lengths[b]) for b in rows]
     width = max(row_len)
@@ -121,8 +155,12 @@ def _decode_rows(model, out, lengths, rows, step_sampler, stops, stop_at, early:
     for i, (b, n) in enumerate(zip(rows, row_len)):
         batch[i, width - n:] = out[b, :n]
     pads = [width - n for n in row_len]
+    speculative = {}
+    if speculation is not None:  # a fresh proposer per prompt (the draft's vocabulary checked at compile)
+        speculative = dict(proposer=speculation.proposer(None, step_sampler, model.args.vocab_size),
+                           num_draft_tokens=speculation.num_draft_tokens)
     steps = generate_step(model, batch, sampler=step_sampler, max_tokens=L - min(row_len),
-                          left_padding=pads if any(pads) else None, pixel_values=pixels, media=media)
+                          left_padding=pads if any(pads) else None, pixel_values=pixels, media=media, **speculative)
     try:
         for n, (tokens, _) in enumerate(steps):
             for i, b in enumerate(rows):

@@ -207,6 +207,6 @@ class Gemma3CausalLM(GemmaCausalLM):
             if blocks > pixels.shape[1]:
                 raise ImageError("images", f"row {b} holds {blocks} images' tokens but {pixels.shape[1]} images")
             rows.append(mx.array(pixels[b, :blocks]) if blocks else None)
-        generated = fill(self.model, ids, lengths, self.sampler, stops, images=rows)
+        generated = fill(self.model, ids, lengths, self.sampler, stops, images=rows, speculation=self.speculation)
         out = {"token_ids": generated, "padding_mask": output_mask(generated, prompt_mask, stops)}
         return strip_prompt(out, prompt_mask) if strip else out

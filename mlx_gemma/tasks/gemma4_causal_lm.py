@@ -240,7 +240,7 @@ class Gemma4CausalLM(GemmaCausalLM):
         self._check_towers()
         ids, prompt_mask, lengths = check_packed(batch["token_ids"], batch["padding_mask"], self.backbone.vocabulary_size)
         rows = [self._row_media(batch, b, ids[b][prompt_mask[b]].tolist()) for b in range(ids.shape[0])]
-        generated = fill(self.multimodal, ids, lengths, self.sampler, stops, images=rows)
+        generated = fill(self.multimodal, ids, lengths, self.sampler, stops, images=rows, speculation=self.speculation)
         out = {"token_ids": generated, "padding_mask": output_mask(generated, prompt_mask, stops)}
         return strip_prompt(out, prompt_mask) if strip else out
 
