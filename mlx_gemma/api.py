@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import loading
-from .distributed import load_pipeline
+from .distributed import load_pipeline, load_tensor_parallel
 from .errors import DistributedError
 from .default_model import default_model_path
 from .tokenizer import GemmaTokenizer
@@ -89,4 +89,4 @@ def _load_distributed(path_or_repo, group, strategy, dtype, revision, adapter_pa
                                "(python -m mlx_gemma.fuse) and load the fused folder")
     if strategy == "pipeline":
         return load_pipeline(path_or_repo, group, dtype=dtype, revision=revision)
-    raise DistributedError('strategy "tensor": not wired yet')
+    return load_tensor_parallel(path_or_repo, group, dtype=dtype, revision=revision)

@@ -8,6 +8,7 @@ tensor_parallel.py's (heads and MLP widths split across ranks, experts for MoE).
 
 from .pipeline import PipelineModel
 from .sharded_loading import load_pipeline, pipeline_bytes
+from .tensor_loading import load_tensor_parallel
 from .watchdog import watch
 
-__all__ = ["PipelineModel", "load_pipeline", "pipeline_bytes", "watch"]
+__all__ = ["PipelineModel", "load_pipeline", "load_tensor_parallel", "pipeline_bytes", "watch"]

@@ -216,12 +216,11 @@ def load_pipeline(path_or_repo, group, *, dtype: mx.Dtype | None = None, revisio
     stages = []
 
     def shard(model, weights):
-        known = {k for k, _ in tree_flatten(model.parameters())}
-        unexpected = sorted(weights.keys() - known)
+        unexpected = sorted(weights.keys() - _names(model))
         if unexpected:
             raise WeightsMismatchError(folder, f"weights do not fit the config; unexpected: {', '.join(unexpected[:8])}")
         stages.append(pipeline(model, group, start, end))
-        keep = {k for k, _ in tree_flatten(model.parameters())}
+        keep = _names(model)
         return {k: v for k, v in weights.items() if k in keep}
 
     inner = loading.load_model_from(config, raw, path=folder, dtype=dtype, shard=shard)
@@ -232,6 +231,13 @@ def load_pipeline(path_or_repo, group, *, dtype: mx.Dtype | None = None, revisio
     tokenizer = GemmaTokenizer.from_folder(folder)
     check_vocab_fits(tokenizer, model.args.vocab_size, tokenizer.path or folder)
     return model, tokenizer
+
+
+def _names(model) -> set[str]:
+    """The model's parameter names, and beside each weight the scales and biases a quantized
+    checkpoint brings (quantize_like makes those layers quantized after the cut)."""
+    names = {k for k, _ in tree_flatten(model.parameters())}
+    return names | {k[: -len("weight")] + part for k in names if k.endswith(".weight") for part in ("scales", "biases")}
 
 
 def _num_layers(config: dict, config_path) -> int:
