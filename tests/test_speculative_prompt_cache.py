@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_gemma.generate import stream_generate
+from mlx_gemma.cache_prompt import main as cache_prompt_main
+from mlx_gemma.generate import main as generate_main
+from mlx_gemma.generate import generate, stream_generate
 from mlx_gemma.loading import load
 from mlx_gemma.models.kv_cache import RotatingKVCache
-from mlx_gemma.prompt_cache import PromptCache, load_prompt_cache, save_prompt_cache
+from mlx_gemma.prompt_cache import PromptCache, continuation_ids, load_prompt_cache, save_prompt_cache
 
 from conftest import FIXTURES
 
@@ -121,3 +123,20 @@ def test_a_saved_speculative_cache_loads_and_goes_on(tmp_path):
                                               draft_model=(model, tok))]
     assert again == plain_reply(model, tok, ids)
     assert loaded.draft is not None  # rebuilt from the token history: the file holds no draft
+
+
+def test_generate_cli_speculates_from_a_cache_file(tmp_path, capsys):
+    """cache_prompt's file (no slack: made without speculation), then generate --prompt-cache-file with
+    --prompt-lookup: the plain greedy text of the whole prompt, and the counts printed."""
+    model, tok = tiny("gemma3")
+    folder, path = str(FIXTURES / "tiny_gemma3"), str(tmp_path / "doc.safetensors")
+    document = "cats and dogs and cats and dogs and cats"
+    assert cache_prompt_main(["--model", folder, "--prompt", document, "--prompt-cache-file", path,
+                              "--no-chat"]) == 0
+    capsys.readouterr()
+    assert generate_main(["--prompt-cache-file", path, "--prompt", " and", "--max-tokens", "12",
+                          "--prompt-lookup", "2"]) == 0
+    done = capsys.readouterr()
+    full = tok.encode(document) + continuation_ids(tok, " and", False)
+    assert done.out == generate(model, tok, full, max_tokens=12) + "\n"
+    assert "Speculation: " in done.err
