@@ -21,6 +21,8 @@ from mlx_gemma.errors import ConfigError, GenerationError
 from mlx_gemma.generate import main, stream_generate
 from mlx_gemma.loading import load
 from mlx_gemma.models.batch_rows import with_slack
+from mlx_gemma.models.kv_cache import RotatingKVCache
+from mlx_gemma.prompt_cache import PromptCache
 from mlx_gemma.proposers import Speculation
 from mlx_gemma.samplers import log_softmax, make_sampler
 from mlx_gemma.speculative import FixedK, SpeculativeStep, one_token_at_a_time
@@ -195,3 +197,31 @@ def test_cli_draft_model_takes_an_assistant_folder(capsys):
     assert main(["--model", str(TARGET), "--prompt", "a b c", "--draft-model", str(FOLDER), "-m", "12",
                  "--no-chat"]) == 0
     assert "proposed tokens accepted" in capsys.readouterr().err
+
+
+def test_turns_on_a_prompt_cache_equal_plain_greedy(pair, ref):
+    """Three turns continuing one PromptCache (the assistant holds no cache to pair with it), then a new
+    conversation on the same cache (trimmed to nothing): each equals plain greedy decoding of it."""
+    target, tokenizer, drafter = pair
+    cache, text = PromptCache(target), ref["prompt"].tolist()
+    for turn in range(4):
+        text = [2, 9, 8] if turn == 3 else text + [7 + turn, 40 + turn]
+        plain = [r.token for r in stream_generate(target, tokenizer, text, max_tokens=8)]
+        responses = list(stream_generate(target, tokenizer, text, max_tokens=8, prompt_cache=cache,
+                                         draft_model=drafter, num_draft_tokens=3))
+        assert [r.token for r in responses] == plain, turn
+        assert responses[-1].draft_proposed > 0
+        text = text + plain
+
+
+def test_a_wrapped_ring_trimmed_to_nothing_starts_over():
+    """After going back to no tokens, a ring that had wrapped holds nothing old: filled again to its size,
+    it goes back within its slack (its floor of dropped positions no longer applies)."""
+    ring = RotatingKVCache(4, slack=2)
+    step = mx.zeros((1, 1, 1, 8))
+    for _ in range(8):
+        ring.update_and_fetch(step, step)
+    assert ring.trim_to(0)
+    for _ in range(6):
+        ring.update_and_fetch(step, step)
+    assert ring.can_trim_to(3) and ring.trim_to(3) and ring.offset == 3

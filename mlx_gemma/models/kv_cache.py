@@ -316,7 +316,9 @@ class RotatingKVCache(_Cache):
             return True
         if not self.can_trim_to(length):
             return False
-        if self.offset > self.max_size:
+        if length <= self.keep:
+            self.floor = 0  # nothing past the sinks is held any more: the ring starts over from `length`
+        elif self.offset > self.max_size:
             self.floor = max(self.floor, self.offset - self.ring)
         if length <= self.max_size and self.keys is not None:
             self.keys, self.values = time_slice(self.keys, None, length), time_slice(self.values, None, length)
