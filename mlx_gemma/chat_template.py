@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from .errors import GenerationError, TokenizerError
 from .json_input import json_type
 from .tool_formats.checks import check_tools, tool_call_arguments
-from .tool_formats.gemma4 import QUOTE, format_declaration
+from .tool_formats.declarations import QUOTE, format_declaration
 from .tool_formats.literals import format_fields, format_value
 
 # The turn markers that tell a Gemma 4 vocabulary from Gemma 1-3's <start_of_turn> / <end_of_turn>.

@@ -156,13 +156,20 @@ def _schema_of(response_format) -> tuple[dict | bool, str]:
     return schema, "response_format.json_schema.schema"
 
 
+def response_schema(response_format) -> dict | bool | None:
+    """The JSON schema `response_format` asks for (None for `{"type": "text"}`); GenerationError if malformed."""
+    if isinstance(response_format, Mapping) and response_format.get("type") == "text" and len(response_format) == 1:
+        return None
+    return _schema_of(response_format)[0]
+
+
 def compile_response_format(response_format, tokenizer: GemmaTokenizer | None = None) -> str | None:
     """llguidance's grammar for `response_format` (None for `{"type": "text"}`: no constraint).
 
     Raises GenerationError naming the field when the format is malformed or the schema uses
     a feature the engine does not support (checked against `tokenizer` when given).
     """
-    if isinstance(response_format, Mapping) and response_format.get("type") == "text" and len(response_format) == 1:
+    if response_schema(response_format) is None:
         return None
     schema, field = _schema_of(response_format)
     try:
@@ -170,6 +177,16 @@ def compile_response_format(response_format, tokenizer: GemmaTokenizer | None = 
         grammar = llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_COMPILE_OPTIONS)
     except (TypeError, ValueError) as e:
         raise GenerationError(f"{field}: not a JSON schema ({e})") from None
+    return check_grammar(grammar, tokenizer, field)
+
+
+def compile_lark(text: str, tokenizer: GemmaTokenizer | None, field: str) -> str:
+    """llguidance's grammar for Lark text (tool_formats/call_grammar.py writes it); GenerationError naming
+    `field` if it does not compile (a schema keyword the engine lacks, a bad regex)."""
+    return check_grammar(llguidance.LLMatcher.grammar_from_lark(text), tokenizer, field)
+
+
+def check_grammar(grammar: str, tokenizer: GemmaTokenizer | None, field: str) -> str:
     vocab = grammar_tokenizer(tokenizer) if tokenizer is not None else None
     problem = llguidance.LLMatcher.validate_grammar(grammar, vocab)
     if problem:

@@ -10,8 +10,9 @@ The server calls, in order:
 
 `tool_choice`: "none" declares no tools (the model cannot know of them) and the reply is all
 content; "auto" (the default with tools) and "required" declare them all; a named function
-declares that one only.  Nothing here forces a call: `forced_prefix` gives, for "required" or a
-named function, the text a reply must start with, for a constrained decoder to enforce.
+declares that one only.  `call_grammar` gives, for "required" or a named function, the grammar a reply
+must follow (whole calls in the model's syntax, arguments valid against their schemas), and for "auto"
+beside a `response_format` a grammar of calls or that JSON; mlx_gemma.grammar enforces it.
 
 Gemma 3 has no tool tokens: its calls are the JSON objects of Google's prompt-based format
 (mlx_gemma.tool_formats.gemma3).  Otherwise a call is `<start>call:NAME{key:value,...}<end>` in both Gemma 4 (`<|tool_call>` / `<tool_call|>`,
@@ -23,6 +24,7 @@ marker, arguments that do not parse) stays content, never an exception.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -30,7 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import GenerationError
-from .tool_formats import gemma3
+from .tool_formats import function_gemma, gemma3
+from .tool_formats.call_grammar import json_calls, literal_calls
 from .tool_formats.checks import check_tools
 from .tool_formats.literals import LiteralSyntaxError, parse_fields
 
@@ -52,6 +55,7 @@ GEMMA4 = ToolCallFormat("gemma4", "<|tool_call>", "<tool_call|>", '<|"|>', "<|to
 FUNCTION_GEMMA = ToolCallFormat("function_gemma", "<start_function_call>", "<end_function_call>", "<escape>",
                                 "<start_function_response>")
 GEMMA3 = ToolCallFormat("gemma3", "", "", '"', "", prompted=True)
+_SYNTAX = {"gemma4": "Gemma 4", "function_gemma": "FunctionGemma", "gemma3": "Gemma 3"}
 # A call's body: `call:NAME{...}`; names as mlx-lm's gemma4 parser takes them (word characters and '-').
 _CALL = re.compile(r"\s*call:([\w\-.]+)\{(.*)\}\s*", re.DOTALL)
 
@@ -69,9 +73,28 @@ def render_chat(tokenizer, messages, tools=None, tool_choice=None, **kwargs):
     """The prompt for an OpenAI chat request with tools: `tokenizer.apply_chat_template`'s result
     (text, or ids with tokenize=True; `kwargs` go to it), tools declared as `tool_choice` says."""
     declared = select_tools(check_tools(tools), tool_choice)
-    if tool_format_for(tokenizer) is GEMMA3:
+    fmt = tool_format_for(tokenizer)
+    if fmt is GEMMA3:
         return tokenizer.apply_chat_template(gemma3.messages_with_tools(messages, declared), **kwargs)
+    if fmt is FUNCTION_GEMMA:
+        return _function_gemma_chat(tokenizer, messages, declared, **kwargs)
     return tokenizer.apply_chat_template(messages, tools=declared, **kwargs)
+
+
+def _function_gemma_chat(tokenizer, messages, tools, add_generation_prompt: bool = True, tokenize: bool = False,
+                         enable_thinking: bool = False):
+    """FunctionGemma's own template (tool_formats/function_gemma.py), as text or ids; message text is
+    encoded as plain text (a user cannot forge a marker), markers as their ids."""
+    if enable_thinking:
+        raise GenerationError("enable_thinking: FunctionGemma has no thinking mode (Gemma 4 has)")
+    segments = function_gemma.segments(messages, tools, add_generation_prompt, tokenizer.bos_id, tokenizer.piece_to_id,
+                                       getattr(tokenizer, "path", None))
+    if not tokenize:
+        return "".join(tokenizer.id_to_piece(s) if isinstance(s, int) else s for s in segments)
+    ids: list[int] = []
+    for is_text, run in itertools.groupby(segments, key=lambda s: isinstance(s, str)):
+        ids += tokenizer.encode("".join(run), add_bos=False) if is_text else list(run)
+    return ids
 
 
 # ----- the request: tools and tool_choice ---------------------------------------------------------
@@ -100,15 +123,33 @@ def _chosen_name(tool_choice) -> str:
     return function["name"]
 
 
-def forced_prefix(fmt: ToolCallFormat, tool_choice) -> str | None:
-    """The text a reply must begin with under `tool_choice`, for a constrained decoder; None if free."""
-    if fmt.prompted and tool_choice not in (None, "auto", "none"):
-        return '{"name": "' if tool_choice == "required" else f'{{"name": "{_chosen_name(tool_choice)}", '
-    if tool_choice == "required":
-        return fmt.call_start + "call:"
-    if tool_choice is None or tool_choice in ("auto", "none"):
+def _forced(tool_choice) -> bool:
+    return tool_choice not in (None, "auto", "none")
+
+
+def call_grammar(tokenizer, fmt: ToolCallFormat, tools: list[dict], tool_choice=None, answer=None,
+                 parallel: bool = True) -> str | None:
+    """Lark text (for mlx_gemma.grammar.compile_lark) that a reply must follow, or None when it is free.
+
+    For "required" or a named function: one call (`parallel`: one or more) of the declared tools in the
+    model's own syntax, arguments valid against each tool's schema (tool_formats/call_grammar.py).  For
+    "auto" beside a `response_format` schema `answer`: either such calls or that JSON.  "none", or "auto"
+    alone: None.  `tools` as check_tools returns them; a typed error names what cannot be enforced."""
+    declared = select_tools(tools, tool_choice)
+    if not declared or not (_forced(tool_choice) or answer is not None):
         return None
-    return f"{fmt.call_start}call:{_chosen_name(tool_choice)}{{"
+    answer = None if _forced(tool_choice) else answer
+    if fmt.prompted:
+        return json_calls(declared, many=parallel, answer=answer)
+    ids = {piece: tokenizer.piece_to_id(piece) for piece in (fmt.call_start, fmt.call_end, fmt.quote)}
+    missing = [piece for piece, i in ids.items() if i is None]
+    if missing:
+        raise GenerationError(f"tool_choice: the vocabulary has no {missing[0]}: this model cannot be held to "
+                              f"{fmt.name}'s call syntax")
+    return literal_calls(
+        declared, start=ids[fmt.call_start], end=ids[fmt.call_end], quote=ids[fmt.quote],
+        forbidden=(fmt.quote, fmt.call_start, fmt.call_end), syntax=_SYNTAX[fmt.name],
+        stop=tokenizer.piece_to_id(fmt.response_start), many=parallel, answer=answer)
 
 
 # ----- the reply: parsing calls -------------------------------------------------------------------

@@ -4,9 +4,10 @@ Tiny random models never write a call of their own, so two kinds of test:
 - the real shared server (a subprocess) on the tiny Gemma 4 fixture (Gemma 3's prompted format on
   the packaged 270M: test_server_real_model.py): a request with tools, an earlier call and its
   result is prompted as `tool_calls.render_chat` renders it (usage counts those ids) and answers
-  greedily what `mlx_gemma.generate` answers on those ids; a tool_choice naming a function makes
-  the reply start with that call's opening (equal to generate on the prompt followed by that
-  opening); thoughts are split out of what generate writes, streamed and not;
+  greedily what `mlx_gemma.generate` answers on those ids; a tool_choice naming a function, or a
+  response_format beside tools, holds the reply to tool_calls.call_grammar (equal to generate under
+  that grammar's constraint; the forced call's arguments validate with jsonschema); thoughts are
+  split out of what generate writes, streamed and not;
 - the app in-process with a scheduler that plays a scripted reply (tokens we chose: thoughts,
   content, calls), so the parse path (detokenizer, thought split, tool-call parse, OpenAI's
   shapes) is checked whole and streamed; the job it receives holds render_chat's ids.
@@ -20,6 +21,7 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
+import jsonschema
 import openai
 import pytest
 import uvicorn
@@ -32,7 +34,8 @@ from mlx_gemma.samplers import make_logits_processors
 from mlx_gemma.server import ServedModel, create_app
 from mlx_gemma.server.cli import bind
 from mlx_gemma.server.replies import Reply
-from mlx_gemma.tool_calls import forced_prefix, parse_tool_calls, render_chat, tool_format_for
+from mlx_gemma.grammar import GrammarConstraint, compile_lark
+from mlx_gemma.tool_calls import call_grammar, check_tools, parse_tool_calls, render_chat, tool_format_for
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -117,22 +120,53 @@ def test_tools_prompt_and_greedy_reply_equal_generate(client, tiny):
     assert {k: streamed[k] for k in got} == got
 
 
-def test_a_named_tool_choice_forces_the_call_opening(client, tiny):
-    gemma4 = tiny["gemma4"]
-    tok = gemma4[1]
+# Bounded values: a greedy random model inside an unbounded string or number may never leave it.
+BOUNDED = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "soon": {"type": "boolean"}},
+                   "required": ["city"]}}}, NOW]
+
+
+def under_grammar(loaded, tool_choice, answer=None):
+    """(prompt ids, reply tokens, (content, calls)) of greedy generate on render_chat's prompt for BOUNDED,
+    held to tool_calls.call_grammar's constraint."""
+    model, tok = loaded
+    ids = render_chat(tok, [USER], BOUNDED, tool_choice, add_generation_prompt=True, tokenize=True)
+    grammar = compile_lark(call_grammar(tok, tool_format_for(tok), check_tools(BOUNDED), tool_choice, answer), tok,
+                           "tools")
+    out = list(stream_generate(model, tok, ids, max_tokens=64, stop_token_ids=[tok.end_of_turn_id],
+                               logits_processors=[GrammarConstraint(tok, grammar)]))
+    return ids, out, parse_tool_calls("".join(r.text for r in out), tool_format_for(tok))
+
+
+def test_a_named_tool_choice_forces_a_whole_valid_call(client, tiny):
+    """The reply equals greedy generate under tool_calls.call_grammar's constraint, and is one call of
+    that function whose arguments validate against its schema (jsonschema)."""
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    ids = render_chat(tok, [USER], TOOLS, choice, add_generation_prompt=True, tokenize=True)
-    prefix = forced_prefix(tool_format_for(tok), choice)
-    assert prefix == "<|tool_call>call:get_weather{"
-    forced = tok.encode(prefix, add_bos=False, parse_special=True)
-    text, tokens = generate_on(gemma4, ids + forced, 24 - len(forced))  # generate after the opening
-    r = client.chat.completions.create(model=GEMMA4, messages=[USER], tools=TOOLS, tool_choice=choice,
-                                       max_tokens=24, temperature=0)
-    whole, fmt = prefix + text, tool_format_for(tok)
-    content, calls = parse_tool_calls(whole, fmt)
-    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(forced) + len(tokens)
-    assert (r.choices[0].message.content or "") == (content if calls else whole)
-    assert [c.function.name for c in r.choices[0].message.tool_calls or []] == [c["function"]["name"] for c in calls]
+    ids, out, (content, calls) = under_grammar(tiny["gemma4"], choice)
+    r = client.chat.completions.create(model=GEMMA4, messages=[USER], tools=BOUNDED, tool_choice=choice,
+                                       max_tokens=64, temperature=0)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(out)
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content and not content
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in r.choices[0].message.tool_calls]
+    assert got == [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    assert got and all(name == "get_weather" for name, _ in got)
+    for _, arguments in got:
+        jsonschema.validate(arguments, BOUNDED[0]["function"]["parameters"])
+
+
+def test_response_format_beside_tools_is_a_call_or_the_json(client, tiny):
+    """tool_choice auto with a json_schema: greedy equals generate under the one grammar of both."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    _, _, (content, calls) = under_grammar(tiny["gemma4"], None, schema)
+    r = client.chat.completions.create(model=GEMMA4, messages=[USER], tools=BOUNDED, max_tokens=64, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "answer", "schema": schema}})
+    message = r.choices[0].message
+    assert (message.content or "") == content and len(message.tool_calls or []) == len(calls)
+    if not calls:
+        jsonschema.validate(json.loads(content), schema)
 
 
 def test_gemma4_thoughts_are_split_as_generate_writes_them(client, tiny):
@@ -248,7 +282,7 @@ def test_gemma3_prompted_calls_whole_and_streamed(scripted, tiny):
     # cannot hold Google's prompted-format instruction) beside the tiny Gemma 3's own tokenizer.
     model, tok = gemma3
     roomy = SimpleNamespace(args=replace(model.args, max_position_embeddings=4096), image_input=None,
-                            audio_input=None)
+                            audio_input=None, prefix_lm=False)
     text = '{"name": "get_weather", "parameters": {"city": "Paris"}}\n{"name": "now", "parameters": {}}'
     client, scheduler = scripted((roomy, tok), tok.encode(text, add_bos=False) + [tok.end_of_turn_id])
     ask = dict(model="m", messages=EARLIER, tools=TOOLS, tool_choice="auto")

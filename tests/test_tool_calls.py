@@ -26,7 +26,7 @@ from conftest import FIXTURES
 
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.tokenizer import GemmaTokenizer
-from mlx_gemma.tool_calls import (FUNCTION_GEMMA, GEMMA3, GEMMA4, ToolCallStream, check_tools, forced_prefix,
+from mlx_gemma.tool_calls import (FUNCTION_GEMMA, GEMMA3, GEMMA4, ToolCallStream, check_tools,
                                   parse_tool_calls, render_chat, select_tools, tool_format_for)
 
 TEMPLATE = (FIXTURES / "gemma4_chat_template" / "chat_template.jinja").read_text(encoding="utf-8")
@@ -144,13 +144,6 @@ def test_tool_choice_selects_the_declared_tools(tok, choice, declared):
     assert [t["function"]["name"] for t in chosen] == declared
     text = tok.apply_chat_template([USER], tools=chosen)
     assert text.count("<|tool>") == len(declared) and all(f"declaration:{n}{{" in text for n in declared)
-
-
-def test_forced_prefix_for_required_and_named_choices():
-    assert forced_prefix(GEMMA4, "required") == "<|tool_call>call:"
-    assert forced_prefix(GEMMA4, {"type": "function", "function": {"name": "now"}}) == "<|tool_call>call:now{"
-    assert forced_prefix(FUNCTION_GEMMA, "auto") is None and forced_prefix(GEMMA4, "none") is None
-    assert forced_prefix(GEMMA3, {"type": "function", "function": {"name": "now"}}) == '{"name": "now", '
 
 
 # ----- parsing ------------------------------------------------------------------------------------

@@ -1,25 +1,24 @@
 """A chat request's tool use: its `tools` and `tool_choice` checked, what the reply is parsed in, and
-the tokens a reply is forced to start with.
+the grammar a reply must follow.
 
 The prompt itself is `mlx_gemma.tool_calls.render_chat` (each model's own function-calling format:
 Gemma 4's tool tokens, FunctionGemma's, Gemma 1-3's prompted JSON).  `tool_choice`:
-- "none": no tools declared, the reply is all content (not parsed for calls);
-- "auto" (the default): all declared, the reply parsed for calls;
+- "none": no tools declared, the reply is all content (not parsed for calls); a `response_format`
+  holds as without tools;
+- "auto" (the default): all declared, the reply parsed for calls and free; beside a `response_format`
+  (json_object / json_schema) it is either calls or that JSON, by one grammar;
 - "required" / a named function: as "auto" (a named function declared alone), and the reply is
-  forced to begin with the format's call opening (`tool_calls.forced_prefix`: `<|tool_call>call:`,
-  or `<|tool_call>call:NAME{` for a named one; Gemma 1-3: `{"name": "`) by a logits processor.
-  Only that opening is enforced: that the call is then closed with well-formed arguments is not
-  (a reply that breaks off stays content), since this forcing is no grammar.
+  whole calls in the model's syntax with arguments valid against their schemas
+  (`tool_calls.call_grammar`, enforced by mlx_gemma.grammar); `parallel_tool_calls: false` allows one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-
 from ..errors import GenerationError
-from ..tool_calls import ToolCallFormat, check_tools, forced_prefix, select_tools, tool_format_for
+from ..grammar import compile_lark, compile_response_format, response_schema
+from ..tool_calls import ToolCallFormat, call_grammar, check_tools, select_tools, tool_format_for
 from .api_errors import ApiError
 from .schemas import ChatRequest
 
@@ -31,7 +30,7 @@ class ToolPlan:
     fmt: ToolCallFormat  # the model's call format (the prompt's and the reply's)
     parse: bool  # whether replies are parsed for calls (tools declared)
     stop_ids: frozenset  # the id the model writes after its calls to await their results, if a token
-    prefix: tuple  # ids every reply starts with (tool_choice required or named); () when free
+    grammar: str | None  # llguidance grammar of every reply (forced calls, or calls | JSON); None: free
 
 
 def uses_tools(request: ChatRequest) -> bool:
@@ -52,26 +51,18 @@ def plan_tools(tokenizer, request: ChatRequest, model_name: str) -> ToolPlan:
         raise ApiError(400, str(e), "tools", "invalid_value") from None
     try:
         declared = select_tools(tools, request.tool_choice)
-        prefix = forced_prefix(fmt, request.tool_choice) if declared else None
     except GenerationError as e:
         raise ApiError(400, str(e), "tool_choice", "invalid_value") from None
+    try:
+        answer = None
+        if request.response_format is not None and compile_response_format(request.response_format, tokenizer):
+            answer = response_schema(request.response_format)  # compiled alone first: faults name this field
+    except GenerationError as e:
+        raise ApiError(400, str(e), "response_format", "invalid_value") from None
+    try:
+        lark = call_grammar(tokenizer, fmt, tools, request.tool_choice, answer, request.parallel_tool_calls is not False)
+        grammar = compile_lark(lark, tokenizer, "tools") if lark is not None else None
+    except GenerationError as e:
+        raise ApiError(400, str(e), "tools", "invalid_value") from None
     stop = tokenizer.piece_to_id(fmt.response_start) if fmt.response_start and declared else None
-    ids = tuple(tokenizer.encode(prefix, add_bos=False, parse_special=True)) if prefix else ()
-    return ToolPlan(fmt, bool(declared), frozenset() if stop is None else frozenset({stop}), ids)
-
-
-class ForcedPrefix:
-    """A logits processor: a reply's first tokens are `ids`, whatever the model prefers.
-
-    The history it is called with is the row's prompt and the tokens so far, so its length says
-    which reply token comes next (no host read: the step stays pipelined)."""
-
-    def __init__(self, ids: tuple, prompt_length: int):
-        self.ids, self.prompt_length = ids, prompt_length
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:  # tokens [1, n], logits [1, V]
-        step = tokens.shape[1] - self.prompt_length
-        if step >= len(self.ids):
-            return logits
-        keep = mx.arange(logits.shape[-1]) == self.ids[step]  # [V]
-        return mx.where(keep, logits, mx.array(-mx.inf, logits.dtype))
+    return ToolPlan(fmt, bool(declared), frozenset() if stop is None else frozenset({stop}), grammar)
