@@ -28,7 +28,7 @@ from .api_errors import ApiError
 from .media import NOT_YET, MediaParts, media_prompt, prefix_lm_prompt
 from .schemas import ChatRequest, CompletionRequest, Message
 from .served import Defaults, ServedModel
-from .tools import ForcedPrefix, ToolPlan, plan_tools, uses_tools
+from .tools import ToolPlan, plan_tools, uses_tools
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
     limit = request.max_completion_tokens or request.max_tokens
     top = (request.top_logprobs or 0) if request.logprobs else 0
     prepared = _jobs(served, request, defaults, [ids], limit, stop_ids, request.logprobs, top, inputs,
-                     _job_processors(served.tokenizer, tools, grammar))
+                     _job_processors(served.tokenizer, grammar))
     return replace(prepared, thinking=thinking, tool_format=tools.fmt if tools and tools.parse else None)
 
 
@@ -93,30 +93,26 @@ def _text_prompt(served: ServedModel, messages: list[dict], thinking: bool, tool
 
 
 def _grammar(served: ServedModel, request: ChatRequest, tools: ToolPlan | None) -> str | None:
-    """The JSON grammar of the request's `response_format` (grammar.py; None for text)."""
+    """The grammar of every reply: the tool plan's (forced calls, or calls | the response_format's JSON),
+    else the JSON grammar of the request's `response_format` (grammar.py; None for text)."""
+    if tools is not None and tools.grammar is not None:
+        return tools.grammar
     if request.response_format is None:
         return None
     try:
-        grammar = compile_response_format(request.response_format, served.tokenizer)
+        return compile_response_format(request.response_format, served.tokenizer)
     except MlxGemmaError as e:
         raise ApiError(400, str(e), "response_format", "invalid_value") from None
-    if grammar is not None and tools is not None and tools.parse:
-        # A reply that must be JSON cannot also be free to call a tool (or be forced to).
-        raise ApiError(400, f"response_format beside declared tools is {NOT_YET}", "response_format",
-                       "unsupported_parameter")
-    return grammar
 
 
-def _job_processors(tokenizer, tools: ToolPlan | None, grammar: str | None):
-    """`processors(prompt length)` for each job: the forced tool-call opening, the JSON grammar (each
-    job its own parser); None when the reply is free."""
-    forced = tools.prefix if tools is not None else ()
-    if not forced and grammar is None:
+def _job_processors(tokenizer, grammar: str | None):
+    """`processors(prompt length)` for each job: the grammar's constraint (each job its own parser);
+    None when the reply is free."""
+    if grammar is None:
         return None
 
     def make(prompt_length: int) -> tuple:
-        return ((ForcedPrefix(forced, prompt_length),) if forced else ()) + \
-            ((GrammarConstraint(tokenizer, grammar),) if grammar is not None else ())
+        return (GrammarConstraint(tokenizer, grammar),)
     return make
 
 
