@@ -123,8 +123,8 @@ CASES = [
     ("json_schema not a schema", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "nope"}}}), {}, 400),
     ("json_object with an unknown field", "POST", CHAT, chat(response_format={"type": "json_object", "x": 1}), {}, 400),
-    ("response_format beside tools", "POST", CHAT, chat(tools=[TOOL], response_format={"type": "json_object"}), {},
-     400),
+    ("bad response_format beside tools", "POST", CHAT, chat(tools=[TOOL], response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}), {}, 400),
     ("unknown chat_template_kwargs", "POST", CHAT, chat(chat_template_kwargs={"add_vision_id": True}), {}, 400),
     ("thinking on Gemma 3", "POST", CHAT, chat(chat_template_kwargs={"enable_thinking": True}), {}, 400),
     ("prompt past the context", "POST", CHAT, chat(messages=[{"role": "user", "content": "a b " * 400}]), {}, 400),
