@@ -3,7 +3,7 @@
 Each model mirrors an OpenAI request object field for field, with OpenAI's ranges.  Validation is
 strict (no "0.5" for a number, no 1 for a boolean) and unknown fields are refused, as OpenAI's own
 API refuses them ("Unrecognized request argument").  A few OpenAI fields that change nothing a
-local server does (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`) are accepted
+local server does (`user`, `metadata`, `store`, `service_tier`) are accepted
 and ignored; fields naming a feature this server does not have yet (audio output, the legacy
 `functions`) are accepted here and refused by `prepare.py` with a clear message.  Tools, tool
 calls, tool results and `response_format` are shaped by OpenAI's spec and checked where they are
@@ -141,7 +141,7 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    parallel_tool_calls: bool | None = None  # meaningful only with tools: ignored
+    parallel_tool_calls: bool | None = None  # false: a forced tool_choice allows one call (tools.py)
     tools: list[Any] | None = None  # OpenAI function tools (server/tools.py)
     tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name"}}
     # Refused with a clear message in prepare.py until their sessions land.
