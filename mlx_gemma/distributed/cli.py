@@ -2,7 +2,7 @@
 
 `add_distributed_flags` adds --pipeline / --tensor-parallel; `distributed_from(args)` gives the
 keywords of `mlx_gemma.load` (group and strategy), or none; `rank_console` silences every rank
-but 0; `running` arms the watchdog while the ranks generate and turns MLX's "peer lost" error
+but 0 once loaded; `running` arms the watchdog while the ranks generate and turns MLX's "peer lost" error
 into a DistributedError; `shared_line` has rank 0 read a line (the chat's input) and every rank get it.
 """
 
@@ -39,9 +39,11 @@ def distributed_from(args) -> dict:
 
 
 def rank_console(kw: dict, out, err):
-    """(out, err) for this rank: rank 0's own, the others' output dropped (their errors still show)."""
+    """(out, err) for this rank after loading: rank 0's own; the others' dropped (text, statistics and
+    error lines alike: rank 0 reports, and mlx.launch names a rank that exits with an error)."""
     if kw and kw["group"].rank() > 0:
-        return open(os.devnull, "w"), err
+        null = open(os.devnull, "w")
+        return null, null
     return out, err
 
 
