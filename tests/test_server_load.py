@@ -112,9 +112,9 @@ def test_eight_concurrent_streams_each_get_what_they_get_alone(tiny_server):
     _, url = tiny_server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     loaded = mlx_gemma.load(GEMMA3)
-    # Prompts of 4 to 32 words (about 20 to 90 tokens: the longer take several prefill chunks
-    # while others decode) and 30 to 58 new tokens, so rows join and leave at different steps.
-    asks = [(messages(i, 4 + 4 * i), 30 + 4 * i) for i in range(8)]
+    # Prompts of 3 to 24 words (about 20 to 70 tokens: the longer take several prefill chunks
+    # while others decode) and 64 to 92 new tokens, so rows join and leave at different steps.
+    asks = [(messages(i, 3 + 3 * i), 64 + 4 * i) for i in range(8)]
     together = eight_at_once(client, GEMMA3, asks)
     # All eight were streaming at once: every first token came before any stream ended.
     assert max(s.first for s in together) < min(s.last for s in together)
