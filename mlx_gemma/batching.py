@@ -35,7 +35,8 @@ A quantized KV cache (kv_bits): a row alone stores float keys until it holds
 `quantized_kv_start` tokens, then quantized ones, and attention takes another path for each;
 so the scheduler decodes two batches per step, float rows and quantized rows (one forward pass
 each while both hold rows), and a row moves to the quantized batch before the step whose update
-would switch it alone (models/batch_rows.py: `move_row`).
+would switch it alone (models/batch_rows.py: `move_row`).  A prompt switches at the first prefill
+chunk that starts past the threshold, so a reused prefix (moving the chunks) may move its switch.
 
 Prefix-LM models (PaliGemma): a prompt attends both ways, so it is prefilled alone in one call
 (its own caches, as everywhere here), and only its decoding is batched, which is causal: each
