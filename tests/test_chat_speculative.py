@@ -14,11 +14,20 @@ import pytest
 
 from mlx_gemma.chat import ChatSession, main
 from mlx_gemma.errors import GenerationError
+from mlx_gemma import speculative
+from mlx_gemma.speculative_control import FixedK
 from mlx_gemma.loading import load
 
 from conftest import FIXTURES
 
 _loaded: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def fixed_k(monkeypatch):
+    """k proposals every step: the adaptive controller (test_speculative_adaptive) would rightly switch a
+    draft as costly as the target off, and these tests are about what speculation does when it runs."""
+    monkeypatch.setattr(speculative, "Adaptive", lambda k, **_: FixedK(k))
 MESSAGES = ["Tell me a story", "And then what happened?", "Say it again, the same way"]
 
 

@@ -14,6 +14,8 @@ import pytest
 from mlx_gemma.cache_prompt import main as cache_prompt_main
 from mlx_gemma.generate import main as generate_main
 from mlx_gemma.generate import generate, stream_generate
+from mlx_gemma import speculative
+from mlx_gemma.speculative_control import FixedK
 from mlx_gemma.loading import load
 from mlx_gemma.models.kv_cache import RotatingKVCache
 from mlx_gemma.prompt_cache import PromptCache, continuation_ids, load_prompt_cache, save_prompt_cache
@@ -21,6 +23,13 @@ from mlx_gemma.prompt_cache import PromptCache, continuation_ids, load_prompt_ca
 from conftest import FIXTURES
 
 _loaded: dict[str, tuple] = {}
+
+
+@pytest.fixture(autouse=True)
+def fixed_k(monkeypatch):
+    """k proposals every step: the adaptive controller (test_speculative_adaptive) would rightly switch a
+    draft as costly as the target off, and these tests are about what speculation does when it runs."""
+    monkeypatch.setattr(speculative, "Adaptive", lambda k, **_: FixedK(k))
 TURNS = [[2, 17, 17, 40, 41, 17, 17], [9, 17, 17, 40], [33, 34, 17, 17]]  # each turn's new ids
 REPLY = 14  # tokens per reply
 
