@@ -26,6 +26,7 @@ prompt token counts of both servers are reported side by side to show that the p
 
     python benchmarks/bench_server.py                               # 270M bf16 and 4-bit; the chat on 2B
     python benchmarks/bench_server.py --models 270m-4bit --clients 8 --chat-model none
+    python benchmarks/bench_server.py --models --gemma2-layers 2 --section chat     # the chat case only
     python benchmarks/bench_server.py --smoke --no-record           # tiny fixtures, under a minute
 """
 
@@ -278,7 +279,9 @@ class Plan:
 def one_server(library: str, name: str, folder: Path, plan: Plan, rep: int, runs: dict, do_chat: bool) -> None:
     """Start `library` on `folder`, warm it up, run this rep's cases into `runs`, stop it."""
     with Server(library, folder, max_batch=max(plan.clients)) as server:
-        asyncio.run(run_clients(server, requests_for(f"warm-up {rep}", 2, plan.words[:2]), 2))
+        # The chat warms up one request at a time: mlx-lm 0.32's server loses its generation thread
+        # ("generation thread died") on two concurrent requests to the Gemma 2-shaped folder.
+        asyncio.run(run_clients(server, requests_for(f"warm-up {rep}", 2, plan.words[:2]), 1 if do_chat else 2))
         if not do_chat:
             for clients in plan.clients:
                 tag = f"rep {rep} clients {clients}"  # the same prompts for both servers
@@ -389,8 +392,8 @@ def plan_from(args) -> Plan:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cases = ["270m-bf16", "270m-4bit", "2b-bf16", "2b-4bit"]
-    p.add_argument("--models", nargs="+", default=["270m-bf16", "270m-4bit"], choices=cases,
-                   help="folders for the throughput case (as bench_generate.py makes them)")
+    p.add_argument("--models", nargs="*", default=["270m-bf16", "270m-4bit"], choices=cases,
+                   help="folders for the throughput case (as bench_generate.py makes them; none: the chat only)")
     p.add_argument("--clients", nargs="+", type=int, default=[1, 8], help="concurrent streaming clients")
     p.add_argument("--reps", type=int, default=None, help="alternating repetitions (default 3; 1 with --smoke)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 64; 8 with --smoke)")
