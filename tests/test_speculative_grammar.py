@@ -19,6 +19,8 @@ from conftest import FIXTURES
 from mlx_gemma.errors import GenerationError
 from mlx_gemma.generate import stream_generate
 from mlx_gemma.grammar import json_constraint
+from mlx_gemma import speculative
+from mlx_gemma.speculative_control import FixedK
 from mlx_gemma.loading import build_model
 from mlx_gemma.tokenizer import GemmaTokenizer
 
@@ -28,6 +30,13 @@ SCHEMA = {"type": "object",
           "required": ["kind", "age", "ok"], "additionalProperties": False}
 FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}
 PROMPT = 'Pets as JSON.\n{"kind": "cat", "age": 3, "ok": true}\n{"kind": "dog", "age": 3, "ok": true}\n'
+
+
+@pytest.fixture(autouse=True)
+def fixed_k(monkeypatch):
+    """k proposals every step: the adaptive controller (test_speculative_adaptive) would rightly switch a
+    draft as costly as the target off, and these tests are about what speculation does when it runs."""
+    monkeypatch.setattr(speculative, "Adaptive", lambda k, **_: FixedK(k))
 
 
 @pytest.fixture(scope="module")
