@@ -149,28 +149,19 @@ def test_each_rank_opens_only_the_shards_holding_its_tensors(tmp_path, monkeypat
     assert opened[0] != every and opened[1] != every
 
 
-def test_a_one_rank_group_loads_the_whole_model():
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+def test_a_one_rank_group_loads_the_whole_model(strategy):
     folder = FIXTURES / "tiny_gemma3"
     group = mx.distributed.init()
     if group.size() != 1:
         pytest.skip("run inside mlx.launch")  # pytest itself is never launched so: this never skips in CI
-    model, _ = mlx_gemma.load(folder, group=group, strategy="pipeline")
+    model, _ = mlx_gemma.load(folder, group=group, strategy=strategy)
     reference, _ = mlx_gemma.load(folder)
     ref = np.load(folder / "reference.npz")
-    ids = mx.array(ref["input_ids"])
-    assert np.array_equal(np.array(model(ids)), np.array(reference(ids)))
-    assert len(model.make_cache()) == len(reference.layers) == len(model.layers)
-
-
-def test_a_one_rank_group_loads_the_whole_model_tensor_parallel():
-    folder = FIXTURES / "tiny_gemma3"
-    group = mx.distributed.init()
-    if group.size() != 1:
-        pytest.skip("run inside mlx.launch")  # pytest itself is never launched so: this never skips in CI
-    model, _ = mlx_gemma.load(folder, group=group, strategy="tensor")
-    ref = np.load(folder / "reference.npz")
     logits = np.array(model(mx.array(ref["input_ids"])))
+    assert np.array_equal(logits, np.array(reference(mx.array(ref["input_ids"]))))
     assert np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max() < 1e-4  # transformers' logits
+    assert len(model.make_cache()) == len(reference.layers) == len(model.layers)
 
 
 def test_bad_strategy_and_adapters_are_refused():
