@@ -42,7 +42,7 @@ from .samplers import greedy, log_softmax
 
 def is_assistant(model) -> bool:
     """Whether `model` is a Gemma 4 assistant drafter (drafts from its target's states)."""
-    return getattr(model, "model_type", None) == "gemma4_assistant"
+    return model.model_type == "gemma4_assistant"  # the model contract (models/__init__.py)
 
 
 def attended(cache) -> tuple:
@@ -105,10 +105,10 @@ class AssistantDrafter:
     def observe(self, model, cache: Sequence, hidden: mx.array) -> None:
         """The target's pass just ran: its final normed hidden rows [T, D] and its caches."""
         if model is not self.target:
-            stack = getattr(model, "decoder", None)
+            stack = model.decoder
             if not isinstance(stack, gemma4.Gemma4Stack):
                 raise GenerationError(f"a gemma4_assistant drafter proposes for a Gemma 4 target, not "
-                                      f"{getattr(model, 'model_type', type(model).__name__)!r:.60}")
+                                      f"{model.model_type!r:.60}")
             check_target(self.model.args, stack.args, self.model.path)
             self.target, self.stack = model, stack
             self.sources = target_sources(stack.args)
