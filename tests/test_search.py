@@ -189,6 +189,7 @@ class Bigram:
     """
 
     prefix_lm = False  # the part of the model contract (GemmaModel) that search uses
+    share = None  # a whole model (contrastive search refuses a pipeline rank)
     image_input = None
 
     def __init__(self, table, context=64):

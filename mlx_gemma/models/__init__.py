@@ -6,9 +6,9 @@ An explicit table, never a name taken from a checkpoint and imported: a
 """
 
 from . import embedding_gemma, gemma, gemma2, gemma3, gemma3_vlm, gemma4, gemma4_assistant, gemma4_mm, paligemma, shieldgemma2
-from .base import AudioInput, Block, GemmaArgs, GemmaModel, ImageInput
+from .base import AudioInput, Block, GemmaArgs, GemmaModel, ImageInput, RankShare
 
-__all__ = ["DRAFTERS", "ENCODERS", "MODELS", "TEXT_PART_OF", "AudioInput", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "supported_model_types"]
+__all__ = ["DRAFTERS", "ENCODERS", "MODELS", "TEXT_PART_OF", "AudioInput", "Block", "GemmaArgs", "GemmaModel", "ImageInput", "RankShare", "supported_model_types"]
 
 # model_type -> module with `ModelArgs.from_dict` and `Model`.
 MODELS = {

@@ -44,6 +44,25 @@ class AudioInput:
     end_id: int  # `<audio|>` after them
 
 
+@dataclass(frozen=True)
+class RankShare:
+    """What one process holds of a model run across ranks (mlx_gemma.distributed); a whole model's `share` is None."""
+
+    strategy: str  # "pipeline": a range of the layers; "tensor": a slice of every layer
+    rank: int
+    size: int  # ranks in the group
+    # Whether any rank holds quantized linear layers: every rank picks the prefill chunk from this
+    # (engine.default_prefill_step), so all feed the same chunks, whatever their own share holds.
+    quantized: bool
+
+    @property
+    def hidden_states(self) -> bool:
+        """Whether `model.model(...)` gives the final hidden states here.  A pipeline of several ranks
+        gives each rank its stage's output (the normed states exist on the last rank only), so what
+        reads hidden states beyond the head (contrastive search, score) refuses it, on every rank."""
+        return self.strategy != "pipeline" or self.size == 1
+
+
 @runtime_checkable
 class GemmaArgs(Protocol):
     """The config fields callers read from `model.args`, whatever the architecture.
@@ -86,6 +105,7 @@ class GemmaModel(Protocol):
     image_input: ImageInput | None  # what an image takes in a prompt; None: a text-only model
     audio_input: AudioInput | None  # what an audio clip takes in a prompt; None: no audio tower
     path: Path | None  # the folder `load` read it from; None when built in memory
+    share: RankShare | None  # one rank's share of a distributed model (mlx_gemma.distributed); None: the whole model
 
     def __call__(self, input_ids: mx.array, **inputs: Any) -> mx.array:
         """Logits [B, T, vocab] for ids [B, T]: `logits(model(ids, **inputs))`; pass `cache=` by keyword

@@ -103,6 +103,7 @@ class CausalLM(nn.Module):
     """
 
     audio_input = None  # no audio tower (base.GemmaModel)
+    share = None  # the whole model in this process (base.GemmaModel; mlx_gemma.distributed sets a rank's)
 
     def __init__(self, args, block_class):
         super().__init__()

@@ -389,6 +389,7 @@ class Model(nn.Module):
     """Gemma 4 causal LM: token ids -> logits [B, T, vocab] (the contract: base.GemmaModel)."""
 
     prefix_lm = False  # causal throughout: a prompt may be prefilled in chunks
+    share = None  # the whole model in this process (base.GemmaModel; mlx_gemma.distributed sets a rank's)
     float_prefixes = ()  # the converter may quantize every linear layer
     image_input = None  # text only (a multimodal checkpoint loads as its language half)
     audio_input = None  # text only

@@ -227,6 +227,7 @@ class Model(nn.Module):
     """
 
     prefix_lm = False  # causal throughout; image blocks are kept whole by the engine instead
+    share = None  # the whole model in this process (base.GemmaModel; mlx_gemma.distributed sets a rank's)
 
     def __init__(self, args: ModelArgs):
         super().__init__()

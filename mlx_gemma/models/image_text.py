@@ -42,6 +42,7 @@ class ImageTextLM(nn.Module):
     (with `tie_word_embeddings`, `final_logit_softcapping`, `head_dim`), `model` and, untied, `lm_head`."""
 
     audio_input = None  # images only, no audio tower (base.GemmaModel)
+    share = None  # the whole model in this process (base.GemmaModel; mlx_gemma.distributed sets a rank's)
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Output logits for hidden states [..., hidden] (a final soft-cap where the decoder has one)."""
