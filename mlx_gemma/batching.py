@@ -401,7 +401,7 @@ class Scheduler:
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int | None = None,
-                 kv_options: KVCacheOptions | None = None, prefix_cache_bytes: int = DEFAULT_BYTES):
+                 kv_options: KVCacheOptions | None = None, prefix_cache_bytes: int = DEFAULT_BYTES, policy=None):
         if not is_integer(max_batch) or max_batch < 1:
             raise GenerationError(f"max_batch must be an integer >= 1, got {max_batch!r:.80}")
         if prefill_chunk is not None and (not is_integer(prefill_chunk) or prefill_chunk < 1):
@@ -424,7 +424,8 @@ class Scheduler:
         # (off for a prefix-LM: a prompt's keys depend on the whole prompt, see the module docstring)
         reuse = prefix_cache_bytes and not model.prefix_lm
         self._prefix = PrefixCache(int(prefix_cache_bytes), media_ids) if reuse else None
-        self._policy = BatchPolicy(model, self._inbox, int(prefill_chunk or default_prefill_step(model)),
+        # (`policy`: BatchPolicy or a subclass's maker, batch_speculation.py's for a row alone that speculates)
+        self._policy = (policy or BatchPolicy)(model, self._inbox, int(prefill_chunk or default_prefill_step(model)),
                                    self.kv_options, self._finished, self.max_batch, self._prefix)
 
     @property
