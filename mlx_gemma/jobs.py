@@ -32,6 +32,8 @@ class Job:
     # This job's own logits processors, run after the sampling ones (stateful ones, e.g. a grammar:
     # one instance per job); each is called with the row's history [1, n] and logits [1, V].
     processors: tuple = field(default=(), hash=False)
+    # How it speculates when its row decodes alone (batch_speculation.SpeculationAsk; None: as the scheduler's policy says).
+    speculation: Any = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Event:
     error: str | None = None  # a message safe to show a client when finish_reason == "error"
     prompt_tokens: int = 0  # on the first event: the prompt's length
     cached_tokens: int = 0  # on the first event: prompt tokens reused from the prefix cache
+    speculative: tuple[int, int] | None = None  # on the final event: (proposed, accepted) tokens if it speculated
 
 
 def check_job(model, job: Job, on_event) -> int:
