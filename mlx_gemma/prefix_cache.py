@@ -11,6 +11,11 @@ every ring `SLACK` more slots than its window (RotatingKVCache's `slack`, masked
 an entry can then be trimmed back up to `SLACK` tokens.  A prompt's own entry, stored before
 any decoding, needs no trimming for the next chat turn, however the reply is re-rendered.
 
+A quantized KV cache (kv_bits): entries hold what the caches held, quantized past the switch (a row
+leaving the quantized batch is stored as mx.quantize's parts, not dequantized): the bytes saved are
+what kv_bits is for, and a prompt alone would hold those same parts anyway.  Such an entry serves
+only prefixes at or past the switch (`_can_trim`), where a prompt alone is quantized too.
+
 Matching is a linear scan of the entries, one vectorised compare per entry (numpy), not a trie
 or block hashes: the byte bound keeps entries to tens or hundreds, a compare of a few thousand
 ids costs microseconds beside the prefill it saves, and trimming rules (a ring's slack, media)

@@ -370,20 +370,26 @@ def row_caches(batch: list, b: int, fresh: list) -> list | None:
     for layer, c in zip(batch, fresh):
         if isinstance(layer, SharedKVCache):
             continue
-        if layer.keep or layer.keys is None or layer.quantized or c.quantized:
-            return None  # (a quantized row is not stored: its entry could only serve prefixes past the switch)
+        if layer.keep or layer.keys is None or c.quantized:
+            return None
+        if layer.quantized and (c.bits, c.group_size) != (layer.bits, layer.group_size):
+            return None
+        # A quantized row (kv_bits, past its switch) stays quantized: its single caches hold mx.quantize's
+        # parts as a cache alone holds them after its switch (the prefix cache checks what it can serve).
+        c.quantized = layer.quantized
         pad, offset = layer.pad[b], layer.positions[b]
-        keys, values = (mx.contiguous(a[0][b : b + 1, :, pad : layer.used, :]) for a in (layer.keys, layer.values))
+        keys, values = (tuple(mx.contiguous(p[b : b + 1, :, pad : layer.used, :]) for p in a)
+                        for a in (layer.keys, layer.values))
         held = layer.used - pad
         if isinstance(c, KVCache):
             if held != offset:
                 return None
-            c.keys, c.values, c.offset = (keys,), (values,), offset
+            c.keys, c.values, c.offset = keys, values, offset
             continue
         held = min(held, c.max_size)
-        keys, values = keys[..., keys.shape[2] - held :, :], values[..., values.shape[2] - held :, :]
+        keys, values = time_slice(keys, -held, None), time_slice(values, -held, None)
         slots = min(offset, c.max_size)  # what the ring holds at this offset
-        missing = [(0, 0), (0, 0), (slots - held, 0), (0, 0)]
+        missing = [(0, 0), (0, 0), (slots - held, 0), (0, 0)]  # (zero parts read as 0, as `_stacked`'s)
         c.offset, c.floor = offset, offset - held
-        c.keys, c.values = c._kept((mx.pad(keys, missing),)), c._kept((mx.pad(values, missing),))
+        c.keys, c.values = (c._kept(tuple(mx.pad(p, missing) for p in parts)) for parts in (keys, values))
     return fresh
