@@ -28,11 +28,13 @@ import mlx.core as mx
 import numpy as np
 
 from ..arguments import integer_arg
+from ..assistant_proposer import is_assistant
 from ..errors import GenerationError, ImageError, MlxGemmaError
+from ..proposers import Speculation
 from ..tokenizer import check_vocab_fits
 from ..vision import preprocess_image
 from .causal_lm import GemmaCausalLM
-from .causal_lm_generation import check_packed, output_mask, strip_prompt
+from .causal_lm_generation import check_packed, output_mask, speculation_of, strip_prompt
 from .pali_gemma_backbone import PaliGemmaBackbone
 from .pali_gemma_generation import fill_pali
 from .pali_gemma_presets import pali_handle
@@ -136,6 +138,10 @@ def raw_pixels(images, image_size: int) -> np.ndarray:
     return pixels
 
 
+_PALI_DRAFT = ("a PaliGemma draft would have to see the image, which the draft proposer does not feed it: "
+               "give a text Gemma with PaliGemma's vocabulary as draft_model, or prompt_lookup")
+
+
 class PaliGemmaCausalLM:
     """A PaliGemmaBackbone and (optionally) a PaliGemmaCausalLMPreprocessor; greedy until compiled otherwise."""
 
@@ -176,12 +182,46 @@ class PaliGemmaCausalLM:
             preprocessor = PaliGemmaCausalLMPreprocessor(tokenizer, backbone.image_size, **settings)
         return cls(backbone, preprocessor)
 
-    def compile(self, sampler="greedy", **training_settings) -> None:
-        """Choose generate()'s sampler: "greedy", "top_k", "top_p", "random" or a sampler object."""
+    def compile(self, sampler="greedy", speculative: dict | None = None, **training_settings) -> None:
+        """Choose generate()'s sampler: "greedy", "top_k", "top_p", "random" or a sampler object.
+
+        `speculative` (mlx_gemma's own, as GemmaCausalLM.compile's): `{"prompt_lookup": N}` or
+        `{"draft_model": d}` with `"num_draft_tokens": k` (default 3).  A draft here is a text Gemma
+        with PaliGemma's vocabulary (a GemmaCausalLM, GemmaBackbone or MLX model): it reads the
+        image's positions as `<image>` tokens, never the pixels, which costs acceptance, not
+        exactness.  A PaliGemma draft would need the image fed to it, which the draft proposer does
+        not do, and a Gemma 4 assistant reads a Gemma 4 target's states: both are refused.  Each row
+        is then decoded alone, to keras-hub's ids under greedy (pali_gemma_generation.py).
+        """
         if training_settings:
-            raise MlxGemmaError(f"PaliGemmaCausalLM has no fit() here, so compile() takes only a sampler (got "
-                                f"{sorted(training_settings)}); fine-tune with `python -m mlx_gemma.lora`")
-        self.sampler = get_sampler(sampler)
+            raise MlxGemmaError(f"PaliGemmaCausalLM has no fit() here, so compile() takes only a sampler and "
+                                f"speculative (got {sorted(training_settings)}); fine-tune with `python -m mlx_gemma.lora`")
+        sampler = get_sampler(sampler)
+        tokenizer = self.preprocessor.tokenizer if self.preprocessor is not None else None
+        draft = speculative.get("draft_model") if isinstance(speculative, dict) else None
+        if isinstance(draft, (PaliGemmaCausalLM, PaliGemmaBackbone)):
+            raise GenerationError(_PALI_DRAFT)
+        speculation = speculation_of(speculative, sampler, tokenizer)
+        if speculation is not None and speculation.draft_model is not None:
+            self._check_draft(speculation)
+        self.sampler, self.speculation = sampler, speculation
+
+    def _check_draft(self, speculation: Speculation) -> None:
+        draft = speculation.draft_model
+        model = draft[0] if isinstance(draft, tuple) else draft
+        if not hasattr(model, "model_type") or not hasattr(model, "args"):
+            raise GenerationError(f"compile(speculative=...)'s draft_model must be a GemmaCausalLM, GemmaBackbone, "
+                                  f"MLX Gemma model or folder, got {type(model).__name__}")
+        if model.prefix_lm:
+            raise GenerationError(_PALI_DRAFT)
+        if is_assistant(model):
+            raise GenerationError("a Gemma 4 assistant drafter reads a Gemma 4 target's states; it cannot draft "
+                                  "for PaliGemma: give a text Gemma with PaliGemma's vocabulary, or prompt_lookup")
+        image_id = self.model.args.image_token_index
+        if model.args.vocab_size <= image_id:
+            raise GenerationError(f"the draft model has {model.args.vocab_size} vocabulary rows, fewer than "
+                                  f"PaliGemma's (the <image> token is id {image_id}): a draft must share the "
+                                  "target's vocabulary")
 
     @property
     def model(self):
@@ -220,6 +260,6 @@ class PaliGemmaCausalLM:
         if pixels.shape[0] != ids.shape[0]:
             raise ImageError("images", f"{pixels.shape[0]} images for {ids.shape[0]} rows of token_ids; "
                                        "give one image per row")
-        generated = fill_pali(self.model, ids, lengths, mx.array(pixels), self.sampler, stops)
+        generated = fill_pali(self.model, ids, lengths, mx.array(pixels), self.sampler, stops, self.speculation)
         out = {"token_ids": generated, "padding_mask": output_mask(generated, prompt_mask, stops)}
         return strip_prompt(out, prompt_mask) if strip else out

@@ -17,6 +17,12 @@ than alone.  We reproduce that exactly: prefill each row's whole prompt as prefi
 keep the cache up to position m - 1, then step as keras-hub does (a step policy on
 the engine's loop).  The caches are plain growing ones (Gemma 2's window is applied as
 a mask), so they can be cut back.
+
+With `speculation` (compile(speculative=...)), `fill_pali` gives the same ids row by row, each row
+speculating on its own: a row's keras-hub loop depends on the batch only through m (where its
+prompt tail starts being re-read causally) and through where the loop ends, so each row is
+prefilled as its prefix, cut back to m - 1, fed its prompt tail causally, and decoded with a
+proposer; rows that stop early go on to the batch's last stop, as in the lock-step loop.
 """
 
 from __future__ import annotations
@@ -27,23 +33,33 @@ import numpy as np
 from ..models.kv_cache import KVCache
 from ..engine import Pending, prefill, run
 from ..errors import GenerationError
+from ..generate import generate_step
+from ..proposers import Speculation
 from ..samplers import log_softmax
 
 
-def fill_pali(model, ids: np.ndarray, lengths: np.ndarray, pixels: mx.array, sampler, stop_ids) -> np.ndarray:
-    """`ids` [B, L] with the generated ids written in, as keras-hub's loop leaves them."""
+def _check(model, L: int, sampler) -> None:
+    if sampler.search is not None:
+        raise GenerationError(f"{sampler.search} search is not available for PaliGemma here; "
+                              "compile(sampler=...) with greedy, top_k, top_p or random")
+    N, context = model.args.num_image_tokens, model.args.max_position_embeddings
+    if N + L > context:
+        raise GenerationError(f"{N} image tokens + max_length {L} exceed the model's context length {context}")
+
+
+def fill_pali(model, ids: np.ndarray, lengths: np.ndarray, pixels: mx.array, sampler, stop_ids,
+              speculation: Speculation | None = None) -> np.ndarray:
+    """`ids` [B, L] with the generated ids written in, as keras-hub's loop leaves them; with
+    `speculation`, row by row through its proposer (greedy: the same ids)."""
     B, L = ids.shape
     out = ids.copy()
     m = int(lengths.min())
     if m >= L:
         return out
-    if sampler.search is not None:
-        raise GenerationError(f"{sampler.search} search is not available for PaliGemma here; "
-                              "compile(sampler=...) with greedy, top_k, top_p or random")
+    _check(model, L, sampler)
+    if speculation is not None:
+        return _fill_speculative(model, out, lengths, m, pixels, sampler, stop_ids, speculation)
     N = model.args.num_image_tokens
-    context = model.args.max_position_embeddings
-    if N + L > context:
-        raise GenerationError(f"{N} image tokens + max_length {L} exceed the model's context length {context}")
     width = int(lengths.max())
     image_slots = np.full((B, N), model.args.image_token_index, np.int32)
     prompt = mx.array(np.concatenate([image_slots, out[:, :width]], axis=1))
@@ -95,3 +111,56 @@ class _KerasPaliStep:
             raise GenerationError(f"the model produced NaN logits at position {step.rest + 1} (batch rows "
                                   f"{np.flatnonzero(np.isnan(chosen)).tolist()}); the weights or the dtype are at fault")
         return ids_next
+
+
+def _fill_speculative(model, out: np.ndarray, lengths: np.ndarray, m: int, pixels: mx.array, sampler, stop_ids,
+                      speculation: Speculation) -> np.ndarray:
+    """`fill_pali`'s ids (`out`: the ids given, filled in place), each row decoded alone with
+    `speculation`'s proposer (greedy: the same tokens; a sampler: its distribution, row by row)."""
+    ids = out.copy()
+    B, L = out.shape
+    N = model.args.num_image_tokens
+    step_sampler, stops = sampler.step_sampler(), frozenset(stop_ids or ())
+    streams: list = [None] * B
+    written = [int(n) for n in lengths]  # row b's next position to fill
+    stop_at: list[int | None] = [None] * B
+
+    def advance(b: int, last: int, at_stop: bool) -> None:
+        """Fill row b up to position `last`, or (at_stop) to its first stop id."""
+        for tokens, _ in streams[b]:
+            out[b, written[b]] = tokens[0]
+            if stop_at[b] is None and tokens[0] in stops:
+                stop_at[b] = written[b]
+            written[b] += 1
+            if written[b] > last or (at_stop and stop_at[b] is not None):
+                return
+
+    try:
+        for b in range(B):
+            n = written[b]
+            if n >= L:
+                continue  # a prompt as long as max_length: nothing to fill, and the loop runs to L
+            image = [model.args.image_token_index] * N
+            cache = [KVCache() for _ in model.layers]
+            prefill(model, mx.array([image + out[b, :n].tolist()]), cache, pixel_values=pixels[b : b + 1],
+                    prefix_length=mx.array([N + n], dtype=mx.int32))
+            for c in cache:
+                c.trim_to(N + m - 1)  # keras-hub re-reads the prompt from m - 1 on causally
+            proposer = speculation.proposer(None, step_sampler, model.args.vocab_size)
+            streams[b] = generate_step(model, out[b : b + 1, m - 1 : n], cache=cache, sampler=step_sampler,
+                                       max_tokens=L - n, cached_ids=[image + out[b, : m - 1].tolist()],
+                                       proposer=proposer, num_draft_tokens=speculation.num_draft_tokens)
+            advance(b, L - 1, at_stop=bool(stops))
+        # The lock-step loop ends at the last row's stop once every row has one, else at L.
+        done = bool(stops) and all(p is not None for p in stop_at)
+        end = max(stop_at) if done else L - 1
+        for b in range(B):
+            if streams[b] is not None and written[b] <= end:
+                advance(b, end, at_stop=False)
+        if done:
+            out[:, end + 1 :] = ids[:, end + 1 :]
+    finally:
+        for s in streams:
+            if s is not None:
+                s.close()
+    return out
