@@ -15,7 +15,10 @@ order among the images (the model treats both alike: see gemma4_video).
 - `Gemma4Media`: a prompt batch's images and clips, preprocessed: the model's inputs, each item's
   soft-token count, and a digest per item (a prompt cache tells media apart by them).
 - `media_rows`: prompts (strings, chat messages or token ids) + their media -> token ids per prompt
-  and the `Gemma4Media`, the images and video frames of all prompts in order, then the clips.
+  and the `Gemma4Media`, the images and video frames of all prompts in order, then the clips.  With
+  `tools` / `tool_choice`, a chat is rendered by `tool_calls.render_chat` (the text path's renderer:
+  declarations in the system turn, earlier calls and their results), the media blocks spliced in
+  where its placeholders are, as Gemma4Processor expands the template's rendering with tools.
 
 A prompt string without markers gets its images, then its videos, then its clips, first (as the chat template places
 media parts before the text), each block followed by nothing: the text then follows directly.
@@ -38,6 +41,7 @@ from .errors import AudioError, ConfigError, GenerationError, ImageError
 from .gemma4_images import ImageSettings, pad_patches, preprocess_images
 from .gemma4_video import VIDEO_TOKEN, Gemma4Video, VideoSettings, load_video, video_block
 from .prompts import prompt_ids
+from .tool_calls import render_chat
 
 IMAGE_MARKER, AUDIO_MARKER, VIDEO_MARKER = "<|image|>", "<|audio|>", VIDEO_TOKEN
 # The markers and the content-part type each stands for.
@@ -218,12 +222,15 @@ def _parts(messages) -> list[dict]:
 
 
 def media_rows(model, tokenizer, prompts: Sequence, images: Sequence, clips: Sequence, chat=None, system=None,
-               enable_thinking: bool = False, videos: Sequence | None = None) -> tuple[list[list[int]], Gemma4Media]:
+               enable_thinking: bool = False, videos: Sequence | None = None, tools: Sequence | None = None,
+               tool_choice=None) -> tuple[list[list[int]], Gemma4Media]:
     """(token ids per prompt, their media) for Gemma 4: `images[b]` / `clips[b]` / `videos[b]` are prompt
     b's, each None, one item or a list, in the order of the prompt's markers (or parts).  A prompt is a
     string (with the chat template when `chat`), chat messages with `{"type": "image"}` / `{"type":
     "audio"}` / `{"type": "video"}` parts, or token ids that already hold the media blocks (no videos).
-    A video is a path (decoded with PyAV) or uint8 frames [T, H, W, 3] (24 fps assumed)."""
+    A video is a path (decoded with PyAV) or uint8 frames [T, H, W, 3] (24 fps assumed).  `tools` (OpenAI
+    function tools) and `tool_choice`, when either is given, render each chat as `render_chat` does
+    (`tools=[]`: earlier calls and results, nothing declared); they need the chat template."""
     videos = [None] * len(prompts) if videos is None else videos
     if not len(images) == len(clips) == len(videos) == len(prompts):
         raise GenerationError(f"{len(images)} image, {len(clips)} audio and {len(videos)} video entries for "
@@ -241,7 +248,8 @@ def media_rows(model, tokenizer, prompts: Sequence, images: Sequence, clips: Seq
         spec = model.image_input
         own_videos = [video_block(v.num_soft_tokens, v.timestamps, spec.start_id, spec.token_id, spec.end_id)
                       for v in vids]
-        rows.append(_row(model, tokenizer, prompt, own_images, own_clips, chat, system, enable_thinking, own_videos))
+        rows.append(_row(model, tokenizer, prompt, own_images, own_clips, chat, system, enable_thinking, own_videos,
+                         (tools, tool_choice)))
         i, a = i + len(ims), a + len(cls)
     return rows, media
 
@@ -302,10 +310,11 @@ def _with_frames(media: Gemma4Media, orders: list[list[str]], videos: list[list[
 
 
 def _row(model, tokenizer, prompt, image_blocks, audio_blocks, chat, system, enable_thinking,
-         video_blocks=()) -> list[int]:
+         video_blocks=(), tools: tuple = (None, None)) -> list[int]:
+    with_tools = tools != (None, None)
     if isinstance(prompt, str) and not chat:
-        if system or enable_thinking:
-            raise GenerationError("a system prompt or thinking needs the chat template (chat=True / --chat)")
+        if system or enable_thinking or with_tools:
+            raise GenerationError("a system prompt, thinking or tools need the chat template (chat=True / --chat)")
         return plain_ids(tokenizer, prompt, image_blocks, audio_blocks, video_blocks)
     if isinstance(prompt, str):
         text = prompt
@@ -319,6 +328,8 @@ def _row(model, tokenizer, prompt, image_blocks, audio_blocks, chat, system, ena
         messages = list(prompt)
     elif video_blocks:
         raise GenerationError("a video needs a text prompt or chat messages (its frame times are text), not token ids")
+    elif with_tools:
+        raise GenerationError("tools are declared by rendering the chat: give chat messages or text, not token ids")
     else:  # token ids, media blocks included: the model checks their counts against the media
         return prompt_ids(tokenizer, prompt, chat, system, model.args.vocab_size)
     for kind, blocks, error in (("image", image_blocks, ImageError), ("audio", audio_blocks, AudioError),
@@ -332,9 +343,11 @@ def _row(model, tokenizer, prompt, image_blocks, audio_blocks, chat, system, ena
         messages.insert(0, {"role": "system", "content": system})
     if video_blocks:
         messages, image_blocks = _videos_as_images(messages, image_blocks, video_blocks)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                         image_block=image_blocks or None, audio_block=audio_blocks or None,
-                                         enable_thinking=enable_thinking)
+    rendering = dict(add_generation_prompt=True, tokenize=True, image_block=image_blocks or None,
+                     audio_block=audio_blocks or None, enable_thinking=enable_thinking)
+    if with_tools:  # the text path's renderer: the blocks replace the placeholders of its rendering
+        return render_chat(tokenizer, messages, *tools, **rendering)
+    return tokenizer.apply_chat_template(messages, **rendering)
 
 
 def _videos_as_images(messages: list, image_blocks: list, video_blocks: list) -> tuple[list, list]:

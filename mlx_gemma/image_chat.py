@@ -5,7 +5,9 @@ transformers renders Gemma 3's chat template (an image part becomes `<start_of_i
 processor replaces each `<start_of_image>` with `"\\n\\n<start_of_image>"`, the soft tokens and
 `"<end_of_image>\\n\\n"` and tokenizes the whole string; `image_block` is that replacement, which
 `GemmaTokenizer.apply_chat_template(..., image_block=...)` splices in before tokenizing (the
-`"\\n\\n"` runs join the text around them, as in the processor's string).
+`"\\n\\n"` runs join the text around them, as in the processor's string).  With `tools` / `tool_choice`
+the chat is rendered by `tool_calls.render_chat` (the text path's renderer: Google's prompted format,
+declarations folded into the first user turn) and the blocks spliced into that rendering the same way.
 
 The soft tokens of every image are the same id, so token ids alone cannot tell two images
 apart: `image_spans` finds each image's block in the ids and `image_digests` names its pixels,
@@ -21,8 +23,9 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import GenerationError, ImageError
-from .prompts import prompt_ids
 from .pan_and_scan import pan_and_scan_settings
+from .prompts import prompt_ids
+from .tool_calls import render_chat
 from .vision import gemma3_prompt_ids, image_segments, preprocess_images, text_between_images, with_crops
 
 
@@ -73,12 +76,15 @@ def image_digests(pixel_values: mx.array | None) -> list[str]:
     return [hashlib.sha256(image.tobytes()).hexdigest() for image in array]
 
 
-def chat_image_rows(model, tokenizer, prompts, images, chat, system,
-                    pan_and_scan=None) -> tuple[list[list[int]], mx.array]:
+def chat_image_rows(model, tokenizer, prompts, images, chat, system, pan_and_scan=None, tools=None,
+                    tool_choice=None) -> tuple[list[list[int]], mx.array]:
     """(token ids per prompt, pixel values [N, H, W, 3]) of Gemma 3 prompts with images: strings
     (with the chat template when `chat`), chat messages with image parts, or token ids that already
     hold the image blocks.  `images` has one entry per prompt: an image or a list of them, in order;
-    with `pan_and_scan`, each is followed by its crops (not for token ids: see `mlx_gemma.pan_and_scan`)."""
+    with `pan_and_scan`, each is followed by its crops (not for token ids: see `mlx_gemma.pan_and_scan`).
+    `tools` (OpenAI function tools) and `tool_choice`, when either is given, render each chat as
+    `render_chat` does (`tools=[]`: earlier calls and results, nothing declared); they need the chat
+    template, and the images must be in user turns (the prompted format's results are text)."""
     spec = model.image_input
     if len(images) != len(prompts):
         raise ImageError("image", f"{len(images)} image entries for {len(prompts)} prompts; give one per prompt")
@@ -86,18 +92,21 @@ def chat_image_rows(model, tokenizer, prompts, images, chat, system,
     flat, n_crops = with_crops([im for ims in per_prompt for im in ims], pan_and_scan_settings(pan_and_scan))
     rows, seen = [], 0
     for p, ims in zip(prompts, per_prompt):
-        rows.append(_row(model, tokenizer, p, len(ims), chat, system, n_crops[seen:seen + len(ims)]))
+        rows.append(_row(model, tokenizer, p, len(ims), chat, system, n_crops[seen:seen + len(ims)],
+                         (tools, tool_choice)))
         seen += len(ims)
     # Bilinear: Gemma3ImageProcessor's resample.
     return rows, preprocess_images(flat, spec.image_size, "bilinear")
 
 
-def _row(model, tokenizer, prompt, n_images: int, chat, system, crops: list[int]) -> list[int]:
+def _row(model, tokenizer, prompt, n_images: int, chat, system, crops: list[int],
+         tools: tuple = (None, None)) -> list[int]:
     spec = model.image_input
     marker = tokenizer.id_to_piece(spec.start_id)
+    with_tools = tools != (None, None)
     if isinstance(prompt, str) and not chat:
-        if system:
-            raise GenerationError("a system prompt needs the chat template (chat=True / --chat)")
+        if system or with_tools:
+            raise GenerationError("a system prompt or tools need the chat template (chat=True / --chat)")
         return gemma3_prompt_ids(tokenizer, prompt, n_images, spec, crops)
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": user_content(prompt, n_images, marker)}]
@@ -108,6 +117,8 @@ def _row(model, tokenizer, prompt, n_images: int, chat, system, crops: list[int]
         if count_image_parts(messages) != n_images:
             raise ImageError("image", f"the messages hold {count_image_parts(messages)} image parts for "
                                       f"{n_images} image(s); give one image per part")
+    elif with_tools:
+        raise GenerationError("tools are declared by rendering the chat: give chat messages or text, not token ids")
     else:  # token ids, image blocks included
         if any(crops):
             raise ImageError("pan_and_scan", "pan & scan lays out the prompt's text; token ids come as given")
@@ -121,4 +132,13 @@ def _row(model, tokenizer, prompt, n_images: int, chat, system, crops: list[int]
             raise GenerationError("system given twice: as an argument and as the first message")
         messages.insert(0, {"role": "system", "content": system})
     blocks = [image_segments(spec, n) for n in crops] if any(crops) else image_block(spec)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, image_block=blocks)
+    if not with_tools:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, image_block=blocks)
+    ids = render_chat(tokenizer, messages, *tools, add_generation_prompt=True, tokenize=True, image_block=blocks)
+    # The prompted format writes tool results (and a system prompt beside tools) as text: an image
+    # there would silently leave the prompt, and the pixels without their place.
+    wanted = sum(b.count(spec.start_id) for b in blocks) if any(crops) else n_images
+    if ids.count(spec.start_id) != wanted:
+        raise ImageError("image", f"the messages hold {n_images} image parts, but Gemma 3's prompted tool format "
+                                  "keeps only those of user messages (its tool results and system prompt are text)")
+    return ids
