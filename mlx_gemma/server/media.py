@@ -110,8 +110,9 @@ def _base64(data: str, where: str) -> bytes:
 
 
 def media_prompt(served: ServedModel, messages: list[dict], media: MediaParts, thinking: bool,
-                 folder: Path) -> tuple[list[int], dict]:
-    """(prompt ids, the model's prompt inputs, evaluated) for chat messages holding media parts."""
+                 folder: Path, **tools) -> tuple[list[int], dict]:
+    """(prompt ids, the model's prompt inputs, evaluated) for chat messages holding media parts;
+    `tools` (tools=, tool_choice=) go to the builders, which then render as `tool_calls.render_chat`."""
     model, tokenizer = served.model, served.tokenizer
     spec = model.image_input
     if media.clips and model.audio_input is None:
@@ -124,13 +125,14 @@ def media_prompt(served: ServedModel, messages: list[dict], media: MediaParts, t
     try:
         if (spec is not None and spec.variable) or model.audio_input is not None:  # Gemma 4
             rows, found = media_rows(model, tokenizer, [messages], [media.images], [media.clips], chat=True,
-                                     enable_thinking=thinking, videos=[[str(v) for v in media.videos]])
+                                     enable_thinking=thinking, videos=[[str(v) for v in media.videos]], **tools)
             inputs = found.inputs()
         else:  # Gemma 3: images at its chat template's image parts, as transformers' processor lays them out
             if thinking:
                 raise ApiError(400, "enable_thinking: Gemma 1-3 have no thinking mode (Gemma 4 has)",
                                "chat_template_kwargs", "invalid_value")
-            rows, pixels = chat_image_rows(model, tokenizer, [messages], [media.images], chat=True, system=None)
+            rows, pixels = chat_image_rows(model, tokenizer, [messages], [media.images], chat=True, system=None,
+                                           **tools)
             inputs = {"pixel_values": pixels}
         mx.eval(list(inputs.values()))  # concrete before another thread's graph uses them
     except MlxGemmaError as e:  # no server paths in the answer

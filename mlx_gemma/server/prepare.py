@@ -3,7 +3,7 @@
 Chat messages are rendered with the model's own chat format (`GemmaTokenizer.apply_chat_template`:
 Gemma 1-3's turns or Gemma 4's, message text encoded as plain text so a user cannot forge a turn;
 with tools, earlier calls or tool results, by `tool_calls.render_chat` in the model's own
-function-calling format, see tools.py);
+function-calling format, see tools.py, media parts included);
 completion prompts are encoded with <bos>, or taken as token ids.  A chat's `response_format`
 (json_object / json_schema) becomes a `grammar.GrammarConstraint` per job (each choice its own
 parser; a JSON reply from its first token, so no thoughts beside it).  Everything a user can get wrong
@@ -60,11 +60,10 @@ def prepare_chat(served: ServedModel, request: ChatRequest, defaults: Defaults,
                 raise ApiError(400, "PaliGemma has no function-calling format: it takes no tools", "tools",
                                "unsupported_parameter")
             ids, inputs = prefix_lm_prompt(served, messages, media, thinking, Path(folder))
-        elif (media.images or media.clips or media.videos) and tools is not None:
-            raise ApiError(400, f"tools beside image, audio or video parts are {NOT_YET}", "tools",
-                           "unsupported_parameter")
         elif media.images or media.clips or media.videos:
-            ids, inputs = media_prompt(served, messages, media, thinking, Path(folder))
+            # with tools, rendered as _text_prompt renders them (render_chat), the media blocks spliced in
+            declared = dict(tools=request.tools or [], tool_choice=request.tool_choice) if tools else {}
+            ids, inputs = media_prompt(served, messages, media, thinking, Path(folder), **declared)
         else:
             ids, inputs = _text_prompt(served, messages, thinking, request if tools else None), None
     stop_ids = frozenset(served.tokenizer.eos_token_ids)
