@@ -59,6 +59,7 @@ class Choice:
         self.tokens = 0  # generated tokens, a stop id included (it was generated)
         self.finish_reason: str | None = None
         self.prompt_tokens = self.cached_tokens = 0
+        self.speculative: tuple[int, int] | None = None  # (proposed, accepted) when its job speculated
 
     @property
     def text(self) -> str:
@@ -75,6 +76,7 @@ class Choice:
             raise GenerationFailed(event.error or f"the generation was {event.finish_reason}")
         self.prompt_tokens = event.prompt_tokens or self.prompt_tokens
         self.cached_tokens = event.cached_tokens or self.cached_tokens
+        self.speculative = event.speculative or self.speculative
         text, logprobs, reason = "", [], None
         if event.token is not None:
             self.tokens += 1

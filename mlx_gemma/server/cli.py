@@ -2,7 +2,8 @@
 
 Flags follow mlx-lm's server where they apply (--model, --adapter-path, --host, --port,
 --allowed-origins comma-separated, --temp/--top-p/--top-k/--min-p/--max-tokens as defaults,
---prefill-step-size, --prompt-cache-bytes, the KV-cache flags, --log-level).  The default host is loopback.  The port
+--prefill-step-size, --prompt-cache-bytes, the KV-cache flags, --draft-model / --num-draft-tokens with our
+--prompt-lookup (server/speculation.py), --log-level).  The default host is loopback.  The port
 actually bound (`--port 0` picks a free one) is printed as "serving on http://HOST:PORT".
 """
 
@@ -29,6 +30,7 @@ from ..samplers import SamplingSettings
 from .app import DEFAULT_MAX_BODY_BYTES, create_app
 from .embeddings import Embedder
 from .served import Defaults, ServedModel
+from .speculation import ServerSpeculation, add_flags as add_speculation_flags
 
 API_KEY_ENV = "MLX_GEMMA_API_KEY"
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=Defaults.top_k, help="default top_k (0 = off)")
     p.add_argument("--min-p", type=float, default=Defaults.min_p, help="default min_p (0 = off)")
     add_cache_flags(p)
+    add_speculation_flags(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -93,6 +96,7 @@ def serve_models(args) -> list[ServedModel]:
     if len(set(args.model)) != len(args.model):
         raise MlxGemmaError("the same --model is given twice")
     kv = kv_options_from(args)
+    speculation = ServerSpeculation(args)  # the draft model, loaded once
     served = []
     for name in args.model:
         model, tokenizer = load(name, adapter_path=args.adapter_path)
@@ -103,7 +107,7 @@ def serve_models(args) -> list[ServedModel]:
             served.append(ServedModel(name, model, tokenizer, None, int(time.time()), Embedder(model, tokenizer)))
             continue
         scheduler = Scheduler(model, max_batch=args.max_batch, prefill_chunk=args.prefill_step_size, kv_options=kv,
-                              prefix_cache_bytes=args.prompt_cache_bytes)
+                              prefix_cache_bytes=args.prompt_cache_bytes, policy=speculation.policy(tokenizer))
         scheduler.start()
         served.append(ServedModel(name, model, tokenizer, scheduler, int(time.time())))
     return served

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..batch_speculation import SpeculationAsk
 from ..batching import Job
 from ..errors import MlxGemmaError
 from ..grammar import GrammarConstraint, compile_response_format
@@ -155,7 +156,8 @@ def _jobs(served, request, defaults: Defaults, rows: list[list[int]], limit, sto
             seed = None if request.seed is None else (request.seed + c) % 2 ** 63  # n different draws
             jobs.append(Job(prompt_ids=list(ids), max_tokens=budget, sampling=_sampling(request, defaults, seed, bias),
                             stop_ids=stop_ids, top_logprobs=top, media=media,
-                            processors=processors(len(ids)) if processors else ()))
+                            processors=processors(len(ids)) if processors else (),
+                            speculation=SpeculationAsk(request.num_draft_tokens, request.prompt_lookup)))
     return Prepared(jobs, sum(len(r) for r in rows), stop_ids, stops, logprobs, top)
 
 

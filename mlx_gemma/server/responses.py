@@ -102,11 +102,16 @@ def _message(choice: Choice) -> dict:
 
 
 def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-    """OpenAI's usage object; cached_tokens is what the scheduler reused of the prompt."""
+    """OpenAI's usage object; cached_tokens is what the scheduler reused of the prompt.  When a choice
+    speculated, `speculative` (ours, not OpenAI's) sums the tokens proposed and those the model kept."""
     completion = sum(c.tokens for c in choices)
     cached = max((c.cached_tokens for c in choices), default=0)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+           "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+    speculated = [c.speculative for c in choices if c.speculative is not None]
+    if speculated:
+        out["speculative"] = {"proposed": sum(p for p, _ in speculated), "accepted": sum(a for _, a in speculated)}
+    return out
 
 
 def token_text(tokenizer, token: int) -> tuple[str, list[int]]:

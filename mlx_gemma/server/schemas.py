@@ -23,6 +23,7 @@ MAX_CHOICES = 16  # n: a local server's rows are few (OpenAI allows 128)
 MAX_PROMPTS = 16  # /v1/completions prompts per request
 MAX_MESSAGES = 1024
 MAX_LOGIT_BIAS = 1024  # entries
+MAX_DRAFT_TOKENS = 32  # num_draft_tokens and prompt_lookup's n-gram length: more never pays
 MAX_EMBEDDING_INPUTS = 256  # texts per /v1/embeddings request (OpenAI allows 2048)
 
 
@@ -122,6 +123,10 @@ class _Sampling(_Strict):
                 Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)],
                 None] = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    # Speculative decoding, not OpenAI's (server/speculation.py): mlx-lm's server reads num_draft_tokens
+    # per request (0: none for this request); prompt_lookup is ours (true, an n-gram length, or false).
+    num_draft_tokens: Annotated[int, Field(ge=0, le=MAX_DRAFT_TOKENS)] | None = None
+    prompt_lookup: Union[bool, Annotated[int, Field(ge=1, le=MAX_DRAFT_TOKENS)], None] = None
     # Accepted and ignored: they change nothing a local server does.
     user: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
