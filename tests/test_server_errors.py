@@ -114,7 +114,7 @@ CASES = [
     ("legacy function message", "POST", CHAT, chat(messages=[*USER, {"role": "function", "name": "f",
                                                                        "content": "x"}]), {}, 400),
     ("legacy functions field", "POST", CHAT, chat(functions=[{"name": "f"}]), {}, 400),
-    ("tools beside an image", "POST", CHAT, chat(model=VLM3, tools=[TOOL], messages=[{"role": "user", "content": [
+    ("tools beside a corrupt image", "POST", CHAT, chat(model=VLM3, tools=[TOOL], messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), {}, 400),
     ("json_schema without its json_schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), {}, 400),
     ("response_format of an unknown type", "POST", CHAT, chat(response_format={"type": "xml"}), {}, 400),
