@@ -71,12 +71,17 @@ def media_of(messages: list, kind: str) -> list:
 
 @pytest.fixture(scope="module")
 def gemma4():
+    model, tok = mlx_gemma.load(GEMMA4)
+    clip = np.load(GEMMA4 / "reference.npz")["pcm"].astype(np.float32) / 32768.0  # 0.97 s of a tone
+    return model, tok, clip
+
+
+@pytest.fixture(scope="module")
+def processor4():
     sys.path.insert(0, str(FIXTURES))
     import make_tiny_gemma4_mm as fixture  # deferred: imports torch and transformers (the live oracle)
 
-    model, tok = mlx_gemma.load(GEMMA4)
-    clip = np.load(GEMMA4 / "reference.npz")["pcm"].astype(np.float32) / 32768.0  # 0.97 s of a tone
-    return model, tok, fixture.processor(), clip
+    return fixture.processor()
 
 
 def gemma4_cases(clip) -> dict:
@@ -102,8 +107,8 @@ def gemma4_cases(clip) -> dict:
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("thinking", [False, True], ids=["thinking-off", "thinking-on"])
-def test_gemma4_ids_equal_the_processors(gemma4, thinking):
-    model, tok, proc, clip = gemma4
+def test_gemma4_ids_equal_the_processors(gemma4, processor4, thinking):
+    (model, tok, clip), proc = gemma4, processor4
     for name, (messages, choice, declared) in gemma4_cases(clip).items():
         theirs = proc.apply_chat_template(messages, tools=declared, chat_template=TEMPLATE, tokenize=True,
                                           return_dict=True, add_generation_prompt=True, enable_thinking=thinking)
@@ -121,7 +126,7 @@ def test_gemma4_ids_equal_the_processors(gemma4, thinking):
 
 
 def test_gemma4_tools_need_a_rendered_chat(gemma4):
-    model, tok, _, clip = gemma4
+    model, tok, clip = gemma4
     with pytest.raises(GenerationError, match="chat template"):
         media_rows(model, tok, ["<|audio|> Hi"], [None], [clip], chat=False, tools=TOOLS)
     ids = media_rows(model, tok, ["<|audio|> Hi"], [None], [clip], chat=True)[0][0]
@@ -134,7 +139,7 @@ def test_gemma4_tools_need_a_rendered_chat(gemma4):
 
 def test_gemma4_without_tools_renders_as_before(gemma4):
     """No tools and no tool_choice: the plain chat template (render_chat is not involved)."""
-    model, tok, _, clip = gemma4
+    model, tok, clip = gemma4
     messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Hi"}]}]
     plain = media_rows(model, tok, [messages], [None], [clip], chat=True)[0][0]
     with_none = media_rows(model, tok, [messages], [None], [clip], chat=True, tools=[])[0][0]
@@ -143,19 +148,38 @@ def test_gemma4_without_tools_renders_as_before(gemma4):
     assert len(declared) > len(plain) and tok.decode(declared).count("<|audio|>") == tok.decode(plain).count("<|audio|>")
 
 
+def test_gemma4_video_beside_tools_gets_the_text_paths_declarations(gemma4):
+    """A video (its frames' blocks and times, laid out as without tools) beside tools: the ids are the
+    tool-free ids with the text path's declaration turn after <bos>.  (Gemma4Processor's video path
+    needs torchvision, which the references do not install: this is our two paths against each other.)"""
+    model, tok, _ = gemma4
+    frames = np.random.default_rng(7).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "When?"}]}]
+    plain = media_rows(model, tok, [messages], [None], [None], chat=True, videos=[[frames]])[0][0]
+    declared = media_rows(model, tok, [messages], [None], [None], chat=True, videos=[[frames]], tools=TOOLS)[0][0]
+    text_only = [{"role": "user", "content": "When?"}]
+    turn = render_chat(tok, text_only, TOOLS, tokenize=True)[:-len(tok.apply_chat_template(text_only, tokenize=True)) + 1]
+    assert turn[0] == tok.bos_id and tok.decode(turn[1:]).startswith("<|turn>system\n<|tool>declaration:get_weather")
+    assert declared == turn + plain[1:]
+
+
 # ----- Gemma 3: Gemma3Processor with its published template, Google's prompted format ----------
 
 
 @pytest.fixture(scope="module")
 def gemma3():
+    return mlx_gemma.load(VLM3)
+
+
+@pytest.fixture(scope="module")
+def processor3():
     sys.path.insert(0, str(FIXTURES))
     from make_tiny_gemma3_vlm import processor  # deferred: imports torch and transformers (the live oracle)
     from test_gemma3_chat import GEMMA3_CHAT_TEMPLATE
 
-    model, tok = mlx_gemma.load(VLM3)
     proc = processor(VLM3)
     proc.chat_template = proc.tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    return model, tok, proc
+    return proc
 
 
 def functions(tools: list) -> str:
@@ -187,8 +211,8 @@ def gemma3_cases() -> dict:
 
 
 @pytest.mark.oracle
-def test_gemma3_ids_equal_the_processors_on_the_guides_conversation(gemma3):
-    model, tok, proc = gemma3
+def test_gemma3_ids_equal_the_processors_on_the_guides_conversation(gemma3, processor3):
+    (model, tok), proc = gemma3, processor3
     for name, (messages, choice, guide) in gemma3_cases().items():
         theirs = proc.apply_chat_template(guide, tokenize=True, return_dict=True, add_generation_prompt=True)
         rows, pixels = chat_image_rows(model, tok, [as_sent(messages)], [media_of(messages, "image")], chat=True,
@@ -204,7 +228,7 @@ def test_gemma3_ids_equal_the_processors_on_the_guides_conversation(gemma3):
 def test_gemma3_matches_render_chat_text_path(gemma3):
     """The media builder and the text path render the same conversation alike: the ids differ only
     where each image's block stands in for its `<start_of_image>`."""
-    model, tok, _ = gemma3
+    model, tok = gemma3
     messages, choice, _ = gemma3_cases()["a call and its result, two images"]
     rows, _ = chat_image_rows(model, tok, [as_sent(messages)], [media_of(messages, "image")], chat=True, system=None,
                               tools=TOOLS, tool_choice=choice)
@@ -219,7 +243,7 @@ def test_gemma3_matches_render_chat_text_path(gemma3):
 def test_gemma3_images_outside_user_turns_are_refused_with_tools(gemma3):
     """Google's prompted format writes tool results as text: an image there would leave the prompt
     while its pixels stayed, so it is a typed error, not a silent drop."""
-    model, tok, _ = gemma3
+    model, tok = gemma3
     messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                 {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "see"},
                                                                    {"type": "image"}]}]
