@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .errors import GenerationError
+from .errors import DistributedError, GenerationError
 from .models import gemma4
 from .models.gemma4_assistant import check_target, target_sources
 from .models.kv_cache import RotatingKVCache, SharedKVCache, time_slice
@@ -105,6 +105,10 @@ class AssistantDrafter:
     def observe(self, model, cache: Sequence, hidden: mx.array) -> None:
         """The target's pass just ran: its final normed hidden rows [T, D] and its caches."""
         if model is not self.target:
+            if model.share is not None:  # every rank gets here after the same prefill: all refuse alike
+                raise DistributedError(f"rank {model.share.rank}: a gemma4_assistant drafter reads its target's final "
+                                       "hidden states and whole KV heads, which a pipeline or tensor-parallel rank "
+                                       "does not hold; use a draft model (--draft-model) or --prompt-lookup")
             stack = model.decoder
             if not isinstance(stack, gemma4.Gemma4Stack):
                 raise GenerationError(f"a gemma4_assistant drafter proposes for a Gemma 4 target, not "

@@ -78,8 +78,11 @@ def token_budget(model, prompt_length: int, max_tokens: int) -> int:
 def default_prefill_step(model, rows: int = 1) -> int:
     """Prompt positions per forward call for a batch of `rows` when the caller does not say."""
     if mx.default_device() == mx.cpu:
-        quantized = isinstance(model, nn.Module) and any(
-            isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+        # A rank of a distributed model decides from the whole model (share.quantized, agreed by the
+        # ranks), not its own layers: every rank must feed the same chunks.
+        quantized = isinstance(model, nn.Module) and (
+            model.share.quantized if model.share is not None
+            else any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()))
         return max(1, (CPU_QUANTIZED_PREFILL_STEP_SIZE if quantized else CPU_PREFILL_STEP_SIZE) // rows)
     softcapped = model.args.attn_logit_softcapping is not None
     return max(1, (SOFTCAP_PREFILL_STEP_SIZE if softcapped else PREFILL_STEP_SIZE) // rows)

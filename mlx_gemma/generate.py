@@ -421,13 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = sampling_from(args)
         sampler, processors = sampling.sampler(), sampling.processors()
         kv_options, prompt_cache, model_arg = kv_options_from(args), None, args.model
+        ranks = distributed_from(args)  # --pipeline / --tensor-parallel: group= and strategy= for load
         if args.prompt_cache_file:
             if kv_options != KVCacheOptions() or args.system:
                 raise GenerationError("--prompt-cache-file: the cache options and the system prompt were fixed "
                                       "when the cache was made (python -m mlx_gemma.cache_prompt)")
             prompt_cache = load_prompt_cache(args.prompt_cache_file)
             model_arg = args.model or prompt_cache.metadata.get("model")
-        ranks = distributed_from(args)  # --pipeline / --tensor-parallel: group= and strategy= for load
         model, tokenizer = load(model_arg, adapter_path=args.adapter_path, **ranks)
         speculation = speculation_from(args)
         out, err = rank_console(ranks, out, err)

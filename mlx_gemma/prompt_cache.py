@@ -47,7 +47,15 @@ def model_fingerprint(model) -> dict:
     a = model.args
     return {"model_type": a.model_type, "num_layers": len(model.windows), "windows": list(model.windows),
             "num_key_value_heads": a.num_key_value_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
-            **cache_layout(model.make_cache())}
+            **cache_layout(model.make_cache()), **_share(model)}
+
+
+def _share(model) -> dict:
+    """A distributed rank's share (mlx_gemma.distributed), so its caches never pass for a whole model's:
+    their KV heads (tensor) or layers (pipeline) are the rank's while `num_key_value_heads` and the
+    layouts stay the whole model's.  Its caches live in memory only (save_prompt_cache refuses them)."""
+    s = model.share
+    return {} if s is None else {"share": {"strategy": s.strategy, "rank": s.rank, "size": s.size}}
 
 
 class PromptCache:
@@ -124,6 +132,9 @@ class PromptCache:
     def check(self, model) -> None:
         """PromptCacheError unless this cache was made for a model of `model`'s shape."""
         theirs = model_fingerprint(model)
+        if "share" in theirs and self.fingerprint.get("share") != theirs["share"]:
+            raise PromptCacheError(self.path, f"a prompt cache made in one process (or for another rank) does not fit "
+                                              f"rank {model.share.rank} of a {model.share.strategy}-parallel model")
         diff = [f"{k} {self.fingerprint[k]!r} (the model has {theirs[k]!r})"
                 for k in theirs if self.fingerprint.get(k) != theirs[k]]
         if diff:
@@ -274,6 +285,9 @@ def save_prompt_cache(path, cache: PromptCache, metadata: dict[str, str] | None 
         raise GenerationError(f"save_prompt_cache needs a PromptCache, got {type(cache).__name__}")
     if cache.images:
         raise GenerationError("a prompt cache holding images cannot be saved (the file format has no place for them)")
+    if "share" in cache.fingerprint:
+        raise GenerationError("a distributed rank's prompt cache cannot be saved: it holds the rank's share (its "
+                              "layers or KV heads) of the model, and the file format describes a whole model")
     user = {**cache.metadata, **(metadata or {})}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise GenerationError("prompt cache metadata must map strings to strings")

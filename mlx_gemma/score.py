@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import MlxGemmaError
+from .errors import DistributedError, MlxGemmaError
 from .models.decoder import DecoderStack, layer_mask
 from .models.gemma4 import Gemma4Stack
 from .models.layers import build_mask, embedding_scale
@@ -105,6 +105,10 @@ def _checked(model, token_ids, padding_mask, scoring_mode, target_ids, trim_padd
     for name, value in (("padding_mask", padding_mask), ("target_ids", target_ids)):
         if value is not None and tuple(np.shape(value)) != tuple(token_ids.shape):
             raise MlxGemmaError(f"{name} has shape {tuple(np.shape(value))}, token_ids {tuple(token_ids.shape)}")
+    if model.share is not None and not model.share.hidden_states:  # refused on every rank, so none waits
+        raise DistributedError(f"rank {model.share.rank}: score() runs the whole layer stack (and its intercepts) in "
+                               "one process; a pipeline rank holds only its layers: run it in one process or with "
+                               "strategy=\"tensor\"")
     if not isinstance(model.model, (DecoderStack, Gemma4Stack)):
         raise MlxGemmaError(f"score() takes a Gemma text model, not a {model.model_type!r} model")
     mask = None if padding_mask is None else np.asarray(padding_mask).astype(bool)

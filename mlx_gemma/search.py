@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from .arguments import integer_arg, is_integer, real_arg
 from .engine import Pending, prefill, run, token_budget
-from .errors import GenerationError
+from .errors import DistributedError, GenerationError
 from .generate import generate_step
 from .prompts import prompt_ids
 from .samplers import apply_processors, greedy, log_softmax
@@ -229,6 +229,10 @@ def contrastive_search(model, prompt: list[int], max_tokens: int, top_k: int = 4
     the search ends; so does reaching `max_tokens` or the context length.
     Settings are checked when called, not on the first `next`.
     """
+    if model.share is not None and not model.share.hidden_states:  # refused on every rank, so none waits
+        raise DistributedError(f"rank {model.share.rank}: contrastive search compares final hidden states, which "
+                               "a pipeline rank does not hold (only the last has them); run it in one process "
+                               "or with strategy=\"tensor\"")
     ids = _check_prompt(model, prompt)
     integer_arg("top_k", top_k, 1, error=GenerationError)
     if top_k > model.args.vocab_size:

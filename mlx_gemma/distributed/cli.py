@@ -1,7 +1,8 @@
 """What the command lines need to run across ranks (`mlx.launch ... python -m mlx_gemma.generate --pipeline`).
 
 `add_distributed_flags` adds --pipeline / --tensor-parallel; `distributed_from(args)` gives the
-keywords of `mlx_gemma.load` (group and strategy), or none; `rank_console` silences every rank
+keywords of `mlx_gemma.load` (group and strategy), or none, and refuses what cannot run across ranks
+(a prompt-cache file) before anything is loaded, on every rank alike; `rank_console` silences every rank
 but 0 once loaded; `running` arms the watchdog while the ranks generate and turns MLX's "peer lost" error
 into a DistributedError; `shared_line` has rank 0 read a line (the chat's input) and every rank get it.
 """
@@ -35,6 +36,10 @@ def distributed_from(args) -> dict:
         raise DistributedError("--pipeline and --tensor-parallel: choose one")
     if not (args.pipeline or args.tensor_parallel):
         return {}
+    if getattr(args, "prompt_cache_file", None):  # generate's flag (cache_prompt takes neither strategy flag)
+        raise DistributedError("--prompt-cache-file with --pipeline / --tensor-parallel: a prompt-cache file holds "
+                               "one process's whole cache and a rank holds only its share (its layers, or its KV "
+                               "heads); run without the file (docs/distributed.md)")
     return {"group": mx.distributed.init(), "strategy": "pipeline" if args.pipeline else "tensor"}
 
 

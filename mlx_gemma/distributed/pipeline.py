@@ -22,8 +22,12 @@ pass.  We never send K/V: the split points are constrained (sharded_loading.allo
 shared layer sits on the rank of its store layer.
 
 Hidden states (`model.model(...)`) are the real normed states on the last rank only (the others
-get their stage's output); what reads hidden states beyond the head (contrastive search) is not
-supported across a pipeline.  A non-last rank's send is made a dependency of its caches, so the
+get their stage's output); what reads hidden states beyond the head (contrastive search, score, Gemma 4's
+assistant drafter) refuses a pipeline of several ranks, on every rank, before anything runs
+(`share.hidden_states`, models/base.py).  The ranks also agree, when the model is built, whether any
+of them holds quantized layers (`share.quantized`): the default prefill chunk is chosen from it, so a
+rank holding only float layers feeds the same chunks as one holding quantized ones (the send / recv
+sequence would part otherwise).  A non-last rank's send is made a dependency of its caches, so the
 engine's evaluation of the caches between prefill chunks also sends (mlx-lm does the same).
 """
 
@@ -37,8 +41,9 @@ import mlx.nn as nn
 from ..models import gemma4
 from ..models.decoder import DecoderStack, layer_mask
 from ..models.image_blocks import with_image_blocks
+from ..models.base import RankShare
 from ..models.kv_cache import KVCacheOptions, SharedKVCache, make_layer_caches
-from .watchdog import beat
+from .watchdog import beat, watch
 
 # Inputs only rank 0 reads (its towers turn them into embeddings); later ranks drop them.
 MEDIA_INPUTS = ("pixel_values", "image_positions", "audio_features", "audio_mask")
@@ -231,6 +236,7 @@ class PipelineModel(nn.Module):
             self.lm_head = inner.lm_head
         object.__setattr__(self, "group", stage._group)
         self.logits_dtype = None  # agreed by the ranks after loading (sharded_loading)
+        self.share = RankShare("pipeline", stage.rank, stage.size, _any_rank_quantized(inner, stage._group))
 
     def __call__(self, *args, **kwargs) -> mx.array:
         # The architecture's own __call__ (its argument order), run with our model and head.
@@ -271,3 +277,11 @@ class PipelineModel(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         return self._inner.sanitize(weights)
+
+
+def _any_rank_quantized(model: nn.Module, group) -> bool:
+    """Whether any rank's share holds a quantized linear layer (a collective: every rank calls it)."""
+    mine = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    with watch("agreeing on the prefill chunk"):
+        count = mx.distributed.all_sum(mx.array([int(mine)], mx.int32), group=group, stream=mx.cpu)
+        return count.item() > 0

@@ -9,8 +9,10 @@ a rank evaluates only the slices it keeps.
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .. import loading
+from ..models.base import RankShare
 from ..tokenizer import GemmaTokenizer, check_vocab_fits
 from .sharded_loading import check_same_model, tensor_sizes
 from .tensor_parallel import check_tensor_parallel, shard_tensor_parallel
@@ -25,6 +27,9 @@ def load_tensor_parallel(path_or_repo, group, *, dtype: mx.Dtype | None = None, 
     model = loading.load_model(folder, dtype=dtype, lazy=True)
     shard_tensor_parallel(model, group)
     mx.eval(model.parameters())
+    # every rank holds a slice of the same layers, so its own quantization is every rank's
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    model.share = RankShare("tensor", group.rank(), group.size(), quantized)
     tokenizer = GemmaTokenizer.from_folder(folder)
     check_vocab_fits(tokenizer, model.args.vocab_size, tokenizer.path or folder)
     return model, tokenizer
