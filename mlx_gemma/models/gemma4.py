@@ -340,8 +340,10 @@ class Gemma4Stack(nn.Module):
 
     def per_layer_inputs(self, input_ids: mx.array, h: mx.array) -> mx.array:
         """[B, T, layers, P]: each layer's token embedding mixed with a projection of the
-        scaled token embedding `h` (transformers' get_ / project_per_layer_inputs)."""
-        shape = (*input_ids.shape, self.args.num_hidden_layers, self.per_layer)
+        scaled token embedding `h` (transformers' get_ / project_per_layer_inputs).  Every layer's
+        P columns are computed alone, so a table holding some layers' columns gives those layers'
+        inputs (a pipeline rank's, distributed/per_layer_split.py)."""
+        shape = (*input_ids.shape, -1, self.per_layer)
         token = self.embed_tokens_per_layer(input_ids)
         token = (token * embedding_scale(self.per_layer, token.dtype)).reshape(shape)
         projected = self.per_layer_model_projection(h) * (self.args.hidden_size ** -0.5)
