@@ -4,7 +4,7 @@ JSON), with the official `openai` client.
 
 A greedy reply equals `mlx_gemma.generate` with `grammar.json_constraint` for the same format,
 streamed and not; sampled replies (temperature 1, seeded) parse and validate with `jsonschema`.
-The packaged Gemma 3 270M's 20 sampled requests are in test_server_real_model.py.
+The packaged Gemma 3 270M's 20 sampled requests are in test_server_real_model.py (`slow`).
 """
 
 from __future__ import annotations
@@ -64,15 +64,16 @@ def test_greedy_json_equals_generate_with_the_constraint(client, gemma4, respons
 
 
 def test_sampled_json_validates(client):
+    """20 requests at temperature 1 (issue 21's check; the packaged 270M's in test_server_real_model.py, `slow`)."""
     def ask(seed: int):
         return client.chat.completions.create(model=GEMMA4, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=1.0,
-                                              seed=seed, n=2, response_format=SCHEMA_FORMAT)
+                                              seed=seed, n=2 if seed < 2 else 1, response_format=SCHEMA_FORMAT)
 
-    with ThreadPoolExecutor(4) as pool:  # concurrent: rows of one batch, each with its own parser
-        replies = list(pool.map(ask, range(8)))
+    with ThreadPoolExecutor(8) as pool:  # concurrent: rows of one batch, each with its own parser
+        replies = list(pool.map(ask, range(20)))
     values = []
-    for choice in (c for r in replies for c in r.choices):  # 8 requests of 2 choices
+    for choice in (c for r in replies for c in r.choices):  # 20 requests, two of them with 2 choices
         assert choice.finish_reason == "stop"
         values.append(json.loads(choice.message.content))
         jsonschema.validate(values[-1], SCHEMA)
-    assert len({json.dumps(v) for v in values}) > 1  # sampled, not one answer
+    assert len({json.dumps(v) for v in values}) > 10  # sampled, not one answer
