@@ -14,8 +14,12 @@ decode engine runs unchanged on every rank:
 - each rank's caches hold only its layers (`make_cache`).
 
 What travels: [B, T, hidden] per call, plus, for Gemma 4 with per-layer inputs (E2B / E4B),
-the per-layer inputs of the later ranks' layers (rank 0 keeps the per-layer embedding table and
-computes them once); then [B, vocab] logits (or [B, T, vocab] for a full-sequence call).
+rank 0's embedded hidden state h0 [B, T, hidden]: each rank holds its own layers' columns of the
+per-layer table and rows of its projection (per_layer_split.py) and computes its layers' inputs
+from the ids and h0.  (Sending the later layers' inputs instead took (L - start) * P features per
+position: E2B split at layer 13, the last cut its KV sharing allows, 1536 + 22 * 256 = 7168
+against 2 * 1536 = 3072 now.)
+Then [B, vocab] logits (or [B, T, vocab] for a full-sequence call).
 
 Gemma 4's KV-shared layers read the keys and values of an earlier "store" layer in the forward
 pass.  We never send K/V: the split points are constrained (sharded_loading.allowed_cuts) so a
@@ -69,9 +73,10 @@ class Stage(nn.Module):
             self.embed_tokens = stack.embed_tokens
         if self.last:
             self.norm = stack.norm
-        if self.first and self.per_layer:
-            self.embed_tokens_per_layer = stack.embed_tokens_per_layer
-            self.per_layer_model_projection = stack.per_layer_model_projection
+        if self.per_layer:  # this rank's layers' columns of the table and rows of the projection (unloaded yet)
+            width = (end - start) * self.per_layer
+            self.embed_tokens_per_layer = nn.Embedding(stack.embed_tokens_per_layer.weight.shape[0], width)
+            self.per_layer_model_projection = nn.Linear(self.args.hidden_size, width, bias=False)
             self.per_layer_projection_norm = stack.per_layer_projection_norm
         self.dtype = None  # the activations' dtype, agreed by the ranks after loading (sharded_loading)
 
@@ -85,27 +90,25 @@ class Stage(nn.Module):
             return (gemma4.Gemma4Stack if self.gemma4 else DecoderStack).embed(self, input_ids)
         return mx.zeros((*input_ids.shape, self.args.hidden_size), self.dtype or mx.float32)
 
-    def _message_width(self, rank: int) -> int:
-        """Features per position sent to `rank`: the hidden state, plus (Gemma 4 with per-layer
-        inputs) those of every layer from `rank`'s first on."""
-        return self.args.hidden_size + (self.args.num_hidden_layers - self._starts[rank]) * self.per_layer
+    def _message_width(self) -> int:
+        """Features per position sent between ranks: the hidden state, plus (Gemma 4 with per-layer
+        inputs) rank 0's embedded hidden state, from which each rank computes its layers' inputs."""
+        return self.args.hidden_size * (2 if self.per_layer else 1)
 
     def __call__(self, input_ids: mx.array | None, cache=None, padding_mask: mx.array | None = None,
                  input_embeddings: mx.array | None = None, prefix_length: mx.array | None = None,
                  intercept=None, image_blocks: mx.array | None = None) -> mx.array:
         beat()  # a forward pass is progress (watchdog.py)
         B, T = input_ids.shape if input_ids is not None else input_embeddings.shape[:2]
-        per_layer = None  # [B, T, layers from this rank's first on, P]
+        per_layer = h0 = None  # [B, T, this rank's layers, P]; rank 0's embedded state
         if self.first:
-            h = self.embed(input_ids) if input_embeddings is None else input_embeddings
-            if self.per_layer:
-                per_layer = gemma4.Gemma4Stack.per_layer_inputs(self, input_ids, h)
+            h = h0 = self.embed(input_ids) if input_embeddings is None else input_embeddings
         else:
-            width = self._message_width(self.rank)
-            got = mx.distributed.recv((B, T, width), self.dtype, self.rank - 1, group=self._group)
+            got = mx.distributed.recv((B, T, self._message_width()), self.dtype, self.rank - 1, group=self._group)
             h = got[..., : self.args.hidden_size]
-            if self.per_layer:
-                per_layer = got[..., self.args.hidden_size:].reshape(B, T, -1, self.per_layer)
+            h0 = got[..., self.args.hidden_size:]
+        if self.per_layer:  # from this rank's columns / rows of the table and projection (per_layer_split.py)
+            per_layer = gemma4.Gemma4Stack.per_layer_inputs(self, input_ids, h0)
         cache = cache or [None] * (self.end - self.start)
         if intercept is not None and self.first:
             h = intercept(h, -1)
@@ -113,9 +116,8 @@ class Stage(nn.Module):
         if self.last:
             return self.norm(h)
         out = h
-        if self.per_layer:  # the later ranks' per-layer inputs go along
-            rest = per_layer[:, :, self.end - self.start:, :].reshape(B, T, -1).astype(h.dtype)
-            out = mx.concatenate([h, rest], axis=-1)
+        if self.per_layer:  # h0 goes along: every later rank computes its layers' inputs from it
+            out = mx.concatenate([h, h0.astype(h.dtype)], axis=-1)
         sent = mx.distributed.send(out, self.rank + 1, group=self._group)
         _tie(cache, sent)
         return sent[..., : self.args.hidden_size]
@@ -230,7 +232,6 @@ class PipelineModel(nn.Module):
         self.audio_input = inner.audio_input
         self.path = inner.path
         object.__setattr__(self, "stage", stage)  # reached through `model`; not a second child
-        object.__setattr__(stage, "_starts", (*starts, len(stage.layers)))  # each rank's first layer, then L
         self.model = inner.model if (stage.first or inner.model is stage) else Front(inner.model)
         if "lm_head" in inner:
             self.lm_head = inner.lm_head
