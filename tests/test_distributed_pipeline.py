@@ -21,17 +21,19 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import mlx_gemma
 from conftest import FIXTURES
 from mlx_gemma import model_folder
 from mlx_gemma.convert import convert
+from mlx_gemma.distributed.per_layer_split import layers_per_cut, read_part, slice_range
 from mlx_gemma.distributed.sharded_loading import (
-    allowed_cuts, plan_split, split_for, tensor_role, tensor_sizes, wanted_by,
+    allowed_cuts, plan_split, rank_bytes, split_for, tensor_role, tensor_sizes, wanted_by,
 )
 from mlx_gemma.errors import DistributedError
-from mlx_gemma.loading import load_config, model_args
-from mlx_gemma.tensorfile import INDEX_NAME, load_file, save_sharded
+from mlx_gemma.loading import build_model, load_config, model_args
+from mlx_gemma.tensorfile import INDEX_NAME, load_file, save_file, save_sharded
 
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
 # MLX's launcher: a console script beside this Python (MLX 0.32 has no `python -m mlx.launch`)
@@ -54,6 +56,19 @@ def sharded_copy(src: Path, dst: Path, max_shard_bytes: int) -> Path:
     save_sharded(dst, load_file(src / "model.safetensors"), max_shard_bytes=max_shard_bytes)
     assert (dst / INDEX_NAME).exists()
     return dst
+
+
+def random_gemma4_e2b_q4(tmp: Path) -> Path:
+    """tiny_gemma4_e2b made 64 wide with per-layer inputs of P = 16 (the fixture's 48 takes no group size
+    MLX quantizes with), random weights, converted to 4 bits in groups of 32.  The per-layer table
+    [512, 6 * 16] is quantized, each layer's 16 columns half a group: a cut may fall only after an even layer."""
+    src = tmp / "gemma4_e2b_64"
+    shutil.copytree(FIXTURES / "tiny_gemma4_e2b", src, ignore=shutil.ignore_patterns("*.safetensors", "reference.npz"))
+    config = {**load_config(src), "hidden_size": 64, "hidden_size_per_layer_input": 16}
+    (src / "config.json").write_text(json.dumps(config))
+    mx.random.seed(5)
+    save_file(src / "model.safetensors", dict(tree_flatten(build_model(config).parameters())))
+    return convert(src, mlx_path=tmp / "gemma4_e2b_q4", quantize=True, q_group_size=32, progress=False)
 
 
 # ----- planning, in this process ------------------------------------------------------------
@@ -89,7 +104,7 @@ def test_plan_split_minimises_the_largest_rank(layer_bytes, first, last, size):
 def test_split_counts_bytes_not_layers():
     # a heavy layer (a MoE block, say) at the front moves the cut forward
     assert plan_split([100, 10, 10, 10, 10, 10], 0, 0, 2, [1, 2, 3, 4, 5]) == [0, 1]
-    # rank 0's embeddings (and Gemma 4's per-layer table) count against it
+    # rank 0's embeddings count against it
     assert plan_split([10] * 6, 25, 0, 2, [1, 2, 3, 4, 5]) == [0, 2]  # 45 | 40, not 35 | 50 or 55 | 30
 
 
@@ -124,10 +139,55 @@ def test_more_ranks_than_layers_is_an_error():
     ("model.multi_modal_projector.mm_input_projection_weight", ("tower", None)),
     ("model.embed_tokens.weight", ("embed", None)), ("lm_head.weight", ("head", None)),
     ("model.language_model.embed_tokens_per_layer.weight", ("per_layer", None)),
-    ("model.per_layer_model_projection.weight", ("per_layer", None)), ("model.norm.weight", ("other", None)),
+    ("model.per_layer_model_projection.weight", ("per_layer", None)),
+    ("language_model.model.embed_tokens_per_layer.scales", ("per_layer", None)),
+    ("model.language_model.per_layer_projection_norm.weight", ("per_layer_norm", None)),
+    ("model.norm.weight", ("other", None)),
 ])
 def test_tensor_roles_in_every_layout(name, role):
     assert tensor_role(name) == role
+
+
+def test_the_per_layer_table_is_counted_with_its_layers():
+    """Gemma 4's per-layer table and projection are split by layers: the plan counts each layer's share
+    of them (not rank 0's whole table), and every rank reads its part (sharded_loading.wanted_by)."""
+    folder = FIXTURES / "tiny_gemma4_e2b"
+    sizes = tensor_sizes(folder)
+    table = sum(b for n, (_, b) in sizes.items() if tensor_role(n)[0] == "per_layer")
+    assert table == (512 * 48 + 48 * 48) * 4  # [V, L*P] and [L*P, hidden] in fp32, L*P = 6 * 8
+    layer_bytes, first, last = rank_bytes(sizes, 6, tied=True)
+    own = [sum(b for n, (_, b) in sizes.items() if tensor_role(n) == ("layer", i)) for i in range(6)]
+    assert [b - o for b, o in zip(layer_bytes, own)] == [table // 6] * 6
+    # tied: the first rank's embedding is the last rank's head; both hold the per-layer norm, the last the final norm
+    assert first == sum(sizes[n][1] for n in ("model.embed_tokens.weight", "model.per_layer_projection_norm.weight"))
+    assert last == first + sizes["model.norm.weight"][1]
+    for rank in (0, 1):
+        assert wanted_by(rank, 2, 2 * rank, 2 + 4 * rank, True)("model.embed_tokens_per_layer.weight")
+        assert wanted_by(rank, 2, 2 * rank, 2 + 4 * rank, True)("model.per_layer_projection_norm.weight")
+
+
+def test_a_quantized_table_is_cut_only_at_whole_groups():
+    # a leaf of w stored columns for L layers: a cut after layer c falls at column c * w / L
+    assert layers_per_cut([8960, 8960 * 4 // 32, 8960 // 64], 35) == 1  # E2B: P = 256, 4 bits, groups of 64
+    assert layers_per_cut([96, 12, 3], 6) == 2  # P = 16 in groups of 32: half a group per layer
+    assert layers_per_cut([48], 6) == 1  # float
+    e2b = model_args(load_config(FIXTURES / "tiny_gemma4_e2b"))
+    assert allowed_cuts(e2b, [96, 12, 3]) == [2]
+    assert slice_range("model.embed_tokens_per_layer.scales", (512, 3), 6, 2, 6) == (-1, 1, 3)
+    assert slice_range("model.per_layer_model_projection.weight", (96, 8), 6, 2, 6) == (0, 32, 96)
+    with pytest.raises(DistributedError, match="embed_tokens_per_layer.scales: its 3 stored columns do not split"):
+        slice_range("model.embed_tokens_per_layer.scales", (512, 3), 6, 1, 6)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.uint32])
+def test_a_rank_reads_its_columns_and_rows_from_the_file(tmp_path, dtype):
+    table = (mx.random.normal((7, 12)) * 100).astype(dtype)
+    save_file(tmp_path / "t.safetensors", {"model.embed_tokens_per_layer.weight": table,
+                                            "model.per_layer_model_projection.weight": table})
+    got = read_part(tmp_path / "t.safetensors", "model.embed_tokens_per_layer.weight", -1, 4, 10)
+    assert got.dtype == dtype and mx.array_equal(got, table[:, 4:10])
+    got = read_part(tmp_path / "t.safetensors", "model.per_layer_model_projection.weight", 0, 2, 5)
+    assert got.dtype == dtype and mx.array_equal(got, table[2:5])
 
 
 def test_each_rank_opens_only_the_shards_holding_its_tensors(tmp_path, monkeypatch):
@@ -179,7 +239,7 @@ def test_bad_strategy_and_adapters_are_refused():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """Fixture folders plus: tiny Gemma 3 cut into shards with an index, and 4-bit copies of tiny
-    Gemma 3 (sharded too) and Gemma 2 (the Gemma 4 fixtures' width 48 takes no group size convert allows)."""
+    Gemma 3 (sharded too) and Gemma 2, and a 4-bit Gemma 4 E2B-shaped folder (random_gemma4_e2b_q4)."""
     tmp = tmp_path_factory.mktemp("pipeline")
     out = {name: FIXTURES / f"tiny_{name}" for name in
            ("gemma", "gemma2", "gemma4_e2b", "gemma4_moe", "gemma4_31b", "gemma3_vlm", "paligemma2")}
@@ -188,6 +248,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     out["gemma3_q4_sharded"] = sharded_copy(q3, tmp / "gemma3_q4_sharded", 30_000)
     out["gemma2_q4"] = convert(FIXTURES / "tiny_gemma2", mlx_path=tmp / "gemma2_q4", quantize=True,
                                q_group_size=32, progress=False)
+    out["gemma4_e2b_q4"] = random_gemma4_e2b_q4(tmp)
     return out
 
 
@@ -214,24 +275,40 @@ def test_pipeline_logits_and_tokens_equal_one_process(parity):
                 assert r["transformers_err"] < 1e-4, (name, r)
 
 
-def test_each_rank_loads_about_half(parity, folders):
-    """Each rank's parameter bytes: its layers as stored, plus the replicated embedding (tied head)
-    and, on rank 0, the towers.  Checked: the two ranks' layer bytes differ by at most one layer's
-    bytes plus the fixed costs the split balances against; each rank holds less than the whole."""
+def test_each_rank_loads_its_share(parity, folders):
+    """Each rank's parameter bytes (measured on the loaded model, by role): its layers, its layers'
+    share of Gemma 4's per-layer table and projection, and its fixed parts (rank 0: the embedding and
+    towers; the last: the head, or the embedding it is tied to).  Checked: nothing is held twice but the
+    tied embedding and the per-layer norm; the table is split as the layers are; each rank holds what the
+    split planned for it (less only what the loader drops: KV-shared layers' unused K/V weights); the
+    ranks' layer bytes differ by at most one layer plus the fixed parts the split balances against."""
     for name, (r0, r1) in parity.items():
+        whole, total = r0["total_roles"], r0["total_bytes"]
         sizes = tensor_sizes(folders[name])
-        layer = {}
-        for n, (_, b) in sizes.items():
-            role, i = tensor_role(n)
-            if role == "layer":
-                layer[i] = layer.get(i, 0) + b
-        fixed = sum(b for n, (_, b) in sizes.items() if tensor_role(n)[0] != "layer")
-        total = r0["total_bytes"]
-        assert r0["bytes"] < total and r1["bytes"] < total, name
-        mine = [sum(layer.get(i, 0) for i in range(r["start"], r["end"])) for r in (r0, r1)]
-        assert abs(mine[0] - mine[1]) <= max(layer.values()) + fixed, (name, mine)
-        # the whole model is held once, except what both ranks need (tied embedding, the final norm)
-        assert r0["bytes"] + r1["bytes"] - total <= fixed, name
+        stored = sum(b for _, b in sizes.values())
+        twice = {"per_layer_norm"} | ({"embed"} if "embed" in r1["roles"] else set())  # embed: a tied head
+        for role, b in whole.items():
+            held = r0["roles"].get(role, 0) + r1["roles"].get(role, 0)
+            assert held == (2 * b if role in twice else b), (name, role, held, b)
+        for r in (r0, r1):
+            share = whole.get("per_layer", 0) * (r["end"] - r["start"]) // r["layers"]
+            assert r["roles"].get("per_layer", 0) == share, (name, r["roles"])
+            assert 0 <= r["planned_bytes"] - r["bytes"] <= stored - total, (name, r["planned_bytes"], r["bytes"])
+            assert r["bytes"] < total, name
+        layer_bytes, first, last = rank_bytes(sizes, r0["layers"], "embed" in r1["roles"])
+        mine = [sum(layer_bytes[r["start"]:r["end"]]) for r in (r0, r1)]
+        assert abs(mine[0] - mine[1]) <= max(layer_bytes) + first + last, (name, mine)
+
+
+def test_what_a_rank_sends_per_token(parity):
+    """One decoding step of one token: rank 0 sends its stage's output, [hidden] in the activation dtype,
+    and for Gemma 4 with per-layer inputs also its embedded state h0 (another [hidden]), from which rank 1
+    computes its layers' per-layer inputs; the last rank sends nothing (its logits go by all_sum)."""
+    widths = {"gemma4_e2b": 48, "gemma4_e2b_q4": 64}
+    for name, (r0, r1) in parity.items():
+        assert r1["sent_per_token"] == 0, name
+        if name in widths:
+            assert r0["sent_per_token"] == 2 * widths[name] * 4, (name, r0["sent_per_token"])  # fp32
 
 
 def test_mismatched_folders_and_too_many_ranks_fail_on_every_rank(tmp_path):

@@ -3,12 +3,14 @@
 Before anything is loaded every rank reads the config and the weights' names and sizes (the
 safetensors headers, or the hub's header metadata), checks that all ranks see the same model
 (an all_gather of a digest of config.json and the weight index), and computes the same split:
-contiguous layer ranges whose bytes (each layer's tensors as stored, quantized or not, plus
-what the first and last ranks hold besides: embeddings, towers, Gemma 4's per-layer table,
-final norm, head) are as even as the allowed cut points permit.  A cut never separates a
-Gemma 4 KV-shared layer from the earlier layer whose keys and values it reads (`allowed_cuts`).
-Then a rank opens only the shards holding its tensors (with a hub id it downloads only those),
-and the model is built, cut (pipeline.py) and loaded strictly through loading.py.
+contiguous layer ranges whose bytes (each layer's tensors as stored, quantized or not, and its
+share of Gemma 4's per-layer table and projection, plus what the first and last ranks hold
+besides: embeddings, towers, final norm, head) are as even as the allowed cut points permit.
+A cut never separates a Gemma 4 KV-shared layer from the earlier layer whose keys and values it
+reads, nor a quantized per-layer table's packed columns (`allowed_cuts`).  Then a rank opens only
+the shards holding its tensors (with a hub id it downloads only those), reads only its layers'
+part of the per-layer table and projection (per_layer_split.py), and the model is built, cut
+(pipeline.py) and loaded strictly through loading.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..model_folder import load_weights_from_folder, weight_files
 from ..models import DRAFTERS
 from ..tensorfile import INDEX_NAME, read_header
 from ..tokenizer import GemmaTokenizer, check_vocab_fits
+from .per_layer_split import TABLE, is_split, layers_per_cut, read_part, slice_range
 from .pipeline import PipelineModel, pipeline
 from .watchdog import watch
 
@@ -39,7 +42,9 @@ _DTYPES = (mx.float32, mx.float16, mx.bfloat16)  # the activation / logits dtype
 
 
 def tensor_role(name: str) -> tuple[str, int | None]:
-    """What a checkpoint tensor is, in any layout: ("layer", i), ("tower"|"head"|"embed"|"per_layer"|"other", None)."""
+    """What a checkpoint tensor is, in any layout: ("layer", i), or (role, None) for the others:
+    "tower", "head", "embed", "per_layer" (Gemma 4's per-layer table and projection: each rank its
+    layers' part), "per_layer_norm" (every rank's), "other" (the final norm: the last rank's)."""
     if _TOWER.search(name):
         return "tower", None
     m = _LAYER.search(name)
@@ -47,8 +52,8 @@ def tensor_role(name: str) -> tuple[str, int | None]:
         return "layer", int(m.group(1))
     if "lm_head" in name:
         return "head", None
-    if "per_layer" in name:  # Gemma 4's per-layer embedding table, its projection and norm: rank 0's
-        return "per_layer", None
+    if "per_layer" in name:  # Gemma 4's per-layer embedding table, its projection and norm
+        return ("per_layer" if is_split(name) else "per_layer_norm"), None
     if "embed_tokens" in name:
         return "embed", None
     return "other", None  # the final norm
@@ -62,18 +67,21 @@ def wanted_by(rank: int, size: int, start: int, end: int, tied: bool):
         role, i = tensor_role(name)
         if role == "layer":
             return start <= i < end
-        return {"tower": first, "per_layer": first, "head": last, "embed": first or (last and tied),
-                "other": first or last}[role]
+        return {"tower": first, "per_layer": True, "per_layer_norm": True, "head": last,
+                "embed": first or (last and tied), "other": last}[role]
     return wanted
 
 
-def allowed_cuts(text_args) -> list[int]:
+def allowed_cuts(text_args, table_widths: list[int] = ()) -> list[int]:
     """Where a new rank may start (layer indices 1..L-1): never between a Gemma 4 KV-shared
-    layer and the layer whose keys and values it reads, which we keep on one rank rather than send."""
+    layer and the layer whose keys and values it reads, which we keep on one rank rather than send;
+    and, for a quantized per-layer table whose leaves have `table_widths` stored columns, only where
+    its quantization groups and packed words stay whole (per_layer_split.layers_per_cut)."""
     L = text_args.num_hidden_layers
     sources = text_args.kv_sources() if hasattr(text_args, "kv_sources") else [None] * L
     banned = {c for j, s in enumerate(sources) if s is not None for c in range(s + 1, j + 1)}
-    return [c for c in range(1, L) if c not in banned]
+    step = layers_per_cut(list(table_widths), L)
+    return [c for c in range(1, L) if c not in banned and c % step == 0]
 
 
 def plan_split(layer_bytes: list[int], first_bytes: int, last_bytes: int, size: int, cuts: list[int]) -> list[int]:
@@ -120,14 +128,25 @@ def tensor_sizes(folder: Path) -> dict[str, tuple[str, int]]:
     return {name: (path.name, headers[path].tensors[name].nbytes) for name, path in files.items()}
 
 
-def _hub_sizes(repo_id: str, revision: str | None) -> dict[str, tuple[str, int]]:
-    """As `tensor_sizes`, for a hub repo: its safetensors headers, read without downloading the weights."""
+def _hub_sizes(repo_id: str, revision: str | None) -> tuple[dict[str, tuple[str, int]], dict[str, list[int]]]:
+    """As `tensor_sizes` (and the per-layer table's shapes), for a hub repo: its safetensors headers,
+    read without downloading the weights."""
     # deferred: huggingface_hub is a heavy import, needed only for a hub id
     from huggingface_hub import get_safetensors_metadata
 
     meta = get_safetensors_metadata(repo_id, revision=revision)
-    return {name: (file, info.data_offsets[1] - info.data_offsets[0])
-            for file, fm in meta.files_metadata.items() for name, info in fm.tensors.items()}
+    infos = {name: (file, info) for file, fm in meta.files_metadata.items() for name, info in fm.tensors.items()}
+    sizes = {name: (file, info.data_offsets[1] - info.data_offsets[0]) for name, (file, info) in infos.items()}
+    return sizes, {name: list(info.shape) for name, (_, info) in infos.items() if TABLE in name}
+
+
+def _table_widths(folder: Path, sizes: dict[str, tuple[str, int]], shapes: dict[str, list[int]] | None) -> list[int]:
+    """The stored last-axis widths of Gemma 4's per-layer table leaves (weight, and scales / biases when
+    quantized), from the hub's metadata or the local files' headers (no data read)."""
+    names = [name for name in sizes if TABLE in name]
+    if shapes is not None:
+        return [shapes[name][-1] for name in names]
+    return [read_header(folder / sizes[name][0]).tensors[name].shape[-1] for name in names]
 
 
 def _hub_download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
@@ -169,22 +188,33 @@ def check_same_model(config_path: Path, sizes, group) -> None:
                                "the same model folder")
 
 
-def split_for(config: dict, sizes: dict[str, tuple[str, int]], size: int, config_path=None) -> tuple[list[int], bool]:
-    """(each rank's first layer, tied head) for a config and its tensors' sizes: DistributedError if it cannot be split."""
+def split_for(config: dict, sizes: dict[str, tuple[str, int]], size: int, config_path=None,
+              table_widths: list[int] = ()) -> tuple[list[int], bool]:
+    """(each rank's first layer, tied head) for a config and its tensors' sizes (and the stored widths
+    of a quantized per-layer table's leaves): DistributedError if it cannot be split."""
     args = loading.model_args(config, config_path)
     text = args.text if hasattr(args, "text") else args
     tied = bool(args.tie_word_embeddings)
     L = text.num_hidden_layers
-    layer_bytes, first, last = [0] * L, 0, 0
+    layer_bytes, first, last = rank_bytes(sizes, L, tied)
+    return plan_split(layer_bytes, first, last, size, allowed_cuts(text, table_widths)), tied
+
+
+def rank_bytes(sizes: dict[str, tuple[str, int]], layers: int, tied: bool) -> tuple[list[int], int, int]:
+    """(bytes per layer, with its share of the per-layer table and projection; bytes only the first
+    rank adds; bytes only the last adds): what plan_split balances."""
+    layer_bytes, first, last = [0] * layers, 0, 0
     for name, (_, nbytes) in sizes.items():
         role, i = tensor_role(name)
         if role == "layer":
-            if i < L:
+            if i < layers:
                 layer_bytes[i] += nbytes
-            continue
-        first += nbytes if role in ("tower", "per_layer", "embed", "other") else 0
-        last += nbytes if role in ("head", "other") or (role == "embed" and tied) else 0
-    return plan_split(layer_bytes, first, last, size, allowed_cuts(text)), tied
+        elif role == "per_layer":  # each layer's P columns (rows) of it
+            layer_bytes = [b + nbytes // layers for b in layer_bytes]
+        else:
+            first += nbytes if role in ("tower", "per_layer_norm", "embed") else 0
+            last += nbytes if role in ("head", "per_layer_norm", "other") or (role == "embed" and tied) else 0
+    return layer_bytes, first, last
 
 
 def load_pipeline(path_or_repo, group, *, dtype: mx.Dtype | None = None, revision: str | None = None):
@@ -192,10 +222,13 @@ def load_pipeline(path_or_repo, group, *, dtype: mx.Dtype | None = None, revisio
     rank, size = group.rank(), group.size()
     local = Path(path_or_repo).expanduser()
     hub = not local.exists() and isinstance(path_or_repo, str) and loading._REPO_ID.match(path_or_repo)
+    shapes = None  # the per-layer table's shapes, from the hub's metadata (else from the files' headers)
     if hub:
         folder = _hub_download(path_or_repo, revision, HUB_SIDE_FILES)
-        sizes = tensor_sizes(folder) if not (folder / INDEX_NAME).exists() and any(folder.glob("*.safetensors")) \
-            else _hub_sizes(path_or_repo, revision)
+        if not (folder / INDEX_NAME).exists() and any(folder.glob("*.safetensors")):
+            sizes = tensor_sizes(folder)
+        else:
+            sizes, shapes = _hub_sizes(path_or_repo, revision)
     else:
         folder = loading.resolve_model_path(path_or_repo, revision)
         sizes = tensor_sizes(folder)
@@ -205,14 +238,18 @@ def load_pipeline(path_or_repo, group, *, dtype: mx.Dtype | None = None, revisio
         raise DistributedError(f"{config_path}: a pipeline runs causal language models; this is "
                                f"{'a sentence encoder' if loading.is_encoder_config(config) else 'a draft model'}")
     check_same_model(config_path, sizes, group)
-    starts, tied = split_for(config, sizes, size, config_path)
+    starts, tied = split_for(config, sizes, size, config_path, _table_widths(folder, sizes, shapes))
     start = starts[rank]
-    end = starts[rank + 1] if rank + 1 < size else _num_layers(config, config_path)
+    L = _num_layers(config, config_path)
+    end = starts[rank + 1] if rank + 1 < size else L
     wanted = wanted_by(rank, size, start, end, tied)
     if hub:
         files = sorted({file for name, (file, _) in sizes.items() if wanted(name)})
         folder = _hub_download(path_or_repo, revision, HUB_SIDE_FILES + files)
     raw = {k: v for k, v in load_weights_from_folder(folder, wanted).items() if wanted(k)}
+    for name in [k for k in raw if is_split(k)]:  # the lazily loaded whole tensor is dropped unread
+        axis, first, stop = slice_range(name, raw[name].shape, L, start, end)
+        raw[name] = read_part(folder / sizes[name][0], name, axis, first, stop)
     stages = []
 
     def shard(model, weights):

@@ -10,7 +10,10 @@ whose name holds "q" is quantized: the same weights dequantized the same way, so
 - against transformers' logits and greedy tokens in the fixture's reference.npz (the fixtures' own
   scripts made them), where the folder has one: within 1e-4 of the reference's largest magnitude, as
   tests/test_models.py; with an image for Gemma 3 with images and PaliGemma (the towers run on rank 0);
-- each rank's parameter bytes.  Rank 0 writes what it measured to OUT.json.
+- each rank's parameter bytes, by role (sharded_loading.tensor_role), beside what the split planned
+  for it (sharded_loading.rank_bytes: its layers with their share of Gemma 4's per-layer table, and
+  its fixed parts), and the bytes it sends per token in a decoding step.
+Rank 0 writes what every rank measured to OUT.json.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import mlx.core as mx
 import numpy as np
 
 import mlx_gemma
+from mlx.utils import tree_flatten
+
 from mlx_gemma.distributed import pipeline_bytes
+from mlx_gemma.distributed.sharded_loading import rank_bytes, tensor_role, tensor_sizes
 from mlx_gemma.engine import prefill
 from mlx_gemma.models.base import GemmaModel
 
@@ -81,6 +87,33 @@ def cached_logits(model, ids: mx.array, steps: int) -> list[np.ndarray]:
     return out
 
 
+def role_bytes(model) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, value in tree_flatten(model.parameters()):
+        role = tensor_role(name)[0]
+        out[role] = out.get(role, 0) + value.nbytes
+    return out
+
+
+def planned_bytes(folder: str, start: int, end: int, rank: int, size: int, layers: int, tied: bool) -> int:
+    """What the split counted for this rank (the tensors as stored)."""
+    per_layer, first, last = rank_bytes(tensor_sizes(Path(folder)), layers, tied)
+    return sum(per_layer[start:end]) + (first if rank == 0 else 0) + (last if rank == size - 1 else 0)
+
+
+def sent_per_token(model, ids: mx.array) -> int:
+    """Bytes this rank sends (mx.distributed.send) in one cached decoding step of one token."""
+    cache = model.make_cache()
+    mx.eval(model(ids, cache=cache))
+    sent, send = [], mx.distributed.send
+    mx.distributed.send = lambda x, *a, **k: sent.append(x.nbytes) or send(x, *a, **k)
+    try:
+        mx.eval(model(ids[:, -1:], cache=cache))
+    finally:
+        mx.distributed.send = send
+    return sum(sent)
+
+
 def check(folder: str, group) -> dict:
     rank = group.rank()
     model, tokenizer = mlx_gemma.load(folder, group=group, strategy="pipeline")
@@ -100,9 +133,13 @@ def check(folder: str, group) -> dict:
     want_text = mlx_gemma.generate(reference, tokenizer, prompt, max_tokens=16)
     assert text == want_text, f"{folder}: greedy text {text!r} != {want_text!r}"
     stage = model.stage
-    return {**against_transformers(model, folder), "rank": rank, "start": stage.start, "end": stage.end, "bytes": pipeline_bytes(model),
-            "total_bytes": pipeline_bytes(reference), "full_err": full_err, "cached_err": cached_err,
-            "caches": len(model.make_cache()), "layers": len(reference.layers)}
+    layers = len(reference.layers)
+    planned = planned_bytes(folder, stage.start, stage.end, rank, group.size(), layers,
+                            bool(reference.args.tie_word_embeddings))
+    return {**against_transformers(model, folder), "rank": rank, "start": stage.start, "end": stage.end,
+            "bytes": pipeline_bytes(model), "total_bytes": pipeline_bytes(reference), "roles": role_bytes(model),
+            "total_roles": role_bytes(reference), "planned_bytes": planned, "sent_per_token": sent_per_token(model, ids),
+            "full_err": full_err, "cached_err": cached_err, "caches": len(model.make_cache()), "layers": layers}
 
 
 def main() -> None:
@@ -112,7 +149,7 @@ def main() -> None:
     for folder in folders:
         mine = check(folder, group)
         # every rank's figures, gathered on rank 0 (json as bytes through an all_gather)
-        blob = json.dumps(mine).encode().ljust(512)
+        blob = json.dumps(mine).encode().ljust(2048)
         everyone = mx.distributed.all_gather(mx.array(np.frombuffer(blob, np.uint8)), stream=mx.cpu)
         rows = np.array(everyone).reshape(group.size(), -1)
         results[folder] = [json.loads(bytes(row).decode()) for row in rows]
