@@ -16,13 +16,17 @@ import json
 import threading
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from conftest import FIXTURES
 from test_server import reference, start_server, stop_server
+from test_server_json import SCHEMA, SCHEMA_FORMAT
 
 import mlx_gemma
 from mlx_gemma.errors import MlxGemmaError
+from mlx_gemma.generate import stream_generate
+from mlx_gemma.grammar import json_constraint
 from mlx_gemma.server.cli import build_parser
 from mlx_gemma.server.speculation import ServerSpeculation
 from mlx_gemma.tokenizer import GemmaTokenizer
@@ -50,9 +54,9 @@ def _server(env, *args):
 
 @pytest.fixture(scope="module")
 def lookup(fixed_k_env):
-    """Prompt lookup (2-grams, k = 3) by default, on Gemma 3 and Gemma 2."""
-    proc, url, client = _server(fixed_k_env, "--model", GEMMA3, "--model", GEMMA2, "--prompt-lookup", "2",
-                                "--num-draft-tokens", "3")
+    """Prompt lookup (2-grams, k = 3) by default, on Gemma 3, Gemma 2 and Gemma 4 (a 4k context: room for JSON)."""
+    proc, url, client = _server(fixed_k_env, "--model", GEMMA3, "--model", GEMMA2, "--model", GEMMA4,
+                                "--prompt-lookup", "2", "--num-draft-tokens", "3")
     yield url, client
     stop_server(proc)
 
@@ -174,6 +178,23 @@ def test_sampled_request_speculates(drafted):
     _, client = drafted
     r = client.chat.completions.create(model=GEMMA3, messages=MESSAGES, max_tokens=30, temperature=1.0, seed=3)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+    assert speculated(r.usage)["proposed"] > 0
+
+
+@pytest.mark.parametrize("response_format", [{"type": "json_object"}, SCHEMA_FORMAT], ids=["json_object", "json_schema"])
+def test_json_output_speculates_and_equals_generate_with_the_constraint(lookup, response_format):
+    """A grammar (response_format) takes back the proposals a verify step does not keep: the reply equals
+    generate's under the same constraint (test_server_json's reference), and it validates."""
+    _, client = lookup
+    model, tok = loaded(GEMMA4)
+    messages = [{"role": "user", "content": "Describe a pet as JSON."}]
+    ref = list(stream_generate(model, tok, messages, max_tokens=600, stop_token_ids=[tok.end_of_turn_id],
+                               logits_processors=[json_constraint(tok, response_format)]))
+    r = client.chat.completions.create(model=GEMMA4, messages=messages, max_tokens=600, temperature=0,
+                                       response_format=response_format)
+    assert r.choices[0].message.content == "".join(x.text for x in ref)
+    if response_format is SCHEMA_FORMAT:
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
     assert speculated(r.usage)["proposed"] > 0
 
 
