@@ -13,7 +13,8 @@ is [262144, 35*256], 4.7 GB in bf16: the model's largest tensor.
 A quantized table is packed along its last axis (quantization groups, and 32 / bits values per
 uint32 word), so a cut may fall only where every leaf's column count is whole: `layers_per_cut`.
 The slices are read with a memory map of the safetensors file, so a rank reads (about) its pages
-of the table and never the whole of it.
+of the table and never the whole of it.  (With a hub id the file holding the table is downloaded
+whole: the hub serves whole files; a rank still reads and holds only its part.)
 """
 
 from __future__ import annotations
