@@ -128,13 +128,15 @@ def _forced(tool_choice) -> bool:
 
 
 def call_grammar(tokenizer, fmt: ToolCallFormat, tools: list[dict], tool_choice=None, answer=None,
-                 parallel: bool = True) -> str | None:
+                 parallel: bool = True, thinking: bool = False) -> str | None:
     """Lark text (for mlx_gemma.grammar.compile_lark) that a reply must follow, or None when it is free.
 
     For "required" or a named function: one call (`parallel`: one or more) of the declared tools in the
     model's own syntax, arguments valid against each tool's schema (tool_formats/call_grammar.py).  For
     "auto" beside a `response_format` schema `answer`: either such calls or that JSON.  "none", or "auto"
-    alone: None.  `tools` as check_tools returns them; a typed error names what cannot be enforced."""
+    alone: None.  `thinking` (Gemma 4's thinking on): forced calls may follow one thought, whose
+    text the reply's parser returns as reasoning.  `tools` as check_tools returns them; a typed error
+    names what cannot be enforced."""
     declared = select_tools(tools, tool_choice)
     if not declared or not (_forced(tool_choice) or answer is not None):
         return None
@@ -146,10 +148,12 @@ def call_grammar(tokenizer, fmt: ToolCallFormat, tools: list[dict], tool_choice=
     if missing:
         raise GenerationError(f"tool_choice: the vocabulary has no {missing[0]}: this model cannot be held to "
                               f"{fmt.name}'s call syntax")
+    channel = [tokenizer.piece_to_id(p) for p in ("<|channel>", "<channel|>")]  # (Gemma 4's thought channel)
+    thought = tuple(channel) if thinking and answer is None and None not in channel else None
     return literal_calls(
         declared, start=ids[fmt.call_start], end=ids[fmt.call_end], quote=ids[fmt.quote],
         forbidden=(fmt.quote, fmt.call_start, fmt.call_end), syntax=_SYNTAX[fmt.name],
-        stop=tokenizer.piece_to_id(fmt.response_start), many=parallel, answer=answer)
+        stop=tokenizer.piece_to_id(fmt.response_start), many=parallel, answer=answer, thought=thought)
 
 
 # ----- the reply: parsing calls -------------------------------------------------------------------

@@ -10,6 +10,8 @@ Gemma 4's tool tokens, FunctionGemma's, Gemma 1-3's prompted JSON).  `tool_choic
 - "required" / a named function: as "auto" (a named function declared alone), and the reply is
   whole calls in the model's syntax with arguments valid against their schemas
   (`tool_calls.call_grammar`, enforced by mlx_gemma.grammar); `parallel_tool_calls: false` allows one.
+  With Gemma 4's thinking on (`chat_template_kwargs.enable_thinking`) one thought may come first,
+  returned as `reasoning_content` (replies.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def plan_tools(tokenizer, request: ChatRequest, model_name: str) -> ToolPlan:
     except GenerationError as e:
         raise ApiError(400, str(e), "response_format", "invalid_value") from None
     try:
-        lark = call_grammar(tokenizer, fmt, tools, request.tool_choice, answer, request.parallel_tool_calls is not False)
+        thinking = bool(request.chat_template_kwargs and request.chat_template_kwargs.enable_thinking)
+        lark = call_grammar(tokenizer, fmt, tools, request.tool_choice, answer, request.parallel_tool_calls is not False,
+                            thinking)  # (Gemma 4 thinking: a forced call may follow a thought)
         grammar = compile_lark(lark, tokenizer, "tools") if lark is not None else None
     except GenerationError as e:
         raise ApiError(400, str(e), "tools", "invalid_value") from None

@@ -215,11 +215,13 @@ def _bound(schema: Mapping, key: str, where: str, default):
 
 
 def literal_calls(tools: list[dict], *, start: int, end: int, quote: int, forbidden: Sequence[str], syntax: str,
-                  stop: int | None = None, many: bool = True, answer: Mapping | bool | None = None) -> str:
+                  stop: int | None = None, many: bool = True, answer: Mapping | bool | None = None,
+                  thought: tuple[int, int] | None = None) -> str:
     """Lark text for one call (`many`: one or more) of `tools` in the literal syntax: `<[start]>call:NAME{...}<[end]>`,
     then optionally the `stop` token the model writes to await results.  With `answer` (a JSON schema), the
     reply is either those calls or a JSON value of it (tool_choice auto beside response_format), and schema
-    keywords the syntax cannot enforce are dropped rather than refused."""
+    keywords the syntax cannot enforce are dropped rather than refused.  With `thought` (the ids of Gemma 4's
+    `<|channel>` and `<channel|>`: thinking is on), the calls may follow one thought (`thought_block`)."""
     rules = _Rules(quote, forbidden, strict=answer is None, syntax=syntax)
     bodies = []
     for i, tool in enumerate(tools):
@@ -233,9 +235,27 @@ def literal_calls(tools: list[dict], *, start: int, end: int, quote: int, forbid
     if stop is not None:
         calls += f" <[{stop}]>?"
     top = f"start: {calls}"
+    if thought is not None:
+        top = f"start: thought? {calls}\n{thought_block(*thought)}"
     if answer is not None:
         top = f"start: ({calls}) | answer\nanswer: %json {_json_schema(answer, _ANSWER_OPTIONS)}"
     return "\n".join([top, *rules.lines]) + "\n"
+
+
+# What the thought channel's text may not hold: its markers as plain text, which the reply's parser
+# (server/replies.py) reads in decoded text, where they would open or end a thought early.
+_THOUGHT_MARKERS = ("<|channel>", "<channel|>")
+
+
+def thought_block(channel: int, end_channel: int) -> str:
+    """Lark rules `thought` (and its text's terminal) for one Gemma 4 thought, as the model writes it
+    with thinking on: `<|channel>thought\\n{text}<channel|>` (transformers' Gemma 4 chat template renders a kept thought as
+    '<|channel>thought\\n' + text + '\\n<channel|>'; mlx-lm's tokenizer_utils takes `<|channel>thought` as a
+    think start and `<channel|>` as its end).  The markers are the special tokens; the text is free but
+    for their spellings as plain text.  Its length is the model's (max_tokens bounds it, as without tools)."""
+    banned = "|".join(_regex_literal(t) for t in _THOUGHT_MARKERS)
+    return (f'thought: <[{channel}]> "thought\\n" THOUGHT_TEXT <[{end_channel}]>\n'
+            f"THOUGHT_TEXT: /(?s:.)*/ & ~/(?s:.)*({banned})(?s:.)*/")
 
 
 def json_calls(tools: list[dict], *, many: bool = True, answer: Mapping | bool | None = None) -> str:
