@@ -163,6 +163,7 @@ def test_every_rank_refuses_and_the_ranks_go_on_together(guards):
         assert got["save_pipeline_cache"].startswith("GenerationError: a distributed rank's prompt cache")
         assert got["whole_cache_on_rank"].startswith("PromptCacheError: a prompt cache made in one process")
         assert got["tokens_after_refusals_equal"]
+        assert got["beams_equal"] and got["beams_logprob_err"] <= 1e-5, got  # beam search reads logits only
 
 
 def test_ranks_holding_float_and_quantized_layers_feed_the_same_chunks(guards):

@@ -6,7 +6,8 @@ usage: pipeline_guards.py OUT_DIR FLOAT_FOLDER MIXED_FOLDER
 
 - FLOAT_FOLDER as a 2-rank pipeline: contrastive search, score() and saving the prompt cache must each
   raise a typed error on every rank; a prompt cache made in one process is refused by check(); then
-  greedy decoding must still give the single process's tokens (no rank was left waiting).
+  greedy decoding must still give the single process's tokens (no rank was left waiting), and beam
+  search (logits only) the single process's beams.
 - MIXED_FOLDER (float layers first, the last layer quantized, so rank 0 holds float layers only) as a
   2-rank pipeline: chunked prefill with the default chunk and greedy decoding, against the same folder in
   this one process (the test checks that the ranks' own layers differ in quantization).
@@ -29,7 +30,7 @@ from mlx_gemma.engine import default_prefill_step, prefill
 from mlx_gemma.errors import MlxGemmaError
 from mlx_gemma.prompt_cache import PromptCache, model_fingerprint, save_prompt_cache
 from mlx_gemma.score import score
-from mlx_gemma.search import contrastive_search
+from mlx_gemma.search import beam_search, contrastive_search
 
 PROMPT = [2] + [(7 * i + 3) % 500 + 5 for i in range(69)]  # 70 positions: over 32 (float) and under 256 rows
 NEW_TOKENS = 6
@@ -81,6 +82,11 @@ def main() -> None:
     want, _ = greedy_logits(whole)
     got, _ = greedy_logits(model)  # the ranks still go together after the refusals
     result["tokens_after_refusals_equal"] = got == want
+    # beam search reads logits only (the shared ones): it runs across the pipeline, as in one process
+    beams = [(b.tokens, b.logprob) for b in beam_search(model, PROMPT[:5], max_tokens=4, num_beams=3, num_return=2)]
+    want_beams = [(b.tokens, b.logprob) for b in beam_search(whole, PROMPT[:5], max_tokens=4, num_beams=3, num_return=2)]
+    result["beams_equal"] = [t for t, _ in beams] == [t for t, _ in want_beams]
+    result["beams_logprob_err"] = max(abs(a - b) for (_, a), (_, b) in zip(beams, want_beams))
 
     whole, _ = mlx_gemma.load(mixed_folder)
     model, _ = mlx_gemma.load(mixed_folder, group=group, strategy="pipeline")
