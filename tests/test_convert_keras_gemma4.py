@@ -429,6 +429,9 @@ def test_transformers_reads_the_converted_audio_preset_as_keras_hub_runs_it():
     assert rel_err(logits, ref["logits"]) < RTOL
 
 
+# The default run's: test_live_keras_hub_fresh_preset (today's keras-hub format) and the committed keras-hub
+# presets' vision and audio logits (test_vision_logits_match_keras_hub, test_audio_logits_match_keras_hub).
+@pytest.mark.slow
 @pytest.mark.oracle
 def test_live_keras_hub_fresh_preset_with_image_and_clip(tmp_path):
     """A fresh random Gemma4Backbone with both encoders (as E2B / E4B), built and saved by keras-hub,

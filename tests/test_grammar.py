@@ -253,6 +253,7 @@ def real_model():
     return load()
 
 
+@pytest.mark.slow  # the default run's check: test_tiny_model_samples_follow_the_schema (same rows, same vocabulary)
 @pytest.mark.real_model
 def test_real_model_samples_follow_the_schema(real_model):
     model, tokenizer = real_model
@@ -266,6 +267,9 @@ def test_real_model_samples_follow_the_schema(real_model):
     assert len(set(texts)) > 10
 
 
+# The default run's: test_masked_logits_keep_the_allowed_values_exactly (so no allowed argmax moves) and
+# test_server_json.py's greedy replies, equal to generate under the constraint.
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_real_model_greedy_is_unchanged_while_the_grammar_allows_it(real_model):
     """Masking never moves an allowed argmax: while the unconstrained greedy output is valid

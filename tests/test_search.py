@@ -355,6 +355,7 @@ def real_model():
     return load_model_from(checkpoint.config, {k: mx.array(v) for k, v in checkpoint.weights.items()})
 
 
+@pytest.mark.slow  # the default run's: the tiny fixtures' beams and contrastive search against live transformers
 @pytest.mark.real_model
 def test_real_model_beams_and_contrastive_match_transformers(real_model):
     import json

@@ -2,7 +2,8 @@
 not, equals `mlx_gemma.generate` on the same messages token for token, with the same logprobs; a
 chat with tools (Gemma 3's prompted format, too long for the tiny fixtures' context) is prompted
 with `tool_calls.render_chat`'s ids and parsed as its reply parses, streamed and not; 20 sampled
-requests (temperature 1) with a JSON schema as response_format validate with `jsonschema`."""
+requests (temperature 1) with a JSON schema as response_format validate with `jsonschema`.  The last
+two are `slow` (python -m pytest -m slow): the default run makes their checks on the tiny fixtures."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def test_real_model_chat_equals_generate(client, folder):
     assert mx.array([e.logprob for e in got]).max().item() <= 0
 
 
+# The default run's: test_server_tools.py (render_chat's prompt and generate's greedy reply on the tiny
+# Gemma 4 server; Gemma 3's prompted calls parsed whole and streamed).
+@pytest.mark.slow
 def test_real_model_tool_chat_equals_generate_on_render_chat(client, folder):
     model, tok = mlx_gemma.load(folder)
     ids = render_chat(tok, EARLIER, TOOLS, None, add_generation_prompt=True, tokenize=True)
@@ -73,6 +77,7 @@ def test_real_model_tool_chat_equals_generate_on_render_chat(client, folder):
     assert stream_parts(client.chat.completions.create(**ask, stream=True)) == got
 
 
+@pytest.mark.slow  # the default run's: test_server_json.py's 20 sampled requests on the tiny Gemma 4
 def test_real_model_json_schema_replies_validate(client, folder):
     def ask(seed: int):
         return client.chat.completions.create(model=folder, messages=[{"role": "user", "content": "Describe a pet."}],

@@ -46,6 +46,7 @@ def plain(target, ids):
     return [r.token for r in stream_generate(*target, ids, max_tokens=N)]
 
 
+@pytest.mark.slow  # the default run's: test_speculative.py's self drafts on the tiny fixtures give plain greedy
 def test_four_bit_self_draft_gives_plain_greedy(target, ids, plain, tmp_path_factory):
     from mlx_gemma.default_model import default_model_path
 

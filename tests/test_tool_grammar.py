@@ -201,6 +201,7 @@ def real_model():
     return load()
 
 
+@pytest.mark.slow  # the default run's: test_random_models_write_one_whole_valid_call (the Gemma 3 format too)
 @pytest.mark.real_model
 def test_real_model_forced_calls_parse_and_validate(real_model):
     model, tok = real_model
