@@ -24,6 +24,8 @@ from ..api import load
 from ..batching import Scheduler
 from ..prefix_cache import DEFAULT_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from ..cli import add_cache_flags, error_line, kv_options_from
+from ..distributed import serving
+from ..distributed.cli import add_distributed_flags, distributed_from, running
 from ..errors import MlxGemmaError
 from ..models.embedding_gemma import Model as EncoderModel
 from ..samplers import SamplingSettings
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=Defaults.min_p, help="default min_p (0 = off)")
     add_cache_flags(p)
     add_speculation_flags(p)
+    add_distributed_flags(p)  # rank 0 serves HTTP, the others follow its batches (distributed/serving.py)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -89,8 +92,10 @@ def defaults_from(args) -> Defaults:
     return Defaults(args.temp, args.top_p, args.top_k, args.min_p, args.max_tokens)
 
 
-def serve_models(args) -> list[ServedModel]:
-    """Load and start each --model (a scheduler, with its own MLX thread, per model)."""
+def serve_models(args, dist: dict | None = None) -> list[ServedModel]:
+    """Load and start each --model (a scheduler, with its own MLX thread, per model); with `dist`
+    (mlx.launch's ranks) rank 0's, or on a later rank follow rank 0 until it closes."""
+    dist = dist or {}
     if args.adapter_path and len(args.model) > 1:
         raise MlxGemmaError("--adapter-path applies to one model: give a single --model with it")
     if len(set(args.model)) != len(args.model):
@@ -99,15 +104,21 @@ def serve_models(args) -> list[ServedModel]:
     speculation = ServerSpeculation(args)  # the draft model, loaded once
     served = []
     for name in args.model:
-        model, tokenizer = load(name, adapter_path=args.adapter_path)
+        model, tokenizer = load(name, adapter_path=args.adapter_path, **dist)
         # Every weight materialized here: a lazy array left for the scheduler's thread would be
         # evaluated on a stream of this thread, which MLX refuses there (seen with tiny_gemma4_mm).
         mx.eval(model.parameters())
+        options = dict(max_batch=args.max_batch, prefill_chunk=args.prefill_step_size, kv_options=kv,
+                       prefix_cache_bytes=args.prompt_cache_bytes)
+        if dist and isinstance(model, EncoderModel):
+            raise MlxGemmaError(f"an embedding model {serving.NOT_ACROSS}")
+        if dist and dist["group"].rank() > 0:
+            serving.follow(model, options, dist["group"])
+            return []
         if isinstance(model, EncoderModel):  # EmbeddingGemma: /v1/embeddings
             served.append(ServedModel(name, model, tokenizer, None, int(time.time()), Embedder(model, tokenizer)))
             continue
-        scheduler = Scheduler(model, max_batch=args.max_batch, prefill_chunk=args.prefill_step_size, kv_options=kv,
-                              prefix_cache_bytes=args.prompt_cache_bytes, policy=speculation.policy(tokenizer))
+        scheduler = serving.LeaderScheduler(model, dist["group"], **options) if dist else Scheduler(model, **options, policy=speculation.policy(tokenizer))
         scheduler.start()
         served.append(ServedModel(name, model, tokenizer, scheduler, int(time.time())))
     return served
@@ -135,8 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise MlxGemmaError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
         if args.allow_image_dir is not None and not os.path.isdir(args.allow_image_dir):
             raise MlxGemmaError(f"--allow-media-dir {args.allow_image_dir}: no such folder")
+        dist = distributed_from(args)
+        if dist:
+            serving.check_served(args)
+        if dist and dist["group"].rank() > 0:  # a follower: no HTTP, rank 0's batches until it closes
+            serve_models(args, dist)
+            return 0
         sock = bind(args.host, args.port)
-        served = serve_models(args)
+        served = serve_models(args, dist)
         app = create_app(served, api_key=api_key, allowed_origins=args.allowed_origins,
                          max_body_bytes=args.max_body_bytes, defaults=defaults,
                          allow_image_dir=args.allow_image_dir)
@@ -144,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(f"serving on http://{shown}:{port}", flush=True)
         config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        if dist:
+            serving.ignore_signals()  # uvicorn's own while it serves; after it, close reaches the other ranks
+        with running(dist, "serving"):
+            uvicorn.Server(config).run(sockets=[sock])
         return 0
     except (MlxGemmaError, OSError) as e:
         print(error_line(e), file=sys.stderr)
