@@ -105,14 +105,19 @@ class SpeculativeBatchPolicy(BatchPolicy):
         self.alone: _Alone | None = None
         self.steps: dict[int, _Plan | None] = {}  # per row id: its policy (None: it never speculates)
         self.synced = True  # the host has read every step queued so far (so a row's tokens are all known)
+        self.queued: Pending | None = None  # the row alone's step queued last
 
     # ----- when to speculate -----------------------------------------------------------------
 
     @property
     def pipelined(self) -> bool:
-        """A verify step needs the host's tokens of the step before: not pipelined while a row is alone,
-        or about to be (a plain step's token is then read before the next step is queued)."""
-        return self.alone is None and self._candidate() is None
+        """A verify step needs the host's tokens of the step before: not pipelined when a row is about to
+        be alone (its last plain token is read before it leaves the batch), nor while it speculates; while
+        its controller has speculation off, its plain steps are pipelined as plain decoding's
+        (SpeculativeStep.pipelined), so that leaving speculation on costs next to nothing."""
+        if self.alone is not None:
+            return self.alone.step.pipelined
+        return self._candidate() is None
 
     @property
     def rows(self) -> list[Row]:
@@ -209,7 +214,8 @@ class SpeculativeBatchPolicy(BatchPolicy):
         alone, self.alone = self.alone, None
         row = alone.row
         row.history = alone.step.history
-        row.last = mx.array([alone.step.tokens[-1]], mx.int32)
+        # Its latest token: read, or (a pipelined plain step not read yet) that step's token, still lazy.
+        row.last = mx.array([alone.step.tokens[-1]], mx.int32) if self.synced else self.queued.queue[0]
         merge_rows(self.batches[0].caches, alone.caches)
         self.batches[0].rows.append(row)
 
@@ -217,11 +223,12 @@ class SpeculativeBatchPolicy(BatchPolicy):
 
     def _verify(self) -> list:
         alone = self.alone
-        try:
-            pending = alone.step.advance(None, True)
+        try:  # (not synced: a plain step after a plain step, fed the token of the step before, unread)
+            pending = alone.step.advance(None, True) if self.synced else alone.step.advance(self.queued, None)
         except Exception as e:  # the row ends; the batch (and the server) go on
             self.end(alone.row, "error", error_text(e))
             return []
+        self.queued = pending
         return [_Verified(alone, pending)]
 
     def read(self, step: Pending, n: int) -> int:
@@ -251,10 +258,9 @@ class SpeculativeBatchPolicy(BatchPolicy):
         return outs
 
     def emit(self, row: Row, event: Event) -> None:
-        plan = self.steps.get(row.id)
-        if event.finish_reason is not None and plan is not None:
-            self.steps.pop(row.id, None)
-            if plan.step.stats.verify_steps:
+        if event.finish_reason is not None:  # (every row's entry goes, those that never speculate too)
+            plan = self.steps.pop(row.id, None)
+            if plan is not None and plan.step.stats.verify_steps:
                 event = replace(event, speculative=(plan.step.stats.proposed, plan.step.stats.accepted))
         super().emit(row, event)
 
