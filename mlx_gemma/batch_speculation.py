@@ -18,7 +18,9 @@ step.  When exactly one row decodes, no prompt waits and the row's job asks for 
 The row speculates again when it is alone again.  Prompt lookup needs nothing for that, and a draft
 model catches up by itself: `DraftModel.propose` feeds the tokens past what its caches hold (those it
 missed while batched) before it drafts, a prefill that costs far less than the decode steps it saves.
-Each row keeps one `SpeculativeStep` for its life (its controller's measurements and its random key
+While the row's controller has speculation off (speculative_control.Adaptive), its plain steps
+are pipelined as plain decoding's (`SpeculativeStep.pipelined`), and a job arriving then finds the row's
+latest token still lazy, which it rejoins the batch with.  Each row keeps one `SpeculativeStep` for its life (its controller's measurements and its random key
 go on across the bursts; the step's tokens, budget and history are set from the row at each burst).
 
 Speculation stays off (the row decodes plainly) with a quantized KV cache (kv_bits: a row switches
