@@ -12,6 +12,7 @@ with status 0.  One launch per strategy: starting two ranks costs tens of second
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,9 +26,16 @@ import openai
 import pytest
 from conftest import FIXTURES
 
+import mlx.core as mx
+
 import mlx_gemma
+from mlx_gemma.batch_speculation import SpeculationAsk
+from mlx_gemma.distributed.serving import LeaderScheduler, check_served
+from mlx_gemma.errors import DistributedError, GenerationError
 from mlx_gemma.generate import stream_generate
-from mlx_gemma.samplers import make_sampler
+from mlx_gemma.jobs import Job
+from mlx_gemma.samplers import SamplingSettings, make_sampler
+from mlx_gemma.server.cli import build_parser
 
 SCRIPT = Path(__file__).parent / "distributed_scripts" / "server_rank.py"
 MLX_LAUNCH = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
@@ -91,6 +99,42 @@ def chat(client, messages, max_tokens: int, **kw) -> tuple[str, str, int]:
 @pytest.fixture(scope="module")
 def gemma3():
     return mlx_gemma.load(FOLDER)
+
+
+@pytest.mark.parametrize("extra,what", [
+    (["--model", FOLDER], "serving several models"), (["--prompt-lookup", "2"], "speculative decoding (--prompt-lookup)"),
+    (["--draft-model", FOLDER], "speculative decoding (--draft-model)"),
+])
+def test_what_cannot_run_across_ranks_is_refused_at_start(extra, what):
+    args = build_parser().parse_args(["--model", FOLDER, "--pipeline", *extra])
+    with pytest.raises(DistributedError, match=re.escape(what) + ".*is not served across ranks"):
+        check_served(args)
+
+
+def test_rank_0_refuses_what_the_followers_cannot_run_and_runs_the_rest(gemma3):
+    """Rank 0's scheduler in a one-rank group (this process): its messages go to no follower."""
+    model, tok = gemma3
+    group = mx.distributed.init()
+    if group.size() != 1:
+        pytest.skip("run inside mlx.launch")  # pytest itself is never launched so: this never skips in CI
+    scheduler = LeaderScheduler(model, group)
+    ids = tok.encode("The sky is", add_bos=True)
+    refused = [Job(ids, 4, media={"pixel_values": mx.zeros((1, 3, 4, 4))}), Job(ids, 4, processors=(lambda h, x: x,)),
+               Job(ids, 4, speculation=SpeculationAsk(prompt_lookup=2))]
+    for job, what in zip(refused, ["images and audio", "grammar", "prompt_lookup"]):
+        with pytest.raises(GenerationError, match=re.escape(what) + ".*is not served across ranks"):
+            scheduler.submit(job, lambda event: None)
+    events = []
+    scheduler.start()
+    try:
+        scheduler.submit(Job(ids, 6, SamplingSettings(temp=0.8, seed=5)), events.append)
+        deadline = time.monotonic() + 60
+        while not (events and events[-1].finish_reason) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.close()
+    want = [o.token for o in stream_generate(model, tok, "The sky is", max_tokens=6, sampler=make_sampler(0.8, seed=5))]
+    assert [e.token for e in events] == want
 
 
 @pytest.mark.parametrize("flag", ["--pipeline", "--tensor-parallel"])

@@ -31,10 +31,10 @@ agree on each entry's bytes (the largest rank's) before the byte bound evicts an
 then see the same entries everywhere.  It is turned off when some ranks hold sliding-window
 layers and others do not (whether a ring can go back would differ).
 
-Not served across ranks (400, `unsupported_across_ranks`): images and audio, and requests whose
-reply is constrained by a grammar (response_format json_schema / json_object, forced tool calls),
-since a job's own logits processors live on rank 0 only.  An embedding model and several --model
-are refused at start.  A lost peer ends every rank with an error line (exit status 3).
+Not served across ranks (a 400 naming it): images and audio, requests whose reply is constrained
+by a grammar (response_format json_schema / json_object, forced tool calls), since a job's own
+logits processors live on rank 0 only, and a request's prompt_lookup (the ranks decode without
+speculating).  An embedding model, several --model and the speculation flags are refused at start.  A lost peer ends every rank with an error line (exit status 3).
 """
 
 from __future__ import annotations
@@ -276,6 +276,9 @@ class LeaderScheduler(RankScheduler):
             if job.processors:
                 raise GenerationError(f"a reply constrained by a grammar (response_format, forced tool calls) "
                                       f"{NOT_ACROSS}")
+            ask = job.speculation  # (batch_speculation.SpeculationAsk; ranks decode without speculating)
+            if ask is not None and ask.prompt_lookup not in (None, False):
+                raise GenerationError(f"speculative decoding (prompt_lookup) {NOT_ACROSS}")
             if job.sampling.seed is None:  # drawn here, so every rank draws the same tokens
                 job = dataclasses.replace(job, sampling=dataclasses.replace(job.sampling, seed=secrets.randbits(63)))
         return super().submit(job, on_event)
@@ -293,6 +296,10 @@ def check_served(args) -> None:
     """What the server cannot serve across ranks, refused before anything is loaded."""
     if len(args.model) != 1:
         raise DistributedError(f"serving several models {NOT_ACROSS}: give one --model")
+    flags = [f for f, v in (("--draft-model", args.draft_model), ("--num-draft-tokens", args.num_draft_tokens),
+                            ("--prompt-lookup", args.prompt_lookup)) if v is not None]
+    if flags:
+        raise DistributedError(f"speculative decoding ({flags[0]}) {NOT_ACROSS}")
 
 
 def ignore_signals() -> None:
