@@ -72,7 +72,7 @@ def test_a_quantized_row_is_stored_and_a_second_turn_reuses_it(start):
         first, n = [2] + rng.integers(30, 500, size=5).tolist(), 10  # 6 + 10 tokens: past the switch at 8
         events = got.done(s.submit(Job(first, n), got))
         tokens = [e.token for e in events]
-        assert (tokens, ) == (alone(model, first, n, kv)[0], )
+        assert tokens == alone(model, first, n, kv)[0]
         # Every row left the quantized batch: the float one holds none when it ends.
         assert s._policy.batches[0].rows == [] and s.prefix_cache_bytes > 0
         second = first + tokens + rng.integers(30, 500, size=5).tolist()
