@@ -18,8 +18,8 @@ computed as soon as the policy makes it (`InOrder`), so the collectives run in t
 A message is a fixed int32 header and, for a job, a JSON payload, both sent by an `all_sum` in
 which the followers add zeros (exact), on the generation stream: queued behind the step in
 flight, so every rank runs its collectives in one order.  When the server is idle rank 0 waits on
-its own queue and shares an "idle" message every `IDLE_POLL` seconds, between which the followers
-sleep (a rank waiting inside a collective polls its socket): little CPU, and the watchdog
+its own queue and shares an "idle" message every `IDLE_POLL` seconds (growing to `IDLE_POLL_MAX`),
+between which the followers sleep (a rank waiting inside a collective polls its socket): little CPU, and the watchdog
 (watchdog.py) sees progress on every rank.
 
 Shutdown: SIGINT or SIGTERM on rank 0 stops uvicorn, then its scheduler's close reaches the
@@ -61,10 +61,11 @@ from .watchdog import EXIT_STATUS, beat, watch
 
 EMPTY, IDLE, JOB, CANCEL, CLOSE = 1, 2, 3, 4, 5  # a message's kind (0 is what the followers add)
 KINDS = (EMPTY, IDLE, JOB, CANCEL, CLOSE)
-# While idle the ranks meet this often: a rank waiting inside a collective polls its socket (MLX 0.32's
-# ring backend: non-blocking recv in a loop), so the followers sleep between meetings instead; the
-# first request after a pause waits this long at most for them.
-IDLE_POLL = 0.05
+# While idle the ranks meet every IDLE_POLL seconds, doubling up to IDLE_POLL_MAX as the pause goes on:
+# a rank waiting inside a collective polls its socket (MLX 0.32's ring backend: non-blocking recv in a
+# loop), so the followers sleep between meetings instead; the first request after a pause waits for
+# them up to the interval then reached.
+IDLE_POLL, IDLE_POLL_MAX = 0.05, 0.4
 NOT_ACROSS = "is not served across ranks (--pipeline / --tensor-parallel)"
 
 
@@ -132,14 +133,17 @@ class LeaderInbox:
         self.local, self.group = local, group
 
     def get(self, block: bool = True):
+        wait = IDLE_POLL
         while True:
             try:
-                item = self.local.get(block=block, timeout=IDLE_POLL if block else None)
+                item = self.local.get(block=block, timeout=wait if block else None)
             except queue.Empty:
-                self._send([IDLE if block else EMPTY, 0, 0, 0])
-                if block:
-                    continue
-                raise
+                if not block:
+                    self._send([EMPTY, 0, 0, 0])
+                    raise
+                wait = min(2 * wait, IDLE_POLL_MAX)
+                self._send([IDLE, round(wait * 1000), 0, 0])  # the followers sleep until the next meeting
+                continue
             kind, value = item
             if kind == "job":
                 payload = _job_payload(value)
@@ -168,8 +172,8 @@ class FollowerInbox:
             except DistributedError as e:
                 _lost(self.group, e)
             kind = header[0]
-            if kind == IDLE:  # rank 0 waits IDLE_POLL on its queue before the next: sleep, not poll
-                time.sleep(IDLE_POLL * 0.9)
+            if kind == IDLE:  # rank 0 waits header[1] ms on its queue before the next: sleep, not poll
+                time.sleep(header[1] / 1000)
                 continue
             if kind == EMPTY:
                 raise queue.Empty
