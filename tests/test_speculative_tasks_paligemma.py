@@ -10,7 +10,7 @@ SentencePiece model (tests/fixtures/keras_gemma): a text Gemma with PaliGemma's 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 
@@ -75,7 +75,7 @@ def test_sampling_with_speculation_runs_row_by_row(keras_lms, draft):
     assert [t.startswith(p) for t, p in zip(out, ["ocr\n", "detect cat ; dog\n"])] == [True, True]
 
 
-def test_drafts_that_cannot_serve_paligemma_are_typed_errors(keras_lms, draft):
+def test_drafts_that_cannot_serve_paligemma_are_typed_errors(keras_lms, draft, monkeypatch):
     lm = keras_lms["keras_paligemma"]
     other = keras_lms["keras_paligemma2"]
     try:
@@ -84,9 +84,10 @@ def test_drafts_that_cannot_serve_paligemma_are_typed_errors(keras_lms, draft):
                 lm.compile(speculative={"draft_model": bad})
         with pytest.raises(GenerationError, match="must be a GemmaCausalLM"):
             lm.compile(speculative={"draft_model": object()})
-        # a text model whose rows stop below PaliGemma's <image> id (a stand-in: only its shape is read)
-        small = SimpleNamespace(model_type="gemma", prefix_lm=False,
-                                args=SimpleNamespace(vocab_size=lm.model.args.image_token_index))
+        # a text model whose rows stop below PaliGemma's <image> id (the draft's config cut short:
+        # only its vocabulary size is read before the refusal)
+        small = draft.backbone.model
+        monkeypatch.setattr(small, "args", replace(small.args, vocab_size=lm.model.args.image_token_index))
         with pytest.raises(GenerationError, match="fewer than PaliGemma's"):
             lm.compile(speculative={"draft_model": small})
         with pytest.raises(GenerationError, match="not both"):

@@ -30,6 +30,7 @@ import numpy as np
 from ..arguments import integer_arg
 from ..assistant_proposer import is_assistant
 from ..errors import GenerationError, ImageError, MlxGemmaError
+from ..models.base import GemmaModel
 from ..proposers import Speculation
 from ..tokenizer import check_vocab_fits
 from ..vision import preprocess_image
@@ -209,7 +210,7 @@ class PaliGemmaCausalLM:
     def _check_draft(self, speculation: Speculation) -> None:
         draft = speculation.draft_model
         model = draft[0] if isinstance(draft, tuple) else draft
-        if not hasattr(model, "model_type") or not hasattr(model, "args"):
+        if not isinstance(model, GemmaModel):
             raise GenerationError(f"compile(speculative=...)'s draft_model must be a GemmaCausalLM, GemmaBackbone, "
                                   f"MLX Gemma model or folder, got {type(model).__name__}")
         if model.prefix_lm:
