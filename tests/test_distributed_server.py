@@ -11,6 +11,7 @@ with status 0.  One launch per strategy: starting two ranks costs tens of second
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -72,10 +73,18 @@ def launch(folder: Path, flag: str):
         except httpx.TransportError:
             time.sleep(0.5)
     else:
-        proc.kill()
+        end(proc, folder)
         raise AssertionError(f"the server did not start: {logs(folder)}")
     pids = {r: int((folder / f"rank{r}.pid").read_text()) for r in (0, 1)}
     return proc, url, pids
+
+
+def end(proc, folder: Path) -> None:
+    """Kill the ranks that wrote their pid, then mlx.launch (killing it alone leaves the ranks running)."""
+    for pid_file in folder.glob("rank*.pid"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    proc.kill()
 
 
 def logs(folder: Path) -> str:
@@ -181,8 +190,8 @@ def test_two_ranks_serve_what_one_process_generates(tmp_path, flag, gemma3):
         os.kill(pids[0], signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed check
+            end(proc, tmp_path)
     text = logs(tmp_path)
     assert [(tmp_path / f"rank{r}.exit").read_text() for r in (0, 1)] == ["0", "0"], text
     assert "exited with code" not in text and "error" not in text, text
