@@ -13,6 +13,7 @@ generous timeout.  The refusals need no launch: a stub group says how many ranks
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -35,11 +37,14 @@ from conftest import FIXTURES, TESTS
 
 SCRIPTS = TESTS / "distributed_scripts"
 LAUNCH_TIMEOUT = 900  # seconds; ~1 min on an idle machine, several when other jobs share its 2 cores
-# fp32 logits of the split model against the whole one.  Splitting o_proj / down_proj sums each product in
-# two halves: float reassociation only.  Tiny Gemma 4 E2B and the random quantized MoE amplify it (their
-# sandwich norms rescale small sums): summing o_proj and down_proj in two halves in ONE process moves tiny
-# E2B's logits by 2.9e-5 (measured), and our single process is itself 1.3e-5 from transformers' logits on
-# its reference prompt (tests/fixtures/tiny_gemma4_e2b/reference.npz).  Every other model is within 1e-5.
+# fp32 logits of the split model against the whole one: 1e-5, as the issue asks, for every model but two.
+# For tiny Gemma 4 E2B and the random quantized MoE the split model differs from one process by up to
+# 2.9e-5 / 6.7e-6 (full logits), 3.6e-5 / 1.5e-5 (decoding logprobs), measured, and that is fp32 rounding: the split
+# model's logits are exactly (bit for bit) one process's with o_proj / down_proj / the expert bank each
+# computed as the two ranks' partial products added (test_the_split_differs_..._order_only), and these two
+# models amplify rounding: their one-process fp32 logits are themselves 2.5e-5 / 2.1e-5 from a float64
+# evaluation (transformers' fp32: 3.7e-5 / 1.4e-5).  test_the_split_is_as_close_to_float64_as_one_process
+# checks that on every run.
 TOLERANCE = 1e-5
 LOOSER = {"gemma4_e2b": 5e-5, "gemma4_moe_q4_in_memory": 5e-5}
 
@@ -93,7 +98,10 @@ def ranks(tmp_path_factory):
     folder = convert(FIXTURES / "tiny_gemma3", mlx_path=tmp / "gemma3_q4", quantize=True, q_bits=4,
                      q_group_size=32, progress=False)
     launch(SCRIPTS / "tensor_parity.py", str(tmp), f"gemma3_q4_folder={folder}")
-    return [{r["name"]: r for r in json.loads((tmp / f"rank{i}.json").read_text())} for i in range(2)]
+    out = [{r["name"]: r for r in json.loads((tmp / f"rank{i}.json").read_text())} for i in range(2)]
+    with np.load(tmp / "logits.npz") as logits:  # rank 0's batches and logits, by model
+        out[0]["logits"] = dict(logits)
+    return out
 
 
 EXPECTED = ["gemma", "gemma2", "gemma3", "gemma3_vlm", "gemma4_e2b", "gemma4_31b", "gemma4_moe",
@@ -101,14 +109,24 @@ EXPECTED = ["gemma", "gemma2", "gemma3", "gemma3_vlm", "gemma4_e2b", "gemma4_31b
 
 
 def test_every_model_ran_on_both_ranks(ranks):
-    assert [list(r) for r in ranks] == [EXPECTED, EXPECTED]
+    assert [[n for n in r if n != "logits"] for r in ranks] == [EXPECTED, EXPECTED]
 
 
 def test_logits_equal_one_process(ranks):
     """A full-sequence batch call: the split model's logits are the whole model's, on every rank."""
     for rank in ranks:
-        for name, r in rank.items():
+        for name in EXPECTED:
+            r = rank[name]
             assert r["full_logits_diff"] <= LOOSER.get(name, TOLERANCE), (name, r["full_logits_diff"])
+
+
+def test_the_split_differs_from_one_process_by_summation_order_only(ranks):
+    """The split model's logits, on every rank, are exactly one process's computed with each row-split
+    layer (o_proj, down_proj) and expert bank as the ranks' partial products added, all else whole: no norm,
+    soft-cap, router or per-layer input sees a partial sum, and the all_sum adds in the activation dtype."""
+    for rank in ranks:
+        for name in EXPECTED:
+            assert rank[name]["partials_added_diff"] == 0, (name, rank[name]["partials_added_diff"])
 
 
 def test_chunked_prefill_and_cached_decoding_past_the_window_equal_one_process(ranks):
@@ -138,7 +156,8 @@ def test_each_rank_holds_its_share_of_the_weights(ranks):
     process's MLX memory after sharding (active bytes, measured) within 5% + 64 KiB of them: the whole
     tensors are freed, not kept as views."""
     for rank in ranks:
-        for name, r in rank.items():
+        for name in EXPECTED:
+            r = rank[name]
             assert r["split_bytes"] > r["whole_bytes"] / 3, name  # the split is most of each model
             assert abs(r["held_bytes"] - r["expected_bytes"]) <= 1e-3 * r["expected_bytes"], name
             assert r["held_bytes"] < 0.8 * r["whole_bytes"], name
@@ -149,10 +168,73 @@ def test_each_rank_holds_its_share_of_the_weights(ranks):
 def test_one_all_sum_per_attention_per_mlp_and_per_expert_bank(ranks):
     """What a decoding step sends: per block, one all_sum of one hidden vector per token after attention and
     one after the MLP (and one after the experts with MoE), in the activation dtype; counted on the calls."""
-    for name, r in ranks[0].items():
+    for name in EXPECTED:
+        r = ranks[0][name]
         per_block = 3 if r["moe"] else 2
         assert r["step_all_sums"] == per_block * r["layers"], name
         assert r["step_bytes_per_row"] == per_block * r["layers"] * r["hidden_size"] * r["activation_bytes"], name
+
+
+def _script(name: str):
+    """A module of tests/distributed_scripts (imported for the model it builds)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _transformers_logits(name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' Gemma4ForCausalLM logits of model `name`'s weights, in float64 and in float32: tiny
+    E2B from its fixture folder; the quantized MoE with its weights dequantized (exact in float64)."""
+    import torch  # heavy optional dependency (the reference)
+    import transformers
+
+    if name == "gemma4_e2b":
+        model = transformers.Gemma4ForCausalLM.from_pretrained(FIXTURES / "tiny_gemma4_e2b", dtype=torch.float64,
+                                                               attn_implementation="eager")
+    else:
+        parity = _script("tensor_parity")
+        weights = {}
+        mlx_model = parity.quantized_moe()()  # seeded: the weights the ranks drew
+        modules = dict(mlx_model.named_modules())
+        for key, value in tree_flatten(mlx_model.parameters()):
+            path, _, leaf = key.rpartition(".")
+            module = modules[path]
+            if leaf in ("scales", "biases"):
+                continue
+            if "scales" in module:
+                value = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size,
+                                      module.bits)
+            # transformers names the expert banks' tensors without ".weight" (moe.sanitize_experts)
+            key = key[: -len(".weight")] if key.endswith(("experts.gate_up_proj.weight", "experts.down_proj.weight")) else key
+            weights[key] = torch.tensor(np.array(value.astype(mx.float32)), dtype=torch.float64)
+        config = transformers.Gemma4TextConfig(**parity.quantized_moe_config())
+        model = transformers.Gemma4ForCausalLM(config).to(torch.float64)
+        model.set_attn_implementation("eager")
+        model.set_experts_implementation("eager")  # the grouped product takes no float64
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    model.eval()
+    with torch.no_grad():
+        f64 = model(torch.tensor(ids)).logits.numpy()
+        f32 = model.to(torch.float32)(torch.tensor(ids)).logits.numpy()
+    return f64, f32
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["gemma4_e2b", "gemma4_moe_q4_in_memory"])
+def test_the_split_is_as_close_to_float64_as_one_process(ranks, name):
+    """The two models held to 5e-5 (LOOSER): against a float64 evaluation of the same weights (transformers),
+    the split model's fp32 logits are no further than twice an fp32 evaluation's own distance (ours in one
+    process, or transformers' in fp32; measured: 5.4e-5 against 3.7e-5 for E2B, 2.0e-5 against 2.1e-5 for
+    the MoE): the split adds rounding of the size these models' fp32 arithmetic has anyway."""
+    logits = ranks[0]["logits"]
+    f64, f32 = _transformers_logits(name, logits[f"{name}/ids"])
+    one = np.abs(logits[f"{name}/one"] - f64).max()
+    envelope = max(one, np.abs(f32 - f64).max())
+    split = np.abs(logits[f"{name}/split"] - f64).max()
+    assert one < 1e-4 and split <= 2 * envelope, (name, split, one, envelope)
 
 
 # --- refusals, before anything is loaded or changed ----------------------------------------------------

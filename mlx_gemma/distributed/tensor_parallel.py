@@ -24,8 +24,17 @@ multimodal models (each rank runs them).  The residual stream is whole on every 
 
 Per block and token: two all_sums of one hidden vector (three with MoE), in the activation dtype.
 Each row-split layer adds its partial products, rounded to the activation dtype, across the ranks, so
-the sums differ from one process's by float rounding only (fp32: ~1e-7 relative).  In bf16 that is one
-more bf16 rounding per split layer, as in any tensor-parallel run: measured on tiny Gemma 3 / Gemma 4 MoE,
+the sums differ from one process's by float rounding only (fp32: ~1e-7 relative).  Checked with 2 ranks
+on every test run (fp32, 10 tiny models): the split model's logits equal, bit for bit, one process's with
+o_proj, down_proj and the expert bank each computed as the ranks' partial products added, all else whole;
+so no norm, soft-cap, router or per-layer input sees a partial sum.  Most models stay within 1e-5 of one
+process.  Tiny E2B (2.9e-5 on full logits, 3.6e-5 on decoding logprobs) and the 4-bit MoE (1.5e-5 on
+decoding) amplify rounding (E2B's relative difference grows 60-fold over its 6 layers), and there one
+process is itself as far from a float64 evaluation of the same weights (transformers): one process's fp32
+logits 2.5e-5 / 2.1e-5 from it, the split model's 5.4e-5 / 2.0e-5, transformers' own fp32 3.7e-5 / 1.4e-5.
+(A relative bound would not help: E2B's logits are at most 0.6.)  The split's error is fp32's own size;
+tests/test_distributed_tensor.py holds these two to 5e-5 and checks the float64 comparison.  In bf16 the
+split adds one bf16 rounding per split layer, as any tensor-parallel run does: measured on tiny Gemma 3 / Gemma 4 MoE,
 the split model's bf16 logits were as far from one process's bf16 logits (0.16 / 0.05) as those are from
 its fp32 logits (0.14 / 0.04), so greedy tokens may part where two logits are within bf16 rounding.
 

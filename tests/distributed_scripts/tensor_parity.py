@@ -6,7 +6,9 @@ sharded with `shard_tensor_parallel`.  It records, per model, the largest logit 
 full-sequence batch call and of chunked prefill + cached greedy decoding past the sliding windows (the
 logprobs of every step, fed the reference's tokens), whether the greedy tokens of both are equal, and
 the parameter bytes this rank holds beside what the split should leave (replicated parts whole, the
-split parts / N).  Rank r writes <out>/rank<r>.json; the test asserts on them.
+split parts / N).  Rank r writes <out>/rank<r>.json, and rank 0 each model's batch and its full-sequence
+logits, one process's and the split model's (<out>/logits.npz: the test compares both to a float64
+evaluation); the test asserts on them.
 
 usage: tensor_parity.py OUT_DIR [NAME=QUANTIZED_FOLDER ...]
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_gemma.cpu_spread import prepare_for_device
@@ -51,12 +54,17 @@ def one_kv_head_gemma3():
     return make
 
 
+def quantized_moe_config() -> dict:
+    """tiny_gemma4_moe's config made 64 wide (MLX quantizes in groups of 32 and up, which 48 does not divide)."""
+    return {**load_config(FIXTURES / "tiny_gemma4_moe"), "hidden_size": 64, "intermediate_size": 64,
+            "moe_intermediate_size": 32}
+
+
 def quantized_moe():
-    """A Gemma 4 MoE as tiny_gemma4_moe but 64 wide (MLX quantizes in groups of 32 and up, which 48 does not
-    divide), random weights drawn alike on every rank, every linear layer and expert bank quantized (4 bits,
-    groups of 32): the quantized expert banks are split too."""
-    config = {**load_config(FIXTURES / "tiny_gemma4_moe"), "hidden_size": 64, "intermediate_size": 64,
-              "moe_intermediate_size": 32}
+    """A Gemma 4 MoE of quantized_moe_config(), random weights drawn alike on every rank (and in the test's
+    process), every linear layer and expert bank quantized (4 bits, groups of 32): the quantized expert
+    banks are split too."""
+    config = quantized_moe_config()
 
     def make():
         mx.random.seed(3)
@@ -140,7 +148,61 @@ def one_step_traffic(model, ids: mx.array) -> tuple[int, int]:
     return counted.calls, counted.bytes
 
 
-def compare(name: str, make, decoding: bool, group) -> dict:
+class _Rank:
+    """A stand-in group for shard_tensor_parallel: rank r of n (nothing is communicated while sharding)."""
+
+    def __init__(self, r: int, n: int):
+        self.r, self.n = r, n
+
+    def size(self) -> int:
+        return self.n
+
+    def rank(self) -> int:
+        return self.r
+
+
+class _Added(nn.Module):
+    """Every rank's share of a row-split layer (or expert bank), each given its part of the input, added."""
+
+    def __init__(self, shares: list, columns: bool):
+        super().__init__()
+        self.shares, self.columns = shares, columns
+
+    def __call__(self, x: mx.array, *rest) -> mx.array:
+        if not self.columns:  # the expert banks: every rank sees the whole input
+            parts = [share(x, *rest) for share in self.shares]
+        else:
+            w = x.shape[-1] // len(self.shares)
+            parts = [share(x[..., i * w:(i + 1) * w]) for i, share in enumerate(self.shares)]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+
+def partials_added(make, n: int, ids: mx.array) -> mx.array:
+    """One process's logits with o_proj, down_proj and the expert bank of every block computed as the n ranks'
+    partial products added (each rank's share from shard_tensor_parallel, its all_sum left out), everything
+    else the whole model's: the split model's logits if nothing but that summation differs."""
+    whole, shares = make(), [make() for _ in range(n)]
+    for r, share in enumerate(shares):
+        shard_tensor_parallel(share, _Rank(r, n))
+    for i, layer in enumerate(whole.layers):
+        layer.self_attn.o_proj = _Added([s.layers[i].self_attn.o_proj for s in shares], True)
+        layer.mlp.down_proj = _Added([s.layers[i].mlp.down_proj for s in shares], True)
+        if isinstance(layer, gemma4.DecoderLayer) and layer.moe:
+            layer.experts = _Added([s.layers[i].experts for s in shares], False)
+    all_sum = mx.distributed.all_sum
+    mx.distributed.all_sum = lambda x, *args, **kwargs: x  # a rank's own partial product
+    try:
+        out = whole(ids)
+        mx.eval(out)
+    finally:
+        mx.distributed.all_sum = all_sum
+    return out
+
+
+def compare(name: str, make, decoding: bool, group, logits_out: dict) -> dict:
     n = group.size()
     whole = make()
     vocab = whole.args.vocab_size
@@ -153,7 +215,10 @@ def compare(name: str, make, decoding: bool, group) -> dict:
     held = mx.get_active_memory() - before
 
     logits = whole(ids)
-    full_diff = mx.abs(sharded(ids) - logits).max().item()
+    split_logits = sharded(ids)
+    full_diff = mx.abs(split_logits - logits).max().item()
+    logits_out.update({f"{name}/ids": np.array(ids), f"{name}/one": np.array(logits),
+                       f"{name}/split": np.array(split_logits)})
     calls, sent = one_step_traffic(sharded, ids)
     tokens = ref_tokens = step_diff = None
     if decoding:
@@ -177,11 +242,17 @@ def main() -> None:
     out = Path(sys.argv[1])
     quantized = dict(arg.split("=", 1) for arg in sys.argv[2:])
     group = mx.distributed.init()
-    results = []
+    results, logits = [], {}
     for name, make, decoding in cases(quantized):
-        results.append(compare(name, make, decoding, group))
+        results.append(compare(name, make, decoding, group, logits))
         print(f"rank {group.rank()}: {name} done", flush=True)
+    # after every memory measurement (the extra models it builds would move the later ones' baselines)
+    for result, (name, make, _) in zip(results, cases(quantized)):
+        added = partials_added(make, group.size(), mx.array(logits[f"{name}/ids"]))
+        result["partials_added_diff"] = float(np.abs(np.array(added) - logits[f"{name}/split"]).max())
     (out / f"rank{group.rank()}.json").write_text(json.dumps(results, indent=1))
+    if group.rank() == 0:
+        np.savez(out / "logits.npz", **logits)
 
 
 if __name__ == "__main__":
