@@ -153,8 +153,9 @@ def test_kv_heads_fewer_than_ranks_are_replicated(ranks):
 
 def test_each_rank_holds_its_share_of_the_weights(ranks):
     """Parameter bytes per rank = replicated parts + split parts / 2, exactly (tolerance 0.1%), and the
-    process's MLX memory after sharding (active bytes, measured) within 5% + 64 KiB of them: the whole
-    tensors are freed, not kept as views."""
+    process's MLX memory after sharding (active bytes, measured) beyond them at most 16 KiB over what the
+    same model holds beyond its parameters when loaded whole (constants its build makes: 0-131 KB on
+    these tiny shapes, the most for Gemma 4; measured): the whole tensors are freed, not kept as views."""
     for rank in ranks:
         for name in EXPECTED:
             r = rank[name]
@@ -162,7 +163,10 @@ def test_each_rank_holds_its_share_of_the_weights(ranks):
             assert abs(r["held_bytes"] - r["expected_bytes"]) <= 1e-3 * r["expected_bytes"], name
             assert r["held_bytes"] < 0.8 * r["whole_bytes"], name
             if name != "gemma3_one_kv_head":  # built from arrays already in memory: its load adds nothing
-                assert abs(r["active_bytes_held"] - r["held_bytes"]) <= 0.05 * r["held_bytes"] + 65536, name
+                beyond_whole = max(r["active_bytes_after_load"] - r["whole_bytes"], 0)
+                beyond_split = r["active_bytes_held"] - r["held_bytes"]
+                assert beyond_split >= -0.05 * r["held_bytes"], name  # the split is held, not lost
+                assert beyond_split <= beyond_whole + 16384, (name, beyond_split, beyond_whole)
 
 
 def test_one_all_sum_per_attention_per_mlp_and_per_expert_bank(ranks):
