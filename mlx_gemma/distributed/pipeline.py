@@ -221,7 +221,7 @@ class PipelineModel(nn.Module):
     """A pipeline rank's model, with the contract of models/base.py (GemmaModel): its `model`
     and `lm_head` are the cut model's (same weight names), `logits` are the last rank's on every rank."""
 
-    def __init__(self, inner: nn.Module, stage: Stage, starts: list[int]):
+    def __init__(self, inner: nn.Module, stage: Stage):
         super().__init__()
         object.__setattr__(self, "_inner", inner)  # its children are ours; not a child itself
         self.args = inner.args

@@ -262,7 +262,7 @@ def load_pipeline(path_or_repo, group, *, dtype: mx.Dtype | None = None, revisio
 
     inner = loading.load_model_from(config, raw, path=folder, dtype=dtype, shard=shard)
     inner.path = folder
-    model = PipelineModel(inner, stages[0], starts)
+    model = PipelineModel(inner, stages[0])
     mx.eval(model.parameters())
     _agree_dtypes(model, group)
     tokenizer = GemmaTokenizer.from_folder(folder)
