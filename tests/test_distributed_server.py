@@ -31,7 +31,8 @@ import mlx.core as mx
 
 import mlx_gemma
 from mlx_gemma.batch_speculation import SpeculationAsk
-from mlx_gemma.distributed.serving import LeaderScheduler, check_served
+from mlx_gemma.distributed.job_messages import check_served
+from mlx_gemma.distributed.serving import LeaderScheduler
 from mlx_gemma.errors import DistributedError, GenerationError
 from mlx_gemma.generate import stream_generate
 from mlx_gemma.jobs import Job

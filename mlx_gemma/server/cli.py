@@ -24,7 +24,7 @@ from ..api import load
 from ..batching import Scheduler
 from ..prefix_cache import DEFAULT_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from ..cli import add_cache_flags, error_line, kv_options_from
-from ..distributed import serving
+from ..distributed import job_messages, serving
 from ..distributed.cli import add_distributed_flags, distributed_from, running
 from ..errors import MlxGemmaError
 from ..models.embedding_gemma import Model as EncoderModel
@@ -111,7 +111,7 @@ def serve_models(args, dist: dict | None = None) -> list[ServedModel]:
         options = dict(max_batch=args.max_batch, prefill_chunk=args.prefill_step_size, kv_options=kv,
                        prefix_cache_bytes=args.prompt_cache_bytes)
         if dist and isinstance(model, EncoderModel):
-            raise MlxGemmaError(f"an embedding model {serving.NOT_ACROSS}")
+            raise MlxGemmaError(f"an embedding model {job_messages.NOT_ACROSS}")
         if dist and dist["group"].rank() > 0:
             serving.follow(model, options, dist["group"])
             return []
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise MlxGemmaError(f"--allow-media-dir {args.allow_image_dir}: no such folder")
         dist = distributed_from(args)
         if dist:
-            serving.check_served(args)
+            job_messages.check_served(args)
         if dist and dist["group"].rank() > 0:  # a follower: no HTTP, rank 0's batches until it closes
             serve_models(args, dist)
             return 0

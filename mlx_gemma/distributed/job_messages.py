@@ -1,0 +1,69 @@
+"""A job as rank 0 sends it to the followers when serving across ranks (issue 23): what a job may
+hold to be sent (`refusal`), its payload (JSON bytes), and a follower's copy of it; and what the
+server cannot serve across ranks at all (`check_served`, before anything is loaded).
+
+Not sent (a 400 naming it): images and audio, requests whose reply is constrained by a grammar
+(response_format json_schema / json_object, forced tool calls), since a job's own logits processors
+live on rank 0 only, and a request's prompt_lookup (the ranks decode without speculating).  An
+embedding model, several --model and the speculation flags are refused at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from ..errors import DistributedError
+from ..jobs import Job, Row, check_job
+from ..samplers import SamplingSettings
+
+NOT_ACROSS = "is not served across ranks (--pipeline / --tensor-parallel)"
+
+
+def refusal(job: Job) -> str | None:
+    """Why `job` cannot be sent to the followers (a message for a 400), or None."""
+    if job.media:
+        return f"images and audio: a prompt with media {NOT_ACROSS}"
+    if job.processors:
+        return f"a reply constrained by a grammar (response_format, forced tool calls) {NOT_ACROSS}"
+    ask = job.speculation  # (batch_speculation.SpeculationAsk; ranks decode without speculating)
+    if ask is not None and ask.prompt_lookup not in (None, False):
+        return f"speculative decoding (prompt_lookup) {NOT_ACROSS}"
+    return None
+
+
+def job_payload(row: Row) -> bytes:
+    job = row.job
+    sampling = {f.name: getattr(job.sampling, f.name) for f in dataclasses.fields(SamplingSettings)}
+    if sampling["logit_bias"] is not None:
+        sampling["logit_bias"] = [[int(k), float(v)] for k, v in sampling["logit_bias"].items()]
+    return json.dumps({"id": row.id, "prompt_ids": [int(t) for t in job.prompt_ids], "max_tokens": job.max_tokens,
+                       "sampling": sampling, "stop_ids": sorted(int(t) for t in job.stop_ids),
+                       "top_logprobs": job.top_logprobs}).encode()
+
+
+def row_from(model, payload: bytes) -> Row:
+    """A follower's copy of rank 0's job (its events go nowhere)."""
+    d = json.loads(payload)
+    sampling = d["sampling"]
+    if sampling["logit_bias"] is not None:
+        sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"]}
+    job = Job(prompt_ids=d["prompt_ids"], max_tokens=d["max_tokens"], sampling=SamplingSettings(**sampling),
+              stop_ids=frozenset(d["stop_ids"]), top_logprobs=d["top_logprobs"])
+    return Row(d["id"], job, _ignore, check_job(model, job, _ignore))
+
+
+def _ignore(event) -> None:
+    """A follower's jobs report nothing: rank 0 answers the clients."""
+
+
+
+
+def check_served(args) -> None:
+    """What the server cannot serve across ranks, refused before anything is loaded."""
+    if len(args.model) != 1:
+        raise DistributedError(f"serving several models {NOT_ACROSS}: give one --model")
+    flags = [f for f, v in (("--draft-model", args.draft_model), ("--num-draft-tokens", args.num_draft_tokens),
+                            ("--prompt-lookup", args.prompt_lookup)) if v is not None]
+    if flags:
+        raise DistributedError(f"speculative decoding ({flags[0]}) {NOT_ACROSS}")
