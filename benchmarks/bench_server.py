@@ -98,7 +98,7 @@ class Server:
     def __enter__(self) -> Server:
         port = free_port()
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(server_command(self.library, self.folder, port, self.max_batch), cwd=str(ROOT),
+        self.proc = subprocess.Popen(self.command(port), cwd=str(ROOT),
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.timeout
@@ -112,6 +112,10 @@ class Server:
                 pass
             time.sleep(0.2)
         self.fail("did not answer /health in time")
+
+    def command(self, port: int) -> list[str]:
+        """The server's command line (bench_distributed_server.py launches ours on 2 ranks instead)."""
+        return server_command(self.library, self.folder, port, self.max_batch)
 
     def fail(self, why: str):
         self.stop()
