@@ -2,7 +2,9 @@
 hold to be sent (`refusal`), its payload (JSON bytes), and a follower's copy of it; and what the
 server cannot serve across ranks at all (`check_served`, before anything is loaded).
 
-Not sent (a 400 naming it): images and audio, requests whose reply is constrained by a grammar
+A prompt's images, audio and video travel as arrays (media_messages.py: whole under tensor parallel,
+where every rank runs the towers; under pipeline only what the later stages read).
+Not sent (a 400 naming it): requests whose reply is constrained by a grammar
 (response_format json_schema / json_object, forced tool calls), since a job's own logits processors
 live on rank 0 only, and a request's prompt_lookup (the ranks decode without speculating).  An
 embedding model, several --model and the speculation flags are refused at start.
@@ -16,14 +18,16 @@ import json
 from ..errors import DistributedError
 from ..jobs import Job, Row, check_job
 from ..samplers import SamplingSettings
+from . import media_messages
 
 NOT_ACROSS = "is not served across ranks (--pipeline / --tensor-parallel)"
 
 
 def refusal(job: Job) -> str | None:
     """Why `job` cannot be sent to the followers (a message for a 400), or None."""
-    if job.media:
-        return f"images and audio: a prompt with media {NOT_ACROSS}"
+    why = media_messages.refusal(job.media)  # arrays of a dtype sent (media_messages.py)
+    if why is not None:
+        return f"{why} {NOT_ACROSS}"
     if job.processors:
         return f"a reply constrained by a grammar (response_format, forced tool calls) {NOT_ACROSS}"
     ask = job.speculation  # (batch_speculation.SpeculationAsk; ranks decode without speculating)
@@ -32,24 +36,30 @@ def refusal(job: Job) -> str | None:
     return None
 
 
-def job_payload(row: Row) -> bytes:
+def job_payload(row: Row, model=None) -> bytes:
+    """The job as sent: JSON, then its media's bytes; `model` (rank 0's) says which media the followers
+    read (media_messages.py; without it every array goes whole)."""
     job = row.job
     sampling = {f.name: getattr(job.sampling, f.name) for f in dataclasses.fields(SamplingSettings)}
     if sampling["logit_bias"] is not None:
         sampling["logit_bias"] = [[int(k), float(v)] for k, v in sampling["logit_bias"].items()]
-    return json.dumps({"id": row.id, "prompt_ids": [int(t) for t in job.prompt_ids], "max_tokens": job.max_tokens,
+    media, blob = media_messages.encode(job.media, media_messages.stand_ins(model))
+    text = json.dumps({"id": row.id, "prompt_ids": [int(t) for t in job.prompt_ids], "max_tokens": job.max_tokens,
                        "sampling": sampling, "stop_ids": sorted(int(t) for t in job.stop_ids),
-                       "top_logprobs": job.top_logprobs}).encode()
+                       "top_logprobs": job.top_logprobs, "media": media}).encode()
+    return media_messages.frame(text, blob)
 
 
 def row_from(model, payload: bytes) -> Row:
     """A follower's copy of rank 0's job (its events go nowhere)."""
-    d = json.loads(payload)
+    text, blob = media_messages.unframe(payload)
+    d = json.loads(text)
     sampling = d["sampling"]
     if sampling["logit_bias"] is not None:
         sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"]}
     job = Job(prompt_ids=d["prompt_ids"], max_tokens=d["max_tokens"], sampling=SamplingSettings(**sampling),
-              stop_ids=frozenset(d["stop_ids"]), top_logprobs=d["top_logprobs"])
+              stop_ids=frozenset(d["stop_ids"]), top_logprobs=d["top_logprobs"],
+              media=media_messages.decode(d["media"], blob))
     return Row(d["id"], job, _ignore, check_job(model, job, _ignore))
 
 
