@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 
 import mlx.core as mx
 import numpy as np
@@ -24,7 +25,7 @@ import pytest
 from test_server import VLM3
 
 import mlx_gemma
-from mlx_gemma.distributed import media_messages
+from mlx_gemma.distributed import media_messages, messages
 from mlx_gemma.distributed.job_messages import job_payload, refusal, row_from
 from mlx_gemma.errors import DistributedError
 from mlx_gemma.gemma4_prompts import Gemma4Media
@@ -121,3 +122,19 @@ def test_a_payload_that_does_not_fit_its_description_is_an_error(change, what):
     described, blob = media_messages.encode({"audio_mask": mx.ones((2, 5), mx.bool_)})
     with pytest.raises(DistributedError, match=what):
         media_messages.decode(*change(described, blob))
+
+
+def test_rank_0_sends_a_pipeline_follower_stand_ins_and_a_tensor_one_the_arrays(monkeypatch):
+    """LeaderInbox (rank 0's) makes each job's payload with rank 0's model, which says what the followers read."""
+    sent = []
+    monkeypatch.setattr(messages, "_share", lambda group, header, payload=b"": sent.append(payload))
+    media = gemma4_media(4, 1, 1)
+    for strategy in ("pipeline", "tensor"):
+        local = queue.Queue()
+        local.put(("job", Row(1, Job([2, 3], 2, media=media), print, 2)))
+        messages.LeaderInbox(local, None, _Model(strategy)).get()
+    pipeline, tensor = (media_messages.decode(json.loads(t)["media"], blob)
+                        for t, blob in map(media_messages.unframe, sent))
+    assert all(pipeline[k].shape == (1, 32) and pipeline[k].dtype == mx.uint8 for k in media)
+    assert len(sent[0]) < 1000 < sum(len(host_bytes(v)) for v in media.values())
+    assert all(host_bytes(tensor[k]) == host_bytes(media[k]) and tensor[k].dtype == media[k].dtype for k in media)

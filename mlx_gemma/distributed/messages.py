@@ -73,8 +73,9 @@ def _share(group, header: list[int], payload: bytes = b"") -> tuple[list[int], b
 class LeaderInbox:
     """Rank 0's inbox: the scheduler's own queue, each message taken shared with the followers."""
 
-    def __init__(self, local: queue.Queue, group):
+    def __init__(self, local: queue.Queue, group, model=None):
         self.local, self.group = local, group
+        self.model = model  # (which of a job's media the followers read: media_messages.py)
 
     def get(self, block: bool = True):
         wait = IDLE_POLL
@@ -90,7 +91,7 @@ class LeaderInbox:
                 continue
             kind, value = item
             if kind == "job":
-                payload = job_payload(value)
+                payload = job_payload(value, self.model)
                 self._send([JOB, 0, len(payload), 0], payload)
             else:
                 self._send([CANCEL if kind == "cancel" else CLOSE, value or 0, 0, 0])

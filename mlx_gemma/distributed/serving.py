@@ -134,7 +134,7 @@ class LeaderScheduler(RankScheduler):
 
     def __init__(self, model, group, **options):
         super().__init__(model, group, **options)
-        self._policy.inbox = LeaderInbox(self._inbox, group)
+        self._policy.inbox = LeaderInbox(self._inbox, group, model)
 
     def submit(self, job: Job, on_event) -> int:
         if isinstance(job, Job):
