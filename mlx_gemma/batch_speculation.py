@@ -147,12 +147,16 @@ class SpeculativeBatchPolicy(BatchPolicy):
         if spec is None:
             return None
         try:
-            proposer = spec.proposer(None, row.sampler, self.model.args.vocab_size)
-            step = SpeculativeStep(self.model, [], proposer, [], 1, spec.num_draft_tokens, row.sampler,
-                                   row.processors, row.history, stats=SpeculativeStats())
+            step = self.new_step(row, spec)
         except GenerationError:  # a sampler without a distribution to check against: plain decoding
             return None
         return _Plan(step, spec.num_draft_tokens)
+
+    def new_step(self, row: Row, spec: Speculation) -> SpeculativeStep:
+        """The row's step policy for all its bursts (across ranks, each rank's own: distributed/speculation.py)."""
+        proposer = spec.proposer(None, row.sampler, self.model.args.vocab_size)
+        return SpeculativeStep(self.model, [], proposer, [], 1, spec.num_draft_tokens, row.sampler,
+                               row.processors, row.history, stats=SpeculativeStats())
 
     # ----- the engine's calls ------------------------------------------------------------------
 

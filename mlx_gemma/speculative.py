@@ -222,10 +222,7 @@ class SpeculativeStep:
             logprobs, finite = self._shaped(self.model.logits(hidden[0]), None)
             return Pending((self._draw(logprobs), finite), ("plain", 0, logprobs, started))
         last = self.tokens[-1]
-        k = min(self.control.plan(), self.left - 1)
-        while k > 0 and not can_roll_back(self.cache, k + 1, k):
-            k -= 1
-        proposals, q = self.proposer.propose(self.tokens, k) if k > 0 else (mx.zeros((0,), mx.int32), None)
+        proposals, q = self.next_proposals()
         k = proposals.shape[0]
         proposals = proposals.astype(mx.int32)
         fed = mx.concatenate([mx.array([last], mx.int32), proposals])
@@ -244,6 +241,15 @@ class SpeculativeStep:
         else:  # p: the distribution the sampler would draw from, row by row
             accepted, fallback = accept_proposals(self.sampler.filter(logprobs), q, proposals, self._next_key())
         return Pending((fallback, proposals, accepted, finite), ("verify", k, logprobs, started))
+
+    def next_proposals(self) -> tuple[mx.array, mx.array | None]:
+        """The proposals a verify step checks next and their q: up to the controller's k, within the budget
+        and what the caches can go back on; none for a plain step.  (Across ranks rank 0's are every rank's:
+        distributed/speculation.py.)"""
+        k = min(self.control.plan(), self.left - 1)
+        while k > 0 and not can_roll_back(self.cache, k + 1, k):
+            k -= 1
+        return self.proposer.propose(self.tokens, k) if k > 0 else (mx.zeros((0,), mx.int32), None)
 
     def read(self, step: Pending, n: int):
         kind, k, logprobs, started = step.rest
