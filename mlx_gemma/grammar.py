@@ -298,6 +298,12 @@ class GrammarConstraint:
             allowed = np.pad(allowed, ((0, 0), (0, V - allowed.shape[1])))
         return mx.where(mx.array(allowed), logits, mx.array(-float("inf"), logits.dtype))
 
+    @property
+    def started(self) -> bool:
+        """Whether it has seen a history: its parsers hold state that `grammar` alone does not
+        describe (the server across ranks sends only fresh constraints, as their grammar)."""
+        return bool(self._matchers)
+
     def complete(self, row: int = 0) -> bool:
         """Whether the row's output so far is a whole JSON value of the grammar."""
         return bool(self._matchers) and (self._ended[row] or self._matchers[row].is_accepting())
