@@ -2,12 +2,14 @@
 hold to be sent (`refusal`), its payload (JSON bytes), and a follower's copy of it; and what the
 server cannot serve across ranks at all (`check_served`, before anything is loaded).
 
+A grammar-constrained reply (response_format json_object / json_schema, forced tool calls) travels
+as its grammar, from which each follower builds its own constraint (processor_messages.py).
 A prompt's images, audio and video travel as arrays (media_messages.py: whole under tensor parallel,
 where every rank runs the towers; under pipeline only what the later stages read).
-Not sent (a 400 naming it): requests whose reply is constrained by a grammar
-(response_format json_schema / json_object, forced tool calls), since a job's own logits processors
-live on rank 0 only, and a request's prompt_lookup (the ranks decode without speculating).  An
-embedding model, several --model and the speculation flags are refused at start.
+Not sent (a 400 naming it): a job's logits processor that is not one of the
+server's grammar constraints (a Python callable), and a request's prompt_lookup (the ranks decode
+without speculating).  An embedding model, several --model and the speculation flags are refused at
+start.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 from ..errors import DistributedError
 from ..jobs import Job, Row, check_job
 from ..samplers import SamplingSettings
-from . import media_messages
+from . import media_messages, processor_messages
 
 NOT_ACROSS = "is not served across ranks (--pipeline / --tensor-parallel)"
 
@@ -28,8 +30,9 @@ def refusal(job: Job) -> str | None:
     why = media_messages.refusal(job.media)  # arrays of a dtype sent (media_messages.py)
     if why is not None:
         return f"{why} {NOT_ACROSS}"
-    if job.processors:
-        return f"a reply constrained by a grammar (response_format, forced tool calls) {NOT_ACROSS}"
+    why = processor_messages.refusal(job.processors)
+    if why is not None:
+        return f"{why} {NOT_ACROSS}"
     ask = job.speculation  # (batch_speculation.SpeculationAsk; ranks decode without speculating)
     if ask is not None and ask.prompt_lookup not in (None, False):
         return f"speculative decoding (prompt_lookup) {NOT_ACROSS}"
@@ -46,12 +49,15 @@ def job_payload(row: Row, model=None) -> bytes:
     media, blob = media_messages.encode(job.media, media_messages.stand_ins(model))
     text = json.dumps({"id": row.id, "prompt_ids": [int(t) for t in job.prompt_ids], "max_tokens": job.max_tokens,
                        "sampling": sampling, "stop_ids": sorted(int(t) for t in job.stop_ids),
-                       "top_logprobs": job.top_logprobs, "media": media}).encode()
+                       "top_logprobs": job.top_logprobs,
+                       "processors": processor_messages.describe(job.processors),
+                       "media": media}).encode()
     return media_messages.frame(text, blob)
 
 
-def row_from(model, payload: bytes) -> Row:
-    """A follower's copy of rank 0's job (its events go nowhere)."""
+def row_from(model, payload: bytes, tokenizer=None) -> Row:
+    """A follower's copy of rank 0's job (its events go nowhere); its grammar constraints are built
+    with `tokenizer` (this rank's)."""
     text, blob = media_messages.unframe(payload)
     d = json.loads(text)
     sampling = d["sampling"]
@@ -59,6 +65,7 @@ def row_from(model, payload: bytes) -> Row:
         sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"]}
     job = Job(prompt_ids=d["prompt_ids"], max_tokens=d["max_tokens"], sampling=SamplingSettings(**sampling),
               stop_ids=frozenset(d["stop_ids"]), top_logprobs=d["top_logprobs"],
+              processors=processor_messages.rebuild(d["processors"], tokenizer),
               media=media_messages.decode(d["media"], blob))
     return Row(d["id"], job, _ignore, check_job(model, job, _ignore))
 
