@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine import generation_stream
-from ..errors import DistributedError
+from ..errors import DistributedError, MlxGemmaError
 from .job_messages import job_payload, row_from
 from .watchdog import EXIT_STATUS, beat
 
@@ -107,8 +107,8 @@ class LeaderInbox:
 class FollowerInbox:
     """A follower's inbox: the messages rank 0 took, in its order (the caller's `block` is rank 0's)."""
 
-    def __init__(self, model, group):
-        self.model, self.group = model, group
+    def __init__(self, model, group, tokenizer=None):
+        self.model, self.group, self.tokenizer = model, group, tokenizer  # (the tokenizer builds grammar constraints)
 
     def get(self, block: bool = True):
         while True:
@@ -123,7 +123,12 @@ class FollowerInbox:
             if kind == EMPTY:
                 raise queue.Empty
             if kind == JOB:
-                return "job", row_from(self.model, payload)
+                try:
+                    return "job", row_from(self.model, payload, self.tokenizer)
+                except MlxGemmaError as e:  # rank 0 runs the job: without it this rank would fall out of step
+                    print(f"error: distributed: rank {self.group.rank()}: cannot follow rank 0's job: {e}",
+                          file=sys.stderr, flush=True)
+                    os._exit(EXIT_STATUS)
             if kind == CANCEL:
                 return "cancel", header[1]
             return "close", None

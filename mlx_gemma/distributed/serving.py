@@ -149,9 +149,9 @@ class LeaderScheduler(RankScheduler):
 class FollowerScheduler(RankScheduler):
     """A rank > 0's scheduler: its jobs are rank 0's, read from the shared messages."""
 
-    def __init__(self, model, group, **options):
+    def __init__(self, model, group, tokenizer=None, **options):
         super().__init__(model, group, **options)
-        self._policy.inbox = FollowerInbox(model, group)
+        self._policy.inbox = FollowerInbox(model, group, tokenizer)  # (its tokenizer builds rank 0's grammars)
 
 
 def ignore_signals() -> None:
@@ -166,10 +166,11 @@ def _ignore_signal(signum, frame) -> None:
     """(a Python handler, not SIG_IGN: uvicorn puts it back and calls it when it raises the signal again)"""
 
 
-def follow(model, options: dict, group) -> int:
-    """Run a follower rank until rank 0 closes: 0."""
+def follow(model, options: dict, group, tokenizer=None) -> int:
+    """Run a follower rank until rank 0 closes: 0.  `tokenizer` (this rank's) builds the grammar
+    constraints of rank 0's jobs."""
     ignore_signals()
-    scheduler = FollowerScheduler(model, group, **options)
+    scheduler = FollowerScheduler(model, group, tokenizer, **options)
     with watch("serving"):  # rank 0's idle messages keep it quiet while the server is idle
         scheduler.start()
         scheduler.served()

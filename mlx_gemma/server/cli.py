@@ -113,7 +113,7 @@ def serve_models(args, dist: dict | None = None) -> list[ServedModel]:
         if dist and isinstance(model, EncoderModel):
             raise MlxGemmaError(f"an embedding model {job_messages.NOT_ACROSS}")
         if dist and dist["group"].rank() > 0:
-            serving.follow(model, options, dist["group"])
+            serving.follow(model, options, dist["group"], tokenizer)
             return []
         if isinstance(model, EncoderModel):  # EmbeddingGemma: /v1/embeddings
             served.append(ServedModel(name, model, tokenizer, None, int(time.time()), Embedder(model, tokenizer)))
