@@ -60,11 +60,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .arguments import is_integer
+from .batch_media import media_blocks, media_past
 from .cpu_spread import streams as cpu_streams
 from .engine import Pending, default_prefill_step, generation_stream, prefill, run
 from .errors import GenerationError
-from .gemma4_prompts import Gemma4Media
-from .image_chat import image_digests, image_spans
 from .mlx_thread import MlxThread
 from .jobs import MAX_TOP_LOGPROBS, Event, Job, Row, RowOut, check_job, error_text, sample_row  # noqa: F401 (re-exported)
 from .models.batch_rows import BatchKVCache, batch_caches_like, merge_rows, move_row, row_caches, take_rows, with_slack
@@ -202,42 +201,6 @@ class BatchPolicy:
         if caches is not None:
             self.prefix.store(tokens[:held], caches, row.blocks)
 
-    def _media_blocks(self, job: Job) -> tuple:
-        """(start, end, digest) of each media block, in prompt order, when every item of the job's media
-        has its own run of soft tokens (Gemma 3's images; Gemma 4's images, video frames and clips), so
-        the prefix cache may reuse a block holding the same item; () when they cannot be named."""
-        media, ids = dict(job.media or {}), job.prompt_ids
-        if {k for keys, _ in self._media_kinds() for k in keys if keys[0] in media} != set(media):
-            return ()  # inputs of a kind not named here, or an item's arrays not all there
-        blocks = []
-        for keys, spec in self._media_kinds():
-            if keys[0] not in media:
-                continue
-            spans = image_spans(ids, spec.token_id)
-            # Gemma 4: each item's arrays named together, as its PromptCache names them
-            digests = image_digests(media[keys[0]]) if len(keys) == 1 else Gemma4Media(**{k: media[k] for k in keys}).digests()
-            if len(spans) != len(digests):
-                return ()
-            blocks += [(a, b, d) for (a, b), d in zip(spans, digests)]
-        return tuple(sorted(blocks))
-
-    def _media_kinds(self) -> list:
-        """(the model's input keys of one kind of media, its soft-token spec) per kind it takes."""
-        image, audio = self.model.image_input, self.model.audio_input
-        if image is not None and not image.variable and audio is None:  # Gemma 3 (PaliGemma has no prefix cache)
-            return [(("pixel_values",), image)]
-        kinds = [(("pixel_values", "image_positions"), image)] if image is not None else []
-        return kinds + ([(("audio_features", "audio_mask"), audio)] if audio is not None else [])
-
-    def _media_past(self, row: Row) -> dict:
-        """The job's media items whose blocks lie past the reused prefix (those before it are cached)."""
-        media, out = dict(row.job.media), {}
-        for keys, spec in self._media_kinds():
-            if keys[0] in media:
-                fed = [i for i, (a, _) in enumerate(image_spans(row.job.prompt_ids, spec.token_id)) if a >= row.fed]
-                out.update({k: media[k][mx.array(fed)] for k in keys if fed})
-        return out
-
     # ----- one step -------------------------------------------------------------------------
 
     def first(self, hidden) -> Pending:
@@ -337,7 +300,7 @@ class BatchPolicy:
         if row.caches is None:
             row.begin()
             if self.prefix is not None:  # a prefix holds only the same media (named blocks), else stops before
-                row.blocks = self._media_blocks(row.job)
+                row.blocks = media_blocks(self.model, row.job)
                 row.cached, row.caches = self.prefix.lookup(row.job.prompt_ids, row.blocks)
                 row.fed = row.cached
             if row.caches is None:
@@ -346,7 +309,7 @@ class BatchPolicy:
         media = dict(row.job.media or {})
         if media:  # media go whole: the engine's prefill keeps image blocks in one chunk, audio in one call
             if row.fed and row.blocks:  # the items past the reused prefix (those before it are cached)
-                media = self._media_past(row)
+                media = media_past(self.model, row)
             step = L if self.model.image_input is None else self.chunk
             hidden, row.fed = prefill(self.model, row.prompt[:, row.fed :], row.caches, step, **media), L
         else:  # a chunk per step between decoding steps; the rest at once (in chunks) when none run
