@@ -243,14 +243,22 @@ class Experts(nn.Module):
         _expect_shape("the expert weights", weights, tuple(indices.shape))
         n, k = indices.shape
         indices = mx.stop_gradient(indices).astype(mx.uint32)
-        if indices.size >= SORT_MIN_PAIRS and (SORT_ON_CPU or mx.default_device() != mx.cpu):
-            y = self._sorted(x, indices)
-        else:  # one row per token, broadcast over its K experts
-            y = self._mlp(x[:, None, None, :], indices, False)  # [N, K, 1, H]
-        y = y.reshape(n, k, -1)  # [N, K, H]
+        y = self._pair_outputs(x, indices).reshape(n, k, -1)  # [N, K, H]
         # Weighted in float32 and summed once (transformers weights each expert's output in float32 too).
         out = (y.astype(mx.float32) * weights.astype(mx.float32)[..., None]).sum(axis=1)
         return out.astype(x.dtype)
+
+    def _pair_outputs(self, x: mx.array, indices: mx.array) -> mx.array:
+        """Each (token, expert) pair's MLP output, token-major ([N, K, 1, H] or [N*K, 1, H]).  The hook expert
+        parallel overrides (distributed/tensor_parallel.py) to run only the pairs one rank holds."""
+        if self.sorts(indices.size):
+            return self._sorted(x, indices)
+        return self._mlp(x[:, None, None, :], indices, False)  # one row per token, broadcast over its K experts
+
+    @staticmethod
+    def sorts(pairs: int) -> bool:
+        """Whether `pairs` (token, expert) pairs run sorted by expert (many pairs, not on the CPU)."""
+        return pairs >= SORT_MIN_PAIRS and (SORT_ON_CPU or mx.default_device() != mx.cpu)
 
     def _mlp(self, rows: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:  # [..., M, H] -> [..., M, H]
         gate, up = mx.split(self.gate_up_proj(rows, idx, sorted_indices), 2, axis=-1)
