@@ -6,10 +6,10 @@ A grammar-constrained reply (response_format json_object / json_schema, forced t
 as its grammar, from which each follower builds its own constraint (processor_messages.py).
 A prompt's images, audio and video travel as arrays (media_messages.py: whole under tensor parallel,
 where every rank runs the towers; under pipeline only what the later stages read).
-Not sent (a 400 naming it): a job's logits processor that is not one of the
-server's grammar constraints (a Python callable), and a request's prompt_lookup (the ranks decode
-without speculating).  An embedding model, several --model and the speculation flags are refused at
-start.
+A request's speculation fields travel as they came (the ranks speculate with rank 0's proposals:
+speculation.py).  Not sent (a 400 naming it): a job's logits processor that is not one of the
+server's grammar constraints (a Python callable).  An embedding model and several --model are
+refused at start.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from ..batch_speculation import SpeculationAsk
 from ..errors import DistributedError
 from ..jobs import Job, Row, check_job
 from ..samplers import SamplingSettings
@@ -33,9 +34,8 @@ def refusal(job: Job) -> str | None:
     why = processor_messages.refusal(job.processors)
     if why is not None:
         return f"{why} {NOT_ACROSS}"
-    ask = job.speculation  # (batch_speculation.SpeculationAsk; ranks decode without speculating)
-    if ask is not None and ask.prompt_lookup not in (None, False):
-        return f"speculative decoding (prompt_lookup) {NOT_ACROSS}"
+    if job.speculation is not None and not isinstance(job.speculation, SpeculationAsk):
+        return f"Job.speculation other than a SpeculationAsk (a {type(job.speculation).__name__}) {NOT_ACROSS}"
     return None
 
 
@@ -51,6 +51,7 @@ def job_payload(row: Row, model=None) -> bytes:
                        "sampling": sampling, "stop_ids": sorted(int(t) for t in job.stop_ids),
                        "top_logprobs": job.top_logprobs,
                        "processors": processor_messages.describe(job.processors),
+                       "speculation": None if job.speculation is None else dataclasses.asdict(job.speculation),
                        "media": media}).encode()
     return media_messages.frame(text, blob)
 
@@ -66,6 +67,7 @@ def row_from(model, payload: bytes, tokenizer=None) -> Row:
     job = Job(prompt_ids=d["prompt_ids"], max_tokens=d["max_tokens"], sampling=SamplingSettings(**sampling),
               stop_ids=frozenset(d["stop_ids"]), top_logprobs=d["top_logprobs"],
               processors=processor_messages.rebuild(d["processors"], tokenizer),
+              speculation=None if d["speculation"] is None else SpeculationAsk(**d["speculation"]),
               media=media_messages.decode(d["media"], blob))
     return Row(d["id"], job, _ignore, check_job(model, job, _ignore))
 
@@ -80,7 +82,3 @@ def check_served(args) -> None:
     """What the server cannot serve across ranks, refused before anything is loaded."""
     if len(args.model) != 1:
         raise DistributedError(f"serving several models {NOT_ACROSS}: give one --model")
-    flags = [f for f, v in (("--draft-model", args.draft_model), ("--num-draft-tokens", args.num_draft_tokens),
-                            ("--prompt-lookup", args.prompt_lookup)) if v is not None]
-    if flags:
-        raise DistributedError(f"speculative decoding ({flags[0]}) {NOT_ACROSS}")

@@ -101,7 +101,8 @@ def serve_models(args, dist: dict | None = None) -> list[ServedModel]:
     if len(set(args.model)) != len(args.model):
         raise MlxGemmaError("the same --model is given twice")
     kv = kv_options_from(args)
-    speculation = ServerSpeculation(args)  # the draft model, loaded once
+    # The draft model, loaded once (across ranks on rank 0 only: distributed/speculation.py).
+    speculation = ServerSpeculation(args, load_draft=not dist or dist["group"].rank() == 0)
     served = []
     for name in args.model:
         model, tokenizer = load(name, adapter_path=args.adapter_path, **dist)
@@ -112,13 +113,15 @@ def serve_models(args, dist: dict | None = None) -> list[ServedModel]:
                        prefix_cache_bytes=args.prompt_cache_bytes)
         if dist and isinstance(model, EncoderModel):
             raise MlxGemmaError(f"an embedding model {job_messages.NOT_ACROSS}")
+        if not isinstance(model, EncoderModel):  # a row decoding alone speculates (server/speculation.py)
+            options["policy"] = speculation.policy(tokenizer, dist.get("group"))
         if dist and dist["group"].rank() > 0:
             serving.follow(model, options, dist["group"], tokenizer)
             return []
         if isinstance(model, EncoderModel):  # EmbeddingGemma: /v1/embeddings
             served.append(ServedModel(name, model, tokenizer, None, int(time.time()), Embedder(model, tokenizer)))
             continue
-        scheduler = serving.LeaderScheduler(model, dist["group"], **options) if dist else Scheduler(model, **options, policy=speculation.policy(tokenizer))
+        scheduler = serving.LeaderScheduler(model, dist["group"], **options) if dist else Scheduler(model, **options)
         scheduler.start()
         served.append(ServedModel(name, model, tokenizer, scheduler, int(time.time())))
     return served
