@@ -30,7 +30,6 @@ from conftest import FIXTURES
 import mlx.core as mx
 
 import mlx_gemma
-from mlx_gemma.batch_speculation import SpeculationAsk
 from mlx_gemma.distributed.job_messages import check_served
 from mlx_gemma.distributed.serving import LeaderScheduler
 from mlx_gemma.errors import DistributedError, GenerationError
@@ -111,14 +110,17 @@ def gemma3():
     return mlx_gemma.load(FOLDER)
 
 
-@pytest.mark.parametrize("extra,what", [
-    (["--model", FOLDER], "serving several models"), (["--prompt-lookup", "2"], "speculative decoding (--prompt-lookup)"),
-    (["--draft-model", FOLDER], "speculative decoding (--draft-model)"),
-])
+@pytest.mark.parametrize("extra,what", [(["--model", FOLDER], "serving several models")])
 def test_what_cannot_run_across_ranks_is_refused_at_start(extra, what):
     args = build_parser().parse_args(["--model", FOLDER, "--pipeline", *extra])
     with pytest.raises(DistributedError, match=re.escape(what) + ".*is not served across ranks"):
         check_served(args)
+
+
+@pytest.mark.parametrize("extra", [["--prompt-lookup", "2"], ["--draft-model", FOLDER, "--num-draft-tokens", "2"]])
+def test_speculation_flags_are_served_across_ranks(extra):
+    """(the ranks speculate with rank 0's proposals: test_distributed_server_speculation.py)"""
+    check_served(build_parser().parse_args(["--model", FOLDER, "--tensor-parallel", *extra]))
 
 
 def test_rank_0_refuses_what_the_followers_cannot_run_and_runs_the_rest(gemma3):
@@ -130,8 +132,8 @@ def test_rank_0_refuses_what_the_followers_cannot_run_and_runs_the_rest(gemma3):
     scheduler = LeaderScheduler(model, group)
     ids = tok.encode("The sky is", add_bos=True)
     refused = [Job(ids, 4, media={"pixel_values": [[0.0]]}), Job(ids, 4, processors=(lambda h, x: x,)),
-               Job(ids, 4, speculation=SpeculationAsk(prompt_lookup=2))]
-    for job, what in zip(refused, ["not an mx.array", "grammar", "prompt_lookup"]):
+               Job(ids, 4, speculation={"prompt_lookup": 2})]
+    for job, what in zip(refused, ["not an mx.array", "grammar", "SpeculationAsk"]):
         with pytest.raises(GenerationError, match=re.escape(what) + ".*is not served across ranks"):
             scheduler.submit(job, lambda event: None)
     events = []
