@@ -98,6 +98,9 @@ class BatchPolicy:
         self.batches = self._empty_batches()  # float rows, then (kv_bits) quantized rows
         self.waiting: deque[Row] = deque()  # prompts to prefill, oldest first
         self.closing = False
+        # Serving across ranks: distributed/failures.py's SharedFailures, so that a row failing on one rank
+        # ends on every rank at the same step (None in one process: a failing row ends where it fails).
+        self.ranks = None
 
     def _empty_batches(self) -> list[_Batch]:
         fresh = self.model.make_cache(None, self.kv_options)
@@ -126,6 +129,8 @@ class BatchPolicy:
             if not row.done:
                 row.done = True
                 self.finished()
+                if self.ranks is not None:  # (the other ranks still hold the row)
+                    self.ranks.report(row, "the job's event callback failed")
 
     def end(self, row: Row, reason: str, error: str | None = None) -> None:
         """The final event of a job that ends without a token."""
@@ -135,6 +140,8 @@ class BatchPolicy:
 
     def fail_all(self, e: BaseException) -> None:
         """An exception in the loop: every current job ends with an error; the batch starts afresh."""
+        if self.ranks is not None:  # the other ranks fail the same jobs, or this rank ends (failures.py)
+            self.ranks.report_all(self, e)
         for row in [*self.rows, *self.waiting]:
             self.end(row, "error", error_text(e))
         self.batches, self.waiting = self._empty_batches(), deque()
@@ -210,6 +217,8 @@ class BatchPolicy:
         return self._step()
 
     def _step(self) -> Pending:
+        if self.ranks is not None:  # first: what failed on one rank ends on every rank (failures.py)
+            self.ranks.meet(self)
         self._drop_done()  # before the inbox, which may sleep: an idle batch holds no rows
         self._take_inbox()
         self._drop_done()
@@ -217,6 +226,8 @@ class BatchPolicy:
         if not self.closing:
             outs += self._prefill_some()
         settle = self.prefix.settle() if self.prefix is not None else []  # new entries, computed with the step
+        if self.ranks is not None:
+            self.ranks.built()
         return Pending(tuple(a for o in outs for a in o.arrays()) + tuple(settle), outs)
 
     def _prefill_some(self) -> list[RowOut]:
@@ -265,7 +276,10 @@ class BatchPolicy:
             return sample_row(row, logits, fed)
         except Exception as e:
             row.last = mx.zeros((1,), mx.int32)  # a failed row still feeds a valid id until it leaves
-            self.end(row, "error", error_text(e))
+            if self.ranks is None:
+                self.end(row, "error", error_text(e))
+            else:  # it ends at the next step on every rank; until then it stays, so this step's calls are theirs
+                self.ranks.report(row, error_text(e))
             return None
 
     def _prefill_next(self) -> RowOut | None:
@@ -274,6 +288,8 @@ class BatchPolicy:
         try:
             hidden = self._prefill_chunk(row)
         except Exception as e:  # a prompt the model cannot take (its media, say) ends that job only
+            if self.ranks is not None:  # across ranks it may have failed part way through its collectives
+                raise
             self.waiting.popleft()
             row.caches = None
             self.end(row, "error", error_text(e))
