@@ -42,6 +42,7 @@ from ..engine import generation_stream
 from ..errors import GenerationError
 from ..jobs import Job
 from ..prefix_cache import PrefixCache
+from .failures import SharedFailures
 from .job_messages import refusal
 from .messages import FollowerInbox, LeaderInbox
 from .watchdog import watch
@@ -116,6 +117,7 @@ class RankScheduler(Scheduler):
         super().__init__(model, **options)
         self.group = group
         self._policy.model = InOrder(model)
+        self._policy.ranks = SharedFailures(group)  # a row failing on one rank ends on all at one step
         if self._prefix is not None:
             rings = any(w is not None for w in model.windows)
             holding = mx.distributed.all_sum(mx.array(int(rings)), group=group, stream=mx.cpu).item()
