@@ -4,9 +4,10 @@ tests/distributed_scripts/server_rank.py; rank 0 serves HTTP and rank 1 follows 
 
 Driven by the official `openai` client: greedy chat (streamed and not), two concurrent requests, a
 seeded sampled completion, and requests after a cancelled stream and an unseeded sampled one
-(the ranks still in step) all equal one process's `mlx_gemma.generate`; a grammar-constrained
-request is a 400; the follower sleeps while the server is idle; SIGTERM on rank 0 ends both ranks
-with status 0.  One launch per strategy: starting two ranks costs tens of seconds here.
+(the ranks still in step) all equal one process's `mlx_gemma.generate`, and so does a reply held
+to a JSON grammar (more: test_distributed_server_grammar.py); the follower sleeps while the server
+is idle; SIGTERM on rank 0 ends both ranks with status 0.  One launch per strategy: starting two
+ranks costs tens of seconds here.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mlx_gemma.distributed.job_messages import check_served
 from mlx_gemma.distributed.serving import LeaderScheduler
 from mlx_gemma.errors import DistributedError, GenerationError
 from mlx_gemma.generate import stream_generate
+from mlx_gemma.grammar import json_constraint
 from mlx_gemma.jobs import Job
 from mlx_gemma.samplers import SamplingSettings, make_sampler
 from mlx_gemma.server.cli import build_parser
@@ -181,9 +183,11 @@ def test_two_ranks_serve_what_one_process_generates(tmp_path, flag, gemma3):
         assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == \
             reference(gemma3, prompts[1], 6)
         assert r.usage.prompt_tokens_details.cached_tokens > 0  # the prefix cache, agreed by both ranks
-        # what the followers cannot run is refused
-        with pytest.raises(openai.BadRequestError, match="not served across ranks"):
-            chat(client, MESSAGES, 4, response_format={"type": "json_object"})
+        # a reply held to a grammar (each rank its own constraint) equals one process's under that grammar
+        want = "".join(o.text for o in stream_generate(model, tok, MESSAGES, max_tokens=24, chat=True,
+                                                       stop_token_ids=[tok.end_of_turn_id],
+                                                       logits_processors=[json_constraint(tok, {"type": "json_object"})]))
+        assert chat(client, MESSAGES, 24, temperature=0, response_format={"type": "json_object"})[0] == want
         # idle: the follower sleeps between rank 0's messages instead of polling inside a collective
         time.sleep(1.0)
         before = cpu_seconds(pids[1])
