@@ -11,7 +11,9 @@ policy reads a `FollowerInbox` that gives back the same messages (messages.py; a
 job_messages.py).  Everything else a step decides (rows leaving on a stop id or their budget, the
 kv_bits switch, prefix-cache lookups) follows from those messages and from the sampled tokens, which
 are the same on every rank: the logits are shared, and a job's seed is drawn on rank 0 and travels
-with it.
+with it.  A grammar-constrained reply (response_format json_object / json_schema, forced tool calls)
+masks them alike on every rank: each follower builds the job's constraint from the grammar rank 0
+sends (processor_messages.py) with its own tokenizer (`follow`'s).
 
 One step's graph may hold several forward passes (a decode batch and a prompt's chunk); each is
 computed as soon as the policy makes it (`InOrder`), so the collectives run in the policy's order.
