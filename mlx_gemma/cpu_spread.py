@@ -44,8 +44,12 @@ MIN_ROWS_PER_SLICE = 128
 # are alive at once (see _on_streams); smaller blocks cost more in per-operation overhead
 # (benchmarks/RESULTS.md, "Measurements behind the defaults", for this and the next two).
 DEQUANTIZED_BLOCK_BYTES = 256 * 1024
-# Up to this many rows of x (tokens times batch) go through MLX's quantized kernel in float32,
-# which takes one row at a time: past a few rows, dequantizing once costs less.
+# Up to this many rows of x (tokens times batch) go through MLX's quantized kernel in float32.
+# It unpacks the whole weight again for each row, so its time grows by a full pass per row;
+# dequantizing once and multiplying blocks in bf16 costs a fixed pass (the dequantization,
+# about what the kernel spends on 4-5 rows) plus about half the kernel's time per row, so the
+# two meet near 8 rows.  Past it the time still grows with the rows: MLX's float products on
+# x86 are scalar loops too (benchmarks/bench_quantized_head.py measures both paths).
 KERNEL_MAX_ROWS = 8
 # The float32 scales and biases cast for one block of the kernel path hold at most this many
 # bytes: larger blocks gain little time for much more memory.
@@ -112,12 +116,15 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     So, on the CPU:
     - up to KERNEL_MAX_ROWS rows of x (decoding): MLX's kernel in float32, each
       block of W with its scales and biases cast to float32;
-    - more rows (a prefill, training): W dequantized block by block, each block
-      through the float product (about 20x faster than the bf16 kernel).
+    - more rows (a prefill, training, a batch of decoding rows): W dequantized
+      block by block, each block through the float product (about 20x faster
+      than the bf16 kernel).
     Both sum in float32: the float32 kernel is as exact as the quantized
-    weight allows, and the dequantized path gives exactly x @ dequantize(W).T
-    in x's dtype.  The gradient dequantizes again, in float32, rather than
-    keep every block of the forward pass alive (QLoRA memory).
+    weight allows, and the dequantized path gives exactly x @ W'.T, W' the
+    weight rounded once to x's dtype (mx.dequantize's for modes and widths
+    `_affine_dequantizer` does not take).  The gradient dequantizes again, in
+    float32, rather than keep every block of the forward pass alive (QLoRA
+    memory).
     """
     blocks = _QuantizedBlocks(layer)
 
@@ -197,13 +204,19 @@ class _QuantizedBlocks:
 
 @functools.cache
 def _affine_dequantizer(group_size: int, bits: int, dtype: mx.Dtype):
-    """mx.dequantize for affine 2-, 4- and 8-bit weights as one fused kernel.
+    """Affine 2-, 4- and 8-bit weights dequantized as one fused kernel: scale * q + bias
+    computed in float32 and rounded to `dtype` once.
 
     On the CPU `mx.dequantize` is spelled out in whole-array steps (one shifted
     uint32 copy per packed value, their join, then the scale: `affine_dequantize`
     in mlx/ops.cpp), about ten bytes of temporaries per weight; compiled, the
     unpacking, scale and offset run as one elementwise kernel writing only the
     result.  Values sit in each uint32 from the low bits up, as MLX packs them.
+    In float32 rather than in bf16/fp16: x86 has no bf16 arithmetic, so each
+    bf16 step converts and rounds in software, and the kernel took twice as long
+    (a fixed cost of every product past KERNEL_MAX_ROWS).  One rounding of
+    the exact value also matches the float32 kernel's weights more closely than
+    mx.dequantize's rounding after the scale and again after the offset.
     """
     per_word = 32 // bits
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
@@ -213,9 +226,9 @@ def _affine_dequantizer(group_size: int, bits: int, dtype: mx.Dtype):
     def dequantize(w, scales, biases):  # w: [n, K / per_word]; scales, biases: [n, K / group_size]
         n, groups = scales.shape
         w = w.reshape(n, groups, group_size // per_word, 1)
-        q = ((w >> shifts) & mask).astype(dtype)  # [n, groups, words per group, per_word]
-        out = q * scales[..., None, None].astype(dtype) + biases[..., None, None].astype(dtype)
-        return out.reshape(n, groups * group_size)
+        q = ((w >> shifts) & mask).astype(mx.float32)  # [n, groups, words per group, per_word]
+        out = q * scales[..., None, None].astype(mx.float32) + biases[..., None, None].astype(mx.float32)
+        return out.astype(dtype).reshape(n, groups * group_size)
 
     return dequantize
 

@@ -72,18 +72,34 @@ def test_gated_mlp(dtype, rows):
     assert equal(mlp(x), plain)
 
 
-def dequantized_product(layer, x: mx.array, dtype) -> mx.array:
-    """x @ W.T with the layer's weight dequantized whole in `dtype`: what the blocks must add up to.
+def dequantized_weight(layer, dtype) -> mx.array:
+    """The layer's weight dequantized whole by mx.dequantize, as the blocks dequantize it in `dtype`.
 
-    For float32, affine scales and biases are cast first: `mx.dequantize(..., dtype=float32)`
-    with bf16 ones computes in bf16 and rounds every weight.
+    Affine 2-, 4- and 8-bit weights: computed in float32 and rounded to `dtype` once (affine scales
+    and biases cast first: `mx.dequantize(..., dtype=float32)` with bf16 ones computes in bf16 and
+    rounds every weight).  Other modes and widths: mx.dequantize in `dtype` itself.
     """
     scales, biases = layer["scales"], layer.get("biases")
+    if layer.mode == "affine" and 32 % layer.bits == 0:
+        scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
+        return mx.dequantize(layer["weight"], scales, biases, group_size=layer.group_size, bits=layer.bits,
+                             mode=layer.mode, dtype=mx.float32).astype(dtype)
     if dtype == mx.float32 and layer.mode == "affine":
         scales, biases = scales.astype(dtype), biases.astype(dtype)
-    w = mx.dequantize(layer["weight"], scales, biases, group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
-                      dtype=dtype)
-    return x.astype(dtype) @ w.T
+    return mx.dequantize(layer["weight"], scales, biases, group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+                         dtype=dtype)
+
+
+def dequantized_product(layer, x: mx.array, dtype) -> mx.array:
+    """x @ W.T with the layer's weight dequantized whole in `dtype`: what the blocks must add up to."""
+    return x.astype(dtype) @ dequantized_weight(layer, dtype).T
+
+
+def unspread_product(layer, x: mx.array) -> mx.array:
+    """MLX's own quantized product in float32 (affine scales and biases cast): the reference."""
+    scales, biases = layer["scales"].astype(mx.float32), layer["biases"].astype(mx.float32)
+    return mx.quantized_matmul(x.astype(mx.float32), layer["weight"], scales, biases, transpose=True,
+                               group_size=layer.group_size, bits=layer.bits)
 
 
 @pytest.fixture
@@ -106,6 +122,13 @@ def test_quantized_linear_and_head(bits, dtype, tokens, small_blocks):
     if tokens > cpu_spread.KERNEL_MAX_ROWS:  # exactly the product of the weight dequantized in x's dtype
         assert equal(got_linear, dequantized_product(layer, x, dtype) + layer.bias)
         assert equal(got_head, dequantized_product(embedding, x, dtype))
+        # Against MLX's unspread product: each weight rounded once to x's dtype, and the output,
+        # so within two roundings of the sum of |x| |w| (float32: the sum's order alone).
+        step = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -20
+        for got, quantized in [(got_head, embedding), (got_linear, layer)]:
+            want = unspread_product(quantized, x) + (quantized.bias if "bias" in quantized else 0)
+            magnitude = mx.abs(x.astype(mx.float32)) @ mx.abs(dequantized_weight(quantized, mx.float32)).T
+            assert mx.all(mx.abs(got.astype(mx.float32) - want) <= 2 * step * magnitude + step * mx.abs(want)).item()
         return
     # MLX's kernel in float32: as exact as the quantized weight allows, within one rounding
     # of the output dtype (two with the bias added after).
