@@ -93,6 +93,24 @@ def logs(folder: Path) -> str:
     return (folder / "out.log").read_text()[-2000:] + (folder / "err.log").read_text()[-3000:]
 
 
+@contextlib.contextmanager
+def serving(folder: Path, flag: str, *args):
+    """launch's (base URL, {rank: pid}) for the block (`args`: launch's others); after it SIGTERM on
+    rank 0 must end both ranks with status 0 and no error line (so they were still in step).  A failed
+    check kills both ranks."""
+    proc, url, pids = launch(folder, flag, *args)
+    try:
+        yield url, pids
+        os.kill(pids[0], signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed check
+            end(proc, folder)
+    text = logs(folder)
+    assert [(folder / f"rank{r}.exit").read_text() for r in (0, 1)] == ["0", "0"], text
+    assert "exited with code" not in text and "error" not in text, text
+
+
 def reference(loaded, messages, max_tokens: int, sampler=None) -> tuple[str, str, int]:
     """(text, finish reason, tokens) of one process's generate on the chat, stopping at the turn's end
     as the server does."""
@@ -153,8 +171,7 @@ def test_rank_0_refuses_what_the_followers_cannot_run_and_runs_the_rest(gemma3):
 
 @pytest.mark.parametrize("flag", ["--pipeline", "--tensor-parallel"])
 def test_two_ranks_serve_what_one_process_generates(tmp_path, flag, gemma3):
-    proc, url, pids = launch(tmp_path, flag)
-    try:
+    with serving(tmp_path, flag) as (url, pids):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         # greedy, not streamed and streamed
         assert chat(client, MESSAGES, 10, temperature=0) == reference(gemma3, MESSAGES, 10)
@@ -193,12 +210,3 @@ def test_two_ranks_serve_what_one_process_generates(tmp_path, flag, gemma3):
         before = cpu_seconds(pids[1])
         time.sleep(3.0)
         assert cpu_seconds(pids[1]) - before < 0.6, "the follower is busy while the server is idle"
-        # SIGTERM on rank 0: both ranks end, with status 0
-        os.kill(pids[0], signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:  # a failed check
-            end(proc, tmp_path)
-    text = logs(tmp_path)
-    assert [(tmp_path / f"rank{r}.exit").read_text() for r in (0, 1)] == ["0", "0"], text
-    assert "exited with code" not in text and "error" not in text, text
