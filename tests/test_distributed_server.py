@@ -59,11 +59,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def launch(folder: Path, flag: str):
-    """(mlx.launch's process, the base URL, {rank: pid}) once rank 0 answers /health."""
+def launch(folder: Path, flag: str, model: str = FOLDER, extra: tuple = ()):
+    """(mlx.launch's process, the base URL, {rank: pid}) once rank 0 answers /health; the server serves
+    `model` with `extra` arguments."""
     port, ring = free_port(), str(20_000 + (os.getpid() * 7 + time.monotonic_ns() // 1000) % 20_000)
     cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", ring, sys.executable, str(SCRIPT),
-           str(folder), "--model", FOLDER, flag, "--port", str(port), "--log-level", "WARNING"]
+           str(folder), "--model", model, flag, "--port", str(port), "--log-level", "WARNING", *extra]
     proc = subprocess.Popen(cmd, stdout=open(folder / "out.log", "w"), stderr=open(folder / "err.log", "w"),
                             cwd=Path(__file__).parent.parent)
     url = f"http://127.0.0.1:{port}"
