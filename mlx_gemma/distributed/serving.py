@@ -27,6 +27,10 @@ agree on each entry's bytes (the largest rank's) before the byte bound evicts an
 then see the same entries everywhere.  It is turned off when some ranks hold sliding-window
 layers and others do not (whether a ring can go back would differ).
 
+Speculative decoding: a row decoding alone speculates on every rank with rank 0's proposals
+(speculation.py, the policy server/speculation.py gives each rank); its verify passes go through
+`InOrder` as every other forward pass does.
+
 What is not served across ranks: job_messages.py.
 """
 
