@@ -232,6 +232,8 @@ class SpeculativeBatchPolicy(BatchPolicy):
         try:  # (not synced: a plain step after a plain step, fed the token of the step before, unread)
             pending = alone.step.advance(None, True) if self.synced else alone.step.advance(self.queued, None)
         except Exception as e:  # the row ends; the batch (and the server) go on
+            if self.ranks is not None:  # across ranks it may have failed part way through collectives
+                self.ranks.fatal(self, e)
             self.end(alone.row, "error", error_text(e))
             return []
         self.queued = pending
@@ -251,6 +253,8 @@ class SpeculativeBatchPolicy(BatchPolicy):
         try:
             tokens, logprobs = out.alone.step.read(out.pending, n)
         except Exception as e:
+            if self.ranks is not None:  # (rank 0's outcome is shared while reading: distributed/speculation.py)
+                self.ranks.fatal(self, e)
             self.end(row, "error", error_text(e))
             return []
         outs = []

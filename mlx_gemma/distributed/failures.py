@@ -10,9 +10,10 @@ When: each step (`BatchPolicy._step`) begins with a meeting (`meet`), before any
 does (dropping finished rows, which may store them in the shared prefix cache: a collective; the
 inbox).  A row's own work (sampling its token from the shared logits) comes after the step's forward
 pass, so a failure there, while step n is built, is reported at step n + 1's meeting; a failure while
-the host reads step n (an event callback) comes after step n + 1 was built (the engine queues n + 1
-before reading n) and is reported at step n + 2's.  Either way every rank ends the row at the same
-meeting, before the step's first model call; in between, the failing rank keeps the row (fed a valid
+the host reads step n (an event callback) is reported at the meeting of the next step built after that
+read (n + 2 when steps are pipelined, since the engine then queues n + 1 before reading n; n + 1
+otherwise; whether they are is decided by the batch, the same on every rank).  Either way every rank
+ends the row at the same meeting, before the step's first model call; in between, the failing rank keeps the row (fed a valid
 id, no token drawn) so the rest of its step makes the calls the others make.  The client of that row
 gets an error event (finish_reason "error"; a follower's failure is named "rank R: ...").
 
@@ -29,7 +30,9 @@ the same jobs, and the server goes on.  While a step is built, the rank may be p
 step's collectives, which no later call can pair: it ends every job with an error (on rank 0 its
 clients are answered), prints one error line and exits with status 3; the other ranks then find their
 peer lost (messages.py, or this module's own check) and end too, with their own error line.  A
-prompt's forward pass that raises on one rank is such a failure (batching.py re-raises it across ranks).
+prompt's forward pass that raises on one rank is such a failure (batching.py re-raises it across ranks),
+and so is a speculating row's verify step failing (batch_speculation.py: its forward pass and rank 0's
+proposals, distributed/speculation.py, are collectives, built and read).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import os
 import sys
 import time
 from collections import deque
+from typing import NoReturn
 
 import mlx.core as mx
 import numpy as np
@@ -103,6 +107,12 @@ class SharedFailures:
         if not self.building:
             self.pending.append((EVERY_JOB, error_text(e)))
             return
+        self.fatal(policy, e)
+
+    def fatal(self, policy, e: BaseException) -> NoReturn:
+        """`e` was raised where this rank may be part way through collectives that no later call can pair:
+        every job ends with an error here (rank 0's clients are answered), then the process, with one
+        error line; the other ranks find it lost."""
         rank = self.group.rank()
         for row in [*policy.rows, *policy.waiting, *self.rows.values()]:
             policy.end(row, "error", f"the server across ranks failed on rank {rank}: {error_text(e)}")
