@@ -9,7 +9,8 @@ close, or "nothing more this step"); a follower's reads a `FollowerInbox` that g
 messages.  When the server is idle rank 0 waits on its own queue and shares an "idle" message every
 `IDLE_POLL` seconds (growing to `IDLE_POLL_MAX`), between which the followers sleep (a rank waiting
 inside a collective polls its socket): little CPU, and the watchdog (watchdog.py) sees progress on
-every rank.  A lost peer ends every rank with an error line (exit status 3).
+every rank.  A lost peer ends every rank with an error line (exit status 3).  What fails on one
+rank only is shared at each step's start, not in these messages (failures.py).
 """
 
 from __future__ import annotations
