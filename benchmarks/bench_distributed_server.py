@@ -45,6 +45,8 @@ from mlx_gemma.batching import Scheduler
 from mlx_gemma.distributed.serving import InOrder
 from mlx_gemma.jobs import Job
 from mlx_gemma.samplers import SamplingSettings
+from mlx_gemma.server.cli import build_parser
+from mlx_gemma.server.speculation import ServerSpeculation
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -147,10 +149,13 @@ def serve_rep(name: str, folder: Path, clients: list[int], words: list[int], max
 # ----- InOrder against the plain scheduler, in this process -------------------------------------
 
 
-def make_scheduler(model, variant: str, max_batch: int) -> Scheduler:
-    """A Scheduler on `model`; "InOrder": its policy sees the model wrapped as RankScheduler wraps it
-    (distributed/serving.py), every forward pass and head call computed as soon as it is made."""
-    scheduler = Scheduler(model, max_batch=max_batch)
+def make_scheduler(model, tokenizer, folder: Path, variant: str, max_batch: int) -> Scheduler:
+    """The single-process server's Scheduler on `model` (its batch policy as server/cli.py picks it for
+    `--model folder`: speculation's policy, which speculates only when a job asks); "InOrder": its policy
+    sees the model wrapped as RankScheduler wraps it (distributed/serving.py), every forward pass and head
+    call computed as soon as it is made."""
+    args = build_parser().parse_args(["--model", str(folder), "--max-batch", str(max_batch)])
+    scheduler = Scheduler(model, max_batch=max_batch, policy=ServerSpeculation(args).policy(tokenizer))
     if variant == "InOrder":
         scheduler._policy.model = InOrder(model)  # what RankScheduler.__init__ does on every rank
     return scheduler
@@ -209,9 +214,9 @@ def scheduler_run(scheduler: Scheduler, jobs: list[Job], clients: int) -> dict:
     return {"tokens_per_s": made / seconds, "ttfts": ttfts, "tokens": made, "ids": tokens, "seconds": seconds}
 
 
-def inorder_rep(model, tokenizer, variant: str, clients: list[int], words: list[int], max_tokens: int, rep: int,
-                runs: dict) -> None:
-    scheduler = make_scheduler(model, variant, max(clients))
+def inorder_rep(model, tokenizer, folder: Path, variant: str, clients: list[int], words: list[int], max_tokens: int,
+                rep: int, runs: dict) -> None:
+    scheduler = make_scheduler(model, tokenizer, folder, variant, max(clients))
     scheduler.start()
     try:
         scheduler_run(scheduler, scheduler_jobs(tokenizer, f"warm-up {rep}", 2, words[:2]), 2)
@@ -275,7 +280,8 @@ def report(folder: Path, args, servers: dict, inorder: dict) -> tuple[str, dict]
                  f"the sets (min / median / max): {loads(servers)}.\n\n"
                  + comparison(servers, list(SERVERS), args.clients, "1 process", payload["servers"]) + "\n")
     if inorder:
-        body += ("\nInOrder's cost in one process: `batching.Scheduler` plain against the model wrapped in "
+        body += ("\nInOrder's cost in one process: the single-process server's `batching.Scheduler` and batch "
+                 "policy (server/speculation.py's, no speculation asked) plain against the model wrapped in "
                  "`InOrder` (as every rank's scheduler wraps it), alternating, the same requests through the chat "
                  f"template from client threads; TTFT from submit to the first token; load (min / median / max): "
                  f"{loads(inorder)}.\n\n"
@@ -293,7 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--words", nargs="+", type=int, default=None, help=f"prompt lengths in words (default {WORDS})")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per request, and half (default 16)")
     p.add_argument("--reps", type=int, default=None, help="alternating repetitions (default 3; 1 with --smoke)")
-    p.add_argument("--only", choices=["servers", "inorder"], default=None, help="run one of the two cases")
+    p.add_argument("--only", choices=["servers", "inorder"], default=None, help="run one of the two cases (recorded in a section of its own)")
     p.add_argument("--smoke", action="store_true", help="tests/fixtures/tiny_gemma3, 1 repetition, never recorded")
     p.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args(argv)
@@ -315,12 +321,12 @@ def main(argv=None) -> int:
         model, tokenizer = mlx_gemma.load(folder)
         for rep in range(args.reps):
             for variant in VARIANTS:
-                inorder_rep(model, tokenizer, variant, args.clients, args.words, args.max_tokens, rep, inorder)
+                inorder_rep(model, tokenizer, folder, variant, args.clients, args.words, args.max_tokens, rep, inorder)
     body, payload = report(folder, args, servers, inorder)
     if args.smoke and not args.no_record:
         print("--smoke figures are not recorded", file=sys.stderr)
         args.no_record = True
-    return common.finish("bench_distributed_server", argv, args.no_record, body, payload)
+    return common.finish("bench_distributed_server", argv, args.no_record, body, payload, args.only)
 
 
 if __name__ == "__main__":

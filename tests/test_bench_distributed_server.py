@@ -88,7 +88,7 @@ def test_scheduler_run_gives_each_job_its_own_tokens(tiny, variant):
     without InOrder; the rates are the tokens over the wall time."""
     model, tok = tiny
     jobs = bench.scheduler_jobs(tok, "test", 6, [4, 12, 8])
-    scheduler = bench.make_scheduler(model, variant, 2)
+    scheduler = bench.make_scheduler(model, tok, FOLDER, variant, 2)
     assert (type(scheduler._policy.model).__name__ == "InOrder") == (variant == "InOrder")
     scheduler.start()
     try:
