@@ -20,18 +20,13 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from conftest import FIXTURES
-from test_distributed_server import MLX_LAUNCH, SCRIPT, START_TIMEOUT, end, free_port, logs
+from test_distributed_server import serving
 from test_server import reference, start_server, stop_server
 from test_server_speculative import FIXED_K
 
@@ -150,29 +145,11 @@ OTHER = [{"role": "user", "content": "Count to 7, then stop."}]
 
 
 @pytest.fixture(scope="module")
-def fixed_k(tmp_path_factory) -> dict:
+def fixed_k(tmp_path_factory) -> str:
+    """A PYTHONPATH whose sitecustomize gives every server FixedK."""
     folder = tmp_path_factory.mktemp("fixed_k")
     (folder / "sitecustomize.py").write_text(FIXED_K)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
-
-
-def _launch(folder: Path, flag: str, env: dict):
-    """(mlx.launch's process, base URL) of two ranks serving TARGET with SERVER_FLAGS, once rank 0 answers."""
-    port, ring = free_port(), str(20_000 + (os.getpid() * 11 + time.monotonic_ns() // 1000) % 20_000)
-    cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", ring, sys.executable, str(SCRIPT),
-           str(folder), "--model", TARGET, flag, *SERVER_FLAGS, "--port", str(port), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=open(folder / "out.log", "w"), stderr=open(folder / "err.log", "w"),
-                            cwd=Path(__file__).parent.parent, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-    end(proc, folder)
-    raise AssertionError(f"the server did not start: {logs(folder)}")
+    return os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])
 
 
 def _ask(client, messages, max_tokens=40, temperature=0, **extra):
@@ -193,7 +170,7 @@ REQUESTS = {  # what each check asks; the single-process server answers them all
 @pytest.fixture(scope="module")
 def one_process(fixed_k):
     """The single-process server's replies to REQUESTS (same flags, FixedK)."""
-    proc, url = start_server("--model", TARGET, *SERVER_FLAGS, env={"PYTHONPATH": fixed_k["PYTHONPATH"]}, timeout=300)
+    proc, url = start_server("--model", TARGET, *SERVER_FLAGS, env={"PYTHONPATH": fixed_k}, timeout=300)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         return {name: _ask(client, **kw) for name, kw in REQUESTS.items()}
@@ -202,11 +179,11 @@ def one_process(fixed_k):
 
 
 @pytest.mark.parametrize("flag", ["--pipeline", "--tensor-parallel"])
-def test_two_ranks_speculate_as_one_process(tmp_path, flag, target, one_process, fixed_k):
+def test_two_ranks_speculate_as_one_process(tmp_path, flag, target, one_process, fixed_k, monkeypatch):
     greedy = reference(target, MESSAGES, 40, chat=True)
     assert one_process["draft"][0] == one_process["lookup"][0] == greedy.text  # (speculation keeps greedy's tokens)
-    proc, url = _launch(tmp_path, flag, fixed_k)
-    try:
+    monkeypatch.setenv("PYTHONPATH", fixed_k)  # (mlx.launch's ranks inherit it)
+    with serving(tmp_path, flag, TARGET, SERVER_FLAGS) as (url, _):  # then both ranks end with status 0
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         got = {name: _ask(client, **kw) for name, kw in REQUESTS.items()}
         assert got == one_process  # texts, finish reasons and (proposed, accepted), greedy and seeded
@@ -219,11 +196,3 @@ def test_two_ranks_speculate_as_one_process(tmp_path, flag, target, one_process,
         assert both == [(r.text, r.finish) for r in (reference(target, m, 24, chat=True) for m in (MESSAGES, OTHER))]
         other = reference(target, OTHER, 12, chat=True)
         assert _ask(client, OTHER, 12, prompt_lookup=1)[:2] == (other.text, other.finish)
-        os.kill(int((tmp_path / "rank0.pid").read_text()), signal.SIGTERM)  # both ranks end, with status 0
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:  # a failed check
-            end(proc, tmp_path)
-    text = logs(tmp_path)
-    assert [(tmp_path / f"rank{r}.exit").read_text() for r in (0, 1)] == ["0", "0"], text
-    assert "exited with code" not in text and "error" not in text, text
