@@ -247,18 +247,21 @@ def summarize(results: list[dict]) -> dict:
 def comparison(runs: dict, names, clients: list[int], base: str, payload: list) -> str:
     """A table of every (name, clients) against `base` at the same number of clients."""
     rows = [["clients", "run", "tokens/s (median)", "per repetition", "TTFT median s", "TTFT p95 s",
-             f"tokens/s / {base}", f"TTFT median / {base}"]]
+             f"tokens/s / {base}", f"per repetition / {base}", f"TTFT median / {base}"]]
     for n in clients:
         ref = summarize(runs[(base, n)])
         for name in names:
             s = summarize(runs[(name, n)])
             rate = common.ratio(s["tokens_per_s"], ref["tokens_per_s"])
+            paired = [common.ratio(x, y) for x, y in zip(s["runs"], ref["runs"])]  # each against its neighbour
             ttft = common.ratio(s["ttft_median_s"], ref["ttft_median_s"])
             rows.append([str(n), name, f"{s['tokens_per_s']:.2f} ±{s['spread']:.0%}",
                          ", ".join(f"{x:.2f}" for x in s["runs"]), f"{s['ttft_median_s']:.2f}",
                          f"{s['ttft_p95_s']:.2f}", "" if name == base else f"**{rate:.2f}x**",
+                         "" if name == base else ", ".join(f"{x:.2f}" for x in paired),
                          "" if name == base else f"{ttft:.2f}x"])
-            payload.append({"clients": n, "run": name, **s, "ratio_tokens_per_s": rate, "ratio_ttft_median": ttft})
+            payload.append({"clients": n, "run": name, **s, "ratio_tokens_per_s": rate, "ratios_paired": paired,
+                            "ratio_ttft_median": ttft})
     return common.table(rows)
 
 

@@ -119,6 +119,7 @@ def test_summaries_and_ratios_are_medians_over_repetitions():
     text = bench.comparison(runs, ["a", "b"], [1], "a", payload)
     b = payload[1]
     assert b["run"] == "b" and b["ratio_tokens_per_s"] == pytest.approx(1.0 / 3.0)
+    assert b["ratios_paired"] == pytest.approx([1.0 / 2.0, 1.5 / 4.0, 0.5 / 3.0])  # repetition by repetition
     assert b["ratio_ttft_median"] == pytest.approx(statistics.median([4.0, 2.0, 6.0, 8.0]) / a["ttft_median_s"])
     assert "**0.33x**" in text
 
