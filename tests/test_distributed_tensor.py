@@ -5,7 +5,8 @@ against transformers in test_models.py / test_gemma4.py).  One `mlx.launch -n 2 
 runs tests/distributed_scripts/tensor_parity.py over tiny Gemma 1/2/3 (one with a single KV head), the
 Gemma 3 vision model's language half, Gemma 4 E2B-shaped (per-layer inputs, shared KV, double-wide MLP,
 one KV head), 31B-shaped (attention_k_eq_v, global head dims) and MoE, a quantized MoE with quantized
-expert banks, and a quantized folder written by our converter; the tests below read what each rank wrote.
+expert banks (both MoE also with each rank running only its own experts' pairs), and a quantized folder
+written by our converter; the tests below read what each rank wrote.
 Each decoding step is a round of all_sums between the two processes; on a loaded 2-core machine one
 all_sum was measured at ~0.1 s (5 ms when the machine is idle), hence the few decoded tokens and the
 generous timeout.  The refusals need no launch: a stub group says how many ranks there are.
@@ -13,6 +14,7 @@ generous timeout.  The refusals need no launch: a stub group says how many ranks
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -23,14 +25,17 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from mlx_gemma.convert import convert
-from mlx_gemma.distributed.tensor_parallel import check_tensor_parallel, shard_tensor_parallel
+from mlx_gemma.distributed import tensor_parallel
+from mlx_gemma.distributed.tensor_parallel import ExpertShardedExperts, check_tensor_parallel, shard_tensor_parallel
 from mlx_gemma.errors import DistributedError
 from mlx_gemma.loading import load_config, load_model
+from mlx_gemma.models.moe import Experts, Router
 from mlx_gemma.tuner.lora import enable_lora
 
 from conftest import FIXTURES, TESTS
@@ -46,7 +51,8 @@ LAUNCH_TIMEOUT = 900  # seconds; ~1 min on an idle machine, several when other j
 # evaluation (transformers' fp32: 3.7e-5 / 1.4e-5).  test_the_split_is_as_close_to_float64_as_one_process
 # checks that on every run.
 TOLERANCE = 1e-5
-LOOSER = {"gemma4_e2b": 5e-5, "gemma4_moe_q4_in_memory": 5e-5}
+PROMPT_ROWS = 2 * 9  # tensor_parity.py's batch: 2 prompts of PROMPT_LENGTH 9
+LOOSER = {"gemma4_e2b": 5e-5, "gemma4_moe_q4_in_memory": 5e-5, "gemma4_moe_q4_own_pairs": 5e-5}
 
 
 def launcher() -> str:
@@ -105,7 +111,8 @@ def ranks(tmp_path_factory):
 
 
 EXPECTED = ["gemma", "gemma2", "gemma3", "gemma3_vlm", "gemma4_e2b", "gemma4_31b", "gemma4_moe",
-            "gemma3_one_kv_head", "gemma4_moe_q4_in_memory", "gemma3_q4_folder"]
+            "gemma3_one_kv_head", "gemma4_moe_q4_in_memory", "gemma4_moe_own_pairs", "gemma4_moe_q4_own_pairs",
+            "gemma3_q4_folder"]
 
 
 def test_every_model_ran_on_both_ranks(ranks):
@@ -133,7 +140,7 @@ def test_chunked_prefill_and_cached_decoding_past_the_window_equal_one_process(r
     """Prefill in chunks of 4, then decoding to 17 positions (every tiny model's window is 5 or 6, so the
     rotating caches wrap): each step's logprobs within tolerance, the greedy tokens equal."""
     decoded = ["gemma2", "gemma4_e2b", "gemma4_moe", "gemma3_one_kv_head", "gemma4_moe_q4_in_memory",
-               "gemma3_q4_folder"]
+               "gemma4_moe_q4_own_pairs", "gemma3_q4_folder"]
     for rank in ranks:
         for name in decoded:
             r = rank[name]
@@ -177,6 +184,21 @@ def test_one_all_sum_per_attention_per_mlp_and_per_expert_bank(ranks):
         per_block = 3 if r["moe"] else 2
         assert r["step_all_sums"] == per_block * r["layers"], name
         assert r["step_bytes_per_row"] == per_block * r["layers"] * r["hidden_size"] * r["activation_bytes"], name
+
+
+def test_with_own_pairs_the_ranks_divide_the_experts_arithmetic(ranks):
+    """The expert MLP's pairs in the full-sequence call (18 tokens, top 2, 6 layers), counted on each rank: the
+    every-pair cases run all of them on both ranks; the own-pairs cases (float and 4-bit banks, gather_mm and
+    gather_qmm) run each pair on one rank only, which the exactness and decoding tests above check too."""
+    for name in EXPECTED:
+        if not ranks[0][name]["moe"]:
+            continue
+        r0, r1 = ranks[0][name], ranks[1][name]
+        total = PROMPT_ROWS * r0["top_k"] * r0["layers"]
+        if name.endswith("_own_pairs"):
+            assert r0["pairs_run"] + r1["pairs_run"] == total and 0 < r0["pairs_run"] < total, name
+        else:
+            assert r0["pairs_run"] == r1["pairs_run"] == total, name
 
 
 def _script(name: str):
@@ -343,3 +365,85 @@ def test_rank_one_keeps_the_second_half_of_each_split():
     assert (b.self_attn.n_heads, b.self_attn.n_kv_heads, b.experts.first) == (1, 1, 2)
     s = model.layers[0].self_attn  # a sliding layer: 2 KV heads, one per rank
     assert mx.array_equal(s.k_proj.weight, whole.layers[0].self_attn.k_proj.weight[32:])
+
+
+# --- expert parallel: from OWN_PAIRS_MIN pairs a rank runs only the pairs of its own experts ------------
+
+
+def _bank_and_routing(kind: str, tokens: int):
+    """A tiny expert bank (8 experts, top 2; float32, bf16 or 4-bit) and a router's picks for `tokens` tokens."""
+    mx.random.seed(11)
+    experts = Experts(8, 64, 32, "gelu_pytorch_tanh")
+    if kind == "q4":
+        nn.quantize(experts, group_size=32, bits=4, class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    elif kind == "bf16":
+        experts.set_dtype(mx.bfloat16)
+    router = Router(64, 8, 2, 1e-6)
+    x = mx.random.normal((tokens, 64)).astype(mx.bfloat16 if kind == "bf16" else mx.float32)
+    weights, indices = router(x)
+    mx.eval(experts.parameters(), x, weights, indices)
+    return experts, x, indices, weights
+
+
+def _rank_share(whole: Experts, rank: int) -> ExpertShardedExperts:
+    """Rank `rank` of 2's share of `whole` (a copy), its all_sum over this one process (which returns its input)."""
+    share = copy.copy(whole)
+    share.gate_up_proj, share.down_proj = copy.copy(whole.gate_up_proj), copy.copy(whole.down_proj)
+    tensor_parallel._shard_experts(share, 2, rank, mx.distributed.init())
+    return share
+
+
+def _every_pair(share: ExpertShardedExperts, x, indices, weights) -> mx.array:
+    """A rank's partial sum the way before: every pair run, other ranks' pairs on its expert 0 weighed by 0
+    (a plain bank holding the rank's experts, given the masked routing)."""
+    plain = copy.copy(share)
+    plain.__class__ = Experts
+    local = share.gate_up_proj.weight.shape[0]
+    shifted = indices.astype(mx.int32) - share.first
+    mine = (shifted >= 0) & (shifted < local)
+    return plain(x, mx.where(mine, shifted, 0).astype(mx.uint32), mx.where(mine, weights, 0))
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "q4"])
+@pytest.mark.parametrize("many", [False, True])
+def test_a_rank_runs_its_own_pairs_and_its_sum_is_unchanged(kind, many):
+    """Prefill-sized calls (>= OWN_PAIRS_MIN pairs) run each rank's own pairs only (counted where the expert
+    MLP runs), decode-sized ones every pair; either way a rank's partial sum is bit for bit the one every pair
+    gave (the distributed parity test's exactness rests on it), and the ranks' sums add up to the whole bank
+    in one process (checked against transformers in test_moe.py) within float rounding."""
+    tokens = tensor_parallel.OWN_PAIRS_MIN // 2 + 3 if many else 3
+    whole, x, indices, weights = _bank_and_routing(kind, tokens)
+    expected = whole(x, indices, weights).astype(mx.float32)
+    ran, total = [], mx.zeros_like(expected)
+    for rank in (0, 1):
+        share = _rank_share(whole, rank)
+        before = _every_pair(share, x, indices, weights)
+        mlp = share._mlp
+        share._mlp = lambda rows, idx, sorted_indices: ran.append(idx.size) or mlp(rows, idx, sorted_indices)
+        partial = share(x, indices, weights)
+        assert mx.array_equal(partial, before).item(), (kind, rank)
+        total = total + partial.astype(mx.float32)
+    own = [int(((indices >= 4 * r) & (indices < 4 * r + 4)).sum().item()) for r in (0, 1)]
+    assert ran == (own if many else [indices.size] * 2)  # the pairs each rank's expert MLP ran
+    scale = mx.abs(expected).max().item()
+    tolerance = 1e-6 if kind != "bf16" else 2e-2  # bf16: the two ranks' bf16 sums add one rounding
+    assert mx.abs(total - expected).max().item() <= tolerance * scale, kind
+
+
+def test_own_pairs_read_their_count_on_the_host_only_from_the_threshold():
+    """Below OWN_PAIRS_MIN (decoding) a rank's bank traces without reading anything on the host (a read
+    inside mx.compile raises), so a decode step stays pipelined; from it, the count of its pairs is read."""
+    few, x, indices, weights = _bank_and_routing("fp32", 3)
+    share = _rank_share(few, 1)
+    compiled = mx.compile(lambda x, i, w: share(x, i, w))
+    assert mx.array_equal(compiled(x, indices, weights), share(x, indices, weights)).item()
+    _, x, indices, weights = _bank_and_routing("fp32", tensor_parallel.OWN_PAIRS_MIN // 2)
+    with pytest.raises(ValueError, match="eval"):
+        mx.compile(lambda x, i, w: share(x, i, w))(x, indices, weights)
+
+
+def test_a_rank_with_none_of_the_pairs_returns_zeros():
+    whole, x, indices, weights = _bank_and_routing("fp32", tensor_parallel.OWN_PAIRS_MIN // 2 + 3)
+    indices = indices % 4  # every pair on rank 0's experts
+    share = _rank_share(whole, 1)
+    assert mx.array_equal(share(x, indices, weights), mx.zeros_like(x)).item()

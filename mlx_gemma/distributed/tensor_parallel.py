@@ -13,10 +13,16 @@ What each rank keeps of a decoder block (Megatron-style splits; `N` ranks, rank 
   input columns; down's partial products are summed (one all_sum).
 - Gemma 4's expert bank (26B-A4B) by experts (expert parallel): rank r keeps the experts
   [r*E/N, (r+1)*E/N).  The router runs whole on every rank (it is small, and every rank then routes
-  alike); a rank weighs each token's pairs whose expert it does not hold by 0, so its sum holds only
-  its experts' contributions, and the ranks' sums are summed (one all_sum).  A rank still multiplies
-  the zero-weighted pairs (MLX has no dynamic shapes to drop them without a host sync), so this
-  divides the experts' memory by N, not their arithmetic.
+  alike); a rank's sum holds only its experts' contributions (the pairs with other experts weigh 0),
+  and the ranks' sums are summed (one all_sum).  From `OWN_PAIRS_MIN` (token, expert) pairs in a call
+  (prefill) a rank runs the expert MLP on its own pairs only, about 1/N of them, so the experts'
+  arithmetic is divided as well as their memory.  That takes one host read per layer (how many pairs
+  are its own: MLX shapes are fixed when the graph is built), which also makes the last layer's
+  attention output be computed for a prompt chunk whose hidden states nothing reads (the engine
+  keeps only the caches of a chunk before the last).  Below it (decoding) a rank runs every pair,
+  the others' on its expert 0 weighed by 0, and reads nothing: a decode step stays pipelined.
+  Either way a rank's sum is bit for bit the same on the CPU, where MLX multiplies pair by pair
+  (tests/test_distributed_tensor.py; no GPU was at hand to check its sorted kernels).
 Replicated on every rank (say so: they are not divided): the token embedding and the tied (or
 separate) LM head, whose final soft-cap then acts on the full logits as in one process; the norms;
 Gemma 4's per-layer input tables and gates; the MoE router; the vision / audio towers of the
@@ -25,10 +31,10 @@ multimodal models (each rank runs them).  The residual stream is whole on every 
 Per block and token: two all_sums of one hidden vector (three with MoE), in the activation dtype.
 Each row-split layer adds its partial products, rounded to the activation dtype, across the ranks, so
 the sums differ from one process's by float rounding only (fp32: ~1e-7 relative).  Checked with 2 ranks
-on every test run (fp32, 10 tiny models): the split model's logits equal, bit for bit, one process's with
-o_proj, down_proj and the expert bank each computed as the ranks' partial products added, all else whole;
-so no norm, soft-cap, router or per-layer input sees a partial sum.  Most models stay within 1e-5 of one
-process.  Tiny E2B (2.9e-5 on full logits, 3.6e-5 on decoding logprobs) and the 4-bit MoE (1.5e-5 on
+on every test run (fp32, 12 tiny models, two of them MoE running only their own pairs): the split model's
+logits equal, bit for bit, one process's with o_proj, down_proj and the expert bank each computed as the
+ranks' partial products added, all else whole; so no norm, soft-cap, router or per-layer input sees a
+partial sum.  Most models stay within 1e-5 of one process.  Tiny E2B (2.9e-5 on full logits, 3.6e-5 on decoding logprobs) and the 4-bit MoE (1.5e-5 on
 decoding) amplify rounding (E2B's relative difference grows 60-fold over its 6 layers), and there one
 process is itself as far from a float64 evaluation of the same weights (transformers): one process's fp32
 logits 2.5e-5 / 2.1e-5 from it, the split model's 5.4e-5 / 2.0e-5, transformers' own fp32 3.7e-5 / 1.4e-5.
@@ -70,6 +76,14 @@ _NO_ADAPTERS = "fuse the adapters into the model first (python -m mlx_gemma.fuse
 # MLX's default quantization group size, when a folder's `quantization` names none (nn.quantize).
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_BITS = 4
+# From this many (token, expert) pairs in one call a rank of an expert-split bank runs only its own pairs,
+# after one host read of their count; below it, every pair and no read.  Measured on a 26B-A4B-shaped
+# bank (one rank's 64 of 128 experts, top 8; benchmarks/bench_expert_parallel.py sweep, 2-core CPU):
+# MLX's CPU gather_mm costs the same per pair whichever expert, so the own pairs took 0.3x-0.8x the time
+# of every pair already at 8 pairs (float32, bf16, 4-bit); the read cost nothing measurable.  So the line
+# is drawn by what must not read the host, decoding: 256 pairs is one CPU prefill chunk (32 rows, top 8),
+# and a decode step of fewer rows (a server batch of 8: 64 pairs) runs every pair without a read.
+OWN_PAIRS_MIN = 256
 
 
 class _SumsOverRanks:
@@ -104,7 +118,8 @@ _ROW_SHARDED = {nn.Linear: RowShardedLinear, SpreadLinear: RowShardedSpreadLinea
 
 class ExpertShardedExperts(Experts):
     """moe.Experts holding the experts [first, first + local) of the bank; each token's pairs with other
-    experts weigh 0 here, and the ranks' weighted sums are summed (expert parallel)."""
+    experts weigh 0 here, and the ranks' weighted sums are summed (expert parallel).  From OWN_PAIRS_MIN
+    pairs only this rank's pairs run through the expert MLP; the others' outputs are zeros."""
 
     group: mx.distributed.Group
     first: int  # the bank index of this rank's first expert
@@ -113,9 +128,23 @@ class ExpertShardedExperts(Experts):
         local = self.gate_up_proj.weight.shape[0]
         shifted = indices.astype(mx.int32) - self.first
         mine = (shifted >= 0) & (shifted < local)
-        indices = mx.where(mine, shifted, 0).astype(mx.uint32)  # other ranks' pairs run on expert 0, weighed by 0
+        indices = mx.where(mine, shifted, local).astype(mx.uint32)  # `local`: an expert another rank holds
         weights = mx.where(mine, weights, mx.zeros_like(weights))
         return mx.distributed.all_sum(super().__call__(x, indices, weights), group=self.group)
+
+    def _pair_outputs(self, x: mx.array, indices: mx.array) -> mx.array:
+        local = self.gate_up_proj.weight.shape[0]
+        if indices.size < OWN_PAIRS_MIN:  # other ranks' pairs run on expert 0, weighed by 0: no host sync
+            return super()._pair_outputs(x, mx.where(indices < local, indices, 0))
+        # Each own pair's row is the same product as when every pair ran (MLX multiplies pair by pair on the
+        # CPU), and an other rank's pair gives 0 (not 0 x expert 0's output): the weighted sum is unchanged.
+        k, flat = indices.shape[1], indices.flatten()
+        order = mx.argsort(flat)  # this rank's pairs first, by expert (as the sorted path wants); others last
+        count = (flat < local).sum().item()  # the host read: the one shape the routing decides
+        own = order[:count]
+        y = self._mlp(x[own // k][:, None, :], flat[own], self.sorts(count))  # [count, 1, H]
+        y = mx.concatenate([y, mx.zeros((1, *y.shape[1:]), y.dtype)])  # other ranks' pairs read this zero row
+        return y[mx.minimum(mx.argsort(order), count)]  # back in pair order: [N*K, 1, H]
 
 
 @dataclass(frozen=True)

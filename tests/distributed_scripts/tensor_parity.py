@@ -6,7 +6,8 @@ sharded with `shard_tensor_parallel`.  It records, per model, the largest logit 
 full-sequence batch call and of chunked prefill + cached greedy decoding past the sliding windows (the
 logprobs of every step, fed the reference's tokens), whether the greedy tokens of both are equal, and
 the parameter bytes this rank holds beside what the split should leave (replicated parts whole, the
-split parts / N).  Rank r writes <out>/rank<r>.json, and rank 0 each model's batch and its full-sequence
+split parts / N), and the (token, expert) pairs its expert banks ran (two MoE cases run each rank's own
+pairs only, the others every pair).  Rank r writes <out>/rank<r>.json, and rank 0 each model's batch and its full-sequence
 logits, one process's and the split model's (<out>/logits.npz: the test compares both to a float64
 evaluation); the test asserts on them.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +28,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_gemma.cpu_spread import prepare_for_device
-from mlx_gemma.distributed.tensor_parallel import shard_tensor_parallel
+from mlx_gemma.distributed import tensor_parallel
+from mlx_gemma.distributed.tensor_parallel import ExpertShardedExperts, shard_tensor_parallel
 from mlx_gemma.generate import generate_step
 from mlx_gemma.loading import build_model, load_config, load_model, load_model_from
 from mlx_gemma.model_folder import load_weights_from_folder
@@ -34,6 +37,9 @@ from mlx_gemma.models import gemma4
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPT_LENGTH, NEW_TOKENS, CHUNK = 9, 8, 4  # 17 positions: past every tiny model's window (5 or 6)
+# Cases named so run every expert bank call on each rank's own pairs only (OWN_PAIRS_MIN = 1: the tiny
+# batches have fewer pairs than the threshold), decoding steps included; the others run every pair.
+OWN_PAIRS = "_own_pairs"
 
 
 def one_kv_head_gemma3():
@@ -85,6 +91,8 @@ def cases(quantized: dict[str, str]):
         yield name, lambda name=name: load_model(FIXTURES / f"tiny_{name}"), decode
     yield "gemma3_one_kv_head", one_kv_head_gemma3(), True
     yield "gemma4_moe_q4_in_memory", quantized_moe(), True
+    yield "gemma4_moe" + OWN_PAIRS, lambda: load_model(FIXTURES / "tiny_gemma4_moe"), False
+    yield "gemma4_moe_q4" + OWN_PAIRS, quantized_moe(), True
     for name, folder in quantized.items():
         yield name, lambda folder=folder: load_model(folder), True
 
@@ -137,6 +145,38 @@ class AllSumCount:
 
     def __exit__(self, *exc):
         mx.distributed.all_sum = self.original
+
+
+@contextmanager
+def pairs_for(name: str):
+    """While entered: the expert banks run each rank's own pairs only if `name` says so (else every pair)."""
+    saved = tensor_parallel.OWN_PAIRS_MIN
+    tensor_parallel.OWN_PAIRS_MIN = 1 if name.endswith(OWN_PAIRS) else 1 << 62
+    try:
+        yield
+    finally:
+        tensor_parallel.OWN_PAIRS_MIN = saved
+
+
+class PairCount:
+    """Counts the (token, expert) pairs the sharded expert banks run their MLP on while it is entered."""
+
+    def __enter__(self):
+        self.pairs, self.original = 0, ExpertShardedExperts.__dict__.get("_mlp")  # None: inherited (Experts')
+        counter, run = self, ExpertShardedExperts._mlp
+
+        def counting(bank, rows, idx, sorted_indices):
+            counter.pairs += idx.size
+            return run(bank, rows, idx, sorted_indices)
+
+        ExpertShardedExperts._mlp = counting
+        return self
+
+    def __exit__(self, *exc):
+        if self.original is None:
+            del ExpertShardedExperts._mlp
+        else:
+            ExpertShardedExperts._mlp = self.original
 
 
 def one_step_traffic(model, ids: mx.array) -> tuple[int, int]:
@@ -215,7 +255,8 @@ def compare(name: str, make, decoding: bool, group, logits_out: dict) -> dict:
     held = mx.get_active_memory() - before
 
     logits = whole(ids)
-    split_logits = sharded(ids)
+    with PairCount() as counted:
+        split_logits = sharded(ids)
     full_diff = mx.abs(split_logits - logits).max().item()
     logits_out.update({f"{name}/ids": np.array(ids), f"{name}/one": np.array(logits),
                        f"{name}/split": np.array(split_logits)})
@@ -235,6 +276,7 @@ def compare(name: str, make, decoding: bool, group, logits_out: dict) -> dict:
         "step_all_sums": calls, "step_bytes_per_row": sent // ids.shape[0], "layers": len(whole.layers),
         "hidden_size": whole.args.hidden_size, "activation_bytes": logits.dtype.size,
         "moe": isinstance(whole.layers[0], gemma4.DecoderLayer) and whole.layers[0].moe,
+        "pairs_run": counted.pairs, "top_k": getattr(whole.args, "top_k_experts", None),
     }
 
 
@@ -244,11 +286,13 @@ def main() -> None:
     group = mx.distributed.init()
     results, logits = [], {}
     for name, make, decoding in cases(quantized):
-        results.append(compare(name, make, decoding, group, logits))
+        with pairs_for(name):
+            results.append(compare(name, make, decoding, group, logits))
         print(f"rank {group.rank()}: {name} done", flush=True)
     # after every memory measurement (the extra models it builds would move the later ones' baselines)
     for result, (name, make, _) in zip(results, cases(quantized)):
-        added = partials_added(make, group.size(), mx.array(logits[f"{name}/ids"]))
+        with pairs_for(name):
+            added = partials_added(make, group.size(), mx.array(logits[f"{name}/ids"]))
         result["partials_added_diff"] = float(np.abs(np.array(added) - logits[f"{name}/split"]).max())
     (out / f"rank{group.rank()}.json").write_text(json.dumps(results, indent=1))
     if group.rank() == 0:
