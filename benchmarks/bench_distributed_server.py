@@ -17,7 +17,8 @@ difference through the server, so this process runs a `batching.Scheduler` on th
 the model wrapped in `InOrder`, as `RankScheduler` wraps it, alternating, on the same requests (chat
 template, the same lengths) taken by 1 and 4 client threads.
 
-    python benchmarks/bench_distributed_server.py                  # the packaged Gemma 3 270M, ~15 min here
+    python benchmarks/bench_distributed_server.py                  # the packaged Gemma 3 270M (27 min on
+                                                                   # the 2-core machine at load 20-25)
     python benchmarks/bench_distributed_server.py --only inorder --reps 5
     python benchmarks/bench_distributed_server.py --smoke --no-record  # tiny_gemma3: checks it runs
 """
