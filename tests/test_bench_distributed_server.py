@@ -1,7 +1,7 @@
 """benchmarks/bench_distributed_server.py's helpers: mlx.launch's command line, the ring's ports, the process
 group's teardown and autogroup, the in-process clients that measure InOrder, and the report's medians.
 
-One test launches the server on 2 ranks of tiny_gemma3 (about 20 s here under load): it is the only check
+One test launches the server on 2 ranks of tiny_gemma3 (9.5 s here at load ~10): it is the only check
 that the benchmark's launch works and that stopping it leaves no rank running into the next server's run.
 """
 
