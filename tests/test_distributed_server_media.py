@@ -10,24 +10,36 @@ launch per model and strategy, through the official `openai` client: greedy chat
 (Gemma 3 with images, PaliGemma 2), with an image, a clip and a video (Gemma 4 with both towers) equal
 one process's `mlx_gemma.generate` on the same files (itself checked against transformers); a media
 request and a text request at once each get what they get alone; a second turn carrying the image
-reuses it from the prefix cache (cached_tokens) on both ranks alike and still equals generate.
+reuses it from the prefix cache (cached_tokens) on both ranks alike and still equals generate; SIGTERM
+then ends both ranks with status 0 (still in step).  The tiny Gemma 4 has no pipeline cut (its KV-shared
+layers read layers 0-1), so the pipeline serves a copy without KV sharing (`splittable`).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import queue
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import openai
 import pytest
-from test_server import VLM3
+from conftest import FIXTURES
+from fixtures.make_gemma4_video import write_video
+from test_distributed_server import serving
+from test_server import GEMMA4, VLM3, noise_png, solid_png, wav_bytes
+from test_server_media import data_url
 
 import mlx_gemma
 from mlx_gemma.distributed import media_messages, messages
 from mlx_gemma.distributed.job_messages import job_payload, refusal, row_from
 from mlx_gemma.errors import DistributedError
+from mlx_gemma.generate import stream_generate
 from mlx_gemma.gemma4_prompts import Gemma4Media
 from mlx_gemma.image_chat import image_digests
 from mlx_gemma.jobs import Job, Row
@@ -111,6 +123,12 @@ def test_media_that_cannot_be_sent_is_refused(media, what):
     assert what in refusal(Job([2, 3], 2, media=media))
 
 
+def test_media_longer_than_a_message_carries_is_refused(monkeypatch):
+    monkeypatch.setattr(media_messages, "MAX_BYTES", 15)
+    assert refusal(Job([2, 3], 2, media={"audio_mask": mx.ones((1, 15), mx.bool_)})) is None
+    assert "a message carries 15 at most" in refusal(Job([2, 3], 2, media={"audio_mask": mx.ones((1, 16), mx.bool_)}))
+
+
 @pytest.mark.parametrize("change, what", [
     (lambda d, blob: (d, blob[:-1]), "does not fit"),
     (lambda d, blob: (d, blob + b"x"), "past its arrays"),
@@ -138,3 +156,157 @@ def test_rank_0_sends_a_pipeline_follower_stand_ins_and_a_tensor_one_the_arrays(
     assert all(pipeline[k].shape == (1, 32) and pipeline[k].dtype == mx.uint8 for k in media)
     assert len(sent[0]) < 1000 < sum(len(host_bytes(v)) for v in media.values())
     assert all(host_bytes(tensor[k]) == host_bytes(media[k]) and tensor[k].dtype == media[k].dtype for k in media)
+
+
+# ----- two ranks -------------------------------------------------------------------------------
+
+PALI = str(FIXTURES / "tiny_paligemma2")
+VIDEO = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3, num_frames=4)  # as test_server_media_video.py
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """Two images, a clip, a video and the tiny Gemma 4 with its video settings."""
+    root = tmp_path_factory.mktemp("media")
+    # red / white: the tiny Gemma 3 tells them apart (test_server.media_folder); noise 3 / 4 / white: the
+    # tiny PaliGemma 2 and Gemma 4 do (test_server_media_paligemma.py, test_server_media.py)
+    out = {"images": [root / f"{name}.png" for name in ("red", "white", "noise3", "noise4")], "clip": root / "clip.wav"}
+    for path, raw in zip(out["images"], (solid_png((255, 0, 0)), solid_png((255, 255, 255)), noise_png(3), noise_png(4))):
+        path.write_bytes(raw)
+    out["clip"].write_bytes(wav_bytes())
+    out["gemma4"] = root / "gemma4"  # the tiny Gemma 4 with both towers, taking 4 frames of a video
+    shutil.copytree(GEMMA4, out["gemma4"])
+    config = json.loads((out["gemma4"] / "processor_config.json").read_text())
+    (out["gemma4"] / "processor_config.json").write_text(json.dumps({**config, "video_processor": VIDEO}))
+    out["gemma4_split"] = splittable(out["gemma4"], root / "gemma4_split")
+    out["video"] = root / "up.mp4"  # (PyAV is in the test extra)
+    write_video(out["video"], np.load(FIXTURES / "gemma4_video.npz")["up_frames"], 8)
+    return out
+
+
+def splittable(folder: Path, out: Path) -> Path:
+    """`folder` (the tiny Gemma 4, whose last 2 of 4 layers read layers 0-1's keys and values, so no
+    pipeline cut exists) with no KV-shared layers: layers 2-3 get copies of layers 0-1's k / v weights.
+    Another model, served by both sides of the comparison."""
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["num_kv_shared_layers"] = 0
+    (out / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(out / "model.safetensors"))
+    prefix = "model.language_model.layers."
+    for key in [k for k in weights if k.startswith(prefix) and (".self_attn.k" in k or ".self_attn.v_proj" in k)]:
+        layer, rest = key[len(prefix):].split(".", 1)
+        if int(layer) < 2:
+            weights[f"{prefix}{int(layer) + 2}.{rest}"] = weights[key]
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return out
+
+
+_LOADED: dict = {}
+
+
+def reference(folder: str, messages, max_tokens: int, **media) -> tuple[str, str, int]:
+    """(text, finish reason, tokens) of one process's generate, stopping where the server stops."""
+    if folder not in _LOADED:
+        _LOADED[folder] = mlx_gemma.load(folder)
+    model, tok = _LOADED[folder]
+    stop = {} if model.prefix_lm else {"stop_token_ids": [tok.end_of_turn_id]}  # PaliGemma: no chat turns
+    out = list(stream_generate(model, tok, messages, max_tokens=max_tokens, **stop, **media))
+    return "".join(r.text for r in out), out[-1].finish_reason, len(out)
+
+
+def ask(client, folder: str, messages, max_tokens: int, stream: bool = False):
+    """(text, finish reason, tokens) of the server's greedy reply, and its usage (None when streamed)."""
+    r = client.chat.completions.create(model=folder, messages=messages, max_tokens=max_tokens, temperature=0,
+                                       stream=stream, **({"stream_options": {"include_usage": True}} if stream else {}))
+    if not stream:
+        return (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens), r.usage
+    chunks = list(r)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+    return (text, finish, chunks[-1].usage.completion_tokens), None
+
+
+def image_part(path: Path) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(path.read_bytes())}}
+
+
+def audio_part(path: Path) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": "wav"}}
+
+
+def check_gemma3(client, folder: str, files: dict) -> None:
+    a, b = files["images"][:2]
+    asked = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    want = reference(folder, asked, 10, image=[str(a)])
+    assert want != reference(folder, asked, 10, image=[str(b)])  # the image matters
+    sent = [{"role": "user", "content": [image_part(a), {"type": "text", "text": "What?"}]}]
+    assert ask(client, folder, sent, 10)[0] == want
+    assert ask(client, folder, sent, 10, stream=True)[0] == want
+    check_second_turn(client, folder, sent, asked, dict(image=[str(a)]))
+    check_concurrent(client, folder, [{"role": "user", "content": [image_part(b), {"type": "text", "text": "What?"}]}],
+                     asked, dict(image=[str(b)]))
+
+
+def check_gemma4(client, folder: str, files: dict) -> None:
+    a, clip = files["images"][2], files["clip"]
+    asked = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Describe."}]}]
+    media = dict(image=[str(a)], audio=[str(clip)])
+    want = reference(folder, asked, 10, **media)
+    assert want != reference(folder, asked, 10, image=[str(files["images"][1])], audio=[str(clip)])  # white
+    sent = [{"role": "user", "content": [image_part(a), audio_part(clip), {"type": "text", "text": "Describe."}]}]
+    assert ask(client, folder, sent, 10)[0] == want
+    assert ask(client, folder, sent, 10, stream=True)[0] == want
+    check_second_turn(client, folder, sent, asked, media)
+    check_concurrent(client, folder, sent, asked, media)
+    url = f"data:video/mp4;base64,{base64.b64encode(files['video'].read_bytes()).decode()}"
+    sent = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": "What happens?"}]}]
+    asked = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    assert ask(client, folder, sent, 8)[0] == reference(folder, asked, 8, video=[str(files["video"])])
+
+
+def check_paligemma(client, folder: str, files: dict) -> None:
+    """PaliGemma's prompt is the last user message's text and image (server/media.py)."""
+    a, b = files["images"][2:]
+    want = reference(folder, "caption en", 12, image=str(a))
+    assert want != reference(folder, "caption en", 12, image=str(b))  # (as test_server_media_paligemma.py)
+    sent = [{"role": "user", "content": [image_part(a), {"type": "text", "text": "caption en"}]}]
+    assert ask(client, folder, sent, 12)[0] == want
+    asks = [("caption en", b), ("answer en what is it?", a), ("caption es", None)]
+    messages = [[{"role": "user", "content": [*([image_part(i)] if i else []), {"type": "text", "text": t}]}]
+                for t, i in asks]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda m: ask(client, folder, m, 8)[0], messages))
+    assert got == [reference(folder, t, 8, **({"image": str(i)} if i else {})) for t, i in asks]
+
+
+def check_second_turn(client, folder: str, sent, asked, media: dict) -> None:
+    """A second turn carrying the first's media reuses its prompt from the prefix cache (on both ranks
+    alike, or they would fall out of step) and equals generate on the whole conversation."""
+    first, usage = ask(client, folder, sent, 6)
+    turns = lambda turn: [*turn, {"role": "assistant", "content": first[0]},  # noqa: E731
+                          {"role": "user", "content": "And then?"}]
+    second, second_usage = ask(client, folder, turns(sent), 6)
+    assert second_usage.prompt_tokens_details.cached_tokens >= usage.prompt_tokens
+    assert second == reference(folder, turns(asked), 6, **media)
+
+
+def check_concurrent(client, folder: str, sent, asked, media: dict) -> None:
+    """A media request and a text request at once: rows joining and leaving the batch on both ranks."""
+    text = [{"role": "user", "content": "Count to 5, then stop."}]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda m: ask(client, folder, m[0], m[1])[0], [(sent, 9), (text, 12)]))
+    assert got == [reference(folder, asked, 9, **media), reference(folder, text, 12)]
+
+
+CHECKS = {"gemma3_vlm": (VLM3, check_gemma3), "paligemma2": (PALI, check_paligemma), "gemma4_mm": (None, check_gemma4)}
+
+
+@pytest.mark.parametrize("flag", ["--pipeline", "--tensor-parallel"])
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_two_ranks_serve_media_as_one_process(tmp_path, files, name, flag):
+    folder, check = CHECKS[name]
+    folder = folder or str(files["gemma4_split" if flag == "--pipeline" else "gemma4"])
+    with serving(tmp_path, flag, folder) as (url, _):  # then SIGTERM: both ranks end with status 0, in step
+        check(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300), folder, files)

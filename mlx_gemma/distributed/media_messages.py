@@ -35,6 +35,8 @@ DTYPES = {name: getattr(mx, name) for name in (
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # A payload's JSON never holds a raw NUL (json.dumps escapes control characters): the arrays' bytes follow one.
 SEPARATOR = b"\0"
+# A message states its payload's length in an int32 (messages.py); the JSON is far below this margin.
+MAX_BYTES = 2**31 - 2**24
 
 
 def refusal(media) -> str | None:
@@ -50,6 +52,9 @@ def refusal(media) -> str | None:
             return f"a prompt input of dtype {value.dtype} (Job.media[{key!r:.40}])"
         if value.ndim == 0:
             return f"a prompt input with no item axis (Job.media[{key!r:.40}] is a scalar)"
+    total = sum(value.nbytes for value in media.values())
+    if total > MAX_BYTES:
+        return f"prompt inputs of {total} bytes (a message carries {MAX_BYTES} at most)"
     return None
 
 
