@@ -6,7 +6,7 @@ Every rank runs the same `batching.Scheduler` (the one decode loop, `engine.run`
 same order, so their collectives (pipeline send/recv, the shared logits' all_sum, tensor
 parallel's all_sums) pair up.  What could differ is what each step takes from its inbox, so
 rank 0's policy reads a `LeaderInbox` that shares every message it takes (a job with its prompt
-ids and sampling, a cancellation, close, or "nothing more this step") with the followers, whose
+ids, sampling and media (media_messages.py), a cancellation, close, or "nothing more this step") with the followers, whose
 policy reads a `FollowerInbox` that gives back the same messages (messages.py; a job's payload:
 job_messages.py).  Everything else a step decides (rows leaving on a stop id or their budget, the
 kv_bits switch, prefix-cache lookups) follows from those messages and from the sampled tokens, which
