@@ -14,7 +14,9 @@ A quantized table is packed along its last axis (quantization groups, and 32 / b
 uint32 word), so a cut may fall only where every leaf's column count is whole: `layers_per_cut`.
 The slices are read with a memory map of the safetensors file, so a rank reads (about) its pages
 of the table and never the whole of it.  (With a hub id the file holding the table is downloaded
-whole: the hub serves whole files; a rank still reads and holds only its part.)
+whole: the table is stored row-major, [vocab, layers x width], so a rank's columns lie in every one of
+its 262,144 rows, spread over the whole tensor; ranged HTTP reads would fetch one short piece per row,
+or nearly the whole tensor.  A rank still reads and holds only its part.)
 """
 
 from __future__ import annotations
