@@ -60,7 +60,7 @@ def refusal(media) -> str | None:
 
 def stand_ins(model) -> bool:
     """Whether `model` (rank 0's) is a pipeline's first stage, whose followers read no tower input."""
-    share = getattr(model, "share", None)
+    share = None if model is None else model.share  # (the model contract: models/base.py)
     return share is not None and share.strategy == "pipeline" and share.size > 1
 
 
