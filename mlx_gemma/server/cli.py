@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             serving.ignore_signals()  # uvicorn's own while it serves; after it, close reaches the other ranks
         with running(dist, "serving"):
             uvicorn.Server(config).run(sockets=[sock])
+            # Still under the watchdog: closing waits for the MLX thread, which a lost peer can hold in a
+            # collective for ever (MLX 0.32's ring: an all_sum begun after "Failing pending tasks").
+            close_models(served)
         return 0
     except (MlxGemmaError, OSError) as e:
         print(error_line(e), file=sys.stderr)
@@ -175,11 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        for m in served:
-            if m.scheduler is not None:
-                m.scheduler.close()
-            if m.embedder is not None:
-                m.embedder.close()
+        close_models(served)
+
+
+def close_models(served: list) -> None:
+    """Close each served model's scheduler and embedder, once (the list is emptied)."""
+    while served:
+        m = served.pop()
+        if m.scheduler is not None:
+            m.scheduler.close()
+        if m.embedder is not None:
+            m.embedder.close()
 
 
 if __name__ == "__main__":
