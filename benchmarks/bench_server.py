@@ -86,14 +86,26 @@ def server_command(library: str, folder: Path, port: int, max_batch: int) -> lis
             "--decode-concurrency", str(max_batch)]
 
 
+def autogroup_nice(path: Path = Path("/proc/self/autogroup")) -> str | None:
+    """This process's autogroup nice ("/autogroup-N nice K" -> "K"), or None where there is none: not Linux,
+    autogroup off, or a sandbox whose /proc/self/autogroup exists but reads empty (CI's does)."""
+    try:
+        fields = path.read_text().split()
+    except OSError:
+        return None
+    return fields[-1] if len(fields) == 3 and fields[1] == "nice" else None
+
+
 def inherit_autogroup(pid: int) -> None:
     """Give the session of `pid` (a server, started in a session of its own) this process's autogroup nice:
     Linux's autogroup scheduling shares the CPU between sessions, so `echo -20 > /proc/<bench>/autogroup`
     would not reach the server, which does the work.  Nothing to do where there is no autogroup."""
+    nice = autogroup_nice()
+    if nice is None:
+        return
     try:
-        nice = Path("/proc/self/autogroup").read_text().split()[-1]  # "/autogroup-N nice K"
         Path(f"/proc/{pid}/autogroup").write_text(nice)
-    except (OSError, IndexError):
+    except OSError:
         pass
 
 

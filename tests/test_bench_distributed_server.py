@@ -64,11 +64,20 @@ def test_group_alive_sees_running_members_only():
     assert not bench.group_alive(proc.pid)
 
 
-@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no autogroup scheduling (not Linux, or off)")
+def test_autogroup_nice_reads_the_nice_or_none(tmp_path):
+    for text, want in [("/autogroup-7 nice -20\n", "-20"), ("/autogroup-1 nice 0", "0"), ("", None), ("\n", None),
+                       ("garbage", None)]:
+        (tmp_path / "autogroup").write_text(text)
+        assert bench_server.autogroup_nice(tmp_path / "autogroup") == want
+    assert bench_server.autogroup_nice(tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(bench_server.autogroup_nice() is None,
+                    reason="no autogroup scheduling here (not Linux, off, or /proc/self/autogroup reads empty)")
 def test_a_server_session_gets_this_process_autogroup_nice():
     proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
-        ours = Path("/proc/self/autogroup").read_text().split()[-1]
+        ours = bench_server.autogroup_nice()
         Path(f"/proc/{proc.pid}/autogroup").write_text("4" if ours == "5" else "5")  # not ours: the copy is seen
         bench_server.inherit_autogroup(proc.pid)
         assert Path(f"/proc/{proc.pid}/autogroup").read_text().split()[-1] == ours
