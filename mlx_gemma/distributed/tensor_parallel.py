@@ -37,7 +37,9 @@ ranks' partial products added, all else whole; so no norm, soft-cap, router or p
 partial sum.  Most models stay within 1e-5 of one process.  Tiny E2B (2.9e-5 on full logits, 3.6e-5 on decoding logprobs) and the 4-bit MoE (1.5e-5 on
 decoding) amplify rounding (E2B's relative difference grows 60-fold over its 6 layers), and there one
 process is itself as far from a float64 evaluation of the same weights (transformers): one process's fp32
-logits 2.5e-5 / 2.1e-5 from it, the split model's 5.4e-5 / 2.0e-5, transformers' own fp32 3.7e-5 / 1.4e-5.
+logits 2.5e-5 / 2.1e-5 from it, the split model's 5.4e-5 / 2.0e-5, transformers' own fp32 1.9e-5 to 3.7e-5
+/ 1.4e-5 to 1.6e-5 (by CPU); on the mean error over all logits, 2.0e-6 / 1.4e-6 against one process's
+1.6e-6 / 1.5e-6.
 (A relative bound would not help: E2B's logits are at most 0.6.)  The split's error is fp32's own size;
 tests/test_distributed_tensor.py holds these two to 5e-5 and checks the float64 comparison.  In bf16 the
 split adds one bf16 rounding per split layer, as any tensor-parallel run does: measured on tiny Gemma 3 / Gemma 4 MoE,
