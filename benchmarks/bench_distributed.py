@@ -12,6 +12,10 @@ the report gives medians and the 2-rank / 1-rank ratio.
 Bytes sent per token are computed from the messages' shapes on rank 0: the hidden state handed
 to the next rank ([1, 1, width] in the activations' dtype) plus its part of the logits' all_sum
 (a ring all_sum over n ranks sends 2(n-1)/n of the array per rank).
+
+The 2-rank run also times, on its own, the failure meeting the server across ranks holds at the start
+of every step (distributed/failures.py: one all_sum of 1 + n int32 words when nothing failed), against
+a decode step: what that meeting adds per token when serving.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 import mlx.core as mx
 
 import mlx_gemma
+from mlx_gemma.distributed.failures import SharedFailures
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,9 +55,19 @@ def decode_rate(model, tokenizer, max_tokens: int) -> float:
 def bytes_per_token(model) -> int:
     stage, n = model.stage, model.group.size()
     itemsize = stage.dtype.size
-    hand_off = 0 if stage.last else stage._message_width(stage.rank + 1) * itemsize
+    hand_off = 0 if stage.last else stage._message_width() * itemsize
     logits = model.args.vocab_size * model.logits_dtype.size * 2 * (n - 1) // n
     return hand_off + logits
+
+
+def meeting_seconds(group, calls: int = 200) -> float:
+    """Median seconds of one step's failure meeting with nothing reported (each rank times its own)."""
+    meetings, times = SharedFailures(group), []
+    for _ in range(calls):
+        start = time.perf_counter()
+        meetings._share(b"")
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def worker(args) -> None:
@@ -60,9 +75,10 @@ def worker(args) -> None:
     model, tokenizer = mlx_gemma.load(args.model, group=group, strategy="pipeline")
     decode_rate(model, tokenizer, 4)  # warm up
     rate = decode_rate(model, tokenizer, args.max_tokens)
+    meeting = meeting_seconds(group)
     if group.rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"tok_s": rate, "bytes_per_token": bytes_per_token(model),
+            json.dump({"tok_s": rate, "bytes_per_token": bytes_per_token(model), "meeting_s": meeting,
                        "layers": [model.stage.start, model.stage.end]}, f)
 
 
@@ -78,7 +94,7 @@ def main() -> None:
         return worker(args)
     model, tokenizer = mlx_gemma.load(args.model)
     decode_rate(model, tokenizer, 4)
-    single, double, info = [], [], {}
+    single, double, meetings, info = [], [], [], {}
     for _ in range(args.rounds):
         single.append(decode_rate(model, tokenizer, args.max_tokens))
         with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +108,7 @@ def main() -> None:
             with open(out) as f:
                 info = json.load(f)
             double.append(info["tok_s"])
+            meetings.append(info["meeting_s"])
     one, two = statistics.median(single), statistics.median(double)
     print(f"model: {args.model or 'packaged Gemma 3 270M'}; {args.max_tokens} tokens, {args.rounds} rounds, CPU")
     print(f"1 process : {one:8.1f} tok/s decode (runs {', '.join(f'{x:.1f}' for x in single)})")
@@ -100,6 +117,9 @@ def main() -> None:
     print(f"2 ranks / 1 process: {two / one:.2f}x (overhead on one machine, not a speed-up)")
     print(f"bytes sent per token by rank 0: {info['bytes_per_token']:,} (hidden hand-off + its share of the "
           "logits' all_sum)")
+    meeting = statistics.median(meetings)
+    print(f"the server's failure meeting, alone: {meeting * 1e6:.0f} us a step (runs "
+          f"{', '.join(f'{x * 1e6:.0f}' for x in meetings)}), {meeting * two:.1%} of a 2-rank decode step")
 
 
 if __name__ == "__main__":
