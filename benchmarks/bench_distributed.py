@@ -55,7 +55,7 @@ def decode_rate(model, tokenizer, max_tokens: int) -> float:
 def bytes_per_token(model) -> int:
     stage, n = model.stage, model.group.size()
     itemsize = stage.dtype.size
-    hand_off = 0 if stage.last else stage._message_width() * itemsize
+    hand_off = 0 if stage.last else stage.message_width() * itemsize
     logits = model.args.vocab_size * model.logits_dtype.size * 2 * (n - 1) // n
     return hand_off + logits
 

@@ -1,6 +1,7 @@
 """benchmarks/bench_distributed.py end to end on tiny_gemma3 (about 5 s): the one check that its launch,
-its worker and its report still work (a refactor of the pipeline's stage once broke it unnoticed), and
-that the bytes it reports per token are the messages' sizes, computed here from the model's config."""
+its worker and its report still work (a change to the pipeline stage once broke it unnoticed; it reads
+Stage.message_width), and that the bytes it reports per token are the messages' sizes, computed here
+from the model's config."""
 
 from __future__ import annotations
 

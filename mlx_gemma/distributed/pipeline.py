@@ -90,7 +90,7 @@ class Stage(nn.Module):
             return (gemma4.Gemma4Stack if self.gemma4 else DecoderStack).embed(self, input_ids)
         return mx.zeros((*input_ids.shape, self.args.hidden_size), self.dtype or mx.float32)
 
-    def _message_width(self) -> int:
+    def message_width(self) -> int:
         """Features per position sent between ranks: the hidden state, plus (Gemma 4 with per-layer
         inputs) rank 0's embedded hidden state, from which each rank computes its layers' inputs."""
         return self.args.hidden_size * (2 if self.per_layer else 1)
@@ -104,7 +104,7 @@ class Stage(nn.Module):
         if self.first:
             h = h0 = self.embed(input_ids) if input_embeddings is None else input_embeddings
         else:
-            got = mx.distributed.recv((B, T, self._message_width()), self.dtype, self.rank - 1, group=self._group)
+            got = mx.distributed.recv((B, T, self.message_width()), self.dtype, self.rank - 1, group=self._group)
             h = got[..., : self.args.hidden_size]
             h0 = got[..., self.args.hidden_size:]
         if self.per_layer:  # from this rank's columns / rows of the table and projection (per_layer_split.py)
